@@ -1,0 +1,1 @@
+"""HF <-> Megatron-Core parameter mapping and checkpoint conversion."""

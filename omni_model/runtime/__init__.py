@@ -1,0 +1,1 @@
+"""Device and parallel setup (incl. the CPU/gloo patches for Megatron-Core)."""

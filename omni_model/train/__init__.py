@@ -1,0 +1,1 @@
+"""Training loop on Megatron-Core."""
