@@ -1,0 +1,93 @@
+"""The download stage's manifest: every file sized and hashed; damage is detected and repaired, never used."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from omni_model.download import (MANIFEST, CheckpointError, fetch_checkpoint, require_intact, sha256_of,
+                                 verify_manifest)
+
+
+@pytest.fixture()
+def tiny_out(tmp_path):
+    out = tmp_path / "results" / "model" / "hf"
+    manifest = fetch_checkpoint({"source": "tiny", "seed": 0}, out)
+    return out, manifest
+
+
+def test_manifest_lists_every_file_with_size_and_sha256(tiny_out):
+    out, manifest = tiny_out
+    on_disk = sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
+    assert sorted(manifest["files"]) == on_disk
+    for name, meta in manifest["files"].items():
+        assert meta["size"] == (out / name).stat().st_size
+        assert meta["sha256"] == sha256_of(out / name)
+    assert manifest["source"] == {"kind": "tiny", "seed": 0}
+    assert not (out.parent / "hf.staging").exists()  # staging was published atomically
+    assert verify_manifest(out) == []
+
+
+def _flip_one_byte(path, offset):
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_truncated_and_corrupted_files_are_detected(tiny_out):
+    out, _ = tiny_out
+    weights = out / "model.safetensors"
+    _flip_one_byte(weights, weights.stat().st_size // 2)
+    with open(out / "tokenizer.json", "r+b") as handle:
+        handle.truncate(100)
+    os.remove(out / "merges.txt")
+    problems = verify_manifest(out)
+    assert any(p.startswith("model.safetensors: sha256 mismatch") for p in problems)
+    assert any(p.startswith("tokenizer.json: size 100") for p in problems)
+    assert "merges.txt: missing" in problems
+    with pytest.raises(CheckpointError, match="corrupted"):
+        require_intact(out)
+
+
+def test_rerun_refetches_a_damaged_tiny_checkpoint_and_keeps_an_intact_one(tiny_out):
+    out, manifest = tiny_out
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    assert fetch_checkpoint({"source": "tiny", "seed": 0}, out) == manifest
+    assert (out / "model.safetensors").stat().st_mtime_ns == mtime  # intact: nothing rebuilt
+    _flip_one_byte(out / "model.safetensors", 1000)
+    repaired = fetch_checkpoint({"source": "tiny", "seed": 0}, out)
+    assert repaired["files"] == manifest["files"] and verify_manifest(out) == []
+
+
+def test_a_different_seed_replaces_the_checkpoint(tiny_out):
+    out, manifest = tiny_out
+    other = fetch_checkpoint({"source": "tiny", "seed": 3}, out)
+    assert other["files"]["model.safetensors"]["sha256"] != manifest["files"]["model.safetensors"]["sha256"]
+    assert json.loads((out / MANIFEST).read_text())["source"]["seed"] == 3
+
+
+def test_local_source_is_verified_and_linked(tiny_out, tmp_path):
+    src, manifest = tiny_out
+    local = tmp_path / "my_ckpt"
+    shutil.copytree(src, local)
+    out = tmp_path / "linked"
+    linked = fetch_checkpoint({"source": "local", "path": str(local)}, out)
+    assert linked["files"] == manifest["files"]
+    assert (out / "model.safetensors").is_symlink()
+    _flip_one_byte(local / "config.json", 5)  # the folder's own manifest now disagrees
+    with pytest.raises(CheckpointError, match="config.json: sha256 mismatch"):
+        fetch_checkpoint({"source": "local", "path": str(local)}, tmp_path / "again")
+
+
+def test_local_source_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        fetch_checkpoint({"source": "local", "path": str(tmp_path / "empty")}, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        fetch_checkpoint({"source": "local", "path": str(tmp_path / "nowhere")}, tmp_path / "out")
