@@ -6,7 +6,6 @@ rule download:
         manifest="results/model/hf/MANIFEST.json",
     params:
         model=config["model"],
-        out_dir="results/model/hf",
     log:
         "logs/download.log",
     benchmark:

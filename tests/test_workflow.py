@@ -1,0 +1,77 @@
+"""The Snakemake DAG itself: config validated before any job, plan, lint, and reruns of nothing stale."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from workflow_utils import snakemake, workflow_copy
+
+STAGES_SO_FAR = ("download", "datajuicer", "shards")
+
+
+@pytest.fixture()
+def wf(tmp_path):
+    return workflow_copy(tmp_path / "wf")
+
+
+def _with_config(wf, **sections):
+    config = yaml.safe_load((wf / "config" / "config.yaml").read_text())
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(config.get(section), dict):
+            config[section].update(values)
+        else:
+            config[section] = values
+    path = wf / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    "sections, must_name",
+    [
+        ({"model": {"source": "bogus"}}, ["source", "tiny", "modelscope", "huggingface", "local"]),
+        ({"train": {"iters": "ten"}}, ["iters", "integer"]),
+        ({"parallel": {"tp": 0}}, ["tp", "minimum"]),
+        ({"modell": {"source": "tiny"}}, ["modell", "Additional properties"]),
+        ({"model": {"source": "local"}}, ["path", "required"]),
+        ({"model": {"id": "not a repo id"}}, ["id", "pattern"]),
+    ],
+)
+def test_bad_config_fails_before_any_job_and_names_the_key(wf, sections, must_name):
+    result = snakemake(wf, "-n", "--configfile", str(_with_config(wf, **sections)))
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    for word in must_name:
+        assert word in message, f"{word!r} not in: {message[-2000:]}"
+    assert not (wf / "results").exists() and not (wf / "logs").exists()
+
+
+def test_dry_run_plans_every_stage(wf):
+    result = snakemake(wf, "-n")
+    assert result.returncode == 0, result.stderr
+    for rule in STAGES_SO_FAR:
+        assert rule in result.stdout
+
+
+def test_lint_is_clean(wf):
+    result = snakemake(wf, "--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Lints for" not in result.stdout + result.stderr
+
+
+def test_download_runs_then_nothing_is_stale(wf):
+    first = snakemake(wf, "--cores", "2", "download")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (wf / "results/model/hf/MANIFEST.json").is_file()
+    assert (wf / "logs/download.log").is_file() and (wf / "benchmarks/download.tsv").is_file()
+    second = snakemake(wf, "--cores", "2", "download")
+    assert second.returncode == 0
+    assert "Nothing to be done" in second.stdout + second.stderr
+
+
+def test_profile_slurm_resolves_from_repo_root(wf):
+    (wf / "slurm").symlink_to("profiles/slurm")
+    result = snakemake(wf, "--profile", "slurm", "-n", "download")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "download" in result.stdout
