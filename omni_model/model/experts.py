@@ -1,0 +1,182 @@
+"""Grouped-GEMM experts without TransformerEngine: one `torch._grouped_mm` launch for all local experts.
+
+`GroupedGemmExperts` is mcore's `TEGroupedMLP` (same forward, activation-with-probs, sharded state dict, ETP/EP
+handling) with its two TE `GroupedLinear`s replaced by `GroupedLinear` below, so that the state-dict names are the
+TE spec's: `mlp.experts.linear_fc1.weight{e}` [2*F/etp, H] (rows = [gate_shard; up_shard]) and
+`mlp.experts.linear_fc2.weight{e}` [H, F/etp], e = local expert index. Communication across EP/ETP is the token
+dispatcher's job (as with TE: "explicit expert comm"); these linears never communicate.
+
+GEMM backends (`grouped_gemm`):
+- CUDA, bf16/fp16, `torch._grouped_mm` present (torch >= 2.8, Hopper+): native op + native autograd.
+- CPU: `torch._grouped_mm` forward and a custom backward built from `_grouped_mm` (the CPU op's own autograd fails
+  on some stride patterns).
+- anything else (fp32 on CUDA, old torch): a per-expert loop, exact.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
+from megatron.core.transformer.moe.experts import TEGroupedMLP
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+
+def _offsets(m_splits: List[int], device) -> torch.Tensor:
+    return torch.tensor(m_splits, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+
+
+class _CpuGroupedMM(torch.autograd.Function):
+    """y = x_e @ w_e^T per expert group; x [T, in], w [E, out, in]."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x, w, offs)
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch._grouped_mm(dy, w.contiguous(), offs=offs)
+        if ctx.needs_input_grad[1]:
+            dw = torch._grouped_mm(dy.t(), x.contiguous(), offs=offs)  # [E, out, in]
+        return dx, dw, None
+
+
+def _loop_mm(x, w, m_splits):
+    outs = [xi @ w[e].t() for e, xi in enumerate(torch.split(x, m_splits))]
+    return torch.cat(outs, dim=0) if outs else x.new_zeros(0, w.shape[1])
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, m_splits: List[int], backend: str = "auto") -> torch.Tensor:
+    """Rows of `x` grouped by expert (`m_splits` rows each) times each expert's `w[e]^T`. backend: auto|loop."""
+    has_gmm = hasattr(torch, "_grouped_mm")
+    if backend == "loop" or not has_gmm:
+        return _loop_mm(x, w, m_splits)
+    es = x.element_size()
+    if (x.shape[-1] * es) % 16 or (w.shape[1] * es) % 16:  # _grouped_mm needs 16-byte aligned rows
+        return _loop_mm(x, w, m_splits)
+    x = x.contiguous()
+    offs = _offsets(m_splits, x.device)
+    if x.is_cuda:
+        if x.dtype in (torch.bfloat16, torch.float16):
+            return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+        return _loop_mm(x, w, m_splits)
+    return _CpuGroupedMM.apply(x, w, offs)
+
+
+class GroupedLinear(nn.Module):
+    """Per-expert weights `weight{e}` (TE GroupedLinear names); forward = one grouped GEMM."""
+
+    def __init__(
+        self,
+        num_gemms: int,
+        input_size: int,
+        output_size: int,
+        *,
+        parallel_mode: Optional[str],
+        config,
+        init_method,
+        bias: bool,
+        skip_bias_add: bool,
+        is_expert: bool = True,
+        tp_comm_buffer_name: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__()
+        assert is_expert, "GroupedLinear is for experts"
+        assert not bias, "Qwen3-Omni experts have no bias"
+        self.config = config
+        self.num_gemms = num_gemms
+        self.parallel_mode = parallel_mode
+        self._pg_collection = pg_collection
+        self._tp_group = pg_collection.expt_tp
+        tp_size = self._tp_group.size()
+        if parallel_mode == "column":
+            output_size //= tp_size
+        elif parallel_mode == "row":
+            input_size //= tp_size
+        self.input_size, self.output_size = input_size, output_size
+        self.use_bias = False
+        self.expert_parallel = config.expert_model_parallel_size > 1
+        self.backend = "auto"
+        device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
+        for e in range(num_gemms):
+            w = nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype, device=device))
+            if config.perform_initialization:
+                tracker = get_cuda_rng_tracker()
+                name = get_expert_parallel_rng_tracker_name()
+                if tracker.is_initialized() and name in tracker.get_states():
+                    with tracker.fork(name):
+                        init_method(w)
+                else:
+                    init_method(w)
+            set_tensor_model_parallel_attributes(
+                w, is_parallel=tp_size > 1, dim=0 if parallel_mode == "column" else 1, stride=1
+            )
+            setattr(w, "allreduce", not self.expert_parallel)
+            self.register_parameter(f"weight{e}", w)
+
+    def stacked_weight(self) -> torch.Tensor:
+        return torch.stack([getattr(self, f"weight{e}") for e in range(self.num_gemms)])
+
+    def forward(self, x: torch.Tensor, m_splits: List[int]):
+        out = grouped_gemm(x, self.stacked_weight(), list(m_splits), self.backend)
+        return out, None
+
+    def backward_dw(self):
+        pass
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Like TE's grouped linears: one ShardedTensor per global expert, EP axis prepended."""
+        tp_axis = 0 if self.parallel_mode == "column" else 1
+        singleton_local_shards = (metadata or {}).get("singleton_local_shards", False)
+        ep_group = self._pg_collection.ep
+        num_global = ep_group.size() * self.num_gemms
+        offset = ep_group.rank() * self.num_gemms
+        ep_axis = len(sharded_offsets)
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+
+        out = {}
+        for e in range(self.num_gemms):
+            g = offset + e
+            sd = {f"{e}.weight": getattr(self, f"weight{e}")}
+            if singleton_local_shards:
+                expert_prefix, offs = f"{g}.{prefix}", sharded_offsets
+            else:
+                expert_prefix, offs = prefix, (*sharded_offsets, (ep_axis, g, num_global))
+            sub = make_sharded_tensors_for_checkpoint(
+                sd, "", {f"{e}.weight": tp_axis}, offs, tp_group=self._tp_group, dp_cp_group=metadata["dp_cp_group"]
+            )
+            replace_prefix_for_sharding(sub, f"{e}.", expert_prefix)
+            out[f"{prefix}weight{e}"] = sub[f"{e}.weight"]
+        edp_rank = self._pg_collection.expt_dp.rank() if self._pg_collection.expt_dp is not None else 0
+        for sh in out.values():
+            sh.replica_id = (*sh.replica_id[:2], edp_rank)
+        return out
+
+
+class ColumnGroupedLinear(GroupedLinear):
+    def __init__(self, num_gemms, input_size, output_size, **kw):
+        super().__init__(num_gemms, input_size, output_size, parallel_mode="column", **kw)
+
+
+class RowGroupedLinear(GroupedLinear):
+    def __init__(self, num_gemms, input_size, output_size, **kw):
+        super().__init__(num_gemms, input_size, output_size, parallel_mode="row", **kw)
+
+
+class GroupedGemmExperts(TEGroupedMLP):
+    """mcore's TEGroupedMLP driven by torch grouped GEMMs (build with ColumnGroupedLinear/RowGroupedLinear)."""
+
+    def set_backend(self, backend: str) -> None:
+        """'auto' (grouped GEMM) or 'loop' (per-expert reference, used by the equality test)."""
+        self.linear_fc1.backend = backend
+        self.linear_fc2.backend = backend

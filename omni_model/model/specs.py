@@ -1,0 +1,177 @@
+"""Layer specs of the Qwen3-Omni thinker LLM: the TransformerEngine spec when `transformer_engine` imports, else a
+fast local spec. Both give the SAME state-dict names (TE adds `_extra_state` entries, which the mapping ignores):
+
+  decoder.layers.N.input_layernorm.weight                     (TE: TENorm, not fused into linear_qkv)
+  decoder.layers.N.self_attention.linear_qkv.weight           [ng*(nh/ng+2)*hd / tp, H], per-group [q.., k, v]
+  decoder.layers.N.self_attention.{q,k}_layernorm.weight      [hd]
+  decoder.layers.N.self_attention.linear_proj.weight          [H, nh*hd / tp]
+  decoder.layers.N.pre_mlp_layernorm.weight
+  decoder.layers.N.mlp.router.weight                          [E, H]                (MoE layers)
+  decoder.layers.N.mlp.experts.linear_fc{1,2}.weight{e}       local expert e        (MoE layers)
+  decoder.layers.N.mlp.linear_fc{1,2}.weight                                        (dense layers, mlp_only_layers)
+  decoder.final_layernorm.weight, embedding.word_embeddings.weight, output_layer.weight
+
+Local spec: `SDPAttention` (attention.py), `GroupedGemmExperts` (experts.py), SP-capable `RMSNorm` (norm.py),
+`SoftmaxTopKRouter` (router.py), mcore's Column/RowParallelLinear. Every layer is a `DeepstackTransformerLayer`.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+
+from .attention import SDPAttention
+from .experts import ColumnGroupedLinear, GroupedGemmExperts, RowGroupedLinear
+from .norm import RMSNorm
+from .router import SoftmaxTopKRouter
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+class DeepstackTransformerLayer(TransformerLayer):
+    """A TransformerLayer that adds Qwen3-VL deepstack features after itself.
+
+    The additions ride in mcore's `context` argument (unused by self-attention-only layers, passed unchanged by
+    TransformerBlock to every layer, through activation recompute too): a dense tensor [s, b, n_deepstack, h] that
+    holds each deepstack feature at its visual token position and zeros elsewhere. Layer with global index k
+    (0-based) < n_deepstack adds slice k to its output: hidden + 0 is exact, so this equals HF's
+    `hidden[visual_pos_masks] += deepstack_visual_embeds[k]` bit for bit.
+    """
+
+    def forward(self, *args, **kwargs):
+        output, context = super().forward(*args, **kwargs)
+        idx = self.layer_number - 1  # global, 0-based
+        if context is not None and idx < context.shape[2]:
+            output = output + context[:, :, idx].to(output.dtype)
+        return output, context
+
+
+def _attention_spec(use_te: bool) -> ModuleSpec:
+    if use_te:
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TEDotProductAttention,
+            TENorm,
+            TERowParallelLinear,
+        )
+
+        sub = SelfAttentionSubmodules(
+            linear_qkv=TEColumnParallelLinear,
+            core_attention=TEDotProductAttention,
+            linear_proj=TERowParallelLinear,
+            q_layernorm=TENorm,
+            k_layernorm=TENorm,
+        )
+    else:
+        sub = SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=SDPAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=RMSNorm,
+            k_layernorm=RMSNorm,
+        )
+    return ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal}, submodules=sub)
+
+
+def _moe_spec(use_te: bool) -> ModuleSpec:
+    if use_te:
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelGroupedLinear,
+            TERowParallelGroupedLinear,
+        )
+        from megatron.core.transformer.moe.experts import TEGroupedMLP
+
+        experts = ModuleSpec(
+            module=TEGroupedMLP,
+            submodules=MLPSubmodules(linear_fc1=TEColumnParallelGroupedLinear, linear_fc2=TERowParallelGroupedLinear),
+        )
+    else:
+        experts = ModuleSpec(
+            module=GroupedGemmExperts,
+            submodules=MLPSubmodules(linear_fc1=ColumnGroupedLinear, linear_fc2=RowGroupedLinear),
+        )
+    return ModuleSpec(
+        module=MoELayer,
+        submodules=MoESubmodules(experts=experts, shared_experts=None, router=SoftmaxTopKRouter),
+    )
+
+
+def _dense_mlp_spec(use_te: bool) -> ModuleSpec:
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+
+        sub = MLPSubmodules(linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
+    else:
+        sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    return ModuleSpec(module=MLP, submodules=sub)
+
+
+def _norm(use_te: bool):
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return RMSNorm
+
+
+def layer_spec(is_moe: bool, use_te: bool) -> ModuleSpec:
+    norm = _norm(use_te)
+    return ModuleSpec(
+        module=DeepstackTransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=_attention_spec(use_te),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=_moe_spec(use_te) if is_moe else _dense_mlp_spec(use_te),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def moe_layer_pattern(text_cfg: dict) -> List[bool]:
+    """HF's rule: layer i is MoE iff i not in mlp_only_layers and num_experts > 0 and (i+1) % decoder_sparse_step == 0."""
+    n = text_cfg["num_hidden_layers"]
+    step = text_cfg.get("decoder_sparse_step", 1) or 1
+    dense = set(text_cfg.get("mlp_only_layers", []) or [])
+    experts = text_cfg.get("num_experts", 0) or 0
+    return [(i not in dense) and experts > 0 and (i + 1) % step == 0 for i in range(n)]
+
+
+def decoder_block_spec(
+    config, text_cfg: dict, use_te: Optional[bool] = None, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None
+) -> TransformerBlockSubmodules:
+    """Block spec for the layers of this pipeline stage (MoE or dense per layer, final RMSNorm)."""
+    if use_te is None:
+        use_te = te_available()
+    pattern = moe_layer_pattern(text_cfg)
+    specs = [layer_spec(m, use_te) for m in pattern]
+    n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    off = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=specs[off : off + n], layer_norm=_norm(use_te))

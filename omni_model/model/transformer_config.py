@@ -1,0 +1,163 @@
+"""HF Qwen3-Omni thinker text config -> Megatron-Core TransformerConfig (+ the extras mcore has no field for).
+
+Sizes always come from the checkpoint's config (never transformers' class defaults). Accepts the full
+`config.json` dict, the `thinker_config` dict, or the `text_config` dict.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def text_config_of(cfg) -> dict:
+    """The text_config dict of a full / thinker / text config (dict, path to config.json or HF dir, or HF object)."""
+    if isinstance(cfg, (str, Path)):
+        p = Path(cfg)
+        cfg = json.loads((p / "config.json" if p.is_dir() else p).read_text())
+    if not isinstance(cfg, dict):
+        cfg = cfg.to_dict()
+    if "thinker_config" in cfg:
+        cfg = cfg["thinker_config"]
+    if "text_config" in cfg:
+        cfg = cfg["text_config"]
+    return cfg
+
+
+def thinker_config_of(cfg) -> dict:
+    if isinstance(cfg, (str, Path)):
+        p = Path(cfg)
+        cfg = json.loads((p / "config.json" if p.is_dir() else p).read_text())
+    if not isinstance(cfg, dict):
+        cfg = cfg.to_dict()
+    return cfg.get("thinker_config", cfg)
+
+
+def rope_params(text: dict) -> dict:
+    rp = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    if "rope_theta" not in rp:
+        rp["rope_theta"] = text.get("rope_theta", 1_000_000.0)
+    rp.setdefault("mrope_section", [24, 20, 20])
+    rp.setdefault("interleaved", rp.get("mrope_interleaved", True))
+    return rp
+
+
+def deepstack_count(cfg) -> int:
+    """Number of deepstack features (one per `deepstack_visual_indexes` entry) of a full/thinker config."""
+    try:
+        return len(thinker_config_of(cfg)["vision_config"]["deepstack_visual_indexes"])
+    except (KeyError, TypeError):
+        return 0
+
+
+@dataclass
+class Layout:
+    """Parallel layout of one model replica. etp None = etp 1 (mcore's default for experts is etp = tp when None;
+    we default to 1, the usual choice for fine-grained MoE). Sequence parallel is forced on when tp > 1 (MoE needs it)."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: Optional[int] = None
+    cp: int = 1
+    sequence_parallel: Optional[bool] = None
+
+    def __post_init__(self):
+        if self.etp is None:
+            self.etp = 1
+        if self.sequence_parallel is None:
+            self.sequence_parallel = self.tp > 1
+
+
+def build_transformer_config(
+    cfg,
+    layout: Optional[Layout] = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    use_cpu_initialization: Optional[bool] = None,
+    perform_initialization: bool = True,
+    dispatcher: str = "alltoall",
+    **overrides,
+) -> TransformerConfig:
+    text = text_config_of(cfg)
+    layout = layout or Layout()
+    rp = rope_params(text)
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    num_experts = text.get("num_experts", 0) or 0
+    topk = text.get("num_experts_per_tok", 1)
+    norm_topk = bool(text.get("norm_topk_prob", True))
+    if num_experts and topk == 1 and norm_topk:
+        raise NotImplementedError("top-1 with norm_topk_prob (prob == 1) is not mapped onto mcore's router")
+    from .specs import moe_layer_pattern
+
+    pattern = moe_layer_pattern(text)
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not torch.cuda.is_available()
+    kw = dict(
+        num_layers=text["num_hidden_layers"],
+        hidden_size=text["hidden_size"],
+        num_attention_heads=text["num_attention_heads"],
+        num_query_groups=text.get("num_key_value_heads", text["num_attention_heads"]),
+        kv_channels=head_dim,
+        ffn_hidden_size=text.get("intermediate_size", text.get("moe_intermediate_size")),
+        normalization="RMSNorm",
+        layernorm_epsilon=text.get("rms_norm_eps", 1e-6),
+        qk_layernorm=True,
+        add_bias_linear=False,
+        add_qkv_bias=bool(text.get("attention_bias", False)),
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=text.get("initializer_range", 0.02),
+        rotary_interleaved=False,
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        mrope_section=list(rp["mrope_section"]),
+        # parallel layout
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+        context_parallel_size=layout.cp,
+        sequence_parallel=bool(layout.sequence_parallel) and layout.tp > 1,
+        # dtype
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=perform_initialization,
+        attention_softmax_in_fp32=True,
+        # cross-entropy over the vocab-parallel logits, in fp32
+        cross_entropy_loss_fusion=False,
+    )
+    if num_experts:
+        kw.update(
+            num_moe_experts=num_experts,
+            moe_ffn_hidden_size=text.get("moe_intermediate_size"),
+            moe_router_topk=topk,
+            moe_router_score_function="softmax",
+            moe_router_pre_softmax=not norm_topk,
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=float(text.get("router_aux_loss_coef", 0.0)),
+            moe_router_dtype="fp32",
+            moe_token_dispatcher_type=dispatcher,
+            moe_grouped_gemm=True,
+            moe_permute_fusion=False,
+            moe_layer_freq=[1 if m else 0 for m in pattern],
+            moe_shared_expert_intermediate_size=None,
+        )
+    kw.update(overrides)
+    return TransformerConfig(**kw)

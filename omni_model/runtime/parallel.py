@@ -1,0 +1,91 @@
+"""torch.distributed + Megatron-Core parallel_state for a (tp, pp, ep, etp, cp) layout, on gloo (CPU) or nccl (GPU).
+
+    from omni_model.runtime.parallel import init_parallel, destroy_parallel
+    init_parallel(tp=2, ep=2, seed=1234)       # under torchrun, or world size 1 without it
+    ...
+    destroy_parallel()
+
+On a machine without CUDA the CPU patches (runtime.cpu_patches) are applied first and the backend is gloo.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Optional
+
+import torch
+
+from . import cpu_patches
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_parallel(
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: Optional[int] = None,
+    cp: int = 1,
+    vpp: Optional[int] = None,
+    seed: int = 1234,
+    backend: Optional[str] = None,
+    timeout_minutes: int = 10,
+) -> None:
+    """Initialise torch.distributed (env:// from torchrun, or a private single-process group) and mcore's groups."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        cpu_patches.apply()
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group(
+            backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp if etp is not None else 1,
+        create_gloo_process_groups=not use_cuda or backend == "gloo",
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def rank_coords() -> dict:
+    """This rank's coordinates in the layout, as the HF<->mcore mapping wants them."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "ep_rank": ps.get_expert_model_parallel_rank(),
+        "etp_rank": ps.get_expert_tensor_parallel_rank(),
+    }
