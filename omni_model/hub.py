@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 SOURCES = ("huggingface", "modelscope")
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 MS_DEFAULT_ENDPOINT = "https://modelscope.cn"
+MS_INTL_ENDPOINT = "https://www.modelscope.ai"
 _CHUNK = 1 << 22
 
 
@@ -206,13 +207,19 @@ def _check_reachable(ctx: _Context) -> None:
             raise ctx.error(HubUnreachableError, "HF_HUB_OFFLINE is set, so huggingface_hub will not download; "
                                                  "unset it (or set HF_HUB_OFFLINE=0)")
     if ctx.source == "modelscope" and ctx.client_endpoint is None:
-        return  # the client chooses between its default sites itself
+        candidates = [MS_DEFAULT_ENDPOINT, MS_INTL_ENDPOINT]  # the client picks one of its two sites itself
+    else:
+        candidates = [ctx.endpoint]
     import requests
 
-    try:
-        requests.head(ctx.endpoint, timeout=(10, 30), allow_redirects=False)
-    except (requests.ConnectionError, requests.Timeout) as exc:
-        raise ctx.error(HubUnreachableError, f"the hub endpoint is unreachable ({type(exc).__name__}: {exc})") from exc
+    failures = []
+    for url in candidates:
+        try:
+            requests.head(url, timeout=(10, 30), allow_redirects=False)  # any HTTP answer means reachable
+            return
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            failures.append(f"{url}: {type(exc).__name__}: {_first_line(exc)}")
+    raise ctx.error(HubUnreachableError, "the hub endpoint is unreachable (" + "; ".join(failures) + ")")
 
 
 def _file_digest(path: Path, algo: str) -> str:
@@ -432,4 +439,5 @@ def _repair(ctx: _Context, pinned: str | None, out_dir: Path, hub_files: dict[st
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     lines = [line for line in text.splitlines() if line.strip()]
-    return " / ".join(lines[:3]) if lines else type(exc).__name__
+    text = " / ".join(lines[:3]) if lines else type(exc).__name__
+    return text if len(text) <= 600 else text[:600] + " ..."

@@ -319,3 +319,52 @@ def test_unreachable_endpoint_is_a_clear_error(source, hub_env, tmp_path):
         fetch_from_hub(source, REPO_ID, _default_revision(source), ["*"], tmp_path / "ckpt", endpoint=url)
     _assert_names_context(info.value, source, _default_revision(source), url)
     assert time.monotonic() - start < 10  # no long client backoff before saying so
+
+
+# ------------------------------------------------------------------------------------------------ nested paths
+@pytest.mark.parametrize("source", SOURCES)
+def test_nested_paths_pattern_and_repair(source, hub, tmp_path):
+    """Sub-folders: HF recursive tree / ModelScope `Root`-scoped listing, nested client metadata in the repair."""
+    src = tmp_path / "src"
+    files = {"sub/dir/weights.bin": os.urandom(300_000), "sub/notes.txt": b"hello\n", "top.json": b"{}"}
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    hub.add_repo("omni-test/nested", src)
+    out = tmp_path / "ckpt"
+    rev = _default_revision(source)
+    hub_files = fetch_from_hub(source, "omni-test/nested", rev, ["sub/*"], out, endpoint=hub.url)
+    assert sorted(hub_files) == ["sub/dir/weights.bin", "sub/notes.txt"] == _checkpoint_files(out)
+    assert all((out / rel).read_bytes() == files[rel] for rel in hub_files)
+    if source == "modelscope":
+        assert any("Root=sub" in r.query for r in hub.log if r.path.endswith("/repo/files"))
+
+    target = out / "sub/dir/weights.bin"
+    stat = target.stat()
+    target.write_bytes(b"\x00" * stat.st_size)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert [p.split(": ")[0] for p in verify_against_hub(out, hub_files)] == ["sub/dir/weights.bin"]
+    fetch_from_hub(source, "omni-test/nested", rev, ["sub/*"], out, endpoint=hub.url)
+    assert target.read_bytes() == files["sub/dir/weights.bin"]
+    assert hub.count("sub/dir/weights.bin") == 2 and hub.count("sub/notes.txt") == 1
+
+
+# ------------------------------------------------------------------------------------------------ contract with download.py
+@pytest.mark.parametrize("source", SOURCES)
+def test_download_stage_over_the_loopback_hub(source, hub, tiny_hf_dir, tmp_path):
+    """The lead's download stage (omni_model.download) on top of this module: manifest == hub hashes, damage refetched."""
+    from omni_model.download import fetch_checkpoint, verify_manifest
+
+    cfg = {"source": source, "id": REPO_ID, "revision": _default_revision(source), "endpoint": hub.url}
+    out = tmp_path / "results" / "model" / "hf"
+    manifest = fetch_checkpoint(cfg, out, log=lambda *_: None)
+    assert verify_manifest(out) == []
+    assert sorted(manifest["files"]) == _checkpoint_files(tiny_hf_dir)
+    assert manifest["files"][BIG]["sha256"] == hub.repos[REPO_ID].files[BIG].sha256
+
+    with open(out / BIG, "r+b") as handle:
+        handle.seek(1000)
+        handle.write(b"\xff" * 16)
+    before = hub.count(BIG)
+    fetch_checkpoint(cfg, out, log=lambda *_: None)
+    assert verify_manifest(out) == [] and hub.count(BIG) == before + 1
