@@ -1,0 +1,251 @@
+"""The ``datajuicer`` stage: validate raw chat samples, run a Data-Juicer recipe, write processed.jsonl + drops.jsonl.
+
+1. Validation (stage ``validate``): JSON, format, roles, empty assistant turns, tag/media counts, media files
+   present, media headers readable (``probe``: PIL / soundfile / PyAV header only; full decoding is the shards stage's
+   job). Each failure is one drop with a precise reason.
+2. Data-Juicer (stage ``datajuicer``): the recipe's ops run through Data-Juicer's Python API (``init_configs`` on a
+   config file written for this run in its own work dir, ``load_ops``, each op's ``run``), one op at a time so that
+   every dropped sample is attributed to its op, with the op's stats as the reason (or the kept sample it
+   duplicates, for deduplicators). ``np`` (num_proc) = the rule's threads.
+3. Invariant: input lines = kept + dropped (checked; a violation raises).
+
+Mapping to Data-Juicer's format and back is lossless: the DJ sample carries the canonical record as JSON in
+``omni_record`` plus a text view (``text``: message contents, media tags as Data-Juicer's special tokens, one
+message per line) and the absolute media path lists that DJ's media ops read. Ops that rewrite ``text`` (mappers)
+are not propagated back; the default recipe has filters and deduplicators only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from .formats import LIST_KEY, MEDIA_KINDS, TAG_RE, drop_entry, load_raw
+from .media import MediaError, probe
+
+log = logging.getLogger(__name__)
+
+ID_KEY = "omni_id"
+RECORD_KEY = "omni_record"
+DJ_TOKENS = {"image": "<__dj__image>", "audio": "<__dj__audio>", "video": "<__dj__video>"}
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def validate(raw_path: Path, fmt: str = "auto") -> tuple[list[dict], list[dict], int]:
+    """Parse + structural checks + media header probes. Returns (records, drops, n_input)."""
+    records, drops, total = load_raw(Path(raw_path), fmt)
+    good = []
+    for record in records:
+        try:
+            for kind in MEDIA_KINDS:
+                for path in record[LIST_KEY[kind]]:
+                    probe(kind, path)
+        except MediaError as exc:
+            drops.append(drop_entry(record["id"], "validate", "probe", str(exc)))
+            continue
+        good.append(record)
+    return good, drops, total
+
+
+# ------------------------------------------------------------------------------------------------ DJ mapping
+def to_dj(record: dict) -> dict:
+    text = "\n".join(TAG_RE.sub(lambda m: DJ_TOKENS[m.group(1)], message["content"])
+                     for message in record["messages"])
+    out = {"text": text, ID_KEY: record["id"], RECORD_KEY: json.dumps(record, ensure_ascii=False)}
+    for kind in MEDIA_KINDS:
+        out[LIST_KEY[kind]] = list(record[LIST_KEY[kind]])
+    return out
+
+
+def from_dj(sample: dict) -> dict:
+    return json.loads(sample[RECORD_KEY])
+
+
+# ------------------------------------------------------------------------------------------------ running DJ
+def _dj_config(recipe: dict, work_dir: Path, dataset_path: Path, num_proc: int) -> dict:
+    config = {k: v for k, v in recipe.items() if k != "process"}
+    config.update({
+        "project_name": recipe.get("project_name", "omni-pipeline"),
+        "dataset_path": str(dataset_path),
+        "export_path": str(work_dir / "dj_export.jsonl"),
+        "work_dir": str(work_dir),
+        "np": int(num_proc),
+        "text_keys": "text",
+        "image_key": "images",
+        "audio_key": "audios",
+        "video_key": "videos",
+        "use_cache": False,
+        "temp_dir": str(work_dir / "tmp"),
+        "ds_cache_dir": str(work_dir / "hf_cache"),
+        "open_tracer": False,
+        "skip_op_error": False,
+        "process": recipe["process"],
+    })
+    return config
+
+
+def _bounds(op) -> str:
+    parts = []
+    for name in sorted(vars(op)):
+        if name.startswith(("min_", "max_")) and not name.endswith("_interval") and isinstance(getattr(op, name), (int, float)):
+            value = getattr(op, name)
+            if value < sys.maxsize:
+                parts.append(f"{name}={value:g}")
+    if hasattr(op, "any"):
+        parts.append("any_or_all=" + ("any" if op.any else "all"))
+    return ", ".join(parts)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        value = list(value.tolist() if hasattr(value, "tolist") else value)
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def run_recipe(records: list[dict], recipe_path: Path, work_dir: Path, num_proc: int = 1) -> tuple[list[dict], list[dict]]:
+    """Run the recipe's ops on ``records``; returns (kept records in input order, drops)."""
+    from . import dj_ops  # noqa: F401  (registers omni ops)
+
+    if not records:
+        return [], []
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    recipe = yaml.safe_load(Path(recipe_path).read_text())
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("process"), list):
+        raise ValueError(f"{recipe_path}: a Data-Juicer recipe needs a 'process' list")
+    dataset_path = work_dir / "dj_input.jsonl"
+    with open(dataset_path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(to_dj(record), ensure_ascii=False) + "\n")
+    config_path = work_dir / "dj_config.yaml"
+    config_path.write_text(yaml.safe_dump(_dj_config(recipe, work_dir, dataset_path, num_proc), sort_keys=False))
+
+    saved_tempdir, saved_streams = tempfile.tempdir, (sys.stdout, sys.stderr)
+    try:
+        from data_juicer.config import init_configs
+        from data_juicer.core.data import NestedDataset
+        from data_juicer.ops import load_ops
+        from data_juicer.utils.constant import Fields
+        from datasets import load_dataset
+
+        cfg = init_configs(args=["--config", str(config_path)])
+        sys.stdout, sys.stderr = saved_streams  # DJ redirects the streams into its own log file
+        dataset = NestedDataset(load_dataset("json", data_files=str(dataset_path), split="train",
+                                             cache_dir=str(work_dir / "hf_cache")))
+        ops = load_ops(cfg.process)
+        drops: list[dict] = []
+        for op in ops:
+            started, before = time.time(), len(dataset)
+            ids_before = dataset[ID_KEY]
+            kind = type(op).__mro__[1].__name__
+            if hasattr(op, "compute_hash"):  # Deduplicator
+                hashed = op.run(dataset, reduce=False)
+                dataset, pairs = op.process(hashed, show_num=len(hashed))
+                representative = _representatives(hashed, pairs)
+                kept = set(dataset[ID_KEY])
+                for sid in ids_before:
+                    if sid not in kept:
+                        other = representative.get(sid)
+                        reason = f"duplicate of {other}" if other else "duplicate"
+                        drops.append(drop_entry(sid, "datajuicer", op._name, f"{op._name}: {reason}"))
+            elif kind == "Filter" or hasattr(op, "compute_stats"):
+                with_stats = op.run(dataset, reduce=False)
+                stats_before = dataset[Fields.stats] if Fields.stats in dataset.column_names else [{}] * before
+                stats_after = with_stats[Fields.stats]
+                dataset = op.run(with_stats)
+                kept = set(dataset[ID_KEY])
+                for sid, old, new in zip(ids_before, stats_before, stats_after):
+                    if sid in kept:
+                        continue
+                    added = {k: v for k, v in (new or {}).items() if k not in (old or {})} or (new or {})
+                    values = ", ".join(f"{k}={_fmt(v)}" for k, v in added.items())
+                    drops.append(drop_entry(sid, "datajuicer", op._name,
+                                            f"{op._name}: {values} outside bounds ({_bounds(op)})"))
+            else:  # mappers / selectors: run as-is, account for anything they remove
+                dataset = op.run(dataset)
+                kept = set(dataset[ID_KEY])
+                for sid in ids_before:
+                    if sid not in kept:
+                        drops.append(drop_entry(sid, "datajuicer", op._name, f"{op._name}: removed by op"))
+            log.info("datajuicer op %s: %d -> %d samples (%.2fs)", op._name, before, len(dataset), time.time() - started)
+        kept_ids = set(dataset[ID_KEY])
+    finally:
+        tempfile.tempdir = saved_tempdir
+        sys.stdout, sys.stderr = saved_streams
+        _detach_dj_logger()
+    kept_records = [r for r in records if r["id"] in kept_ids]
+    return kept_records, drops
+
+
+def _detach_dj_logger() -> None:
+    """Data-Juicer adds loguru file sinks inside its work dir; drop them (the dir is temporary) and log to stderr."""
+    try:
+        from loguru import logger
+    except ImportError:
+        return
+    logger.remove()
+    logger.add(sys.stderr, level="INFO")
+
+
+def _representatives(hashed, pairs: dict) -> dict:
+    """dropped id -> id of the kept sample it duplicates: from the op's duplicate clusters (first = kept), else
+    from equal exact hashes."""
+    from data_juicer.utils.constant import HashKeys
+
+    out = {}
+    for cluster in (pairs or {}).values():
+        ids = [s[ID_KEY] for s in cluster]
+        for sid in ids[1:]:
+            out[sid] = ids[0]
+    if not out and HashKeys.hash in hashed.column_names:
+        first = {}
+        for sid, value in zip(hashed[ID_KEY], hashed[HashKeys.hash]):
+            if value in first:
+                out[sid] = first[value]
+            else:
+                first[value] = sid
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+def run_stage(raw_path: Path, recipe_path: Path, processed_path: Path, drops_path: Path, *,
+              fmt: str = "auto", num_proc: int = 1, work_dir: Path | None = None) -> dict:
+    """Validate + Data-Juicer; writes processed.jsonl and drops.jsonl; returns the counts summary."""
+    started = time.time()
+    records, drops, total = validate(Path(raw_path), fmt)
+    log.info("validate: %d input lines, %d valid, %d dropped (%.2fs)", total, len(records), len(drops),
+             time.time() - started)
+    processed_path, drops_path = Path(processed_path), Path(drops_path)
+    processed_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dj-run-", dir=work_dir or processed_path.parent) as tmp:
+        kept, dj_drops = run_recipe(records, Path(recipe_path), Path(tmp), num_proc=num_proc)
+    drops += dj_drops
+    if len(kept) + len(drops) != total:
+        raise RuntimeError(f"drop accounting broken: {total} input != {len(kept)} kept + {len(drops)} dropped")
+    with open(processed_path, "w", encoding="utf-8") as handle:
+        for record in kept:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    with open(drops_path, "w", encoding="utf-8") as handle:
+        for drop in drops:
+            handle.write(json.dumps(drop, ensure_ascii=False) + "\n")
+    summary = {"input": total, "kept": len(kept), "dropped": len(drops), "by_stage_op": _count(drops),
+               "seconds": round(time.time() - started, 2)}
+    log.info("datajuicer stage summary: %s", json.dumps(summary))
+    return summary
+
+
+def _count(drops: list[dict]) -> dict:
+    counts: dict = {}
+    for drop in drops:
+        key = f"{drop['stage']}/{drop['op']}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts

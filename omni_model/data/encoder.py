@@ -1,0 +1,195 @@
+"""Conversation + media bytes -> :class:`EncodedSample` (tokens, labels, MRoPE positions, media tensors).
+
+Used by the Energon task encoder (training), by the shards stage (exact token counts for the over-long check) and by
+the benchmark. No Energon or Snakemake here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .batch import EncodedSample
+from .formats import LIST_KEY, media_tag_order
+from .media import (
+    MediaError,
+    MediaConfig,
+    audio_feature_length,
+    audio_features,
+    audio_token_count,
+    decode_image,
+    decode_video,
+    image_grid,
+    load_audio_16k,
+    preprocess_image,
+    preprocess_video,
+    video_frame_size,
+)
+from .rope_index import interleave_audio_video_tokens, rope_index
+from .template import ChatTokenizer
+
+
+class OverLongSample(ValueError):
+    """Token count after pad expansion exceeds max_seq_len."""
+
+
+@dataclass
+class Decoded:
+    """Decoded media of one conversation, in list order per kind."""
+
+    images: list  # RGB uint8 arrays
+    audios: list  # 16 kHz mono float32
+    videos: list  # media.Video
+
+
+class OmniEncoder:
+    """Encodes canonical records (formats.py) whose media are given as bytes, keyed by (kind, index)."""
+
+    def __init__(self, hf_dir: Path, max_seq_len: int = 4096, use_audio_in_video: bool = False, **media_overrides):
+        hf_dir = Path(hf_dir)
+        self.media = MediaConfig.from_hf_dir(hf_dir, **media_overrides)
+        self.chat = ChatTokenizer(hf_dir)
+        self.max_seq_len = int(max_seq_len)
+        self.use_audio_in_video = bool(use_audio_in_video)
+        config = json.loads((hf_dir / "config.json").read_text())
+        thinker = config.get("thinker_config", {})
+        self.position_id_per_seconds = thinker.get("position_id_per_seconds", 13)
+        self.pad_id = self.chat.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.chat.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    # ------------------------------------------------------------------ decoding
+    def decode(self, record: dict, media: dict, names: dict | None = None) -> Decoded:
+        """Full decode of every medium; a failure raises media.MediaError naming the medium and the reason."""
+        def run(kind, index, fn, *args, **kwargs):
+            try:
+                return fn(media[(kind, index)], *args, **kwargs)
+            except MediaError as exc:
+                name = (names or {}).get((kind, index), f"{kind}{index}")
+                source = record.get(LIST_KEY[kind], [None] * (index + 1))[index]
+                raise MediaError(f"{name} ({Path(source).name if source else '?'}): {exc}") from None
+
+        images = [run("image", i, decode_image) for i in range(len(record.get("images", [])))]
+        audios = [run("audio", i, load_audio_16k) for i in range(len(record.get("audios", [])))]
+        videos = [run("video", i, decode_video, self.media, with_audio=self.use_audio_in_video)
+                  for i in range(len(record.get("videos", [])))]
+        return Decoded(images, audios, videos)
+
+    # ------------------------------------------------------------------ counting
+    def _video_tokens(self, video) -> tuple[int, tuple[int, int, int]]:
+        height, width = video_frame_size(video.frames.shape[1], video.frames.shape[2], len(video.frames), self.media)
+        grid = (len(video.frames) // self.media.temporal_patch_size, height // self.media.patch_size,
+                width // self.media.patch_size)
+        return int(np.prod(grid)) // self.media.merge_size**2, grid
+
+    def count_tokens(self, record: dict, decoded: Decoded) -> int:
+        """Exact sequence length after pad expansion, without computing features or patches."""
+        ids, _ = self.chat.tokenize(record["messages"])
+        total = len(ids)
+        merge2 = self.media.merge_size**2
+        for rgb in decoded.images:
+            total += int(np.prod(image_grid(rgb.shape[0], rgb.shape[1], self.media))) // merge2 - 1
+        for wave in decoded.audios:
+            total += audio_token_count(audio_feature_length(len(wave)), self.media.n_window) - 1
+        for video in decoded.videos:
+            n_video, _ = self._video_tokens(video)
+            total += n_video - 1
+            if self.use_audio_in_video and video.audio is not None:
+                total += audio_token_count(audio_feature_length(len(video.audio)), self.media.n_window) + 2
+        return total
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, record: dict, media: dict, key: str | None = None) -> EncodedSample:
+        """Tokens, labels, positions and media tensors of one conversation. Raises OverLongSample / MediaError."""
+        decoded = self.decode(record, media)
+        return self.encode_decoded(record, decoded, key=key)
+
+    def encode_decoded(self, record: dict, decoded: Decoded, key: str | None = None) -> EncodedSample:
+        ids, labels = self.chat.tokenize(record["messages"])
+        cfg, tok = self.media, self.chat.ids
+        merge2 = cfg.merge_size**2
+
+        pixel, grids = [], []
+        for rgb in decoded.images:
+            patches, grid = preprocess_image(rgb, cfg)
+            pixel.append(patches)
+            grids.append(grid)
+        vpixel, vgrids, vsec = [], [], []
+        for video in decoded.videos:
+            patches, grid = preprocess_video(video, cfg)
+            vpixel.append(patches)
+            vgrids.append(grid)
+            vsec.append(video.second_per_grid)
+
+        # audio clips in token order: plain audios, plus video tracks when audio-in-video is on
+        waves, blocks = [], []
+        plain_audio_slot = {}
+        for kind, index in media_tag_order(record):
+            if kind == "audio":
+                plain_audio_slot[index] = len(waves)
+                waves.append(decoded.audios[index])
+            elif kind == "video" and self.use_audio_in_video and decoded.videos[index].audio is not None:
+                waves.append(decoded.videos[index].audio)
+        features, mask = (audio_features(waves, cfg) if waves else (np.zeros((0, 128, 0), np.float32),
+                                                                     np.zeros((0, 0), np.int64)))
+        lengths = mask.sum(1).astype(np.int64)
+
+        wave_index = 0
+        for kind, index in media_tag_order(record):
+            if kind == "image":
+                blocks.append([tok["image_pad"]] * (int(np.prod(grids[index])) // merge2))
+            elif kind == "audio":
+                blocks.append([tok["audio_pad"]] * audio_token_count(int(lengths[wave_index]), cfg.n_window))
+                wave_index += 1
+            else:
+                grid = vgrids[index]
+                n_video = int(np.prod(grid)) // merge2
+                if self.use_audio_in_video and decoded.videos[index].audio is not None:
+                    n_audio = audio_token_count(int(lengths[wave_index]), cfg.n_window)
+                    wave_index += 1
+                    order = interleave_audio_video_tokens(n_video // grid[0], grid[0], vsec[index], n_audio,
+                                                          self.position_id_per_seconds)
+                    pad = {"V": tok["video_pad"], "A": tok["audio_pad"]}
+                    blocks.append([tok["audio_start"], *[pad[c] for c in order], tok["audio_end"]])
+                else:
+                    blocks.append([tok["video_pad"]] * n_video)
+        ids, labels = self.chat.expand(ids, labels, blocks)
+        if len(ids) > self.max_seq_len:
+            raise OverLongSample(f"{len(ids)} tokens after media expansion > max_seq_len {self.max_seq_len}")
+
+        positions = rope_index(
+            ids, token_ids=tok, image_grid_thw=grids, video_grid_thw=vgrids, audio_feature_lengths=lengths,
+            video_second_per_grid=vsec, merge_size=cfg.merge_size,
+            position_id_per_seconds=self.position_id_per_seconds, n_window=cfg.n_window,
+            use_audio_in_video=self.use_audio_in_video)
+        sid = str(record.get("id", key))
+        return EncodedSample(
+            __key__=key or sid,
+            __restore_key__=(),
+            __subflavors__=None,
+            __sources__=None,
+            sample_ids=[sid],
+            input_ids=ids,
+            labels=labels,
+            position_ids=positions,
+            seq_lens=[len(ids)],
+            pixel_values=np.concatenate(pixel) if pixel else None,
+            image_grid_thw=np.asarray(grids, dtype=np.int64) if grids else None,
+            pixel_values_videos=np.concatenate(vpixel) if vpixel else None,
+            video_grid_thw=np.asarray(vgrids, dtype=np.int64) if vgrids else None,
+            video_second_per_grid=np.asarray(vsec, dtype=np.float32) if vsec else None,
+            input_features=[features[i, :, :lengths[i]] for i in range(len(waves))],
+            audio_feature_lengths=lengths if len(waves) else None,
+        )
+
+
+def media_from_paths(record: dict) -> dict:
+    """Read the media bytes of a processed.jsonl record (absolute paths) into the (kind, index) mapping."""
+    out = {}
+    for kind, key in LIST_KEY.items():
+        for index, path in enumerate(record.get(key, [])):
+            out[(kind, index)] = Path(path).read_bytes()
+    return out

@@ -1,0 +1,353 @@
+"""Media decoding and preprocessing for Qwen3-Omni: images, video frames, audio.
+
+* Images and video frames: RGB, smart-resize to a multiple of ``patch_size * merge_size`` (PIL bicubic on uint8, as
+  transformers' PIL image processor does), rescale 1/255, normalise with the model's own mean/std (0.5, not
+  ImageNet's), patchify into rows of ``C * temporal_patch * patch * patch`` in the ViT's merge order. A still image is
+  one temporal patch (the frame repeated ``temporal_patch_size`` times).
+* Video: decoded with PyAV, frames sampled uniformly at ``video_fps`` (count rounded to a multiple of the temporal
+  patch, at least ``video_min_frames``), ``second_per_grid = temporal_patch_size / sampled_fps``.
+* Audio: decoded with soundfile (or PyAV for a video's audio track), mixed to mono, **resampled to 16 kHz**
+  (librosa soxr_hq, as ``librosa.load(sr=16000)``), Whisper log-mel features from the checkpoint's own
+  ``WhisperFeatureExtractor`` config (128 mel bins).
+
+Every decoder raises :class:`MediaError` with a precise reason; the shards stage drops such samples.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+AUDIO_SR = 16000
+
+
+class MediaError(ValueError):
+    """Media that cannot be decoded; the message is the reason for drops.jsonl."""
+
+
+@dataclass
+class MediaConfig:
+    """Preprocessing parameters. ``from_hf_dir`` reads the checkpoint's preprocessor_config.json."""
+
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
+    rescale_factor: float = 1 / 255
+    min_pixels: int = 3136
+    max_pixels: int = 12845056
+    # video frames: the released processor's video size bounds (shortest/longest edge in pixels)
+    video_min_pixels: int = 128 * 32 * 32
+    video_max_pixels: int = 768 * 32 * 32
+    video_fps: float = 2.0
+    video_min_frames: int = 4
+    video_max_frames: int = 768
+    n_window: int = 50  # audio encoder window (thinker audio_config.n_window)
+    feature_extractor: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_hf_dir(cls, hf_dir: Path, **overrides) -> "MediaConfig":
+        hf_dir = Path(hf_dir)
+        pre = json.loads((hf_dir / "preprocessor_config.json").read_text())
+        kwargs = {}
+        for key in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels", "rescale_factor"):
+            if key in pre:
+                kwargs[key] = pre[key]
+        size = pre.get("size") or {}
+        if "shortest_edge" in size:
+            kwargs["min_pixels"] = size["shortest_edge"]
+        if "longest_edge" in size:
+            kwargs["max_pixels"] = size["longest_edge"]
+        if "image_mean" in pre:
+            kwargs["image_mean"] = tuple(pre["image_mean"])
+        if "image_std" in pre:
+            kwargs["image_std"] = tuple(pre["image_std"])
+        config_path = hf_dir / "config.json"
+        if config_path.is_file():
+            config = json.loads(config_path.read_text())
+            audio = config.get("thinker_config", {}).get("audio_config", {})
+            if "n_window" in audio:
+                kwargs["n_window"] = audio["n_window"]
+        kwargs["feature_extractor"] = {k: v for k, v in pre.items() if k in _WHISPER_KEYS}
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kwargs)
+
+
+_WHISPER_KEYS = ("feature_size", "sampling_rate", "hop_length", "n_fft", "chunk_length", "n_samples",
+                 "nb_max_frames", "padding_side", "padding_value", "dither", "return_attention_mask")
+
+
+# ----------------------------------------------------------------------------------------------------- vision
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's smart resize: both sides multiples of ``factor``, area within [min_pixels, max_pixels]."""
+    if min(height, width) <= 0:
+        raise MediaError(f"image has no pixels ({width}x{height})")
+    if max(height, width) / min(height, width) > 200:
+        raise MediaError(f"aspect ratio {max(height, width) / min(height, width):.1f} > 200 ({width}x{height})")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Full decode to RGB uint8 [H, W, 3]; a truncated or corrupt file raises MediaError."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            rgb = image.convert("RGB")
+    except Exception as exc:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError...)
+        raise MediaError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+    return np.asarray(rgb)
+
+
+def _resize_rgb(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    if frame.shape[0] == height and frame.shape[1] == width:
+        return frame
+    return np.asarray(Image.fromarray(frame).resize((width, height), resample=Image.Resampling.BICUBIC))
+
+
+def patchify(frames: np.ndarray, cfg: MediaConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Normalised frames [T, H, W, 3] float32 (T a multiple of temporal_patch_size) -> (patches, (t, h, w) grid).
+
+    Row order: temporal patch, then merge-blocks of ``merge x merge`` patches row-major, as the Qwen3 ViT expects.
+    """
+    p, tp, m = cfg.patch_size, cfg.temporal_patch_size, cfg.merge_size
+    t, height, width, channels = frames.shape
+    grid_t, grid_h, grid_w = t // tp, height // p, width // p
+    x = frames.transpose(0, 3, 1, 2)  # T C H W
+    x = x.reshape(grid_t, tp, channels, grid_h // m, m, p, grid_w // m, m, p)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # gt, gh/m, gw/m, mh, mw, C, tp, ph, pw
+    patches = np.ascontiguousarray(x).reshape(grid_t * grid_h * grid_w, channels * tp * p * p)
+    return patches, (grid_t, grid_h, grid_w)
+
+
+def _normalise(frames_uint8: np.ndarray, cfg: MediaConfig) -> np.ndarray:
+    x = frames_uint8.astype(np.float32) * np.float32(cfg.rescale_factor)
+    mean = np.asarray(cfg.image_mean, dtype=np.float32)
+    std = np.asarray(cfg.image_std, dtype=np.float32)
+    return (x - mean) / std
+
+
+def image_grid(height: int, width: int, cfg: MediaConfig) -> tuple[int, int, int]:
+    h, w = smart_resize(height, width, cfg.patch_size * cfg.merge_size, cfg.min_pixels, cfg.max_pixels)
+    return 1, h // cfg.patch_size, w // cfg.patch_size
+
+
+def preprocess_image(rgb: np.ndarray, cfg: MediaConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """RGB uint8 [H, W, 3] -> (pixel_values rows, (1, grid_h, grid_w))."""
+    height, width = smart_resize(rgb.shape[0], rgb.shape[1], cfg.patch_size * cfg.merge_size,
+                                 cfg.min_pixels, cfg.max_pixels)
+    frame = _normalise(_resize_rgb(rgb, height, width), cfg)
+    frames = np.broadcast_to(frame[None], (cfg.temporal_patch_size, *frame.shape))
+    return patchify(frames, cfg)
+
+
+@dataclass
+class Video:
+    frames: np.ndarray  # sampled RGB uint8 [T, H, W, 3], T a multiple of temporal_patch_size
+    second_per_grid: float  # seconds covered by one temporal patch
+    duration: float
+    audio: np.ndarray | None = None  # 16 kHz mono float32 of the audio track, if any and requested
+
+
+def _open_container(data: bytes):
+    import av
+
+    try:
+        return av.open(io.BytesIO(data), mode="r")
+    except Exception as exc:
+        raise MediaError(f"cannot open video: {type(exc).__name__}: {exc}") from None
+
+
+def decode_video(data: bytes, cfg: MediaConfig, with_audio: bool = False) -> Video:
+    """Decode all frames, sample ``video_fps`` frames per second (a multiple of the temporal patch)."""
+    container = _open_container(data)
+    try:
+        if not container.streams.video:
+            raise MediaError("video has no video stream")
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+        duration = float(container.duration / 1_000_000) if container.duration else 0.0
+    except MediaError:
+        raise
+    except Exception as exc:
+        raise MediaError(f"cannot decode video: {type(exc).__name__}: {exc}") from None
+    finally:
+        container.close()
+    if not frames:
+        raise MediaError("video has no decodable frames")
+    total = len(frames)
+    stream_fps = total / duration if duration > 0 else 25.0
+    duration = duration if duration > 0 else total / stream_fps
+    tp = cfg.temporal_patch_size
+    wanted = round(total / stream_fps * cfg.video_fps / tp) * tp
+    wanted = int(min(max(wanted, cfg.video_min_frames), cfg.video_max_frames))
+    wanted = max(tp, wanted // tp * tp)
+    indices = np.linspace(0, total - 1, wanted).round().astype(int)
+    sampled = np.stack([frames[i] for i in indices])
+    sampled_fps = wanted / total * stream_fps
+    audio = decode_audio_track(data) if with_audio else None
+    return Video(frames=sampled, second_per_grid=tp / sampled_fps, duration=duration, audio=audio)
+
+
+def video_frame_size(height: int, width: int, n_frames: int, cfg: MediaConfig) -> tuple[int, int]:
+    return smart_resize(height, width, cfg.patch_size * cfg.merge_size, cfg.video_min_pixels, cfg.video_max_pixels)
+
+
+def preprocess_video(video: Video, cfg: MediaConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    height, width = video_frame_size(video.frames.shape[1], video.frames.shape[2], len(video.frames), cfg)
+    resized = np.stack([_resize_rgb(frame, height, width) for frame in video.frames])
+    return patchify(_normalise(resized, cfg), cfg)
+
+
+# ------------------------------------------------------------------------------------------------------ audio
+def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """[n] or [n, channels] float -> mono float32 at 16 kHz (librosa's mean-mix and soxr_hq resampling)."""
+    import librosa
+
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim == 2:
+        samples = samples.mean(axis=1)
+    if sample_rate != AUDIO_SR:
+        samples = librosa.resample(samples, orig_sr=sample_rate, target_sr=AUDIO_SR, res_type="soxr_hq")
+    return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
+    """Full decode with soundfile: (float32 [n, channels], sample rate). Raises MediaError."""
+    import soundfile as sf
+
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as exc:
+        raise MediaError(f"cannot decode audio: {type(exc).__name__}: {exc}") from None
+    if samples.shape[0] == 0:
+        raise MediaError("audio has no samples")
+    if not np.isfinite(samples).all():
+        raise MediaError("audio has non-finite samples")
+    return samples, int(rate)
+
+
+def load_audio_16k(data: bytes) -> np.ndarray:
+    samples, rate = decode_audio(data)
+    return to_mono_16k(samples, rate)
+
+
+def decode_audio_track(data: bytes) -> np.ndarray | None:
+    """The audio track of a video as 16 kHz mono float32, or None if the video has no audio stream."""
+    container = _open_container(data)
+    try:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        rate = stream.rate
+        chunks = []
+        for frame in container.decode(audio=0):
+            array = frame.to_ndarray()
+            if frame.format.is_planar:
+                chunks.append(array.T)
+            else:
+                chunks.append(array.reshape(-1, len(frame.layout.channels)))
+    except Exception as exc:
+        raise MediaError(f"cannot decode video audio track: {type(exc).__name__}: {exc}") from None
+    finally:
+        container.close()
+    if not chunks:
+        return None
+    samples = np.concatenate(chunks).astype(np.float32)
+    if np.issubdtype(chunks[0].dtype, np.integer):
+        samples /= float(np.iinfo(chunks[0].dtype).max)
+    return to_mono_16k(samples, rate)
+
+
+def audio_feature_length(n_samples_16k: int, hop_length: int = 160) -> int:
+    """Mel frames of a 16 kHz clip (Whisper drops the last STFT frame)."""
+    return n_samples_16k // hop_length
+
+
+def audio_token_count(feature_length: int, n_window: int = 50) -> int:
+    """AuT output length for ``feature_length`` mel frames (transformers' ``_get_feat_extract_output_lengths``)."""
+    chunk = n_window * 2
+    leave = feature_length % chunk
+    feat = (leave - 1) // 2 + 1
+    return int(((feat - 1) // 2 + 1 - 1) // 2 + 1 + (feature_length // chunk) * 13)
+
+
+_EXTRACTORS: dict = {}
+
+
+def whisper_extractor(cfg: MediaConfig):
+    from transformers import WhisperFeatureExtractor
+
+    key = json.dumps(cfg.feature_extractor, sort_keys=True)
+    if key not in _EXTRACTORS:
+        _EXTRACTORS[key] = WhisperFeatureExtractor(**cfg.feature_extractor)
+    return _EXTRACTORS[key]
+
+
+def audio_features(waveforms: list[np.ndarray], cfg: MediaConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Whisper log-mel features of the clips of ONE sample, as Qwen3OmniMoeProcessor computes them.
+
+    The processor extracts all clips of a call together with ``padding=True`` (pad to the longest clip),
+    ``truncation=False``; the same is done here, so features equal the reference bit for bit.
+    Returns (input_features [n, 128, frames] float32, feature_attention_mask [n, frames] int64).
+    """
+    extractor = whisper_extractor(cfg)
+    out = extractor(waveforms, sampling_rate=AUDIO_SR, padding=True, truncation=False,
+                    return_attention_mask=True, return_tensors="np")
+    return out["input_features"].astype(np.float32), out["attention_mask"].astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------------ probes
+def probe(kind: str, path: str) -> dict:
+    """Cheap header check (no full decode) used before Data-Juicer; raises MediaError with the reason."""
+    if kind == "image":
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except Exception as exc:
+            raise MediaError(f"corrupt image {Path(path).name}: {type(exc).__name__}: {exc}") from None
+        return {"width": width, "height": height}
+    if kind == "audio":
+        import soundfile as sf
+
+        try:
+            info = sf.info(path)
+        except Exception as exc:
+            raise MediaError(f"corrupt audio {Path(path).name}: {type(exc).__name__}: {exc}") from None
+        if info.frames <= 0:
+            raise MediaError(f"corrupt audio {Path(path).name}: no samples")
+        return {"duration": info.frames / info.samplerate, "sample_rate": info.samplerate}
+    if kind == "video":
+        import av
+
+        try:
+            with av.open(path) as container:
+                if not container.streams.video:
+                    raise MediaError(f"corrupt video {Path(path).name}: no video stream")
+                duration = container.duration / 1_000_000 if container.duration else 0.0
+        except MediaError:
+            raise
+        except Exception as exc:
+            raise MediaError(f"corrupt video {Path(path).name}: {type(exc).__name__}: {exc}") from None
+        return {"duration": duration}
+    raise ValueError(kind)

@@ -1,0 +1,186 @@
+"""The ``shards`` stage: processed.jsonl -> WebDataset tars + Energon ``.nv-meta/`` (train/val split).
+
+One WebDataset sample = ``<key>.json`` (the canonical conversation; its ``images``/``audios``/``videos`` lists name
+the sample's media members, the original paths are kept under ``source``) + one member per medium with its original
+extension: ``<key>.image0.png``, ``<key>.audio0.wav``, ``<key>.video0.mp4`` ... (original bytes, not re-encoded).
+
+Before a sample is written every medium is fully decoded and the exact token count after pad expansion is computed
+with the training encoder (tokenizer + preprocessor config of the checkpoint): samples whose media cannot be decoded
+(stage ``shards``, op ``decode``) or that exceed ``max_seq_len`` (op ``max_seq_len``) are dropped here with the
+reason, never at training time.
+
+Outputs in ``out_dir``: ``train-NNNNNN.tar``, ``val-NNNNNN.tar``, ``.nv-meta/`` (written non-interactively with
+Energon's own preparator: split.yaml, index, dataset.yaml = ``CrudeWebdataset``), ``drops.jsonl`` (every drop of every
+stage: the datajuicer stage's drops followed by this stage's) and ``report.json`` (counts; input = kept + dropped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+from .formats import LIST_KEY, MEDIA_KINDS, drop_entry
+
+log = logging.getLogger(__name__)
+
+DATASET_YAML = {"__module__": "megatron.energon", "__class__": "CrudeWebdataset", "subflavors": {"format": "omni_chat"}}
+
+
+def media_member(kind: str, index: int, path: str) -> str:
+    suffix = Path(path).suffix.lower().lstrip(".") or "bin"
+    return f"{kind}{index}.{suffix}"
+
+
+def safe_key(sample_id: str, used: set) -> str:
+    """A WebDataset key (no dots: WebDataset splits member names at the first dot), unique in the dataset."""
+    key = re.sub(r"[^A-Za-z0-9_-]", "_", sample_id)[:120] or "sample"
+    candidate, n = key, 1
+    while candidate in used:
+        n += 1
+        candidate = f"{key}_{n}"
+    used.add(candidate)
+    return candidate
+
+
+def is_val(sample_id: str, seed: int, val_fraction: float) -> bool:
+    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_drops: Path | None = None,
+                 max_samples: int = 64, max_bytes: int = 64 << 20, val_fraction: float = 0.1, seed: int = 0,
+                 max_seq_len: int = 4096, input_count: int | None = None, media_overrides: dict | None = None,
+                 workers: int = 1) -> dict:
+    """Write the shards and the Energon metadata; returns the report (also written to report.json)."""
+    import webdataset as wds
+
+    from .encoder import OmniEncoder
+    from .media import MediaError
+
+    started = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in list(out_dir.glob("*.tar")):
+        old.unlink()
+    encoder = OmniEncoder(hf_dir, max_seq_len=max_seq_len, **(media_overrides or {}))
+    records = [json.loads(line) for line in Path(processed_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    split = {r["id"]: is_val(r["id"], seed, val_fraction) for r in records}
+    if val_fraction > 0 and len(records) >= 2:  # both splits non-empty, deterministically
+        if all(split.values()):
+            split[records[0]["id"]] = False
+        if not any(split.values()):
+            split[min(split, key=lambda sid: hashlib.sha256(f"{seed}:{sid}".encode()).hexdigest())] = True
+
+    drops: list[dict] = []
+    writers = {name: wds.ShardWriter(str(out_dir / f"{name}-%06d.tar"), maxcount=max_samples, maxsize=max_bytes,
+                                     verbose=0) for name in ("train", "val")}
+    counts = {"train": 0, "val": 0}
+    tokens = {"train": 0, "val": 0}
+    used_keys: set = set()
+    try:
+        for record in records:
+            media, members = {}, {}
+            try:
+                for kind in MEDIA_KINDS:
+                    for index, path in enumerate(record.get(LIST_KEY[kind], [])):
+                        try:
+                            data = Path(path).read_bytes()
+                        except OSError as exc:
+                            raise MediaError(f"cannot read {kind} {path}: {exc}") from None
+                        media[(kind, index)] = data
+                        members[(kind, index)] = media_member(kind, index, path)
+                decoded = encoder.decode(record, media, names=members)
+                n_tokens = encoder.count_tokens(record, decoded)
+            except MediaError as exc:
+                drops.append(drop_entry(record["id"], "shards", "decode", str(exc)))
+                continue
+            if n_tokens > max_seq_len:
+                drops.append(drop_entry(record["id"], "shards", "max_seq_len",
+                                        f"{n_tokens} tokens after media expansion > max_seq_len {max_seq_len}"))
+                continue
+            name = "val" if split[record["id"]] else "train"
+            sample = {
+                "__key__": safe_key(record["id"], used_keys),
+                "json": json.dumps({
+                    **{k: v for k, v in record.items() if k not in LIST_KEY.values()},
+                    **{LIST_KEY[kind]: [members[(kind, i)] for i in range(len(record.get(LIST_KEY[kind], [])))]
+                       for kind in MEDIA_KINDS},
+                    "num_tokens": n_tokens,
+                    "source": {LIST_KEY[kind]: record.get(LIST_KEY[kind], []) for kind in MEDIA_KINDS},
+                }, ensure_ascii=False).encode(),
+            }
+            for key, member in members.items():
+                sample[member] = media[key]
+            writers[name].write(sample)
+            counts[name] += 1
+            tokens[name] += n_tokens
+    finally:
+        for writer in writers.values():
+            writer.close()
+
+    shards = sorted(p.name for p in out_dir.glob("*.tar"))
+    for path in list(out_dir.glob("*.tar")):  # an empty split leaves an empty tar behind
+        if path.stat().st_size <= 1024 and not _tar_has_members(path):
+            path.unlink()
+            shards.remove(path.name)
+    if not shards:
+        raise RuntimeError("no sample survived: nothing to write (see drops)")
+    prepare_energon(out_dir, shards, workers=workers)
+
+    all_drops = []
+    if previous_drops is not None and Path(previous_drops).is_file():
+        all_drops = [json.loads(l) for l in Path(previous_drops).read_text().splitlines() if l.strip()]
+    all_drops += drops
+    with open(out_dir / "drops.jsonl", "w", encoding="utf-8") as handle:
+        for drop in all_drops:
+            handle.write(json.dumps(drop, ensure_ascii=False) + "\n")
+    report = {
+        "input": input_count if input_count is not None else len(records) + len(all_drops) - len(drops),
+        "kept": counts["train"] + counts["val"],
+        "dropped": len(all_drops),
+        "train": counts["train"],
+        "val": counts["val"],
+        "tokens": tokens,
+        "shards": shards,
+        "dropped_by_stage_op": _count(all_drops),
+        "seconds": round(time.time() - started, 2),
+    }
+    if report["input"] != report["kept"] + report["dropped"]:
+        raise RuntimeError(f"drop accounting broken: {report}")
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("shards report: %s", json.dumps(report))
+    return report
+
+
+def _tar_has_members(path: Path) -> bool:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return tar.next() is not None
+
+
+def _count(drops: list[dict]) -> dict:
+    out: dict = {}
+    for drop in drops:
+        key = f"{drop['stage']}/{drop['op']}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def prepare_energon(out_dir: Path, shards: list[str], workers: int = 1) -> None:
+    """Energon metadata without prompts: index + split.yaml by Energon's own preparator, dataset.yaml for crude samples."""
+    import yaml
+    from megatron.energon.flavors.webdataset.prepare import WebdatasetPreparator
+
+    meta = out_dir / ".nv-meta"
+    if meta.exists():
+        for item in sorted(meta.rglob("*"), reverse=True):
+            item.unlink() if item.is_file() else item.rmdir()
+    patterns = [(name, rf"^{name}-.*\.tar$") for name in ("train", "val") if any(s.startswith(name) for s in shards)]
+    WebdatasetPreparator.prepare_dataset(out_dir, shards, split_parts_patterns=patterns, workers=max(1, workers),
+                                         shuffle_seed=None)
+    (meta / "dataset.yaml").write_text(yaml.safe_dump(DATASET_YAML, sort_keys=False))

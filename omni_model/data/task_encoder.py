@@ -1,0 +1,146 @@
+"""The Energon task encoder that feeds training, and loader helpers (with exact-resume state).
+
+Pipeline per sample (Energon stages): crude WebDataset dict -> :func:`cook_omni` (conversation JSON + raw media
+bytes) -> ``encode_sample`` (:class:`~omni_model.data.encoder.OmniEncoder`: template, labels, pad expansion, media
+tensors, MRoPE positions) -> optional packing (``select_samples_to_pack`` / ``pack_selected_samples`` when the
+dataset is built with ``packing_buffer_size``) -> ``batch`` (:func:`~omni_model.data.batch.collate` ->
+:class:`~omni_model.data.batch.OmniBatch`).
+
+Over-long samples (more than ``max_seq_len`` tokens) and undecodable media are skipped with a warning naming the
+sample and counted in :attr:`OmniTaskEncoder.skipped` (per worker process); the shards stage already removed them,
+so a non-zero count means the shards were written with other limits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+from megatron.energon import (
+    Cooker,
+    Sample,
+    SkipSample,
+    TaskEncoder,
+    WorkerConfig,
+    edataclass,
+    get_savable_loader,
+    get_train_dataset,
+    get_val_dataset,
+    stateless,
+)
+from megatron.energon.task_encoder.cooking import basic_sample_keys
+
+from .batch import EncodedSample, OmniBatch, collate
+from .encoder import OmniEncoder, OverLongSample
+from .formats import LIST_KEY, MEDIA_KINDS
+from .media import MediaError
+from .packing import pack, select_packs
+
+log = logging.getLogger(__name__)
+
+
+@edataclass
+class OmniSample(Sample):
+    """A cooked shard sample: the canonical conversation and its media bytes keyed by (kind, index)."""
+
+    record: dict
+    media: dict
+
+
+@stateless
+def cook_omni(sample: dict) -> OmniSample:
+    record = json.loads(sample["json"])
+    media = {}
+    for kind in MEDIA_KINDS:
+        for index, member in enumerate(record.get(LIST_KEY[kind], [])):
+            if member not in sample:
+                raise ValueError(f"sample {sample['__key__']}: member {member} missing from the shard")
+            media[(kind, index)] = sample[member]
+    return OmniSample(**basic_sample_keys(sample), record=record, media=media)
+
+
+class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatch]):
+    """Qwen3-Omni task encoder.
+
+    Args:
+        hf_dir: checkpoint folder (tokenizer, chat template, preprocessor_config.json, config.json).
+        max_seq_len: longest sequence; also the packing budget unless ``pack_budget`` is given.
+        pack_budget: tokens per packed row (used when the dataset is built with ``packing_buffer_size``).
+        use_audio_in_video: interleave each video's audio track with its frames (Omni's audio-in-video).
+        pad_to_multiple: right-pad rows to a multiple of this (e.g. TP*CP*2 for sequence/context parallel).
+        media_overrides: MediaConfig fields (video_fps, video_min_pixels, ...).
+    """
+
+    cookers = [Cooker(cook_omni)]
+    decoder = None  # media are decoded by omni_model.data.media, from the original bytes
+
+    def __init__(self, hf_dir: Path, max_seq_len: int = 4096, pack_budget: Optional[int] = None,
+                 use_audio_in_video: bool = False, pad_to_multiple: int = 1, media_overrides: Optional[dict] = None):
+        super().__init__()
+        self.encoder = OmniEncoder(hf_dir, max_seq_len=max_seq_len, use_audio_in_video=use_audio_in_video,
+                                   **(media_overrides or {}))
+        self.pack_budget = int(pack_budget or max_seq_len)
+        self.pad_to_multiple = int(pad_to_multiple)
+        self.packed = False  # set by build_* helpers when packing is on
+        self.skipped = {"over_long": 0, "decode": 0}
+
+    @stateless
+    def encode_sample(self, sample: OmniSample) -> EncodedSample:
+        try:
+            encoded = self.encoder.encode(sample.record, sample.media, key=sample.__key__)
+        except OverLongSample as exc:
+            self.skipped["over_long"] += 1
+            log.warning("skipping over-long sample %s: %s", sample.record.get("id"), exc)
+            raise SkipSample() from None
+        except MediaError as exc:
+            self.skipped["decode"] += 1
+            log.warning("skipping sample %s with undecodable media: %s", sample.record.get("id"), exc)
+            raise SkipSample() from None
+        encoded.__restore_key__ = sample.__restore_key__
+        encoded.__subflavors__ = sample.__subflavors__
+        encoded.__sources__ = sample.__sources__
+        return encoded
+
+    def select_samples_to_pack(self, samples: list[EncodedSample]) -> list[list[EncodedSample]]:
+        groups = select_packs([s.length for s in samples], self.pack_budget)
+        return [[samples[i] for i in group] for group in groups]
+
+    @stateless
+    def pack_selected_samples(self, samples: list[EncodedSample]) -> EncodedSample:
+        return pack(samples)
+
+    def batch(self, samples: list[EncodedSample]) -> OmniBatch:
+        return collate(samples, pad_id=self.encoder.pad_id, packed=self.packed,
+                       use_audio_in_video=self.encoder.use_audio_in_video, pad_to_multiple=self.pad_to_multiple)
+
+
+def build_dataset(shards_dir: Path, task_encoder: OmniTaskEncoder, *, split: str = "train", batch_size: int = 1,
+                  packing_buffer_size: Optional[int] = None, worker_config: Optional[WorkerConfig] = None,
+                  shuffle_buffer_size: Optional[int] = 64, max_samples_per_sequence: Optional[int] = 64,
+                  repeat: bool = True):
+    """Energon dataset of OmniBatch. Packing is on when ``packing_buffer_size`` is set (samples buffered, then packed
+    into rows of ``task_encoder.pack_budget`` tokens; ``batch_size`` rows per micro-batch)."""
+    worker_config = worker_config or WorkerConfig(rank=0, world_size=1, num_workers=0)
+    task_encoder.packed = packing_buffer_size is not None
+    if split == "train":
+        return get_train_dataset(str(shards_dir), split_part="train", worker_config=worker_config,
+                                 batch_size=batch_size, packing_buffer_size=packing_buffer_size,
+                                 shuffle_buffer_size=shuffle_buffer_size,
+                                 max_samples_per_sequence=max_samples_per_sequence,
+                                 task_encoder=task_encoder, repeat=repeat)
+    return get_val_dataset(str(shards_dir), split_part=split, worker_config=worker_config, batch_size=batch_size,
+                           packing_buffer_size=packing_buffer_size, task_encoder=task_encoder)
+
+
+def build_loader(shards_dir: Path, task_encoder: OmniTaskEncoder, **kwargs):
+    """A savable Energon loader: ``loader.save_state_rank()`` gives a state; pass it as ``restore_state`` to
+    :func:`restore_loader` (same arguments) to continue the data stream exactly where it was."""
+    return get_savable_loader(build_dataset(shards_dir, task_encoder, **kwargs))
+
+
+def restore_loader(shards_dir: Path, task_encoder: OmniTaskEncoder, restore_state, **kwargs):
+    loader = build_loader(shards_dir, task_encoder, **kwargs)
+    loader.restore_state_rank(restore_state)
+    return loader
