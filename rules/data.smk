@@ -1,0 +1,85 @@
+# Stages 2-3: raw chat jsonl (or the generated demo set) -> Data-Juicer -> WebDataset shards + Energon metadata.
+# Every input sample ends up either in the shards or in results/data/shards/drops.jsonl with its stage and reason.
+
+DATA = config["data"]
+RAW = "results/data/raw/demo.jsonl" if DATA["raw"] == "demo" else DATA["raw"]
+
+
+rule demo_data:
+    output:
+        jsonl="results/data/raw/demo.jsonl",
+        media=directory("results/data/raw/media"),
+    params:
+        samples=DATA["demo_samples"],
+        seed=DATA["seed"],
+    log:
+        "logs/demo_data.log",
+    benchmark:
+        "benchmarks/demo_data.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        gpu=0,
+    conda:
+        "../envs/pipeline.yaml"
+    script:
+        "../workflow/scripts/demo_data.py"
+
+
+rule datajuicer:
+    input:
+        raw=RAW,
+        recipe=DATA["recipe"],
+    output:
+        processed="results/data/processed.jsonl",
+        drops="results/data/drops.jsonl",
+        report="results/data/datajuicer_report.json",
+    params:
+        format=DATA["format"],
+    log:
+        "logs/datajuicer.log",
+    benchmark:
+        "benchmarks/datajuicer.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        gpu=0,
+    conda:
+        "../envs/pipeline.yaml"
+    script:
+        "../workflow/scripts/datajuicer.py"
+
+
+rule shards:
+    input:
+        processed=rules.datajuicer.output.processed,
+        drops=rules.datajuicer.output.drops,
+        report=rules.datajuicer.output.report,
+        manifest="results/model/hf/MANIFEST.json",
+    output:
+        directory("results/data/shards"),
+    params:
+        max_samples=DATA["shard_max_samples"],
+        max_bytes=DATA["shard_max_bytes"],
+        val_fraction=DATA["val_fraction"],
+        seed=DATA["seed"],
+        max_seq_len=DATA["max_seq_len"],
+        use_audio_in_video=DATA["use_audio_in_video"],
+        media={
+            "video_fps": DATA["video_fps"],
+            "video_max_frames": DATA["video_max_frames"],
+            "video_min_pixels": DATA["video_min_pixels"],
+            "video_max_pixels": DATA["video_max_pixels"],
+        },
+    log:
+        "logs/shards.log",
+    benchmark:
+        "benchmarks/shards.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        gpu=0,
+    conda:
+        "../envs/pipeline.yaml"
+    script:
+        "../workflow/scripts/shards.py"
