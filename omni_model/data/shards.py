@@ -10,7 +10,8 @@ with the training encoder (tokenizer + preprocessor config of the checkpoint): s
 reason, never at training time.
 
 Outputs in ``out_dir``: ``train-NNNNNN.tar``, ``val-NNNNNN.tar``, ``.nv-meta/`` (written non-interactively with
-Energon's own preparator: split.yaml, index, dataset.yaml = ``CrudeWebdataset``), ``drops.jsonl`` (every drop of every
+Energon's own preparator: split.yaml, index; dataset.yaml with sample type
+``omni_model.data.sample.OmniSample`` and sample_loader.py), ``drops.jsonl`` (every drop of every
 stage: the datajuicer stage's drops followed by this stage's) and ``report.json`` (counts; input = kept + dropped).
 """
 
@@ -27,7 +28,15 @@ from .formats import LIST_KEY, MEDIA_KINDS, drop_entry
 
 log = logging.getLogger(__name__)
 
-DATASET_YAML = {"__module__": "megatron.energon", "__class__": "CrudeWebdataset", "subflavors": {"format": "omni_chat"}}
+DATASET_YAML = {
+    "sample_type": {"__module__": "omni_model.data.sample", "__class__": "OmniSample"},
+    "sample_loader": "sample_loader.py:sample_loader",
+    "part_filter": "sample_loader.py:part_filter",
+}
+SAMPLE_LOADER_PY = (
+    "# Written by omni-pipeline's shards stage: the loader of omni_model.data.sample (raw bytes, no decoding).\n"
+    "from omni_model.data.sample import part_filter, sample_loader  # noqa: F401\n"
+)
 
 
 def media_member(kind: str, index: int, path: str) -> str:
@@ -183,4 +192,5 @@ def prepare_energon(out_dir: Path, shards: list[str], workers: int = 1) -> None:
     patterns = [(name, rf"^{name}-.*\.tar$") for name in ("train", "val") if any(s.startswith(name) for s in shards)]
     WebdatasetPreparator.prepare_dataset(out_dir, shards, split_parts_patterns=patterns, workers=max(1, workers),
                                          shuffle_seed=None)
+    (meta / "sample_loader.py").write_text(SAMPLE_LOADER_PY)
     (meta / "dataset.yaml").write_text(yaml.safe_dump(DATASET_YAML, sort_keys=False))

@@ -1,7 +1,7 @@
 """The Energon task encoder that feeds training, and loader helpers (with exact-resume state).
 
-Pipeline per sample (Energon stages): crude WebDataset dict -> :func:`cook_omni` (conversation JSON + raw media
-bytes) -> ``encode_sample`` (:class:`~omni_model.data.encoder.OmniEncoder`: template, labels, pad expansion, media
+Pipeline per sample (Energon stages): WebDataset parts -> :class:`~omni_model.data.sample.OmniSample` (the shards'
+``.nv-meta/sample_loader.py``: conversation JSON + raw media bytes) -> ``encode_sample`` (:class:`~omni_model.data.encoder.OmniEncoder`: template, labels, pad expansion, media
 tensors, MRoPE positions) -> optional packing (``select_samples_to_pack`` / ``pack_selected_samples`` when the
 dataset is built with ``packing_buffer_size``) -> ``batch`` (:func:`~omni_model.data.batch.collate` ->
 :class:`~omni_model.data.batch.OmniBatch`).
@@ -13,52 +13,27 @@ so a non-zero count means the shards were written with other limits.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional
 
 from megatron.energon import (
-    Cooker,
-    Sample,
     SkipSample,
     TaskEncoder,
     WorkerConfig,
-    edataclass,
     get_savable_loader,
     get_train_dataset,
     get_val_dataset,
     stateless,
 )
-from megatron.energon.task_encoder.cooking import basic_sample_keys
 
 from .batch import EncodedSample, OmniBatch, collate
 from .encoder import OmniEncoder, OverLongSample
-from .formats import LIST_KEY, MEDIA_KINDS
 from .media import MediaError
 from .packing import pack, select_packs
+from .sample import OmniSample
 
 log = logging.getLogger(__name__)
-
-
-@edataclass
-class OmniSample(Sample):
-    """A cooked shard sample: the canonical conversation and its media bytes keyed by (kind, index)."""
-
-    record: dict
-    media: dict
-
-
-@stateless
-def cook_omni(sample: dict) -> OmniSample:
-    record = json.loads(sample["json"])
-    media = {}
-    for kind in MEDIA_KINDS:
-        for index, member in enumerate(record.get(LIST_KEY[kind], [])):
-            if member not in sample:
-                raise ValueError(f"sample {sample['__key__']}: member {member} missing from the shard")
-            media[(kind, index)] = sample[member]
-    return OmniSample(**basic_sample_keys(sample), record=record, media=media)
 
 
 class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatch]):
@@ -73,7 +48,6 @@ class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatc
         media_overrides: MediaConfig fields (video_fps, video_min_pixels, ...).
     """
 
-    cookers = [Cooker(cook_omni)]
     decoder = None  # media are decoded by omni_model.data.media, from the original bytes
 
     def __init__(self, hf_dir: Path, max_seq_len: int = 4096, pack_budget: Optional[int] = None,
