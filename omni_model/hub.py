@@ -94,11 +94,14 @@ def fetch_from_hub(source: str, repo_id: str, revision: str | None, allow_patter
     _check_reachable(ctx)
     hub_files, pinned = _list_hub_files(ctx, patterns)
     _download(ctx, pinned, patterns, out_dir, max_workers)
-    problems = verify_against_hub(out_dir, hub_files)
-    if problems and repair:
+    problems = _problems_by_file(out_dir, hub_files)
+    if problems and not repair:
+        raise ctx.error(HubIntegrityError, "files disagree with the hub (repair=False, left in place): "
+                        + "; ".join(f"{rel}: {what}" for rel, what in problems.items()), problems)
+    if problems:
         log.warning("%s: %d file(s) disagree with the hub, fetching them again: %s",
-                    repo_id, len(problems), "; ".join(problems))
-        _repair(ctx, pinned, out_dir, hub_files, problems, max_workers)
+                    repo_id, len(problems), "; ".join(f"{rel}: {what}" for rel, what in problems.items()))
+        _repair(ctx, pinned, out_dir, hub_files, list(problems), max_workers)
     return hub_files
 
 
@@ -116,25 +119,28 @@ def verify_against_hub(out_dir: Path, hub_files: dict[str, dict]) -> list[str]:
     Checks presence, size, and the content hash the hub gives: ``sha256`` (LFS / ModelScope) or else ``git_sha1``
     (the git blob id of a plain HF file). Files not listed in ``hub_files`` are ignored.
     """
-    out_dir = Path(out_dir)
-    problems = []
+    return [f"{rel}: {what}" for rel, what in _problems_by_file(Path(out_dir), hub_files).items()]
+
+
+def _problems_by_file(out_dir: Path, hub_files: dict[str, dict]) -> dict[str, str]:
+    problems = {}
     for rel, meta in sorted(hub_files.items()):
         path = out_dir / rel
         if not path.is_file():
-            problems.append(f"{rel}: missing")
+            problems[rel] = "missing"
             continue
         size = path.stat().st_size
         if meta.get("size") is not None and size != meta["size"]:
-            problems.append(f"{rel}: size {size} bytes, the hub says {meta['size']}")
+            problems[rel] = f"size {size} bytes, the hub says {meta['size']}"
             continue
         if meta.get("sha256"):
             actual = _file_digest(path, "sha256")
             if actual != meta["sha256"]:
-                problems.append(f"{rel}: sha256 {actual}, the hub says {meta['sha256']}")
+                problems[rel] = f"sha256 {actual}, the hub says {meta['sha256']}"
         elif meta.get("git_sha1"):
             actual = _git_blob_sha1(path)
             if actual != meta["git_sha1"]:
-                problems.append(f"{rel}: git blob sha1 {actual}, the hub says {meta['git_sha1']}")
+                problems[rel] = f"git blob sha1 {actual}, the hub says {meta['git_sha1']}"
     return problems
 
 
@@ -144,7 +150,7 @@ def repair_from_hub(source: str, repo_id: str, revision: str | None, out_dir: Pa
 
     Raises :class:`HubIntegrityError` (after deleting them) for files that are still wrong after the re-fetch.
     """
-    problems = verify_against_hub(out_dir, hub_files)
+    problems = _problems_by_file(Path(out_dir), hub_files)
     if not problems:
         return []
     ctx = _Context(source, repo_id, revision, endpoint)
@@ -152,7 +158,7 @@ def repair_from_hub(source: str, repo_id: str, revision: str | None, out_dir: Pa
     pinned = revision
     if source == "huggingface":
         pinned = _hf_resolve_commit(ctx)
-    return _repair(ctx, pinned, Path(out_dir), hub_files, problems, max_workers)
+    return _repair(ctx, pinned, Path(out_dir), hub_files, list(problems), max_workers)
 
 
 def forget_local_file(source: str, out_dir: Path, rel: str) -> None:
@@ -420,18 +426,18 @@ def _download(ctx: _Context, pinned: str | None, patterns: list[str] | None, out
         _ms_download(ctx, pinned, patterns, out_dir, max_workers)
 
 
-def _repair(ctx: _Context, pinned: str | None, out_dir: Path, hub_files: dict[str, dict], problems: list[str],
+def _repair(ctx: _Context, pinned: str | None, out_dir: Path, hub_files: dict[str, dict], bad: list[str],
             max_workers: int) -> list[str]:
-    bad = sorted({p.split(": ", 1)[0] for p in problems})
+    bad = sorted(bad)
     for rel in bad:
         forget_local_file(ctx.source, out_dir, rel)
     _download(ctx, pinned, [glob_escape(rel) for rel in bad], out_dir, max_workers)
-    still = verify_against_hub(out_dir, {rel: hub_files[rel] for rel in bad})
+    still = _problems_by_file(out_dir, {rel: hub_files[rel] for rel in bad})
     if still:
-        still_bad = sorted({p.split(": ", 1)[0] for p in still})
-        for rel in still_bad:
+        for rel in still:
             forget_local_file(ctx.source, out_dir, rel)
-        raise ctx.error(HubIntegrityError, "still wrong after a re-fetch, deleted: " + "; ".join(still), still_bad)
+        raise ctx.error(HubIntegrityError, "still wrong after a re-fetch, deleted: "
+                        + "; ".join(f"{rel}: {what}" for rel, what in still.items()), sorted(still))
     log.info("%s: re-fetched %s", ctx.repo_id, ", ".join(bad))
     return bad
 

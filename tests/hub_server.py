@@ -51,7 +51,7 @@ import re
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -150,12 +150,6 @@ class Request:
     status: int = 0
     sent: int = 0  # body bytes written
     fault: str | None = None
-
-
-@dataclass
-class _Body:
-    file: HubFile
-    fault: Fault | None = None
 
 
 class HubServer:

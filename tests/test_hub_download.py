@@ -23,6 +23,7 @@ from omni_model.hub import (
     HubRevisionNotFoundError,
     HubUnreachableError,
     fetch_from_hub,
+    repair_from_hub,
     verify_against_hub,
 )
 
@@ -265,8 +266,9 @@ def test_damaged_local_file_is_detected_and_refetched(source, damage, hub, tiny_
 
     if source == "huggingface" and damage == "flip_bytes_keep_mtime":
         # The client alone trusts its metadata and keeps the rotten file: only our check catches it.
-        fetch_from_hub(source, REPO_ID, rev, [BIG, "config.json"], out, endpoint=hub.url, repair=False)
-        assert verify_against_hub(out, hub_files) == problems
+        with pytest.raises(HubIntegrityError, match="repair=False") as info:
+            fetch_from_hub(source, REPO_ID, rev, [BIG, "config.json"], out, endpoint=hub.url, repair=False)
+        assert info.value.files == [BIG] and verify_against_hub(out, hub_files) == problems
 
     gets_before = hub.count(BIG)
     assert fetch_from_hub(source, REPO_ID, rev, [BIG, "config.json"], out, endpoint=hub.url) == hub_files
@@ -347,6 +349,12 @@ def test_nested_paths_pattern_and_repair(source, hub, tmp_path):
     fetch_from_hub(source, "omni-test/nested", rev, ["sub/*"], out, endpoint=hub.url)
     assert target.read_bytes() == files["sub/dir/weights.bin"]
     assert hub.count("sub/dir/weights.bin") == 2 and hub.count("sub/notes.txt") == 1
+
+    # The same repair on its own, for a folder checked later (e.g. by the download stage before reuse).
+    (out / "sub/notes.txt").write_bytes(b"HELLO\n")
+    assert repair_from_hub(source, "omni-test/nested", rev, out, hub_files, endpoint=hub.url) == ["sub/notes.txt"]
+    assert (out / "sub/notes.txt").read_bytes() == files["sub/notes.txt"] and verify_against_hub(out, hub_files) == []
+    assert repair_from_hub(source, "omni-test/nested", rev, out, hub_files, endpoint=hub.url) == []
 
 
 # ------------------------------------------------------------------------------------------------ contract with download.py
