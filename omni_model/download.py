@@ -127,17 +127,17 @@ def fetch_local(out_dir: Path, path: Path) -> dict:
     return manifest
 
 
-def fetch_hub(out_dir: Path, source: str, repo_id: str, revision: str, allow_patterns: list[str],
+def fetch_hub(out_dir: Path, source: str, repo_id: str, revision: str | None, allow_patterns: list[str],
               endpoint: str | None) -> dict:
-    """Download (resuming into a persistent partial folder), check against the hub's own hashes, publish."""
-    from .hub import fetch_from_hub, verify_against_hub
+    """Download (resuming into a persistent partial folder), check against the hub's own hashes, publish.
+
+    fetch_from_hub already verified (and repaired) every file against the hub's listing, or raised.
+    """
+    from .hub import fetch_from_hub
 
     partial = out_dir.with_name(out_dir.name + ".partial")  # kept across interruptions so the client can resume
     partial.mkdir(parents=True, exist_ok=True)
     hub_files = fetch_from_hub(source, repo_id, revision, allow_patterns, partial, endpoint=endpoint)
-    problems = verify_against_hub(partial, hub_files)
-    if problems:
-        raise CheckpointError(f"{source}:{repo_id}@{revision} is inconsistent after download: " + "; ".join(problems))
     manifest = build_manifest(partial, {"kind": source, "id": repo_id, "revision": revision})
     for rel, meta in manifest["files"].items():
         claimed = hub_files.get(rel, {}).get("sha256")
@@ -154,7 +154,8 @@ def _source_record(model_cfg: dict) -> dict:
         return {"kind": "tiny", "seed": model_cfg.get("seed", 0)}
     if source == "local":
         return {"kind": "local", "path": str(Path(model_cfg["path"]).resolve())}
-    return {"kind": source, "id": model_cfg["id"], "revision": model_cfg.get("revision", "main")}
+    # revision None = the hub's default branch (huggingface: main, modelscope: master)
+    return {"kind": source, "id": model_cfg["id"], "revision": model_cfg.get("revision")}
 
 
 def fetch_checkpoint(model_cfg: dict, out_dir: Path, log=print) -> dict:
