@@ -305,9 +305,13 @@ def _bad_samples(gen: _Gen, good_lines: list[str]) -> list[str]:
     key = "content" if "messages" in near else "value"
     turns[-1][key] = turns[-1][key].replace("Here it is", "Here it was")
     out.append(json.dumps(near))
-    name, _ = gen.image("bad-truncated-img0", 96, 96)
-    data = (media / name).read_bytes()
-    (media / name).write_bytes(data[: len(data) // 2])
+    from PIL import Image
+
+    name = "bad-truncated-img0.png"  # noise does not compress: cutting the file in half always cuts pixel rows
+    noise = gen.rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    (media / name).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     out.append(rec("truncated_image", qa("<image>What is in this half-written file of a lantern?", "Half an image."), images=[f"media/{name}"]))
     import soundfile as sf
 

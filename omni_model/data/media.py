@@ -105,14 +105,18 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 def decode_image(data: bytes) -> np.ndarray:
     """Full decode to RGB uint8 [H, W, 3]; a truncated or corrupt file raises MediaError."""
-    from PIL import Image
+    from PIL import Image, ImageFile
 
+    # Some libraries (Data-Juicer among them) switch PIL to silently pad truncated files; a truncated image must fail.
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             rgb = image.convert("RGB")
     except Exception as exc:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError...)
         raise MediaError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     return np.asarray(rgb)
 
 
