@@ -133,7 +133,7 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
 
     shards = sorted(p.name for p in out_dir.glob("*.tar"))
     for path in list(out_dir.glob("*.tar")):  # an empty split leaves an empty tar behind
-        if path.stat().st_size <= 1024 and not _tar_has_members(path):
+        if not _tar_has_members(path):
             path.unlink()
             shards.remove(path.name)
     if not shards:
