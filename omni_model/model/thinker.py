@@ -1,0 +1,156 @@
+"""The Qwen3-Omni thinker on Megatron-Core: audio tower + vision tower + MoE LLM, merged like transformers does.
+
+    input_ids --embed--> [S, B, H]
+      audio placeholders  <- AudioEncoder(input_features)                    (one row per audio token)
+      image placeholders  <- VisionEncoder(pixel_values, image_grid_thw)     (+ deepstack features per level)
+      video placeholders  <- VisionEncoder(pixel_values_videos, video_grid_thw)
+    --> LLM(decoder_input, MRoPE position_ids [3, B, S], visual_pos_masks, deepstack features) --> logits / loss
+
+Placeholders are filled in row-major (batch, sequence) order, media in order of appearance: the order of the
+data pipeline's OmniBatch and of transformers' `masked_scatter`. The number of placeholder tokens of each kind
+must equal the number of encoder outputs; otherwise the forward fails naming both counts (a silent truncation would
+train on misaligned features).
+
+State-dict names are the mapping's names (`language_model.*`, `vision_model.*`, `audio_model.*`), so
+`omni_model.convert.mapping.load_hf_into_model(thinker, hf_dir, prefix="")` fills it. With pipeline parallelism the
+encoders live on the first stage only (deepstack needs them there too).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+
+from .audio import AudioEncoder
+from .language_model import Qwen3OmniLanguageModel, build_language_model
+from .transformer_config import thinker_config_of
+from .vision import VisionEncoder, vision_transformer_config
+from .audio import audio_transformer_config
+
+
+class PlaceholderMismatch(ValueError):
+    """The input ids do not hold one placeholder token per encoder output."""
+
+
+def _check_count(kind: str, n_tokens: int, n_features: int) -> None:
+    if n_tokens != n_features:
+        raise PlaceholderMismatch(
+            f"{kind}: the input has {n_tokens} <{kind} pad> tokens but the {kind} encoder produced {n_features} "
+            f"embeddings; the data encoder must expand each placeholder to the encoder's output length")
+
+
+class Qwen3OmniThinker(MegatronModule):
+    def __init__(self, hf_config, language_model: Qwen3OmniLanguageModel,
+                 vision_model: Optional[VisionEncoder] = None, audio_model: Optional[AudioEncoder] = None):
+        super().__init__(config=language_model.config)
+        thinker = thinker_config_of(hf_config)
+        self.image_token_id = thinker["image_token_id"]
+        self.video_token_id = thinker["video_token_id"]
+        self.audio_token_id = thinker["audio_token_id"]
+        self.language_model = language_model
+        self.vision_model = vision_model
+        self.audio_model = audio_model
+        self.pre_process = language_model.pre_process
+        self.post_process = language_model.post_process
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    # -- multimodal merge ------------------------------------------------------------------------------------------
+    def _scatter(self, embeds_bsh: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, kind: str):
+        _check_count(kind, int(mask.sum()), features.shape[0])
+        return embeds_bsh.masked_scatter(mask[..., None].expand_as(embeds_bsh), features.to(embeds_bsh.dtype))
+
+    def _visual(self, pixel_values, grid_thw, input_ids, token_id, kind):
+        if pixel_values is None:
+            _check_count(kind, int((input_ids == token_id).sum()), 0)
+            return None
+        if self.vision_model is None:
+            raise ValueError(f"{kind} inputs given but this thinker has no vision tower (frozen out or PP stage > 0)")
+        embeds, deepstack = self.vision_model(pixel_values, grid_thw)
+        return input_ids == token_id, embeds, deepstack
+
+    def embed_multimodal(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                         video_grid_thw=None, input_features=None, feature_attention_mask=None,
+                         audio_feature_lengths=None):
+        """Full-sequence decoder input [S, B, H] + (visual_pos_masks [B, S], deepstack features) for the LLM."""
+        embeds = self.language_model.embed(input_ids).transpose(0, 1)  # [B, S, H]: row-major like the data order
+
+        audio_mask = input_ids == self.audio_token_id
+        if input_features is not None:
+            if self.audio_model is None:
+                raise ValueError("audio inputs given but this thinker has no audio tower")
+            audio = self.audio_model(input_features, feature_lens=audio_feature_lengths,
+                                     feature_attention_mask=feature_attention_mask)
+            embeds = self._scatter(embeds, audio_mask, audio, "audio")
+        else:
+            _check_count("audio", int(audio_mask.sum()), 0)
+
+        image = self._visual(pixel_values, image_grid_thw, input_ids, self.image_token_id, "image")
+        video = self._visual(pixel_values_videos, video_grid_thw, input_ids, self.video_token_id, "video")
+        for found, kind in ((image, "image"), (video, "video")):
+            if found is not None:
+                embeds = self._scatter(embeds, found[0], found[1], kind)
+
+        visual_pos_masks, deepstack = self._joint_deepstack(image, video)
+        return embeds.transpose(0, 1).contiguous(), visual_pos_masks, deepstack
+
+    @staticmethod
+    def _joint_deepstack(image, video):
+        """Deepstack features of images and videos interleaved in sequence order (one list entry per level)."""
+        present = [v for v in (image, video) if v is not None]
+        if not present:
+            return None, None
+        if len(present) == 1:
+            mask, _, deepstack = present[0]
+            return mask, deepstack
+        visual = image[0] | video[0]
+        image_rows, video_rows = image[0][visual], video[0][visual]
+        joint = []
+        for image_level, video_level in zip(image[2], video[2]):
+            level = image_level.new_zeros(int(visual.sum()), image_level.shape[-1])
+            level[image_rows] = image_level.to(level.dtype)
+            level[video_rows] = video_level.to(level.dtype)
+            joint.append(level)
+        return visual, joint
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *, labels=None, loss_mask=None,
+                packed_seq_params=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                pixel_values_videos=None, video_grid_thw=None, input_features=None, feature_attention_mask=None,
+                audio_feature_lengths=None, **_unused):
+        """Logits [B, S, V/tp] (labels None) or per-token loss [B, S] (labels = already shifted targets)."""
+        decoder_input = visual_pos_masks = deepstack = None
+        if self.pre_process:
+            decoder_input, visual_pos_masks, deepstack = self.embed_multimodal(
+                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, input_features,
+                feature_attention_mask, audio_feature_lengths)
+        return self.language_model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+            decoder_input=decoder_input, labels=labels, loss_mask=loss_mask, packed_seq_params=packed_seq_params,
+            visual_pos_masks=visual_pos_masks, deepstack_visual_embeds=deepstack)
+
+
+def build_thinker(hf_config, *, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None,
+                  layout=None, vision: bool = True, audio: bool = True, **lm_kw) -> Qwen3OmniThinker:
+    """This rank's thinker (after runtime.parallel.init_parallel). Encoders only on the first pipeline stage."""
+    thinker = thinker_config_of(hf_config)
+    language_model = build_language_model(hf_config, dtype=dtype, use_te=use_te, layout=layout, **lm_kw)
+    first_stage = language_model.pre_process
+    vision_model = audio_model = None
+    if first_stage and vision and "vision_config" in thinker:
+        vision_model = VisionEncoder(thinker, vision_transformer_config(thinker, params_dtype=dtype), use_te=use_te)
+    if first_stage and audio and "audio_config" in thinker:
+        audio_model = AudioEncoder(thinker, _audio_config(thinker, dtype), use_te=use_te)
+    return Qwen3OmniThinker(hf_config, language_model, vision_model, audio_model)
+
+
+def _audio_config(thinker: dict, dtype):
+    """The audio tower's mcore config; its TP size follows AudioEncoder's own replicate rule."""
+    tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+    a = thinker["audio_config"]
+    replicate = tp > 1 and (a["encoder_attention_heads"] % tp or a["encoder_ffn_dim"] % tp)
+    return audio_transformer_config(thinker, tp_size=1 if replicate else tp, params_dtype=dtype)
