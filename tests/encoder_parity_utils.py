@@ -1,0 +1,88 @@
+"""Shared helpers of the encoder parity tests (vision + audio, single process and the torchrun TP worker)."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import torch
+
+VISION_HF = "thinker.visual."
+AUDIO_HF = "thinker.audio_tower."
+
+
+def load_hf_encoder_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 copies of every `thinker.visual.*` / `thinker.audio_tower.*` tensor of a checkpoint dir."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(glob.glob(str(Path(hf_dir) / "*.safetensors"))):
+        with safe_open(f, "pt") as s:
+            for k in s.keys():
+                if k.startswith(VISION_HF) or k.startswith(AUDIO_HF):
+                    out[k] = s.get_tensor(k).float()
+    return out
+
+
+def sharpen(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rescale the tiny checkpoint's 0.02-std weights to ~1.5/sqrt(fan_in) (pos-embed to std 1, biases x5) so that
+    activations are O(1), attention is peaked and every path (rope, segments, windows) visibly moves the output.
+    With the raw tiny weights the towers are nearly input-independent and parity would prove little."""
+    out = {}
+    for k, v in hf.items():
+        if k.endswith("pos_embed.weight"):
+            v = v / v.std()
+        elif v.ndim >= 2:
+            v = v / v.std() * v[0].numel() ** -0.5 * 1.5
+        elif k.endswith("bias"):
+            v = v * 5
+        out[k] = v
+    return out
+
+
+def hf_vision_reference(hf_dir: Path, tensors: dict[str, torch.Tensor]):
+    from transformers import Qwen3OmniMoeConfig
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeVisionEncoder
+
+    cfg = Qwen3OmniMoeConfig.from_pretrained(hf_dir).thinker_config.vision_config
+    cfg._attn_implementation = "sdpa"
+    ref = Qwen3OmniMoeVisionEncoder(cfg).float().eval()
+    ref.load_state_dict({k[len(VISION_HF):]: v for k, v in tensors.items() if k.startswith(VISION_HF)}, strict=True)
+    return ref
+
+
+def hf_audio_reference(hf_dir: Path, tensors: dict[str, torch.Tensor]):
+    from transformers import Qwen3OmniMoeConfig
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeAudioEncoder
+
+    cfg = Qwen3OmniMoeConfig.from_pretrained(hf_dir).thinker_config.audio_config
+    cfg._attn_implementation = "sdpa"
+    ref = Qwen3OmniMoeAudioEncoder(cfg).float().eval()
+    ref.load_state_dict({k[len(AUDIO_HF):]: v for k, v in tensors.items() if k.startswith(AUDIO_HF)}, strict=True)
+    return ref
+
+
+def hf_config_dict(hf_dir: Path) -> dict:
+    import json
+
+    return json.loads((Path(hf_dir) / "config.json").read_text())
+
+
+def vision_inputs(grid: list[list[int]], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    grid_thw = torch.tensor(grid)
+    n = int(grid_thw.prod(-1).sum())
+    return torch.randn(n, 3 * 2 * 16 * 16, generator=g), grid_thw
+
+
+def audio_inputs(lens: list[int], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(128, sum(lens), generator=g), torch.tensor(lens)
+
+
+def hf_grads_as_mcore(ref: torch.nn.Module, hf_prefix: str, config, tp_rank: int = 0, tp_size: int = 1):
+    """HF parameter gradients mapped through the encoder rows (same transform/TP split as the weights)."""
+    from omni_model.convert.encoder_rows import hf_to_mcore
+
+    grads = {hf_prefix + n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    return hf_to_mcore(grads, config, tp_rank=tp_rank, tp_size=tp_size)
