@@ -5,7 +5,7 @@ rule download:
     output:
         manifest="results/model/hf/MANIFEST.json",
     params:
-        model=config["model"],
+        model=canonical(config["model"]),
     log:
         "logs/download.log",
     benchmark:

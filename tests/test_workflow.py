@@ -75,3 +75,19 @@ def test_profile_slurm_resolves_from_repo_root(wf):
     result = snakemake(wf, "--profile", "slurm", "-n", "download")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "download" in result.stdout
+
+
+def test_whole_dag_runs_on_the_default_then_nothing_is_stale(wf):
+    first = snakemake(wf, "--cores", "2")
+    assert first.returncode == 0, first.stderr[-4000:]
+    for stage in STAGES_SO_FAR:
+        assert (wf / "logs" / f"{stage}.log").is_file()
+        assert (wf / "benchmarks" / f"{stage}.tsv").is_file()
+    assert (wf / "results/data/shards/.nv-meta/dataset.yaml").is_file()
+    second = snakemake(wf, "--cores", "2")
+    assert second.returncode == 0
+    assert "Nothing to be done" in second.stdout + second.stderr
+    # touching the config of one stage reruns that stage and what follows, not the download
+    plan = snakemake(wf, "-n", "--configfile", str(_with_config(wf, data={"shard_max_samples": 16})))
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "shards" in plan.stdout and "download" not in plan.stdout
