@@ -13,7 +13,6 @@ configfile: "config/config.yaml"
 validate(config, "config/schema.yaml", set_default=True)
 
 
-
 include: "rules/common.smk"
 include: "rules/download.smk"
 include: "rules/data.smk"
