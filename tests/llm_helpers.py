@@ -48,3 +48,15 @@ def hf_text_logits(thinker, ids, pos, deepstack=None, visual_mask=None):
 
 def config_of(hf_dir) -> dict:
     return json.loads((Path(hf_dir) / "config.json").read_text())
+
+
+def deepstack_inputs(shape, hidden: int, n: int, seed: int = 1):
+    """A visual-position mask [B, S] (a block of positions per sample) and n deepstack features [N_visual, H]."""
+    b, s = shape
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(b, s, dtype=torch.bool)
+    mask[0, 2:6] = True
+    if b > 1:
+        mask[1, 5:8] = True
+    nv = int(mask.sum())
+    return mask, [torch.randn(nv, hidden, generator=g) for _ in range(n)]

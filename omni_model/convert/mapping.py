@@ -48,7 +48,20 @@ def default_rules() -> List[Rule]:
         from .encoder_rows import ENCODER_RULES  # written by the encoder engineer
     except ImportError:
         ENCODER_RULES = []
+    _register_encoder_transforms()
     return rules + list(ENCODER_RULES)
+
+
+def _register_encoder_transforms() -> None:
+    """Adopt encoder_rows.ENCODER_TRANSFORMS ({name: (to_mcore(tensors, heads), to_hf(tensor, heads))}, full
+    tensors) as TP-aware transforms: TP split/concat of the full mcore tensor along the row's tp_dim."""
+    try:
+        from .encoder_rows import ENCODER_TRANSFORMS
+    except ImportError:
+        return
+    for name, (to_m, to_h) in ENCODER_TRANSFORMS.items():
+        if name not in TRANSFORMS:
+            TRANSFORMS[name] = FullTensorTransform(to_m, to_h)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -152,6 +165,19 @@ class GateUp(Transform):
         return (_cat(gates, 0).clone(), _cat(ups, 0).clone())
 
 
+class FullTensorTransform(Transform):
+    """Adapter for a pair of full-tensor functions taking the head count (`Geometry.num_heads`)."""
+
+    def __init__(self, to_m, to_h):
+        self.to_m, self.to_h = to_m, to_h
+
+    def to_mcore(self, hf, g, r, n, dim):
+        return _chunk(self.to_m(list(hf), g.num_heads), n, r, dim)
+
+    def to_hf(self, shards, g, dim):
+        return tuple(self.to_h(_cat(shards, dim), g.num_heads))
+
+
 TRANSFORMS: Dict[str, Transform] = {
     "identity": Identity(),
     "qkv": QKV(),
@@ -234,7 +260,9 @@ class Mapper:
     def __init__(self, config, layout: Optional[Layout] = None, rules: Optional[Iterable[Rule]] = None):
         self.config = config
         self.layout = layout or Layout()
-        self.rows = [_Row(r) for r in (default_rules() if rules is None else rules)]
+        rules = default_rules() if rules is None else rules
+        _register_encoder_transforms()
+        self.rows = [_Row(r) for r in rules]
         t = text_config_of(config)
         self.num_layers = t["num_hidden_layers"]
         self.num_experts = t.get("num_experts", 0) or 0

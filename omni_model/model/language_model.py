@@ -149,6 +149,7 @@ def build_language_model(
     vp_stage: Optional[int] = None,
     layout: Optional[Layout] = None,
     config_overrides: Optional[dict] = None,
+    num_deepstack: Optional[int] = None,
     **config_kw,
 ) -> Qwen3OmniLanguageModel:
     """Build the LLM of this rank. `cfg`: HF config dict / config.json path / HF dir. The layout defaults to the one
@@ -166,7 +167,7 @@ def build_language_model(
         tcfg,
         text,
         spec,
-        num_deepstack=deepstack_count(cfg),
+        num_deepstack=deepstack_count(cfg) if num_deepstack is None else num_deepstack,
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,

@@ -115,8 +115,10 @@ def apply(force: bool = False) -> bool:
     # 6. `.cuda()` calls on CPU tensors (schedules, clip_grads, optimizer, dispatchers): identity on CPU.
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
 
-    # 7. literal device="cuda" allocations (schedules, FP32Optimizer loss scale, clip_grads): route to CPU.
-    _patch_literal_cuda_factories()
+    # 7. literal device="cuda" allocations inside mcore (schedules, p2p, FP32Optimizer loss scale, clip_grads,
+    #    DDP, dispatchers): those modules see a `torch` whose tensor factories route device="cuda" to CPU. Only
+    #    mcore's module globals are touched, never torch itself (a global factory patch broke transformers' init).
+    _install_torch_proxy()
 
     # 8. pin_memory needs an accelerator: identity.
     torch.Tensor.pin_memory = lambda self, *a, **k: self  # type: ignore[assignment]
@@ -125,36 +127,75 @@ def apply(force: bool = False) -> bool:
     return True
 
 
-def _patch_literal_cuda_factories() -> None:
-    """torch.tensor/zeros/ones/empty/full/arange(..., device='cuda'...) -> CPU. Applies to every caller, which is
-    intended: on a CPU-only torch no call with device='cuda' can succeed anyway."""
+_FACTORIES = (
+    "tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like",
+    "full_like", "randn", "rand", "randint", "as_tensor",
+)
+_MCORE_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.pipeline_parallel.utils",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.moe_layer",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.cross_entropy",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.utils",
+    "megatron.core.models.common.embeddings.rope_utils",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.rerun_state_machine",
+)
 
-    def fix_device(kwargs):
-        dev = kwargs.get("device")
-        if dev is not None:
-            d = str(dev)
-            if d.startswith("cuda") or (isinstance(dev, int)):
-                kwargs["device"] = "cpu"
-        return kwargs
 
-    for name in ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like", "randn", "rand", "randint"):
-        orig = getattr(torch, name)
+def _cpu_device(dev):
+    if dev is None:
+        return None
+    if isinstance(dev, int) and not isinstance(dev, bool):
+        return torch.device("cpu")
+    if (isinstance(dev, str) and dev.startswith("cuda")) or (isinstance(dev, torch.device) and dev.type == "cuda"):
+        return torch.device("cpu")
+    return dev
 
-        def make(orig):
-            def f(*a, **k):
-                return orig(*a, **fix_device(k))
 
-            f.__wrapped__ = orig
-            return f
+class _TorchProxy:
+    """`torch` as seen by the patched mcore modules: device='cuda' factories -> CPU; everything else is torch."""
 
-        setattr(torch, name, make(orig))
+    def __init__(self, real):
+        self._real = real
+        for name in _FACTORIES:
+            orig = getattr(real, name)
 
-    _orig_to = torch.Tensor.to
+            def make(orig):
+                def f(*a, **k):
+                    if "device" in k:
+                        k["device"] = _cpu_device(k["device"])
+                    return orig(*a, **k)
 
-    def _to(self, *a, **k):
-        if a and (isinstance(a[0], str) and a[0].startswith("cuda") or isinstance(a[0], torch.device) and a[0].type == "cuda" or isinstance(a[0], int) and not isinstance(a[0], bool)):
-            a = ("cpu",) + a[1:]
-        fix_device(k)
-        return _orig_to(self, *a, **k)
+                return f
 
-    torch.Tensor.to = _to
+            setattr(self, name, make(orig))
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def _install_torch_proxy() -> None:
+    import importlib
+
+    proxy = _TorchProxy(torch)
+    for mod_name in _MCORE_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except Exception:
+            continue
+        if getattr(mod, "torch", None) is torch:
+            mod.torch = proxy
