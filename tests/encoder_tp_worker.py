@@ -15,7 +15,7 @@ import torch
 torch.set_num_threads(1)
 
 
-def main(hf_dir: str) -> None:
+def main(hf_dir: str, ckpt_root: str) -> None:
     from omni_model.runtime.parallel import destroy_parallel, init_parallel
 
     init_parallel(tp=2)
@@ -102,6 +102,34 @@ def main(hf_dir: str) -> None:
                       f"grad rel err {gerr:.2e}")
         assert err < 1e-4 and gerr < 1e-4, report[-1]
 
+    # ---- dist_checkpointing: save the TP=2 towers, load into fresh (differently initialised) ones
+    import tempfile
+
+    from megatron.core import dist_checkpointing
+
+    ckpt = ckpt_root + "/encoders"
+    towers = {"vision_model.": ours, "audio_model.": ours_a}  # ours_a: the replicated audio tower
+    if rank == 0:
+        import os
+
+        os.makedirs(ckpt, exist_ok=True)
+    torch.distributed.barrier()
+    sharded = {}
+    for prefix, m in towers.items():
+        sharded.update(m.sharded_state_dict(prefix=prefix))
+    dist_checkpointing.save(sharded, ckpt)
+    torch.distributed.barrier()
+    fresh = {"vision_model.": VisionEncoder(cfg), "audio_model.": AudioEncoder(cfg, replicate=True)}
+    target = {}
+    for prefix, m in fresh.items():
+        target.update(m.sharded_state_dict(prefix=prefix))
+    loaded = dist_checkpointing.load(target, ckpt)
+    for prefix, m in fresh.items():
+        m.load_state_dict({k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}, strict=False)
+        for (n, a), b in zip(towers[prefix].named_parameters(), m.parameters()):
+            assert torch.equal(a, b), (prefix, n)
+    report.append(f"dist_checkpointing TP2 save/load rank{rank}: towers bit-identical")
+
     for line in report:
         print(line, flush=True)
     torch.distributed.barrier()
@@ -111,4 +139,4 @@ def main(hf_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

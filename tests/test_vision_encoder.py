@@ -174,10 +174,11 @@ def test_vision_30b_meta_param_count():
 @pytest.mark.slow
 def test_encoders_tp2_torchrun(tiny_hf_dir, tmp_path):
     """torchrun --nproc_per_node 2 (gloo): TP=2 vision + audio (split and replicated) reproduce HF forward and
-    backward (gradient shards == HF gradients mapped + split by the rows)."""
+    backward (gradient shards == HF gradients mapped + split by the rows), and a dist_checkpointing save/load of
+    the TP=2 towers (replicated audio included) restores them bit for bit."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "tests"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "encoder_tp_worker.py"), str(tiny_hf_dir)]
+           str(REPO / "tests" / "encoder_tp_worker.py"), str(tiny_hf_dir), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, proc.stderr[-6000:]

@@ -195,6 +195,15 @@ def encoder_rules(te: bool = False, audio_tp: bool = True) -> list[Rule]:
 ENCODER_RULES: list[Rule] = encoder_rules()
 
 
+def encoder_rules_for(config, tp: int, te: bool = False) -> list[Rule]:
+    """The rows for a TP size: like ENCODER_RULES, but the audio rows replicated when the audio tower is
+    (`omni_model.model.audio.audio_replicated`, e.g. the released 20-head tower at TP=8). Use this instead of
+    ENCODER_RULES whenever TP > 1."""
+    from omni_model.model.audio import audio_replicated
+
+    return encoder_rules(te=te, audio_tp=not audio_replicated(config, tp))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # applying rows to whole state dicts
 # ---------------------------------------------------------------------------------------------------------------

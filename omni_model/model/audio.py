@@ -77,6 +77,14 @@ def _global_tp_size() -> int:
     return 1
 
 
+def audio_replicated(config: Any, tp: int) -> bool:
+    """Whether the audio tower is a full copy per TP rank at tensor-parallel size `tp` (TP must divide the heads and
+    the FFN to split it; the released 20 heads split at TP 1/2/4/5/10/20, not at TP=8). The single source of this
+    decision for the model (`AudioEncoder(replicate=None)`) and the mapping (`encoder_rows.encoder_rules_for`)."""
+    a = audio_config_dict(config)
+    return tp > 1 and (a["encoder_attention_heads"] % tp != 0 or a["encoder_ffn_dim"] % tp != 0)
+
+
 def audio_transformer_config(config: Any, *, tp_size: Optional[int] = None, params_dtype=torch.float32,
                              **overrides) -> TransformerConfig:
     a = audio_config_dict(config)
@@ -124,7 +132,7 @@ class AudioEncoder(MegatronModule):
         a = audio_config_dict(config)
         tp = _global_tp_size()
         if replicate is None:
-            replicate = tp > 1 and (a["encoder_attention_heads"] % tp != 0 or a["encoder_ffn_dim"] % tp != 0)
+            replicate = audio_replicated(a, tp)
         if transformer_config is None:
             transformer_config = audio_transformer_config(a, tp_size=1 if replicate else tp)
         super().__init__(config=transformer_config)
@@ -157,6 +165,21 @@ class AudioEncoder(MegatronModule):
 
     def set_input_tensor(self, input_tensor) -> None:  # pragma: no cover - trivial
         pass
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """mcore dist-checkpoint view. A replicated tower's linears see a size-1 TP group, so mcore would mark the
+        copy on every TP rank as the main replica; re-tag them as TP replicas (only TP rank 0 writes)."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.replicate and torch.distributed.is_initialized():
+            from megatron.core import parallel_state
+            from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+            tp_rank = parallel_state.get_tensor_model_parallel_rank()
+            dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+            for v in nested_values(sd):
+                if hasattr(v, "replica_id"):
+                    v.replica_id = (0, tp_rank, dp_rank)
+        return sd
 
     def output_lengths(self, input_lengths):
         return audio_output_lengths(input_lengths, self.n_window)

@@ -206,6 +206,7 @@ def packed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: Optional[int], scale: float
 ) -> torch.Tensor:
     """Non-causal attention inside each segment of a packed sequence. q/k/v: [t, heads, dim] -> [t, heads, dim]."""
+    global _varlen_attn
     use_varlen = (
         _varlen_attn is not None
         and q.is_cuda
@@ -216,7 +217,13 @@ def packed_attention(
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        return _varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
+        try:
+            return _varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
+        except (RuntimeError, TypeError, NotImplementedError) as e:  # e.g. a torch build without the kernel
+            import warnings
+
+            warnings.warn(f"varlen_attn unavailable ({e}); encoder attention falls back to one SDPA per segment")
+            _varlen_attn = None
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     outs = []
     for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):

@@ -224,6 +224,26 @@ class VisionPatchMerger(MegatronModule):
         return out.squeeze(1)
 
 
+class MergerList(MegatronModule):
+    """A list of mergers that is also a MegatronModule: mcore's default `sharded_state_dict` of a plain
+    nn.ModuleList would save the TP-sharded fc1/fc2 of the deepstack mergers as if they were replicated (only TP
+    rank 0's shard would survive a dist checkpoint). State-dict names stay `<name>.<k>.*`."""
+
+    def __init__(self, config: TransformerConfig, mergers):
+        super().__init__(config=config)
+        for k, m in enumerate(mergers):
+            self.add_module(str(k), m)
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, k: int):
+        return self._modules[str(k)]
+
+
 class VisionEncoder(MegatronModule):
     """Qwen3-VL ViT of Qwen3-Omni with final merger and deepstack mergers.
 
@@ -272,10 +292,10 @@ class VisionEncoder(MegatronModule):
                                         pg_collection=self.pg_collection)
         tp_group = self.pg_collection.tp
         self.merger = VisionPatchMerger(tconfig, self.hidden, self.out_hidden, self.merge, False, tp_group)
-        self.deepstack_mergers = nn.ModuleList(
+        self.deepstack_mergers = MergerList(tconfig, [
             VisionPatchMerger(tconfig, self.hidden, self.out_hidden, self.merge, True, tp_group)
             for _ in self.deepstack_visual_indexes
-        )
+        ])
 
     # the mcore pipeline schedule calls this on every model chunk; the tower is never split across stages
     def set_input_tensor(self, input_tensor) -> None:  # pragma: no cover - trivial
