@@ -176,3 +176,37 @@ def test_audio_30b_meta_param_count():
     n = int(out.stdout.split()[-1])
     print(f"audio tower 30B shape: {n:,} parameters")
     assert n == 647_927_168
+
+def _bf16_audio(tiny_hf_dir, tensors, device):
+    from omni_model.convert.encoder_rows import load_encoder_state
+    from omni_model.model.audio import AudioEncoder, audio_transformer_config
+
+    cfg = hf_config_dict(tiny_hf_dir)
+    model = AudioEncoder(cfg, audio_transformer_config(cfg, params_dtype=torch.bfloat16)).eval()
+    load_encoder_state(model, tensors, cfg, "audio_model.")
+    return model.to(device)
+
+
+def test_audio_bf16_close_to_fp32(tiny_hf_dir, weights, models):
+    _, ref = models["sharp"]
+    model = _bf16_audio(tiny_hf_dir, weights["sharp"], "cpu")
+    feats, lens = audio_inputs(CASES["long_and_short"])
+    with torch.no_grad():
+        got = model(feats, lens)
+        expect = ref(feats, lens).last_hidden_state
+    assert got.dtype == torch.bfloat16
+    rel = (got.float() - expect).abs().max().item() / expect.abs().max().item()
+    assert rel < 5e-2, rel
+
+
+@pytest.mark.gpu
+def test_audio_cuda_bf16_matches_hf(tiny_hf_dir, weights, models):
+    _, ref = models["sharp"]
+    model = _bf16_audio(tiny_hf_dir, weights["sharp"], "cuda")
+    feats, lens = audio_inputs(CASES["long_and_short"])
+    with torch.no_grad():
+        got = model(feats.cuda(), lens)
+        expect = ref(feats, lens).last_hidden_state
+    rel = (got.float().cpu() - expect).abs().max().item() / expect.abs().max().item()
+    print(f"cuda bf16 audio rel err {rel:.3g}")
+    assert rel < 5e-2, rel

@@ -183,3 +183,45 @@ def test_encoders_tp2_torchrun(tiny_hf_dir, tmp_path):
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert "TP2 OK" in proc.stdout
+
+
+def _bf16_vision(tiny_hf_dir, tensors, device):
+    from omni_model.convert.encoder_rows import load_encoder_state
+    from omni_model.model.vision import VisionEncoder, vision_transformer_config
+
+    cfg = hf_config_dict(tiny_hf_dir)
+    model = VisionEncoder(cfg, vision_transformer_config(cfg, params_dtype=torch.bfloat16)).eval()
+    load_encoder_state(model, tensors, cfg, "vision_model.")
+    return model.to(device)
+
+
+def test_vision_bf16_close_to_fp32(tiny_hf_dir, weights, models):
+    """bf16 parameters (the GPU training dtype) run and stay within bf16 rounding of the fp32 reference."""
+    _, ref = models["sharp"]
+    model = _bf16_vision(tiny_hf_dir, weights["sharp"], "cpu")
+    pixels, grid = vision_inputs(GRIDS["video_and_image"])
+    with torch.no_grad():
+        embeds, deepstack = model(pixels, grid)
+        expect = ref(pixels, grid)
+    assert embeds.dtype == torch.bfloat16
+    for a, b in zip([embeds, *deepstack], [expect.pooler_output, *expect.deepstack_features]):
+        rel = (a.float() - b).abs().max().item() / b.abs().max().item()
+        assert rel < 5e-2, rel
+
+
+@pytest.mark.gpu
+def test_vision_cuda_bf16_varlen_matches_hf(tiny_hf_dir, weights, models, monkeypatch):
+    """On CUDA: the bf16 tower (flash varlen attention) vs the fp32 HF reference, and varlen vs per-segment SDPA."""
+    _, ref = models["sharp"]
+    model = _bf16_vision(tiny_hf_dir, weights["sharp"], "cuda")
+    pixels, grid = vision_inputs(GRIDS["video_and_image"])
+    with torch.no_grad():
+        embeds, deepstack = model(pixels.cuda(), grid)
+        monkeypatch.setenv("OMNI_ENCODER_ATTN", "loop")
+        loop_embeds, _ = model(pixels.cuda(), grid)
+        expect = ref(pixels, grid)
+    for a, b in zip([embeds, *deepstack], [expect.pooler_output, *expect.deepstack_features]):
+        rel = (a.float().cpu() - b).abs().max().item() / b.abs().max().item()
+        print(f"cuda bf16 vision rel err {rel:.3g}")
+        assert rel < 5e-2, rel
+    assert (embeds.float() - loop_embeds.float()).abs().max().item() / embeds.float().abs().max().item() < 2e-2
