@@ -153,8 +153,8 @@ def test_vision_rows_round_trip(tiny_hf_dir, weights, models):
 
 def test_vision_30b_meta_param_count():
     """The released shape builds on the meta device (no distributed needed); 538,631,408 parameters == HF."""
-    # A fresh interpreter: once omni_model.runtime.cpu_patches has wrapped torch.empty & co. in this process,
-    # `with torch.device("meta")` no longer reaches them (torch caches its constructor set on first use).
+    # A fresh interpreter: no process group, no global patch of an earlier test (wrapping torch.empty & co. after
+    # torch cached its constructor set once made `with torch.device("meta")` allocate real CPU memory).
     code = (
         "import torch\n"
         "from omni_model.configs import released_30b_a3b_config\n"
