@@ -18,6 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _single_process_reference(hf_dir, tmp_path):
+    """(on CUDA when present: the GPU variant below reuses it)"""
+    return _reference(hf_dir, tmp_path)
+
+
+def _reference(hf_dir, tmp_path):
     """Single-process mcore logits + loss, computed in a subprocess (keeps this pytest process free of dist)."""
     code = f"""
 import sys, torch, warnings; warnings.filterwarnings('ignore'); torch.set_num_threads(1)
@@ -31,13 +36,16 @@ cfg = config_of({str(hf_dir)!r})
 m = build_language_model(cfg, use_te=False); load_hf_into_model(m, {str(hf_dir)!r}); m.eval()
 ids, pos = text_batch(s=16)
 vmask, ds = deepstack_inputs(ids.shape, 64, 3)
+if torch.cuda.is_available():
+    ids, pos, vmask, ds = ids.cuda(), pos.cuda(), vmask.cuda(), [t.cuda() for t in ds]
 with torch.no_grad():
     logits = m(input_ids=ids, position_ids=pos, visual_pos_masks=vmask, deepstack_visual_embeds=ds)
     m.train()
     loss = m(input_ids=ids, position_ids=pos, labels=torch.roll(ids, -1, 1), visual_pos_masks=vmask,
              deepstack_visual_embeds=ds).float().mean().item()
     loss_plain = m(input_ids=ids, position_ids=pos, labels=torch.roll(ids, -1, 1)).float().mean().item()
-torch.save(dict(ids=ids, pos=pos, vmask=vmask, deepstack=ds, logits=logits, loss=loss, loss_plain=loss_plain), {str(tmp_path / 'ref.pt')!r})
+cpu = lambda t: t.cpu()
+torch.save(dict(ids=cpu(ids), pos=cpu(pos), vmask=cpu(vmask), deepstack=[cpu(t) for t in ds], logits=cpu(logits), loss=loss, loss_plain=loss_plain), {str(tmp_path / 'ref.pt')!r})
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return tmp_path / "ref.pt"
@@ -49,6 +57,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.gpu
+def test_tp_ep_pp_reproduce_single_process_on_two_gpus(tiny_hf_dir, tmp_path):
+    """Same check on 2 GPUs (nccl, fp32, local spec or TE spec when TE imports). Needs >= 2 CUDA devices."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    test_tp_ep_pp_reproduce_single_process(tiny_hf_dir, tmp_path)
 
 
 def test_tp_ep_pp_reproduce_single_process(tiny_hf_dir, tmp_path):

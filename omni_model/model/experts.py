@@ -107,7 +107,7 @@ class GroupedLinear(nn.Module):
         self.use_bias = False
         self.expert_parallel = config.expert_model_parallel_size > 1
         self.backend = "auto"
-        device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
+        device = None if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
         for e in range(num_gemms):
             w = nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype, device=device))
             if config.perform_initialization:

@@ -19,7 +19,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.config = config
         dtype = getattr(config, "params_dtype", torch.float32) if config is not None else torch.float32
-        device = "cpu" if config is None or getattr(config, "use_cpu_initialization", True) else torch.cuda.current_device()
+        # None = the default / `with torch.device(...)` context (meta-device instantiation works)
+        device = None if config is None or getattr(config, "use_cpu_initialization", True) else torch.cuda.current_device()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
         self.eps = eps
         # Replicated weight fed by sequence-sharded activations: its grad is a partial sum per TP rank.

@@ -31,7 +31,11 @@ def main():
     from omni_model.model.language_model import build_language_model
     from omni_model.runtime.parallel import destroy_parallel, init_parallel
 
-    ref = torch.load(ref_path)
+    ref = torch.load(ref_path, map_location="cpu")
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    for k in ("ids", "pos", "vmask", "logits"):
+        ref[k] = ref[k].to(dev)
+    ref["deepstack"] = [t.to(dev) for t in ref["deepstack"]]
     cfg = json.load(open(os.path.join(hf_dir, "config.json")))
     ids, pos = ref["ids"], ref["pos"]
     results = {}
@@ -43,6 +47,12 @@ def main():
     }
     for name, lay in layouts.items():
         init_parallel(**lay, seed=1234)
+        if torch.cuda.is_available():
+            dev = torch.device("cuda", torch.cuda.current_device())
+            for k in ("ids", "pos", "vmask", "logits"):
+                ref[k] = ref[k].to(dev)
+            ref["deepstack"] = [t.to(dev) for t in ref["deepstack"]]
+            ids, pos = ref["ids"], ref["pos"]
         nds = None if lay.get("pp", 1) == 1 else 0
         model = build_language_model(cfg, dtype=torch.float32, use_te=False, num_deepstack=nds)
         load_hf_into_model(model, hf_dir)
