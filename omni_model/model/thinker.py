@@ -24,11 +24,10 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
-from .audio import AudioEncoder
+from .audio import AudioEncoder, audio_replicated, audio_transformer_config
 from .language_model import Qwen3OmniLanguageModel, build_language_model
 from .transformer_config import thinker_config_of
 from .vision import VisionEncoder, vision_transformer_config
-from .audio import audio_transformer_config
 
 
 class PlaceholderMismatch(ValueError):
@@ -149,8 +148,6 @@ def build_thinker(hf_config, *, dtype: torch.dtype = torch.float32, use_te: Opti
 
 
 def _audio_config(thinker: dict, dtype):
-    """The audio tower's mcore config; its TP size follows AudioEncoder's own replicate rule."""
+    """The audio tower's mcore config; its TP size follows the tower's own replicate rule (audio_replicated)."""
     tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
-    a = thinker["audio_config"]
-    replicate = tp > 1 and (a["encoder_attention_heads"] % tp or a["encoder_ffn_dim"] % tp)
-    return audio_transformer_config(thinker, tp_size=1 if replicate else tp, params_dtype=dtype)
+    return audio_transformer_config(thinker, tp_size=1 if audio_replicated(thinker, tp) else tp, params_dtype=dtype)
