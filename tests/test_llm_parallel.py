@@ -15,6 +15,13 @@ import torch
 from llm_helpers import config_of, text_batch
 
 REPO = Path(__file__).resolve().parents[1]
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
 
 
 def _single_process_reference(hf_dir, tmp_path):
@@ -47,7 +54,7 @@ with torch.no_grad():
 cpu = lambda t: t.cpu()
 torch.save(dict(ids=cpu(ids), pos=cpu(pos), vmask=cpu(vmask), deepstack=[cpu(t) for t in ds], logits=cpu(logits), loss=loss, loss_plain=loss_plain), {str(tmp_path / 'ref.pt')!r})
 """
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=_env())
     return tmp_path / "ref.pt"
 
 
@@ -74,7 +81,7 @@ def test_tp_ep_pp_reproduce_single_process(tiny_hf_dir, tmp_path):
     subprocess.run(
         [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
          str(REPO / "tests/dist/llm_parallel_parity.py"), str(tiny_hf_dir), str(ref), str(out)],
-        check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+        check=True, cwd=REPO, env=_env(), timeout=600,
     )
     res = json.loads(out.read_text())
     print("parallel parity:", json.dumps(res))

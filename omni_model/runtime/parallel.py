@@ -47,15 +47,15 @@ def init_parallel(
         cpu_patches.apply()
     backend = backend or ("nccl" if use_cuda else "gloo")
     if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group(
-            backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
-        )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if "RANK" in os.environ:  # torchrun
+            torch.distributed.init_process_group(backend=backend, timeout=timeout)
+        else:  # a private single-process group; the environment is left untouched (child processes inherit it)
+            torch.distributed.init_process_group(
+                backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
+            )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
