@@ -95,3 +95,13 @@ def test_dense_layer_rows_roundtrip():
     back = dict(m.iter_mcore_to_hf(shards))
     assert back.keys() == hf.keys()
     assert all(torch.equal(back[k], hf[k]) for k in hf)
+
+
+def test_mapper_replicates_the_audio_rows_where_the_audio_tower_is_replicated():
+    from omni_model.configs import released_30b_a3b_config
+
+    config = released_30b_a3b_config()  # 20 audio heads: split at TP=4, replicated at TP=8
+    split = [r.rule for r in Mapper(config, Layout(tp=4)).rows if r.rule.mcore.startswith("audio_model.decoder.")]
+    replicated = [r.rule for r in Mapper(config, Layout(tp=8)).rows if r.rule.mcore.startswith("audio_model.decoder.")]
+    assert split and any(rule.tp_dim is not None for rule in split)
+    assert replicated and all(rule.tp_dim is None for rule in replicated)

@@ -41,15 +41,15 @@ from .rules import Rule
 LLM_LAYER_PREFIX = MC + "decoder.layers.{i}."
 
 
-def default_rules() -> List[Rule]:
-    """LLM rows + the encoder rows if omni_model.convert.encoder_rows exists yet."""
-    rules = list(LLM_RULES)
-    try:
-        from .encoder_rows import ENCODER_RULES  # written by the encoder engineer
-    except ImportError:
-        ENCODER_RULES = []
+def default_rules(config=None, tp: int = 1) -> List[Rule]:
+    """LLM rows + the encoder rows for this TP size (the audio rows are replicated where the audio tower is,
+    e.g. the released 20-head tower at TP=8; see encoder_rows.encoder_rules_for)."""
+    from .encoder_rows import ENCODER_RULES, encoder_rules_for
+
     _register_encoder_transforms()
-    return rules + list(ENCODER_RULES)
+    has_audio = config is not None and "audio_config" in thinker_config_of(config)
+    encoder = encoder_rules_for(config, tp) if has_audio and tp > 1 else ENCODER_RULES
+    return list(LLM_RULES) + list(encoder)
 
 
 def _register_encoder_transforms() -> None:
@@ -260,7 +260,7 @@ class Mapper:
     def __init__(self, config, layout: Optional[Layout] = None, rules: Optional[Iterable[Rule]] = None):
         self.config = config
         self.layout = layout or Layout()
-        rules = default_rules() if rules is None else rules
+        rules = default_rules(config, self.layout.tp) if rules is None else rules
         _register_encoder_transforms()
         self.rows = [_Row(r) for r in rules]
         t = text_config_of(config)
