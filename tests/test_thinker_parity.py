@@ -19,11 +19,12 @@ def models(tiny_hf_dir):
     from omni_model.model.thinker import build_thinker
     from omni_model.runtime.parallel import init_parallel
 
-    reference = hf_thinker(tiny_hf_dir)
+    # ours first: the CPU patches are then active while transformers builds its model (they once broke its
+    # RoPE init by wrapping torch factories globally; this order keeps that from coming back)
     init_parallel()
     ours = build_thinker(tiny_hf_dir, dtype=torch.float32).eval()
     load_hf_into_model(ours, tiny_hf_dir, prefix="")
-    return ours, reference
+    return ours, hf_thinker(tiny_hf_dir)
 
 
 @pytest.fixture(scope="module")
