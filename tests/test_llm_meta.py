@@ -32,6 +32,7 @@ def test_30b_llm_on_meta_device():
     assert counted == closed == {"total": LLM_TOTAL_30B, "active": LLM_ACTIVE_30B}
     layer = model.decoder.layers[0]
     assert layer.self_attention.linear_qkv.weight.shape == (40 * 128, 2048)
-    assert layer.mlp.experts.linear_fc1.weight0.shape == (2 * 768, 2048)
+    assert layer.mlp.experts.linear_fc1.weight.shape == (128, 2 * 768, 2048)
+    assert layer.mlp.experts.state_dict()["linear_fc1.weight0"].shape == (2 * 768, 2048)
     assert len(model.decoder.layers) == 48 and model.output_layer.weight.shape == (152064, 2048)
     assert model.rotary_pos_emb.mrope_section == [24, 20, 20]

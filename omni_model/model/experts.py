@@ -1,8 +1,8 @@
 """Grouped-GEMM experts without TransformerEngine: one `torch._grouped_mm` launch for all local experts.
 
 `GroupedGemmExperts` is mcore's `TEGroupedMLP` (same forward, activation-with-probs, sharded state dict, ETP/EP
-handling) with its two TE `GroupedLinear`s replaced by `GroupedLinear` below, so that the state-dict names are the
-TE spec's: `mlp.experts.linear_fc1.weight{e}` [2*F/etp, H] (rows = [gate_shard; up_shard]) and
+handling) with its two TE `GroupedLinear`s replaced by `GroupedLinear` below (one [E, out, in] parameter), whose
+state-dict names are the TE spec's: `mlp.experts.linear_fc1.weight{e}` [2*F/etp, H] (rows = [gate_shard; up_shard]) and
 `mlp.experts.linear_fc2.weight{e}` [H, F/etp], e = local expert index. Communication across EP/ETP is the token
 dispatcher's job (as with TE: "explicit expert comm"); these linears never communicate.
 
@@ -73,7 +73,13 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, m_splits: List[int], backend:
 
 
 class GroupedLinear(nn.Module):
-    """Per-expert weights `weight{e}` (TE GroupedLinear names); forward = one grouped GEMM."""
+    """All local experts' weights in ONE parameter `weight` [E, out, in]; forward = one grouped GEMM on it.
+
+    One contiguous parameter, not E parameters stacked per step: `torch.stack` would copy every expert weight on
+    each forward (0.8 GB per layer for fc1 at the 30B shape) and keep the copy alive for backward. The state dict
+    still speaks TE's per-expert names `weight{e}` (views of the slices), so checkpoints and the HF mapping are the
+    same with or without TransformerEngine.
+    """
 
     def __init__(
         self,
@@ -108,27 +114,36 @@ class GroupedLinear(nn.Module):
         self.expert_parallel = config.expert_model_parallel_size > 1
         self.backend = "auto"
         device = None if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
-        for e in range(num_gemms):
-            w = nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype, device=device))
-            if config.perform_initialization:
-                tracker = get_cuda_rng_tracker()
-                name = get_expert_parallel_rng_tracker_name()
-                if tracker.is_initialized() and name in tracker.get_states():
-                    with tracker.fork(name):
-                        init_method(w)
-                else:
-                    init_method(w)
-            set_tensor_model_parallel_attributes(
-                w, is_parallel=tp_size > 1, dim=0 if parallel_mode == "column" else 1, stride=1
-            )
-            setattr(w, "allreduce", not self.expert_parallel)
-            self.register_parameter(f"weight{e}", w)
+        self.weight = nn.Parameter(
+            torch.empty(num_gemms, output_size, input_size, dtype=config.params_dtype, device=device))
+        if config.perform_initialization:
+            self._init_experts(init_method)
+        # the TP-split dim of one expert's [out, in] matrix, +1 for the leading expert axis
+        set_tensor_model_parallel_attributes(
+            self.weight, is_parallel=tp_size > 1, dim=1 if parallel_mode == "column" else 2, stride=1)
+        setattr(self.weight, "allreduce", not self.expert_parallel)
+        self._register_state_dict_hook(_split_experts_in_state_dict)
+        self._register_load_state_dict_pre_hook(self._stack_experts_from_state_dict)
 
-    def stacked_weight(self) -> torch.Tensor:
-        return torch.stack([getattr(self, f"weight{e}") for e in range(self.num_gemms)])
+    def _init_experts(self, init_method) -> None:
+        tracker = get_cuda_rng_tracker()
+        name = get_expert_parallel_rng_tracker_name()
+        forked = tracker.is_initialized() and name in tracker.get_states()
+        with torch.no_grad():
+            for e in range(self.num_gemms):  # one init call per expert, as TE's GroupedLinear does
+                if forked:
+                    with tracker.fork(name):
+                        init_method(self.weight[e])
+                else:
+                    init_method(self.weight[e])
+
+    def _stack_experts_from_state_dict(self, state_dict, prefix, *args) -> None:
+        names = [f"{prefix}weight{e}" for e in range(self.num_gemms)]
+        if all(name in state_dict for name in names):
+            state_dict[prefix + "weight"] = torch.stack([state_dict.pop(name) for name in names])
 
     def forward(self, x: torch.Tensor, m_splits: List[int]):
-        out = grouped_gemm(x, self.stacked_weight(), list(m_splits), self.backend)
+        out = grouped_gemm(x, self.weight, list(m_splits), self.backend)
         return out, None
 
     def backward_dw(self):
@@ -147,7 +162,7 @@ class GroupedLinear(nn.Module):
         out = {}
         for e in range(self.num_gemms):
             g = offset + e
-            sd = {f"{e}.weight": getattr(self, f"weight{e}")}
+            sd = {f"{e}.weight": self.weight[e]}
             if singleton_local_shards:
                 expert_prefix, offs = f"{g}.{prefix}", sharded_offsets
             else:
@@ -161,6 +176,14 @@ class GroupedLinear(nn.Module):
         for sh in out.values():
             sh.replica_id = (*sh.replica_id[:2], edp_rank)
         return out
+
+
+def _split_experts_in_state_dict(module: "GroupedLinear", state_dict, prefix, local_metadata) -> None:
+    """state_dict hook: `weight` [E, out, in] -> TE's per-expert names `weight{e}` (views, no copy)."""
+    stacked = state_dict.pop(prefix + "weight", None)
+    if stacked is not None:
+        for e in range(module.num_gemms):
+            state_dict[f"{prefix}weight{e}"] = stacked[e]
 
 
 class ColumnGroupedLinear(GroupedLinear):
