@@ -20,6 +20,9 @@ def test_30b_thinker_on_meta_device_has_the_released_size():
         thinker = build_thinker(config, dtype=torch.bfloat16, use_te=False, perform_initialization=False,
                                 use_cpu_initialization=True)
     assert all(p.is_meta for p in thinker.parameters())
+    # every parameter in the requested dtype (mcore's torch LayerNorm would silently make fp32 ones, which CUDA
+    # then rejects against bf16 activations)
+    assert {p.dtype for p in thinker.parameters()} == {torch.bfloat16}
     llm = count_model_parameters(thinker.language_model, config)
     vision = sum(p.numel() for p in thinker.vision_model.parameters())
     audio = sum(p.numel() for p in thinker.audio_model.parameters())

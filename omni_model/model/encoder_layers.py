@@ -36,7 +36,6 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -193,6 +192,14 @@ def plain_param_device(config: TransformerConfig):
     return torch.device("cuda", torch.cuda.current_device())
 
 
+class EncoderLayerNorm(nn.LayerNorm):
+    """The local spec's LayerNorm, in `params_dtype`. mcore's WrappedTorchNorm always makes fp32 weights, and on
+    CUDA a bf16 input against fp32 LayerNorm weights is an error (CPU silently upcasts, so only GPUs show it)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype, device=plain_param_device(config))
+
+
 gelu_tanh = functools.partial(F.gelu, approximate="tanh")
 gelu_tanh.__name__ = "gelu_tanh"  # mcore logs/asserts on activation names in a few places
 
@@ -310,7 +317,7 @@ def encoder_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=EncoderLayerNorm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.no_mask},
@@ -323,7 +330,7 @@ def encoder_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=EncoderLayerNorm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
             mlp_bda=get_bias_dropout_add,
             # dist checkpoints use the TE names for both specs (same convention as mcore's GPT local spec)
