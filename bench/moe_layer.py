@@ -2,7 +2,8 @@
 
 Rows (same run, same inputs; 2 decoder layers, hidden 2048, 32/4 heads x 128, seq 4096, micro-batch 1):
   dense FFN 6144        - the yardstick: a dense layer doing the same active math (top-8 x 768 = 6144 per token)
-  ours (grouped GEMM)   - omni_model's local spec: SDPA attention + torch._grouped_mm experts, one [E,out,in] weight
+  ours (grouped GEMM)   - omni_model's local spec: SDPA attention + torch._grouped_mm experts, one [E,out,in] weight,
+                          no host sync per layer, allgather dispatcher at EP=1 (the alltoall one is a row too)
   mcore SequentialMLP   - Megatron-Core 0.16's only non-TE experts: a Python loop over the 128 experts
   transformers          - Qwen3OmniMoe thinker text layers of transformers (its default experts implementation)
 Each: forward + backward of a token-mean loss; median of the timed steps after warm-up; peak memory of the step.
@@ -34,7 +35,7 @@ def text_config(dense: bool) -> dict:
     return cfg
 
 
-def build_ours(dense: bool, sequential: bool):
+def build_ours(dense: bool, sequential: bool, **config_kw):
     from omni_model.model import specs
     from omni_model.model.language_model import build_language_model
 
@@ -55,7 +56,7 @@ def build_ours(dense: bool, sequential: bool):
         specs._moe_spec = sequential_spec
     try:
         overrides = {"moe_grouped_gemm": False} if sequential else {}
-        model = build_language_model(text_config(dense), dtype=torch.bfloat16, use_te=False, **overrides)
+        model = build_language_model(text_config(dense), dtype=torch.bfloat16, use_te=False, **overrides, **config_kw)
     finally:
         specs._moe_spec = original
     return model.cuda().train()
@@ -117,6 +118,7 @@ def main() -> None:
     for name, build, step in (
         ("dense FFN 6144 (yardstick)", lambda: build_ours(dense=True, sequential=False), step_ours),
         ("ours: grouped-GEMM experts", lambda: build_ours(dense=False, sequential=False), step_ours),
+        ("ours, alltoall dispatcher at EP=1", lambda: build_ours(False, False, dispatcher="alltoall"), step_ours),
         ("mcore 0.16 SequentialMLP experts", lambda: build_ours(dense=False, sequential=True), step_ours),
         ("transformers 5.24 Qwen3-Omni layers", build_hf, step_hf),
     ):

@@ -26,8 +26,11 @@ from megatron.core.transformer.moe.experts import TEGroupedMLP
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 
-def _offsets(m_splits: List[int], device) -> torch.Tensor:
-    return torch.tensor(m_splits, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+def _offsets(tokens_per_expert, device) -> torch.Tensor:
+    """End offsets of the expert groups (int32, on `device`). From a device tensor of counts this is a cumsum on
+    the device: no host sync, unlike mcore's `tokens_per_expert.tolist()` before every grouped GEMM."""
+    counts = torch.as_tensor(tokens_per_expert)
+    return counts.to(device=device, non_blocking=True).cumsum(0).to(torch.int32)
 
 
 class _CpuGroupedMM(torch.autograd.Function):
@@ -50,25 +53,27 @@ class _CpuGroupedMM(torch.autograd.Function):
         return dx, dw, None
 
 
-def _loop_mm(x, w, m_splits):
-    outs = [xi @ w[e].t() for e, xi in enumerate(torch.split(x, m_splits))]
+def _loop_mm(x, w, tokens_per_expert):
+    splits = [int(n) for n in torch.as_tensor(tokens_per_expert).tolist()]
+    outs = [xi @ w[e].t() for e, xi in enumerate(torch.split(x, splits))]
     return torch.cat(outs, dim=0) if outs else x.new_zeros(0, w.shape[1])
 
 
-def grouped_gemm(x: torch.Tensor, w: torch.Tensor, m_splits: List[int], backend: str = "auto") -> torch.Tensor:
-    """Rows of `x` grouped by expert (`m_splits` rows each) times each expert's `w[e]^T`. backend: auto|loop."""
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert, backend: str = "auto") -> torch.Tensor:
+    """Rows of `x` grouped by expert (`tokens_per_expert[e]` rows each: a list or a tensor of counts) times each
+    expert's `w[e]^T`. backend: auto|loop."""
     has_gmm = hasattr(torch, "_grouped_mm")
     if backend == "loop" or not has_gmm:
-        return _loop_mm(x, w, m_splits)
+        return _loop_mm(x, w, tokens_per_expert)
     es = x.element_size()
     if (x.shape[-1] * es) % 16 or (w.shape[1] * es) % 16:  # _grouped_mm needs 16-byte aligned rows
-        return _loop_mm(x, w, m_splits)
+        return _loop_mm(x, w, tokens_per_expert)
     x = x.contiguous()
-    offs = _offsets(m_splits, x.device)
+    offs = _offsets(tokens_per_expert, x.device)
     if x.is_cuda:
         if x.dtype in (torch.bfloat16, torch.float16):
             return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
-        return _loop_mm(x, w, m_splits)
+        return _loop_mm(x, w, tokens_per_expert)
     return _CpuGroupedMM.apply(x, w, offs)
 
 
@@ -142,9 +147,8 @@ class GroupedLinear(nn.Module):
         if all(name in state_dict for name in names):
             state_dict[prefix + "weight"] = torch.stack([state_dict.pop(name) for name in names])
 
-    def forward(self, x: torch.Tensor, m_splits: List[int]):
-        out = grouped_gemm(x, self.weight, list(m_splits), self.backend)
-        return out, None
+    def forward(self, x: torch.Tensor, tokens_per_expert):
+        return grouped_gemm(x, self.weight, tokens_per_expert, self.backend), None
 
     def backward_dw(self):
         pass
@@ -198,6 +202,20 @@ class RowGroupedLinear(GroupedLinear):
 
 class GroupedGemmExperts(TEGroupedMLP):
     """mcore's TEGroupedMLP driven by torch grouped GEMMs (build with ColumnGroupedLinear/RowGroupedLinear)."""
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+        """TEGroupedMLP's forward minus its `tokens_per_expert.tolist()`: that host sync, once per MoE layer and
+        pass, stalls the launch queue; the grouped GEMMs take the counts as a device tensor instead. The features
+        we do not use (fp8/fp4 padding, activation recompute, CPU offload) keep mcore's own forward."""
+        config = self.config
+        if config.fp8 or config.fp4 or self.activation_recompute or self.offload_expert_fc1 or self.offload_moe_act:
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        assert config.gated_linear_unit and config.activation_func is torch.nn.functional.silu
+        fc1_output, _ = self.linear_fc1(permuted_local_hidden_states, tokens_per_expert)
+        gate, linear = torch.chunk(fc1_output, 2, dim=-1)
+        hidden = (config.activation_func(gate) * linear * permuted_probs.unsqueeze(-1)).to(fc1_output.dtype)
+        output, _ = self.linear_fc2(hidden, tokens_per_expert)
+        return output, None
 
     def set_backend(self, backend: str) -> None:
         """'auto' (grouped GEMM) or 'loop' (per-expert reference, used by the equality test)."""

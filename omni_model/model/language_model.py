@@ -172,6 +172,14 @@ def build_language_model(
         post_process=post_process,
         vp_stage=vp_stage,
     )
+    return on_gpu_if_any(model)
+
+
+def on_gpu_if_any(model: torch.nn.Module) -> torch.nn.Module:
+    """mcore makes some parameters on the CPU whatever the config says (the router's weight) and leaves moving the
+    model to Megatron's get_model; do it here so a built model is whole on one device."""
+    if torch.cuda.is_available() and not model.config.use_cpu_initialization:
+        model.cuda(torch.cuda.current_device())
     return model
 
 

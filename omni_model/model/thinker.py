@@ -25,7 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
 from .audio import AudioEncoder, audio_replicated, audio_transformer_config
-from .language_model import Qwen3OmniLanguageModel, build_language_model
+from .language_model import Qwen3OmniLanguageModel, on_gpu_if_any, build_language_model
 from .transformer_config import thinker_config_of
 from .vision import VisionEncoder, vision_transformer_config
 
@@ -144,7 +144,7 @@ def build_thinker(hf_config, *, dtype: torch.dtype = torch.float32, use_te: Opti
         vision_model = VisionEncoder(thinker, vision_transformer_config(thinker, params_dtype=dtype), use_te=use_te)
     if first_stage and audio and "audio_config" in thinker:
         audio_model = AudioEncoder(thinker, _audio_config(thinker, dtype), use_te=use_te)
-    return Qwen3OmniThinker(hf_config, language_model, vision_model, audio_model)
+    return on_gpu_if_any(Qwen3OmniThinker(hf_config, language_model, vision_model, audio_model))
 
 
 def _audio_config(thinker: dict, dtype):
