@@ -6,7 +6,8 @@ Rows (same run, same inputs; 2 decoder layers, hidden 2048, 32/4 heads x 128, se
                           no host sync per layer, allgather dispatcher at EP=1 (the alltoall one is a row too)
   mcore SequentialMLP   - Megatron-Core 0.16's only non-TE experts: a Python loop over the 128 experts
   transformers          - Qwen3OmniMoe thinker text layers of transformers (its default experts implementation)
-Each: forward + backward of a token-mean loss; median of the timed steps after warm-up; peak memory of the step.
+Each: forward + backward of the same plain cross-entropy loss over the logits; median of the timed steps after
+warm-up; peak memory of the step.
 
     python bench/moe_layer.py [--seq 4096] [--steps 10] [--out results.md]
 """
@@ -63,7 +64,9 @@ def build_ours(dense: bool, sequential: bool, **config_kw):
 
 
 def step_ours(model, ids, pos):
-    loss = model(input_ids=ids, position_ids=pos, labels=ids).float().mean()
+    # the same loss head as step_hf (plain cross entropy), so that only the decoder layers differ between rows
+    logits = model(input_ids=ids, position_ids=pos)  # [B, S, V]
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
     loss.backward()
 
 
