@@ -26,7 +26,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -39,7 +39,6 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from .attention import SDPAttention
-from .dispatcher import OmniMoELayer
 from .experts import ColumnGroupedLinear, GroupedGemmExperts, RowGroupedLinear
 from .norm import RMSNorm
 from .router import SoftmaxTopKRouter
@@ -118,7 +117,7 @@ def _moe_spec(use_te: bool) -> ModuleSpec:
             submodules=MLPSubmodules(linear_fc1=ColumnGroupedLinear, linear_fc2=RowGroupedLinear),
         )
     return ModuleSpec(
-        module=OmniMoELayer,
+        module=MoELayer,
         submodules=MoESubmodules(experts=experts, shared_experts=None, router=SoftmaxTopKRouter),
     )
 
