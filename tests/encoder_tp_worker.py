@@ -103,8 +103,6 @@ def main(hf_dir: str, ckpt_root: str) -> None:
         assert err < 1e-4 and gerr < 1e-4, report[-1]
 
     # ---- dist_checkpointing: save the TP=2 towers, load into fresh (differently initialised) ones
-    import tempfile
-
     from megatron.core import dist_checkpointing
 
     ckpt = ckpt_root + "/encoders"

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_helpers import config_of, text_batch
 
 REPO = Path(__file__).resolve().parents[1]
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from llm_helpers import hf_thinker
-from test_thinker_parity import _inputs, processors  # noqa: F401  (fixture)
+from thinker_inputs import build_inputs, load_processors
 
 pytestmark = pytest.mark.gpu
 
 
-def test_bf16_thinker_close_to_hf_on_mixed_media(tiny_hf_dir, processors):  # noqa: F811
+def test_bf16_thinker_close_to_hf_on_mixed_media(tiny_hf_dir):
     from omni_model.convert.mapping import load_hf_into_model
     from omni_model.model.thinker import build_thinker
     from omni_model.runtime.parallel import init_parallel
@@ -27,7 +27,7 @@ def test_bf16_thinker_close_to_hf_on_mixed_media(tiny_hf_dir, processors):  # no
     load_hf_into_model(ours, tiny_hf_dir, prefix="")
     ours = ours.cuda().eval()
 
-    inputs = {k: v.cuda() for k, v in _inputs(processors, n_images=1, audio_seconds=(1.5, 3.0), video_frames=4).items()}
+    inputs = {k: v.cuda() for k, v in build_inputs(load_processors(tiny_hf_dir), n_images=1, audio_seconds=(1.5, 3.0), video_frames=4).items()}
     attention = torch.ones_like(inputs["input_ids"])
     with torch.no_grad():
         position_ids, _ = ref32.model.get_rope_index(

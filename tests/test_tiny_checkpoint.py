@@ -6,7 +6,6 @@ import hashlib
 import json
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from encoder_parity_utils import (
+    assert_rows_round_trip,
     hf_config_dict,
     hf_grads_as_mcore,
     hf_vision_reference,
@@ -139,36 +140,7 @@ def test_vision_grads_match_hf(tiny_hf_dir, models):
 
 def test_vision_rows_round_trip(tiny_hf_dir, weights, models):
     """mcore state dict -> HF through the rows reproduces every HF vision tensor bit for bit."""
-    from omni_model.convert.encoder_rows import mcore_to_hf
-
-    cfg = hf_config_dict(tiny_hf_dir)
-    ours, _ = models["raw"]
-    sd = {"vision_model." + k: v for k, v in ours.state_dict().items() if torch.is_tensor(v)}
-    back = mcore_to_hf(sd, cfg)
-    hf = {k: v for k, v in weights["raw"].items() if k.startswith("thinker.visual.")}
-    assert set(back) == set(hf)
-    for k, v in hf.items():
-        assert torch.equal(back[k], v), k
-
-
-def test_vision_30b_meta_param_count():
-    """The released shape builds on the meta device (no distributed needed); 538,631,408 parameters == HF."""
-    # A fresh interpreter: no process group, no global patch of an earlier test (wrapping torch.empty & co. after
-    # torch cached its constructor set once made `with torch.device("meta")` allocate real CPU memory).
-    code = (
-        "import torch\n"
-        "from omni_model.configs import released_30b_a3b_config\n"
-        "from omni_model.model.vision import VisionEncoder\n"
-        "with torch.device('meta'):\n"
-        "    m = VisionEncoder(released_30b_a3b_config())\n"
-        "assert all(p.is_meta for p in m.parameters())\n"
-        "print(sum(p.numel() for p in m.parameters()))\n"
-    )
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    n = int(out.stdout.split()[-1])
-    print(f"vision tower 30B shape: {n:,} parameters")
-    assert n == 538_631_408
+    assert_rows_round_trip(models["raw"][0], "vision_model.", "thinker.visual.", weights["raw"], hf_config_dict(tiny_hf_dir))
 
 
 @pytest.mark.slow

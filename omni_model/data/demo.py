@@ -256,7 +256,7 @@ def generate_demo(out_dir: Path, n_samples: int = 200, seed: int = 0) -> Path:
             record["messages"] = _messages(system or "You are a helpful multimodal assistant.", [
                 (f"Hello! {gen.sentence()}", f"Hello, how can I help? {gen.sentence()}"),
                 (f"<image>What is this? {gen.sentence()}", f"It is {desc_i}."),
-                (f"And this sound: <audio>", f"That is {desc_a}."),
+                ("And this sound: <audio>", f"That is {desc_a}."),
             ])
         lines.append(json.dumps(_sharegpt(record) if index % 4 == 1 else record))
 

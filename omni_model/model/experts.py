@@ -15,7 +15,7 @@ GEMM backends (`grouped_gemm`):
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import nn

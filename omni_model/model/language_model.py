@@ -32,7 +32,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from .rope import InterleavedMRoPE
-from .specs import decoder_block_spec, te_available
+from .specs import decoder_block_spec
 from .transformer_config import Layout, build_transformer_config, deepstack_count, rope_params, text_config_of
 
 

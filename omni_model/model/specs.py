@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-import torch
-
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules

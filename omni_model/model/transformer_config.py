@@ -7,9 +7,9 @@ Sizes always come from the checkpoint's config (never transformers' class defaul
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
