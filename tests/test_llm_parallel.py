@@ -84,7 +84,7 @@ def test_tp_ep_pp_reproduce_single_process(tiny_hf_dir, tmp_path):
     )
     res = json.loads(out.read_text())
     print("parallel parity:", json.dumps(res))
-    for name in ("tp2_sp", "ep2", "tp2_ep2_sp"):
+    for name in ("tp2_sp", "ep2", "tp2_ep2_sp", "tp2_etp2_sp"):
         assert res[name]["logit_max_abs_err"] <= 1e-5, (name, res[name])
     for name, r in res.items():
         assert r["loss_abs_err"] <= 1e-5, (name, r)

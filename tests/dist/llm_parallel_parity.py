@@ -43,6 +43,7 @@ def main():
         "tp2_sp": dict(tp=2),
         "ep2": dict(ep=2),
         "tp2_ep2_sp": dict(tp=2, ep=2),
+        "tp2_etp2_sp": dict(tp=2, etp=2),  # experts split over the TP ranks (expert tensor parallelism)
         "pp2": dict(pp=2),
     }
     for name, lay in layouts.items():
