@@ -14,9 +14,9 @@ venv: $(STAMP)
 # Stamp depends on the pinned files: editing them reinstalls; otherwise a second run installs nothing.
 # torch goes first and alone: a bare "torch" would pull a multi-GB CUDA build; 2.13.0 is the CPU wheel here.
 $(STAMP): envs/requirements.txt pyproject.toml envs/apt.txt
-	@command -v apt-get >/dev/null && [ -n "$$(cat envs/apt.txt | grep -v '^#')" ] && \
-	  { dpkg -s $$(grep -v '^#' envs/apt.txt) >/dev/null 2>&1 || \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$(grep -v '^#' envs/apt.txt); }; } || true
+	@pkgs="$$(grep -v '^#' envs/apt.txt)"; \
+	if [ -n "$$pkgs" ] && command -v apt-get >/dev/null && ! dpkg -s $$pkgs >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs; fi
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 	set -o pipefail; $(PIP) install torch==2.13.0 2>&1 | { grep -v '^WARNING: Location' || true; }
