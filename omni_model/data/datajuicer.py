@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from .formats import LIST_KEY, MEDIA_KINDS, TAG_RE, drop_entry, load_raw
+from .formats import LIST_KEY, MEDIA_KINDS, TAG_RE, count_drops, drop_entry, load_raw
 from .media import MediaError, probe
 
 log = logging.getLogger(__name__)
@@ -237,15 +237,7 @@ def run_stage(raw_path: Path, recipe_path: Path, processed_path: Path, drops_pat
     with open(drops_path, "w", encoding="utf-8") as handle:
         for drop in drops:
             handle.write(json.dumps(drop, ensure_ascii=False) + "\n")
-    summary = {"input": total, "kept": len(kept), "dropped": len(drops), "by_stage_op": _count(drops),
+    summary = {"input": total, "kept": len(kept), "dropped": len(drops), "by_stage_op": count_drops(drops),
                "seconds": round(time.time() - started, 2)}
     log.info("datajuicer stage summary: %s", json.dumps(summary))
     return summary
-
-
-def _count(drops: list[dict]) -> dict:
-    counts: dict = {}
-    for drop in drops:
-        key = f"{drop['stage']}/{drop['op']}"
-        counts[key] = counts.get(key, 0) + 1
-    return counts

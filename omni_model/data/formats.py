@@ -242,6 +242,15 @@ def drop_entry(sid: str, stage: str, op: str, reason: str) -> dict:
     return {"id": sid, "stage": stage, "op": op, "reason": reason}
 
 
+def count_drops(drops: list[dict]) -> dict:
+    """Drops per "stage/op", for the stage reports."""
+    counts: dict = {}
+    for drop in drops:
+        key = f"{drop['stage']}/{drop['op']}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def media_tag_order(record: dict) -> list[tuple[str, int]]:
     """(kind, index into that kind's list) for every tag, in reading order over all messages."""
     counters = {kind: 0 for kind in MEDIA_KINDS}

@@ -24,7 +24,7 @@ import re
 import time
 from pathlib import Path
 
-from .formats import LIST_KEY, MEDIA_KINDS, drop_entry
+from .formats import LIST_KEY, MEDIA_KINDS, count_drops, drop_entry
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
         "val": counts["val"],
         "tokens": tokens,
         "shards": shards,
-        "dropped_by_stage_op": _count(all_drops),
+        "dropped_by_stage_op": count_drops(all_drops),
         "seconds": round(time.time() - started, 2),
     }
     if report["input"] != report["kept"] + report["dropped"]:
@@ -170,14 +170,6 @@ def _tar_has_members(path: Path) -> bool:
 
     with tarfile.open(path) as tar:
         return tar.next() is not None
-
-
-def _count(drops: list[dict]) -> dict:
-    out: dict = {}
-    for drop in drops:
-        key = f"{drop['stage']}/{drop['op']}"
-        out[key] = out.get(key, 0) + 1
-    return out
 
 
 def prepare_energon(out_dir: Path, shards: list[str], workers: int = 1) -> None:
