@@ -5,7 +5,8 @@ Rows (same run, same inputs; 2 decoder layers, hidden 2048, 32/4 heads x 128, se
   ours (grouped GEMM)   - omni_model's local spec: SDPA attention + torch._grouped_mm experts, one [E,out,in] weight,
                           no host sync per layer, allgather dispatcher at EP=1 (the alltoall one is a row too)
   mcore SequentialMLP   - Megatron-Core 0.16's only non-TE experts: a Python loop over the 128 experts
-  transformers          - Qwen3OmniMoe thinker text layers of transformers (its default experts implementation)
+  transformers          - Qwen3OmniMoe thinker text layers of transformers (its default experts implementation),
+                          without and with the router load-balancing loss that training adds (ours always computes it)
 Each: forward + backward of the same plain cross-entropy loss over the logits; median of the timed steps after
 warm-up; peak memory of the step.
 
@@ -80,10 +81,16 @@ def build_hf():
     return model.cuda().train()
 
 
-def step_hf(model, ids, pos):
+def step_hf(model, ids, pos, aux_loss: bool = False):
     lm = model.model.language_model
-    hidden = lm(input_ids=ids, position_ids=pos).last_hidden_state
-    loss = torch.nn.functional.cross_entropy(model.lm_head(hidden).float().flatten(0, 1), ids.flatten())
+    out = lm(input_ids=ids, position_ids=pos, output_router_logits=aux_loss)
+    loss = torch.nn.functional.cross_entropy(model.lm_head(out.last_hidden_state).float().flatten(0, 1), ids.flatten())
+    if aux_loss:  # what training with transformers adds: the router load-balancing loss (ours always has it)
+        from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_balancing_loss_func
+
+        text = model.config.text_config
+        loss = loss + text.router_aux_loss_coef * load_balancing_loss_func(
+            out.router_logits, text.num_experts, text.num_experts_per_tok)
     loss.backward()
 
 
@@ -124,6 +131,8 @@ def main() -> None:
         ("ours, alltoall dispatcher at EP=1", lambda: build_ours(False, False, dispatcher="alltoall"), step_ours),
         ("mcore 0.16 SequentialMLP experts", lambda: build_ours(dense=False, sequential=True), step_ours),
         ("transformers 5.24 Qwen3-Omni layers", build_hf, step_hf),
+        ("transformers 5.24, + router aux loss (as trained)", build_hf,
+         lambda model, ids, pos: step_hf(model, ids, pos, aux_loss=True)),
     ):
         model = build()
         seconds, memory = measure(step, model, ids, pos, args.steps)
