@@ -40,26 +40,24 @@ def sharpen(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def hf_vision_reference(hf_dir: Path, tensors: dict[str, torch.Tensor]):
+def _hf_tower(hf_dir: Path, tensors: dict[str, torch.Tensor], sub_config: str, class_name: str, prefix: str):
+    """transformers' tower `class_name` (sdpa, fp32) holding the tensors under `prefix`."""
     from transformers import Qwen3OmniMoeConfig
-    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeVisionEncoder
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe
 
-    cfg = Qwen3OmniMoeConfig.from_pretrained(hf_dir).thinker_config.vision_config
+    cfg = getattr(Qwen3OmniMoeConfig.from_pretrained(hf_dir).thinker_config, sub_config)
     cfg._attn_implementation = "sdpa"
-    ref = Qwen3OmniMoeVisionEncoder(cfg).float().eval()
-    ref.load_state_dict({k[len(VISION_HF):]: v for k, v in tensors.items() if k.startswith(VISION_HF)}, strict=True)
+    ref = getattr(modeling_qwen3_omni_moe, class_name)(cfg).float().eval()
+    ref.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
     return ref
+
+
+def hf_vision_reference(hf_dir: Path, tensors: dict[str, torch.Tensor]):
+    return _hf_tower(hf_dir, tensors, "vision_config", "Qwen3OmniMoeVisionEncoder", VISION_HF)
 
 
 def hf_audio_reference(hf_dir: Path, tensors: dict[str, torch.Tensor]):
-    from transformers import Qwen3OmniMoeConfig
-    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeAudioEncoder
-
-    cfg = Qwen3OmniMoeConfig.from_pretrained(hf_dir).thinker_config.audio_config
-    cfg._attn_implementation = "sdpa"
-    ref = Qwen3OmniMoeAudioEncoder(cfg).float().eval()
-    ref.load_state_dict({k[len(AUDIO_HF):]: v for k, v in tensors.items() if k.startswith(AUDIO_HF)}, strict=True)
-    return ref
+    return _hf_tower(hf_dir, tensors, "audio_config", "Qwen3OmniMoeAudioEncoder", AUDIO_HF)
 
 
 def hf_config_dict(hf_dir: Path) -> dict:
