@@ -1,5 +1,5 @@
 # omni-pipeline: fine-tune Qwen3-Omni with Megatron-Core.
-#   download -> datajuicer -> shards -> (convert -> finetune -> export: coming with their issues)
+#   download -> datajuicer -> shards -> convert -> finetune -> export
 # The config is validated (and defaults filled) before any job runs: a wrong key, type or value stops here.
 
 from snakemake.utils import min_version, validate
@@ -16,6 +16,9 @@ validate(config, "config/schema.yaml", set_default=True)
 include: "rules/common.smk"
 include: "rules/download.smk"
 include: "rules/data.smk"
+include: "rules/convert.smk"
+include: "rules/finetune.smk"
+include: "rules/export.smk"
 
 
 rule all:
@@ -23,3 +26,6 @@ rule all:
     input:
         rules.download.output.manifest,
         rules.shards.output,
+        rules.convert.output,
+        rules.finetune.output,
+        rules.export.output,

@@ -1,0 +1,24 @@
+# Stage 6: the latest training checkpoint (any layout) -> a complete Qwen3-Omni HF checkpoint (talker + code2wav copied).
+
+
+rule export:
+    input:
+        latest=rules.finetune.output.latest,
+        hf_manifest="results/model/hf/MANIFEST.json",
+    output:
+        manifest="results/export/hf/MANIFEST.json",
+    params:
+        export=canonical(config["export"]),
+        use_te=config["model"]["use_te"],
+    log:
+        "logs/export.log",
+    benchmark:
+        "benchmarks/export.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        gpu=0,
+    conda:
+        "../envs/pipeline.yaml"
+    script:
+        "../workflow/scripts/export.py"
