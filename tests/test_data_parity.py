@@ -198,7 +198,7 @@ def test_batch_positions_and_forward_match_hf(encoder, thinker, mixed_media):
                                              False, batch.audio_feature_lengths, None)
     real = batch.attention_mask.bool()
     torch.testing.assert_close(batch.position_ids[:, real], hf_pos[:, real])
-    inputs = batch.model_inputs()
+    inputs = batch.hf_inputs()
     inputs.pop("labels")
     with torch.no_grad():
         ours = thinker(**inputs).logits

@@ -47,19 +47,13 @@ def thinker(tiny_hf_dir):
 
 
 def _logits(thinker, batch):
-    from megatron.core.packed_seq_params import PackedSeqParams
+    from omni_model.train.forward_step import thinker_inputs
 
-    packed = None
-    if batch.cu_seqlens is not None:
-        cu = batch.cu_seqlens.to(torch.int32)
-        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                 max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
+    inputs = thinker_inputs(batch)
+    inputs.pop("labels"), inputs.pop("loss_mask")  # logits, not the per-token loss
     with torch.no_grad():
-        return thinker(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, packed_seq_params=packed,
-            pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-            pixel_values_videos=batch.pixel_values_videos, video_grid_thw=batch.video_grid_thw,
-            input_features=batch.input_features, feature_attention_mask=batch.feature_attention_mask)
+        logits = thinker(**inputs)
+    return logits.view(*batch.input_ids.shape, -1)  # a packed batch runs as one [1, B*S] THD row
 
 
 def test_packed_row_equals_padded_batch(thinker, encoded):
@@ -77,6 +71,37 @@ def test_packed_row_equals_padded_batch(thinker, encoded):
         start += n
     print(f"packed row vs padded batch: max abs logit error {worst:.2e} over {start} tokens")
     assert worst <= 1e-4
+
+
+def test_adapter_conventions(encoded):
+    """thinker_inputs gives mcore's meanings: shifted labels, padding mask True on pads, THD packing of B*S."""
+    from omni_model.data.batch import collate
+    from omni_model.data.packing import pack
+    from omni_model.train.forward_step import thinker_inputs
+
+    padded = collate([encoded["text"], encoded["video"]], pad_id=encoded["pad_id"], packed=False)
+    inputs = thinker_inputs(padded)
+    assert inputs["packed_seq_params"] is None
+    assert torch.equal(inputs["labels"], padded.shift_labels)
+    assert torch.equal(inputs["padding_mask"], padded.attention_mask == 0) and inputs["padding_mask"].any()
+    assert "attention_mask" not in inputs and "pixel_values_videos" in inputs
+    assert "pixel_values_videos" not in thinker_inputs(padded, media=False)
+    rows = [pack([encoded["text"], encoded["video"]]), pack([encoded["image_audio"]])]
+    packed = collate(rows, pad_id=encoded["pad_id"], packed=True)
+    inputs = thinker_inputs(packed)
+    n = packed.input_ids.numel()
+    assert inputs["input_ids"].shape == (1, n) and inputs["position_ids"].shape == (3, 1, n)
+    psp = inputs["packed_seq_params"]
+    assert psp.qkv_format == "thd" and int(psp.cu_seqlens_q[-1]) == n and psp.max_seqlen_q == packed.max_seqlen
+
+
+def test_forward_rejects_unknown_keywords(thinker, encoded):
+    """transformers' keywords (HF attention_mask) are an error on the mcore thinker, not silently dropped."""
+    from omni_model.data.batch import collate
+
+    batch = collate([encoded["text"]], pad_id=encoded["pad_id"], packed=False)
+    with pytest.raises(TypeError, match="attention_mask"):
+        thinker(**batch.hf_inputs())
 
 
 def test_micro_batch_without_image_or_audio(thinker, encoded):

@@ -2,6 +2,11 @@
 
 :class:`EncodedSample` is one tokenised conversation (or one packed row of several), :class:`OmniBatch` a
 micro-batch. Field names follow transformers' Qwen3-Omni thinker ``forward`` where one exists.
+
+Two adapters, one per model family (the same names mean different things on the two sides):
+``OmniBatch.hf_inputs()`` gives transformers' keywords (HF attention mask, unshifted labels);
+``omni_model.train.forward_step.thinker_inputs(batch)`` gives the Megatron-Core thinker's (THD packing, shifted labels,
+loss mask, padding mask).
 """
 
 from __future__ import annotations
@@ -102,8 +107,9 @@ class OmniBatch:
                 setattr(self, name, value.to(device, non_blocking=True))
         return self
 
-    def model_inputs(self) -> dict:
-        """Keyword arguments for transformers' ``Qwen3OmniMoeThinkerForConditionalGeneration.forward``."""
+    def hf_inputs(self) -> dict:
+        """Keyword arguments for transformers' ``Qwen3OmniMoeThinkerForConditionalGeneration.forward`` (HF-style
+        attention mask, unshifted labels). The Megatron-Core thinker takes ``forward_step.thinker_inputs(batch)``."""
         keys = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "image_grid_thw",
                 "pixel_values_videos", "video_grid_thw", "video_second_per_grid", "input_features",
                 "feature_attention_mask")

@@ -86,10 +86,12 @@ class Qwen3OmniLanguageModel(GPTModel):
         visual_pos_masks: Optional[torch.Tensor] = None,
         deepstack_visual_embeds: Optional[List[torch.Tensor]] = None,
         loss_mask: Optional[torch.Tensor] = None,
+        padding_mask: Optional[torch.Tensor] = None,
         runtime_gather_output: Optional[bool] = None,
         inference_context=None,
-        **_unused,
     ):
+        """`labels`: already shifted targets (-> per-token loss [B, S]); `padding_mask` [B, S]: True on padding, so
+        the MoE routers leave pad tokens out of the load-balancing statistics (GPTModel's convention)."""
         context = None
         if self.pre_process:
             if decoder_input is None:
@@ -106,6 +108,10 @@ class Qwen3OmniLanguageModel(GPTModel):
                     context = tensor_parallel.scatter_to_sequence_parallel_region(context)
         else:
             decoder_input = None  # the pipeline schedule set the stage input via set_input_tensor
+        if padding_mask is not None and self.config.sequence_parallel:
+            # every stage's MoE layers see this rank's sequence shard (GPTModel scatters it on the first stage only)
+            padding_mask = tensor_parallel.scatter_to_sequence_parallel_region(
+                padding_mask.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
 
         if position_ids is None:
             s_full = input_ids.shape[1] if input_ids is not None else None
@@ -120,6 +126,7 @@ class Qwen3OmniLanguageModel(GPTModel):
             rotary_pos_emb=rotary_pos_emb,
             packed_seq_params=packed_seq_params,
             inference_context=inference_context,
+            padding_mask=padding_mask,
         )
         return self._postprocess(
             hidden_states=hidden_states,

@@ -118,18 +118,24 @@ class Qwen3OmniThinker(MegatronModule):
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *, labels=None, loss_mask=None,
-                packed_seq_params=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                packed_seq_params=None, padding_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, input_features=None, feature_attention_mask=None,
-                audio_feature_lengths=None, **_unused):
-        """Logits [B, S, V/tp] (labels None) or per-token loss [B, S] (labels = already shifted targets)."""
+                audio_feature_lengths=None):
+        """Logits [B, S, V/tp] (labels None) or per-token loss [B, S] (labels = already shifted targets).
+
+        Megatron conventions, not transformers': `labels[t]` is the target of position t (shifted by the data
+        pipeline), `padding_mask` [B, S] is True on padding (kept out of MoE routing statistics), packing comes as
+        THD `packed_seq_params`. Build these from a batch with `omni_model.train.forward_step.thinker_inputs`.
+        Unknown keywords (e.g. transformers' `attention_mask`) are a TypeError, never silently ignored.
+        """
         decoder_input = visual_pos_masks = deepstack = None
         if self.pre_process:
             decoder_input, visual_pos_masks, deepstack = self.embed_multimodal(
                 input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, input_features,
                 feature_attention_mask, audio_feature_lengths)
         return self.language_model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-            decoder_input=decoder_input, labels=labels, loss_mask=loss_mask, packed_seq_params=packed_seq_params,
+            input_ids=input_ids, position_ids=position_ids, decoder_input=decoder_input, labels=labels,
+            loss_mask=loss_mask, packed_seq_params=packed_seq_params, padding_mask=padding_mask,
             visual_pos_masks=visual_pos_masks, deepstack_visual_embeds=deepstack)
 
 

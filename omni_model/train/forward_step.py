@@ -1,0 +1,135 @@
+"""One micro-batch of the data pipeline -> the Megatron-Core thinker, in the form mcore's pipeline schedules call.
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    losses = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=batches, model=[ddp_model],
+                                         num_microbatches=n, seq_length=..., micro_batch_size=..., ...)
+
+`thinker_inputs(batch)` is THE adapter from an `OmniBatch` to the thinker's forward keywords (transformers' keywords
+come from `OmniBatch.hf_inputs()` instead; the two differ: mcore wants already-shifted labels, a THD
+`PackedSeqParams` instead of an HF attention mask, and a padding mask for MoE routing):
+
+| keyword             | from the batch                                   | used by                                     |
+| ------------------- | ------------------------------------------------ | ------------------------------------------- |
+| `input_ids`         | `input_ids` [B, S]                               | embedding (first stage)                     |
+| `position_ids`      | `position_ids` [3, B, S] MRoPE                   | rotary embedding (every stage)              |
+| `packed_seq_params` | `cu_seqlens` / `max_seqlen` (packed), else None  | THD attention per sequence (every stage)    |
+| `padding_mask`      | `attention_mask == 0` [B, S], True = padding     | MoE router: pads leave the aux loss (every) |
+| `labels`            | `shift_labels` [B, S] (already shifted, -100)    | per-token cross-entropy (last stage)        |
+| `loss_mask`         | `loss_mask` [B, S] float                         | `loss_func` (last stage)                    |
+| media               | pixel values, grids, audio features              | the towers (first stage only)               |
+
+A packed batch is one THD row: B rows of S tokens are flattened to [1, B*S] (its `cu_seqlens` already count over the
+flattened tokens; mcore's THD attention takes batch 1). Every keyword is passed by name: mcore's `Float16Module`
+casts only positional inputs to bf16, so the float MRoPE positions stay exact.
+
+Loss contract (`loss_func`, with `TransformerConfig.calculate_per_token_loss=True`, as read in megatron-core 0.16.1):
+
+* `loss_func` returns `(loss_sum, num_label_tokens, {"lm loss": [loss_sum, num_label_tokens]})`: the SUM of the
+  token losses of this micro-batch. `schedules.forward_step_calc_loss` leaves it unscaled (it divides only when
+  calculate_per_token_loss is off), the schedule back-propagates the sum and adds up `num_label_tokens` over the
+  micro-batches, DDP sums (does not average) gradients over DP ranks in per-token mode, and `finalize_model_grads`
+  broadcasts the token count from the last pipeline stage, all-reduces it over DP x CP and divides every gradient by
+  it. So the gradient is that of (sum of all label-token losses of the global batch) / (their count): the mean over
+  all label tokens of the global batch, not a mean of per-micro-batch means. The logged loss is the same ratio:
+  sum the "lm loss" pairs over micro-batches and DP ranks, divide the first entry by the second.
+* MoE aux loss (router `attach_and_log_load_balancing_loss` + `MoEAuxLossAutoScaler`): in per-token mode the
+  schedule sets the aux-loss backward scale to the plain loss scale (1 in fp32/bf16), and the router attaches
+  `aux_loss * n_routed` where `n_routed` = this rank's routed non-padding tokens of the micro-batch. After the
+  division by the global label-token count the objective is
+
+      sum_{micro-batch m, DP rank} [ CE_sum_m + coeff * aux_m * n_routed_m ] / N_label
+
+  i.e. each micro-batch's aux loss weighted by its share of routed tokens, and the aux loss weighted against the
+  token-mean CE by (routed tokens / label tokens). Prompt tokens are routed but not trained, so the aux loss gets
+  a larger effective weight than `coeff` when many tokens are masked from the loss (e.g. 3x when a third of the
+  tokens are trained). Padding leaves both counts (it is neither routed, through `padding_mask`, nor trained).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.utils import get_attr_wrapped_model
+
+from ..data.batch import OmniBatch
+
+MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "input_features",
+              "feature_attention_mask", "audio_feature_lengths")
+
+
+def packed_seq_params_of(batch: OmniBatch) -> Optional[PackedSeqParams]:
+    """THD packing parameters of a packed batch (query and key boundaries are the same), None when unpacked."""
+    if batch.cu_seqlens is None:
+        return None
+    cu_seqlens = batch.cu_seqlens.to(torch.int32)
+    total = batch.input_ids.numel()
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
+        raise ValueError(f"cu_seqlens must run from 0 to the batch's {total} tokens (B*S), got "
+                         f"{int(cu_seqlens[0])}..{int(cu_seqlens[-1])}")
+    max_seqlen = int(batch.max_seqlen) if batch.max_seqlen is not None else int(cu_seqlens.diff().max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+
+
+def thinker_inputs(batch: OmniBatch, media: bool = True) -> dict:
+    """Keyword arguments of `Qwen3OmniThinker.forward` for this batch (see the module table).
+
+    `media=False` leaves out the tower inputs (pipeline stages after the first have no towers).
+    """
+    packed = packed_seq_params_of(batch)
+    tokens = dict(input_ids=batch.input_ids, labels=batch.shift_labels, loss_mask=batch.loss_mask,
+                  padding_mask=batch.attention_mask == 0)
+    position_ids = batch.position_ids
+    if packed is not None:  # one THD row of B*S tokens
+        tokens = {name: value.reshape(1, -1) for name, value in tokens.items()}
+        position_ids = position_ids.reshape(position_ids.shape[0], 1, -1)
+    inputs = dict(tokens, position_ids=position_ids, packed_seq_params=packed)
+    if media:
+        inputs.update({name: getattr(batch, name) for name in MEDIA_KEYS if getattr(batch, name) is not None})
+    return inputs
+
+
+def _to_device(inputs: dict, device: torch.device) -> dict:
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, PackedSeqParams):
+            value.cu_seqlens_q = move(value.cu_seqlens_q)
+            value.cu_seqlens_kv = value.cu_seqlens_q if value.cu_seqlens_kv is value.cu_seqlens_q else move(
+                value.cu_seqlens_kv)
+        return value
+
+    return {name: move(value) for name, value in inputs.items()}
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """mcore's per-token loss form: (sum of this micro-batch's label-token losses, their count, report)."""
+    losses = output_tensor.float().reshape(-1)
+    trained = loss_mask.reshape(-1).bool()
+    if losses.shape != trained.shape:
+        raise ValueError(f"per-token losses {tuple(output_tensor.shape)} and loss_mask {tuple(loss_mask.shape)} "
+                         f"differ in size")
+    loss_sum = torch.where(trained, losses, torch.zeros_like(losses)).sum()
+    num_tokens = trained.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach().clone(), num_tokens.detach().float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    """mcore `forward_step_func`: the next OmniBatch through the (DDP-wrapped) thinker of this pipeline stage.
+
+    Every stage reads the micro-batch (all need positions, packing and the padding mask; the first also the ids
+    and media, the last the labels): the data iterator must yield the same batches on every stage of a pipeline.
+    """
+    batch = next(data_iterator) if data_iterator is not None else None
+    if not isinstance(batch, OmniBatch):
+        raise TypeError(f"forward_step needs an OmniBatch from the data iterator on every pipeline stage (positions, "
+                        f"packing and the padding mask are used by all stages), got {type(batch).__name__}")
+    pre_process = get_attr_wrapped_model(model, "pre_process")
+    device = next(model.parameters()).device
+    inputs = _to_device(thinker_inputs(batch, media=pre_process), device)
+    output_tensor = model(**inputs)
+    return output_tensor, partial(loss_func, inputs["loss_mask"])
