@@ -1,8 +1,14 @@
-"""Build the embedded default: a tiny random-weight Qwen3-Omni with the real architecture and tokenizer."""
+"""Build the embedded default: a tiny random-weight Qwen3-Omni with the real architecture and tokenizer.
+
+`tiny_variant(text=..., vision=..., audio=...)` gives other small configs of the same architecture (other head
+counts, expert counts, dense layers, tower sizes) for tests that must not depend on the default's particular shape.
+"""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Optional
 
 import zlib
 
@@ -14,11 +20,29 @@ from .tokenizer import write_preprocessor_configs, write_tokenizer
 TINY_DTYPE = torch.bfloat16  # the released checkpoint is bf16 on disk; so is ours (fp32 math upcasts exactly)
 
 
-def build_tiny_model(seed: int = 0):
-    """The full `Qwen3OmniMoeForConditionalGeneration` (thinker + talker + code2wav) with seeded random weights."""
+def tiny_variant(text: Optional[dict] = None, vision: Optional[dict] = None, audio: Optional[dict] = None) -> dict:
+    """The tiny config with thinker sub-config overrides; the sizes other parts depend on follow (the towers'
+    output width and the talker's input width are the LLM hidden size; the talker reads an existing LLM layer)."""
+    config = copy.deepcopy(tiny_config())
+    thinker = config["thinker_config"]
+    thinker["text_config"].update(text or {})
+    thinker["vision_config"].update(vision or {})
+    thinker["audio_config"].update(audio or {})
+    hidden = thinker["text_config"]["hidden_size"]
+    thinker["vision_config"]["out_hidden_size"] = hidden
+    thinker["audio_config"]["output_dim"] = hidden
+    talker = config["talker_config"]
+    talker["thinker_hidden_size"] = hidden
+    talker["accept_hidden_layer"] = min(talker["accept_hidden_layer"], thinker["text_config"]["num_hidden_layers"])
+    return config
+
+
+def build_tiny_model(seed: int = 0, config: Optional[dict] = None):
+    """The full `Qwen3OmniMoeForConditionalGeneration` (thinker + talker + code2wav) with seeded random weights
+    (`config`: a `config.json` dict, default the embedded tiny one)."""
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
-    config = Qwen3OmniMoeConfig(**tiny_config())
+    config = Qwen3OmniMoeConfig(**(config or tiny_config()))
     model = Qwen3OmniMoeForConditionalGeneration(config)
     _seeded_init(model, seed)
     return model.to(TINY_DTYPE).eval()
@@ -39,13 +63,13 @@ def _seeded_init(model: torch.nn.Module, seed: int) -> None:
             param.copy_(1.0 + 0.1 * noise if is_scale else 0.02 * noise)
 
 
-def write_tiny_checkpoint(out_dir: Path, seed: int = 0) -> Path:
+def write_tiny_checkpoint(out_dir: Path, seed: int = 0, config: Optional[dict] = None) -> Path:
     """Write an HF checkpoint dir (safetensors, config, tokenizer, chat template, preprocessor config).
 
-    Deterministic: the same seed gives byte-identical files.
+    Deterministic: the same seed (and config) gives byte-identical files.
     """
     out_dir = Path(out_dir)
-    model = build_tiny_model(seed)
+    model = build_tiny_model(seed, config)
     model.save_pretrained(out_dir, safe_serialization=True)
     write_tokenizer(out_dir)
     write_preprocessor_configs(out_dir)

@@ -1,0 +1,367 @@
+"""Megatron-Core dist-checkpoint (any layout) -> a complete Qwen3-Omni HF checkpoint (thinker + talker + code2wav).
+
+    export_to_hf(checkpoint_dir, source_hf_dir, out_dir, shard_size=5_000_000_000)
+
+- Thinker tensors come from the checkpoint: the thinker is built at tp1/pp1/ep1 on the meta device (no memory) only
+  to get its `sharded_state_dict()` (the checkpoint's keys and shard geometry); then one group at a time (one decoder
+  layer, one tower block, the embedding, ...) real tensors are loaded with `dist_checkpointing.load` on that part of
+  the sharded state dict (dist_checkpointing reshards from whatever TP/PP/EP layout the checkpoint was written at),
+  mapped to HF names through the one declarative table (`mapping.Mapper.iter_mcore_to_hf`), cast to the source
+  tensor's dtype and written, then freed.
+- Every other tensor (`talker.*`, `code2wav.*`) is copied byte for byte from the source HF safetensors.
+- The output is planned from the source safetensors headers (same names, dtypes, shapes; sharded by `shard_size`
+  bytes like `save_pretrained`), its shard headers are written first and every tensor's bytes go to their planned
+  offset: memory never holds more than one group, whatever the shard size.
+- Non-weight files (config, generation config, tokenizer, chat template, preprocessor config) are copied; the result
+  is written into a staging dir, gets the download stage's `MANIFEST.json` last, and is published atomically.
+
+Strict: a thinker tensor the checkpoint lacks, a wrong shape, a model tensor no mapping row claims, or an HF tensor
+that the source does not have (or that is never produced) fails with the tensor's name.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+INDEX = "model.safetensors.index.json"
+THINKER = "thinker."
+# The checkpoint's model tensors live under these state-dict prefixes (anything else, e.g. `optimizer.*`, is not ours).
+MODEL_PREFIXES = ("language_model.", "vision_model.", "audio_model.")
+DEFAULT_GROUP_BYTES = 1 << 30  # load at most ~this many checkpoint bytes at once (a group is never split)
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class ExportError(RuntimeError):
+    """The checkpoint cannot be exported against this source (missing tensor, wrong shape, unmapped name)."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# safetensors headers: the plan of the source files and of the output shards
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: where its bytes are (absolute offsets in `file`) and what they are."""
+
+    name: str
+    dtype: str  # safetensors dtype name ("BF16", "F32", ...)
+    shape: Tuple[int, ...]
+    file: Path
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_safetensors_header(path: Path) -> Dict[str, TensorEntry]:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    data_start = 8 + size
+    header.pop("__metadata__", None)
+    return {name: TensorEntry(name, h["dtype"], tuple(h["shape"]), Path(path), data_start + h["data_offsets"][0],
+                              data_start + h["data_offsets"][1]) for name, h in header.items()}
+
+
+def source_tensors(hf_dir: Path) -> Dict[str, TensorEntry]:
+    """Every tensor of an HF checkpoint dir (sharded with an index, or single files)."""
+    hf_dir = Path(hf_dir)
+    index = hf_dir / INDEX
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else sorted(p.name for p in hf_dir.glob("*.safetensors")))
+    if not files:
+        raise ExportError(f"{hf_dir} holds no *.safetensors")
+    entries: Dict[str, TensorEntry] = {}
+    for name in files:
+        entries.update(read_safetensors_header(hf_dir / name))
+    return entries
+
+
+def shard_file_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+class ShardedSafetensorsWriter:
+    """Writes a planned set of tensors into `model-0000i-of-0000n.safetensors` + the index, tensor by tensor in any
+    order. Shards are filled in name order up to `shard_size` bytes (a tensor larger than that gets a shard of its
+    own), the header of each shard is written up front, and `write` puts a tensor's bytes at its planned offset."""
+
+    def __init__(self, out_dir: Path, plan: List[Tuple[str, str, Tuple[int, ...], int]], shard_size: int):
+        self.out_dir = Path(out_dir)
+        shards: List[List[Tuple[str, str, Tuple[int, ...], int]]] = [[]]
+        used = 0
+        for item in sorted(plan):
+            if shards[-1] and used + item[3] > shard_size:
+                shards.append([])
+                used = 0
+            shards[-1].append(item)
+            used += item[3]
+        self.total_size = sum(item[3] for item in plan)
+        self.weight_map: Dict[str, str] = {}
+        self._slots: Dict[str, Tuple[int, int, str, Tuple[int, ...]]] = {}  # name -> (shard, offset, dtype, shape)
+        self._files = []
+        for i, shard in enumerate(shards):
+            file_name = shard_file_name(i, len(shards))
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for name, dtype, shape, nbytes in shard:
+                header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8-byte alignment
+            data_start = 8 + len(blob)
+            handle = open(self.out_dir / file_name, "wb")
+            handle.write(struct.pack("<Q", len(blob)) + blob)
+            handle.truncate(data_start + offset)
+            self._files.append(handle)
+            for name, dtype, shape, _ in shard:
+                self._slots[name] = (i, data_start + header[name]["data_offsets"][0], dtype, shape)
+                self.weight_map[name] = file_name
+        self._written: set = set()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._slots:
+            raise ExportError(f"{name}: the export produced this tensor but the source checkpoint has no such tensor")
+        if name in self._written:
+            raise ExportError(f"{name}: produced twice")
+        shard, offset, dtype, shape = self._slots[name]
+        if tuple(tensor.shape) != shape:
+            raise ExportError(f"{name}: exported shape {tuple(tensor.shape)} != source shape {shape}")
+        if _DTYPE_NAMES.get(tensor.dtype) != dtype:
+            raise ExportError(f"{name}: dtype {tensor.dtype} != source dtype {dtype}")
+        self.write_bytes(name, tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    def write_bytes(self, name: str, data) -> None:
+        shard, offset, _, _ = self._slots[name]
+        handle = self._files[shard]
+        handle.seek(offset)
+        handle.write(data)
+        self._written.add(name)
+
+    def copy_from(self, entry: TensorEntry, chunk: int = 1 << 26) -> None:
+        """Copy a source tensor's bytes unchanged (no decode, constant memory)."""
+        shard, offset, dtype, shape = self._slots[entry.name]
+        assert (dtype, shape) == (entry.dtype, entry.shape), entry.name
+        handle = self._files[shard]
+        handle.seek(offset)
+        with open(entry.file, "rb") as src:
+            src.seek(entry.begin)
+            left = entry.nbytes
+            while left:
+                block = src.read(min(chunk, left))
+                handle.write(block)
+                left -= len(block)
+        self._written.add(entry.name)
+
+    def close(self) -> None:
+        for handle in self._files:
+            handle.close()
+        missing = sorted(set(self._slots) - self._written)
+        if missing:
+            raise ExportError(f"{len(missing)} source tensors were never produced by the export, e.g. {missing[:5]}")
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the checkpoint side: the thinker's sharded state dict on meta, loaded group by group
+# ------------------------------------------------------------------------------------------------------------------
+def meta_thinker_sharded_state_dict(hf_config: dict, use_te: bool = False) -> dict:
+    """The tp1/pp1/ep1 thinker's sharded state dict (model tensors only), built on the meta device: the checkpoint's
+    keys and full shapes, no memory. Needs parallel_state initialised at tp1 (runtime.parallel.init_parallel())."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from ..model.thinker import build_thinker
+
+    with torch.device("meta"):
+        thinker = build_thinker(hf_config, dtype=torch.float32, use_te=use_te, perform_initialization=False,
+                                use_cpu_initialization=True)
+    return {k: v for k, v in thinker.sharded_state_dict().items() if not isinstance(v, ShardedObject)}
+
+
+def _sharded_tensors(value) -> list:
+    """The ShardedTensors a sharded-state-dict value stands for (a factory, e.g. SwiGLU fc1, builds several)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    if isinstance(value, ShardedTensor):
+        return [value]
+    if isinstance(value, ShardedTensorFactory):
+        built = value.build()
+        built = built.values() if isinstance(built, dict) else built
+        return [t for b in built for t in _sharded_tensors(b)]
+    raise ExportError(f"unexpected sharded state dict value {type(value).__name__}")
+
+
+def check_checkpoint(sharded: dict, checkpoint_dir: Path) -> Dict[str, torch.dtype]:
+    """Every tensor the thinker needs is in the checkpoint with the right global shape, and no model tensor of the
+    checkpoint is left over. Returns {checkpoint key: dtype}."""
+    from megatron.core import dist_checkpointing
+
+    stored = dist_checkpointing.load_tensors_metadata(str(checkpoint_dir))
+    wanted = set()
+    for name, value in sharded.items():
+        for sh in _sharded_tensors(value):
+            wanted.add(sh.key)
+            if sh.key not in stored:
+                raise ExportError(f"checkpoint {checkpoint_dir} lacks the thinker tensor {sh.key} "
+                                  f"(state dict name {name}, shape {tuple(sh.global_shape)})")
+            if tuple(stored[sh.key].global_shape) != tuple(sh.global_shape):
+                raise ExportError(f"{sh.key} (state dict name {name}): checkpoint shape "
+                                  f"{tuple(stored[sh.key].global_shape)} != model shape {tuple(sh.global_shape)}")
+    extra = sorted(k for k in stored if k.startswith(MODEL_PREFIXES) and k not in wanted)
+    if extra:
+        raise ExportError(f"checkpoint {checkpoint_dir} holds model tensors the thinker does not have: {extra[:5]}")
+    return {k: v.dtype for k, v in stored.items()}
+
+
+def _unit_of(name: str) -> str:
+    """The unit a state-dict name is loaded with: up to its first index (`language_model.decoder.layers.3`,
+    `vision_model.deepstack_mergers.1`), else its module (`language_model.embedding`)."""
+    m = re.match(r"^(.*?\.\d+)\.", name)
+    return m.group(1) if m else ".".join(name.split(".")[:2])
+
+
+def load_units(sharded: dict) -> List[List[str]]:
+    """State-dict names in load units, in model order. Units that share a checkpoint key are merged: mcore saves
+    the towers' layers stacked under one key (a layer axis prepended), and a single-process load must read such a
+    key whole (torch's ShardedTensor metadata cannot describe the other fragments of a 1-rank world), so a tower's
+    layers load together; an LLM layer (its own keys) loads alone."""
+    units: Dict[str, List[str]] = {}
+    for name in sharded:
+        units.setdefault(_unit_of(name), []).append(name)
+    merged: List[Tuple[set, List[str]]] = []
+    for names in units.values():
+        keys = {sh.key for n in names for sh in _sharded_tensors(sharded[n])}
+        sharing = [m for m in merged if m[0] & keys]
+        group = (keys, list(names))
+        for m in sharing:
+            group[0].update(m[0])
+            group = (group[0], m[1] + group[1])
+            merged.remove(m)
+        merged.append(group)
+    return [names for _, names in merged]
+
+
+def load_groups(sharded: dict, checkpoint_dir: Path, dtypes: Dict[str, torch.dtype],
+                group_bytes: int = DEFAULT_GROUP_BYTES) -> Iterator[Dict[str, torch.Tensor]]:
+    """Yield the thinker's state dict a few units at a time ({state-dict name: full tp1 tensor}, at most
+    ~`group_bytes` unless one unit is larger), each batch read with one `dist_checkpointing.load` of its part of the
+    sharded state dict, in the checkpoint's dtype."""
+    batch: List[str] = []
+    size = 0
+    for names in load_units(sharded):
+        nbytes = sum(_nbytes(sharded[n], dtypes) for n in names)
+        if batch and size + nbytes > group_bytes:
+            yield _load(batch, sharded, checkpoint_dir, dtypes)
+            batch, size = [], 0
+        batch += names
+        size += nbytes
+    if batch:
+        yield _load(batch, sharded, checkpoint_dir, dtypes)
+
+
+def _nbytes(value, dtypes) -> int:
+    tensors = _sharded_tensors(value)
+    return sum(math.prod(sh.local_shape) for sh in tensors) * dtypes[tensors[0].key].itemsize
+
+
+def _load(names: List[str], sharded: dict, checkpoint_dir: Path, dtypes) -> Dict[str, torch.Tensor]:
+    from megatron.core import dist_checkpointing
+
+    request = {}
+    for name in names:
+        value = sharded[name]
+        dtype = dtypes[_sharded_tensors(value)[0].key]
+        # a fresh real tensor instead of the meta one (shallow copy: the meta sharded state dict stays reusable)
+        request[name] = copy.copy(value)
+        request[name].data = torch.empty(value.data.shape, dtype=dtype)
+    return dist_checkpointing.load(request, str(checkpoint_dir), validate_access_integrity=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the export
+# ------------------------------------------------------------------------------------------------------------------
+def export_thinker_tensors(checkpoint_dir: Path, hf_config: dict, *, use_te: bool = False,
+                           group_bytes: int = DEFAULT_GROUP_BYTES) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(HF name, tensor in the checkpoint's dtype) of every thinker tensor of a dist checkpoint, a group at a time."""
+    from ..model.transformer_config import Layout
+    from .mapping import Mapper, RankCoord
+
+    sharded = meta_thinker_sharded_state_dict(hf_config, use_te=use_te)
+    dtypes = check_checkpoint(sharded, checkpoint_dir)
+    mapper = Mapper(hf_config, Layout())
+    unclaimed = [n for n in sharded if not any(row.mc_re.match(n) for row in mapper.rows)]
+    if unclaimed:
+        raise ExportError(f"thinker tensors no mapping row claims (they would be lost): {unclaimed[:5]}")
+    for group in load_groups(sharded, checkpoint_dir, dtypes, group_bytes):
+        yield from mapper.iter_mcore_to_hf({RankCoord(): group})
+
+
+def export_to_hf(checkpoint_dir, source_hf_dir, out_dir, *, shard_size: int = 5_000_000_000, use_te: bool = False,
+                 group_bytes: int = DEFAULT_GROUP_BYTES, log: Callable[[str], None] = print) -> dict:
+    """Write `out_dir`: the thinker from `checkpoint_dir`, everything else from `source_hf_dir`. Returns a summary."""
+    from megatron.core import parallel_state
+
+    from ..download import _fresh_dir, _publish, sha256_of, write_manifest, MANIFEST
+    from ..runtime.parallel import init_parallel
+
+    checkpoint_dir, source_hf_dir, out_dir = Path(checkpoint_dir), Path(source_hf_dir), Path(out_dir)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
+        raise ExportError("export runs in one process (the checkpoint is resharded on load), not under torchrun")
+    if not (parallel_state.model_parallel_is_initialized()
+            and parallel_state.get_tensor_model_parallel_world_size() == 1
+            and parallel_state.get_expert_model_parallel_world_size() == 1
+            and parallel_state.get_pipeline_model_parallel_world_size() == 1):
+        init_parallel()
+    hf_config = json.loads((source_hf_dir / "config.json").read_text())
+    source = source_tensors(source_hf_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = _fresh_dir(out_dir)
+    writer = ShardedSafetensorsWriter(staging, [(e.name, e.dtype, e.shape, e.nbytes) for e in source.values()],
+                                      shard_size)
+
+    thinker_names = [n for n in source if n.startswith(THINKER)]
+    done = 0
+    for name, tensor in export_thinker_tensors(checkpoint_dir, hf_config, use_te=use_te, group_bytes=group_bytes):
+        if name not in source:
+            raise ExportError(f"{name}: mapped from the checkpoint, but the source checkpoint {source_hf_dir} "
+                              f"has no such tensor")
+        writer.write(name, tensor.to(_DTYPES[source[name].dtype]))
+        done += 1
+        if done % max(1, len(thinker_names) // 10) == 0:
+            log(f"export: {done}/{len(thinker_names)} thinker tensors")
+    copied = [e for n, e in source.items() if not n.startswith(THINKER)]
+    for entry in copied:
+        writer.copy_from(entry)
+    log(f"export: {len(copied)} talker/code2wav tensors copied unchanged")
+    writer.close()
+
+    for path in sorted(source_hf_dir.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and not path.name.endswith(".safetensors") \
+                and path.name not in (INDEX, MANIFEST):
+            shutil.copyfile(path, staging / path.name)
+    record = {"kind": "export", "checkpoint": str(checkpoint_dir.resolve()),
+              "source_manifest_sha256": sha256_of(source_hf_dir / MANIFEST)
+              if (source_hf_dir / MANIFEST).exists() else None}
+    write_manifest(staging, record)
+    _publish(staging, out_dir)
+    summary = {"thinker_tensors": done, "copied_tensors": len(copied), "shards": len(set(writer.weight_map.values())),
+               "total_size": writer.total_size}
+    log(f"export: {out_dir}: {summary}")
+    return summary
