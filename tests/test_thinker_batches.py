@@ -7,31 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from train_helpers import encode_demo_samples
+
 
 @pytest.fixture(scope="module")
 def encoded(tiny_hf_dir, tmp_path_factory):
-    from omni_model.data.demo import generate_demo
-    from omni_model.data.encoder import OmniEncoder, media_from_paths
-    from omni_model.data.formats import LIST_KEY, load_raw
-
-    records, _, _ = load_raw(generate_demo(tmp_path_factory.mktemp("demo"), 24, seed=5))
-    encoder = OmniEncoder(tiny_hf_dir, max_seq_len=2048)
-
-    def first(predicate):
-        for record in records:
-            if predicate({kind: len(record.get(key, [])) for kind, key in LIST_KEY.items()}):
-                try:
-                    return encoder.encode(record, media_from_paths(record))
-                except Exception:  # noqa: BLE001 - a deliberately broken demo sample: take the next one
-                    continue
-        raise AssertionError("the demo set has no such sample")
-
-    return {
-        "image_audio": first(lambda n: n["image"] and n["audio"]),
-        "video": first(lambda n: n["video"]),
-        "text": first(lambda n: not any(n.values())),
-        "pad_id": encoder.pad_id,
-    }
+    return encode_demo_samples(tiny_hf_dir, tmp_path_factory.mktemp("demo"))
 
 
 @pytest.fixture(scope="module")

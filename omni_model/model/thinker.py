@@ -54,6 +54,7 @@ class Qwen3OmniThinker(MegatronModule):
         self.audio_model = audio_model
         self.pre_process = language_model.pre_process
         self.post_process = language_model.post_process
+        self.model_type = language_model.model_type  # read by mcore's pipeline schedules
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)

@@ -7,6 +7,7 @@ See shared/notes/mcore-on-cpu.md for the measured list. Each patch says what it 
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
@@ -77,6 +78,9 @@ def apply(force: bool = False) -> bool:
     mrandom._set_cuda_rng_state = _set_state
 
     def _add(self, name, seed):
+        # mcore's add() marks the tracker initialised first; without it is_initialized() stays False and
+        # TE-style consumers skip the tracker (no real fork of the model-parallel / expert streams)
+        self._is_initialized = True
         if seed in self.seeds_:
             raise Exception(f"seed {seed} already exists")
         self.seeds_.add(seed)
@@ -88,6 +92,10 @@ def apply(force: bool = False) -> bool:
         torch.set_rng_state(orig)
 
     mrandom.CudaRNGStatesTracker.add = _add
+    # fork() warns when the CPU generator moved inside a forked region; on CPU the forked stream IS the CPU
+    # generator, so that is the intended effect, not a leak: drop that one message.
+    logging.getLogger(mrandom.__name__).addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage())
     torch.cuda.manual_seed = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.manual_seed_all = lambda *a, **k: None  # type: ignore[assignment]
 
@@ -122,6 +130,24 @@ def apply(force: bool = False) -> bool:
 
     # 8. pin_memory needs an accelerator: identity.
     torch.Tensor.pin_memory = lambda self, *a, **k: self  # type: ignore[assignment]
+
+    # 9. clip_grad_by_total_norm_fp32 asserts `torch.cuda.FloatTensor` grads: the same in-place scaling for fp32 CPU
+    #    grads (the optimizer module imported the name, so both bindings are replaced).
+    from megatron.core.optimizer import clip_grads, optimizer as mcore_optimizer
+
+    def _clip_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+        for grad in grads:
+            assert grad.dtype == torch.float32, f"fp32 grads expected, got {grad.dtype}"
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_by_total_norm
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_by_total_norm
 
     _APPLIED = True
     return True

@@ -1,0 +1,90 @@
+"""Shared pieces of the training tests (also imported by tests/dist/train_layout_grads.py): demo samples encoded by
+the real data encoder, the thinker wrapped in mcore DDP, and one forward/backward through mcore's schedule with our
+forward_step (per-token loss, finalize_model_grads), returning the loss, the MoE aux losses and every gradient."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def encode_demo_samples(hf_dir, out_dir: Path, n_records: int = 24, seed: int = 5) -> dict:
+    """One encoded sample of each kind from the generated demo set: image+audio, video, text only."""
+    from omni_model.data.demo import generate_demo
+    from omni_model.data.encoder import OmniEncoder, media_from_paths
+    from omni_model.data.formats import LIST_KEY, load_raw
+
+    records, _, _ = load_raw(generate_demo(Path(out_dir), n_records, seed=seed))
+    encoder = OmniEncoder(hf_dir, max_seq_len=2048)
+
+    def first(predicate):
+        for record in records:
+            if predicate({kind: len(record.get(key, [])) for kind, key in LIST_KEY.items()}):
+                try:
+                    return encoder.encode(record, media_from_paths(record))
+                except Exception:  # noqa: BLE001 - a deliberately broken demo sample: take the next one
+                    continue
+        raise AssertionError("the demo set has no such sample")
+
+    return {
+        "image_audio": first(lambda n: n["image"] and n["audio"]),
+        "video": first(lambda n: n["video"]),
+        "text": first(lambda n: not any(n.values())),
+        "pad_id": encoder.pad_id,
+    }
+
+
+def ddp_thinker(thinker):
+    """`thinker` in mcore DDP with the schedule hooks set, as the training loop does (fp32 on CPU)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    config = thinker.config
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=thinker)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+    return model
+
+
+def aux_losses() -> dict:
+    """The MoE aux losses mcore tracked since the last clear ({name: per-layer values}), then clear them."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    values = {name: entry["values"].clone() for name, entry in get_moe_layer_wise_logging_tracker().items()}
+    clear_aux_losses_tracker()
+    return values
+
+
+def forward_backward(model, batches: list, forward_only: bool = False) -> dict:
+    """One step's forward/backward of `batches` (the micro-batches of this rank) through mcore's schedule.
+
+    Returns the loss as the mean over all label tokens of the step (summed over micro-batches and DP ranks), the
+    token count, and the aux losses. Gradients are left in the DDP grad buffers (param.main_grad).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from omni_model.train.forward_step import forward_step
+
+    if not forward_only:
+        model.zero_grad_buffer()
+    aux_losses()
+    width = max(b.input_ids.shape[1] for b in batches)
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
+        seq_length=width, micro_batch_size=batches[0].input_ids.shape[0], forward_only=forward_only)
+    total = torch.zeros(2, dtype=torch.float64)
+    for report in reports:  # empty on pipeline stages other than the last
+        total += report["lm loss"].double().cpu()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # the loss lives on the last stage
+        torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return {"loss": float(total[0] / total[1]), "num_tokens": int(total[1]), "aux": aux_losses()}
+
+
+def gradients(model) -> dict:
+    """{parameter name: gradient} of this rank (the DDP main_grad after finalize_model_grads)."""
+    return {name: param.main_grad.detach().clone() for name, param in model.module.named_parameters()
+            if param.requires_grad}
