@@ -78,20 +78,43 @@ def audio_inputs(lens: list[int], seed: int = 0):
     return torch.randn(128, sum(lens), generator=g), torch.tensor(lens)
 
 
-def hf_grads_as_mcore(ref: torch.nn.Module, hf_prefix: str, config, tp_rank: int = 0, tp_size: int = 1):
-    """HF parameter gradients mapped through the encoder rows (same transform/TP split as the weights)."""
-    from omni_model.convert.encoder_rows import hf_to_mcore
+def tower_mapper(cfg, tp_size: int = 1, audio_tp: bool = True):
+    """The production mapping engine for the towers at TP `tp_size` (audio rows replicated when not `audio_tp`)."""
+    from omni_model.convert.encoder_rows import encoder_rules
+    from omni_model.convert.llm_rules import LLM_RULES
+    from omni_model.convert.mapping import Mapper
+    from omni_model.model.transformer_config import Layout
+
+    rules = None if audio_tp else list(LLM_RULES) + encoder_rules(audio_tp=False)
+    return Mapper(cfg, Layout(tp=tp_size), rules=rules)
+
+
+def load_tower(module: torch.nn.Module, tensors: dict, cfg, mcore_prefix: str, tp_rank: int = 0, tp_size: int = 1,
+               audio_tp: bool = True) -> None:
+    """Copy HF tensors into one tower through the production `Mapper` (strict: every parameter filled)."""
+    from omni_model.convert.mapping import RankCoord, copy_into_model
+
+    hf_prefix = VISION_HF if mcore_prefix == "vision_model." else AUDIO_HF
+    keys = [k for k in tensors if k.startswith(hf_prefix)]
+    copy_into_model(module, tower_mapper(cfg, tp_size, audio_tp), tensors.__getitem__, keys,
+                    RankCoord(tp_rank=tp_rank), prefix=mcore_prefix)
+
+
+def hf_grads_as_mcore(ref: torch.nn.Module, hf_prefix: str, config, tp_rank: int = 0, tp_size: int = 1,
+                      audio_tp: bool = True):
+    """HF parameter gradients mapped through the rows (same transform/TP split as the weights)."""
+    from omni_model.convert.mapping import RankCoord
 
     grads = {hf_prefix + n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-    return hf_to_mcore(grads, config, tp_rank=tp_rank, tp_size=tp_size)
+    return tower_mapper(config, tp_size, audio_tp).hf_to_mcore_rank(grads.__getitem__, grads, RankCoord(tp_rank=tp_rank))
 
 
 def assert_rows_round_trip(model: torch.nn.Module, mcore_prefix: str, hf_prefix: str, hf_weights: dict, cfg) -> None:
-    """mcore state dict -> HF through the encoder rows reproduces every HF tensor of the tower bit for bit."""
-    from omni_model.convert.encoder_rows import mcore_to_hf
+    """mcore state dict -> HF through the Mapper reproduces every HF tensor of the tower bit for bit."""
+    from omni_model.convert.mapping import RankCoord
 
     state = {mcore_prefix + k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
-    back = mcore_to_hf(state, cfg)
+    back = dict(tower_mapper(cfg).iter_mcore_to_hf({RankCoord(): state}))
     expected = {k: v for k, v in hf_weights.items() if k.startswith(hf_prefix)}
     assert set(back) == set(expected)
     for key, value in expected.items():

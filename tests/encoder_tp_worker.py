@@ -1,6 +1,6 @@
 """torchrun worker of test_encoders_tp2_torchrun: TP=2 encoders (gloo, CPU, fp32) vs transformers.
 
-Each rank loads its TP shard through ENCODER_RULES (tp_rank/tp_size), runs forward + backward, and checks
+Each rank loads its TP shard through the production Mapper (tp_rank/tp_size), runs forward + backward, and checks
   * outputs (replicated on both ranks) == HF outputs,
   * each gradient shard == HF gradient mapped through the rows and split like the weight.
 Audio runs twice: TP-split (tiny: 2 heads -> 1 per rank) and replicated (`replicate=True`, size-1 TP groups).
@@ -28,10 +28,10 @@ def main(hf_dir: str, ckpt_root: str) -> None:
         hf_grads_as_mcore,
         hf_vision_reference,
         load_hf_encoder_tensors,
+        load_tower,
         sharpen,
         vision_inputs,
     )
-    from omni_model.convert.encoder_rows import encoder_rules, load_encoder_state
     from omni_model.model.audio import AudioEncoder
     from omni_model.model.vision import VisionEncoder
 
@@ -43,15 +43,10 @@ def main(hf_dir: str, ckpt_root: str) -> None:
     dbg = lambda *a: print(f"[rank{rank}]", *a, flush=True) if "-v" in sys.argv else None
     dbg("start")
 
-    def check_grads(ours, ref, hf_prefix, mcore_prefix, rules, shard_rank, shard_size):
+    def check_grads(ours, ref, hf_prefix, mcore_prefix, audio_tp, shard_rank, shard_size):
         expect = {k[len(mcore_prefix):]: v for k, v in
-                  hf_grads_as_mcore(ref, hf_prefix, cfg, shard_rank, shard_size).items() if k.startswith(mcore_prefix)}
-        if rules is not None:  # replicated audio: rows without TP split
-            from omni_model.convert.encoder_rows import hf_to_mcore
-
-            grads = {hf_prefix + n: p.grad for n, p in ref.named_parameters()}
-            expect = {k[len(mcore_prefix):]: v for k, v in hf_to_mcore(grads, cfg, rules).items()
-                      if k.startswith(mcore_prefix)}
+                  hf_grads_as_mcore(ref, hf_prefix, cfg, shard_rank, shard_size, audio_tp).items()
+                  if k.startswith(mcore_prefix)}
         worst = 0.0
         for name, p in ours.named_parameters():
             e = expect[name]
@@ -63,7 +58,7 @@ def main(hf_dir: str, ckpt_root: str) -> None:
     ours = VisionEncoder(cfg)
     dbg("vision built")
     assert ours.decoder.layers[0].self_attention.linear_qkv.weight.shape[0] == 3 * 32 // 2
-    load_encoder_state(ours, tensors, cfg, "vision_model.", tp_rank=rank, tp_size=tp)
+    load_tower(ours, tensors, cfg, "vision_model.", tp_rank=rank, tp_size=tp)
     ref = hf_vision_reference(hf_dir, tensors)
     pixels, grid = vision_inputs([[2, 6, 8], [1, 4, 6]], seed=5)
     out = ref(pixels, grid)
@@ -76,7 +71,7 @@ def main(hf_dir: str, ckpt_root: str) -> None:
     sum((a * b).sum() for a, b in zip(w, [embeds, *deepstack])).backward()
     err = max((a - b).abs().max().item() for a, b in
               zip([embeds, *deepstack], [out.pooler_output, *out.deepstack_features]))
-    gerr = check_grads(ours, ref, "thinker.visual.", "vision_model.", None, rank, tp)
+    gerr = check_grads(ours, ref, "thinker.visual.", "vision_model.", True, rank, tp)
     report.append(f"vision tp2 rank{rank}: out err {err:.2e}, grad rel err {gerr:.2e}")
     assert err < 1e-4 and gerr < 1e-4, report[-1]
 
@@ -90,14 +85,11 @@ def main(hf_dir: str, ckpt_root: str) -> None:
     for replicate in (False, True):
         ours_a = AudioEncoder(cfg, replicate=replicate)
         dbg("audio built", replicate)
-        rules = encoder_rules(audio_tp=not replicate)
-        load_encoder_state(ours_a, tensors, cfg, "audio_model.", rules=rules,
-                           tp_rank=rank, tp_size=tp)
+        load_tower(ours_a, tensors, cfg, "audio_model.", tp_rank=rank, tp_size=tp, audio_tp=not replicate)
         got = ours_a(feats, flens)
         (wa * got).sum().backward()
         err = (got - out_a).abs().max().item()
-        gerr = check_grads(ours_a, ref_a, "thinker.audio_tower.", "audio_model.",
-                           rules if replicate else None, rank, tp)
+        gerr = check_grads(ours_a, ref_a, "thinker.audio_tower.", "audio_model.", not replicate, rank, tp)
         report.append(f"audio tp2 {'replicated' if replicate else 'split'} rank{rank}: out err {err:.2e}, "
                       f"grad rel err {gerr:.2e}")
         assert err < 1e-4 and gerr < 1e-4, report[-1]

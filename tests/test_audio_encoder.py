@@ -1,6 +1,6 @@
 """Audio encoder (AuT) vs transformers' Qwen3OmniMoeAudioEncoder.
 
-CPU, fp32, tiny checkpoint weights loaded through ENCODER_RULES (rows + "aut_qkv" transform), raw and
+CPU, fp32, tiny checkpoint weights loaded through the production Mapper (rows + "qkv" transform), raw and
 `sharpen()`-ed (O(1) activations). Measured max abs error: 0.0 (bit-identical) for every case, raw and sharpened
 (same per-window SDPA calls and the same op order as transformers' sdpa path). Output lengths == HF's
 `_get_feat_extract_output_lengths`.
@@ -18,6 +18,7 @@ from encoder_parity_utils import (
     hf_audio_reference,
     hf_config_dict,
     hf_grads_as_mcore,
+    load_tower,
     load_hf_encoder_tensors,
     sharpen,
 )
@@ -48,14 +49,13 @@ def weights(tiny_hf_dir):
 
 @pytest.fixture(scope="module")
 def models(tiny_hf_dir, weights, parallel):
-    from omni_model.convert.encoder_rows import load_encoder_state
     from omni_model.model.audio import AudioEncoder
 
     cfg = hf_config_dict(tiny_hf_dir)
     out = {}
     for kind, tensors in weights.items():
         ours = AudioEncoder(cfg).eval()
-        load_encoder_state(ours, tensors, cfg, "audio_model.")
+        load_tower(ours, tensors, cfg, "audio_model.")
         out[kind] = (ours, hf_audio_reference(tiny_hf_dir, tensors))
     return out
 
@@ -151,12 +151,11 @@ def test_audio_rows_round_trip(tiny_hf_dir, weights, models):
 
 
 def _bf16_audio(tiny_hf_dir, tensors, device):
-    from omni_model.convert.encoder_rows import load_encoder_state
     from omni_model.model.audio import AudioEncoder, audio_transformer_config
 
     cfg = hf_config_dict(tiny_hf_dir)
     model = AudioEncoder(cfg, audio_transformer_config(cfg, params_dtype=torch.bfloat16)).eval()
-    load_encoder_state(model, tensors, cfg, "audio_model.")
+    load_tower(model, tensors, cfg, "audio_model.")
     return model.to(device)
 
 

@@ -1,7 +1,7 @@
 """Vision encoder (Qwen3-VL ViT + merger + deepstack mergers) vs transformers' Qwen3OmniMoeVisionEncoder.
 
-CPU, fp32, the tiny checkpoint's weights loaded through ENCODER_RULES (so the rows and the "vit_qkv" transform are
-tested too). The raw tiny weights (std 0.02) make the tower almost input-independent, so every parity case is also
+CPU, fp32, the tiny checkpoint's weights loaded through the production Mapper (so the rows and the "qkv_fused" transform
+are tested too). The raw tiny weights (std 0.02) make the tower almost input-independent, so every parity case is also
 run with `sharpen()`-ed weights (O(1) activations, peaked attention). Measured max abs errors (fp32, 2-core CPU):
 raw ~1e-7, sharpened ~1.2e-5 at output magnitude ~6 (relative ~2e-6; patch-embed GEMM vs conv3d and
 pos-embed interpolation rounding).
@@ -21,6 +21,7 @@ from encoder_parity_utils import (
     assert_rows_round_trip,
     hf_config_dict,
     hf_grads_as_mcore,
+    load_tower,
     hf_vision_reference,
     load_hf_encoder_tensors,
     sharpen,
@@ -54,14 +55,13 @@ def weights(tiny_hf_dir):
 
 @pytest.fixture(scope="module")
 def models(tiny_hf_dir, weights, parallel):
-    from omni_model.convert.encoder_rows import load_encoder_state
     from omni_model.model.vision import VisionEncoder
 
     cfg = hf_config_dict(tiny_hf_dir)
     out = {}
     for kind, tensors in weights.items():
         ours = VisionEncoder(cfg).eval()
-        load_encoder_state(ours, tensors, cfg, "vision_model.")
+        load_tower(ours, tensors, cfg, "vision_model.")
         out[kind] = (ours, hf_vision_reference(tiny_hf_dir, tensors))
     return out
 
@@ -158,12 +158,11 @@ def test_encoders_tp2_torchrun(tiny_hf_dir, tmp_path):
 
 
 def _bf16_vision(tiny_hf_dir, tensors, device):
-    from omni_model.convert.encoder_rows import load_encoder_state
     from omni_model.model.vision import VisionEncoder, vision_transformer_config
 
     cfg = hf_config_dict(tiny_hf_dir)
     model = VisionEncoder(cfg, vision_transformer_config(cfg, params_dtype=torch.bfloat16)).eval()
-    load_encoder_state(model, tensors, cfg, "vision_model.")
+    load_tower(model, tensors, cfg, "vision_model.")
     return model.to(device)
 
 

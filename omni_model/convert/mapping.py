@@ -1,12 +1,13 @@
-"""HF <-> Megatron-Core parameter mapping driven by ONE declarative table of `Rule` rows.
+"""HF <-> Megatron-Core parameter mapping: ONE engine (`Mapper`) driven by ONE declarative table of `Rule` rows.
 
-Tables: `llm_rules.LLM_RULES` (thinker LLM) + `encoder_rows.ENCODER_RULES` (vision/audio, when that module exists).
-Everything name- or layout-related is derived from the rows; this module only knows the transforms and the
-parallel layout arithmetic:
+Tables: `llm_rules.LLM_RULES` (thinker LLM) + `encoder_rows.encoder_rules(...)` (vision / audio towers, names of
+the local or TE spec from the same `use_te` the model was built with). Everything name-related is derived from the
+rows; this module knows the transforms and where a tensor lives in a parallel layout:
 
-- `{i}` layer placeholder. Rows whose mcore side is `language_model.decoder.layers.{i}.` are pipeline-split:
-  HF global layer i lives on stage i // (L/pp) as local layer i % (L/pp) (uniform stages). The LLM embedding is on
-  the first stage, final norm + output layer on the last; all other rows (encoders) on the first stage.
+- `{i}` layer placeholder. LLM layer rows (`language_model.decoder.layers.{i}.`) are pipeline-split where mcore
+  puts the layers: `get_transformer_layer_offset` / `get_num_layers_to_build` of the model's TransformerConfig
+  (so uneven first/last stages, `pipeline_model_parallel_layout` and virtual stages follow mcore, not arithmetic).
+  The embedding is on the first stage, final norm + output layer on the last; encoder rows on the first stage.
 - `{e}` expert placeholder: HF global expert e lives on EP rank e // (E/ep) as local expert e % (E/ep); expert rows
   are split over the expert-TP group (etp) instead of TP.
 - `tp_dim`: the dim of the mcore tensor split over TP (contiguous chunks, mcore's Column/RowParallel layout), with
@@ -15,11 +16,11 @@ parallel layout arithmetic:
 
 API (streaming, tensor by tensor; tensors keep their dtype, so HF -> mcore -> HF is bit-exact):
 
-    coord = RankCoord(tp_rank=.., pp_rank=.., ep_rank=.., etp_rank=..)   # runtime.parallel.rank_coords()
-    sd = hf_to_mcore_rank(reader.get, reader.keys(), config, layout, coord)   # {mcore_key: tensor} of this rank
-    for hf_key, tensor in mcore_to_hf(rank_state_dicts, config, layout): ...   # {coord: {mcore_key: tensor}}
-    load_hf_into_model(model, hf_dir)        # the running rank's model (coords from parallel_state)
-    export_model_to_hf(models_by_coord, ...) # see mcore_to_hf
+    mapper = Mapper(hf_config, layout, use_te=False)
+    for binding in mapper.plan(reader.keys(), coord):           # what this rank needs, nothing else
+        tensor = mapper.materialise(binding, reader.get, coord)  # one mcore tensor (this rank's shard)
+    load_hf_into_model(model, hf_dir, prefix="")                 # copy each mapped tensor into its parameter
+    for hf_key, tensor in mapper.iter_mcore_to_hf({coord: state_dict, ...}): ...   # export direction
 
 `config` is the HF config (full `config.json` dict / thinker / dir). `layout` is model.transformer_config.Layout.
 """
@@ -39,29 +40,18 @@ from .llm_rules import LLM_RULES, MC
 from .rules import Rule
 
 LLM_LAYER_PREFIX = MC + "decoder.layers.{i}."
+LAST_STAGE_ROWS = (MC + "decoder.final_layernorm.weight", MC + "output_layer.weight")
 
 
-def default_rules(config=None, tp: int = 1) -> List[Rule]:
-    """LLM rows + the encoder rows for this TP size (the audio rows are replicated where the audio tower is,
-    e.g. the released 20-head tower at TP=8; see encoder_rows.encoder_rules_for)."""
-    from .encoder_rows import ENCODER_RULES, encoder_rules_for
-
-    _register_encoder_transforms()
-    has_audio = config is not None and "audio_config" in thinker_config_of(config)
-    encoder = encoder_rules_for(config, tp) if has_audio and tp > 1 else ENCODER_RULES
-    return list(LLM_RULES) + list(encoder)
+class MappingError(ValueError):
+    """A checkpoint does not fit the mapping table: a tensor missing, unclaimed, or of the wrong shape / dtype."""
 
 
-def _register_encoder_transforms() -> None:
-    """Adopt encoder_rows.ENCODER_TRANSFORMS ({name: (to_mcore(tensors, heads), to_hf(tensor, heads))}, full
-    tensors) as TP-aware transforms: TP split/concat of the full mcore tensor along the row's tp_dim."""
-    try:
-        from .encoder_rows import ENCODER_TRANSFORMS
-    except ImportError:
-        return
-    for name, (to_m, to_h) in ENCODER_TRANSFORMS.items():
-        if name not in TRANSFORMS:
-            TRANSFORMS[name] = FullTensorTransform(to_m, to_h)
+def thinker_rules(config, tp: int = 1, use_te: bool = False) -> List[Rule]:
+    """LLM rows + encoder rows for this TP size and spec (audio rows replicated where the audio tower is)."""
+    from .encoder_rows import encoder_rules_for
+
+    return list(LLM_RULES) + encoder_rules_for(config, tp, te=use_te)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -88,7 +78,8 @@ class Transform:
 def _chunk(t, n, r, dim):
     if dim is None or n == 1:
         return t
-    assert t.shape[dim] % n == 0, f"dim {dim} of {tuple(t.shape)} not divisible by {n}"
+    if t.shape[dim] % n:
+        raise MappingError(f"dim {dim} of {tuple(t.shape)} not divisible by {n} ranks")
     return t.chunk(n, dim=dim)[r].clone()
 
 
@@ -111,7 +102,8 @@ class Identity(Transform):
 
 class QKV(Transform):
     """q [nh*hd, ...], k [ng*hd, ...], v [ng*hd, ...] -> mcore linear_qkv rows: per query group g,
-    [q heads of g (nh/ng of them), k_g, v_g]; TP splits whole groups (dim 0)."""
+    [q heads of g (nh/ng of them), k_g, v_g]; TP splits whole groups (dim 0). The encoders' full MHA is the case
+    ng == nh (per head [q_h; k_h; v_h])."""
 
     def _fuse(self, q, k, v, g: Geometry):
         per = g.num_heads // g.num_groups
@@ -126,14 +118,9 @@ class QKV(Transform):
         rest = fused.shape[1:]
         x = fused.reshape(g.num_groups, (per + 2) * g.head_dim, *rest)
         q, k, v = x.split([per * g.head_dim, g.head_dim, g.head_dim], dim=1)
-        return (
-            q.reshape(-1, *rest).clone(),
-            k.reshape(-1, *rest).clone(),
-            v.reshape(-1, *rest).clone(),
-        )
+        return tuple(t.reshape(-1, *rest).clone() for t in (q, k, v))
 
     def to_mcore(self, hf, g, r, n, dim):
-        assert dim in (0, None)
         return _chunk(self._fuse(*hf, g), n, r, 0 if dim is not None else None)
 
     def to_hf(self, shards, g, dim):
@@ -141,7 +128,7 @@ class QKV(Transform):
 
 
 class QKVFused(QKV):
-    """One HF tensor [q; k; v] (e.g. a ViT `attn.qkv`) -> mcore per-group interleave (like QKV)."""
+    """One HF tensor [q; k; v] (the ViT's `attn.qkv`) -> mcore per-group interleave (like QKV)."""
 
     def to_mcore(self, hf, g, r, n, dim):
         (t,) = hf
@@ -165,19 +152,6 @@ class GateUp(Transform):
         return (_cat(gates, 0).clone(), _cat(ups, 0).clone())
 
 
-class FullTensorTransform(Transform):
-    """Adapter for a pair of full-tensor functions taking the head count (`Geometry.num_heads`)."""
-
-    def __init__(self, to_m, to_h):
-        self.to_m, self.to_h = to_m, to_h
-
-    def to_mcore(self, hf, g, r, n, dim):
-        return _chunk(self.to_m(list(hf), g.num_heads), n, r, dim)
-
-    def to_hf(self, shards, g, dim):
-        return tuple(self.to_h(_cat(shards, dim), g.num_heads))
-
-
 TRANSFORMS: Dict[str, Transform] = {
     "identity": Identity(),
     "qkv": QKV(),
@@ -186,32 +160,24 @@ TRANSFORMS: Dict[str, Transform] = {
 }
 
 
-def register_transform(name: str, transform: Transform) -> None:
-    TRANSFORMS[name] = transform
-
-
 def attention_geometry(hf_key: str, config) -> Optional[Geometry]:
     """Head geometry of the attention a HF key belongs to (LLM / vision tower / audio tower)."""
-    th = thinker_config_of(config) if not _is_text_only(config) else {"text_config": text_config_of(config)}
+    thinker = thinker_config_of(config)
     if hf_key.startswith("thinker.visual."):
-        v = th["vision_config"]
+        v = thinker["vision_config"]
         nh = v["num_heads"]
         return Geometry(nh, nh, v["hidden_size"] // nh)
     if hf_key.startswith("thinker.audio_tower."):
-        a = th["audio_config"]
+        a = thinker["audio_config"]
         nh = a["encoder_attention_heads"]
         return Geometry(nh, nh, a["d_model"] // nh)
-    t = th["text_config"]
+    t = text_config_of(config)
     nh = t["num_attention_heads"]
     return Geometry(nh, t.get("num_key_value_heads", nh), t.get("head_dim") or t["hidden_size"] // nh)
 
 
-def _is_text_only(config) -> bool:
-    return isinstance(config, dict) and "thinker_config" not in config and "text_config" not in config
-
-
 # ------------------------------------------------------------------------------------------------------------------
-# pattern matching + layout arithmetic
+# pattern matching + placement
 # ------------------------------------------------------------------------------------------------------------------
 def _compile(pattern: str) -> re.Pattern:
     out, pos = "", 0
@@ -222,12 +188,11 @@ def _compile(pattern: str) -> re.Pattern:
 
 
 def _fill(pattern: str, i=None, e=None) -> str:
-    s = pattern
     if i is not None:
-        s = s.replace("{i}", str(i))
+        pattern = pattern.replace("{i}", str(i))
     if e is not None:
-        s = s.replace("{e}", str(e))
-    return s
+        pattern = pattern.replace("{e}", str(e))
+    return pattern
 
 
 @dataclass(frozen=True)
@@ -236,6 +201,7 @@ class RankCoord:
     pp_rank: int = 0
     ep_rank: int = 0
     etp_rank: int = 0
+    vp_stage: Optional[int] = None  # model chunk of a virtual pipeline stage (None: no virtual pipeline)
 
 
 class _Row:
@@ -245,96 +211,162 @@ class _Row:
         self.mc_re = _compile(rule.mcore)
         self.transform = TRANSFORMS[rule.transform]
         self.is_expert = "{e}" in rule.mcore
-        self.is_llm_layer = rule.mcore.startswith(LLM_LAYER_PREFIX)
-        m = rule.mcore
-        self.stage = (
-            "layer"
-            if self.is_llm_layer
-            else "last"
-            if m in (MC + "decoder.final_layernorm.weight", MC + "output_layer.weight")
-            else "first"
-        )
+        self.stage = ("layer" if rule.mcore.startswith(LLM_LAYER_PREFIX)
+                      else "last" if rule.mcore in LAST_STAGE_ROWS else "first")
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One mcore tensor of one rank: the row, the HF tensors it is made of, its (stage-local) mcore name."""
+
+    row: _Row
+    hf_keys: Tuple[str, ...]
+    mcore_key: str
+
+
+def layer_placement(tconfig) -> Dict[int, Tuple[int, Optional[int], int]]:
+    """Global LLM layer -> (pp rank, vp stage, stage-local index), from mcore's own layer-offset helpers."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    vpp = tconfig.virtual_pipeline_model_parallel_size
+    out = {}
+    for pp in range(tconfig.pipeline_model_parallel_size):
+        for vp in (range(vpp) if vpp else [None]):
+            offset = get_transformer_layer_offset(tconfig, vp_stage=vp, pp_rank=pp)
+            for local in range(get_num_layers_to_build(tconfig, vp_stage=vp, pp_rank=pp)):
+                out[offset + local] = (pp, vp, local)
+    return out
 
 
 class Mapper:
-    def __init__(self, config, layout: Optional[Layout] = None, rules: Optional[Iterable[Rule]] = None):
+    """The mapping engine. `tconfig`: the LLM's mcore TransformerConfig (default: built from the HF config and
+    the layout); layer placement comes from it."""
+
+    def __init__(self, config, layout: Optional[Layout] = None, *, use_te: bool = False,
+                 rules: Optional[Iterable[Rule]] = None, tconfig=None):
         self.config = config
         self.layout = layout or Layout()
-        rules = default_rules(config, self.layout.tp) if rules is None else rules
-        _register_encoder_transforms()
+        rules = thinker_rules(config, self.layout.tp, use_te) if rules is None else rules
         self.rows = [_Row(r) for r in rules]
         t = text_config_of(config)
-        self.num_layers = t["num_hidden_layers"]
         self.num_experts = t.get("num_experts", 0) or 0
-        lo = self.layout
-        assert self.num_layers % lo.pp == 0, "uniform pipeline stages only"
-        self.layers_per_stage = self.num_layers // lo.pp
+        if tconfig is None:
+            from ..model.transformer_config import build_transformer_config
+
+            tconfig = build_transformer_config(config, self.layout, perform_initialization=False)
+        self.placement = layer_placement(tconfig)
+        self.global_layer = {(pp, vp, local): i for i, (pp, vp, local) in self.placement.items()}
         if self.num_experts:
-            assert self.num_experts % lo.ep == 0
-            self.local_experts = self.num_experts // lo.ep
-        self._geo_cache: Dict[str, Optional[Geometry]] = {}
+            if self.num_experts % self.layout.ep:
+                raise MappingError(f"{self.num_experts} experts do not split over ep={self.layout.ep}")
+            self.local_experts = self.num_experts // self.layout.ep
+        self._geometry_cache: Dict[str, Optional[Geometry]] = {}
 
     def _geometry(self, hf_key):
-        prefix = hf_key.split(".")[1] if hf_key.startswith("thinker.") else ""
-        if prefix not in self._geo_cache:
+        part = hf_key.split(".")[1] if hf_key.startswith("thinker.") else ""
+        if part not in self._geometry_cache:
             try:
-                self._geo_cache[prefix] = attention_geometry(hf_key, self.config)
+                self._geometry_cache[part] = attention_geometry(hf_key, self.config)
             except (KeyError, TypeError):
-                self._geo_cache[prefix] = None
-        return self._geo_cache[prefix]
+                self._geometry_cache[part] = None
+        return self._geometry_cache[part]
 
     # --- which rank holds what -------------------------------------------------------------------------------------
-    def _pp_of(self, row: _Row, i) -> Tuple[int, Optional[int]]:
-        """(pp stage, mcore-side layer index) of an HF binding."""
+    def _local_layer(self, row: _Row, i, coord: RankCoord) -> Tuple[bool, Optional[int]]:
+        """(does `coord` hold this binding, its mcore-side layer index)."""
         if row.stage == "layer":
-            return int(i) // self.layers_per_stage, int(i) % self.layers_per_stage
+            pp, vp, local = self.placement[int(i)]
+            return (pp, vp) == (coord.pp_rank, coord.vp_stage), local
+        last_pp = self.layout.pp - 1
         if row.stage == "last":
-            return self.layout.pp - 1, i
-        return 0, i
+            return coord.pp_rank == last_pp and coord.vp_stage in (None, self._last_vp()), i
+        return coord.pp_rank == 0 and coord.vp_stage in (None, 0), i
+
+    def _last_vp(self):
+        vps = [vp for (pp, vp, _) in self.global_layer if pp == self.layout.pp - 1]
+        return max(vps) if vps and vps[0] is not None else None
 
     def _tp(self, row: _Row, coord: RankCoord) -> Tuple[int, int]:
         if row.is_expert:
             return coord.etp_rank, self.layout.etp
         return coord.tp_rank, self.layout.tp
 
+    def _match(self, key: str):
+        """(row, match) of the row whose FIRST HF pattern matches `key`, else None."""
+        for row in self.rows:
+            m = row.hf_re[0].match(key)
+            if m:
+                return row, m
+        return None
+
     # --- HF -> mcore -----------------------------------------------------------------------------------------------
-    def iter_hf_to_mcore_rank(
-        self, get_hf: Callable[[str], torch.Tensor], hf_keys: Iterable[str], coord: RankCoord
-    ) -> Iterator[Tuple[str, torch.Tensor]]:
+    def plan(self, hf_keys: Iterable[str], coord: RankCoord) -> List[Binding]:
+        """The mcore tensors of `coord` that the HF keys make (names only, nothing is read)."""
+        out = []
         for key in hf_keys:
-            for row in self.rows:
-                m = row.hf_re[0].match(key)
-                if not m:
+            found = self._match(key)
+            if found is None:
+                continue
+            row, m = found
+            gd = m.groupdict()
+            i, e = gd.get("i"), gd.get("e")
+            here, local_i = self._local_layer(row, i, coord)
+            if not here:
+                continue
+            local_e = None
+            if e is not None:
+                e = int(e)
+                if e // self.local_experts != coord.ep_rank:
                     continue
-                gd = m.groupdict()
-                i, e = gd.get("i"), gd.get("e")
-                stage, local_i = self._pp_of(row, i)
-                if stage != coord.pp_rank:
-                    break
-                local_e = None
-                if e is not None:
-                    e = int(e)
-                    if e // self.local_experts != coord.ep_rank:
-                        break
-                    local_e = e % self.local_experts
-                tensors = [get_hf(_fill(p, i, e)) for p in row.rule.hf]
-                r, n = self._tp(row, coord)
-                out = row.transform.to_mcore(tensors, self._geometry(key), r, n, row.rule.tp_dim)
-                yield _fill(row.rule.mcore, local_i, local_e), out
-                break
+                local_e = e % self.local_experts
+            out.append(Binding(row, tuple(_fill(p, i, e) for p in row.rule.hf), _fill(row.rule.mcore, local_i, local_e)))
+        return out
+
+    def materialise(self, binding: Binding, get_hf: Callable[[str], torch.Tensor], coord: RankCoord) -> torch.Tensor:
+        """This rank's mcore tensor of a binding (reads its HF tensors through `get_hf`)."""
+        tensors = []
+        for key in binding.hf_keys:
+            try:
+                tensors.append(get_hf(key))
+            except KeyError:
+                raise MappingError(f"expected tensor {key} (needed for {binding.mcore_key}) is missing from the "
+                                   f"checkpoint") from None
+        r, n = self._tp(binding.row, coord)
+        try:
+            return binding.row.transform.to_mcore(tensors, self._geometry(binding.hf_keys[0]), r, n,
+                                                  binding.row.rule.tp_dim)
+        except (RuntimeError, MappingError) as error:
+            shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in zip(binding.hf_keys, tensors))
+            raise MappingError(f"cannot map {shapes} to {binding.mcore_key}: {error}") from None
+
+    def iter_hf_to_mcore_rank(self, get_hf, hf_keys, coord: RankCoord) -> Iterator[Tuple[str, torch.Tensor]]:
+        for binding in self.plan(hf_keys, coord):
+            yield binding.mcore_key, self.materialise(binding, get_hf, coord)
 
     def hf_to_mcore_rank(self, get_hf, hf_keys, coord: RankCoord) -> Dict[str, torch.Tensor]:
         return dict(self.iter_hf_to_mcore_rank(get_hf, hf_keys, coord))
 
     def unmapped_hf_keys(self, hf_keys: Iterable[str], prefixes=("thinker.",)) -> List[str]:
-        """HF keys under `prefixes` that no row covers (first or later pattern of a row)."""
-        res = []
-        for k in hf_keys:
-            if not k.startswith(tuple(prefixes)):
-                continue
-            if not any(p.match(k) for row in self.rows for p in row.hf_re):
-                res.append(k)
-        return res
+        """HF keys under `prefixes` that no row claims (first or later pattern of a row)."""
+        return [k for k in hf_keys if k.startswith(tuple(prefixes))
+                and not any(p.match(k) for row in self.rows for p in row.hf_re)]
+
+    def hf_keys_of(self, mcore_key: str, coord: RankCoord) -> List[str]:
+        """The HF tensors an mcore tensor of `coord` is made of (for error messages)."""
+        for row in self.rows:
+            m = row.mc_re.match(mcore_key)
+            if m:
+                i, e = self._global_indices(row, m, coord)
+                return [_fill(p, i, e) for p in row.rule.hf]
+        return []
+
+    def _global_indices(self, row: _Row, m: re.Match, coord: RankCoord):
+        gd = m.groupdict()
+        li, le = gd.get("i"), gd.get("e")
+        gi = self.global_layer[(coord.pp_rank, coord.vp_stage, int(li))] if row.stage == "layer" else li
+        ge = coord.ep_rank * self.local_experts + int(le) if le is not None else None
+        return gi, ge
 
     # --- mcore -> HF -----------------------------------------------------------------------------------------------
     def iter_mcore_to_hf(
@@ -343,33 +375,25 @@ class Mapper:
         """`rank_state_dicts`: one (lazy) state dict per rank coordinate, enough coordinates to cover every shard:
         for dense rows every (pp, tp), for expert rows every (pp, ep, etp). Non-parameter keys (`_extra_state`) are
         ignored. Yields HF tensors one by one."""
-        by = {}
+        stages: Dict[Tuple[int, Optional[int]], List[RankCoord]] = {}
         for c in rank_state_dicts:
-            by.setdefault(c.pp_rank, []).append(c)
+            stages.setdefault((c.pp_rank, c.vp_stage), []).append(c)
         done = set()
-        for pp, coords in sorted(by.items()):
+        for stage, coords in sorted(stages.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
             for c in coords:
                 for key in list(rank_state_dicts[c].keys()):
                     for row in self.rows:
                         m = row.mc_re.match(key)
                         if not m:
                             continue
-                        gd = m.groupdict()
-                        li, le = gd.get("i"), gd.get("e")
-                        # global indices
-                        if row.stage == "layer":
-                            gi = pp * self.layers_per_stage + int(li)
-                        else:
-                            gi = li
-                        ge = c.ep_rank * self.local_experts + int(le) if le is not None else None
+                        gi, ge = self._global_indices(row, m, c)
                         ident = (row.rule.mcore, gi, ge)
-                        if ident in done:
-                            break
-                        done.add(ident)
-                        shards = self._gather(rank_state_dicts, by[pp], row, key, c)
-                        hf = row.transform.to_hf(shards, self._geometry(_fill(row.rule.hf[0], gi, ge)), row.rule.tp_dim)
-                        for pat, t in zip(row.rule.hf, hf):
-                            yield _fill(pat, gi, ge), t
+                        if ident not in done:
+                            done.add(ident)
+                            shards = self._gather(rank_state_dicts, coords, row, key, c)
+                            geometry = self._geometry(_fill(row.rule.hf[0], gi, ge))
+                            for pattern, t in zip(row.rule.hf, row.transform.to_hf(shards, geometry, row.rule.tp_dim)):
+                                yield _fill(pattern, gi, ge), t
                         break
 
     def _gather(self, sds, coords, row: _Row, key, c0: RankCoord) -> List[torch.Tensor]:
@@ -380,27 +404,14 @@ class Mapper:
         for r in range(n):
             found = None
             for c in coords:
-                if row.is_expert:
-                    ok = c.ep_rank == c0.ep_rank and c.etp_rank == r
-                else:
-                    ok = c.tp_rank == r
+                ok = (c.ep_rank == c0.ep_rank and c.etp_rank == r) if row.is_expert else c.tp_rank == r
                 if ok and key in sds[c]:
                     found = sds[c][key]
                     break
-            assert found is not None, f"no shard {r}/{n} of {key}"
+            if found is None:
+                raise MappingError(f"no shard {r}/{n} of {key}")
             shards.append(found)
         return shards
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# functional API
-# ------------------------------------------------------------------------------------------------------------------
-def hf_to_mcore_rank(get_hf, hf_keys, config, layout: Layout, coord: RankCoord, rules=None) -> Dict[str, torch.Tensor]:
-    return Mapper(config, layout, rules).hf_to_mcore_rank(get_hf, hf_keys, coord)
-
-
-def mcore_to_hf(rank_state_dicts, config, layout: Layout, rules=None) -> Iterator[Tuple[str, torch.Tensor]]:
-    return Mapper(config, layout, rules).iter_mcore_to_hf(rank_state_dicts)
 
 
 def all_coords(layout: Layout) -> List[RankCoord]:
@@ -415,7 +426,8 @@ def all_coords(layout: Layout) -> List[RankCoord]:
 
 
 class SafetensorsReader:
-    """Tensor-by-tensor reader of an HF checkpoint dir (single file or sharded with an index)."""
+    """Tensor-by-tensor reader of an HF checkpoint dir (single file or sharded with an index). `get` reads one
+    tensor from the memory-mapped file; nothing else is held."""
 
     def __init__(self, hf_dir):
         from safetensors import safe_open
@@ -423,10 +435,11 @@ class SafetensorsReader:
         self.dir = Path(hf_dir)
         idx = self.dir / "model.safetensors.index.json"
         if idx.exists():
-            wm = json.loads(idx.read_text())["weight_map"]
-            files = sorted(set(wm.values()))
+            files = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
         else:
             files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+        if not files:
+            raise MappingError(f"{self.dir} holds no *.safetensors files")
         self._handles = {f: safe_open(str(self.dir / f), "pt") for f in files}
         self._where = {k: f for f, h in self._handles.items() for k in h.keys()}
         self.config = json.loads((self.dir / "config.json").read_text())
@@ -434,16 +447,35 @@ class SafetensorsReader:
     def keys(self) -> List[str]:
         return list(self._where)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
     def get(self, key: str) -> torch.Tensor:
+        if key not in self._where:
+            raise KeyError(key)
         return self._handles[self._where[key]].get_tensor(key)
 
+    def shape(self, key: str) -> tuple:
+        """A tensor's shape, from the header (nothing is read)."""
+        return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
 
-def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str = MC) -> Dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    def numel(self, key: str) -> int:
+        n = 1
+        for d in self.shape(key):
+            n *= d
+        return n
+
+    def nbytes(self, key: str) -> int:
+        return self.numel(key) * _DTYPE_BYTES[self.dtype(key)]
+
+    def dtype(self, key: str) -> str:
+        """The safetensors dtype name of a tensor ("BF16", "F32", ...), from the header."""
+        return self._handles[self._where[key]].get_slice(key).get_dtype()
 
 
-def add_prefix(sd: Mapping[str, torch.Tensor], prefix: str = MC) -> Dict[str, torch.Tensor]:
-    return {prefix + k: v for k, v in sd.items()}
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def current_coord() -> RankCoord:
@@ -452,29 +484,57 @@ def current_coord() -> RankCoord:
     return RankCoord(**rank_coords())
 
 
-def load_hf_into_model(model: torch.nn.Module, hf, *, layout: Optional[Layout] = None, coord: Optional[RankCoord] = None,
-                       prefix: str = MC, rules=None) -> None:
+def copy_into_model(model: torch.nn.Module, mapper: Mapper, get_hf: Callable[[str], torch.Tensor],
+                    hf_keys: Iterable[str], coord: RankCoord, *, prefix: str = "",
+                    progress: Optional[Callable[[Binding], None]] = None) -> int:
+    """Copy, don't collect: map the HF tensors of `coord` one at a time straight into `model`'s parameters (cast to
+    the parameter's dtype) and free each before the next. `prefix` is dropped from the mcore names (e.g.
+    'language_model.' for the standalone LLM, 'vision_model.' for one tower). Strict: every parameter is filled
+    (only `_extra_state` may stay), every mapped tensor has a parameter of its shape. Returns the tensors copied."""
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    filled = set()
+    with torch.no_grad():
+        for binding in mapper.plan(hf_keys, coord):
+            if not binding.mcore_key.startswith(prefix):
+                continue
+            name = binding.mcore_key[len(prefix):]
+            if name not in own:
+                raise MappingError(f"{binding.hf_keys} map to {binding.mcore_key}, which the model does not have")
+            tensor = mapper.materialise(binding, get_hf, coord)
+            target = own[name]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise MappingError(f"{', '.join(binding.hf_keys)} -> {binding.mcore_key}: mapped shape "
+                                   f"{tuple(tensor.shape)} != model shape {tuple(target.shape)}")
+            target.copy_(tensor)
+            filled.add(name)
+            del tensor
+            if progress is not None:
+                progress(binding)
+    missing = [k for k in own if k not in filled]
+    if missing:
+        expected = [", ".join(mapper.hf_keys_of(prefix + k, coord)) or "(no row)" for k in missing[:5]]
+        raise MappingError(f"{len(missing)} model tensors not filled, e.g. {missing[:5]}; expected HF tensors "
+                           f"missing from the checkpoint: {expected}")
+    return len(filled)
+
+
+def load_hf_into_model(model: torch.nn.Module, hf, *, layout: Optional[Layout] = None,
+                       coord: Optional[RankCoord] = None, prefix: str = MC, rules=None, use_te: bool = False) -> None:
     """Load this rank's shard of an HF checkpoint (dir or SafetensorsReader) into `model` (the standalone LLM:
-    prefix 'language_model.' is stripped; pass prefix='' for a module whose names carry the full thinker names).
-    Every parameter must be filled (only `_extra_state` may be missing); dtype is cast to the parameter's."""
+    prefix 'language_model.' is stripped; pass prefix='' for the thinker, whose names carry the full names)."""
     from ..model.language_model import current_layout
 
     reader = hf if isinstance(hf, SafetensorsReader) else SafetensorsReader(hf)
     layout = layout or current_layout()
     coord = coord or current_coord()
     rules = rules if rules is not None else (LLM_RULES if prefix == MC else None)
-    sd = Mapper(reader.config, layout, rules).hf_to_mcore_rank(reader.get, reader.keys(), coord)
-    sd = strip_prefix(sd, prefix) if prefix else sd
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith("_extra_state")]
-    unexpected = [k for k in sd if k not in own]
-    assert not missing and not unexpected, f"missing {missing[:5]} unexpected {unexpected[:5]}"
-    with torch.no_grad():
-        for k, v in sd.items():
-            assert own[k].shape == v.shape, f"{k}: model {tuple(own[k].shape)} vs mapped {tuple(v.shape)}"
-            own[k].copy_(v.to(own[k].dtype))
+    mapper = Mapper(reader.config, layout, use_te=use_te, rules=rules, tconfig=_llm_config_of(model))
+    copy_into_model(model, mapper, reader.get, reader.keys(), coord, prefix=prefix)
 
 
-def model_state_for_export(model: torch.nn.Module, prefix: str = MC) -> Dict[str, torch.Tensor]:
-    """This rank's parameters under mapping names (drop `_extra_state`), for `mcore_to_hf`."""
-    return {prefix + k: v.detach() for k, v in model.state_dict().items() if not k.endswith("_extra_state") and v is not None}
+def _llm_config_of(model: torch.nn.Module):
+    """The LLM TransformerConfig of a thinker or standalone LLM (layer placement follows it); None otherwise."""
+    from ..model.language_model import Qwen3OmniLanguageModel
+
+    lm = getattr(model, "language_model", model)
+    return lm.config if isinstance(lm, Qwen3OmniLanguageModel) else None

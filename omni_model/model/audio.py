@@ -42,13 +42,9 @@ from .encoder_layers import (
     packed_seq_params,
     plain_param_device,
     run_layers,
-    sub_config,
     tp_world_size,
 )
-
-
-def audio_config_dict(config: Any) -> dict:
-    return sub_config(config, "audio_config")
+from .transformer_config import audio_config_of, current_tp_size
 
 
 def audio_output_lengths(input_lengths, n_window: int = 50):
@@ -68,26 +64,17 @@ def _conv_out_len(n):
     return n
 
 
-def _global_tp_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        from megatron.core import parallel_state
-
-        if parallel_state.model_parallel_is_initialized():
-            return parallel_state.get_tensor_model_parallel_world_size()
-    return 1
-
-
 def audio_replicated(config: Any, tp: int) -> bool:
     """Whether the audio tower is a full copy per TP rank at tensor-parallel size `tp` (TP must divide the heads and
     the FFN to split it; the released 20 heads split at TP 1/2/4/5/10/20, not at TP=8). The single source of this
     decision for the model (`AudioEncoder(replicate=None)`) and the mapping (`encoder_rows.encoder_rules_for`)."""
-    a = audio_config_dict(config)
+    a = audio_config_of(config)
     return tp > 1 and (a["encoder_attention_heads"] % tp != 0 or a["encoder_ffn_dim"] % tp != 0)
 
 
 def audio_transformer_config(config: Any, *, tp_size: Optional[int] = None, params_dtype=torch.float32,
                              **overrides) -> TransformerConfig:
-    a = audio_config_dict(config)
+    a = audio_config_of(config)
     act = a.get("activation_function", "gelu")
     assert act == "gelu", f"AuT uses exact GELU, got {act}"
     return encoder_transformer_config(
@@ -97,7 +84,7 @@ def audio_transformer_config(config: Any, *, tp_size: Optional[int] = None, para
         ffn_hidden_size=a["encoder_ffn_dim"],
         activation_func=F.gelu,
         layernorm_epsilon=1e-5,
-        tp_size=_global_tp_size() if tp_size is None else tp_size,
+        tp_size=current_tp_size() if tp_size is None else tp_size,
         params_dtype=params_dtype,
         **overrides,
     )
@@ -117,7 +104,7 @@ class AudioEncoder(MegatronModule):
     Args:
         config: HF config (top-level, thinker or `audio_config`; dict or PretrainedConfig).
         transformer_config: mcore config of the layers (default `audio_transformer_config(config)`, fp32).
-        use_te: TE layer spec (default: when transformer_engine imports).
+        use_te: TE layer spec (the one TE decision, `model.use_te`; default: the local spec).
         pg_collection: process groups (default: `encoder_process_groups(replicate)`).
         replicate: full copy on every TP rank (default: when TP does not divide heads / FFN).
 
@@ -127,10 +114,10 @@ class AudioEncoder(MegatronModule):
     """
 
     def __init__(self, config: Any, transformer_config: Optional[TransformerConfig] = None,
-                 use_te: Optional[bool] = None, pg_collection: Optional[ProcessGroupCollection] = None,
+                 use_te: bool = False, pg_collection: Optional[ProcessGroupCollection] = None,
                  replicate: Optional[bool] = None):
-        a = audio_config_dict(config)
-        tp = _global_tp_size()
+        a = audio_config_of(config)
+        tp = current_tp_size()
         if replicate is None:
             replicate = audio_replicated(a, tp)
         if transformer_config is None:

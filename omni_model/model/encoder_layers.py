@@ -3,7 +3,7 @@
 Both towers are pre-norm LayerNorm transformers with biased linears and *non-causal attention inside segments*
 (one image or video frame for the ViT, one `n_window_infer` window for the AuT). They are built from Megatron-Core's
 `TransformerBlock` with our own layer spec, so tensor parallelism (column/row parallel linears) comes from mcore and
-the TransformerEngine spec is used on clusters that have TE.
+the TransformerEngine spec is used when the one TE decision (`model.use_te`) asks for it.
 
 Segments are passed as mcore `PackedSeqParams(qkv_format="thd", cu_seqlens_*)`. That is what TE's
 `TEDotProductAttention` consumes natively (flash/cuDNN varlen) and what mcore's RoPE needs to rotate a packed
@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,35 +44,6 @@ try:  # flash varlen attention in core torch (2.10+); used on CUDA in half preci
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
 except Exception:  # pragma: no cover - older torch
     _varlen_attn = None
-
-
-def have_te() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-        from megatron.core.extensions import transformer_engine as _te_ext  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# config dict helpers
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def sub_config(config: Any, key: str) -> dict:
-    """The `vision_config` / `audio_config` dict out of a top-level, thinker-level or component-level HF config
-    (dict or transformers `PretrainedConfig`)."""
-    if hasattr(config, "to_dict"):
-        config = config.to_dict()
-    config = dict(config)
-    if "thinker_config" in config:
-        config = dict(config["thinker_config"])
-    if key in config:
-        config = config[key]
-        if hasattr(config, "to_dict"):
-            config = config.to_dict()
-    return dict(config)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,16 +247,16 @@ class PackedSDPAttention(MegatronModule):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def encoder_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
+def encoder_layer_spec(use_te: bool = False) -> ModuleSpec:
     """Pre-LN encoder layer: LayerNorm -> self-attention (non-causal, packed segments) -> LayerNorm -> MLP.
 
-    `use_te=None` picks TE when `transformer_engine` imports. State-dict names differ between the two specs
-    (local: `input_layernorm.*`, `pre_mlp_layernorm.*`; TE: fused into `linear_qkv.layer_norm_*` and
-    `mlp.linear_fc1.layer_norm_*`); `omni_model.convert.encoder_rows.encoder_rules(te=...)` gives both tables.
+    State-dict names differ between the two specs (local: `input_layernorm.*`, `pre_mlp_layernorm.*`; TE: fused
+    into `linear_qkv.layer_norm_*` and `mlp.linear_fc1.layer_norm_*`); `omni_model.convert.encoder_rows.
+    encoder_rules(te=...)` gives the rows for the same `use_te`.
     """
-    if use_te is None:
-        use_te = have_te()
-    if use_te:
+    from .specs import require_te
+
+    if require_te(use_te):
         from megatron.core.extensions.transformer_engine import (
             TEDotProductAttention,
             TELayerNormColumnParallelLinear,

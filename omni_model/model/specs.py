@@ -1,5 +1,5 @@
-"""Layer specs of the Qwen3-Omni thinker LLM: the TransformerEngine spec when `transformer_engine` imports, else a
-fast local spec. Both give the SAME state-dict names (TE adds `_extra_state` entries, which the mapping ignores):
+"""Layer specs of the Qwen3-Omni thinker LLM: the fast local spec, or the TransformerEngine spec when the one TE
+decision (config `model.use_te`, passed explicitly to every builder) asks for it. Both give the SAME state-dict names (TE adds `_extra_state` entries, which the mapping ignores):
 
   decoder.layers.N.input_layernorm.weight                     (TE: TENorm, not fused into linear_qkv)
   decoder.layers.N.self_attention.linear_qkv.weight           [ng*(nh/ng+2)*hd / tp, H], per-group [q.., k, v]
@@ -42,14 +42,17 @@ from .norm import RMSNorm
 from .router import SoftmaxTopKRouter
 
 
-def te_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-        import transformer_engine.pytorch  # noqa: F401
-
-        return True
-    except Exception:
-        return False
+def require_te(use_te: bool) -> bool:
+    """The one TE probe: `use_te` back when TransformerEngine (and mcore's TE extension) imports; asking for TE on a
+    machine without it is an error, never a silent fallback (the checkpoint names and kernels would differ)."""
+    if use_te:
+        try:
+            import transformer_engine.pytorch  # noqa: F401
+            from megatron.core.extensions import transformer_engine  # noqa: F401,F811
+        except Exception as error:
+            raise RuntimeError(f"model.use_te is true but TransformerEngine does not import here ({error}); install "
+                               f"transformer_engine or set model.use_te: false (the local spec)") from error
+    return bool(use_te)
 
 
 class DeepstackTransformerLayer(TransformerLayer):
@@ -163,11 +166,10 @@ def moe_layer_pattern(text_cfg: dict) -> List[bool]:
 
 
 def decoder_block_spec(
-    config, text_cfg: dict, use_te: Optional[bool] = None, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None
+    config, text_cfg: dict, use_te: bool = False, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None
 ) -> TransformerBlockSubmodules:
     """Block spec for the layers of this pipeline stage (MoE or dense per layer, final RMSNorm)."""
-    if use_te is None:
-        use_te = te_available()
+    use_te = require_te(use_te)
     pattern = moe_layer_pattern(text_cfg)
     specs = [layer_spec(m, use_te) for m in pattern]
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)

@@ -12,7 +12,8 @@ must equal the number of encoder outputs; otherwise the forward fails naming bot
 train on misaligned features).
 
 State-dict names are the mapping's names (`language_model.*`, `vision_model.*`, `audio_model.*`), so
-`omni_model.convert.mapping.load_hf_into_model(thinker, hf_dir, prefix="")` fills it. With pipeline parallelism the
+`omni_model.convert.load_checkpoint(thinker, ckpt_dir)` fills it from a converted checkpoint (any layout) and
+`omni_model.convert.mapping.load_hf_into_model(thinker, hf_dir, prefix="")` from HF safetensors. With pipeline parallelism the
 encoders live on the first stage only (deepstack needs them there too).
 """
 
@@ -26,7 +27,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from .audio import AudioEncoder, audio_replicated, audio_transformer_config
 from .language_model import Qwen3OmniLanguageModel, on_gpu_if_any, build_language_model
-from .transformer_config import thinker_config_of
+from .transformer_config import current_tp_size, thinker_config_of
 from .vision import VisionEncoder, vision_transformer_config
 
 
@@ -140,21 +141,27 @@ class Qwen3OmniThinker(MegatronModule):
             visual_pos_masks=visual_pos_masks, deepstack_visual_embeds=deepstack)
 
 
-def build_thinker(hf_config, *, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None,
-                  layout=None, vision: bool = True, audio: bool = True, **lm_kw) -> Qwen3OmniThinker:
-    """This rank's thinker (after runtime.parallel.init_parallel). Encoders only on the first pipeline stage."""
+def build_thinker(hf_config, *, dtype: torch.dtype = torch.float32, use_te: bool = False,
+                  layout=None, vision: bool = True, audio: bool = True, perform_initialization: bool = True,
+                  **lm_kw) -> Qwen3OmniThinker:
+    """This rank's thinker (after runtime.parallel.init_parallel). Encoders only on the first pipeline stage.
+    `use_te`: the one TE decision (config `model.use_te`). `perform_initialization=False` leaves the weights
+    uninitialised, for a model that a checkpoint fills next (conversion, loading)."""
     thinker = thinker_config_of(hf_config)
-    language_model = build_language_model(hf_config, dtype=dtype, use_te=use_te, layout=layout, **lm_kw)
+    language_model = build_language_model(hf_config, dtype=dtype, use_te=use_te, layout=layout,
+                                          perform_initialization=perform_initialization, **lm_kw)
     first_stage = language_model.pre_process
     vision_model = audio_model = None
     if first_stage and vision and "vision_config" in thinker:
-        vision_model = VisionEncoder(thinker, vision_transformer_config(thinker, params_dtype=dtype), use_te=use_te)
+        config = vision_transformer_config(thinker, params_dtype=dtype, perform_initialization=perform_initialization)
+        vision_model = VisionEncoder(thinker, config, use_te=use_te)
     if first_stage and audio and "audio_config" in thinker:
-        audio_model = AudioEncoder(thinker, _audio_config(thinker, dtype), use_te=use_te)
+        audio_model = AudioEncoder(thinker, _audio_config(thinker, dtype, perform_initialization), use_te=use_te)
     return on_gpu_if_any(Qwen3OmniThinker(hf_config, language_model, vision_model, audio_model))
 
 
-def _audio_config(thinker: dict, dtype):
+def _audio_config(thinker: dict, dtype, perform_initialization: bool = True):
     """The audio tower's mcore config; its TP size follows the tower's own replicate rule (audio_replicated)."""
-    tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
-    return audio_transformer_config(thinker, tp_size=1 if audio_replicated(thinker, tp) else tp, params_dtype=dtype)
+    tp = current_tp_size()
+    return audio_transformer_config(thinker, tp_size=1 if audio_replicated(thinker, tp) else tp, params_dtype=dtype,
+                                    perform_initialization=perform_initialization)

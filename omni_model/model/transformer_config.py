@@ -17,27 +17,48 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
-def text_config_of(cfg) -> dict:
-    """The text_config dict of a full / thinker / text config (dict, path to config.json or HF dir, or HF object)."""
+def _config_dict(cfg) -> dict:
+    """An HF config as a dict: a dict, a path to config.json or an HF dir, or a transformers config object."""
     if isinstance(cfg, (str, Path)):
         p = Path(cfg)
         cfg = json.loads((p / "config.json" if p.is_dir() else p).read_text())
     if not isinstance(cfg, dict):
         cfg = cfg.to_dict()
-    if "thinker_config" in cfg:
-        cfg = cfg["thinker_config"]
-    if "text_config" in cfg:
-        cfg = cfg["text_config"]
     return cfg
 
 
 def thinker_config_of(cfg) -> dict:
-    if isinstance(cfg, (str, Path)):
-        p = Path(cfg)
-        cfg = json.loads((p / "config.json" if p.is_dir() else p).read_text())
-    if not isinstance(cfg, dict):
-        cfg = cfg.to_dict()
+    """The thinker_config dict of a full / thinker config (a component dict comes back as is)."""
+    cfg = _config_dict(cfg)
     return cfg.get("thinker_config", cfg)
+
+
+def text_config_of(cfg) -> dict:
+    """The text_config dict of a full / thinker / text config."""
+    cfg = thinker_config_of(cfg)
+    return cfg.get("text_config", cfg)
+
+
+def vision_config_of(cfg) -> dict:
+    """The vision_config dict of a full / thinker / vision config."""
+    cfg = thinker_config_of(cfg)
+    return cfg.get("vision_config", cfg)
+
+
+def audio_config_of(cfg) -> dict:
+    """The audio_config dict of a full / thinker / audio config."""
+    cfg = thinker_config_of(cfg)
+    return cfg.get("audio_config", cfg)
+
+
+def current_tp_size() -> int:
+    """Tensor-parallel size of mcore's parallel_state, 1 when it is not initialised (single process, meta builds)."""
+    from megatron.core import parallel_state
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_world_size()
+    return 1
 
 
 def rope_params(text: dict) -> dict:

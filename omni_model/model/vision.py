@@ -39,9 +39,9 @@ from .encoder_layers import (
     packed_seq_params,
     plain_param_device,
     run_layers,
-    sub_config,
     tp_world_size,
 )
+from .transformer_config import current_tp_size, vision_config_of
 
 _ACTIVATIONS = {
     "gelu_pytorch_tanh": gelu_tanh,
@@ -51,21 +51,10 @@ _ACTIVATIONS = {
 }
 
 
-def vision_config_dict(config: Any) -> dict:
-    return sub_config(config, "vision_config")
-
-
 def vision_transformer_config(config: Any, *, tp_size: Optional[int] = None, params_dtype=torch.float32,
                               **overrides) -> TransformerConfig:
     """mcore TransformerConfig of the ViT blocks from an HF config (top-level, thinker or `vision_config`)."""
-    v = vision_config_dict(config)
-    if tp_size is None:
-        tp_size = 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            from megatron.core import parallel_state
-
-            if parallel_state.model_parallel_is_initialized():
-                tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    v = vision_config_of(config)
     return encoder_transformer_config(
         num_layers=v["depth"],
         hidden_size=v["hidden_size"],
@@ -73,7 +62,7 @@ def vision_transformer_config(config: Any, *, tp_size: Optional[int] = None, par
         ffn_hidden_size=v["intermediate_size"],
         activation_func=_ACTIVATIONS[v.get("hidden_act", "gelu_pytorch_tanh")],
         layernorm_epsilon=1e-6,
-        tp_size=tp_size,
+        tp_size=current_tp_size() if tp_size is None else tp_size,
         params_dtype=params_dtype,
         **overrides,
     )
@@ -251,7 +240,7 @@ class VisionEncoder(MegatronModule):
         config: HF config (top-level, thinker or `vision_config`; dict or PretrainedConfig).
         transformer_config: mcore config of the blocks (default: `vision_transformer_config(config)`, fp32, TP from
             `parallel_state` when initialised). Pass one with `params_dtype=torch.bfloat16` for bf16 training.
-        use_te: TE layer spec (default: when transformer_engine imports).
+        use_te: TE layer spec (the one TE decision, `model.use_te`; default: the local spec).
         pg_collection: process groups (default: `encoder_process_groups()`).
 
     forward(pixel_values [N, C*T*P*P], grid_thw [n, 3]) -> (embeds [N/merge^2, out_hidden],
@@ -261,8 +250,8 @@ class VisionEncoder(MegatronModule):
     """
 
     def __init__(self, config: Any, transformer_config: Optional[TransformerConfig] = None,
-                 use_te: Optional[bool] = None, pg_collection: Optional[ProcessGroupCollection] = None):
-        v = vision_config_dict(config)
+                 use_te: bool = False, pg_collection: Optional[ProcessGroupCollection] = None):
+        v = vision_config_of(config)
         tconfig = transformer_config or vision_transformer_config(v)
         super().__init__(config=tconfig)
         self.hf_config = v

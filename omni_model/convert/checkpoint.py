@@ -1,0 +1,220 @@
+"""HF safetensors -> Megatron-Core torch_dist checkpoint of the thinker, and the one loader every stage uses.
+
+    init_parallel(tp=2, ep=2)                                   # every rank (torchrun), layout from parallel_state
+    convert_checkpoint(hf_dir, out_dir, dtype="fp32")           # -> out_dir/checkpoint/ + HF files + convert.json
+    ...
+    thinker = build_thinker(config, perform_initialization=False)   # any layout
+    load_checkpoint(thinker, out_dir / "checkpoint")
+
+Each rank builds its own shard of the thinker (uninitialised), copies its HF tensors in one at a time (mmap read ->
+mapped -> copied -> freed: `mapping.copy_into_model`), and all ranks `dist_checkpointing.save` the thinker's
+`sharded_state_dict()` together. The dist checkpoint holds global tensors, so it loads at any TP/PP/EP/ETP layout.
+Everything is written to `<out_dir>.staging` first and renamed into place last: a killed job never leaves a
+checkpoint that looks complete. `talker.*` / `code2wav.*` are not the thinker's: they are listed in convert.json and
+left for export, which copies them from the HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .mapping import Mapper, MappingError, SafetensorsReader, copy_into_model, current_coord
+
+CHECKPOINT = "checkpoint"
+CONVERT_JSON = "convert.json"
+PARITY_JSON = "parity.json"
+NOT_THINKER = ("talker.", "code2wav.")
+WEIGHT_FILES = (".safetensors", "model.safetensors.index.json")
+PARTS = {"llm": ("thinker.model.", "thinker.lm_head."), "vision": ("thinker.visual.",),
+         "audio": ("thinker.audio_tower.",), "talker": ("talker.",), "code2wav": ("code2wav.",)}
+
+
+def resolve_dtype(name) -> torch.dtype:
+    """`auto` = bf16 on a GPU machine, fp32 on CPU (mcore's CPU path is fp32 only)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"convert.dtype {name!r}: expected auto, fp32 or bf16")
+    return table[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class Progress:
+    """Bytes of HF tensors copied so far: a tqdm bar on a terminal, else one log line per 10 %."""
+
+    def __init__(self, total_bytes: int, total_tensors: int, log: Callable[[str], None], label: str):
+        self.total, self.tensors, self.log, self.label = max(total_bytes, 1), total_tensors, log, label
+        self.done = self.count = self.logged_tenth = 0
+        self.start = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty() and _rank() == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=label)
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            return
+        tenth = min(10, self.done * 10 // self.total)
+        if tenth > self.logged_tenth:
+            self.logged_tenth = tenth
+            seconds = time.perf_counter() - self.start
+            self.log(f"{self.label}: {tenth * 10:3d} % ({self.count}/{self.tensors} tensors, "
+                     f"{self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB, {self.done / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def check_source_dtypes(reader: SafetensorsReader) -> None:
+    """Every thinker tensor must have the checkpoint's declared dtype (config `dtype` / `torch_dtype`)."""
+    declared = reader.config.get("dtype") or reader.config.get("torch_dtype")
+    if declared is None:
+        return
+    expected = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(str(declared).replace("torch.", ""))
+    for key in reader.keys():
+        if key.startswith("thinker.") and expected and reader.dtype(key) != expected:
+            raise MappingError(f"{key}: dtype {reader.dtype(key)} but the checkpoint's config declares {declared}")
+
+
+def parameter_counts(reader: SafetensorsReader) -> dict:
+    """Parameters per part (llm, vision, audio, talker, code2wav) from the safetensors headers."""
+    counts = {part: 0 for part in PARTS}
+    for key in reader.keys():
+        for part, prefixes in PARTS.items():
+            if key.startswith(prefixes):
+                counts[part] += reader.numel(key)
+    return counts
+
+
+def manifest_digest(hf_dir: Path) -> Optional[str]:
+    path = Path(hf_dir) / "MANIFEST.json"
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def copy_hf_side_files(hf_dir: Path, out_dir: Path) -> list[str]:
+    """Config, generation config, tokenizer, chat template, preprocessor files: every non-weight file."""
+    from ..download import MANIFEST, list_files
+
+    copied = []
+    for rel in list_files(Path(hf_dir)):
+        if rel.endswith(WEIGHT_FILES) or rel == MANIFEST:
+            continue
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(hf_dir) / rel, out_dir / rel)  # follows links (a `local` source links its files)
+        copied.append(rel)
+    return copied
+
+
+def convert_checkpoint(hf_dir, out_dir, *, dtype="auto", use_te: bool = False,
+                       log: Callable[[str], None] = print) -> dict:
+    """Convert on every rank of an initialised layout (runtime.parallel.init_parallel); returns convert.json."""
+    from megatron.core import dist_checkpointing
+
+    from ..model.language_model import current_layout
+    from ..model.thinker import build_thinker
+
+    started = time.perf_counter()
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    dtype = resolve_dtype(dtype)
+    staging = out_dir.with_name(out_dir.name + ".staging")
+    if _rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / CHECKPOINT).mkdir(parents=True)
+    _barrier()
+
+    reader = SafetensorsReader(hf_dir)
+    check_source_dtypes(reader)
+    layout, coord = current_layout(), current_coord()
+    thinker = build_thinker(reader.config, dtype=dtype, use_te=use_te, perform_initialization=False)
+    mapper = Mapper(reader.config, layout, use_te=use_te, tconfig=thinker.config)
+    unclaimed = mapper.unmapped_hf_keys(reader.keys(), prefixes=("thinker.",))
+    if unclaimed:
+        raise MappingError(f"{len(unclaimed)} thinker tensors are claimed by no mapping row: {unclaimed[:8]}")
+    plan = mapper.plan(reader.keys(), coord)
+    def nbytes(binding):  # a tensor missing from the checkpoint is reported by the copy, naming it
+        return sum(reader.nbytes(k) for k in binding.hf_keys if k in reader)
+
+    progress = Progress(sum(nbytes(b) for b in plan), len(plan), log, f"convert rank {_rank()}")
+    copy_into_model(thinker, mapper, reader.get, reader.keys(), coord, progress=lambda b: progress.add(nbytes(b)))
+    progress.close()
+    mapped_s = time.perf_counter() - started
+
+    dist_checkpointing.save(thinker.sharded_state_dict(), str(staging / CHECKPOINT))
+    saved_s = time.perf_counter() - started - mapped_s
+    left = [k for k in reader.keys() if k.startswith(NOT_THINKER)]
+    record = {
+        "source": {"dir": str(hf_dir.resolve()), "manifest": manifest_digest(hf_dir)},
+        "layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.etp, "cp": layout.cp},
+        "dtype": dtype_name(dtype),
+        "use_te": bool(use_te),
+        "parameters": parameter_counts(reader),
+        "thinker_tensors_read": sum(1 for k in reader.keys() if k.startswith("thinker.")),
+        "left_for_export": {"count": len(left), "tensors": left},
+        "checkpoint": CHECKPOINT,
+        "seconds": {"read_and_map": round(mapped_s, 3), "save": round(saved_s, 3)},
+    }
+    if _rank() == 0:
+        record["hf_files"] = copy_hf_side_files(hf_dir, staging)
+        record["seconds"]["total"] = round(time.perf_counter() - started, 3)
+        (staging / CONVERT_JSON).write_text(json.dumps(record, indent=2))
+        publish(staging, out_dir)
+        log(f"converted {hf_dir} -> {out_dir}/{CHECKPOINT} ({dtype_name(dtype)}, tp{layout.tp} pp{layout.pp} "
+            f"ep{layout.ep} etp{layout.etp}) in {record['seconds']['total']:.1f} s")
+    _barrier()
+    return record
+
+
+def publish(staging: Path, out_dir: Path) -> None:
+    """Replace out_dir by the finished staging dir: the old one is renamed aside first, so at every moment out_dir
+    is either absent or complete."""
+    if out_dir.is_symlink() or out_dir.is_file():
+        out_dir.unlink()
+    elif out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        shutil.rmtree(old)
+    os.replace(staging, out_dir)
+
+
+def load_checkpoint(thinker: torch.nn.Module, ckpt_dir) -> None:
+    """Fill a built thinker (any layout, after init_parallel) from a torch_dist checkpoint dir of the thinker's
+    `sharded_state_dict()` (convert's or a training checkpoint). A tensor the model needs but the checkpoint lacks,
+    or of another shape, is an error naming it."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "metadata.json").is_file():
+        raise FileNotFoundError(f"{ckpt_dir} is not a complete torch_dist checkpoint (no metadata.json)")
+    loaded = dist_checkpointing.load(thinker.sharded_state_dict(), str(ckpt_dir), strict=StrictHandling.RAISE_UNEXPECTED)
+    thinker.load_state_dict(loaded, strict=True)
