@@ -9,8 +9,13 @@ training checkpoint, at any layout.
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import re
+import shutil
 from pathlib import Path
+from typing import Optional
 
 LATEST = "latest"
 
@@ -34,3 +39,235 @@ def read_latest(train_dir: Path) -> Path:
     if not (target / "metadata.json").exists():
         raise FileNotFoundError(f"{pointer} names {target}, which is not a complete dist checkpoint")
     return target
+
+
+# -- training checkpoints ------------------------------------------------------------------------------------------
+# iter_NNNNNNN/ holds, through dist_checkpointing: the model (thinker keys, no prefix), the optimizer (reshardable
+# format), and per rank the RNG states and the Energon loader state (ShardedObjects); in common.pt the iteration,
+# the scheduler state, the settings digest and the layout. Next to them (rank 0): train_state.json (iteration +
+# digest, readable without torch) and metrics.jsonl (the metric lines up to this iteration, so a resumed run rebuilds
+# the metrics file that Snakemake deleted). Written as iter_NNNNNNN.tmp, renamed when complete, then `latest`.
+
+ITER_DIR = re.compile(r"^iter_(\d{7})$")
+TRAIN_STATE = "train_state.json"
+METRICS = "metrics.jsonl"
+# the distributed optimizer saves its state like a plain optimizer's (one tensor per model tensor: reshards to any
+# layout); no per-optimizer key prefix
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+def iter_dir(train_dir: Path, iteration: int) -> Path:
+    return Path(train_dir) / f"iter_{iteration:07d}"
+
+
+def complete_checkpoints(train_dir: Path) -> list[tuple[int, str, Path]]:
+    """(iteration, digest, dir) of every complete training checkpoint under train_dir, oldest first."""
+    found = []
+    train_dir = Path(train_dir)
+    if not train_dir.is_dir():
+        return found
+    for path in train_dir.iterdir():
+        match = ITER_DIR.match(path.name)
+        state = path / TRAIN_STATE
+        if match and state.is_file() and (path / "metadata.json").is_file():
+            found.append((int(match.group(1)), json.loads(state.read_text())["digest"], path))
+    return sorted(found)
+
+
+def choose_resume(train_dir: Path, digest: str, iters: int) -> Optional[Path]:
+    """The newest complete checkpoint of this run (same settings digest, iteration <= iters), or None."""
+    matching = [path for iteration, d, path in complete_checkpoints(train_dir) if d == digest and iteration <= iters]
+    return matching[-1] if matching else None
+
+
+def clear_other_runs(train_dir: Path, keep: Optional[Path]) -> list[str]:
+    """Remove half-written (*.tmp) dirs and every iter_* dir except `keep` (and older ones of the same run): what a
+    different run, or an interrupted save, left behind. Returns the removed names."""
+    train_dir = Path(train_dir)
+    removed = []
+    if not train_dir.is_dir():
+        return removed
+    keep_digest = json.loads((keep / TRAIN_STATE).read_text())["digest"] if keep else None
+    keep_iter = int(ITER_DIR.match(keep.name).group(1)) if keep else -1
+    for path in sorted(train_dir.iterdir()):
+        if not path.name.startswith("iter_") or not path.is_dir():
+            continue
+        match = ITER_DIR.match(path.name)
+        state = path / TRAIN_STATE
+        same_run = (match and state.is_file() and json.loads(state.read_text())["digest"] == keep_digest
+                    and int(match.group(1)) <= keep_iter)
+        if not same_run:
+            shutil.rmtree(path)
+            removed.append(path.name)
+    return removed
+
+
+def load_model_weights(thinker, checkpoint_dir) -> None:
+    """Model weights from any torch_dist checkpoint (convert's or a training one), at this rank's layout."""
+    try:  # the convert package's loader, when present: the one way every stage reads a checkpoint
+        from omni_model.convert import load_checkpoint
+    except ImportError:
+        load_checkpoint = None
+    if load_checkpoint is not None:
+        load_checkpoint(thinker, Path(checkpoint_dir))
+        return
+    from megatron.core import dist_checkpointing
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / "metadata.json").is_file():
+        raise FileNotFoundError(f"{checkpoint_dir} is not a torch_dist checkpoint (no metadata.json)")
+    loaded = dist_checkpointing.load(thinker.sharded_state_dict(), str(checkpoint_dir))
+    thinker.load_state_dict(loaded)
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> dict:
+    import torch
+    from megatron.core import parallel_state as ps
+
+    return {"world": torch.distributed.get_world_size(), "tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(), "ep": ps.get_expert_model_parallel_world_size(),
+            "etp": ps.get_expert_tensor_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
+
+
+def _per_rank_objects(rng=None, loader_state=None) -> dict:
+    """ShardedObjects of this rank: RNG states (one per rank) and the loader state (one per DP rank; the TP/PP ranks
+    of a replica hold the same stream, the first of them saves it)."""
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    replica = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    return {"rng_state": ShardedObject("train.rng_state", rng, (world,), (rank,), replica_id=0),
+            "loader_state": ShardedObject("train.loader_state", loader_state, (dp,), (dp_rank,), replica_id=replica)}
+
+
+def _fused_experts_view(thinker, model_state: dict) -> dict:
+    """The model sharded state as the optimizer must see it: mcore maps optimizer state to model ShardedTensors by
+    parameter identity, but our grouped experts keep all local experts in ONE parameter [E, out, in] while the
+    checkpoint speaks TE's per-expert tensors `weight{e}` (views). For each such parameter a ShardedTensorFactory
+    (mcore's device for "a parameter saved as a transformation of itself") replaces the per-expert entries: it
+    splits any same-shaped optimizer state (exp_avg, exp_avg_sq, fp32 main param) into the same per-expert
+    tensors (keys prefixed optimizer.state.<name>.), and stacks them back on load. So optimizer states reshard
+    over EP/ETP/TP exactly like the weights."""
+    from dataclasses import replace
+
+    import torch
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    from omni_model.model.experts import GroupedLinear
+
+    view = dict(model_state)
+    for name, module in thinker.named_modules():
+        if not isinstance(module, GroupedLinear):
+            continue
+        names = [f"{name}.weight{e}" for e in range(module.num_gemms)]
+        experts = [view.pop(n) for n in names]
+
+        def build(key, data, replica_id, flattened_range, experts=experts):
+            assert flattened_range is None, "flattened optimizer state: use a fully reshardable optimizer format"
+            prefix = key[: -len(FUSED_MARK)]  # optimizer.state.<state name>.
+            out = {}
+            for e, expert in enumerate(experts):
+                fields = dict(key=prefix + expert.key, data=data[e], replica_id=replica_id)
+                if isinstance(expert, ShardedTensorFactory):  # fc1: mcore's gate/up (SwiGLU) split, applied here
+                    out[e] = replace(expert, **fields).build()
+                else:
+                    out[e] = replace(expert, dtype=data.dtype, **fields)
+            return out
+
+        def merge(loaded: dict, experts=experts):
+            return torch.stack([expert.merge_fn(loaded[e]) if isinstance(expert, ShardedTensorFactory)
+                                else loaded[e] for e, expert in enumerate(experts)])
+
+        view[f"{name}.weight"] = ShardedTensorFactory(
+            key=FUSED_MARK, data=module.weight, build_fn=build, merge_fn=merge, replica_id=experts[0].replica_id)
+    return view
+
+
+FUSED_MARK = "<fused-experts>"
+
+
+def _sharded_training_state(training, is_loading: bool, rng=None, loader_state=None, per_rank: bool = True) -> dict:
+    model_state = training.thinker.sharded_state_dict()  # no prefix: the thinker's own keys
+    optimizer_view = _fused_experts_view(training.thinker, model_state)
+    state = {"model": model_state,
+             "optimizer": training.optimizer.sharded_state_dict(optimizer_view, is_loading=is_loading,
+                                                                metadata=OPTIMIZER_METADATA)}
+    if per_rank:
+        state.update(_per_rank_objects(rng, loader_state))
+    return state
+
+
+def save_training_checkpoint(train_dir: Path, iteration: int, training, loader, digest: str,
+                             metrics_path: Path) -> Path:
+    """Save everything needed to continue exactly; atomic (iter_N.tmp -> iter_N), then `latest`. All ranks call it."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    final = iter_dir(train_dir, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)  # a stale one of another run with the same number
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()
+    state = _sharded_training_state(training, is_loading=False, rng=_rng_state(), loader_state=loader.save_state_rank())
+    state.update({"iteration": iteration, "digest": digest, "layout": _layout(),
+                  "scheduler": training.scheduler.state_dict()})
+    dist_checkpointing.save(state, str(tmp))
+    torch.distributed.barrier()
+    if rank0:
+        metrics_path = Path(metrics_path)
+        shutil.copyfile(metrics_path, tmp / METRICS) if metrics_path.exists() else (tmp / METRICS).write_text("")
+        (tmp / TRAIN_STATE).write_text(json.dumps({"iteration": iteration, "digest": digest}) + "\n")
+        os.replace(tmp, final)
+        write_latest(train_dir, final)
+    torch.distributed.barrier()
+    return final
+
+
+def load_training_checkpoint(checkpoint: Path, training) -> dict:
+    """Restore model, optimizer and scheduler (any layout); RNG and loader states only at the layout they were saved
+    at (otherwise the loader starts its stream afresh: the run continues, but not bit-identically).
+    Returns {"iteration", "loader_state" (or None), "same_layout"}."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+    same_layout = common["layout"] == _layout()
+    request = _sharded_training_state(training, is_loading=True, per_rank=same_layout)
+    loaded = dist_checkpointing.load(request, str(checkpoint))
+    training.thinker.load_state_dict(loaded["model"])
+    training.optimizer.load_state_dict(loaded["optimizer"])
+    training.scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    return {"iteration": int(common["iteration"]), "same_layout": same_layout,
+            "loader_state": loaded["loader_state"] if same_layout else None}

@@ -1,0 +1,178 @@
+"""The training objects of one rank, all Megatron-Core's own: the thinker at the configured layout, frozen parts,
+`DistributedDataParallel`, `get_megatron_optimizer` (per-tower LR through param-group overrides) and
+`OptimizerParamScheduler`, plus the micro-batch calculator.
+
+    parallel = init_training_parallel(settings)
+    model, optimizer, scheduler = build_training(settings)
+
+GPU: bf16 parameters, fp32 grads reduction, the distributed optimizer. CPU (gloo): fp32 and the plain optimizer
+(mcore's bf16 and distributed optimizer assert CUDA tensor types; shared/notes/mcore-on-cpu.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .settings import TrainSettings
+
+# Which top-level module of the thinker each freeze / LR switch addresses (names as in thinker.named_parameters()).
+PARTS = {"llm": "language_model.", "vision": "vision_model.", "audio": "audio_model."}
+
+# train.recompute -> TransformerConfig fields (selective = mcore's default module list: the core attention).
+RECOMPUTE = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective"},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
+
+
+@dataclass
+class Training:
+    model: torch.nn.Module  # mcore DistributedDataParallel around the thinker (model.module)
+    optimizer: object  # MegatronOptimizer (ChainedOptimizer: dense + expert params)
+    scheduler: object  # OptimizerParamScheduler
+    dtype: torch.dtype
+
+    @property
+    def thinker(self):
+        return self.model.module
+
+
+def init_training_parallel(settings: TrainSettings) -> None:
+    """torch.distributed + mcore groups for the configured layout, then the micro-batch calculator."""
+    from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import (
+        destroy_num_microbatches_calculator,
+        init_num_microbatches_calculator,
+    )
+
+    from omni_model.runtime.parallel import init_parallel
+
+    p, t = settings.parallel, settings.train
+    init_parallel(tp=p["tp"], pp=p["pp"], ep=p["ep"], etp=p["etp"], cp=p["cp"], seed=t["seed"])
+    world = torch.distributed.get_world_size()
+    if world != settings.world_size:
+        raise RuntimeError(f"started on {world} ranks but the settings ask for {settings.world_size} "
+                           f"(train.gpus_per_node / cpu_procs x nnodes)")
+    destroy_num_microbatches_calculator()
+    init_num_microbatches_calculator(
+        rank=torch.distributed.get_rank(), rampup_batch_size=None, global_batch_size=t["global_batch_size"],
+        micro_batch_size=t["micro_batch_size"], data_parallel_size=parallel_state.get_data_parallel_world_size())
+
+
+def training_dtype(settings: TrainSettings) -> torch.dtype:
+    return torch.bfloat16 if settings.on_gpu else torch.float32
+
+
+def model_config_overrides(settings: TrainSettings) -> dict:
+    """TransformerConfig fields the training run sets on the LLM."""
+    t = settings.train
+    overrides = {
+        # the loss is a token SUM per micro-batch; mcore's schedule + finalize_model_grads divide by the global
+        # number of label tokens (all micro-batches, all DP ranks): the mean over every label token of the step
+        "calculate_per_token_loss": True,
+        **RECOMPUTE[t["recompute"]],
+    }
+    if t["moe_aux_loss_coeff"] is not None:
+        overrides["moe_aux_loss_coeff"] = float(t["moe_aux_loss_coeff"])
+    return overrides
+
+
+def build_thinker_for_training(settings: TrainSettings):
+    from omni_model.model.thinker import build_thinker
+
+    thinker = build_thinker(settings.hf_dir, dtype=training_dtype(settings), use_te=settings.use_te,
+                            config_overrides=model_config_overrides(settings))
+    # mcore's schedules read `model_type` off the wrapped model (GPTModel has it; the thinker wraps one)
+    if not hasattr(thinker, "model_type"):
+        thinker.model_type = thinker.language_model.model_type
+    return thinker
+
+
+def freeze(thinker: torch.nn.Module, train: dict) -> dict:
+    """requires_grad False on the frozen parts (before DDP and the optimizer: no grad buffer, no optimizer state).
+    Returns parameter counts {part: (trainable, frozen)}."""
+    counts = {}
+    for part, prefix in PARTS.items():
+        frozen = bool(train[f"freeze_{part}"])
+        params = [p for name, p in thinker.named_parameters() if name.startswith(prefix)]
+        for param in params:
+            param.requires_grad_(not frozen)
+        n = sum(p.numel() for p in params)
+        counts[part] = (0, n) if frozen else (n, 0)
+    return counts
+
+
+def optimizer_config(settings: TrainSettings):
+    from megatron.core.optimizer import OptimizerConfig
+
+    t, on_gpu = settings.train, settings.on_gpu
+    return OptimizerConfig(
+        optimizer="adam", lr=t["lr"], min_lr=t["min_lr"], weight_decay=t["weight_decay"],
+        adam_beta1=t["adam_beta1"], adam_beta2=t["adam_beta2"], adam_eps=t["adam_eps"], clip_grad=t["clip_grad"],
+        bf16=on_gpu, params_dtype=training_dtype(settings), use_distributed_optimizer=on_gpu,
+    )
+
+
+def lr_overrides(config, train: dict) -> dict:
+    """mcore param-group overrides: the standard no-weight-decay group (biases, 1-d params) plus a scaled peak/min LR
+    for a tower whose train.lr_mult_* is not 1 (OptimizerParamScheduler reads max_lr/min_lr per group)."""
+    from megatron.core.optimizer import ParamKey, get_standard_config_overrides
+    from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+
+    overrides = get_standard_config_overrides(config)
+    for part in ("vision", "audio"):
+        mult = float(train[f"lr_mult_{part}"])
+        if mult != 1.0:
+            # DDP-wrapped names are module.<part>_model.*
+            key = ParamKey(name=(f"*{PARTS[part]}*",))
+            overrides[key] = ParamGroupOverride(max_lr=config.lr * mult, min_lr=config.min_lr * mult)
+    return overrides
+
+
+def build_scheduler(optimizer, train: dict):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    iters = max(int(train["iters"]), 1)
+    warmup = int(train["lr_warmup_iters"])
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=train["lr"], min_lr=train["min_lr"], lr_warmup_steps=warmup,
+        lr_decay_steps=max(iters, warmup + 1), lr_decay_style=train["lr_decay_style"],
+        start_wd=train["weight_decay"], end_wd=train["weight_decay"], wd_incr_steps=iters,
+        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=True)
+
+
+def build_training(settings: TrainSettings, load_initial_weights: bool = True) -> Training:
+    """The thinker (weights from settings.init_checkpoint), frozen parts, DDP, optimizer, scheduler."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    from .checkpointing import load_model_weights
+
+    thinker = build_thinker_for_training(settings)
+    if load_initial_weights:
+        load_model_weights(thinker, settings.init_checkpoint)
+    freeze(thinker, settings.train)
+
+    config = thinker.config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=settings.on_gpu,
+        check_for_nan_in_grad=True)
+    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=thinker)
+    # mcore's schedule calls these: grad reduction across DP, SP/TP-replicated params, embeddings, 1/num_tokens
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+
+    opt_config = optimizer_config(settings)
+    optimizer = get_megatron_optimizer(opt_config, [model], config_overrides=lr_overrides(opt_config, settings.train),
+                                       use_gloo_process_groups=not settings.on_gpu)
+    scheduler = build_scheduler(optimizer, settings.train)
+    return Training(model=model, optimizer=optimizer, scheduler=scheduler, dtype=training_dtype(settings))
+
+
+def current_lr(optimizer) -> float:
+    from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
+
+    return get_canonical_lr_for_logging(optimizer.param_groups)

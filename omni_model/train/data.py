@@ -1,0 +1,119 @@
+"""Energon loaders of the training run over `results/data/shards` (train split: savable, packed, repeating; val split:
+one deterministic pass per evaluation).
+
+Data-parallel ranks read different samples; the tensor/pipeline ranks of one DP replica read the same ones: only the
+DP coordinates go into Energon's WorkerConfig (rank = DP rank, world size = DP size), so all ranks of a replica
+shuffle and pack identically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .settings import TrainSettings
+
+
+class TokenCounter:
+    """Wraps a batch iterator and counts what passes through (the forward step pulls the batches itself): real
+    (non-padding) tokens, label tokens, samples. `take()` returns the counts since the last call."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens = self.trained = self.samples = self.padded = 0
+        self.seq_lens: list = []  # lengths of the conversations seen (for attention FLOPs)
+        self.skipped = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.iterator)
+        self.tokens += int(batch.num_tokens)
+        self.trained += int(batch.num_trained)
+        self.samples += sum(len(row) for row in batch.sample_ids)
+        self.padded += int(batch.input_ids.numel())
+        self.seq_lens.extend(_sequence_lengths(batch))
+        self.skipped += int(sum((getattr(batch, "skipped", None) or {}).values()))
+        return batch
+
+    def take(self) -> dict:
+        counts = {"tokens": self.tokens, "trained": self.trained, "samples": self.samples, "padded": self.padded,
+                  "seq_lens": self.seq_lens, "skipped": self.skipped}
+        self.reset()
+        return counts
+
+
+def _sequence_lengths(batch) -> list:
+    """Lengths of the real conversations of a micro-batch (packed: from cu_seqlens; padded: per row)."""
+    if batch.cu_seqlens is not None:
+        bounds = batch.cu_seqlens.tolist()
+        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        real = int(batch.num_tokens)
+        out, total = [], 0
+        for length in lengths:  # right padding forms the trailing segments of each row
+            if total >= real:
+                break
+            out.append(length)
+            total += length
+        return out
+    return [int(n) for n in batch.attention_mask.sum(dim=1).tolist()]
+
+
+def task_encoder(settings: TrainSettings):
+    from megatron.core import parallel_state
+
+    from omni_model.data.task_encoder import OmniTaskEncoder
+
+    data = dict(settings.data)
+    media = {k: data[k] for k in ("video_fps", "video_max_frames", "video_min_pixels", "video_max_pixels") if k in data}
+    # sequence parallelism splits the sequence over TP ranks: rows must divide evenly
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    return OmniTaskEncoder(Path(settings.hf_dir), max_seq_len=int(data.get("max_seq_len", settings.train["seq_len"])),
+                           pack_budget=settings.train["seq_len"] if settings.train["packing"] else None,
+                           use_audio_in_video=bool(data.get("use_audio_in_video", False)), pad_to_multiple=tp,
+                           media_overrides=media)
+
+
+def worker_config():
+    from megatron.core import parallel_state
+    from megatron.energon import WorkerConfig
+
+    return WorkerConfig(rank=parallel_state.get_data_parallel_rank(),
+                        world_size=parallel_state.get_data_parallel_world_size(), num_workers=0,
+                        data_parallel_group=parallel_state.get_data_parallel_group())
+
+
+def check_shards(settings: TrainSettings) -> None:
+    """The data engineer's shard-settings check (raises when the shards were written with other max_seq_len / media
+    settings than this run encodes with), when the data package provides it."""
+    from omni_model.data import shards
+
+    check = getattr(shards, "check_shard_settings", None)
+    if check is not None:
+        check(Path(settings.shards), settings.data)
+
+
+def train_loader(settings: TrainSettings, restore_state=None):
+    """The savable train loader (micro-batches of train.micro_batch_size rows); restore_state continues a stream."""
+    from omni_model.data.task_encoder import build_loader, restore_loader
+
+    t = settings.train
+    kwargs = dict(split="train", batch_size=t["micro_batch_size"],
+                  packing_buffer_size=t["packing_buffer_size"] if t["packing"] else None,
+                  worker_config=worker_config(), shuffle_buffer_size=t["shuffle_buffer_size"], repeat=True)
+    if restore_state is None:
+        return build_loader(Path(settings.shards), task_encoder(settings), **kwargs)
+    return restore_loader(Path(settings.shards), task_encoder(settings), restore_state, **kwargs)
+
+
+def val_loader(settings: TrainSettings):
+    """A fresh pass over the val split (same micro-batch size and packing as training)."""
+    from omni_model.data.task_encoder import build_loader
+
+    t = settings.train
+    return build_loader(Path(settings.shards), task_encoder(settings), split="val", batch_size=t["micro_batch_size"],
+                        packing_buffer_size=t["packing_buffer_size"] if t["packing"] else None,
+                        worker_config=worker_config(), repeat=False)

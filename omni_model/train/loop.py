@@ -1,0 +1,227 @@
+"""The training run: resume-or-start, then steps through Megatron-Core's schedule, evaluation, checkpoints, metrics.
+
+    python -m omni_model.train --settings settings.json     # under torchrun (omni_model.runtime.launch)
+
+One step = `get_forward_backward_func()` over get_num_microbatches() micro-batches (gradient accumulation; pipeline
+schedules when PP > 1), `finalize_model_grads` (DP reduction, 1 / global label tokens), the optimizer step (clip),
+the scheduler step. The forward step (batch -> thinker -> per-token loss sum) is omni_model.train.forward_step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import checkpointing as ckpt
+from .metrics import FlopCounter, MetricsLog, memory_gib, peak_tflops, read_metrics
+from .settings import TrainSettings
+
+
+def no_training(settings: TrainSettings) -> None:
+    """train.iters 0: the converted checkpoint is the result (`latest` names it); an empty metrics file."""
+    train_dir = Path(settings.train_dir)
+    train_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.write_latest(train_dir, Path(settings.init_checkpoint))
+    settings.metrics_path.write_text("")
+    print(f"[finetune] train.iters is 0: no training; latest -> {ckpt.read_latest(train_dir)}", flush=True)
+
+
+def _broadcast(value):
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _is_rank0() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+def _reduced_loss(losses_reduced: list) -> tuple[float, float]:
+    """(sum, count) of the 'lm loss' entries of all micro-batches, summed over DP ranks and given to every PP stage
+    (only the last stage computes losses)."""
+    from megatron.core import parallel_state as ps
+
+    total = torch.zeros(2, dtype=torch.float64)
+    for item in losses_reduced:
+        value = item["lm loss"]
+        value = torch.stack([torch.as_tensor(v).detach().reshape(()) for v in value]) \
+            if isinstance(value, (list, tuple)) else value.detach().reshape(-1)
+        total += value.double().cpu()[:2]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    total = total.to(device)
+    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:  # non-last stages hold zeros
+        torch.distributed.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    return float(total[0]), float(total[1])
+
+
+def _dp_sum(values: list) -> list:
+    from megatron.core import parallel_state as ps
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor, group=ps.get_data_parallel_group())
+    return tensor.tolist()
+
+
+def evaluate(settings: TrainSettings, training, forward_step: Callable) -> Optional[float]:
+    """Token-mean loss over the first train.eval_iters micro-batches of the val split (every DP rank its part)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from .data import val_loader
+
+    batches = []
+    for batch in val_loader(settings):
+        batches.append(batch)
+        if len(batches) >= settings.train["eval_iters"]:
+            break
+    # every rank of the job must take part in the reductions below, even with an empty val split
+    training.model.eval()
+    with torch.no_grad():
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[training.model],
+            num_microbatches=len(batches), seq_length=settings.train["seq_len"],
+            micro_batch_size=settings.train["micro_batch_size"], forward_only=True) if batches else []
+    training.model.train()
+    loss_sum, count = _reduced_loss(losses)
+    return loss_sum / count if count else None
+
+
+def _start(settings: TrainSettings, digest: str) -> Optional[Path]:
+    """Rank 0 picks the checkpoint to resume from (or None), clears other runs' leftovers and rebuilds the metrics
+    file up to that checkpoint (Snakemake deleted it before rerunning the job)."""
+    resume = None
+    if _is_rank0():
+        train_dir = Path(settings.train_dir)
+        train_dir.mkdir(parents=True, exist_ok=True)
+        resume = ckpt.choose_resume(train_dir, digest, settings.train["iters"])
+        removed = ckpt.clear_other_runs(train_dir, resume)
+        if removed:
+            print(f"[finetune] removed checkpoints of another run or an interrupted save: {removed}", flush=True)
+        if resume is None:
+            shutil.rmtree(train_dir / "tb", ignore_errors=True)
+            settings.metrics_path.write_text("")
+        else:
+            shutil.copyfile(resume / ckpt.METRICS, settings.metrics_path)
+        print(f"[finetune] settings digest {digest}: " +
+              (f"resuming from {resume}" if resume else f"starting from {settings.init_checkpoint}"), flush=True)
+    resume = _broadcast(str(resume) if resume else None)
+    return Path(resume) if resume else None
+
+
+def train(settings: TrainSettings, forward_step: Optional[Callable] = None) -> None:
+    settings.validate()
+    if settings.train["iters"] == 0:
+        no_training(settings)
+        return
+    if forward_step is None:
+        from .forward_step import forward_step
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from .build import build_training, current_lr, init_training_parallel
+    from .data import TokenCounter, check_shards, train_loader
+
+    t = settings.train
+    init_training_parallel(settings)
+    if _is_rank0():
+        check_shards(settings)
+    digest = _broadcast(settings.digest() if _is_rank0() else None)
+    resume = _start(settings, digest)
+
+    training = build_training(settings, load_initial_weights=resume is None)
+    if settings.parallel["pp"] > 1:  # packed rows differ in length: the stages exchange shapes first
+        training.thinker.config.variable_seq_lengths = True
+    start, loader_state = 0, None
+    if resume is not None:
+        info = ckpt.load_training_checkpoint(resume, training)
+        start, loader_state = info["iteration"], info["loader_state"]
+        if not info["same_layout"] and _is_rank0():
+            print("[finetune] resumed at another layout: model/optimizer/scheduler restored; the data stream and "
+                  "RNG restart (not bit-identical to an uninterrupted run)", flush=True)
+    if start >= t["iters"]:
+        if _is_rank0():
+            ckpt.write_latest(Path(settings.train_dir), resume)
+        _summary(settings)
+        return
+
+    loader = train_loader(settings, loader_state)
+    batches = TokenCounter(iter(loader))
+    flops = FlopCounter(settings.hf_dir)
+    peak = peak_tflops(t["peak_tflops"])
+    world = torch.distributed.get_world_size()
+    log = MetricsLog(settings.metrics_path, Path(settings.train_dir) / "tb", t["iters"], start, enabled=_is_rank0())
+    forward_backward = get_forward_backward_func()
+    training.model.train()
+
+    for iteration in range(start + 1, t["iters"] + 1):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        training.model.zero_grad_buffer()
+        training.optimizer.zero_grad()
+        lr = current_lr(training.optimizer)  # the LR this step's update uses
+        losses = forward_backward(
+            forward_step_func=forward_step, data_iterator=batches, model=[training.model],
+            num_microbatches=get_num_microbatches(), seq_length=t["seq_len"], micro_batch_size=t["micro_batch_size"],
+            forward_only=False)
+        updated, grad_norm, _ = training.optimizer.step()
+        training.scheduler.step(increment=1)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - began
+
+        loss_sum, label_tokens = _reduced_loss(losses)
+        seen = batches.take()
+        tokens, step_flops, samples, padded = _dp_sum(
+            [seen["tokens"], flops(seen["seq_lens"]), seen["samples"], seen["padded"]])
+        tflops = step_flops / seconds / 1e12
+        record = {
+            "step": iteration, "loss": loss_sum / max(label_tokens, 1), "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None, "updated": bool(updated),
+            "label_tokens": int(label_tokens), "tokens": int(tokens), "padded_tokens": int(padded),
+            "samples": int(samples), "step_s": seconds, "tokens_per_s": tokens / seconds,
+            "tflops": tflops / world, "mfu": (tflops / world / peak) if peak else None, "mem_gib": memory_gib(),
+        }
+        if t["eval_interval"] and iteration % t["eval_interval"] == 0:
+            record["eval_loss"] = evaluate(settings, training, forward_step)
+        if iteration % t["log_interval"] == 0 or iteration == t["iters"]:
+            log.progress(record)
+        log.write(record)
+        if (t["save_interval"] and iteration % t["save_interval"] == 0) or iteration == t["iters"]:
+            saved = ckpt.save_training_checkpoint(Path(settings.train_dir), iteration, training, loader, digest,
+                                                  settings.metrics_path)
+            if _is_rank0():
+                print(f"[finetune] saved {saved}", flush=True)
+    log.close()
+    _summary(settings)
+
+
+def _summary(settings: TrainSettings) -> None:
+    if not _is_rank0():
+        return
+    records = [r for r in read_metrics(settings.metrics_path) if "loss" in r]
+    if records:
+        first, last = records[0], records[-1]
+        print(f"[finetune] loss first {first['loss']:.4f} (step {first['step']}) -> last {last['loss']:.4f} "
+              f"(step {last['step']}); latest -> {ckpt.read_latest(Path(settings.train_dir))}", flush=True)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m omni_model.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", required=True, type=Path, help="settings JSON (TrainSettings fields)")
+    args = parser.parse_args(argv)
+    settings = TrainSettings.load(args.settings)
+    try:
+        train(settings)
+    finally:
+        from omni_model.runtime.parallel import destroy_parallel
+
+        destroy_parallel()

@@ -1,0 +1,139 @@
+"""What one training run is: paths + the `train`, `parallel`, `data` config sections, checked before any rank starts.
+
+The finetune rule writes these settings as JSON and starts `python -m omni_model.train --settings FILE` under torchrun;
+the same checks run in the Snakefile at parse time (`check_config`), so a bad layout stops the plan, not a job.
+No torch import here: the Snakefile imports this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+# train.* keys that do not change the numbers a run produces (how often it logs, saves or evaluates, where it runs):
+# left out of the settings digest, so changing them resumes instead of starting over.
+NOT_IN_DIGEST = ("log_interval", "eval_interval", "eval_iters", "save_interval", "gpus_per_node", "cpu_procs",
+                 "nnodes", "rdzv_endpoint", "peak_tflops")
+
+# Defaults of the train section (config/schema.yaml is the source for the workflow; these serve direct use + tests).
+TRAIN_DEFAULTS = {
+    "iters": 20, "lr": 1.0e-4, "min_lr": 1.0e-5, "lr_warmup_iters": 2, "lr_decay_style": "cosine",
+    "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1.0e-8, "clip_grad": 1.0,
+    "micro_batch_size": 1, "global_batch_size": 2, "seq_len": 2048, "packing": True, "packing_buffer_size": 16,
+    "shuffle_buffer_size": 64, "eval_interval": 10, "eval_iters": 2, "save_interval": 10, "log_interval": 1,
+    "seed": 1234, "freeze_llm": False, "freeze_vision": False, "freeze_audio": False, "lr_mult_vision": 1.0,
+    "lr_mult_audio": 1.0, "recompute": "none", "moe_aux_loss_coeff": None, "gpus_per_node": 0, "cpu_procs": 1,
+    "nnodes": 1, "rdzv_endpoint": "", "peak_tflops": None,
+}
+PARALLEL_DEFAULTS = {"tp": 1, "pp": 1, "ep": 1, "etp": 1, "cp": 1}
+
+
+class SettingsError(ValueError):
+    """A training setting that cannot work; the message names the key."""
+
+
+@dataclass
+class TrainSettings:
+    hf_dir: str  # config.json, tokenizer, chat template, preprocessor config of the model being trained
+    init_checkpoint: str  # torch_dist checkpoint to start from (convert's output)
+    shards: str  # Energon dataset (train/val splits)
+    train_dir: str  # iter_NNNNNNN/ checkpoints, latest, metrics.jsonl, tb/
+    train: dict = field(default_factory=dict)
+    parallel: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # max_seq_len, use_audio_in_video, media settings (as in the shards)
+    use_te: bool = False
+
+    def __post_init__(self):
+        unknown = set(self.train) - set(TRAIN_DEFAULTS)
+        if unknown:
+            raise SettingsError(f"unknown train keys: {sorted(unknown)}")
+        self.train = {**TRAIN_DEFAULTS, **self.train}
+        self.parallel = {**PARALLEL_DEFAULTS, **self.parallel}
+
+    # -- files ------------------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: Path) -> "TrainSettings":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def dump(self, path: Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(asdict(self), indent=1, sort_keys=True) + "\n")
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.train_dir) / "metrics.jsonl"
+
+    # -- derived ----------------------------------------------------------------------------------------------------
+    @property
+    def on_gpu(self) -> bool:
+        return self.train["gpus_per_node"] > 0
+
+    @property
+    def world_size(self) -> int:
+        per_node = self.train["gpus_per_node"] if self.on_gpu else self.train["cpu_procs"]
+        return per_node * self.train["nnodes"]
+
+    @property
+    def data_parallel_size(self) -> int:
+        p = self.parallel
+        return self.world_size // (p["tp"] * p["pp"] * p["cp"])
+
+    def digest(self) -> str:
+        """Fingerprint of everything that decides the loss sequence: the trajectory-changing train keys, the data
+        settings, the TE decision, the starting checkpoint's files and the shards' files. Not the layout (a run may
+        resume at another layout) and not the logging/saving intervals."""
+        train = {k: v for k, v in sorted(self.train.items()) if k not in NOT_IN_DIGEST}
+        payload = {"train": train, "data": self.data, "use_te": self.use_te,
+                   "init_checkpoint": _files_fingerprint(Path(self.init_checkpoint)),
+                   "shards": _files_fingerprint(Path(self.shards))}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        check_config(self.train, self.parallel, self.world_size)
+
+
+def _files_fingerprint(root: Path) -> list:
+    """(relative name, size, mtime) of every file under root: cheap for a 60 GB checkpoint, and any rewrite shows."""
+    if not root.exists():
+        return []
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in root.rglob("*") if p.is_file())
+
+
+def check_config(train: dict, parallel: dict, world_size: Optional[int] = None) -> None:
+    """Refuse layouts and batch settings that cannot train, naming the key. `world_size` None: derive it."""
+    train = {**TRAIN_DEFAULTS, **train}
+    parallel = {**PARALLEL_DEFAULTS, **parallel}
+    if parallel["cp"] > 1:
+        raise SettingsError(
+            f"parallel.cp = {parallel['cp']}: context parallelism is not supported yet (the packed sequence and its "
+            f"MRoPE positions are not split over CP ranks, on either the local or the TE spec); set parallel.cp: 1")
+    if world_size is None:
+        per_node = train["gpus_per_node"] if train["gpus_per_node"] > 0 else train["cpu_procs"]
+        world_size = per_node * train["nnodes"]
+    model_parallel = parallel["tp"] * parallel["pp"] * parallel["cp"]
+    if world_size % model_parallel:
+        raise SettingsError(
+            f"{world_size} rank(s) (train.gpus_per_node or train.cpu_procs x train.nnodes) are not a multiple of "
+            f"parallel.tp x pp x cp = {model_parallel}")
+    dp = world_size // model_parallel
+    if (dp * parallel["tp"]) % (parallel["ep"] * parallel["etp"]):
+        raise SettingsError(
+            f"parallel.ep x etp = {parallel['ep'] * parallel['etp']} must divide data-parallel x tp = "
+            f"{dp * parallel['tp']} ({world_size} ranks)")
+    per_step = train["micro_batch_size"] * dp
+    if train["global_batch_size"] % per_step:
+        raise SettingsError(
+            f"train.global_batch_size = {train['global_batch_size']} is not a multiple of train.micro_batch_size x "
+            f"data-parallel size = {train['micro_batch_size']} x {dp}")
+    if train["iters"] and train["lr_warmup_iters"] >= train["iters"] and train["lr_decay_style"] != "constant":
+        raise SettingsError(
+            f"train.lr_warmup_iters = {train['lr_warmup_iters']} must be below train.iters = {train['iters']} "
+            f"(or use train.lr_decay_style: constant)")
+    if train["min_lr"] > train["lr"]:
+        raise SettingsError(f"train.min_lr = {train['min_lr']} is above train.lr = {train['lr']}")
+    if train["freeze_llm"] and train["freeze_vision"] and train["freeze_audio"] and train["iters"]:
+        raise SettingsError("train.freeze_llm, freeze_vision and freeze_audio are all true: nothing to train")
