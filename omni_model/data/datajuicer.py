@@ -197,8 +197,8 @@ def _detach_dj_logger() -> None:
 
 
 def _representatives(hashed, pairs: dict) -> dict:
-    """dropped id -> id of the kept sample it duplicates: from the op's duplicate clusters (first = kept), else
-    from equal exact hashes."""
+    """dropped id -> id of the kept sample it duplicates: from the op's duplicate clusters (first = kept), and for
+    samples no cluster names (Data-Juicer's exact ops trace at most two per cluster), from equal exact hashes."""
     from data_juicer.utils.constant import HashKeys
 
     out = {}
@@ -206,13 +206,13 @@ def _representatives(hashed, pairs: dict) -> dict:
         ids = [s[ID_KEY] for s in cluster]
         for sid in ids[1:]:
             out[sid] = ids[0]
-    if not out and HashKeys.hash in hashed.column_names:
+    if HashKeys.hash in hashed.column_names:
         first = {}
         for sid, value in zip(hashed[ID_KEY], hashed[HashKeys.hash]):
-            if value in first:
-                out[sid] = first[value]
-            else:
+            if value not in first:
                 first[value] = sid
+            elif sid not in out:
+                out[sid] = first[value]
     return out
 
 

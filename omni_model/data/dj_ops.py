@@ -4,15 +4,24 @@
 any/all, stats key ``audio_duration``), but it reads durations from the file header with soundfile. The built-in
 op decodes through ``datasets.Audio`` -> torchcodec and pip-installs resampy/samplerate/torchcodec at run time;
 torchcodec needs system FFmpeg libraries and a torch-matched build that this stack (torch 2.13 CPU) does not have.
+
+``omni_document_media_deduplicator`` / ``omni_minhash_media_deduplicator``: exact / near duplicates decided on the
+text AND the media content (see the comment above them).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
+from collections import defaultdict
 
 import numpy as np
-from data_juicer.ops.base_op import OPERATORS, Filter
-from data_juicer.utils.constant import Fields, StatsKeys
+from data_juicer.ops.base_op import OPERATORS, Deduplicator, Filter
+from data_juicer.ops.deduplicator.document_minhash_deduplicator import DocumentMinhashDeduplicator
+from data_juicer.utils.constant import Fields, HashKeys, StatsKeys
+
+from .digest import same_media, sample_fingerprint
 
 AUDIO_OP = "omni_audio_duration_filter"
 
@@ -53,3 +62,126 @@ if AUDIO_OP not in OPERATORS.modules:
             if not keep:
                 return True
             return any(keep) if self.any else all(keep)
+
+
+# ------------------------------------------------------------------------------------------------ deduplicators
+# Data-Juicer's own deduplicators each decide on ONE modality: document_deduplicator / the minhash op on the text only,
+# image_deduplicator / video_deduplicator on images / video packets (optionally + text), none on audio. Chained, the
+# text op drops "Describe the image." over thousands of different images, and the image op drops two samples with the
+# same picture and text but different audio. A sample is a duplicate only when its text AND all its media match, so
+# the two ops below decide on both at once: the text as Data-Juicer hashes it (the minhash op's bands for near
+# duplicates) plus a content fingerprint of every medium (omni_model.data.digest: decoded content, so a re-encoded
+# copy is the same medium). Digits and punctuation are kept: "clip 3" and "clip 4" are different prompts.
+FINGERPRINT_KEY = "omni_media_fingerprint"  # JSON; computed by whichever dedup op runs first, reused by the next
+TEXT_HASH_KEY = "omni_text_hash"
+EXACT_OP = "omni_document_media_deduplicator"
+NEAR_OP = "omni_minhash_media_deduplicator"
+
+
+def _add_fingerprint(op, sample) -> None:
+    if not sample.get(FINGERPRINT_KEY):
+        lists = {"images": sample.get(op.image_key) or [], "audios": sample.get(op.audio_key) or [],
+                 "videos": sample.get(op.video_key) or []}
+        sample[FINGERPRINT_KEY] = json.dumps(sample_fingerprint(lists))
+
+
+class _UnionFind:
+    """Union-find whose root is always the smallest index: the first occurrence is the sample kept."""
+
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, x: int) -> int:
+        root = x
+        while self.parent.get(root, root) != root:
+            root = self.parent[root]
+        while x != root:
+            self.parent[x], x = root, self.parent.get(x, x)
+        return root
+
+    def union(self, x: int, y: int) -> None:
+        rx, ry = self.find(x), self.find(y)
+        if rx != ry:
+            self.parent[max(rx, ry)] = min(rx, ry)
+
+
+def _union_same_media(candidates: list[int], fingerprints: list[dict], union: _UnionFind) -> None:
+    """Within one group of text-equal (or text-similar) samples, join those whose media are the same."""
+    kept: list[int] = []
+    for index in sorted(candidates):
+        match = next((k for k in kept if same_media(fingerprints[k], fingerprints[index])), None)
+        if match is None:
+            kept.append(index)
+        else:
+            union.union(index, match)
+
+
+def _keep_roots(dataset, union: _UnionFind):
+    """(dataset of cluster roots, {root: [root sample, its duplicates...]}) as Data-Juicer deduplicators return."""
+    clusters: dict = {}
+    for index in sorted(union.parent):
+        root = union.find(index)
+        if root != index:
+            clusters.setdefault(root, [dataset[root]]).append(dataset[index])
+    keep = [i for i in range(len(dataset)) if union.find(i) == i]
+    return dataset.select(keep), clusters
+
+
+if EXACT_OP not in OPERATORS.modules:
+
+    @OPERATORS.register_module(EXACT_OP)
+    class OmniDocumentMediaDeduplicator(Deduplicator):
+        """Exact duplicates: equal text (md5, optionally lowercased, whitespace runs collapsed; digits and
+        punctuation kept) AND the same media content (digest.same_media). The first occurrence is kept; each
+        duplicate is reported with the sample it duplicates."""
+
+        def __init__(self, lowercase: bool = False, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.lowercase = lowercase
+
+        def compute_hash(self, sample, context=False):
+            text = " ".join(sample[self.text_key].split())
+            sample[TEXT_HASH_KEY] = hashlib.md5((text.lower() if self.lowercase else text).encode()).hexdigest()
+            _add_fingerprint(self, sample)
+            return sample
+
+        def process(self, dataset, show_num=0):
+            fingerprints = [json.loads(f) for f in dataset[FINGERPRINT_KEY]]
+            groups: dict = {}
+            for index, (text_hash, fp) in enumerate(zip(dataset[TEXT_HASH_KEY], fingerprints)):
+                groups.setdefault((text_hash, fp["key"]), []).append(index)
+            union = _UnionFind()
+            for members in groups.values():
+                if len(members) > 1:
+                    _union_same_media(members, fingerprints, union)
+            return _keep_roots(dataset, union)
+
+
+if NEAR_OP not in OPERATORS.modules:
+
+    @OPERATORS.register_module(NEAR_OP)
+    class OmniMinhashMediaDeduplicator(DocumentMinhashDeduplicator):
+        """Near duplicates: Data-Juicer's MinHash LSH on the text (same parameters, same bands) AND the same media
+        content: samples sharing a band are joined only when their media are the same."""
+
+        def compute_hash(self, sample):
+            sample = super().compute_hash(sample)
+            _add_fingerprint(self, sample)
+            return sample
+
+        def process(self, dataset, show_num=0):
+            if len(dataset) <= 1:
+                return dataset, {}
+            bands_per_sample = dataset[HashKeys.minhash]
+            fingerprints = [json.loads(f) for f in dataset[FINGERPRINT_KEY]]
+            dataset = dataset.remove_columns([HashKeys.minhash])  # bytes do not export
+            tables = [defaultdict(list) for _ in range(self.num_bands)]
+            for index, bands in enumerate(bands_per_sample):
+                for band, table in zip(bands, tables):
+                    table[band].append(index)
+            union = _UnionFind()
+            for table in tables:
+                for members in table.values():
+                    if len(members) > 1:
+                        _union_same_media(members, fingerprints, union)
+            return _keep_roots(dataset, union)
