@@ -13,7 +13,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "dist"))
 
 # Two more shapes besides the tiny default: other head counts and GQA ratios, expert counts and top-k, a dense
 # (`mlp_only_layers`) layer, other deepstack indexes, tower depths and widths.
@@ -98,14 +97,15 @@ def _header_bytes(path: Path) -> int:
 
 
 @pytest.mark.parametrize("name", ["tiny", "wide", "deep"])
-def test_round_trip_tp1_is_bit_exact(name, hf_dirs, tmp_path):
-    from export_checkpoints import write_checkpoint
+def test_round_trip_tp1_fp32_is_bit_exact(name, hf_dirs, tmp_path):
+    """bf16 source -> fp32 checkpoint (the CPU training dtype) -> bf16 export: the same bits."""
+    from omni_model.convert import convert_checkpoint
     from omni_model.runtime.parallel import init_parallel
 
     init_parallel()
-    ckpt = write_checkpoint(hf_dirs[name], tmp_path / "ckpt")
-    result = check_export(hf_dirs[name], ckpt, tmp_path / "export")
-    print(f"round trip {name} tp1: {result}, all bit-identical")
+    convert_checkpoint(hf_dirs[name], tmp_path / "mcore", dtype="fp32", log=lambda _: None)
+    result = check_export(hf_dirs[name], tmp_path / "mcore" / "checkpoint", tmp_path / "export")
+    print(f"round trip {name} tp1 fp32: {result}, all bit-identical")
 
 
 def _env():
@@ -117,18 +117,19 @@ def _env():
 
 @pytest.mark.slow
 def test_round_trip_from_tp2_ep2_is_bit_exact(hf_dirs, tmp_path):
-    """Checkpoints written by 2 ranks at TP2 + EP2 (gloo) export to the same bytes: dist_checkpointing reshards to
-    the exporter's single-process layout."""
+    """Checkpoints converted by 2 ranks at TP2 + EP2 (gloo, bf16) export to the same bytes: dist_checkpointing
+    reshards to the exporter's single-process layout."""
     pairs = []
     for name, hf in hf_dirs.items():
-        pairs += [str(hf), str(tmp_path / name / "ckpt")]
+        pairs += [str(hf), str(tmp_path / name / "mcore")]
     torchrun = Path(sys.executable).parent / "torchrun"
     subprocess.run([str(torchrun), "--nproc_per_node", "2", "--standalone",
-                    str(REPO / "tests/dist/export_checkpoints.py"), "--tp", "2", "--ep", "2", *pairs],
-                   check=True, cwd=REPO, env=_env(), timeout=600)
+                    str(REPO / "tests/dist/export_checkpoints.py"), "--tp", "2", "--ep", "2", "--dtype", "bf16",
+                    *pairs], check=True, cwd=REPO, env=_env(), timeout=600)
     for name, hf in hf_dirs.items():
-        result = check_export(hf, tmp_path / name / "ckpt", tmp_path / name / "export")
-        print(f"round trip {name} from tp2+ep2: {result}, all bit-identical")
+        assert json.loads((tmp_path / name / "mcore" / "convert.json").read_text())["layout"]["tp"] == 2
+        result = check_export(hf, tmp_path / name / "mcore" / "checkpoint", tmp_path / name / "export")
+        print(f"round trip {name} from tp2+ep2 bf16: {result}, all bit-identical")
 
 
 def _save_edited_checkpoint(hf_dir: Path, ckpt_dir: Path, edit) -> None:

@@ -15,7 +15,6 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "tests" / "dist"))
 
 TEXT_TOKENS = 8
 SPEECH_CODES = 12  # talker steps; the random tiny talker never says EOS, so this fixes the waveform length
@@ -76,13 +75,13 @@ def source_outputs(tiny_hf_dir):
 
 
 def test_exported_model_generates_text_and_speech_like_the_source(tiny_hf_dir, source_outputs, tmp_path):
-    from export_checkpoints import write_checkpoint
+    from omni_model.convert import convert_checkpoint
     from omni_model.convert.export import export_to_hf
     from omni_model.runtime.parallel import init_parallel
 
     init_parallel()
-    write_checkpoint(tiny_hf_dir, tmp_path / "ckpt")
-    export_to_hf(tmp_path / "ckpt", tiny_hf_dir, tmp_path / "export", log=lambda _: None)
+    convert_checkpoint(tiny_hf_dir, tmp_path / "mcore", dtype="fp32", log=lambda _: None)
+    export_to_hf(tmp_path / "mcore" / "checkpoint", tiny_hf_dir, tmp_path / "export", log=lambda _: None)
     got = generate(tmp_path / "export")
 
     print("text ids:", got["text"], "speech text ids:", got["speech_ids"],

@@ -305,7 +305,7 @@ def export_thinker_tensors(checkpoint_dir: Path, hf_config: dict, *, use_te: boo
 
     sharded = meta_thinker_sharded_state_dict(hf_config, use_te=use_te)
     dtypes = check_checkpoint(sharded, checkpoint_dir)
-    mapper = Mapper(hf_config, Layout())
+    mapper = Mapper(hf_config, Layout(), use_te=use_te)
     unclaimed = [n for n in sharded if not any(row.mc_re.match(n) for row in mapper.rows)]
     if unclaimed:
         raise ExportError(f"thinker tensors no mapping row claims (they would be lost): {unclaimed[:5]}")
