@@ -1,4 +1,7 @@
 # Stage 4: HF checkpoint -> Megatron-Core torch_dist checkpoint (reshardable to any TP/PP/EP/ETP on load) + parity gate.
+# Beside convert.json and parity.json (the declared outputs) the job writes results/model/mcore/checkpoint/ and the HF
+# config, tokenizer, chat template and preprocessor files; it is all written to results/model/mcore.staging and
+# renamed into place, so a killed job never leaves a checkpoint that looks complete.
 
 
 rule convert:
@@ -9,6 +12,7 @@ rule convert:
         parity="results/model/mcore/parity.json",
     params:
         convert=canonical(config["convert"]),
+        parallel=canonical(config["parallel"]),
         use_te=config["model"]["use_te"],
     log:
         "logs/convert.log",
