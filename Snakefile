@@ -1,8 +1,9 @@
 # omni-pipeline: fine-tune Qwen3-Omni with Megatron-Core.
-#   download -> datajuicer -> shards -> convert -> finetune -> export
-# The config is validated (and defaults filled) before any job runs: a wrong key, type or value stops here.
+#   download -> datajuicer -> shards -> convert -> finetune -> export   (+ the report items of each stage)
+# The config is coerced, validated (defaults filled) and the files it names are checked before any job runs:
+# a wrong key, type, value, path or recipe op stops here with one line per problem, and nothing is run.
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -10,22 +11,30 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
-validate(config, "config/schema.yaml", set_default=True)
-
-
+# common.smk checks the config (coerce, validate, defaults, named files, recipe, local checkpoint) first of all.
 include: "rules/common.smk"
 include: "rules/download.smk"
 include: "rules/data.smk"
 include: "rules/convert.smk"
 include: "rules/finetune.smk"
 include: "rules/export.smk"
+include: "rules/report.smk"
 
 
+onstart:
+    remove_leftovers()
+
+
+# Every stage's contract outputs are targets, so a deleted or interrupted output is made again.
 rule all:
     default_target: True
     input:
-        rules.download.output.manifest,
+        rules.download.output,
+        rules.datajuicer.output,
         rules.shards.output,
         rules.convert.output,
         rules.finetune.output,
         rules.export.output,
+        rules.report_data.output,
+        rules.report_convert.output,
+        rules.report_finetune.output,

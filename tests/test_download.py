@@ -79,15 +79,61 @@ def test_local_source_is_verified_and_linked(tiny_out, tmp_path):
     linked = fetch_checkpoint({"source": "local", "path": str(local)}, out)
     assert linked["files"] == manifest["files"]
     assert (out / "model.safetensors").is_symlink()
-    _flip_one_byte(local / "config.json", 5)  # the folder's own manifest now disagrees
-    with pytest.raises(CheckpointError, match="config.json: sha256 mismatch"):
+    _flip_one_byte(local / "merges.txt", 5)  # the folder's own manifest now disagrees
+    with pytest.raises(CheckpointError, match="merges.txt: sha256 mismatch") as error:
         fetch_checkpoint({"source": "local", "path": str(local)}, tmp_path / "again")
+    assert str(local) in str(error.value) and "staging" not in str(error.value)
 
 
 def test_local_source_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+    with pytest.raises(CheckpointError, match="not 'qwen3_omni_moe'"):
         fetch_checkpoint({"source": "local", "path": str(tmp_path / "empty")}, tmp_path / "out")
-    with pytest.raises(CheckpointError, match="not a directory"):
+    with pytest.raises(CheckpointError, match="no such directory"):
         fetch_checkpoint({"source": "local", "path": str(tmp_path / "nowhere")}, tmp_path / "out")
+
+
+def _local_copy(src, dest, drop=(), config=None):
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(MANIFEST, *drop))
+    if config is not None:
+        (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.mark.parametrize("damage, must_say", [
+    ("8-byte weights", ["model.safetensors: 8 bytes, not a safetensors file", "preprocessor_config.json is missing"]),
+    ("truncated weights", ["model.safetensors: truncated"]),
+    ("config of another size", ["tensors disagree with config.json's shapes", "thinker.model.embed_tokens.weight"]),
+    ("layers missing", ["tensors that config.json implies are missing", "thinker.model.layers.4."]),
+])
+def test_local_checkpoint_is_checked_from_headers_and_the_previous_model_survives(tiny_out, tmp_path, damage,
+                                                                                 must_say):
+    """Finding 4: config.json + an 8-byte model.safetensors replaced the working model; errors named hf.staging."""
+    out, manifest = tiny_out
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    local = tmp_path / "user_ckpt"
+    if damage == "8-byte weights":
+        local.mkdir()
+        (local / "config.json").write_text(json.dumps(config))
+        (local / "model.safetensors").write_bytes(b"\x00" * 8)
+    elif damage == "truncated weights":
+        _local_copy(out, local)
+        with open(local / "model.safetensors", "r+b") as handle:
+            handle.truncate(1_000_000)
+    elif damage == "config of another size":
+        config["thinker_config"]["text_config"]["hidden_size"] *= 2
+        _local_copy(out, local, config=config)
+    else:
+        config["thinker_config"]["text_config"]["num_hidden_layers"] += 2
+        _local_copy(out, local, config=config)
+    with pytest.raises(CheckpointError) as error:
+        fetch_checkpoint({"source": "local", "path": str(local)}, out)
+    message = str(error.value)
+    print(message)
+    assert message.startswith(f"model.path {local}") and "staging" not in message and "fetched" not in message
+    for words in must_say:
+        assert words in message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # model + MANIFEST.json untouched
+    assert not (out.parent / "hf.fetched").exists() or not any((out.parent / "hf.fetched").iterdir())

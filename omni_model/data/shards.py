@@ -4,8 +4,10 @@ One WebDataset sample = ``<key>.json`` (the canonical conversation; its ``images
 the sample's media members, the original paths are kept under ``source``) + one member per medium with its original
 extension: ``<key>.image0.png``, ``<key>.audio0.wav``, ``<key>.video0.mp4`` ... (original bytes, not re-encoded).
 
-Before a sample is written every medium is fully decoded and the exact token count after pad expansion is computed
-with the training encoder (tokenizer + preprocessor config of the checkpoint): samples whose media cannot be decoded
+Before a sample is written its token count after pad expansion is computed from the media headers (image size, audio
+length, video duration -> frames; no pixel or mel work) and an over-long sample is dropped without decoding; then
+every medium is fully decoded and the exact count taken with the training encoder (tokenizer + preprocessor config of
+the checkpoint): samples whose media cannot be decoded
 (stage ``shards``, op ``decode``) or that exceed ``max_seq_len`` (op ``max_seq_len``) are dropped here with the
 reason, never at training time.
 
@@ -24,6 +26,7 @@ import re
 import time
 from pathlib import Path
 
+from ..runtime.logs import progress
 from .formats import LIST_KEY, MEDIA_KINDS, count_drops, drop_entry
 
 log = logging.getLogger(__name__)
@@ -67,7 +70,7 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
     """Write the shards and the Energon metadata; returns the report (also written to report.json)."""
     import webdataset as wds
 
-    from .encoder import OmniEncoder
+    from .encoder import OmniEncoder, OverLongSample
     from .media import MediaError
 
     started = time.time()
@@ -91,7 +94,7 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
     tokens = {"train": 0, "val": 0}
     used_keys: set = set()
     try:
-        for record in records:
+        for record in progress(records, every=100, what="samples", log=log):  # timestamped lines + rate, ETA
             media, members = {}, {}
             try:
                 for kind in MEDIA_KINDS:
@@ -102,6 +105,11 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
                             raise MediaError(f"cannot read {kind} {path}: {exc}") from None
                         media[(kind, index)] = data
                         members[(kind, index)] = media_member(kind, index, path)
+                try:  # cheap first: the count from the media headers; an over-long sample is never decoded
+                    encoder.check_length(record, media)
+                except OverLongSample as exc:
+                    drops.append(drop_entry(record["id"], "shards", "max_seq_len", f"{exc} (from the media headers)"))
+                    continue
                 decoded = encoder.decode(record, media, names=members)
                 n_tokens = encoder.count_tokens(record, decoded)
             except MediaError as exc:

@@ -1,17 +1,21 @@
-"""Rule `datajuicer`: validate + Data-Juicer recipe -> processed.jsonl, drops.jsonl (omni_model.data.datajuicer)."""
+"""Rule `datajuicer`: validate + Data-Juicer recipe -> processed.jsonl, drops.jsonl, datajuicer_report.json
+(omni_model.data.datajuicer). Outputs are written to a staging folder and moved into place only on success."""
 
 import json
-import logging
-import sys
 from pathlib import Path
 
 from omni_model.data.datajuicer import run_stage
+from omni_model.runtime.logs import stage_logging
+from omni_model.runtime.publish import staged_outputs
 
-sys.stderr = sys.stdout = open(snakemake.log[0], "a", buffering=1)  # noqa: F821  (Data-Juicer prints and logs)
-logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(message)s")
-summary = run_stage(
-    Path(snakemake.input.raw), Path(snakemake.input.recipe),  # noqa: F821
-    Path(snakemake.output.processed), Path(snakemake.output.drops),  # noqa: F821
-    fmt=snakemake.params.format, num_proc=snakemake.threads,  # noqa: F821
-)
-Path(snakemake.output.report).write_text(json.dumps(summary, indent=2) + "\n")  # noqa: F821
+out = snakemake.output  # noqa: F821
+with stage_logging(snakemake.log[0], "datajuicer") as log, \
+        staged_outputs({"processed": out.processed, "drops": out.drops, "report": out.report}, "datajuicer") as staged:
+    summary = run_stage(
+        Path(snakemake.input.raw), Path(snakemake.input.recipe),  # noqa: F821
+        staged["processed"], staged["drops"],
+        fmt=snakemake.params.format, num_proc=snakemake.threads,  # noqa: F821
+        work_dir=staged["report"].parent,
+    )
+    staged["report"].write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("input %d = kept %d + dropped %d", summary["input"], summary["kept"], summary["dropped"])

@@ -1,10 +1,15 @@
 """Rule `demo_data`: the deterministic synthetic multimodal demo set (omni_model.data.demo does the work)."""
 
-import logging
 from pathlib import Path
 
 from omni_model.data.demo import generate_demo
+from omni_model.runtime.logs import stage_logging
+from omni_model.runtime.publish import staged_outputs
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(message)s")  # noqa: F821
-path = generate_demo(Path(snakemake.output.jsonl).parent, snakemake.params.samples, snakemake.params.seed)  # noqa: F821
-logging.info("demo set written: %s (%d lines)", path, sum(1 for _ in open(path)))
+out = snakemake.output  # noqa: F821
+with stage_logging(snakemake.log[0], "demo_data") as log, \
+        staged_outputs({"raw": Path(out.jsonl).parent}, "demo_data") as staged:  # noqa: F821
+    path = generate_demo(staged["raw"], snakemake.params.samples, snakemake.params.seed)  # noqa: F821
+    if path.name != Path(out.jsonl).name or not (staged["raw"] / Path(out.media).name).is_dir():
+        raise RuntimeError(f"generate_demo wrote {path}, not the rule's {out.jsonl} + {out.media}")
+    log.info("demo set written: %s (%d lines)", out.jsonl, sum(1 for _ in open(path)))

@@ -1,11 +1,13 @@
-"""Rule `download`: a verified HF checkpoint folder + MANIFEST.json (omni_model.download does the work)."""
+"""Rule `fetch_model`: build/fetch + verify the checkpoint into results/model/hf.fetched (omni_model.download);
+the `download` rule publishes it. The working results/model/hf is read (to reuse it when intact), never changed."""
 
-import logging
 from pathlib import Path
 
-from omni_model.download import fetch_checkpoint
+from omni_model.download import fetch_into
+from omni_model.runtime.logs import stage_logging
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(message)s")  # noqa: F821
-manifest = fetch_checkpoint(snakemake.params.model, Path(snakemake.output.manifest).parent, log=logging.info)  # noqa: F821
-total = sum(meta["size"] for meta in manifest["files"].values())
-logging.info("checkpoint ready: %d files, %.1f MB, source %s", len(manifest["files"]), total / 1e6, manifest["source"])
+with stage_logging(snakemake.log[0], "download") as log:  # noqa: F821
+    manifest = fetch_into(snakemake.params.model, Path(snakemake.params.out_dir), Path(snakemake.output[0]),  # noqa: F821
+                          log=log.info)
+    total = sum(meta["size"] for meta in manifest["files"].values())
+    log.info("checkpoint ready: %d files, %.1f MB, source %s", len(manifest["files"]), total / 1e6, manifest["source"])

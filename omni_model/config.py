@@ -1,0 +1,362 @@
+"""The pipeline config: coerce command-line strings by the schema, fill defaults, validate, check named inputs.
+
+    config = check_config(config, "config/schema.yaml")   # raises ConfigError with one line per problem
+
+Snakemake passes a nested `--config data='{max_seq_len: 8192}'` through YAML's BaseLoader, so every nested value
+arrives as a string ('8192'). We coerce a string to the type the schema asks for (integer, number, boolean, null)
+before validating: '8192' -> 8192, '1e-5' -> 1e-05, 'true' -> True; a string that is not such a value ('4k') stays a
+string and the validator names the key and the expected type. Every message is one line: key path, value, what is
+allowed; never the schema or the config.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import re
+from pathlib import Path
+
+import yaml
+
+BUILTIN_MODEL_CONFIGS = ("released-30b-a3b",)
+
+
+class ConfigError(ValueError):
+    """The config is wrong; the message holds one line per problem."""
+
+
+# ------------------------------------------------------------------------------------------------ coercion
+_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+
+
+def _types(schema: dict) -> list[str]:
+    kind = schema.get("type", [])
+    return [kind] if isinstance(kind, str) else list(kind)
+
+
+def _scalar_from_string(text: str, types: list[str]):
+    """The value of `text` as one of the schema's non-string types, or `text` itself when none fits."""
+    stripped = text.strip()
+    if "null" in types and stripped.lower() in ("null", "none", "~", ""):
+        return None
+    if "boolean" in types and stripped.lower() in _BOOLEANS:
+        return _BOOLEANS[stripped.lower()]
+    if "integer" in types:
+        try:
+            return int(stripped.replace("_", ""))
+        except ValueError:
+            pass
+    if "number" in types:
+        try:
+            number = float(stripped.replace("_", ""))  # float() reads 1e-5; YAML 1.1 would keep it a string
+            return int(number) if number.is_integer() and re.fullmatch(r"[+-]?\d+", stripped) else number
+        except ValueError:
+            pass
+    return text
+
+
+def _untyped_from_string(text: str):
+    """A free-form value (e.g. model.overrides): what the same text in a YAML file would have been."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (int, float, bool)) and not isinstance(value, str) else text
+
+
+def coerce(value, schema: dict):
+    """`value` with every string converted to the type `schema` asks for (recursively)."""
+    types = _types(schema)
+    if isinstance(value, str):
+        if not types:
+            return _untyped_from_string(value)
+        if "string" in types:
+            return value
+        if "array" in types or "object" in types:
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                return value
+            return coerce(parsed, schema) if isinstance(parsed, (list, dict)) else value
+        return _scalar_from_string(value, types)
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        return {key: coerce(item, props.get(key, extra if isinstance(extra, dict) else {}))
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [coerce(item, schema.get("items", {})) for item in value]
+    return value
+
+
+def fill_defaults(config: dict, schema: dict) -> dict:
+    """Missing keys take the schema's defaults, section by section (a section's default {} is filled too)."""
+    for key, sub in schema.get("properties", {}).items():
+        if key not in config and "default" in sub:
+            config[key] = _copy(sub["default"])
+        if isinstance(config.get(key), dict) and sub.get("properties"):  # a wrong type is left to the validator
+            fill_defaults(config[key], sub)
+    return config
+
+
+def _copy(value):
+    return yaml.safe_load(yaml.safe_dump(value))
+
+
+# ------------------------------------------------------------------------------------------------ validation
+_TYPE_WORDS = {"integer": "an integer", "number": "a number", "boolean": "true or false", "string": "a string",
+               "object": "a mapping {key: value}", "array": "a list", "null": "null"}
+
+
+def _key_path(path) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _allowed(error) -> str:
+    """What the schema allows at the failing key, in words."""
+    kind, value, schema = error.validator, error.validator_value, error.schema
+    if kind == "type":
+        return "expected " + " or ".join(_TYPE_WORDS.get(t, t) for t in _types({"type": value}))
+    if kind == "enum":
+        return "must be one of: " + ", ".join(map(str, value))
+    if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        return "must be " + _range(schema)
+    if kind == "pattern":
+        return f"must match {value}" + (f" ({schema['description']})" if "description" in schema else "")
+    return error.message
+
+
+def _range(schema: dict) -> str:
+    low = (">= %s" % schema["minimum"]) if "minimum" in schema else \
+        (("> %s" % schema["exclusiveMinimum"]) if "exclusiveMinimum" in schema else "")
+    high = ("<= %s" % schema["maximum"]) if "maximum" in schema else \
+        (("< %s" % schema["exclusiveMaximum"]) if "exclusiveMaximum" in schema else "")
+    return " and ".join(part for part in (low, high) if part)
+
+
+def _describe(error) -> list[str]:
+    where = _key_path(error.absolute_path)
+    if error.validator == "additionalProperties":
+        known = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(known))
+        lines = []
+        for key in extra:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            section = f"{where}.{key}" if error.absolute_path else key
+            lines.append(f"{section}: unknown key; {hint}known keys: {', '.join(known)}")
+        return lines
+    if error.validator == "required":
+        missing = re.match(r"'([^']+)'", error.message)
+        name = missing.group(1) if missing else error.message
+        prefix = f"{where}." if error.absolute_path else ""
+        return [f"{prefix}{name}: required here but not set"]
+    return [f"{where} = {error.instance!r}: {_allowed(error)}"]
+
+
+def schema_problems(config: dict, schema: dict) -> list[str]:
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    lines: list[str] = []
+    for error in errors:
+        if error.validator in ("if", "then"):
+            continue
+        for line in _describe(error):
+            if line not in lines:
+                lines.append(line)
+    return lines
+
+
+def semantic_problems(config: dict) -> list[str]:
+    """Rules the schema cannot say."""
+    problems = []
+    if config.get("parallel", {}).get("cp", 1) > 1:
+        problems.append(f"parallel.cp = {config['parallel']['cp']}: context parallelism is not implemented yet; "
+                        "use parallel.cp: 1")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def input_problems(config: dict, root: Path = Path(".")) -> list[str]:
+    """Files and folders the config names must exist (relative paths are relative to the working directory)."""
+    problems = []
+    data, model = config.get("data", {}), config.get("model", {})
+
+    def need(key: str, value: str, kind: str) -> None:
+        path = root / value
+        ok = path.is_file() if kind == "file" else path.is_dir()
+        if not ok:
+            what = "no such file" if not path.exists() else f"not a {kind}"
+            problems.append(f"{key} = {value!r}: {what} ({path.resolve()})")
+
+    if data.get("raw", "demo") != "demo":
+        need("data.raw", data["raw"], "file")
+    if "recipe" in data:
+        need("data.recipe", data["recipe"], "file")
+    if model.get("source") == "local" and model.get("path"):
+        need("model.path", model["path"], "folder")
+    if model.get("source") == "random" and model.get("config") not in (None, *BUILTIN_MODEL_CONFIGS):
+        need("model.config", model["config"], "file")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------ DJ recipe
+# Data-Juicer's OP base class reads these keyword arguments for every op (data_juicer/ops/base_op.py, OP.__init__
+# and Filter.__init__); read from its source below, so a new Data-Juicer version keeps this list true.
+_OP_FAMILIES = ("filter", "mapper", "deduplicator", "selector", "grouper", "aggregator")
+_BASE_CLASSES = {"OP", "Filter", "Mapper", "Deduplicator", "Selector", "Grouper", "Aggregator"}
+
+
+def _dj_ops_dir() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("data_juicer")  # finds the package without importing it (seconds)
+    return Path(spec.origin).parent / "ops" if spec and spec.origin else None
+
+
+def _registered_ops(source: str) -> dict[str, str]:
+    """op name -> class name, for the `@OPERATORS.register_module(...)` decorators in one source file."""
+    constants = dict(re.findall(r"^(\w+)\s*=\s*[\"'](\w+)[\"']", source, flags=re.M))
+    found = {}
+    pattern = r"@OPERATORS\.register_module\(\s*([\"']?\w+[\"']?)\s*\)\s*\n(?:\s*@.*\n)*\s*class\s+(\w+)"
+    for arg, cls in re.findall(pattern, source):
+        name = arg.strip("\"'") if arg[0] in "\"'" else constants.get(arg)
+        if name:
+            found[name] = cls
+    return found
+
+
+def _class_signature(source: str, cls: str) -> tuple[set[str], bool, list[str]] | None:
+    """(argument names of cls.__init__, whether it takes **kwargs, base class names), from the source text."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            bases = [b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases]
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                    args = item.args
+                    names = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs} - {"self"}
+                    return names, args.kwarg is not None, bases
+            return set(), True, bases
+    return None
+
+
+def _base_kwargs(ops_dir: Path) -> set[str]:
+    source = (ops_dir / "base_op.py").read_text()
+    return set(re.findall(r"kwargs(?:\.get|\.pop)?\(?\[?\s*[\"'](\w+)[\"']", source))
+
+
+class OpCatalog:
+    """The Data-Juicer ops known without importing Data-Juicer (its import takes seconds): op name -> class, and
+    each class's constructor arguments read from its source (following **kwargs up to Data-Juicer's base classes)."""
+
+    def __init__(self, extra_sources: tuple[Path, ...] = ()):
+        self.ops: dict[str, str] = {}  # op name -> class name
+        self.classes: dict[str, str] = {}  # class name -> source text
+        ops_dir = _dj_ops_dir()
+        self.base_kwargs = _base_kwargs(ops_dir) if ops_dir else set()
+        files = [p for family in _OP_FAMILIES for p in sorted((ops_dir / family).glob("*.py"))] if ops_dir else []
+        for path in [*files, *extra_sources]:
+            source = path.read_text(encoding="utf-8")
+            if "register_module" in source:
+                for name, cls in _registered_ops(source).items():
+                    self.ops[name] = cls
+                    self.classes[cls] = source
+
+    def arguments(self, cls: str, depth: int = 0) -> set[str] | None:
+        """Every keyword `cls(...)` accepts; None when that cannot be known from the sources."""
+        signature = _class_signature(self.classes[cls], cls) if cls in self.classes else None
+        if signature is None or depth > 5:
+            return None
+        names, has_kwargs, bases = signature
+        if not has_kwargs:
+            return names
+        for base in bases:
+            if base in _BASE_CLASSES:
+                names |= self.base_kwargs
+            else:
+                inherited = self.arguments(base, depth + 1)
+                if inherited is None:
+                    return None
+                names |= inherited
+        return names
+
+    def problems(self, op: str, args: dict) -> list[str]:
+        if op not in self.ops:
+            close = difflib.get_close_matches(op, list(self.ops), n=1)
+            return [f"unknown op '{op}'" + (f"; did you mean '{close[0]}'?" if close else "")]
+        allowed = self.arguments(self.ops[op])
+        if allowed is None:
+            return []
+        lines = []
+        for name in sorted(set(args) - allowed):
+            close = difflib.get_close_matches(name, sorted(allowed), n=1)
+            lines.append(f"op '{op}': unknown argument '{name}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+        return lines
+
+
+def recipe_problems(recipe_path: Path, catalog: OpCatalog | None = None) -> list[str]:
+    """Problems of a Data-Juicer recipe: structure, op names, argument names (one line each, naming the file)."""
+    recipe_path = Path(recipe_path)
+    try:
+        recipe = yaml.safe_load(recipe_path.read_text())
+    except yaml.YAMLError as exc:
+        return [f"data.recipe {recipe_path}: not valid YAML ({str(exc).splitlines()[0]})"]
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("process"), list) or not recipe["process"]:
+        return [f"data.recipe {recipe_path}: needs a non-empty 'process' list of ops"]
+    if catalog is None:
+        catalog = OpCatalog(extra_sources=(Path(__file__).parent / "data" / "dj_ops.py",))
+    lines = []
+    for index, entry in enumerate(recipe["process"]):
+        if not isinstance(entry, dict) or len(entry) != 1:
+            lines.append(f"data.recipe {recipe_path}: process[{index}] must be one 'op_name: {{args}}' mapping")
+            continue
+        (op, args), = entry.items()
+        if args is not None and not isinstance(args, dict):
+            lines.append(f"data.recipe {recipe_path}: process[{index}] {op}: arguments must be a mapping")
+            continue
+        lines += [f"data.recipe {recipe_path}: process[{index}] {line}" for line in catalog.problems(op, args or {})]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ all together
+def check_config(config: dict, schema_path, root: Path = Path(".")) -> dict:
+    """Coerce, fill defaults, validate and check the named inputs; returns the config (changed in place)."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    coerced = coerce(config, schema)
+    config.clear()
+    config.update(coerced)
+    fill_defaults(config, schema)
+    problems = schema_problems(config, schema)
+    if not problems:
+        problems = semantic_problems(config)
+    if not problems:
+        problems = input_problems(config, root)
+    if not problems and "recipe" in config.get("data", {}):
+        problems = recipe_problems(root / config["data"]["recipe"])
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
+
+
+def check_config_or_exit(config: dict, schema_path) -> dict:
+    """For the Snakefile: check_config + (model.source local) the checkpoint's headers; on a problem end the run
+    before any job with the problem lines only (no traceback, no schema or config dump)."""
+    from .download import CheckpointError, check_local_checkpoint
+
+    try:
+        check_config(config, schema_path)
+    except ConfigError as error:
+        _exit("Config error", error)
+    if config["model"]["source"] == "local":
+        try:  # headers only (config, index, safetensors shapes, tokenizer, preprocessor): milliseconds even at 30B
+            check_local_checkpoint(Path(config["model"]["path"]))
+        except CheckpointError as error:
+            _exit("model.path is not a usable Qwen3-Omni checkpoint", error)
+    return config
+
+
+def _exit(title: str, error: Exception):
+    lines = "\n".join(f"  {line}" for line in str(error).splitlines())
+    raise SystemExit(f"{title} (nothing was run):\n{lines}\n(see README.md, 'Troubleshooting')")
