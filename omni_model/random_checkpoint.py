@@ -1,0 +1,155 @@
+"""`model.source: random`: a random-weight Qwen3-Omni HF checkpoint of any size, written tensor by tensor.
+
+    write_random_checkpoint(out_dir, "released-30b-a3b", overrides={"thinker_config": {"text_config":
+                            {"num_hidden_layers": 4}}}, seed=0)
+
+Every tensor of the full model (thinker + talker + code2wav) gets the on-disk name, shape and dtype (bf16) that
+transformers' `save_pretrained` writes: the names and shapes come from the transformers model built on the meta device
+(no memory) and passed through `revert_weight_conversion`, the same step save_pretrained uses to turn its fused
+in-memory experts back into per-expert tensors. Values are drawn per tensor from a generator seeded by
+(seed, tensor name), so the same seed gives the same bytes whatever the shard size. The safetensors files are
+written by hand: the header first (all shapes are known), then one tensor at a time, so a full 30B checkpoint never
+needs more host memory than its largest tensor. Tokenizer, chat template and preprocessor files are the real ones
+(omni_model.tokenizer).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+
+DTYPE = torch.bfloat16
+SAFETENSORS_DTYPE = "BF16"
+DEFAULT_SHARD_BYTES = 4 * 1024**3
+
+
+def merge(base: dict, overrides: Optional[dict]) -> dict:
+    """`base` with `overrides` merged in recursively (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in (overrides or {}).items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resolve_config(config: Union[str, Path, dict], overrides: Optional[dict] = None) -> dict:
+    """'released-30b-a3b' (the released Qwen3-Omni-30B-A3B values), a config.json path, or a dict; + overrides."""
+    from .configs import released_30b_a3b_config
+
+    if isinstance(config, dict):
+        base = config
+    elif str(config) == "released-30b-a3b":
+        base = released_30b_a3b_config()
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.config {config!r}: neither 'released-30b-a3b' nor a config.json file")
+        base = json.loads(path.read_text())
+    return merge(base, overrides)
+
+
+def on_disk_tensors(config: dict) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of every tensor that `save_pretrained` writes for this config (computed on the meta device)."""
+    from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    with torch.device("meta"):
+        model = Qwen3OmniMoeForConditionalGeneration(Qwen3OmniMoeConfig(**config))
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    return {name: tuple(t.shape) for name, t in revert_weight_conversion(model, state).items()}
+
+
+def random_tensor(name: str, shape: tuple, seed: int) -> torch.Tensor:
+    """Seeded by (seed, name): N(0, 0.02) weights, 1 + N(0, 0.1) norm scales (like omni_model.tiny)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    is_scale = len(shape) == 1 and ("norm" in name or ".ln" in name) and name.endswith("weight")
+    return (1.0 + 0.1 * noise if is_scale else 0.02 * noise).to(DTYPE)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def plan_shards(tensors: dict[str, tuple], shard_bytes: int) -> list[list[str]]:
+    """Tensor names per shard file, in name order, each shard at most `shard_bytes` (or one larger tensor)."""
+    shards, current, size = [], [], 0
+    for name in sorted(tensors, key=_natural_key):
+        nbytes = _numel(tensors[name]) * 2
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _natural_key(name: str):
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
+
+
+def write_safetensors(path: Path, names: list[str], shapes: dict, make: Callable[[str], torch.Tensor]) -> int:
+    """A safetensors file written one tensor at a time (header first: offsets follow from the shapes)."""
+    header, offset = {}, 0
+    for name in names:
+        nbytes = _numel(shapes[name]) * 2
+        header[name] = {"dtype": SAFETENSORS_DTYPE, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, like safetensors writes it
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(blob)))
+        handle.write(blob)
+        for name in names:
+            tensor = make(name)
+            if tuple(tensor.shape) != tuple(shapes[name]) or tensor.dtype != DTYPE:
+                raise ValueError(f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, expected {shapes[name]} {DTYPE}")
+            handle.write(tensor.contiguous().view(torch.uint8).numpy().data)
+    return offset
+
+
+def write_config_files(out_dir: Path, config: dict) -> None:
+    """config.json + generation_config.json as save_pretrained writes them, tokenizer + processor files."""
+    from transformers import GenerationConfig, Qwen3OmniMoeConfig
+
+    from .tokenizer import write_preprocessor_configs, write_tokenizer
+
+    hf_config = Qwen3OmniMoeConfig(**config)
+    hf_config.dtype = DTYPE
+    hf_config.save_pretrained(out_dir)
+    GenerationConfig.from_model_config(hf_config).save_pretrained(out_dir)
+    write_tokenizer(out_dir)
+    write_preprocessor_configs(out_dir)
+
+
+def write_random_checkpoint(out_dir, config: Union[str, Path, dict] = "released-30b-a3b",
+                            overrides: Optional[dict] = None, seed: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                            log: Callable[[str], None] = print) -> Path:
+    """Write the checkpoint into out_dir (created); returns out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = resolve_config(config, overrides)
+    shapes = on_disk_tensors(config)
+    shards = plan_shards(shapes, shard_bytes)
+    weight_map, total = {}, 0
+    for index, names in enumerate(shards, start=1):
+        filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        total += write_safetensors(out_dir / filename, names, shapes, lambda name: random_tensor(name, shapes[name], seed))
+        weight_map.update({name: filename for name in names})
+        log(f"random checkpoint: {filename} ({len(names)} tensors, {total / 1e9:.2f} GB so far)")
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_config_files(out_dir, config)
+    return out_dir
