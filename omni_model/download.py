@@ -1,7 +1,7 @@
 """The `download` stage: produce a verified HF checkpoint folder with a MANIFEST.json.
 
-Sources: `tiny` (built here, no network), `local` (an existing folder, verified and linked), `huggingface` /
-`modelscope` (omni_model.hub, resumable). The manifest lists every file with size and sha256; a folder whose
+Sources: `tiny` (built here, no network), `local` (an existing folder, verified as a complete Qwen3-Omni
+checkpoint from its headers, then linked), `huggingface` / `modelscope` (omni_model.hub, resumable). The manifest lists every file with size and sha256; a folder whose
 files disagree with its manifest is never used silently.
 """
 
@@ -87,14 +87,156 @@ def _fresh_dir(out_dir: Path) -> Path:
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
-    if out_dir.exists() or out_dir.is_symlink():
-        if out_dir.is_symlink() or out_dir.is_file():
-            out_dir.unlink()
-        else:
-            shutil.rmtree(out_dir)
+    """Put the finished staging folder at out_dir; the old one is removed only after the new one is in place."""
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.is_symlink() or out_dir.is_file():
+        out_dir.unlink()
+    elif out_dir.exists():
+        os.replace(out_dir, old)
     os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------------------------ local checkpoints
+_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))  # either the fast tokenizer or BPE files
+_SIDE_FILES = ("tokenizer_config.json", "preprocessor_config.json")
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """{tensor name: {"dtype", "shape", "data_offsets"}} from the file's header (no tensor data is read); raises
+    CheckpointError when the file is not safetensors or is shorter than its header says."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if size <= 8:
+            raise CheckpointError(f"{path.name}: {size} bytes, not a safetensors file")
+        length = int.from_bytes(head, "little")
+        if length > size - 8 or length > 100_000_000:
+            raise CheckpointError(f"{path.name}: header length {length} exceeds the file ({size} bytes)")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            raise CheckpointError(f"{path.name}: unreadable safetensors header") from None
+    header.pop("__metadata__", None)
+    data_end = max((meta["data_offsets"][1] for meta in header.values()), default=0)
+    if 8 + length + data_end > size:
+        raise CheckpointError(f"{path.name}: truncated ({size} bytes, the header needs {8 + length + data_end})")
+    return header
+
+
+def expected_thinker_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape that the checkpoint's config.json implies, for the thinker's LLM (every tensor)
+    and the main tensors of each vision block and audio layer (so a layer count or width mismatch is caught)."""
+    thinker = config["thinker_config"]
+    text, vision, audio = thinker["text_config"], thinker["vision_config"], thinker["audio_config"]
+    hidden, vocab = text["hidden_size"], text["vocab_size"]
+    heads, kv_heads = text["num_attention_heads"], text["num_key_value_heads"]
+    head_dim = text.get("head_dim") or hidden // heads
+    shapes = {"thinker.model.embed_tokens.weight": (vocab, hidden), "thinker.lm_head.weight": (vocab, hidden),
+              "thinker.model.norm.weight": (hidden,)}
+    dense_layers = set(text.get("mlp_only_layers") or [])
+    for i in range(text["num_hidden_layers"]):
+        p = f"thinker.model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+            p + "self_attn.q_norm.weight": (head_dim,), p + "self_attn.k_norm.weight": (head_dim,),
+        })
+        sparse = i not in dense_layers and text.get("num_experts", 0) > 0 and \
+            (i + 1) % text.get("decoder_sparse_step", 1) == 0
+        if sparse:
+            ffn = text["moe_intermediate_size"]
+            shapes[p + "mlp.gate.weight"] = (text["num_experts"], hidden)
+            experts = [f"{p}mlp.experts.{e}." for e in range(text["num_experts"])]
+        else:
+            ffn, experts = text["intermediate_size"], [p + "mlp."]
+        for e in experts:
+            shapes.update({e + "gate_proj.weight": (ffn, hidden), e + "up_proj.weight": (ffn, hidden),
+                           e + "down_proj.weight": (hidden, ffn)})
+    v_hidden = vision["hidden_size"]
+    for i in range(vision["depth"]):
+        shapes[f"thinker.visual.blocks.{i}.attn.qkv.weight"] = (3 * v_hidden, v_hidden)
+        shapes[f"thinker.visual.blocks.{i}.mlp.linear_fc1.weight"] = (vision["intermediate_size"], v_hidden)
+    d_model = audio["d_model"]
+    for i in range(audio["encoder_layers"]):
+        shapes[f"thinker.audio_tower.layers.{i}.self_attn.q_proj.weight"] = (d_model, d_model)
+        shapes[f"thinker.audio_tower.layers.{i}.fc1.weight"] = (audio["encoder_ffn_dim"], d_model)
+    return shapes
+
+
+def _weight_files(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError):
+            raise CheckpointError(f"{index.name}: not a safetensors index (no weight_map)") from None
+        missing = sorted({name for name in weight_map.values() if not (path / name).is_file()})
+        if missing:
+            raise CheckpointError(f"{index.name} names files that are missing: {', '.join(missing[:5])}"
+                                  + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+        return sorted(set(weight_map.values()))
+    return sorted(p.name for p in path.glob("*.safetensors"))
+
+
+def local_checkpoint_problems(path: Path) -> list[str]:
+    """What keeps `path` from being a complete Qwen3-Omni HF checkpoint (files, config, tensor shapes from the
+    safetensors headers, tokenizer, preprocessor). Reads headers only: fast at any model size."""
+    if not path.is_dir():
+        return ["not a directory" if path.exists() else "no such directory"]
+    problems = []
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        return ["config.json is missing"]
+    except ValueError as exc:
+        return [f"config.json is not valid JSON ({exc})"]
+    if config.get("model_type") != "qwen3_omni_moe":
+        problems.append(f"config.json model_type is {config.get('model_type')!r}, not 'qwen3_omni_moe' (Qwen3-Omni)")
+    for names in (_SIDE_FILES + ("|".join("+".join(group) for group in _TOKENIZER_FILES),)):
+        groups = [group.split("+") for group in names.split("|")]
+        if not any(all((path / name).is_file() for name in group) for group in groups):
+            problems.append(f"{' or '.join(' + '.join(g) for g in groups)} is missing")
+    try:
+        weight_files = _weight_files(path)
+    except CheckpointError as exc:
+        return problems + [str(exc)]
+    if not weight_files:
+        return problems + ["no *.safetensors weights (and no model.safetensors.index.json)"]
+    found: dict[str, tuple] = {}
+    for name in weight_files:
+        try:
+            found.update({key: tuple(meta["shape"]) for key, meta in read_safetensors_header(path / name).items()})
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    if problems or config.get("model_type") != "qwen3_omni_moe":
+        return problems
+    try:
+        expected = expected_thinker_shapes(config)
+    except (KeyError, TypeError) as exc:
+        return [f"config.json lacks {exc} (not a Qwen3-Omni thinker config)"]
+    missing = [key for key in expected if key not in found]
+    wrong = [f"{key} {list(found[key])} != {list(shape)}" for key, shape in expected.items()
+             if key in found and found[key] != shape]
+    if missing:
+        problems.append(f"{len(missing)} tensors that config.json implies are missing, e.g. {', '.join(missing[:3])}")
+    if wrong:
+        problems.append(f"{len(wrong)} tensors disagree with config.json's shapes, e.g. {'; '.join(wrong[:3])}")
+    return problems
+
+
+def check_local_checkpoint(path: Path) -> None:
+    """Raise CheckpointError naming `path` (the user's folder) unless it is a complete Qwen3-Omni checkpoint."""
+    problems = local_checkpoint_problems(Path(path))
+    if problems:
+        raise CheckpointError(f"model.path {path}: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------------ the sources
 def fetch_tiny(out_dir: Path, seed: int) -> dict:
     from .tiny import write_tiny_checkpoint
 
@@ -119,15 +261,15 @@ def fetch_random(out_dir: Path, record: dict) -> dict:
 def fetch_local(out_dir: Path, path: Path) -> dict:
     """Verify a local checkpoint and expose it at out_dir by per-file symlinks (no copy of tens of GB).
 
-    If the folder carries a MANIFEST.json, every file must match it; otherwise a manifest is computed now.
+    The folder must be a complete Qwen3-Omni checkpoint; if it carries a MANIFEST.json every file must match it.
+    Every message names the user's folder; out_dir is not touched unless everything is right.
     """
     path = Path(path).resolve()
-    if not path.is_dir():
-        raise CheckpointError(f"model.path {path} is not a directory")
+    check_local_checkpoint(path)
     if (path / MANIFEST).is_file():
         problems = verify_manifest(path)
         if problems:
-            raise CheckpointError(f"local checkpoint {path} does not match its {MANIFEST}: " + "; ".join(problems))
+            raise CheckpointError(f"model.path {path} does not match its {MANIFEST}: " + "; ".join(problems))
     staging = _fresh_dir(out_dir)
     for rel in list_files(path):
         target = staging / rel
@@ -139,14 +281,14 @@ def fetch_local(out_dir: Path, path: Path) -> dict:
 
 
 def fetch_hub(out_dir: Path, source: str, repo_id: str, revision: str | None, allow_patterns: list[str],
-              endpoint: str | None) -> dict:
+              endpoint: str | None, partial: Path | None = None) -> dict:
     """Download (resuming into a persistent partial folder), check against the hub's own hashes, publish.
 
     fetch_from_hub already verified (and repaired) every file against the hub's listing, or raised.
     """
     from .hub import fetch_from_hub
 
-    partial = out_dir.with_name(out_dir.name + ".partial")  # kept across interruptions so the client can resume
+    partial = partial or out_dir.with_name(out_dir.name + ".partial")  # kept across interruptions: the client resumes
     partial.mkdir(parents=True, exist_ok=True)
     hub_files = fetch_from_hub(source, repo_id, revision, allow_patterns, partial, endpoint=endpoint)
     manifest = build_manifest(partial, {"kind": source, "id": repo_id, "revision": revision})
@@ -175,38 +317,71 @@ def _source_record(model_cfg: dict) -> dict:
     return {"kind": source, "id": model_cfg["id"], "revision": model_cfg.get("revision")}
 
 
-def fetch_checkpoint(model_cfg: dict, out_dir: Path, log=print) -> dict:
-    """Make out_dir a verified checkpoint of `model_cfg`; returns its manifest.
+# The download stage is two steps so that a failure cannot cost the working model: `fetch_into` builds the new
+# checkpoint in `<out_dir>.fetched` (or, when out_dir already is that checkpoint and intact, writes only a KEEP
+# note there) and never touches out_dir; `publish_fetched` then swaps it in, which cannot fail halfway.
+KEEP = "KEEP.json"
 
-    An existing folder of the same source is verified against its manifest first: intact -> nothing is fetched;
-    damaged -> the damaged files are re-fetched (hub), the model rebuilt (tiny), or a clear error (local).
-    """
-    out_dir = Path(out_dir)
+
+def fetched_dir(out_dir: Path) -> Path:
+    return Path(out_dir).with_name(Path(out_dir).name + ".fetched")
+
+
+def fetch_into(model_cfg: dict, out_dir: Path, fetched: Path, log=print) -> dict:
+    """Make `fetched` the verified checkpoint of `model_cfg` (or a KEEP note when out_dir already is); returns the
+    manifest. An intact out_dir of the same source is reused; a damaged one is refetched (hub: only the damaged
+    files), rebuilt (tiny) or refused (local)."""
+    out_dir, fetched = Path(out_dir), Path(fetched)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(fetched, ignore_errors=True)
     record = _source_record(model_cfg)
     manifest_path = out_dir / MANIFEST
+    partial = out_dir.with_name(out_dir.name + ".partial")
     if manifest_path.is_file() and json.loads(manifest_path.read_text())["source"] == record:
         problems = verify_manifest(out_dir)
         if not problems:
             log(f"{out_dir}: intact against {MANIFEST}, nothing to fetch")
+            fetched.mkdir(parents=True)
+            (fetched / KEEP).write_text(manifest_path.read_text())
             return json.loads(manifest_path.read_text())
         log(f"{out_dir}: damaged, fetching again: " + "; ".join(problems))
         if record["kind"] in ("huggingface", "modelscope"):
             _keep_good_files_for_resume(out_dir, problems)
-    elif out_dir.is_dir() and record["kind"] in ("huggingface", "modelscope"):
-        partial = out_dir.with_name(out_dir.name + ".partial")
-        if not partial.exists():  # files without a manifest (e.g. --forcerun removed it): let the client reuse them
+    elif out_dir.is_dir() and not manifest_path.is_file() and record["kind"] in ("huggingface", "modelscope"):
+        if not partial.exists():  # files without a manifest (a killed publish): let the client reuse them
             os.replace(out_dir, partial)
 
     kind = record["kind"]
     if kind == "tiny":
-        return fetch_tiny(out_dir, record["seed"])
+        return fetch_tiny(fetched, record["seed"])
     if kind == "random":
-        return fetch_random(out_dir, record)
+        return fetch_random(fetched, record)
     if kind == "local":
-        return fetch_local(out_dir, Path(record["path"]))
-    return fetch_hub(out_dir, kind, record["id"], record["revision"],
-                     model_cfg.get("allow_patterns", ["*"]), model_cfg.get("endpoint"))
+        return fetch_local(fetched, Path(record["path"]))
+    return fetch_hub(fetched, kind, record["id"], record["revision"],
+                     model_cfg.get("allow_patterns", ["*"]), model_cfg.get("endpoint"), partial=partial)
+
+
+def publish_fetched(fetched: Path, out_dir: Path) -> dict:
+    """Put what fetch_into made at out_dir (one rename); returns the manifest now at out_dir."""
+    fetched, out_dir = Path(fetched), Path(out_dir)
+    if (fetched / KEEP).is_file():  # out_dir is already this checkpoint: only its manifest may need writing back
+        manifest = json.loads((fetched / KEEP).read_text())
+        tmp = out_dir / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(tmp, out_dir / MANIFEST)
+        shutil.rmtree(fetched)
+        return manifest
+    manifest = json.loads((fetched / MANIFEST).read_text())
+    _publish(fetched, out_dir)
+    return manifest
+
+
+def fetch_checkpoint(model_cfg: dict, out_dir: Path, log=print) -> dict:
+    """Make out_dir a verified checkpoint of `model_cfg`; returns its manifest (both steps above)."""
+    fetched = fetched_dir(out_dir)
+    fetch_into(model_cfg, out_dir, fetched, log=log)
+    return publish_fetched(fetched, out_dir)
 
 
 def _keep_good_files_for_resume(out_dir: Path, problems: list[str]) -> None:
