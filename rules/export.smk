@@ -1,4 +1,7 @@
 # Stage 6: the latest training checkpoint (any layout) -> a complete Qwen3-Omni HF checkpoint (talker + code2wav copied).
+# Beside MANIFEST.json (the declared output, written last) the job writes the safetensors shards, their index and the
+# HF config/tokenizer/chat template/preprocessor files; all of it goes to results/export/hf.staging first and is
+# renamed into place, so a killed job never leaves an export that looks complete.
 
 
 rule export:
