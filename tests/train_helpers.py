@@ -84,7 +84,44 @@ def forward_backward(model, batches: list, forward_only: bool = False) -> dict:
     return {"loss": float(total[0] / total[1]), "num_tokens": int(total[1]), "aux": aux_losses()}
 
 
+def train_step(model, optimizer, scheduler, batches: list) -> dict:
+    """One optimizer step in the order of the training loop (and Megatron's train_step): zero the DDP grad buffers
+    AND the optimizer's param.grad (after a step param.grad aliases main_grad; left set, autograd would accumulate
+    into it in place and DDP's hook would add it to main_grad a second time), forward/backward, step, schedule."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    result = forward_backward(model, batches)
+    updated, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    return dict(result, updated=updated, grad_norm=grad_norm)
+
+
 def gradients(model) -> dict:
     """{parameter name: gradient} of this rank (the DDP main_grad after finalize_model_grads)."""
     return {name: param.main_grad.detach().clone() for name, param in model.module.named_parameters()
             if param.requires_grad}
+
+
+def grad_state_dict(model) -> dict:
+    """The thinker's state dict with every parameter replaced by its gradient: the same keys (and expert weight{e}
+    naming hooks) as the weights, so the mapping can turn gradients into full HF-named tensors like weights."""
+    thinker = model.module
+    params = [p for p in thinker.parameters()]
+    saved = [p.data for p in params]
+    try:
+        for param in params:
+            grad = getattr(param, "main_grad", None)
+            param.data = grad.view_as(param) if grad is not None else torch.zeros_like(param)
+        return {k: v.detach().clone() for k, v in thinker.state_dict().items() if not k.endswith("_extra_state")}
+    finally:
+        for param, data in zip(params, saved):
+            param.data = data
+
+
+def to_hf_names(rank_state_dicts: dict, hf_dir) -> dict:
+    """{HF name: full tensor} from {RankCoord: thinker state dict} of every rank of the current layout."""
+    from omni_model.convert.mapping import Mapper, SafetensorsReader
+    from omni_model.model.language_model import current_layout
+
+    mapper = Mapper(SafetensorsReader(hf_dir).config, current_layout())
+    return dict(mapper.iter_mcore_to_hf(rank_state_dicts))

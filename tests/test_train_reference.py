@@ -1,0 +1,174 @@
+"""Our training step is transformers' training step (CPU, fp32, tiny Qwen3-Omni).
+
+* `test_training_matches_transformers`: STEPS optimizer steps of 2 micro-batches each, through our step (mcore DDP,
+  `get_megatron_optimizer` Adam with decoupled weight decay, `OptimizerParamScheduler`, `get_forward_backward_func`
+  with `forward_step`, `finalize_model_grads`, gradient clipping) and through a plain PyTorch loop on transformers'
+  `Qwen3OmniMoeThinkerForConditionalGeneration` (`torch.optim.AdamW`, `clip_grad_norm_`, the LR schedule by its
+  formula written out here). Same samples: packed THD rows on our side; transformers' attention cannot honour packing
+  boundaries on CPU, so it gets the same samples as padded rows, and its token losses are summed and divided by the
+  step's label-token count (the token mean over the global batch, our loss). MoE aux loss coefficient 0 on both
+  sides (its value is compared in the second test). Per-step losses agree to 1e-5, final weights (every tensor, HF
+  names, through the mapping) to 1e-5 relative.
+* `test_aux_loss_matches_transformers`: see its docstring.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_helpers import hf_thinker
+from train_helpers import ddp_thinker, to_hf_names, train_step
+
+STEPS = 10
+TRAIN = dict(lr=2e-3, min_lr=2e-4, lr_warmup_iters=2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
+             adam_eps=1e-8, clip_grad=1.0)
+LOSS_TOL = 1e-5
+WEIGHT_TOL = 1e-5
+
+
+def lr_at(step: int) -> float:
+    """Linear warmup from 0 over lr_warmup_iters, then cosine to min_lr at STEPS (mcore's formula, written out)."""
+    lr, min_lr, warmup = TRAIN["lr"], TRAIN["min_lr"], TRAIN["lr_warmup_iters"]
+    if step <= warmup:
+        return lr * step / warmup
+    ratio = (step - warmup) / (STEPS - warmup)
+    return min_lr + 0.5 * (math.cos(math.pi * ratio) + 1.0) * (lr - min_lr)
+
+
+@pytest.fixture(scope="module")
+def samples(tiny_hf_dir, tmp_path_factory):
+    """Every decodable demo conversation of at most 200 tokens (media of every kind), in demo order."""
+    from omni_model.data.demo import generate_demo
+    from omni_model.data.encoder import OmniEncoder, media_from_paths
+    from omni_model.data.formats import load_raw
+
+    records, _, _ = load_raw(generate_demo(tmp_path_factory.mktemp("demo"), 24, seed=5))
+    encoder = OmniEncoder(tiny_hf_dir, max_seq_len=2048)
+    out = []
+    for record in records:
+        try:
+            sample = encoder.encode(record, media_from_paths(record))
+        except Exception:  # noqa: BLE001 - the demo's deliberately broken samples
+            continue
+        if sample.length <= 200 and (sample.labels != -100).sum() > 2:
+            out.append(sample)
+    return out, encoder.pad_id
+
+
+def _micro_batches(samples, pad_id, step):
+    """Two micro-batches of two conversations each: (ours: one packed row each, transformers: padded rows)."""
+    from omni_model.data.batch import collate
+    from omni_model.data.packing import pack
+
+    pool, n = samples, len(samples)
+    pairs = [[pool[(4 * step + 2 * m + j) % n] for j in range(2)] for m in range(2)]
+    ours = [collate([pack(pair)], pad_id=pad_id, packed=True) for pair in pairs]
+    theirs = [collate(pair, pad_id=pad_id, packed=False) for pair in pairs]
+    return ours, theirs
+
+
+def _ours(hf_dir):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from omni_model.convert.mapping import load_hf_into_model
+    from omni_model.model.thinker import build_thinker
+    from omni_model.runtime.parallel import init_parallel
+
+    init_parallel(seed=1234)
+    thinker = build_thinker(hf_dir, config_overrides={"calculate_per_token_loss": True, "moe_aux_loss_coeff": 0.0})
+    load_hf_into_model(thinker, hf_dir, prefix="")
+    model = ddp_thinker(thinker.train())
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=TRAIN["lr"], min_lr=TRAIN["min_lr"], weight_decay=TRAIN["weight_decay"],
+        adam_beta1=TRAIN["adam_beta1"], adam_beta2=TRAIN["adam_beta2"], adam_eps=TRAIN["adam_eps"],
+        clip_grad=TRAIN["clip_grad"], bf16=False, params_dtype=torch.float32, use_distributed_optimizer=False),
+        [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=TRAIN["lr"], min_lr=TRAIN["min_lr"], lr_warmup_steps=TRAIN["lr_warmup_iters"],
+        lr_decay_steps=STEPS, lr_decay_style="cosine", start_wd=TRAIN["weight_decay"], end_wd=TRAIN["weight_decay"],
+        wd_incr_steps=STEPS, wd_incr_style="constant")
+    return model, optimizer, scheduler
+
+
+def _transformers(hf_dir):
+    model = hf_thinker(hf_dir).train()
+    model.config.text_config.output_router_logits = False
+    params = dict(model.named_parameters())
+    # mcore's standard groups: no weight decay on 1-d parameters (norms, biases)
+    groups = [{"params": [p for p in params.values() if p.ndim > 1], "weight_decay": TRAIN["weight_decay"]},
+              {"params": [p for p in params.values() if p.ndim <= 1], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(TRAIN["adam_beta1"], TRAIN["adam_beta2"]),
+                                  eps=TRAIN["adam_eps"])
+    return model, optimizer
+
+
+def _transformers_step(model, optimizer, batches, step) -> float:
+    n_tokens = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
+    total = 0.0
+    for batch in batches:
+        inputs = batch.hf_inputs()
+        labels = inputs.pop("labels")
+        logits = model(**inputs, use_cache=False).logits
+        token_losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                       ignore_index=-100, reduction="sum")
+        (token_losses / n_tokens).backward()
+        total += token_losses.item()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN["clip_grad"])
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / n_tokens
+
+
+def _hf_weights(model, out_dir) -> dict:
+    """transformers' thinker parameters under the on-disk HF names: saved by transformers itself (which turns its
+    in-memory layout, e.g. fused experts, back into the checkpoint format) and read back."""
+    from safetensors.torch import load_file
+
+    model.save_pretrained(out_dir)
+    tensors = {}
+    for path in sorted(out_dir.glob("*.safetensors")):
+        tensors.update({f"thinker.{name}": t for name, t in load_file(path).items()})
+    return tensors
+
+
+def test_training_matches_transformers(tiny_hf_dir, samples, tmp_path):
+    from omni_model.convert.mapping import current_coord
+
+    pool, pad_id = samples
+    ours, optimizer, scheduler = _ours(tiny_hf_dir)
+    ref, ref_optimizer = _transformers(tiny_hf_dir)
+    initial = {k: v.clone() for k, v in to_hf_names({current_coord(): ours.module.state_dict()}, tiny_hf_dir).items()}
+    losses, worst_loss = [], 0.0
+    for step in range(STEPS):
+        our_batches, their_batches = _micro_batches(pool, pad_id, step)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(step), rel=1e-12, abs=1e-15)
+        result = train_step(ours, optimizer, scheduler, our_batches)
+        their_loss = _transformers_step(ref, ref_optimizer, their_batches, step)
+        losses.append((result["loss"], their_loss))
+        worst_loss = max(worst_loss, abs(result["loss"] - their_loss))
+        print(f"step {step}: lr {lr_at(step):.2e} loss ours {result['loss']:.7f} transformers {their_loss:.7f} "
+              f"diff {abs(result['loss'] - their_loss):.1e} ({result['num_tokens']} label tokens)")
+    assert losses[-1][0] < losses[0][0]  # it trains
+
+    final = to_hf_names({current_coord(): ours.module.state_dict()}, tiny_hf_dir)
+    reference = _hf_weights(ref, tmp_path / "transformers")
+    assert set(final) == set(reference), sorted(set(final) ^ set(reference))[:5]
+    worst_name, worst, moved = None, 0.0, 0
+    for name, weight in final.items():
+        expected = reference[name]
+        error = ((weight - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+        moved += not torch.equal(weight, initial[name])
+        if error >= worst:
+            worst_name, worst = name, error
+    print(f"per-step loss max abs diff {worst_loss:.1e}; final weights worst relative error {worst:.1e} "
+          f"({worst_name}); {moved}/{len(final)} tensors changed by training")
+    assert worst_loss <= LOSS_TOL
+    assert worst <= WEIGHT_TOL, worst_name
+    assert moved == len(final)
