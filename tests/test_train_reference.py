@@ -172,3 +172,83 @@ def test_training_matches_transformers(tiny_hf_dir, samples, tmp_path):
     assert worst_loss <= LOSS_TOL
     assert worst <= WEIGHT_TOL, worst_name
     assert moved == len(final)
+
+
+def _switch_stats(logits: torch.Tensor, keep: torch.Tensor, top_k: int):
+    """One router over its non-padding tokens: f_i = share of the top-k assignments that go to expert i (sums to 1),
+    P_i = mean router probability of expert i."""
+    probs = logits[keep].float().softmax(-1)
+    assigned = F.one_hot(probs.topk(top_k, dim=-1).indices, logits.shape[-1]).sum(1).float()
+    return assigned.sum(0) / (top_k * len(probs)), probs.mean(0)
+
+
+def test_aux_loss_matches_transformers(tiny_hf_dir, samples):
+    """Our MoE aux loss vs transformers' `load_balancing_loss_func`, on the same router logits.
+
+    Ours (mcore's `switch_load_balancing_loss_func`, `moe_router_load_balancing_type='aux_loss'`) is computed PER MoE
+    LAYER over the micro-batch's non-padding tokens, normalised by top_k, and each layer's term is added to the loss
+    with the coefficient:  L_aux = coeff * sum_l E * sum_i f_li * P_li,  f_li = c_li / (k T), P_li = mean_t p_lti.
+    transformers pools the statistics of ALL layers before multiplying, without the 1/k:
+    L_hf = coeff * E * sum_i (sum_l c_li / (L T)) * (sum_m P_mi / L), i.e. (k / L^2) * sum_{l,m} E sum_i f_li P_mi.
+
+    So (1) for one layer, transformers' value is exactly k times ours; (2) with several layers transformers adds
+    cross-layer products (layer l's token counts times layer m's probabilities). Ours is the Switch/GShard
+    definition: every router is balanced on its own. Under the pooled form one layer's overload on expert i can be
+    offset by another layer's underload of i (the product of the pooled statistics is minimised without any single
+    layer being balanced), and its gradient pushes layer m's router by the imbalance of the other layers. The 1/k
+    makes uniform routing cost 1 per layer for any top-k. Consequence for users: the same `router_aux_loss_coef`
+    weighs the aux loss differently (uniform routing costs coeff * L with us, coeff * k with transformers).
+    Both exclude padding (ours through the padding mask, transformers through the attention mask).
+    """
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_balancing_loss_func
+
+    from omni_model.convert.mapping import load_hf_into_model
+    from omni_model.data.batch import collate
+    from omni_model.model.thinker import build_thinker
+    from omni_model.model.transformer_config import text_config_of
+    from omni_model.runtime.parallel import init_parallel
+    from omni_model.train.forward_step import thinker_inputs
+    from train_helpers import aux_losses
+
+    pool, pad_id = samples
+    batch = collate([pool[0], pool[3]], pad_id=pad_id, packed=False)  # different lengths: the shorter is padded
+    assert (batch.attention_mask == 0).any()
+    init_parallel(seed=1234)
+    thinker = build_thinker(tiny_hf_dir, config_overrides={"moe_aux_loss_coeff": 1.0})
+    load_hf_into_model(thinker, tiny_hf_dir, prefix="")
+    thinker.train()
+    routers = [layer.mlp.router for layer in thinker.language_model.decoder.layers]
+    logits = []
+    for router in routers:  # record every router's logits [S, B, E] -> [B*S, E] rows in batch order like HF
+        def gating(hidden, _gating=router.gating):
+            out = _gating(hidden)
+            logits.append(out.detach().transpose(0, 1).reshape(-1, out.shape[-1]))
+            return out
+        router.gating = gating
+    aux_losses()
+    thinker(**thinker_inputs(batch))
+    ours = aux_losses()["load_balancing_loss"]  # per layer, as mcore computed it (divided by the coefficient)
+
+    text = text_config_of(tiny_hf_dir)
+    num_experts, k, num_layers = text["num_experts"], text["num_experts_per_tok"], len(routers)
+    keep = batch.attention_mask.reshape(-1).bool()
+    f, p = (torch.stack(s) for s in zip(*[_switch_stats(layer_logits, keep, k) for layer_logits in logits]))
+    switch = num_experts * (f * p).sum(-1)  # per layer: the Switch form of the docstring
+    pooled = k / num_layers ** 2 * num_experts * (f.sum(0) * p.sum(0)).sum()  # transformers' form, written out
+    per_layer_hf = torch.stack([load_balancing_loss_func((layer_logits,), num_experts, k, batch.attention_mask)
+                                for layer_logits in logits])
+    pooled_hf = load_balancing_loss_func(tuple(logits), num_experts, k, batch.attention_mask)
+
+    ref = hf_thinker(tiny_hf_dir).train()
+    with torch.no_grad():
+        out = ref(**{k_: v for k_, v in batch.hf_inputs().items() if k_ != "labels"}, output_router_logits=True,
+                  use_cache=False)
+    print(f"aux per layer: mcore {ours.tolist()}, Switch formula {switch.tolist()}, transformers one layer / k "
+          f"{(per_layer_hf / k).tolist()}; all {num_layers} layers: transformers {pooled_hf.item():.6f} (its own "
+          f"forward {out.aux_loss.item():.6f}, pooled formula {pooled.item():.6f}) vs k * our layer mean "
+          f"{(k * ours.mean()).item():.6f}")
+    torch.testing.assert_close(ours, switch, rtol=1e-6, atol=0)  # mcore computes the Switch form, padding excluded
+    torch.testing.assert_close(per_layer_hf, k * ours, rtol=1e-6, atol=0)  # one layer: transformers = k * ours
+    torch.testing.assert_close(out.aux_loss, pooled_hf, rtol=1e-5, atol=0)  # its router logits are ours
+    torch.testing.assert_close(pooled_hf, pooled, rtol=1e-6, atol=0)  # its all-layer value is the pooled form
+    assert abs(pooled_hf - k * ours.mean()) > 1e-3  # which is not the per-layer losses: cross-layer terms
