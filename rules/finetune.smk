@@ -1,4 +1,14 @@
 # Stage 5: Megatron-Core fine-tuning of the thinker under torchrun (GPUs of the rule, or train.cpu_procs on CPU).
+# Outputs: `latest` (names the last complete iter_NNNNNNN/ checkpoint) and metrics.jsonl; the iter_* checkpoints and
+# tb/ stay undeclared so that a rerun (Snakemake deletes the declared outputs first) resumes from them when the
+# run's settings digest matches. Layouts and batch sizes that cannot train (e.g. parallel.cp > 1) stop the plan here.
+
+from omni_model.train.settings import SettingsError, check_config as check_train_config
+
+try:
+    check_train_config(config["train"], config["parallel"])
+except SettingsError as error:
+    raise SystemExit(f"Config error (nothing was run):\n  {error}")
 
 
 rule finetune:
@@ -12,7 +22,9 @@ rule finetune:
         train=canonical(config["train"]),
         parallel=canonical(config["parallel"]),
         use_te=config["model"]["use_te"],
-        data={"max_seq_len": config["data"]["max_seq_len"], "use_audio_in_video": config["data"]["use_audio_in_video"]},
+        # the encoder settings the shards were written with (the task encoder must encode the same way)
+        data={key: config["data"][key] for key in ("max_seq_len", "use_audio_in_video", "video_fps",
+              "video_max_frames", "video_min_pixels", "video_max_pixels")},
     log:
         "logs/finetune.log",
     benchmark:

@@ -83,12 +83,9 @@ def model_config_overrides(settings: TrainSettings) -> dict:
 def build_thinker_for_training(settings: TrainSettings):
     from omni_model.model.thinker import build_thinker
 
-    thinker = build_thinker(settings.hf_dir, dtype=training_dtype(settings), use_te=settings.use_te,
-                            config_overrides=model_config_overrides(settings))
-    # mcore's schedules read `model_type` off the wrapped model (GPTModel has it; the thinker wraps one)
-    if not hasattr(thinker, "model_type"):
-        thinker.model_type = thinker.language_model.model_type
-    return thinker
+    # no random init: the weights come from a checkpoint next (the converted one, or a training one on resume)
+    return build_thinker(settings.hf_dir, dtype=training_dtype(settings), use_te=settings.use_te,
+                         perform_initialization=False, config_overrides=model_config_overrides(settings))
 
 
 def freeze(thinker: torch.nn.Module, train: dict) -> dict:

@@ -103,21 +103,11 @@ def clear_other_runs(train_dir: Path, keep: Optional[Path]) -> list[str]:
 
 
 def load_model_weights(thinker, checkpoint_dir) -> None:
-    """Model weights from any torch_dist checkpoint (convert's or a training one), at this rank's layout."""
-    try:  # the convert package's loader, when present: the one way every stage reads a checkpoint
-        from omni_model.convert import load_checkpoint
-    except ImportError:
-        load_checkpoint = None
-    if load_checkpoint is not None:
-        load_checkpoint(thinker, Path(checkpoint_dir))
-        return
-    from megatron.core import dist_checkpointing
+    """Model weights from any torch_dist checkpoint (convert's or a training one), at this rank's layout: the convert
+    package's one loader."""
+    from omni_model.convert import load_checkpoint
 
-    checkpoint_dir = Path(checkpoint_dir)
-    if not (checkpoint_dir / "metadata.json").is_file():
-        raise FileNotFoundError(f"{checkpoint_dir} is not a torch_dist checkpoint (no metadata.json)")
-    loaded = dist_checkpointing.load(thinker.sharded_state_dict(), str(checkpoint_dir))
-    thinker.load_state_dict(loaded)
+    load_checkpoint(thinker, Path(checkpoint_dir))
 
 
 def _rng_state() -> dict:
@@ -154,7 +144,7 @@ def _layout() -> dict:
             "etp": ps.get_expert_tensor_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
 
 
-def _per_rank_objects(rng=None, loader_state=None) -> dict:
+def _per_rank_objects(rng=None, loader_state=None, with_rng: bool = True, with_loader: bool = True) -> dict:
     """ShardedObjects of this rank: RNG states (one per rank) and the loader state (one per DP rank; the TP/PP ranks
     of a replica hold the same stream, the first of them saves it)."""
     import torch
@@ -164,8 +154,13 @@ def _per_rank_objects(rng=None, loader_state=None) -> dict:
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     replica = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
-    return {"rng_state": ShardedObject("train.rng_state", rng, (world,), (rank,), replica_id=0),
-            "loader_state": ShardedObject("train.loader_state", loader_state, (dp,), (dp_rank,), replica_id=replica)}
+    objects = {}
+    if with_rng:
+        objects["rng_state"] = ShardedObject("train.rng_state", rng, (world,), (rank,), replica_id=0)
+    if with_loader:
+        objects["loader_state"] = ShardedObject("train.loader_state", loader_state, (dp,), (dp_rank,),
+                                                replica_id=replica)
+    return objects
 
 
 def _fused_experts_view(thinker, model_state: dict) -> dict:
@@ -214,14 +209,14 @@ def _fused_experts_view(thinker, model_state: dict) -> dict:
 FUSED_MARK = "<fused-experts>"
 
 
-def _sharded_training_state(training, is_loading: bool, rng=None, loader_state=None, per_rank: bool = True) -> dict:
+def _sharded_training_state(training, is_loading: bool, rng=None, loader_state=None, with_rng: bool = True,
+                            with_loader: bool = True) -> dict:
     model_state = training.thinker.sharded_state_dict()  # no prefix: the thinker's own keys
     optimizer_view = _fused_experts_view(training.thinker, model_state)
     state = {"model": model_state,
              "optimizer": training.optimizer.sharded_state_dict(optimizer_view, is_loading=is_loading,
                                                                 metadata=OPTIMIZER_METADATA)}
-    if per_rank:
-        state.update(_per_rank_objects(rng, loader_state))
+    state.update(_per_rank_objects(rng, loader_state, with_rng, with_loader))
     return state
 
 
@@ -255,19 +250,22 @@ def save_training_checkpoint(train_dir: Path, iteration: int, training, loader, 
 
 
 def load_training_checkpoint(checkpoint: Path, training) -> dict:
-    """Restore model, optimizer and scheduler (any layout); RNG and loader states only at the layout they were saved
-    at (otherwise the loader starts its stream afresh: the run continues, but not bit-identically).
-    Returns {"iteration", "loader_state" (or None), "same_layout"}."""
+    """Restore model, optimizer and scheduler (at any layout). The loader state too when the data-parallel size is
+    the same (the data stream continues exactly, e.g. tp1 -> tp2 on the same number of replicas); the RNG states
+    only at the very layout they were saved at. Returns {"iteration", "loader_state" (or None), "same_layout",
+    "same_data_parallel"}."""
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
-    same_layout = common["layout"] == _layout()
-    request = _sharded_training_state(training, is_loading=True, per_rank=same_layout)
+    layout = _layout()
+    same_layout = common["layout"] == layout
+    same_dp = common["layout"]["dp"] == layout["dp"]
+    request = _sharded_training_state(training, is_loading=True, with_rng=same_layout, with_loader=same_dp)
     loaded = dist_checkpointing.load(request, str(checkpoint))
     training.thinker.load_state_dict(loaded["model"])
     training.optimizer.load_state_dict(loaded["optimizer"])
     training.scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])
-    return {"iteration": int(common["iteration"]), "same_layout": same_layout,
-            "loader_state": loaded["loader_state"] if same_layout else None}
+    return {"iteration": int(common["iteration"]), "same_layout": same_layout, "same_data_parallel": same_dp,
+            "loader_state": loaded["loader_state"] if same_dp else None, "saved_layout": common["layout"]}

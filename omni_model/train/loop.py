@@ -69,18 +69,24 @@ def _dp_sum(values: list) -> list:
     return tensor.tolist()
 
 
-def evaluate(settings: TrainSettings, training, forward_step: Callable) -> Optional[float]:
-    """Token-mean loss over the first train.eval_iters micro-batches of the val split (every DP rank its part)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
+def val_batches(settings: TrainSettings) -> list:
+    """The first train.eval_iters micro-batches of the val split: read once, the same batches at every evaluation
+    (eval losses of different steps compare like with like)."""
     from .data import val_loader
 
     batches = []
-    for batch in val_loader(settings):
-        batches.append(batch)
-        if len(batches) >= settings.train["eval_iters"]:
-            break
-    # every rank of the job must take part in the reductions below, even with an empty val split
+    if settings.train["eval_interval"]:
+        for batch in val_loader(settings):
+            batches.append(batch)
+            if len(batches) >= settings.train["eval_iters"]:
+                break
+    return batches
+
+
+def evaluate(settings: TrainSettings, training, forward_step: Callable, batches: list) -> Optional[float]:
+    """Token-mean loss over the val batches (every DP rank its own), forward only."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
     training.model.eval()
     with torch.no_grad():
         losses = get_forward_backward_func()(
@@ -88,7 +94,7 @@ def evaluate(settings: TrainSettings, training, forward_step: Callable) -> Optio
             num_microbatches=len(batches), seq_length=settings.train["seq_len"],
             micro_batch_size=settings.train["micro_batch_size"], forward_only=True) if batches else []
     training.model.train()
-    loss_sum, count = _reduced_loss(losses)
+    loss_sum, count = _reduced_loss(losses)  # every rank takes part, even with an empty val split
     return loss_sum / count if count else None
 
 
@@ -142,8 +148,9 @@ def train(settings: TrainSettings, forward_step: Optional[Callable] = None) -> N
         info = ckpt.load_training_checkpoint(resume, training)
         start, loader_state = info["iteration"], info["loader_state"]
         if not info["same_layout"] and _is_rank0():
-            print("[finetune] resumed at another layout: model/optimizer/scheduler restored; the data stream and "
-                  "RNG restart (not bit-identical to an uninterrupted run)", flush=True)
+            print(f"[finetune] resumed at another layout (saved at {info['saved_layout']}): model, optimizer and "
+                  f"scheduler resharded; " + ("the data stream continues" if info["same_data_parallel"] else
+                  "the data stream restarts (other data-parallel size)"), flush=True)
     if start >= t["iters"]:
         if _is_rank0():
             ckpt.write_latest(Path(settings.train_dir), resume)
@@ -152,6 +159,7 @@ def train(settings: TrainSettings, forward_step: Optional[Callable] = None) -> N
 
     loader = train_loader(settings, loader_state)
     batches = TokenCounter(iter(loader))
+    evaluation = val_batches(settings)
     flops = FlopCounter(settings.hf_dir)
     peak = peak_tflops(t["peak_tflops"])
     world = torch.distributed.get_world_size()
@@ -189,7 +197,7 @@ def train(settings: TrainSettings, forward_step: Optional[Callable] = None) -> N
             "tflops": tflops / world, "mfu": (tflops / world / peak) if peak else None, "mem_gib": memory_gib(),
         }
         if t["eval_interval"] and iteration % t["eval_interval"] == 0:
-            record["eval_loss"] = evaluate(settings, training, forward_step)
+            record["eval_loss"] = evaluate(settings, training, forward_step, evaluation)
         if iteration % t["log_interval"] == 0 or iteration == t["iters"]:
             log.progress(record)
         log.write(record)
