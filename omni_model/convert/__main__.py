@@ -19,6 +19,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="output dir (checkpoint/ + HF side files + convert.json)")
     for name in ("tp", "pp", "ep", "etp"):
         parser.add_argument(f"--{name}", type=int, default=1)
+    parser.add_argument("--first-stage-layers", type=int, default=None,
+                        help="LLM layers on the first pipeline stage (uneven stages; deepstack layers must be there)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--use-te", action="store_true", help="TransformerEngine layer specs (model.use_te)")
     parser.add_argument("--parity", action="store_true", help="run the parity gate afterwards (one process)")
@@ -34,7 +36,8 @@ def main(argv=None) -> None:
     init_parallel(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
     log = (lambda line: print(line, flush=True))
     try:
-        convert_checkpoint(args.hf, args.out, dtype=args.dtype, use_te=args.use_te, log=log)
+        model_kw = {"num_layers_in_first_pipeline_stage": args.first_stage_layers} if args.first_stage_layers else {}
+        convert_checkpoint(args.hf, args.out, dtype=args.dtype, use_te=args.use_te, log=log, model_kw=model_kw)
         if args.parity:
             if torch.distributed.get_world_size() > 1:
                 sys.exit("--parity runs in one process; run `python -m omni_model.convert.parity` after torchrun")

@@ -135,8 +135,10 @@ def copy_hf_side_files(hf_dir: Path, out_dir: Path) -> list[str]:
 
 
 def convert_checkpoint(hf_dir, out_dir, *, dtype="auto", use_te: bool = False,
-                       log: Callable[[str], None] = print) -> dict:
-    """Convert on every rank of an initialised layout (runtime.parallel.init_parallel); returns convert.json."""
+                       log: Callable[[str], None] = print, model_kw: Optional[dict] = None) -> dict:
+    """Convert on every rank of an initialised layout (runtime.parallel.init_parallel); returns convert.json.
+    `model_kw`: extra build_thinker / TransformerConfig settings of the writing layout, e.g.
+    `{"num_layers_in_first_pipeline_stage": 3}` (the deepstack layers must sit on the first stage)."""
     from megatron.core import dist_checkpointing
 
     from ..model.language_model import current_layout
@@ -154,7 +156,8 @@ def convert_checkpoint(hf_dir, out_dir, *, dtype="auto", use_te: bool = False,
     reader = SafetensorsReader(hf_dir)
     check_source_dtypes(reader)
     layout, coord = current_layout(), current_coord()
-    thinker = build_thinker(reader.config, dtype=dtype, use_te=use_te, perform_initialization=False)
+    thinker = build_thinker(reader.config, dtype=dtype, use_te=use_te, perform_initialization=False,
+                            **(model_kw or {}))
     mapper = Mapper(reader.config, layout, use_te=use_te, tconfig=thinker.config)
     unclaimed = mapper.unmapped_hf_keys(reader.keys(), prefixes=("thinker.",))
     if unclaimed:
