@@ -118,10 +118,11 @@ def grad_state_dict(model) -> dict:
             param.data = data
 
 
-def to_hf_names(rank_state_dicts: dict, hf_dir) -> dict:
-    """{HF name: full tensor} from {RankCoord: thinker state dict} of every rank of the current layout."""
+def to_hf_names(rank_state_dicts: dict, hf_dir, tconfig=None) -> dict:
+    """{HF name: full tensor} from {RankCoord: thinker state dict} of every rank of the current layout (`tconfig`:
+    the LLM's TransformerConfig when its layer placement is not the default, e.g. an uneven pipeline split)."""
     from omni_model.convert.mapping import Mapper, SafetensorsReader
     from omni_model.model.language_model import current_layout
 
-    mapper = Mapper(SafetensorsReader(hf_dir).config, current_layout())
+    mapper = Mapper(SafetensorsReader(hf_dir).config, current_layout(), tconfig=tconfig)
     return dict(mapper.iter_mcore_to_hf(rank_state_dicts))

@@ -126,7 +126,10 @@ class GroupedLinear(nn.Module):
         # the TP-split dim of one expert's [out, in] matrix, +1 for the leading expert axis
         set_tensor_model_parallel_attributes(
             self.weight, is_parallel=tp_size > 1, dim=1 if parallel_mode == "column" else 2, stride=1)
-        setattr(self.weight, "allreduce", not self.expert_parallel)
+        # experts reduce their grads over the EXPERT data-parallel group, also without EP: at tp > 1 with etp 1 every
+        # TP rank holds all experts and routes only its own sequence shard (mcore's `not expert_parallel` put them in
+        # the dense DP group and left their grads unsummed across TP ranks; test_train_layouts caught it)
+        setattr(self.weight, "allreduce", False)
         self._register_state_dict_hook(_split_experts_in_state_dict)
         self._register_load_state_dict_pre_hook(self._stack_experts_from_state_dict)
 

@@ -55,10 +55,15 @@ class Qwen3OmniThinker(MegatronModule):
         self.audio_model = audio_model
         self.pre_process = language_model.pre_process
         self.post_process = language_model.post_process
-        self.model_type = language_model.model_type  # read by mcore's pipeline schedules
+        # what mcore's schedules and finalize_model_grads read off the model they wrap (GPTModel's interface)
+        self.model_type = language_model.model_type
+        self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
 
     # -- multimodal merge ------------------------------------------------------------------------------------------
     def _scatter(self, embeds_bsh: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, kind: str):
