@@ -27,7 +27,7 @@ VARIANTS = {
     "deep": dict(
         text=dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=16, num_experts=6,
                   num_experts_per_tok=3, moe_intermediate_size=16, intermediate_size=40, mlp_only_layers=[0],
-                  num_hidden_layers=5),
+                  num_hidden_layers=6),
         vision=dict(depth=2, hidden_size=64, num_heads=4, intermediate_size=128, deepstack_visual_indexes=[1]),
         audio=dict(encoder_layers=1, d_model=64, encoder_attention_heads=4, encoder_ffn_dim=128,
                    downsample_hidden_size=16)),
@@ -115,21 +115,28 @@ def _env():
     return env
 
 
+# (layout, model) pairs converted by 2 ranks (gloo, bf16) in one torchrun launch. PP2 on "deep": its 6 layers split
+# 3 + 3 with its one deepstack level on the first stage (the tiny default's 3 deepstack levels need 3 first-stage layers)
+DIST_CASES = [("tp=2,ep=2", "tiny"), ("tp=2,ep=2", "wide"), ("tp=2,ep=2", "deep"), ("pp=2", "deep")]
+
+
 @pytest.mark.slow
-def test_round_trip_from_tp2_ep2_is_bit_exact(hf_dirs, tmp_path):
-    """Checkpoints converted by 2 ranks at TP2 + EP2 (gloo, bf16) export to the same bytes: dist_checkpointing
-    reshards to the exporter's single-process layout."""
-    pairs = []
-    for name, hf in hf_dirs.items():
-        pairs += [str(hf), str(tmp_path / name / "mcore")]
+def test_round_trip_from_two_rank_layouts_is_bit_exact(hf_dirs, tmp_path):
+    """Checkpoints converted by 2 ranks at TP2 + EP2 (all three shapes) and at PP2 export to the same bytes:
+    dist_checkpointing reshards to the exporter's single-process layout."""
+    triples = []
+    for layout, name in DIST_CASES:
+        triples += [layout, str(hf_dirs[name]), str(tmp_path / layout / name)]
     torchrun = Path(sys.executable).parent / "torchrun"
     subprocess.run([str(torchrun), "--nproc_per_node", "2", "--standalone",
-                    str(REPO / "tests/dist/export_checkpoints.py"), "--tp", "2", "--ep", "2", "--dtype", "bf16",
-                    *pairs], check=True, cwd=REPO, env=_env(), timeout=600)
-    for name, hf in hf_dirs.items():
-        assert json.loads((tmp_path / name / "mcore" / "convert.json").read_text())["layout"]["tp"] == 2
-        result = check_export(hf, tmp_path / name / "mcore" / "checkpoint", tmp_path / name / "export")
-        print(f"round trip {name} from tp2+ep2 bf16: {result}, all bit-identical")
+                    str(REPO / "tests/dist/export_checkpoints.py"), "--dtype", "bf16", *triples],
+                   check=True, cwd=REPO, env=_env(), timeout=900)
+    for layout, name in DIST_CASES:
+        converted = tmp_path / layout / name
+        written_at = json.loads((converted / "convert.json").read_text())["layout"]
+        assert all(written_at[key] == int(value) for key, value in (p.split("=") for p in layout.split(",")))
+        result = check_export(hf_dirs[name], converted / "checkpoint", tmp_path / "export" / layout / name)
+        print(f"round trip {name} from {layout} bf16: {result}, all bit-identical")
 
 
 def _save_edited_checkpoint(hf_dir: Path, ckpt_dir: Path, edit) -> None:
@@ -170,3 +177,32 @@ def test_export_refuses_a_checkpoint_that_does_not_fit(tiny_hf_dir, tmp_path):
         export_to_hf(tmp_path / "shape", tiny_hf_dir, tmp_path / "out", log=lambda _: None)
     print("wrong shape:", error.value)
     assert not (tmp_path / "out").exists()  # nothing published
+
+
+def test_export_of_the_30b_thinker_holds_one_layer_at_a_time():
+    """Streaming, measured on the released 30B-A3B shape (meta device, nothing allocated): the export's load units
+    are one LLM layer each (all 128 experts of it), one unit per tower (mcore stacks a tower's layers under one
+    checkpoint key), the embedding, the head...; the largest is a small fraction of the model."""
+    import math
+    import re
+
+    from omni_model.configs import released_30b_a3b_config
+    from omni_model.convert.export import _sharded_tensors, load_units, meta_thinker_sharded_state_dict
+    from omni_model.runtime.parallel import init_parallel
+
+    init_parallel()
+    sharded = meta_thinker_sharded_state_dict(released_30b_a3b_config())
+    units = load_units(sharded)
+    assert sorted(n for unit in units for n in unit) == sorted(sharded)  # every tensor in exactly one unit
+
+    def bf16_bytes(names):
+        return 2 * sum(math.prod(sh.local_shape) for n in names for sh in _sharded_tensors(sharded[n]))
+
+    llm_layers = [unit for unit in units if unit[0].startswith("language_model.decoder.layers.")]
+    assert len(llm_layers) == 48
+    for unit in llm_layers:
+        assert len({re.match(r"language_model\.decoder\.layers\.(\d+)\.", n).group(1) for n in unit}) == 1
+        assert sum(".experts.linear_fc1.weight" in n for n in unit) == 128
+    total, largest = bf16_bytes(sharded), max(bf16_bytes(unit) for unit in units)
+    print(f"30B-A3B thinker: {len(units)} load units, largest {largest / 1e9:.2f} GB of {total / 1e9:.1f} GB (bf16)")
+    assert largest < 0.025 * total

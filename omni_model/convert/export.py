@@ -70,12 +70,14 @@ class TensorEntry:
         return self.end - self.begin
 
 
-def read_safetensors_header(path: Path) -> Dict[str, TensorEntry]:
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    data_start = 8 + size
-    header.pop("__metadata__", None)
+def tensor_entries(path: Path) -> Dict[str, TensorEntry]:
+    """The tensors of one safetensors file with absolute byte ranges (the header read and checked by the download
+    stage's reader; the data starts after the 8-byte header length and the header)."""
+    from ..download import read_safetensors_header
+
+    header = read_safetensors_header(Path(path))
+    with open(path, "rb") as handle:
+        data_start = 8 + int.from_bytes(handle.read(8), "little")
     return {name: TensorEntry(name, h["dtype"], tuple(h["shape"]), Path(path), data_start + h["data_offsets"][0],
                               data_start + h["data_offsets"][1]) for name, h in header.items()}
 
@@ -90,7 +92,7 @@ def source_tensors(hf_dir: Path) -> Dict[str, TensorEntry]:
         raise ExportError(f"{hf_dir} holds no *.safetensors")
     entries: Dict[str, TensorEntry] = {}
     for name in files:
-        entries.update(read_safetensors_header(hf_dir / name))
+        entries.update(tensor_entries(hf_dir / name))
     return entries
 
 

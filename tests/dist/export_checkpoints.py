@@ -1,8 +1,9 @@
-"""Convert several HF checkpoints at one parallel layout (one torchrun launch for all), for the export round trip.
+"""Convert HF checkpoints at parallel layouts (one torchrun launch for all of them), for the export round trip.
 
-    torchrun --nproc_per_node 2 tests/dist/export_checkpoints.py --tp 2 --ep 2 --dtype bf16 HF OUT [HF OUT ...]
+    torchrun --nproc_per_node 2 tests/dist/export_checkpoints.py --dtype bf16 tp=2,ep=2 HF OUT [LAYOUT HF OUT ...]
 
-Each pair goes through the convert stage's own `convert_checkpoint` (OUT/checkpoint is the torch_dist dir).
+Each triple goes through the convert stage's own `convert_checkpoint` at that layout (OUT/checkpoint is the torch_dist
+dir); the layout is re-initialised between triples (same ranks, new model-parallel groups).
 """
 
 from __future__ import annotations
@@ -12,20 +13,23 @@ import argparse
 import torch
 
 
+def parse_layout(text: str) -> dict:
+    """'tp=2,ep=2' -> {'tp': 2, 'ep': 2}"""
+    return {key: int(value) for key, value in (part.split("=") for part in text.split(","))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    for name in ("tp", "pp", "ep", "etp"):
-        parser.add_argument(f"--{name}", type=int, default=1)
     parser.add_argument("--dtype", default="fp32")
-    parser.add_argument("pairs", nargs="+", help="HF_DIR OUT_DIR, repeated")
+    parser.add_argument("triples", nargs="+", help="LAYOUT HF_DIR OUT_DIR, repeated")
     args = parser.parse_args()
     from omni_model.convert import convert_checkpoint
     from omni_model.runtime.parallel import destroy_parallel, init_parallel
 
     torch.set_num_threads(1)
-    init_parallel(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
     try:
-        for hf_dir, out_dir in zip(args.pairs[::2], args.pairs[1::2]):
+        for layout, hf_dir, out_dir in zip(args.triples[::3], args.triples[1::3], args.triples[2::3]):
+            init_parallel(**parse_layout(layout))
             convert_checkpoint(hf_dir, out_dir, dtype=args.dtype, log=lambda _: None)
     finally:
         destroy_parallel()
