@@ -1,8 +1,9 @@
 """Our training step is transformers' training step (CPU, fp32, tiny Qwen3-Omni).
 
-* `test_training_matches_transformers`: STEPS optimizer steps of 2 micro-batches each, through our step (mcore DDP,
-  `get_megatron_optimizer` Adam with decoupled weight decay, `OptimizerParamScheduler`, `get_forward_backward_func`
-  with `forward_step`, `finalize_model_grads`, gradient clipping) and through a plain PyTorch loop on transformers'
+* `test_training_matches_transformers`: STEPS optimizer steps of 2 micro-batches each, through our step (the finetune
+  stage's `build_training`: mcore DDP, `get_megatron_optimizer` Adam with decoupled weight decay and its standard
+  no-decay group, `OptimizerParamScheduler`; then `get_forward_backward_func` with `forward_step`,
+  `finalize_model_grads`, gradient clipping, in the training loop's order) and through a plain PyTorch loop on transformers'
   `Qwen3OmniMoeThinkerForConditionalGeneration` (`torch.optim.AdamW`, `clip_grad_norm_`, the LR schedule by its
   formula written out here). Same samples: packed THD rows on our side; transformers' attention cannot honour packing
   boundaries on CPU, so it gets the same samples as padded rows, and its token losses are summed and divided by the
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_helpers import hf_thinker
-from train_helpers import ddp_thinker, to_hf_names, train_step
+from train_helpers import to_hf_names, train_step
 
 STEPS = 10
 TRAIN = dict(lr=2e-3, min_lr=2e-4, lr_warmup_iters=2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
@@ -71,28 +72,24 @@ def _micro_batches(samples, pad_id, step):
     return ours, theirs
 
 
-def _ours(hf_dir):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+def _ours(hf_dir, train_dir):
+    """The finetune stage's own training objects (omni_model.train.build: layout + micro-batch calculator, thinker,
+    DDP, get_megatron_optimizer, OptimizerParamScheduler), with the tiny HF weights loaded through the mapping."""
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
 
     from omni_model.convert.mapping import load_hf_into_model
-    from omni_model.model.thinker import build_thinker
-    from omni_model.runtime.parallel import init_parallel
+    from omni_model.train.build import build_training, init_training_parallel
+    from omni_model.train.settings import TrainSettings
 
-    init_parallel(seed=1234)
-    thinker = build_thinker(hf_dir, config_overrides={"calculate_per_token_loss": True, "moe_aux_loss_coeff": 0.0})
-    load_hf_into_model(thinker, hf_dir, prefix="")
-    model = ddp_thinker(thinker.train())
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=TRAIN["lr"], min_lr=TRAIN["min_lr"], weight_decay=TRAIN["weight_decay"],
-        adam_beta1=TRAIN["adam_beta1"], adam_beta2=TRAIN["adam_beta2"], adam_eps=TRAIN["adam_eps"],
-        clip_grad=TRAIN["clip_grad"], bf16=False, params_dtype=torch.float32, use_distributed_optimizer=False),
-        [model])
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=TRAIN["lr"], min_lr=TRAIN["min_lr"], lr_warmup_steps=TRAIN["lr_warmup_iters"],
-        lr_decay_steps=STEPS, lr_decay_style="cosine", start_wd=TRAIN["weight_decay"], end_wd=TRAIN["weight_decay"],
-        wd_incr_steps=STEPS, wd_incr_style="constant")
-    return model, optimizer, scheduler
+    settings = TrainSettings(
+        hf_dir=str(hf_dir), init_checkpoint="", shards="", train_dir=str(train_dir),
+        train=dict(TRAIN, iters=STEPS, lr_decay_style="cosine", micro_batch_size=1, global_batch_size=2,
+                   moe_aux_loss_coeff=0.0, seed=1234))
+    init_training_parallel(settings)
+    assert get_num_microbatches() == 2
+    training = build_training(settings, load_initial_weights=False)
+    load_hf_into_model(training.thinker, hf_dir, prefix="")
+    return training.model, training.optimizer, training.scheduler
 
 
 def _transformers(hf_dir):
@@ -142,7 +139,7 @@ def test_training_matches_transformers(tiny_hf_dir, samples, tmp_path):
     from omni_model.convert.mapping import current_coord
 
     pool, pad_id = samples
-    ours, optimizer, scheduler = _ours(tiny_hf_dir)
+    ours, optimizer, scheduler = _ours(tiny_hf_dir, tmp_path / "train")
     ref, ref_optimizer = _transformers(tiny_hf_dir)
     initial = {k: v.clone() for k, v in to_hf_names({current_coord(): ours.module.state_dict()}, tiny_hf_dir).items()}
     losses, worst_loss = [], 0.0
