@@ -220,3 +220,66 @@ def test_settings_refused_with_a_clear_message(parallel, train, message):
 
     with pytest.raises(SettingsError, match=message.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
         check_config(train, parallel)
+
+
+# -- switches -------------------------------------------------------------------------------------------------------
+def _part(key: str) -> str:
+    name = key.removeprefix("optimizer.state.exp_avg_sq.").removeprefix("optimizer.state.exp_avg.")
+    return name.split(".")[0]
+
+
+def _switch_run(inputs, name: str, **switches) -> tuple[dict, dict]:
+    """(initial tensors, tensors after 2 steps) of a 3-step run with the given switches."""
+    from dist.finetune_setup import checkpoint_tensors
+
+    train_dir = inputs["root"] / name
+    run(write_settings(inputs, train_dir, **dict(REFERENCE, iters=3, save_interval=0, eval_interval=0, **switches)),
+        inputs["root"] / f"{name}.log")
+    before = checkpoint_tensors(inputs["checkpoint"], inputs["root"] / f"{name}-before.pt")
+    after = checkpoint_tensors(train_dir / "iter_0000003", inputs["root"] / f"{name}-after.pt")
+    return before, after
+
+
+def _changed(before: dict, after: dict, part: str) -> tuple[int, int]:
+    keys = [k for k in before if _part(k) == part]
+    return sum(not __import__("torch").equal(before[k], after[k]) for k in keys), len(keys)
+
+
+def test_freeze_audio_and_zero_lr_vision(inputs):
+    """freeze_audio: the audio tower comes back bit-identical and has no optimizer state. lr_mult_vision 0: the
+    vision tower has optimizer state (its grads flowed) but its LR group is 0, so it is bit-identical too. The LLM
+    trains."""
+    before, after = _switch_run(inputs, "freeze_audio", freeze_audio=True, lr_mult_vision=0.0)
+    optimizer_parts = {_part(k) for k in after if k.startswith("optimizer.state.exp_avg.")}
+    assert optimizer_parts == {"language_model", "vision_model"}, optimizer_parts
+    changed = {part: _changed(before, after, part) for part in ("audio_model", "vision_model", "language_model")}
+    print(f"tensors changed after 3 steps (changed, total): {changed}")
+    assert changed["audio_model"][0] == 0 and changed["audio_model"][1] > 0
+    assert changed["vision_model"][0] == 0 and changed["vision_model"][1] > 0
+    assert changed["language_model"][0] == changed["language_model"][1]
+    vision_moments = [after[k].abs().max().item() for k in after if k.startswith("optimizer.state.exp_avg.vision")]
+    assert max(vision_moments) > 0  # gradients reached the vision tower; only its LR is 0
+
+
+def test_freeze_llm_trains_the_towers(inputs):
+    before, after = _switch_run(inputs, "freeze_llm", freeze_llm=True)
+    optimizer_parts = {_part(k) for k in after if k.startswith("optimizer.state.exp_avg.")}
+    assert optimizer_parts == {"audio_model", "vision_model"}, optimizer_parts
+    changed = {part: _changed(before, after, part) for part in ("audio_model", "vision_model", "language_model")}
+    print(f"tensors changed after 3 steps (changed, total): {changed}")
+    assert changed["language_model"][0] == 0
+    assert changed["vision_model"][0] > 0 and changed["audio_model"][0] > 0
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_recompute_gives_the_same_steps(inputs, reference, recompute):
+    train_dir = inputs["root"] / f"recompute_{recompute}"
+    run(write_settings(inputs, train_dir, **dict(REFERENCE, iters=3, save_interval=0, eval_interval=0,
+                                                   recompute=recompute)), inputs["root"] / f"{train_dir.name}.log")
+    got = metrics(train_dir)
+    # same warmup: steps 1-3 use the same LRs as the 10-step reference
+    for mine, theirs in zip(got, reference["metrics"][:3]):
+        print(f"recompute {recompute} step {mine['step']}: loss {mine['loss']!r} vs {theirs['loss']!r}, "
+              f"grad norm {mine['grad_norm']!r} vs {theirs['grad_norm']!r}")
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
+        assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-5)

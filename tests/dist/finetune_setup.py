@@ -66,6 +66,20 @@ def make_shards(hf_dir: Path, root: Path, n_samples: int = 24, seed: int = 3, ma
     return root / "shards"
 
 
+def checkpoint_tensors(checkpoint: Path, scratch: Path) -> dict:
+    """Every tensor of a torch_dist checkpoint as a full (unsharded) tensor, by its checkpoint key (model keys, and
+    optimizer.state.<exp_avg|exp_avg_sq>.<model key>), read with torch.distributed.checkpoint without a process
+    group."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    scratch = Path(scratch)
+    dcp_to_torch_save(str(checkpoint), str(scratch))
+    loaded = torch.load(scratch, weights_only=False)
+    scratch.unlink()
+    return {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
+
+
 def settings_dict(hf_dir: Path, checkpoint: Path, shards: Path, train_dir: Path, max_seq_len: int = 2048,
                   **train) -> dict:
     return {"hf_dir": str(hf_dir), "init_checkpoint": str(checkpoint), "shards": str(shards),
