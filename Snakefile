@@ -19,6 +19,7 @@ include: "rules/convert.smk"
 include: "rules/finetune.smk"
 include: "rules/export.smk"
 include: "rules/report.smk"
+include: "rules/plan.smk"
 
 
 onstart:

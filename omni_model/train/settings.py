@@ -16,7 +16,7 @@ from typing import Optional
 # train.* keys that do not change the numbers a run produces (how often it logs, saves or evaluates, where it runs):
 # left out of the settings digest, so changing them resumes instead of starting over.
 NOT_IN_DIGEST = ("log_interval", "eval_interval", "eval_iters", "save_interval", "gpus_per_node", "cpu_procs",
-                 "nnodes", "rdzv_endpoint", "peak_tflops")
+                 "nnodes", "rdzv_endpoint", "peak_tflops", "gpu_memory_gib")
 
 # Defaults of the train section (config/schema.yaml is the source for the workflow; these serve direct use + tests).
 TRAIN_DEFAULTS = {
@@ -26,7 +26,7 @@ TRAIN_DEFAULTS = {
     "shuffle_buffer_size": 64, "eval_interval": 10, "eval_iters": 2, "save_interval": 10, "log_interval": 1,
     "seed": 1234, "freeze_llm": False, "freeze_vision": False, "freeze_audio": False, "lr_mult_vision": 1.0,
     "lr_mult_audio": 1.0, "recompute": "none", "moe_aux_loss_coeff": None, "gpus_per_node": 0, "cpu_procs": 1,
-    "nnodes": 1, "rdzv_endpoint": "", "peak_tflops": None,
+    "nnodes": 1, "rdzv_endpoint": "", "peak_tflops": None, "gpu_memory_gib": None,
 }
 PARALLEL_DEFAULTS = {"tp": 1, "pp": 1, "ep": 1, "etp": 1, "cp": 1}
 

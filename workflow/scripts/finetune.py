@@ -6,6 +6,7 @@ failing rank's traceback is raised here. train.iters 0: no ranks start; `latest`
 
 from pathlib import Path
 
+from omni_model.plan import check_settings
 from omni_model.runtime.launch import run_torchrun
 from omni_model.train.loop import no_training
 from omni_model.train.metrics import read_metrics
@@ -26,6 +27,7 @@ if train["iters"] == 0:
 else:
     settings_path = train_dir / "settings.json"
     settings.dump(settings_path)
+    check_settings(settings)  # memory planner: refuses a layout that cannot fit train.gpu_memory_gib
     run_torchrun("omni_model.train", ["--settings", str(settings_path)],
                  nproc_per_node=train["gpus_per_node"] or train["cpu_procs"], log=Path(snakemake.log[0]),  # noqa: F821
                  nnodes=train["nnodes"], rdzv_endpoint=train["rdzv_endpoint"])

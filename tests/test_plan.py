@@ -1,0 +1,147 @@
+"""The memory planner (omni_model.plan): exact parameter / gradient / optimizer-state figures per rank against models
+built at those layouts, refusal of a layout that cannot fit (with layouts that do), and the 30B configs it accepts.
+Activation estimates vs measured GPU peaks: bench/planner_check.py (H200)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from omni_model.configs import released_30b_a3b_config
+from omni_model.plan import (GIB, Layout, PlanError, Workload, check_run, estimate, load_pipeline_config, main,
+                             model_config_of, optimizer_bytes, stage_params, world_size_of)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS_30B = sorted(REPO.glob("config/qwen3-omni-30b-a3b-*gpu*.yaml"))
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
+def test_30b_counts_equal_the_meta_built_thinker():
+    # the numbers tests/test_llm_meta.py and tests/test_thinker_meta.py count on meta-device models
+    counts = stage_params(released_30b_a3b_config(), Layout())
+    print(f"30B tp1: LLM dense {counts.llm_dense:,} + experts {counts.llm_expert:,}, vision {counts.vision:,}, "
+          f"audio {counts.audio:,}")
+    assert counts.llm_dense + counts.llm_expert == 30_532_646_912
+    assert (counts.vision, counts.audio) == (538_631_408, 647_927_168)
+
+
+def test_audio_tower_split_rule_is_the_models():
+    from omni_model.model.audio import audio_replicated
+    from omni_model.plan import audio_tp
+
+    audio = released_30b_a3b_config()["thinker_config"]["audio_config"]
+    for tp in (1, 2, 4, 8):
+        assert (audio_tp(audio, tp) == 1 and tp > 1) == audio_replicated(audio, tp), tp
+
+
+@pytest.mark.slow
+def test_per_rank_figures_equal_built_training_objects(tiny_hf_dir, tmp_path):
+    """tp2 / ep2 / tp2+ep2 with freeze switches on gloo: every rank's parameters by kind, trainable count, DDP grad
+    buffer and Adam state bytes (mcore's plain optimizer, fp32) == the planner's, exactly."""
+    out = tmp_path / "counts.json"
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(REPO / "tests/dist/plan_counts.py"), str(tiny_hf_dir), str(out)], check=True, cwd=REPO,
+                   env=dict(env, OMP_NUM_THREADS="1"), timeout=900)
+    hf_config = json.loads((Path(tiny_hf_dir) / "config.json").read_text())
+    results = json.loads(out.read_text())
+    assert len(results) == 4
+    for name, result in results.items():
+        p = {"tp": 1, "ep": 1, **result["parallel"]}
+        for rank in result["ranks"]:
+            layout = Layout(tp=p["tp"], ep=p["ep"], dp=2 // p["tp"], distributed_optimizer=False)
+            assert (rank["dp"], rank["expert_dp"]) == (layout.dp, layout.expert_dp), name
+            work = Workload(bf16=False, **result["freeze"])
+            est = estimate(hf_config, layout, work)
+            planned = {"llm_dense": est.params.llm_dense, "llm_expert": est.params.llm_expert,
+                       "vision": est.params.vision, "audio": est.params.audio}
+            print(f"{name} rank {rank['rank']}: built {rank['params']} trainable {rank['trainable']:,} grad buffer "
+                  f"{rank['grad_elements']:,} Adam state {rank['optimizer_bytes']:,} B; planned {planned} trainable "
+                  f"{est.trainable:,} Adam state {optimizer_bytes(est.params, layout, work):,} B")
+            assert rank["params"] == planned, name
+            assert rank["trainable"] == est.trainable == rank["grad_elements"], name
+            assert est.parts["grads"] == 4 * rank["grad_elements"], name
+            assert rank["optimizer_bytes"] == est.parts["optimizer"] == optimizer_bytes(est.params, layout, work)
+
+
+def test_distributed_optimizer_divides_state_over_data_parallel_ranks():
+    hf = released_30b_a3b_config()
+    layout = Layout(tp=2, ep=8, dp=8)
+    work = Workload()
+    params = stage_params(hf, layout)
+    # dense params over DP = 8, experts over expert-DP = 16 / (ep 8 x etp 1) = 2
+    assert layout.expert_dp == 2
+    dense = params.llm_dense + params.vision + params.audio
+    assert optimizer_bytes(params, layout, work) == 12 * (-(-dense // 8) + -(-params.llm_expert // 2))
+    assert optimizer_bytes(params, Layout(tp=2, ep=8, dp=8, distributed_optimizer=False), work) == 12 * params.total
+
+
+def test_refuses_a_layout_that_cannot_fit_and_lists_layouts_that_do():
+    hf = released_30b_a3b_config()
+    train = {"micro_batch_size": 1, "global_batch_size": 64, "seq_len": 4096, "recompute": "none",
+             "freeze_llm": False, "freeze_vision": False, "freeze_audio": False, "gpus_per_node": 8,
+             "gpu_memory_gib": 79.6}
+    with pytest.raises(PlanError) as refused:
+        check_run(hf, train, {"tp": 1, "pp": 1, "ep": 8, "etp": 1, "cp": 1}, 16, on_gpu=True)
+    message = str(refused.value)
+    print(message)
+    assert "tp1 pp1 ep8 etp1 dp16" in message and "train.gpu_memory_gib = 79.6" in message
+    listed = re.findall(r"^(tp\d+ pp\d+ ep\d+ etp\d+ dp\d+ distopt.*?)\s+\|.*\|\s+([\d.]+) GiB$",
+                        message.split("Layouts that fit")[1], flags=re.M)
+    assert listed, "no fitting layout listed"
+    for describe, total in listed:
+        assert float(total) <= 79.6, describe
+    # the listed first layout really passes the check
+    tp, pp, ep, etp = (int(x) for x in re.match(r"tp(\d+) pp(\d+) ep(\d+) etp(\d+)", listed[0][0]).groups())
+    recompute = "full" if "recompute full" in listed[0][0] else "none"
+    check_run(hf, {**train, "recompute": recompute}, {"tp": tp, "pp": pp, "ep": ep, "etp": etp, "cp": 1}, 16, True)
+
+
+@pytest.mark.parametrize("path", CONFIGS_30B, ids=lambda p: p.stem)
+def test_30b_config_is_accepted_with_the_estimate_in_its_comment(path, capsys):
+    config = load_pipeline_config([str(path)], root=REPO)
+    train = config["train"]
+    est = check_run(model_config_of(config, root=REPO), train, config["parallel"], world_size_of(train), True)
+    stated = float(re.search(r"~([\d.]+) GiB per GPU of ([\d.]+)", path.read_text()).group(1))
+    print(f"{path.name}: {est.describe()} ~{est.total / GIB:.1f} GiB of {train['gpu_memory_gib']} (comment {stated})")
+    assert round(est.total / GIB, 1) == stated
+    assert est.total <= train["gpu_memory_gib"] * GIB
+    assert main(["--config", str(path)]) == 0
+    assert "fits:" in capsys.readouterr().out
+
+
+def test_30b_configs_cover_the_gpu_counts_and_both_sft_kinds():
+    names = {p.stem for p in CONFIGS_30B}
+    for gpus in ("8gpu", "16gpu", "32gpu"):
+        assert any(gpus in n and "frozen-towers" in n for n in names), gpus
+        assert any(gpus in n and "frozen-towers" not in n for n in names), gpus
+
+
+@pytest.mark.slow
+def test_snakemake_plans_the_30b_configs_and_the_plan_rule_refuses(tmp_path):
+    from workflow_utils import snakemake, workflow_copy
+
+    work = workflow_copy(tmp_path / "wf")
+    (work / "data").mkdir()
+    (work / "data" / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                                '{"role": "assistant", "content": "hello"}]}\n')
+    for path in CONFIGS_30B:
+        dry = snakemake(work, "finetune", "-n", "--configfile", str(path.relative_to(REPO)), timeout=300)
+        assert dry.returncode == 0, f"{path.name}:\n{dry.stdout[-2000:]}\n{dry.stderr[-3000:]}"
+        assert "finetune" in dry.stdout + dry.stderr
+    print(f"snakemake -n finetune plans all {len(CONFIGS_30B)} 30B configs")
+    config = str(CONFIGS_30B[0].relative_to(REPO))
+    ran = snakemake(work, "plan", "--cores", "1", "--configfile", config, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "fits:" in (work / "results" / "plan.txt").read_text()
+    refused = snakemake(work, "plan", "--cores", "1", "--configfile", config, "--config", "train={gpu_memory_gib: 20}",
+                        timeout=300)
+    print(refused.stderr[-1500:])
+    assert refused.returncode != 0
+    assert "above train.gpu_memory_gib = 20" in refused.stderr and "Layouts that fit" in refused.stderr
