@@ -225,9 +225,9 @@ def test_video_positions_and_patches(encoder, thinker):
     np.testing.assert_allclose(ours, theirs[:, 0].numpy())
     # audio in video: <|vision_start|><|audio_start|> V/A interleaved <|audio_end|><|vision_end|>
     n_frames = 210  # mel frames -> audio tokens
-    from omni_model.data.media import audio_token_count
+    from omni_model.data.media import audio_output_lengths
 
-    order = interleave_audio_video_tokens(n_video // 3, 3, 0.8, audio_token_count(n_frames), 13)
+    order = interleave_audio_video_tokens(n_video // 3, 3, 0.8, audio_output_lengths(n_frames), 13)
     pad = {"V": tok["video_pad"], "A": tok["audio_pad"]}
     ids = np.array([7, tok["vision_start"], tok["audio_start"], *[pad[c] for c in order], tok["audio_end"],
                     tok["vision_end"], 8])

@@ -72,7 +72,7 @@ def test_every_bad_sample_dropped_at_its_stage_with_reason(pipeline):
         "truncated_image": "image0.png (bad-truncated-img0.png): cannot decode image",
         "nan_audio": "non-finite samples",
         "undecodable_video": "cannot decode video",
-        "over_long": "tokens after media expansion > max_seq_len 4096",
+        "over_long": "tokens after media expansion > max_seq_len 4096 (from the media headers)",
     }
     assert set(expected_reason) == set(BAD_KINDS)
     for kind, stage in BAD_KINDS.items():
@@ -184,3 +184,17 @@ def test_over_long_is_counted_at_encode_time(pipeline):
     assert encoder.skipped["over_long"] > 0
     assert kept + encoder.skipped["over_long"] == pipeline["report"]["train"]
     assert np.isfinite(kept)
+
+
+def test_token_count_from_headers_equals_encoded_length(pipeline):
+    """The cheap count (media headers only) is the exact sequence length for every kept demo sample."""
+    from omni_model.data.encoder import OmniEncoder, media_from_paths
+
+    encoder = OmniEncoder(pipeline["hf"])
+    for line in (pipeline["root"] / "processed.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["id"].startswith("bad-"):
+            continue  # bad media may not even decode
+        media = media_from_paths(record)
+        shapes = encoder.probe(record, media)
+        assert shapes.exact and encoder.count_tokens(record, shapes) == len(encoder.encode(record, media).input_ids)

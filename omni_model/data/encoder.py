@@ -15,15 +15,19 @@ import numpy as np
 from .batch import EncodedSample
 from .formats import LIST_KEY, media_tag_order
 from .media import (
+    AUDIO_SR,
     MediaError,
     MediaConfig,
     audio_feature_length,
     audio_features,
-    audio_token_count,
+    audio_output_lengths,
+    audio_samples_16k,
     decode_image,
     decode_video,
     image_grid,
+    image_size,
     load_audio_16k,
+    plan_video,
     preprocess_image,
     preprocess_video,
     video_frame_size,
@@ -43,6 +47,18 @@ class Decoded:
     images: list  # RGB uint8 arrays
     audios: list  # 16 kHz mono float32
     videos: list  # media.Video
+
+
+@dataclass
+class MediaShapes:
+    """What the token count needs, per kind in list order: image (height, width), audio length in 16 kHz samples,
+    video (frames, frame height, frame width, 16 kHz samples of its audio track or None). ``exact`` is False when a
+    video's audio track length is a header estimate (compressed audio streams do not state their exact sample count)."""
+
+    images: list
+    audios: list
+    videos: list
+    exact: bool = True
 
 
 class OmniEncoder:
@@ -78,32 +94,70 @@ class OmniEncoder:
                   for i in range(len(record.get("videos", [])))]
         return Decoded(images, audios, videos)
 
-    # ------------------------------------------------------------------ counting
-    def _video_tokens(self, video) -> tuple[int, tuple[int, int, int]]:
-        height, width = video_frame_size(video.frames.shape[1], video.frames.shape[2], len(video.frames), self.media)
-        grid = (len(video.frames) // self.media.temporal_patch_size, height // self.media.patch_size,
-                width // self.media.patch_size)
-        return int(np.prod(grid)) // self.media.merge_size**2, grid
+    # ------------------------------------------------------------------ shapes and counting
+    def _named(self, record: dict, kind: str, index: int, fn, data, *args, **kwargs):
+        try:
+            return fn(data, *args, **kwargs)
+        except MediaError as exc:
+            source = record.get(LIST_KEY[kind], [None] * (index + 1))[index]
+            raise MediaError(f"{kind}{index} ({Path(source).name if source else '?'}): {exc}") from None
 
-    def count_tokens(self, record: dict, decoded: Decoded) -> int:
-        """Exact sequence length after pad expansion, without computing features or patches."""
+    def probe(self, record: dict, media: dict) -> MediaShapes:
+        """Media shapes from the file headers alone (no pixel, sample or mel work)."""
+        images = [self._named(record, "image", i, image_size, media[("image", i)])
+                  for i in range(len(record.get("images", [])))]
+        audios = [self._named(record, "audio", i, audio_samples_16k, media[("audio", i)])
+                  for i in range(len(record.get("audios", [])))]
+        videos, exact = [], True
+        for i in range(len(record.get("videos", []))):
+            plan = self._named(record, "video", i, plan_video, media[("video", i)], self.media)
+            track = None
+            if self.use_audio_in_video and plan.audio_duration:
+                track, exact = int(round(plan.audio_duration * AUDIO_SR)), False
+            videos.append((plan.n_frames, *plan.frame_size, track))
+        return MediaShapes(images, audios, videos, exact)
+
+    def shapes_of(self, decoded: Decoded) -> MediaShapes:
+        """Exact media shapes of decoded media."""
+        return MediaShapes(
+            [rgb.shape[:2] for rgb in decoded.images], [len(wave) for wave in decoded.audios],
+            [(*video.frames.shape[:3], None if video.audio is None else len(video.audio)) for video in decoded.videos])
+
+    def _video_grid(self, n_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        height, width = video_frame_size(height, width, n_frames, self.media)
+        p = self.media.patch_size
+        return n_frames // self.media.temporal_patch_size, height // p, width // p
+
+    def count_tokens(self, record: dict, shapes) -> int:
+        """Sequence length after pad expansion, from media shapes (``MediaShapes``, or ``Decoded`` media)."""
+        if isinstance(shapes, Decoded):
+            shapes = self.shapes_of(shapes)
         ids, _ = self.chat.tokenize(record["messages"])
         total = len(ids)
-        merge2 = self.media.merge_size**2
-        for rgb in decoded.images:
-            total += int(np.prod(image_grid(rgb.shape[0], rgb.shape[1], self.media))) // merge2 - 1
-        for wave in decoded.audios:
-            total += audio_token_count(audio_feature_length(len(wave)), self.media.n_window) - 1
-        for video in decoded.videos:
-            n_video, _ = self._video_tokens(video)
-            total += n_video - 1
-            if self.use_audio_in_video and video.audio is not None:
-                total += audio_token_count(audio_feature_length(len(video.audio)), self.media.n_window) + 2
+        merge2, n_window = self.media.merge_size**2, self.media.n_window
+        for height, width in shapes.images:
+            total += int(np.prod(image_grid(height, width, self.media))) // merge2 - 1
+        for n_samples in shapes.audios:
+            total += int(audio_output_lengths(audio_feature_length(n_samples), n_window)) - 1
+        for n_frames, height, width, track in shapes.videos:
+            total += int(np.prod(self._video_grid(n_frames, height, width))) // merge2 - 1
+            if self.use_audio_in_video and track is not None:
+                total += int(audio_output_lengths(audio_feature_length(track), n_window)) + 2
         return total
+
+    def check_length(self, record: dict, media: dict) -> int:
+        """Token count from the headers; raises OverLongSample before any decoding when it is exact and too long."""
+        shapes = self.probe(record, media)
+        n_tokens = self.count_tokens(record, shapes)
+        if shapes.exact and n_tokens > self.max_seq_len:
+            raise OverLongSample(f"{n_tokens} tokens after media expansion > max_seq_len {self.max_seq_len}")
+        return n_tokens
 
     # ------------------------------------------------------------------ encoding
     def encode(self, record: dict, media: dict, key: str | None = None) -> EncodedSample:
-        """Tokens, labels, positions and media tensors of one conversation. Raises OverLongSample / MediaError."""
+        """Tokens, labels, positions and media tensors of one conversation. Raises OverLongSample (from the media
+        headers, before decoding anything) / MediaError."""
+        self.check_length(record, media)
         decoded = self.decode(record, media)
         return self.encode_decoded(record, decoded, key=key)
 
@@ -142,13 +196,13 @@ class OmniEncoder:
             if kind == "image":
                 blocks.append([tok["image_pad"]] * (int(np.prod(grids[index])) // merge2))
             elif kind == "audio":
-                blocks.append([tok["audio_pad"]] * audio_token_count(int(lengths[wave_index]), cfg.n_window))
+                blocks.append([tok["audio_pad"]] * audio_output_lengths(int(lengths[wave_index]), cfg.n_window))
                 wave_index += 1
             else:
                 grid = vgrids[index]
                 n_video = int(np.prod(grid)) // merge2
                 if self.use_audio_in_video and decoded.videos[index].audio is not None:
-                    n_audio = audio_token_count(int(lengths[wave_index]), cfg.n_window)
+                    n_audio = audio_output_lengths(int(lengths[wave_index]), cfg.n_window)
                     wave_index += 1
                     order = interleave_audio_video_tokens(n_video // grid[0], grid[0], vsec[index], n_audio,
                                                           self.position_id_per_seconds)

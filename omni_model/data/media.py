@@ -4,8 +4,13 @@
   transformers' PIL image processor does), rescale 1/255, normalise with the model's own mean/std (0.5, not
   ImageNet's), patchify into rows of ``C * temporal_patch * patch * patch`` in the ViT's merge order. A still image is
   one temporal patch (the frame repeated ``temporal_patch_size`` times).
-* Video: decoded with PyAV, frames sampled uniformly at ``video_fps`` (count rounded to a multiple of the temporal
-  patch, at least ``video_min_frames``), ``second_per_grid = temporal_patch_size / sampled_fps``.
+* Video: PyAV; the plan (how many frames, at which presentation times, at which size) comes from the container
+  header (``plan_video``); only the frames nearest the planned times are converted, each resized to the model's frame
+  size at once, seeking over long gaps (memory: the sampled frames at model size, not the clip).
+  ``video_fps`` frames per second of the video stream's duration (count rounded to a multiple of the temporal patch,
+  at least ``video_min_frames``), ``second_per_grid = temporal_patch_size * duration / frames``.
+* Cheap shapes first: ``image_size`` / ``audio_samples_16k`` / ``plan_video`` read headers only, so token counts
+  (and the over-long check) need no pixel or mel work.
 * Audio: decoded with soundfile (or PyAV for a video's audio track), mixed to mono, **resampled to 16 kHz**
   (librosa soxr_hq, as ``librosa.load(sr=16000)``), Whisper log-mel features from the checkpoint's own
   ``WhisperFeatureExtractor`` config (128 mel bins).
@@ -68,10 +73,10 @@ class MediaConfig:
             kwargs["image_mean"] = tuple(pre["image_mean"])
         if "image_std" in pre:
             kwargs["image_std"] = tuple(pre["image_std"])
-        config_path = hf_dir / "config.json"
-        if config_path.is_file():
-            config = json.loads(config_path.read_text())
-            audio = config.get("thinker_config", {}).get("audio_config", {})
+        if (hf_dir / "config.json").is_file():
+            from ..model.transformer_config import audio_config_of
+
+            audio = audio_config_of(hf_dir)
             if "n_window" in audio:
                 kwargs["n_window"] = audio["n_window"]
         kwargs["feature_extractor"] = {k: v for k, v in pre.items() if k in _WHISPER_KEYS}
@@ -166,10 +171,36 @@ def preprocess_image(rgb: np.ndarray, cfg: MediaConfig) -> tuple[np.ndarray, tup
 
 @dataclass
 class Video:
-    frames: np.ndarray  # sampled RGB uint8 [T, H, W, 3], T a multiple of temporal_patch_size
+    frames: np.ndarray  # sampled RGB uint8 [T, H, W, 3] at the model's frame size, T a multiple of temporal_patch_size
     second_per_grid: float  # seconds covered by one temporal patch
-    duration: float
+    duration: float  # of the video stream (not the container: an audio track may be longer)
     audio: np.ndarray | None = None  # 16 kHz mono float32 of the audio track, if any and requested
+    times: np.ndarray | None = None  # presentation time (s, from the stream start) of each sampled frame
+
+
+@dataclass
+class VideoPlan:
+    """What the sampled video will be, from the container header alone (no frame decoded)."""
+
+    width: int  # source frame size
+    height: int
+    start: float  # first presentation time of the video stream (s)
+    duration: float  # of the video stream (s)
+    n_frames: int  # frames to sample (a multiple of temporal_patch_size)
+    frame_size: tuple[int, int]  # (height, width) the sampled frames are resized to
+    audio_duration: float | None  # of the first audio stream (s), None without one
+    frame_period: float  # 1 / average frame rate (s), 0 when unknown
+    temporal_patch_size: int
+
+    @property
+    def second_per_grid(self) -> float:
+        """Seconds one temporal patch covers (transformers: temporal_patch_size / sampled fps)."""
+        return self.temporal_patch_size * self.duration / self.n_frames
+
+    def target_times(self) -> np.ndarray:
+        """Sample times (s, absolute presentation time): evenly spaced from the first to the last frame's time, as
+        transformers' index sampling ``linspace(0, total - 1, n)`` is for constant-frame-rate video."""
+        return self.start + np.linspace(0.0, max(self.duration - self.frame_period, 0.0), self.n_frames)
 
 
 def _open_container(data: bytes):
@@ -181,34 +212,118 @@ def _open_container(data: bytes):
         raise MediaError(f"cannot open video: {type(exc).__name__}: {exc}") from None
 
 
-def decode_video(data: bytes, cfg: MediaConfig, with_audio: bool = False) -> Video:
-    """Decode all frames, sample ``video_fps`` frames per second (a multiple of the temporal patch)."""
+def _stream_span(container, stream) -> tuple[float, float, float]:
+    """(start, duration, frame period) of a stream in seconds, from the header; packets are scanned (demux only, no
+    decoding) when the header has no duration."""
+    base = float(stream.time_base)
+    start = float(stream.start_time * base) if stream.start_time is not None else 0.0
+    rate = float(getattr(stream, "average_rate", None) or 0.0)  # video streams only
+    period = 1.0 / rate if rate > 0 else 0.0
+    if stream.duration:
+        return start, float(stream.duration * base), period
+    last = None
+    for packet in container.demux(stream):
+        if packet.pts is not None:
+            end = (packet.pts + (packet.duration or 0)) * base
+            last = end if last is None else max(last, end)
+    container.seek(0)
+    if last is None:
+        raise MediaError("video stream has no timestamps")
+    return start, last - start, period
+
+
+def plan_video(data: bytes, cfg: MediaConfig) -> VideoPlan:
+    """Sampling plan from the container header: how many frames at which times and size (the token count of the
+    video follows from it without decoding a frame)."""
     container = _open_container(data)
     try:
         if not container.streams.video:
             raise MediaError("video has no video stream")
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-        duration = float(container.duration / 1_000_000) if container.duration else 0.0
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        start, duration, period = _stream_span(container, stream)
+        audio_duration = None
+        if container.streams.audio:
+            _, audio_duration, _ = _stream_span(container, container.streams.audio[0])
+    except MediaError:
+        raise
+    except Exception as exc:
+        raise MediaError(f"cannot read video header: {type(exc).__name__}: {exc}") from None
+    finally:
+        container.close()
+    if not width or not height:
+        raise MediaError(f"cannot decode video: the video stream has no frame size ({width}x{height})")
+    if duration <= 0:
+        raise MediaError(f"cannot decode video: the video stream has no duration ({duration:.3g} s)")
+    tp = cfg.temporal_patch_size
+    wanted = round(duration * cfg.video_fps / tp) * tp
+    wanted = int(min(max(wanted, cfg.video_min_frames), cfg.video_max_frames))
+    wanted = max(tp, wanted // tp * tp)
+    return VideoPlan(width, height, start, duration, wanted, video_frame_size(height, width, wanted, cfg),
+                     audio_duration, period, tp)
+
+
+def decode_video(data: bytes, cfg: MediaConfig, with_audio: bool = False) -> Video:
+    """Decode only the sampled frames, chosen by presentation timestamp, resized to the model's frame size one at a
+    time: memory is the sampled frames at model size plus two source frames, whatever the clip's length.
+
+    Each target time takes the frame whose timestamp is nearest; a target more than a second ahead of the decoder
+    seeks (to the keyframe before it) instead of decoding the gap. ``second_per_grid`` and ``times`` come from the
+    stream's timestamps, so variable-frame-rate video and a longer audio track do not shift them."""
+    plan = plan_video(data, cfg)
+    targets = plan.target_times()
+    height, width = plan.frame_size
+    container = _open_container(data)
+    picked = np.empty((len(targets), height, width, 3), dtype=np.uint8)  # filled in place: no list + stack copy
+    times = np.zeros(len(targets))
+    try:
+        stream = container.streams.video[0]
+        base = float(stream.time_base)
+        index, previous, position = 0, None, -math.inf
+        seek, can_seek = True, True
+
+        def take(frame, slot):
+            picked[slot] = _resize_rgb(frame.to_ndarray(format="rgb24"), height, width)  # one source frame at a time
+            times[slot] = frame.pts * base - plan.start
+
+        while index < len(targets):
+            if seek:
+                container.seek(int(targets[index] / base), stream=stream, backward=True, any_frame=False)
+                previous, seek, first = None, False, True
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                t = frame.pts * base
+                if first:  # a seek that lands behind where decoding already was: keyframes too sparse to help
+                    can_seek, first = can_seek and t > position, False
+                while index < len(targets) and t >= targets[index]:  # this frame is at/after the target
+                    use_previous = previous is not None and targets[index] - previous.pts * base < t - targets[index]
+                    take(previous if use_previous else frame, index)
+                    index += 1
+                previous, position = frame, t
+                if index < len(targets) and can_seek and targets[index] - t > SEEK_GAP:
+                    seek = True
+                    break
+            else:  # end of stream: the remaining targets take the last frame
+                if previous is None:
+                    raise MediaError("video has no decodable frames")
+                while index < len(targets):
+                    take(previous, index)
+                    index += 1
     except MediaError:
         raise
     except Exception as exc:
         raise MediaError(f"cannot decode video: {type(exc).__name__}: {exc}") from None
     finally:
         container.close()
-    if not frames:
-        raise MediaError("video has no decodable frames")
-    total = len(frames)
-    stream_fps = total / duration if duration > 0 else 25.0
-    duration = duration if duration > 0 else total / stream_fps
-    tp = cfg.temporal_patch_size
-    wanted = round(total / stream_fps * cfg.video_fps / tp) * tp
-    wanted = int(min(max(wanted, cfg.video_min_frames), cfg.video_max_frames))
-    wanted = max(tp, wanted // tp * tp)
-    indices = np.linspace(0, total - 1, wanted).round().astype(int)
-    sampled = np.stack([frames[i] for i in indices])
-    sampled_fps = wanted / total * stream_fps
     audio = decode_audio_track(data) if with_audio else None
-    return Video(frames=sampled, second_per_grid=tp / sampled_fps, duration=duration, audio=audio)
+    return Video(frames=picked, second_per_grid=plan.second_per_grid, duration=plan.duration, audio=audio,
+                 times=times)
+
+
+# A target further ahead than this (s) seeks to the keyframe before it instead of decoding the frames in between; when a
+# seek lands behind where decoding already was (keyframes further apart than the targets), seeking is switched off.
+SEEK_GAP = 0.25
 
 
 def video_frame_size(height: int, width: int, n_frames: int, cfg: MediaConfig) -> tuple[int, int]:
@@ -249,6 +364,36 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     return samples, int(rate)
 
 
+def audio_samples_16k(data: bytes) -> int:
+    """Length of the clip once mixed and resampled to 16 kHz (``to_mono_16k``), from the header only."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception as exc:
+        raise MediaError(f"cannot read audio header: {type(exc).__name__}: {exc}") from None
+    if info.frames <= 0:
+        raise MediaError("audio has no samples")
+    return resampled_length(info.frames, info.samplerate)
+
+
+def resampled_length(n_samples: int, sample_rate: float) -> int:
+    """Samples after resampling to 16 kHz (librosa.resample: ``ceil(n * 16000 / sr)``)."""
+    return n_samples if sample_rate == AUDIO_SR else int(math.ceil(n_samples * (float(AUDIO_SR) / sample_rate)))
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from the image header, without decoding pixels."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception as exc:
+        raise MediaError(f"cannot read image header: {type(exc).__name__}: {exc}") from None
+    return height, width
+
+
 def load_audio_16k(data: bytes) -> np.ndarray:
     samples, rate = decode_audio(data)
     return to_mono_16k(samples, rate)
@@ -286,12 +431,14 @@ def audio_feature_length(n_samples_16k: int, hop_length: int = 160) -> int:
     return n_samples_16k // hop_length
 
 
-def audio_token_count(feature_length: int, n_window: int = 50) -> int:
-    """AuT output length for ``feature_length`` mel frames (transformers' ``_get_feat_extract_output_lengths``)."""
+def audio_output_lengths(input_lengths, n_window: int = 50):
+    """AuT output length for ``input_lengths`` mel frames (== transformers' ``_get_feat_extract_output_lengths``):
+    13 tokens per full 2*n_window chunk plus the conv output of the rest. Ints, integer arrays and tensors.
+    The one definition: the model's audio tower (omni_model.model.audio) imports it from here."""
     chunk = n_window * 2
-    leave = feature_length % chunk
+    leave = input_lengths % chunk
     feat = (leave - 1) // 2 + 1
-    return int(((feat - 1) // 2 + 1 - 1) // 2 + 1 + (feature_length // chunk) * 13)
+    return ((feat - 1) // 2 + 1 - 1) // 2 + 1 + (input_lengths // chunk) * 13
 
 
 _EXTRACTORS: dict = {}

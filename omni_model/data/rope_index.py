@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .media import audio_token_count
+from .media import audio_output_lengths
 
 
 def _vision_block(start: float, grid_thw, merge: int, t_values: np.ndarray) -> np.ndarray:
@@ -82,12 +82,12 @@ def rope_index(
         push(np.arange(bos_eos, dtype=np.float64)[None].repeat(3, 0) + next_pos)
         start = next_pos
         if min_ed == ed_audio:
-            length = audio_token_count(int(audio_feature_lengths[audio_idx]), n_window)
+            length = audio_output_lengths(int(audio_feature_lengths[audio_idx]), n_window)
             push(np.arange(length, dtype=np.float64)[None].repeat(3, 0) + start)
             st = min_ed + 1 + length + 1
             audio_idx += 1
         elif in_video:
-            length = audio_token_count(int(audio_feature_lengths[audio_idx]), n_window)
+            length = audio_output_lengths(int(audio_feature_lengths[audio_idx]), n_window)
             audio_pos = np.arange(length, dtype=np.float64)[None].repeat(3, 0) + start
             grid = video_grid_thw[video_idx]
             t_values = np.arange(int(grid[0])) * float(video_second_per_grid[video_idx]) * position_id_per_seconds

@@ -45,16 +45,7 @@ from .encoder_layers import (
     tp_world_size,
 )
 from .transformer_config import audio_config_of, current_tp_size
-
-
-def audio_output_lengths(input_lengths, n_window: int = 50):
-    """Encoder output length per clip for `input_lengths` mel frames (== transformers'
-    `_get_feat_extract_output_lengths`): 13 tokens per full 2*n_window chunk plus the conv output of the rest.
-    Works on ints and integer tensors."""
-    chunk = n_window * 2
-    leave = input_lengths % chunk
-    feat = (leave - 1) // 2 + 1
-    return ((feat - 1) // 2 + 1 - 1) // 2 + 1 + (input_lengths // chunk) * 13
+from ..data.media import audio_output_lengths  # noqa: F401  (one definition of the AuT length; the data side counts tokens with it)
 
 
 def _conv_out_len(n):
