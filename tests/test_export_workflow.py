@@ -1,5 +1,6 @@
-"""`snakemake --cores 2 export` with `train.iters: 0` on the default config: the whole DAG runs and
-results/export/hf gives back results/model/hf bit for bit, as a complete checkpoint with its manifest."""
+"""`snakemake --cores 2 export` on the default config, as a user runs it: with `train.iters: 0` the whole DAG runs
+and results/export/hf gives back results/model/hf bit for bit; after a short training run with frozen towers the
+export carries the trained LLM, while the towers, the talker and code2wav come back bit-identical."""
 
 from __future__ import annotations
 
@@ -10,18 +11,28 @@ import pytest
 from test_export import hf_tensor_differences
 from workflow_utils import snakemake, workflow_copy
 
-NO_TRAINING = ("--config", "train={iters: 0}")
+NO_TRAINING = "train={iters: 0}"
+FROZEN_TOWERS = ("train={iters: 3, lr_warmup_iters: 1, eval_interval: 0, save_interval: 0, "
+                 "freeze_vision: true, freeze_audio: true}")
+
+
+@pytest.fixture(scope="module")
+def wf(tmp_path_factory):
+    return workflow_copy(tmp_path_factory.mktemp("export_dag") / "wf")
+
+
+def _run(wf, config: str):
+    result = snakemake(wf, "--cores", "2", "export", "--config", config, timeout=1800)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result
 
 
 @pytest.mark.slow
-def test_dag_export_without_training_gives_back_the_source_bit_for_bit(tmp_path):
+def test_dag_export_without_training_gives_back_the_source_bit_for_bit(wf):
     from omni_model.download import verify_manifest
 
-    wf = workflow_copy(tmp_path / "wf")
-    result = snakemake(wf, "--cores", "2", "export", *NO_TRAINING, timeout=1800)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    _run(wf, NO_TRAINING)
     assert (wf / "results/train/latest").read_text().strip() == "../model/mcore/checkpoint"
-
     source, export = wf / "results/model/hf", wf / "results/export/hf"
     count, problems = hf_tensor_differences(source, export)
     print(f"DAG export (train.iters 0): {count} tensors, differences: {problems}")
@@ -32,5 +43,19 @@ def test_dag_export_without_training_gives_back_the_source_bit_for_bit(tmp_path)
     assert any(name.startswith("code2wav.") for name in index["weight_map"])
     assert "talker/code2wav tensors copied unchanged" in (wf / "logs/export.log").read_text()
 
-    again = snakemake(wf, "-n", "export", *NO_TRAINING)
+    again = snakemake(wf, "-n", "export", "--config", NO_TRAINING)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_dag_export_after_training_with_frozen_towers(wf):
+    """Reuses the DAG above: only finetune (3 steps, vision + audio frozen) and export run again."""
+    _run(wf, FROZEN_TOWERS)
+    assert (wf / "results/train/latest").read_text().strip() == "iter_0000003"
+    count, problems = hf_tensor_differences(wf / "results/model/hf", wf / "results/export/hf")
+    changed = sorted(p.split(":")[0] for p in problems)
+    print(f"DAG export after 3 steps with frozen towers: {len(changed)} of {count} tensors changed, e.g. "
+          f"{changed[:3]}")
+    assert all(p.endswith(": values differ") for p in problems)  # same names, dtypes and shapes
+    assert changed and all(name.startswith(("thinker.model.", "thinker.lm_head.")) for name in changed)
+    assert "thinker.lm_head.weight" in changed
