@@ -25,11 +25,10 @@ import copy
 import json
 import math
 import re
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -100,80 +99,94 @@ def shard_file_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-class ShardedSafetensorsWriter:
-    """Writes a planned set of tensors into `model-0000i-of-0000n.safetensors` + the index, tensor by tensor in any
-    order. Shards are filled in name order up to `shard_size` bytes (a tensor larger than that gets a shard of its
-    own), the header of each shard is written up front, and `write` puts a tensor's bytes at its planned offset."""
+def _natural_order(name: str):
+    """layers.2 before layers.10: a shard holds consecutive layers."""
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
 
-    def __init__(self, out_dir: Path, plan: List[Tuple[str, str, Tuple[int, ...], int]], shard_size: int):
+
+class ShardedSafetensorsWriter:
+    """Writes a planned set of tensors (the source checkpoint's names, dtypes, shapes) into
+    `model-0000i-of-0000n.safetensors` + the index, tensor by tensor in any order.
+
+    Shards are filled in natural name order up to `shard_size` bytes (a larger tensor gets a shard of its own); each
+    shard's header is written up front and every tensor's bytes go to their planned offset, so nothing is buffered.
+    `finish()` checks that every planned tensor was written and writes the index (save_pretrained's format)."""
+
+    def __init__(self, out_dir: Path, plan: Iterable[TensorEntry], shard_size: int):
         self.out_dir = Path(out_dir)
-        shards: List[List[Tuple[str, str, Tuple[int, ...], int]]] = [[]]
+        shards: List[List[TensorEntry]] = [[]]
         used = 0
-        for item in sorted(plan):
-            if shards[-1] and used + item[3] > shard_size:
+        for entry in sorted(plan, key=lambda e: _natural_order(e.name)):
+            if shards[-1] and used + entry.nbytes > shard_size:
                 shards.append([])
                 used = 0
-            shards[-1].append(item)
-            used += item[3]
-        self.total_size = sum(item[3] for item in plan)
+            shards[-1].append(entry)
+            used += entry.nbytes
+        self.total_size = sum(entry.nbytes for shard in shards for entry in shard)
         self.weight_map: Dict[str, str] = {}
-        self._slots: Dict[str, Tuple[int, int, str, Tuple[int, ...]]] = {}  # name -> (shard, offset, dtype, shape)
+        self._slots: Dict[str, Tuple[int, int, TensorEntry]] = {}  # name -> (shard, absolute offset, planned entry)
         self._files = []
+        self._written: set = set()
         for i, shard in enumerate(shards):
             file_name = shard_file_name(i, len(shards))
             header, offset = {"__metadata__": {"format": "pt"}}, 0
-            for name, dtype, shape, nbytes in shard:
-                header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-                offset += nbytes
+            for entry in shard:
+                header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape),
+                                      "data_offsets": [offset, offset + entry.nbytes]}
+                offset += entry.nbytes
             blob = json.dumps(header, separators=(",", ":")).encode()
             blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8-byte alignment
-            data_start = 8 + len(blob)
             handle = open(self.out_dir / file_name, "wb")
-            handle.write(struct.pack("<Q", len(blob)) + blob)
-            handle.truncate(data_start + offset)
             self._files.append(handle)
-            for name, dtype, shape, _ in shard:
-                self._slots[name] = (i, data_start + header[name]["data_offsets"][0], dtype, shape)
-                self.weight_map[name] = file_name
-        self._written: set = set()
+            handle.write(struct.pack("<Q", len(blob)) + blob)
+            handle.truncate(8 + len(blob) + offset)
+            for entry in shard:
+                self._slots[entry.name] = (i, 8 + len(blob) + header[entry.name]["data_offsets"][0], entry)
+                self.weight_map[entry.name] = file_name
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        if name not in self._slots:
-            raise ExportError(f"{name}: the export produced this tensor but the source checkpoint has no such tensor")
-        if name in self._written:
-            raise ExportError(f"{name}: produced twice")
-        shard, offset, dtype, shape = self._slots[name]
-        if tuple(tensor.shape) != shape:
-            raise ExportError(f"{name}: exported shape {tuple(tensor.shape)} != source shape {shape}")
-        if _DTYPE_NAMES.get(tensor.dtype) != dtype:
-            raise ExportError(f"{name}: dtype {tensor.dtype} != source dtype {dtype}")
-        self.write_bytes(name, tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    def __enter__(self) -> "ShardedSafetensorsWriter":
+        return self
 
-    def write_bytes(self, name: str, data) -> None:
-        shard, offset, _, _ = self._slots[name]
-        handle = self._files[shard]
-        handle.seek(offset)
-        handle.write(data)
-        self._written.add(name)
-
-    def copy_from(self, entry: TensorEntry, chunk: int = 1 << 26) -> None:
-        """Copy a source tensor's bytes unchanged (no decode, constant memory)."""
-        shard, offset, dtype, shape = self._slots[entry.name]
-        assert (dtype, shape) == (entry.dtype, entry.shape), entry.name
-        handle = self._files[shard]
-        handle.seek(offset)
-        with open(entry.file, "rb") as src:
-            src.seek(entry.begin)
-            left = entry.nbytes
-            while left:
-                block = src.read(min(chunk, left))
-                handle.write(block)
-                left -= len(block)
-        self._written.add(entry.name)
-
-    def close(self) -> None:
+    def __exit__(self, *exc) -> None:
         for handle in self._files:
             handle.close()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """A tensor of the plan, with the planned dtype and shape."""
+        if name not in self._slots:
+            raise ExportError(f"{name}: the export produced this tensor but the source checkpoint has no such tensor")
+        planned = self._slots[name][2]
+        if tuple(tensor.shape) != planned.shape:
+            raise ExportError(f"{name}: exported shape {tuple(tensor.shape)} != source shape {planned.shape}")
+        if _DTYPE_NAMES.get(tensor.dtype) != planned.dtype:
+            raise ExportError(f"{name}: dtype {tensor.dtype} != source dtype {planned.dtype}")
+        self._write_at(name, [tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data])
+
+    def copy_from(self, entry: TensorEntry, chunk: int = 1 << 26) -> None:
+        """A source tensor's bytes, unchanged (no decode; constant memory)."""
+        planned = self._slots[entry.name][2]
+        if (planned.dtype, planned.shape) != (entry.dtype, entry.shape):
+            raise ExportError(f"{entry.name}: source {entry.dtype} {entry.shape} does not match the plan")
+
+        def blocks():
+            with open(entry.file, "rb") as source:
+                source.seek(entry.begin)
+                for start in range(0, entry.nbytes, chunk):
+                    yield source.read(min(chunk, entry.nbytes - start))
+
+        self._write_at(entry.name, blocks())
+
+    def _write_at(self, name: str, blocks) -> None:
+        if name in self._written:
+            raise ExportError(f"{name}: produced twice")
+        shard, offset, _ = self._slots[name]
+        handle = self._files[shard]
+        handle.seek(offset)
+        for block in blocks:
+            handle.write(block)
+        self._written.add(name)
+
+    def finish(self) -> None:
         missing = sorted(set(self._slots) - self._written)
         if missing:
             raise ExportError(f"{len(missing)} source tensors were never produced by the export, e.g. {missing[:5]}")
@@ -318,52 +331,51 @@ def export_thinker_tensors(checkpoint_dir: Path, hf_config: dict, *, use_te: boo
 def export_to_hf(checkpoint_dir, source_hf_dir, out_dir, *, shard_size: int = 5_000_000_000, use_te: bool = False,
                  group_bytes: int = DEFAULT_GROUP_BYTES, log: Callable[[str], None] = print) -> dict:
     """Write `out_dir`: the thinker from `checkpoint_dir`, everything else from `source_hf_dir`. Returns a summary."""
-    from megatron.core import parallel_state
-
-    from ..download import _fresh_dir, _publish, sha256_of, write_manifest, MANIFEST
-    from ..runtime.parallel import init_parallel
+    from ..download import _fresh_dir, _publish, write_manifest
+    from .checkpoint import Progress, copy_hf_side_files, manifest_digest
 
     checkpoint_dir, source_hf_dir, out_dir = Path(checkpoint_dir), Path(source_hf_dir), Path(out_dir)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
-        raise ExportError("export runs in one process (the checkpoint is resharded on load), not under torchrun")
-    if not (parallel_state.model_parallel_is_initialized()
-            and parallel_state.get_tensor_model_parallel_world_size() == 1
-            and parallel_state.get_expert_model_parallel_world_size() == 1
-            and parallel_state.get_pipeline_model_parallel_world_size() == 1):
-        init_parallel()
+    _single_process_layout()
     hf_config = json.loads((source_hf_dir / "config.json").read_text())
     source = source_tensors(source_hf_dir)
+    thinker = [e for e in source.values() if e.name.startswith(THINKER)]
+    copied = [e for e in source.values() if not e.name.startswith(THINKER)]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _fresh_dir(out_dir)
-    writer = ShardedSafetensorsWriter(staging, [(e.name, e.dtype, e.shape, e.nbytes) for e in source.values()],
-                                      shard_size)
 
-    thinker_names = [n for n in source if n.startswith(THINKER)]
-    done = 0
-    for name, tensor in export_thinker_tensors(checkpoint_dir, hf_config, use_te=use_te, group_bytes=group_bytes):
-        if name not in source:
-            raise ExportError(f"{name}: mapped from the checkpoint, but the source checkpoint {source_hf_dir} "
-                              f"has no such tensor")
-        writer.write(name, tensor.to(_DTYPES[source[name].dtype]))
-        done += 1
-        if done % max(1, len(thinker_names) // 10) == 0:
-            log(f"export: {done}/{len(thinker_names)} thinker tensors")
-    copied = [e for n, e in source.items() if not n.startswith(THINKER)]
-    for entry in copied:
-        writer.copy_from(entry)
-    log(f"export: {len(copied)} talker/code2wav tensors copied unchanged")
-    writer.close()
+    with ShardedSafetensorsWriter(staging, source.values(), shard_size) as writer:
+        progress = Progress(sum(e.nbytes for e in thinker), len(thinker), log, "export thinker")
+        for name, tensor in export_thinker_tensors(checkpoint_dir, hf_config, use_te=use_te,
+                                                   group_bytes=group_bytes):
+            if name not in source:
+                raise ExportError(f"{name}: mapped from the checkpoint, but the source checkpoint {source_hf_dir} "
+                                  f"has no such tensor")
+            writer.write(name, tensor.to(_DTYPES[source[name].dtype]))  # the source dtype (round to nearest)
+            progress.add(source[name].nbytes)
+        progress.close()
+        for entry in copied:
+            writer.copy_from(entry)
+        log(f"export: {len(copied)} talker/code2wav tensors copied unchanged")
+        writer.finish()
 
-    for path in sorted(source_hf_dir.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and not path.name.endswith(".safetensors") \
-                and path.name not in (INDEX, MANIFEST):
-            shutil.copyfile(path, staging / path.name)
-    record = {"kind": "export", "checkpoint": str(checkpoint_dir.resolve()),
-              "source_manifest_sha256": sha256_of(source_hf_dir / MANIFEST)
-              if (source_hf_dir / MANIFEST).exists() else None}
-    write_manifest(staging, record)
+    copy_hf_side_files(source_hf_dir, staging)
+    write_manifest(staging, {"kind": "export", "checkpoint": str(checkpoint_dir.resolve()),
+                             "source_manifest": manifest_digest(source_hf_dir)})  # last: its presence = complete
     _publish(staging, out_dir)
-    summary = {"thinker_tensors": done, "copied_tensors": len(copied), "shards": len(set(writer.weight_map.values())),
-               "total_size": writer.total_size}
+    summary = {"thinker_tensors": len(thinker), "copied_tensors": len(copied),
+               "shards": len(set(writer.weight_map.values())), "total_size": writer.total_size}
     log(f"export: {out_dir}: {summary}")
     return summary
+
+
+def _single_process_layout() -> None:
+    """The exporter is one process at tp1/pp1/ep1 (dist_checkpointing reshards any layout to it)."""
+    from megatron.core import parallel_state as ps
+
+    from ..runtime.parallel import init_parallel
+
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
+        raise ExportError("export runs in one process (the checkpoint is resharded on load), not under torchrun")
+    if not (ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() == 1
+            and ps.get_pipeline_model_parallel_world_size() == 1 and ps.get_expert_model_parallel_world_size() == 1):
+        init_parallel()

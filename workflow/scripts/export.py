@@ -3,30 +3,30 @@ results/export/hf, a complete Qwen3-Omni: thinker tensors from the checkpoint in
 code2wav copied unchanged, sharded safetensors + index + config/tokenizer/preprocessor files, MANIFEST.json last.
 One process: dist_checkpointing reshards the checkpoint to it, one group of tensors at a time."""
 
-import logging
 from pathlib import Path
 
 
 def main(smk) -> None:
     from omni_model.convert.export import export_to_hf
     from omni_model.download import require_intact
+    from omni_model.runtime.logs import stage_logging
     from omni_model.runtime.parallel import destroy_parallel
     from omni_model.train.checkpointing import read_latest
 
-    logging.basicConfig(filename=smk.log[0], level=logging.INFO, format="%(asctime)s %(message)s")
-    hf_dir = Path(smk.input.hf_manifest).parent
-    require_intact(hf_dir)
-    checkpoint = read_latest(Path(smk.input.latest).parent)
-    out_dir = Path(smk.output.manifest).parent
-    logging.info(f"exporting {checkpoint} against {hf_dir} -> {out_dir}")
-    try:
-        summary = export_to_hf(checkpoint, hf_dir, out_dir, shard_size=int(smk.params.export["shard_size"]),
-                               use_te=bool(smk.params.use_te), log=logging.info)
-    finally:
-        destroy_parallel()
-    print(f"[export] {out_dir}: {summary['thinker_tensors']} thinker tensors from {checkpoint}, "
-          f"{summary['copied_tensors']} talker/code2wav tensors copied, {summary['shards']} shard(s), "
-          f"{summary['total_size'] / 1e6:.1f} MB", flush=True)
+    with stage_logging(smk.log[0], "export") as log:
+        hf_dir = Path(smk.input.hf_manifest).parent
+        require_intact(hf_dir)
+        checkpoint = read_latest(Path(smk.input.latest).parent)
+        out_dir = Path(smk.output.manifest).parent
+        log.info("exporting %s against %s -> %s", checkpoint, hf_dir, out_dir)
+        try:
+            summary = export_to_hf(checkpoint, hf_dir, out_dir, shard_size=int(smk.params.export["shard_size"]),
+                                   use_te=bool(smk.params.use_te), log=log.info)
+        finally:
+            destroy_parallel()
+        log.info("%d thinker tensors from %s, %d talker/code2wav tensors copied, %d shard(s), %.1f MB",
+                 summary["thinker_tensors"], checkpoint, summary["copied_tensors"], summary["shards"],
+                 summary["total_size"] / 1e6)
 
 
 # dist_checkpointing may start a `spawn` helper process that re-imports the main script: run only as the script
