@@ -179,6 +179,20 @@ def semantic_problems(config: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
+WORKFLOW_FILES = (("data", "recipe"),)  # config values that may name a file shipped with the workflow
+
+
+def resolve_workflow_files(config: dict, workflow_dir: Path, root: Path = Path(".")) -> None:
+    """A relative path that does not exist in the working directory but names a file shipped with the workflow (the
+    default recipe) is made absolute next to the workflow: ``snakemake -s path/Snakefile -d elsewhere`` runs the
+    default config. A file in the working directory wins."""
+    for section, key in WORKFLOW_FILES:
+        value = config.get(section, {}).get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and not (root / value).exists() \
+                and (Path(workflow_dir) / value).is_file():
+            config[section][key] = str((Path(workflow_dir) / value).resolve())
+
+
 def input_problems(config: dict, root: Path = Path(".")) -> list[str]:
     """Files and folders the config names must exist (relative paths are relative to the working directory)."""
     problems = []
@@ -328,6 +342,7 @@ def check_config(config: dict, schema_path, root: Path = Path(".")) -> dict:
     config.clear()
     config.update(coerced)
     fill_defaults(config, schema)
+    resolve_workflow_files(config, Path(schema_path).resolve().parent.parent, root)  # schema: <workflow>/config/
     problems = schema_problems(config, schema)
     if not problems:
         problems = semantic_problems(config)

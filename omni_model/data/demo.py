@@ -299,7 +299,7 @@ def _bad_samples(gen: _Gen, good_lines: list[str]) -> list[str]:
     # exact duplicate of the first good text-only sample; near duplicate of another (one word changed)
     first = json.loads(good_lines[0])
     out.append(json.dumps({**first, "id": "bad-exact_duplicate"}))
-    near = json.loads(good_lines[8])
+    near = json.loads(good_lines[8 if len(good_lines) > 8 else 0])  # a text-only sample (every 8th); 8 = the minimum
     near["id"] = "bad-near_duplicate"
     turns = near.get("messages") or near.get("conversations")
     key = "content" if "messages" in near else "value"
