@@ -34,8 +34,12 @@ Loss contract (`loss_func`, with `TransformerConfig.calculate_per_token_loss=Tru
   sum the "lm loss" pairs over micro-batches and DP ranks, divide the first entry by the second.
 * MoE aux loss (router `attach_and_log_load_balancing_loss` + `MoEAuxLossAutoScaler`): in per-token mode the
   schedule sets the aux-loss backward scale to the plain loss scale (1 in fp32/bf16), and the router attaches
-  `aux_loss * n_routed` where `n_routed` = this rank's routed non-padding tokens of the micro-batch. After the
-  division by the global label-token count the objective is
+  `aux_loss * n_routed` where `n_routed` = the routed non-padding tokens of the whole micro-batch (summed over the
+  TP x CP ranks that share it: with a padding mask mcore takes the count from its in-place all-reduced per-expert
+  counts; WITHOUT one it takes the rank-local row count, so at TP > 1 with sequence parallelism every aux gradient
+  would be 1/tp too small. `thinker_inputs` therefore always passes a padding mask, all False when nothing is
+  padded; measured: tp2+sp aux/router gradients == tp1). After the division by the global label-token count the
+  objective is
 
       sum_{micro-batch m, DP rank} [ CE_sum_m + coeff * aux_m * n_routed_m ] / N_label
 
