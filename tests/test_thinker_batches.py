@@ -74,6 +74,9 @@ def test_adapter_conventions(encoded):
     assert inputs["input_ids"].shape == (1, n) and inputs["position_ids"].shape == (3, 1, n)
     psp = inputs["packed_seq_params"]
     assert psp.qkv_format == "thd" and int(psp.cu_seqlens_q[-1]) == n and psp.max_seqlen_q == packed.max_seqlen
+    # always a padding mask, also when nothing is padded (mcore's aux-loss token count depends on it, see forward_step)
+    unpadded = thinker_inputs(collate([pack([encoded["text"]])], pad_id=encoded["pad_id"], packed=True))
+    assert unpadded["padding_mask"] is not None and not unpadded["padding_mask"].any()
 
 
 def test_forward_rejects_unknown_keywords(thinker, encoded):

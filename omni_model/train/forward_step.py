@@ -51,6 +51,7 @@ Loss contract (`loss_func`, with `TransformerConfig.calculate_per_token_loss=Tru
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Optional
 
@@ -100,10 +101,9 @@ def _to_device(inputs: dict, device: torch.device) -> dict:
     def move(value):
         if isinstance(value, torch.Tensor):
             return value.to(device, non_blocking=True)
-        if isinstance(value, PackedSeqParams):
-            value.cu_seqlens_q = move(value.cu_seqlens_q)
-            value.cu_seqlens_kv = value.cu_seqlens_q if value.cu_seqlens_kv is value.cu_seqlens_q else move(
-                value.cu_seqlens_kv)
+        if isinstance(value, PackedSeqParams):  # self-attention: one set of boundaries for queries and keys
+            cu_seqlens = move(value.cu_seqlens_q)
+            return dataclasses.replace(value, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
         return value
 
     return {name: move(value) for name, value in inputs.items()}
