@@ -83,9 +83,11 @@ def model_config_overrides(settings: TrainSettings) -> dict:
 def build_thinker_for_training(settings: TrainSettings):
     from omni_model.model.thinker import build_thinker
 
-    # no random init: the weights come from a checkpoint next (the converted one, or a training one on resume)
+    # perform_initialization stays on although a checkpoint fills the weights next: mcore 0.16.1 tags TP-split
+    # weights (tensor_model_parallel, partition_dim) only inside its init functions, and without the tags the grad
+    # norm, clipping and the SP/TP grad reductions treat them as replicated (seen: tp2 grad norm 1.41 vs tp1 1.59)
     return build_thinker(settings.hf_dir, dtype=training_dtype(settings), use_te=settings.use_te,
-                         perform_initialization=False, config_overrides=model_config_overrides(settings))
+                         config_overrides=model_config_overrides(settings))
 
 
 def freeze(thinker: torch.nn.Module, train: dict) -> dict:

@@ -87,13 +87,11 @@ def worker_config():
 
 
 def check_shards(settings: TrainSettings) -> None:
-    """The data engineer's shard-settings check (raises when the shards were written with other max_seq_len / media
-    settings than this run encodes with), when the data package provides it."""
-    from omni_model.data import shards
+    """Refuse shards written with other encoder settings (max_seq_len, media, tokenizer) than this run's task encoder
+    encodes with: the data package's check against the settings the shards stage recorded."""
+    from omni_model.data.shards import check_shard_settings
 
-    check = getattr(shards, "check_shard_settings", None)
-    if check is not None:
-        check(Path(settings.shards), settings.data)
+    check_shard_settings(Path(settings.shards), task_encoder(settings).encoder.settings())
 
 
 def train_loader(settings: TrainSettings, restore_state=None):
