@@ -12,6 +12,7 @@ For a thinker config (HF `config.json` dict), a layout (TP/PP/EP/ETP/DP, distrib
                  CPU/fp32: the 2 moments only (mcore's FP32Optimizer has no master copy)
     activations  what autograd keeps for backward, per token and layer (attention + MoE with its top-k dispatched
                  rows), divided by TP / SP; times the micro-batches in flight on the first pipeline stage
+    recompute    full recompute: one layer's activations, rebuilt during its backward
     towers       the vision / audio encoders' activations when they train (frozen towers keep none)
     logits       the fp32 softmax of the [tokens x vocab/TP] logits kept by the cross entropy + the transient bf16
                  logits and fp32 gradient around it (vocab 152064: the largest single tensors of a step)
@@ -184,15 +185,24 @@ def stage_params(hf_config: dict, layout: Layout, stage: int = 0) -> StageParams
 
 
 # --------------------------------------------------------------------------------------------------- activations
-def llm_layer_activation_bytes(text: dict, layout: Layout, work: Workload, is_moe: bool) -> int:
-    """Bytes autograd keeps for one decoder layer and micro-batch with no recompute (this code's local spec).
+def norm_saved_bytes(width: int, a: int) -> int:
+    """Per position, what our RMSNorm (omni_model.model.norm) leaves for backward: the fp32 copy of its input (the
+    input itself when it already is fp32), the normalized tensor and the output (the next layer's saved input)."""
+    return (4 + 2 * a) * width
 
-    Attention: RMSNorm input, qkv input (SP: the un-gathered shard), q/k-norm inputs, SDPA's q, k, v, output and
-    fp32 log-sum-exp (flash/efficient kernels: no s x s matrix), proj input. MoE: norm + router inputs, fp32 router
-    logits/probs, and per dispatched row (top-k rows per token, each on the rank of its expert): fc1 input, fc1
-    output (SwiGLU input), silu output, fc2 input, fc2 output (scaled by the routing prob on un-permute).
+
+def llm_layer_activation_bytes(text: dict, layout: Layout, work: Workload, is_moe: bool) -> int:
+    """Bytes autograd keeps for one decoder layer and micro-batch with no recompute (this code's local spec; the
+    terms are the tensors counted with saved-tensor hooks on the real forward, bench/planner_check.py --cpu).
+
+    Attention, per token: the RMSNorm (SP: this rank's shard of the tokens); the qkv output storage, the q/k-norm
+    fp32 copies (bf16 runs) and outputs, q/k after RoPE, SDPA output and proj input (flash/efficient SDPA: no s x s
+    matrix); fp32 RoPE cos/sin and log-sum-exp. MoE: the RMSNorm, the router's fp32 input copy (bf16 runs) and fp32
+    logits/probs/top-k, and per dispatched row (top-k rows per token on the rank of its expert): fc1 input, fc1
+    output (SwiGLU input), silu output and the prob-scaled fc2 input (h + 4 f).
     """
     a = 2 if work.bf16 else 4
+    upcast = 4 if work.bf16 else 0  # x.float() of a bf16 tensor is a new fp32 tensor; of an fp32 one, itself
     tp, etp = layout.tp, layout.etp
     h = text["hidden_size"]
     nh = text["num_attention_heads"]
@@ -200,24 +210,37 @@ def llm_layer_activation_bytes(text: dict, layout: Layout, work: Workload, is_mo
     hd = text.get("head_dim") or h // nh
     tokens = work.tokens
     local = tokens // tp  # SP shard (tp > 1 forces SP for MoE)
-    heads = tokens // tp  # per-token values of the head-split tensors
-    attn = a * (2 * local * h + heads * ((nh + ng) * hd + (nh + 2 * ng) * hd + 2 * nh * hd)) + 4 * heads * nh
-    if work.recompute == "selective":  # mcore's default module list: core attention (its output and lse)
-        attn -= a * heads * nh * hd + 4 * heads * nh
+    heads = tokens // tp  # tokens x this rank's heads
+    per_head_token = a * (nh + 2 * ng) * hd + upcast * (nh + ng) * hd + a * (2 * (nh + ng) * hd + 2 * nh * hd)
+    if work.recompute == "selective":  # mcore's default module list: core attention (SDPA's own q/k/v layouts)
+        per_head_token -= a * (nh + 2 * ng) * hd
+    attn = local * norm_saved_bytes(h, a) + heads * per_head_token + 4 * tokens * 4 * hd + 4 * heads * nh
     if is_moe:
         e, k, f = text["num_experts"], text["num_experts_per_tok"], text["moe_intermediate_size"]
         rows = k * local * etp  # top-k copies of this rank's tokens; ETP ranks see each other's tokens
-        mlp = a * (2 * local * h + rows * (2 * h + 4 * f // etp)) + 4 * local * e * 3 + 4 * rows + 8 * rows
+        mlp = local * (norm_saved_bytes(h, a) + upcast * h + 4 * e * 3) + rows * (a * (h + 4 * f // etp) + 20)
     else:
         f = text["intermediate_size"]
-        mlp = a * (2 * local * h + heads * 4 * f)
+        mlp = local * norm_saved_bytes(h, a) + heads * a * 4 * f
     return attn + mlp
 
 
+def llm_outer_activation_bytes(text: dict, layout: Layout, work: Workload, deepstack: int) -> int:
+    """Outside the layers, per micro-batch: the final RMSNorm (its output is the output layer's input); with full
+    recompute the checkpointed layers also keep the deepstack context (one hidden-size tensor per feature)."""
+    a = 2 if work.bf16 else 4
+    local = work.tokens // layout.tp
+    outer = local * norm_saved_bytes(text["hidden_size"], a)
+    if work.recompute == "full":
+        outer += a * deepstack * local * text["hidden_size"]
+    return outer
+
+
 def _encoder_activation_values(d: int, f: int, tp: int) -> int:
-    """Values kept per position of one encoder layer: 2 LayerNorm inputs, qkv and fc1 inputs (whole on every TP
-    rank: no SP in the towers), SDPA q/k/v/out + proj input, fc1 output (GELU input) and fc2 input (TP-split)."""
-    return 4 * d + (5 * d + 2 * f) // tp
+    """Values kept per position of one encoder layer: 4 hidden-size tensors (the LayerNorms' inputs and outputs,
+    whole on every TP rank: no SP in the towers), the qkv storage + q/k after RoPE + SDPA output (6 d, TP-split),
+    fc1 output (GELU input) and fc2 input (2 f, TP-split)."""
+    return 4 * d + (6 * d + 2 * f) // tp
 
 
 def tower_activation_bytes(hf_config: dict, layout: Layout, work: Workload) -> dict:
@@ -228,12 +251,17 @@ def tower_activation_bytes(hf_config: dict, layout: Layout, work: Workload) -> d
     out = {"vision": 0, "audio": 0}
     if vision and not work.freeze_vision:
         d, f, merge = vision["hidden_size"], vision["intermediate_size"], vision["spatial_merge_size"]
-        patches = (work.image_tokens if work.image_tokens is not None else work.tokens) * merge ** 2
-        per_layer = d if full else _encoder_activation_values(d, f, layout.tp)
+        image_tokens = work.image_tokens if work.image_tokens is not None else work.tokens
+        patches = image_tokens * merge ** 2
+        patch_dim = vision.get("in_channels", 3) * vision["temporal_patch_size"] * vision["patch_size"] ** 2
+        hd = d // vision["num_heads"]
+        # per layer: its input under full recompute, else the layer's tensors + fp32 2D-RoPE cos/sin
+        per_layer = a * d if full else a * _encoder_activation_values(d, f, layout.tp) + 4 * 4 * hd
         merged = d * merge ** 2
-        mergers = 1 + len(vision.get("deepstack_visual_indexes") or ())
-        out["vision"] = a * (patches * vision["depth"] * per_layer + patches // merge ** 2 * mergers * 4 * merged
-                             + 2 * patches * d)
+        deepstack = len(vision.get("deepstack_visual_indexes") or ())
+        # mergers per image token: LN output, fc1 output, fc2 input (+ the deepstack LNs' grouped inputs)
+        mergers = (1 + deepstack) * 3 * merged // layout.tp + deepstack * merged
+        out["vision"] = patches * (vision["depth"] * per_layer + a * patch_dim) + a * image_tokens * mergers
     if audio and not work.freeze_audio:
         d, f, ds = audio["d_model"], audio["encoder_ffn_dim"], audio["downsample_hidden_size"]
         positions = work.audio_tokens if work.audio_tokens is not None else work.tokens
@@ -303,15 +331,19 @@ def estimate_stage(hf_config: dict, layout: Layout, work: Workload, stage: int) 
     layers = pattern[first:first + per_stage[stage]]
     in_flight = min(layout.pp - stage, work.num_microbatches)  # 1F1B: stage s holds pp - s micro-batches
     a = 2 if work.bf16 else 4
+    deepstack = len((_configs(hf_config)[1] or {}).get("deepstack_visual_indexes") or ()) if stage == 0 else 0
+    recompute = 0
     if work.freeze_llm:
         act = 0
     elif work.recompute == "full":  # each layer keeps its input; backward recomputes one layer at a time
-        act = in_flight * len(layers) * a * work.tokens // layout.tp * text["hidden_size"] \
-            + max(llm_layer_activation_bytes(text, layout, replace(work, recompute="none"), m) for m in layers)
+        act = in_flight * (len(layers) * a * work.tokens // layout.tp * text["hidden_size"]
+                           + llm_outer_activation_bytes(text, layout, work, deepstack))
+        recompute = max(llm_layer_activation_bytes(text, layout, replace(work, recompute="none"), m) for m in layers)
     else:
-        act = in_flight * sum(llm_layer_activation_bytes(text, layout, work, m) for m in layers)
+        act = in_flight * (sum(llm_layer_activation_bytes(text, layout, work, m) for m in layers)
+                           + llm_outer_activation_bytes(text, layout, work, deepstack))
     parts = {"weights": w * params.total, "grads": 4 * (dense + expert),
-             "optimizer": optimizer_bytes(params, layout, work), "activations": act}
+             "optimizer": optimizer_bytes(params, layout, work), "activations": act, "recompute": recompute}
     if stage == 0:
         towers = tower_activation_bytes(hf_config, layout, work)
         parts["towers"] = in_flight * sum(towers.values())
@@ -386,7 +418,8 @@ def layout_of(parallel: dict, world_size: int, on_gpu: bool) -> Layout:
 
 
 def table(estimates: list[Estimate]) -> str:
-    cols = ["layout", "weights", "grads", "optimizer", "activations", "towers", "logits", "allocated", "total"]
+    cols = ["layout", "weights", "grads", "optimizer", "activations", "recompute", "towers", "logits", "allocated",
+            "total"]
     width = max([32] + [len(e.describe()) for e in estimates])
     lines = [" | ".join(f"{c:>11}" if i else f"{c:<{width}}" for i, c in enumerate(cols))]
     for e in estimates:
