@@ -175,14 +175,21 @@ def test_over_long_is_counted_at_encode_time(pipeline):
 
     from omni_model.data.task_encoder import OmniTaskEncoder
 
-    encoder = OmniTaskEncoder(pipeline["hf"], max_seq_len=64)
+    encoder = OmniTaskEncoder(pipeline["hf"], max_seq_len=128)
     dataset = get_train_dataset(str(pipeline["root"] / "shards"),
                                 worker_config=WorkerConfig(rank=0, world_size=1, num_workers=0), batch_size=1,
                                 shuffle_buffer_size=None, max_samples_per_sequence=None, task_encoder=encoder,
                                 repeat=False)
-    kept = sum(1 for _ in get_loader(dataset))
+    batches = list(get_loader(dataset))
+    kept = len(batches)
     assert encoder.skipped["over_long"] > 0
     assert kept + encoder.skipped["over_long"] == pipeline["report"]["train"]
+    # the skips travel on the batches (what the training loop sums over workers and ranks); skips after the last
+    # batch of a finite pass wait for a next batch
+    carried = sum(batch.skipped["over_long"] for batch in batches)
+    print(f"over-long skips: {encoder.skipped['over_long']} counted, {carried} carried on batches")
+    assert carried > 0 and carried + encoder._skipped_since_batch["over_long"] == encoder.skipped["over_long"]
+    assert all(set(batch.skipped) == {"over_long", "decode"} for batch in batches)
     assert np.isfinite(kept)
 
 
@@ -198,3 +205,24 @@ def test_token_count_from_headers_equals_encoded_length(pipeline):
         media = media_from_paths(record)
         shapes = encoder.probe(record, media)
         assert shapes.exact and encoder.count_tokens(record, shapes) == len(encoder.encode(record, media).input_ids)
+
+
+def test_shards_record_encoder_settings_and_training_checks_them(pipeline):
+    from omni_model.data.encoder import OmniEncoder
+    from omni_model.data.shards import ShardSettingsError, check_shard_settings
+
+    shards = pipeline["root"] / "shards"
+    settings = OmniEncoder(pipeline["hf"], max_seq_len=4096).settings()
+    recorded = json.loads((shards / ".nv-meta" / "encoder_settings.json").read_text())
+    assert recorded == pipeline["report"]["encoder_settings"] == settings
+    assert {"max_seq_len", "video_fps", "video_max_frames", "video_max_pixels", "image_max_pixels",
+            "use_audio_in_video", "tokenizer_digest"} <= set(recorded)
+    check_shard_settings(shards, settings)
+    check_shard_settings(shards, {**settings, "max_seq_len": 8192})  # a longer limit keeps every shard sample valid
+    other = {**settings, "max_seq_len": 1024, "video_fps": 1.0, "tokenizer_digest": "0" * 64}
+    with pytest.raises(ShardSettingsError) as error:
+        check_shard_settings(shards, other)
+    message = str(error.value)
+    print(message)
+    assert "max_seq_len: shards 4096, training 1024" in message and "video_fps: shards 2.0, training 1.0" in message
+    assert "tokenizer_digest" in message and "use_audio_in_video" not in message

@@ -78,6 +78,8 @@ class OmniBatch:
     * Media of the whole micro-batch are in order of appearance, row by row (what the thinker's scatter expects).
     * ``use_audio_in_video``: whether video blocks interleave their audio track (then audios include video audio).
     * ``sample_ids``: per row, the conversation ids; ``num_tokens``: real tokens; ``num_trained``: loss tokens.
+    * ``skipped``: ``{"over_long": n, "decode": n}`` samples the task encoder skipped (in this loader worker) since
+      its previous batch; training sums them over batches, workers and ranks.
     """
 
     input_ids: torch.Tensor
@@ -100,6 +102,7 @@ class OmniBatch:
     sample_ids: list = field(default_factory=list)
     num_tokens: int = 0
     num_trained: int = 0
+    skipped: dict = field(default_factory=dict)  # samples the task encoder skipped since this worker's last batch
 
     def to(self, device) -> "OmniBatch":
         for name, value in vars(self).items():

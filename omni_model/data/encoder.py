@@ -6,6 +6,7 @@ the benchmark. No Energon or Snakemake here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,12 +71,26 @@ class OmniEncoder:
         self.chat = ChatTokenizer(hf_dir)
         self.max_seq_len = int(max_seq_len)
         self.use_audio_in_video = bool(use_audio_in_video)
+        self.tokenizer_digest = tokenizer_digest(hf_dir)
         config = json.loads((hf_dir / "config.json").read_text())
         thinker = config.get("thinker_config", {})
         self.position_id_per_seconds = thinker.get("position_id_per_seconds", 13)
         self.pad_id = self.chat.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.chat.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    def settings(self) -> dict:
+        """Everything that decides which samples fit and what their tokens are: recorded with the shards
+        (report.json, .nv-meta/encoder_settings.json) and checked by training (shards.check_shard_settings)."""
+        m = self.media
+        return {
+            "max_seq_len": self.max_seq_len, "use_audio_in_video": self.use_audio_in_video,
+            "image_min_pixels": m.min_pixels, "image_max_pixels": m.max_pixels, "patch_size": m.patch_size,
+            "merge_size": m.merge_size, "temporal_patch_size": m.temporal_patch_size, "video_fps": m.video_fps,
+            "video_min_frames": m.video_min_frames, "video_max_frames": m.video_max_frames,
+            "video_min_pixels": m.video_min_pixels, "video_max_pixels": m.video_max_pixels, "n_window": m.n_window,
+            "tokenizer_digest": self.tokenizer_digest,
+        }
 
     # ------------------------------------------------------------------ decoding
     def decode(self, record: dict, media: dict, names: dict | None = None) -> Decoded:
@@ -238,6 +253,21 @@ class OmniEncoder:
             input_features=[features[i, :, :lengths[i]] for i in range(len(waves))],
             audio_feature_lengths=lengths if len(waves) else None,
         )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.json", "chat_template.jinja")
+
+
+def tokenizer_digest(hf_dir: Path) -> str:
+    """sha256 over the checkpoint's tokenizer and chat-template files (names and bytes): equal digests tokenise
+    every conversation the same."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = Path(hf_dir) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def media_from_paths(record: dict) -> dict:

@@ -147,6 +147,8 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
     if not shards:
         raise RuntimeError("no sample survived: nothing to write (see drops)")
     prepare_energon(out_dir, shards, workers=workers)
+    settings = encoder.settings()
+    (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
     all_drops = []
     if previous_drops is not None and Path(previous_drops).is_file():
@@ -164,6 +166,7 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
         "tokens": tokens,
         "shards": shards,
         "dropped_by_stage_op": count_drops(all_drops),
+        "encoder_settings": settings,
         "seconds": round(time.time() - started, 2),
     }
     if report["input"] != report["kept"] + report["dropped"]:
@@ -171,6 +174,35 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("shards report: %s", json.dumps(report))
     return report
+
+
+SETTINGS_FILE = ".nv-meta/encoder_settings.json"
+
+
+class ShardSettingsError(ValueError):
+    """Shards written with other encoder settings than the ones training uses."""
+
+
+def check_shard_settings(shards_dir: Path, settings: dict) -> None:
+    """Refuse shards whose recorded encoder settings differ from ``settings`` (``OmniEncoder.settings()`` of the
+    training task encoder): the shards stage dropped over-long / undecodable samples and counted tokens with its
+    settings, so other settings silently change what is trained on. A larger ``max_seq_len`` than the shards' is
+    fine (every kept sample still fits). Raises ShardSettingsError with one line per differing setting."""
+    path = Path(shards_dir) / SETTINGS_FILE
+    if not path.is_file():
+        raise ShardSettingsError(f"{shards_dir}: no {SETTINGS_FILE}; the shards predate recorded settings, rerun "
+                                 "the shards stage")
+    recorded = json.loads(path.read_text())
+    lines = []
+    for key in sorted(set(recorded) | set(settings)):
+        mine, theirs = settings.get(key), recorded.get(key)
+        if key == "max_seq_len" and mine is not None and theirs is not None and mine >= theirs:
+            continue
+        if mine != theirs:
+            lines.append(f"  {key}: shards {theirs!r}, training {mine!r}")
+    if lines:
+        raise ShardSettingsError(f"{shards_dir} was written with other encoder settings than training uses "
+                                 f"(rerun the shards stage with these settings):\n" + "\n".join(lines))
 
 
 def _tar_has_members(path: Path) -> bool:

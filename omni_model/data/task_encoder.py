@@ -7,8 +7,10 @@ dataset is built with ``packing_buffer_size``) -> ``batch`` (:func:`~omni_model.
 :class:`~omni_model.data.batch.OmniBatch`).
 
 Over-long samples (more than ``max_seq_len`` tokens) and undecodable media are skipped with a warning naming the
-sample and counted in :attr:`OmniTaskEncoder.skipped` (per worker process); the shards stage already removed them,
-so a non-zero count means the shards were written with other limits.
+sample and counted: in :attr:`OmniTaskEncoder.skipped` (per worker process) and on the next batch
+(``OmniBatch.skipped``, the skips since that worker's previous batch) so the training loop can sum them over workers and
+ranks. The shards stage already removed such samples, so a non-zero count means the shards were written with other
+limits (``omni_model.data.shards.check_shard_settings`` refuses such shards before training).
 """
 
 from __future__ import annotations
@@ -58,24 +60,29 @@ class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatc
         self.pack_budget = int(pack_budget or max_seq_len)
         self.pad_to_multiple = int(pad_to_multiple)
         self.packed = False  # set by build_* helpers when packing is on
-        self.skipped = {"over_long": 0, "decode": 0}
+        self.skipped = {"over_long": 0, "decode": 0}  # since construction (per worker process)
+        self._skipped_since_batch = {"over_long": 0, "decode": 0}  # carried on the next batch (OmniBatch.skipped)
 
     @stateless
     def encode_sample(self, sample: OmniSample) -> EncodedSample:
         try:
             encoded = self.encoder.encode(sample.record, sample.media, key=sample.__key__)
         except OverLongSample as exc:
-            self.skipped["over_long"] += 1
+            self._count_skip("over_long")
             log.warning("skipping over-long sample %s: %s", sample.record.get("id"), exc)
             raise SkipSample() from None
         except MediaError as exc:
-            self.skipped["decode"] += 1
+            self._count_skip("decode")
             log.warning("skipping sample %s with undecodable media: %s", sample.record.get("id"), exc)
             raise SkipSample() from None
         encoded.__restore_key__ = sample.__restore_key__
         encoded.__subflavors__ = sample.__subflavors__
         encoded.__sources__ = sample.__sources__
         return encoded
+
+    def _count_skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
+        self._skipped_since_batch[reason] += 1
 
     def select_samples_to_pack(self, samples: list[EncodedSample]) -> list[list[EncodedSample]]:
         groups = select_packs([s.length for s in samples], self.pack_budget)
@@ -86,8 +93,10 @@ class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatc
         return pack(samples)
 
     def batch(self, samples: list[EncodedSample]) -> OmniBatch:
-        return collate(samples, pad_id=self.encoder.pad_id, packed=self.packed,
-                       use_audio_in_video=self.encoder.use_audio_in_video, pad_to_multiple=self.pad_to_multiple)
+        batch = collate(samples, pad_id=self.encoder.pad_id, packed=self.packed,
+                        use_audio_in_video=self.encoder.use_audio_in_video, pad_to_multiple=self.pad_to_multiple)
+        batch.skipped, self._skipped_since_batch = self._skipped_since_batch, {"over_long": 0, "decode": 0}
+        return batch
 
 
 def build_dataset(shards_dir: Path, task_encoder: OmniTaskEncoder, *, split: str = "train", batch_size: int = 1,
