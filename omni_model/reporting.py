@@ -91,20 +91,26 @@ def shard_token_counts(shards_dir: Path) -> dict[str, list[int]]:
 
 
 def token_histogram(counts: dict[str, list[int]], png: Path, max_seq_len: int | None = None) -> None:
+    """Histogram of tokens per sample, train and val on the same bins; max_seq_len drawn when it is in range."""
+    import numpy as np
+
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4))
     everything = [n for values in counts.values() for n in values]
-    bins = min(40, max(5, len(set(everything))))
+    bins = np.linspace(min(everything), max(everything) + 1, 31) if everything else 10
     for split, values in counts.items():
         if values:
             ax.hist(values, bins=bins, alpha=0.6, label=f"{split} ({len(values)} samples)")
-    if max_seq_len:
-        ax.axvline(max_seq_len, color="k", linestyle="--", label=f"max_seq_len {max_seq_len}")
+    title = "token lengths"
+    if everything:
+        title += f": min {min(everything)}, median {int(np.median(everything))}, max {max(everything)}"
+    if max_seq_len and everything and max_seq_len <= 1.2 * max(everything):
+        ax.axvline(max_seq_len, color="k", linestyle="--", label=f"data.max_seq_len {max_seq_len}")
+    elif max_seq_len:
+        title += f" (data.max_seq_len {max_seq_len})"
     ax.set_xlabel("tokens per sample (after media expansion)")
     ax.set_ylabel("samples")
-    if everything:
-        ax.set_title(f"token lengths: min {min(everything)}, median {sorted(everything)[len(everything) // 2]}, "
-                     f"max {max(everything)}")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=100)

@@ -8,9 +8,9 @@
 rule fetch_model:
     output:
         temp(directory("results/model/hf.fetched")),
-    params:
-        model=canonical(config["model"]),
-        out_dir=lambda wildcards, output: Path(output[0]).with_suffix(""),  # results/model/hf
+    # No params on purpose: Snakemake records a failed job's params, and a mismatch would rerun this job (and the
+    # publish + every later stage) even though results/model/hf is unchanged. The model config is a param of
+    # `download` below, which reruns (and so needs this job) whenever it changes; the script reads config["model"].
     log:
         "logs/download.log",
     benchmark:

@@ -7,7 +7,7 @@ from omni_model.download import fetch_into
 from omni_model.runtime.logs import stage_logging
 
 with stage_logging(snakemake.log[0], "download") as log:  # noqa: F821
-    manifest = fetch_into(snakemake.params.model, Path(snakemake.params.out_dir), Path(snakemake.output[0]),  # noqa: F821
-                          log=log.info)
+    fetched = Path(snakemake.output[0])  # noqa: F821  (results/model/hf.fetched)
+    manifest = fetch_into(snakemake.config["model"], fetched.with_suffix(""), fetched, log=log.info)  # noqa: F821
     total = sum(meta["size"] for meta in manifest["files"].values())
     log.info("checkpoint ready: %d files, %.1f MB, source %s", len(manifest["files"]), total / 1e6, manifest["source"])
