@@ -158,6 +158,7 @@ def convert_checkpoint(hf_dir, out_dir, *, dtype="auto", use_te: bool = False,
     layout, coord = current_layout(), current_coord()
     thinker = build_thinker(reader.config, dtype=dtype, use_te=use_te, perform_initialization=False,
                             **(model_kw or {}))
+    built_s = time.perf_counter() - started
     mapper = Mapper(reader.config, layout, use_te=use_te, tconfig=thinker.config)
     unclaimed = mapper.unmapped_hf_keys(reader.keys(), prefixes=("thinker.",))
     if unclaimed:
@@ -169,10 +170,10 @@ def convert_checkpoint(hf_dir, out_dir, *, dtype="auto", use_te: bool = False,
     progress = Progress(sum(nbytes(b) for b in plan), len(plan), log, f"convert rank {_rank()}")
     copy_into_model(thinker, mapper, reader.get, reader.keys(), coord, progress=lambda b: progress.add(nbytes(b)))
     progress.close()
-    mapped_s = time.perf_counter() - started
+    mapped_s = time.perf_counter() - started - built_s
 
     dist_checkpointing.save(thinker.sharded_state_dict(), str(staging / CHECKPOINT))
-    saved_s = time.perf_counter() - started - mapped_s
+    saved_s = time.perf_counter() - started - built_s - mapped_s
     left = [k for k in reader.keys() if k.startswith(NOT_THINKER)]
     record = {
         "source": {"dir": str(hf_dir.resolve()), "manifest": manifest_digest(hf_dir)},
@@ -183,7 +184,7 @@ def convert_checkpoint(hf_dir, out_dir, *, dtype="auto", use_te: bool = False,
         "thinker_tensors_read": sum(1 for k in reader.keys() if k.startswith("thinker.")),
         "left_for_export": {"count": len(left), "tensors": left},
         "checkpoint": CHECKPOINT,
-        "seconds": {"read_and_map": round(mapped_s, 3), "save": round(saved_s, 3)},
+        "seconds": {"build": round(built_s, 3), "read_and_map": round(mapped_s, 3), "save": round(saved_s, 3)},
     }
     if _rank() == 0:
         record["hf_files"] = copy_hf_side_files(hf_dir, staging)
