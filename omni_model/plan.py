@@ -295,7 +295,9 @@ class Estimate:
 
     @property
     def total(self) -> int:
-        return int(self.allocated * (1 + FRAGMENTATION) + CUDA_OVERHEAD_GIB * GIB)
+        """allocated + fragmentation + the CUDA context / NCCL buffers (GPU runs only)."""
+        cuda = CUDA_OVERHEAD_GIB * GIB if self.work.bf16 else 0
+        return int(self.allocated * (1 + FRAGMENTATION) + cuda)
 
     def row(self) -> dict:
         return {"layout": self.describe(), "stage": self.stage, "params": self.params.total,
