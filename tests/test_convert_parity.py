@@ -89,3 +89,35 @@ def test_snakemake_convert_on_the_default(tmp_path):
     assert "100 %" in log and "parity gate passed" in log
     again = snakemake(wf, "--cores", "2", "convert", "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_then_gate(tiny_hf_dir, tmp_path, parallel):
+    """The rule's convert.procs > 1 path: the CLI on 2 ranks (tp2 + ep2) through run_torchrun, then the gate in
+    this process loads that checkpoint at tp1."""
+    from omni_model.convert.parity import run_parity_gate
+    from omni_model.runtime.launch import run_torchrun
+
+    out = tmp_path / "mcore"
+    run_torchrun("omni_model.convert", ["--hf", str(tiny_hf_dir), "--out", str(out), "--dtype", "fp32", "--tp", "2",
+                                        "--ep", "2"], nproc_per_node=2, log=tmp_path / "convert.log")
+    record = json.loads((out / "convert.json").read_text())
+    assert record["layout"]["tp"] == 2 and record["layout"]["ep"] == 2
+    log = (tmp_path / "convert.log").read_text()
+    assert "convert rank 0: 100 %" in log and "convert rank 1: 100 %" in log
+    result = run_parity_gate(tiny_hf_dir, out, dtype="fp32")
+    print(f"written at tp2+ep2 by 2 ranks, gate at tp1: max abs logit error {result['max_abs_error']:.2e}")
+    assert result["pass"]
+
+
+@pytest.mark.gpu
+def test_parity_gate_bf16_on_gpu(tiny_hf_dir, tmp_path, parallel):
+    """bf16 on the GPU: the tolerance is transformers' own bf16-vs-fp32 error + 10 %."""
+    from omni_model.convert import convert_checkpoint
+    from omni_model.convert.parity import run_parity_gate
+
+    convert_checkpoint(tiny_hf_dir, tmp_path / "mcore", dtype="bf16")
+    result = run_parity_gate(tiny_hf_dir, tmp_path / "mcore", dtype="bf16")
+    print(f"bf16 gate: ours {result['max_abs_error']:.2e} vs transformers' own bf16 error "
+          f"{result['transformers_bf16_vs_fp32']:.2e} (tolerance {result['tolerance']:.2e})")
+    assert result["pass"] and result["tolerance"] == pytest.approx(1.1 * result["transformers_bf16_vs_fp32"])
