@@ -1,10 +1,10 @@
 """The HF <-> mcore rows of the thinker LLM (one declarative table; see rules.Rule and mapping.py).
 
 mcore names are those of the full thinker (`language_model.` prefix); the standalone LLM module drops the prefix
-(mapping.strip_prefix). `{i}`: layer index (HF global; mcore local to the pipeline stage, mapping.py converts),
-`{e}`: expert index (HF global; mcore local to the EP rank). Dense rows (`mlp.gate_proj`, ...) only match layers
-listed in `mlp_only_layers` / off the `decoder_sparse_step`; MoE rows only MoE layers: the rows are matched
-against the keys that exist, so no layer-kind logic is needed here.
+(`load_hf_into_model(..., prefix="language_model.")`). `{i}`: layer index (HF global; mcore local to the pipeline
+stage, placed by mapping.layer_placement), `{e}`: expert index (HF global; mcore local to the EP rank). Dense rows
+(`mlp.gate_proj`, ...) only match layers listed in `mlp_only_layers` / off the `decoder_sparse_step`; MoE rows only
+MoE layers: the rows are matched against the keys that exist, so no layer-kind logic is needed here.
 """
 
 from __future__ import annotations
