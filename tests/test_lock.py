@@ -9,6 +9,7 @@ reach). What is tested is that every pip pin in those files is the lock's versio
 from __future__ import annotations
 
 import re
+import sysconfig
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -45,7 +46,10 @@ def requirement_lines(path: Path) -> list[str]:
 
 def test_every_installed_package_is_the_locked_version():
     lock = read_lock()
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # the venv's site-packages only: sys.path may also hold setuptools/_vendor (added when setuptools is imported),
+    # whose vendored copies are not installed packages
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions(path=site)}
     drift = {name: (version, lock[name][0]) for name, version in installed.items()
              if name in lock and version != lock[name][0]}
     unlocked = sorted(set(installed) - set(lock) - NOT_LOCKED)
