@@ -189,6 +189,8 @@ def run_one(setting: dict, cpu: bool, tiny: bool) -> dict:
     init_training_parallel(settings)
     training = build_training(settings, load_initial_weights=False)
     init_weights(training.thinker)
+    # the mixed-precision / distributed optimizer copied the (uninitialised) bf16 weights into its fp32 masters
+    training.optimizer.reload_model_params()
     batch, image_tokens, audio_tokens = synthetic_batch(hf_config, setting["seq_len"], training.thinker.audio_model)
 
     forward_backward = get_forward_backward_func()
@@ -263,6 +265,8 @@ def main() -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one setting (JSON) in this process
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "planner_check.json"))
     parser.add_argument("--timeout", type=int, default=900, help="seconds per setting")
+    parser.add_argument("--only", help="comma-separated setting indexes (e.g. 0,1,2) to run; rows of earlier runs in "
+                        "--out are kept, so a long table can be measured in several commands")
     args = parser.parse_args()
     if args.one:
         if args.cpu:
@@ -272,6 +276,8 @@ def main() -> int:
         return 0
 
     settings = CPU_SETTINGS if args.cpu else GPU_SETTINGS
+    if args.only:
+        settings = [settings[int(i)] for i in args.only.split(",")]
     rows = []
     for setting in settings:
         cmd = [sys.executable, __file__, "--one", json.dumps(setting)] + (["--cpu"] if args.cpu else []) \
@@ -288,13 +294,17 @@ def main() -> int:
         rows.append(row)
         print_table([row])
         gc.collect()
+    out = Path(args.out)
+    if out.exists():  # keep the rows of other settings measured before (same device and model)
+        key = lambda r: (r["layers"], r["seq_len"], r["recompute"], r["freeze_towers"])  # noqa: E731
+        mine = {key(r) for r in rows}
+        rows = [r for r in json.loads(out.read_text())["rows"] if key(r) not in mine] + rows
     print()
     print_table(rows)
     ok = [r for r in rows if "error" in r]
     if ok:
         worst = max(ok, key=lambda r: abs(r["error"]))
         print(f"worst |estimate/measured - 1| = {100 * abs(worst['error']):.1f}% (target 15%)")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.cpu else __import__("torch").cuda.get_device_name(0)
     out.write_text(json.dumps({"device": device, "model": "tiny" if args.tiny else "30B-A3B widths", "rows": rows},
