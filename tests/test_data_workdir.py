@@ -6,7 +6,6 @@ recipe of the same relative path in the working directory wins."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import yaml
