@@ -4,17 +4,12 @@ are untouched; a changed thinker tensor changes the text while talker and code2w
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
 TEXT_TOKENS = 8
 SPEECH_CODES = 12  # talker steps; the random tiny talker never says EOS, so this fixes the waveform length

@@ -3,8 +3,8 @@
     export_to_hf(checkpoint_dir, source_hf_dir, out_dir, shard_size=5_000_000_000)
 
 - Thinker tensors come from the checkpoint: the thinker is built at tp1/pp1/ep1 on the meta device (no memory) only
-  to get its `sharded_state_dict()` (the checkpoint's keys and shard geometry); then one group at a time (one decoder
-  layer, one tower block, the embedding, ...) real tensors are loaded with `dist_checkpointing.load` on that part of
+  to get its `sharded_state_dict()` (the checkpoint's keys and shard geometry); then one group at a time (a few load
+  units of up to `group_bytes`; a unit is one LLM layer, one tower, the embedding, ...) real tensors are loaded with `dist_checkpointing.load` on that part of
   the sharded state dict (dist_checkpointing reshards from whatever TP/PP/EP layout the checkpoint was written at),
   mapped to HF names through the one declarative table (`mapping.Mapper.iter_mcore_to_hf`), cast to the source
   tensor's dtype and written, then freed.
@@ -28,7 +28,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Tuple
 
 import torch
 
@@ -263,16 +263,13 @@ def load_units(sharded: dict) -> List[List[str]]:
     units: Dict[str, List[str]] = {}
     for name in sharded:
         units.setdefault(_unit_of(name), []).append(name)
-    merged: List[Tuple[set, List[str]]] = []
+    merged: List[Tuple[set, List[str]]] = []  # (checkpoint keys, state-dict names) per unit
     for names in units.values():
         keys = {sh.key for n in names for sh in _sharded_tensors(sharded[n])}
-        sharing = [m for m in merged if m[0] & keys]
-        group = (keys, list(names))
-        for m in sharing:
-            group[0].update(m[0])
-            group = (group[0], m[1] + group[1])
-            merged.remove(m)
-        merged.append(group)
+        for other in [m for m in merged if m[0] & keys]:
+            merged.remove(other)
+            keys, names = keys | other[0], other[1] + names
+        merged.append((keys, names))
     return [names for _, names in merged]
 
 
@@ -324,7 +321,7 @@ def export_thinker_tensors(checkpoint_dir: Path, hf_config: dict, *, use_te: boo
     sharded = meta_thinker_sharded_state_dict(hf_config, use_te=use_te)
     dtypes = check_checkpoint(sharded, checkpoint_dir)
     mapper = Mapper(hf_config, Layout(), use_te=use_te)
-    unclaimed = [n for n in sharded if not any(row.mc_re.match(n) for row in mapper.rows)]
+    unclaimed = [n for n in sharded if not mapper.hf_keys_of(n, RankCoord())]
     if unclaimed:
         raise ExportError(f"thinker tensors no mapping row claims (they would be lost): {unclaimed[:5]}")
     for group in load_groups(sharded, checkpoint_dir, dtypes, group_bytes):
