@@ -5,8 +5,6 @@
 
 rule report_data:
     input:
-        dj_processed=rules.datajuicer.output.processed,  # every data contract output: a deleted one is redone
-        dj_drops=rules.datajuicer.output.drops,
         dj_report=rules.datajuicer.output.report,
         shards=rules.shards.output[0],
     output:
