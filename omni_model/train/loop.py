@@ -9,7 +9,6 @@ the scheduler step. The forward step (batch -> thinker -> per-token loss sum) is
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
