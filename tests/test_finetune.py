@@ -184,13 +184,17 @@ def test_a_finished_run_is_not_repeated(inputs, reference):
 
 
 def test_changed_settings_start_afresh(inputs, reference):
-    """Another lr = another run: the old checkpoints are not resumed from, and are cleared."""
+    """Another lr = another run: the old checkpoints are not resumed from, and are cleared. With keep_checkpoints 1
+    the run's own older checkpoint goes once the newer one is complete."""
+    from omni_model.train.checkpointing import read_latest
+
     train_dir = inputs["root"] / "changed"
     shutil.copytree(reference["dir"], train_dir)
-    changed = dict(REFERENCE, iters=2, lr_warmup_iters=1, lr=1e-3, save_interval=0)
+    changed = dict(REFERENCE, iters=2, lr_warmup_iters=1, lr=1e-3, save_interval=1, keep_checkpoints=1)
     output = run(write_settings(inputs, train_dir, **changed), inputs["root"] / "changed.log")
-    assert "starting from" in output
+    assert "starting from" in output and "saved" in output and "iter_0000001" in output
     assert sorted(p.name for p in train_dir.glob("iter_*")) == ["iter_0000002"]
+    assert read_latest(train_dir) == (train_dir / "iter_0000002").resolve()
     assert [r["step"] for r in metrics(train_dir)] == [1, 2]
     assert metrics(train_dir)[0]["loss"] == reference["metrics"][0]["loss"]  # same data, same start
 

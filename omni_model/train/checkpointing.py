@@ -220,9 +220,23 @@ def _sharded_training_state(training, is_loading: bool, rng=None, loader_state=N
     return state
 
 
+def prune_checkpoints(train_dir: Path, digest: str, keep: Optional[int]) -> list[str]:
+    """Remove all but the newest `keep` complete checkpoints of this run (None = keep all). Called only after a newer
+    one is complete and `latest` names it, so a crash never leaves the run without a checkpoint. A 30B-A3B training
+    checkpoint is ~0.5 TB with its optimizer state: keeping every one fills a disk within a few saves."""
+    if not keep:
+        return []
+    mine = [path for _, d, path in complete_checkpoints(train_dir) if d == digest]
+    removed = mine[:-keep]
+    for path in removed:
+        shutil.rmtree(path)
+    return [path.name for path in removed]
+
+
 def save_training_checkpoint(train_dir: Path, iteration: int, training, loader, digest: str,
-                             metrics_path: Path) -> Path:
-    """Save everything needed to continue exactly; atomic (iter_N.tmp -> iter_N), then `latest`. All ranks call it."""
+                             metrics_path: Path, keep: Optional[int] = None) -> Path:
+    """Save everything needed to continue exactly; atomic (iter_N.tmp -> iter_N), then `latest`, then prune to the
+    newest `keep` checkpoints. All ranks call it."""
     import torch
     from megatron.core import dist_checkpointing
 
@@ -245,6 +259,7 @@ def save_training_checkpoint(train_dir: Path, iteration: int, training, loader, 
         (tmp / TRAIN_STATE).write_text(json.dumps({"iteration": iteration, "digest": digest}) + "\n")
         os.replace(tmp, final)
         write_latest(train_dir, final)
+        prune_checkpoints(train_dir, digest, keep)
     torch.distributed.barrier()
     return final
 

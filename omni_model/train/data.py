@@ -77,12 +77,12 @@ def task_encoder(settings: TrainSettings):
                            media_overrides=media)
 
 
-def worker_config():
+def worker_config(num_workers: int = 0):
     from megatron.core import parallel_state
     from megatron.energon import WorkerConfig
 
     return WorkerConfig(rank=parallel_state.get_data_parallel_rank(),
-                        world_size=parallel_state.get_data_parallel_world_size(), num_workers=0,
+                        world_size=parallel_state.get_data_parallel_world_size(), num_workers=num_workers,
                         data_parallel_group=parallel_state.get_data_parallel_group())
 
 
@@ -101,7 +101,8 @@ def train_loader(settings: TrainSettings, restore_state=None):
     t = settings.train
     kwargs = dict(split="train", batch_size=t["micro_batch_size"],
                   packing_buffer_size=t["packing_buffer_size"] if t["packing"] else None,
-                  worker_config=worker_config(), shuffle_buffer_size=t["shuffle_buffer_size"], repeat=True)
+                  worker_config=worker_config(settings.data_workers), shuffle_buffer_size=t["shuffle_buffer_size"],
+                  repeat=True)
     if restore_state is None:
         return build_loader(Path(settings.shards), task_encoder(settings), **kwargs)
     return restore_loader(Path(settings.shards), task_encoder(settings), restore_state, **kwargs)

@@ -202,7 +202,7 @@ def train(settings: TrainSettings, forward_step: Optional[Callable] = None) -> N
         log.write(record)
         if (t["save_interval"] and iteration % t["save_interval"] == 0) or iteration == t["iters"]:
             saved = ckpt.save_training_checkpoint(Path(settings.train_dir), iteration, training, loader, digest,
-                                                  settings.metrics_path)
+                                                  settings.metrics_path, keep=t["keep_checkpoints"])
             if _is_rank0():
                 print(f"[finetune] saved {saved}", flush=True)
     log.close()

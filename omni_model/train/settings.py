@@ -15,15 +15,15 @@ from typing import Optional
 
 # train.* keys that do not change the numbers a run produces (how often it logs, saves or evaluates, where it runs):
 # left out of the settings digest, so changing them resumes instead of starting over.
-NOT_IN_DIGEST = ("log_interval", "eval_interval", "eval_iters", "save_interval", "gpus_per_node", "cpu_procs",
-                 "nnodes", "rdzv_endpoint", "peak_tflops", "gpu_memory_gib")
+NOT_IN_DIGEST = ("log_interval", "eval_interval", "eval_iters", "save_interval", "keep_checkpoints", "gpus_per_node",
+                 "cpu_procs", "nnodes", "rdzv_endpoint", "peak_tflops", "gpu_memory_gib")
 
 # Defaults of the train section (config/schema.yaml is the source for the workflow; these serve direct use + tests).
 TRAIN_DEFAULTS = {
     "iters": 20, "lr": 1.0e-4, "min_lr": 1.0e-5, "lr_warmup_iters": 2, "lr_decay_style": "cosine",
     "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1.0e-8, "clip_grad": 1.0,
     "micro_batch_size": 1, "global_batch_size": 2, "seq_len": 2048, "packing": True, "packing_buffer_size": 16,
-    "shuffle_buffer_size": 64, "eval_interval": 10, "eval_iters": 2, "save_interval": 10, "log_interval": 1,
+    "shuffle_buffer_size": 64, "data_workers": None, "keep_checkpoints": 2, "eval_interval": 10, "eval_iters": 2, "save_interval": 10, "log_interval": 1,
     "seed": 1234, "freeze_llm": False, "freeze_vision": False, "freeze_audio": False, "lr_mult_vision": 1.0,
     "lr_mult_audio": 1.0, "recompute": "none", "moe_aux_loss_coeff": None, "gpus_per_node": 0, "cpu_procs": 1,
     "nnodes": 1, "rdzv_endpoint": "", "peak_tflops": None, "gpu_memory_gib": None,
@@ -70,6 +70,13 @@ class TrainSettings:
     @property
     def on_gpu(self) -> bool:
         return self.train["gpus_per_node"] > 0
+
+    @property
+    def data_workers(self) -> int:
+        """Loader processes per rank: media decoding + encoding off the training process on GPU (the step waits
+        for the batch otherwise); none on CPU, where the cores are the trainer's."""
+        workers = self.train["data_workers"]
+        return (4 if self.on_gpu else 0) if workers is None else int(workers)
 
     @property
     def world_size(self) -> int:
