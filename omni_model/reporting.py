@@ -170,15 +170,14 @@ def train_curves(metrics_jsonl: Path, png: Path) -> int:
     records = _read_jsonl(metrics_jsonl)
     plt = _plt()
     fig, axes = plt.subplots(2, 2, figsize=(10, 6))
-    train = [r for r in records if "step" in r and r.get("split", "train") == "train" and "eval_loss" not in r]
-    evals = [r for r in records if "step" in r and ("eval_loss" in r or r.get("split") == "val")]
+    train = [r for r in records if "step" in r and r.get("loss") is not None]  # a step record may carry eval_loss too
+    evals = [r for r in records if "step" in r and r.get("eval_loss") is not None]
     for ax, (key, title) in zip(axes.flat, CURVES):
         points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
         if points:
             ax.plot(*zip(*points), marker=".", label="train")
         if key == "loss":
-            eval_points = [(r["step"], r.get("eval_loss", r.get("loss"))) for r in evals]
-            eval_points = [p for p in eval_points if p[1] is not None]
+            eval_points = [(r["step"], r["eval_loss"]) for r in evals]
             if eval_points:
                 ax.plot(*zip(*eval_points), marker="o", label="eval")
             ax.legend()

@@ -34,7 +34,7 @@ def test_data_summary_and_drop_list(tmp_path):
 def test_train_curves_and_benchmarks(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "loss": 5.0 / s, "lr": 1e-4 * s, "grad_norm": 1.0, "tokens_per_s": 100.0 + s} for s in range(1, 6)]
-    rows.append({"step": 5, "eval_loss": 1.5})
+    rows[3]["eval_loss"] = 1.5  # the finetune stage writes eval_loss into the step's record
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert reporting.train_curves(metrics, tmp_path / "c.png") == 5
     assert _png_size(tmp_path / "c.png") == (1000, 600)
