@@ -476,10 +476,11 @@ def model_config_of(config: dict, root: Path = Path(".")) -> dict:
         return resolve_config(model.get("config", "released-30b-a3b"), model.get("overrides") or {})
     if source == "local":
         return json.loads((Path(model["path"]) / "config.json").read_text())
-    if downloaded.is_file():
-        return json.loads(downloaded.read_text())
+    # the released repository's values first: results/model/hf may hold the model of another config (e.g. the demo's)
     if "qwen3-omni-30b-a3b" in str(model.get("id", "")).lower():
         return released_30b_a3b_config()
+    if downloaded.is_file():
+        return json.loads(downloaded.read_text())
     raise PlanError(f"model.id {model.get('id')!r}: its config.json is not downloaded yet "
                     f"({downloaded}); run `snakemake download` first")
 
