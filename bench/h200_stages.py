@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from omni_model.configs import released_30b_a3b_config  # noqa: E402
 
 
 def run(cmd: list[str], log: Path, env: dict | None = None) -> float:
@@ -72,7 +75,11 @@ def main() -> None:
     rows, facts = [], {}
 
     hf, mcore, export = work / "hf", work / "mcore", work / "export"
-    overrides = {"thinker_config": {"text_config": {"num_hidden_layers": args.layers}},
+    # the released deepstack feeds LLM layers 0..2 from vision layers 8/16/24; a shallower thinker keeps as many as
+    # it has layers (our thinker requires every deepstack layer on the first stage)
+    deepstack = released_30b_a3b_config()["thinker_config"]["vision_config"]["deepstack_visual_indexes"][:args.layers]
+    overrides = {"thinker_config": {"text_config": {"num_hidden_layers": args.layers},
+                                    "vision_config": {"deepstack_visual_indexes": deepstack}},
                  "talker_config": {"text_config": {"num_hidden_layers": 2}}}
     seconds = run(py(
         "from omni_model.random_checkpoint import write_random_checkpoint as w; "
