@@ -2,8 +2,9 @@
 
     run_torchrun("omni_model.train", ["--settings", "s.json"], nproc_per_node=2, log=Path("logs/finetune.log"))
 
-All ranks write to one log (stdout + stderr inherited from torchrun, appended). When a rank fails, the exception raised here carries that rank's traceback (the
-first `Traceback` block in the log written by this launch), so Snakemake's console shows the real error.
+All ranks' output (stdout + stderr) goes, line by line and timestamped, to one log. When a rank fails, the exception
+raised here names that rank's error in its first line and carries its traceback (the first `Traceback` block of this
+launch's output), so the stage's one console line shows the real error and the log the whole story.
 Multi-node: `nnodes > 1` needs `rdzv_endpoint` (host:port of the first node); each node runs the same command.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -50,23 +52,36 @@ def first_traceback(text: str, limit: int = 60) -> str:
 
 def run_torchrun(module: str, args: Sequence[str], nproc_per_node: int, log: Optional[Path] = None, *,
                  nnodes: int = 1, rdzv_endpoint: str = "", env: Optional[dict] = None) -> None:
-    """Run `python -m module args` on `nproc_per_node` ranks (times `nnodes`); raise RankFailed on failure."""
+    """Run `python -m module args` on `nproc_per_node` ranks (times `nnodes`); raise RankFailed on failure.
+    The ranks' output is streamed line by line, each line timestamped, to `log` (appended) or, without one, to
+    sys.stdout: inside `stage_logging` that is the rule's log (and its history), so every stage logs one way."""
     cmd = torchrun_command(module, args, nproc_per_node, nnodes, rdzv_endpoint)
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     full_env.setdefault("OMP_NUM_THREADS", "1")
-    if log is None:
-        proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True)
-        output = proc.stdout + proc.stderr
-        sys.stdout.write(output)
-    else:
-        log = Path(log)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        start = log.stat().st_size if log.exists() else 0
-        with open(log, "ab") as sink:
-            proc = subprocess.run(cmd, env=full_env, stdout=sink, stderr=subprocess.STDOUT)
-        with open(log, "rb") as source:
-            source.seek(start)
-            output = source.read().decode(errors="replace")
+    if log is not None:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+    sink = open(log, "a", buffering=1, encoding="utf-8") if log is not None else sys.stdout
+    output = []
+    proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1)
+    try:
+        for line in proc.stdout:
+            output.append(line)
+            sink.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}")
+        sink.flush()
+        proc.wait()
+    except BaseException:  # interrupted (Ctrl-C, the job stopped): torchrun passes SIGTERM on to the ranks
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    finally:
+        proc.stdout.close()
+        if log is not None:
+            sink.close()
     if proc.returncode != 0:
-        raise RankFailed(f"{module} failed on {nproc_per_node * nnodes} rank(s) (exit {proc.returncode}):\n"
-                         f"{first_traceback(output)}")
+        block = first_traceback("".join(output))
+        raise RankFailed(f"{module} failed on {nproc_per_node * nnodes} rank(s) (exit {proc.returncode}): "
+                         f"{block.splitlines()[-1].strip() if block else 'no output'}\n{block}")

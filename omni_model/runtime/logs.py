@@ -11,6 +11,8 @@
 - stdout/stderr of the process (third-party prints, warnings, transformers' and Data-Juicer's loggers, loguru) go
   to the file, not to the console; the console gets one line per failure pointing at the log.
 - On an exception the full traceback is written to the log and the stage exits with that one console line.
+- Progress (`Progress`, `progress`): timestamped lines with rate and ETA in the log; in an interactive run (the
+  console is a terminal) also a live bar on the terminal, drawn there only (the log keeps plain lines).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, TextIO
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S"
@@ -70,10 +72,15 @@ class _Tee:
 def stage_logging(log_path, stage: str, level: int = logging.INFO) -> Iterator[logging.Logger]:
     """Send the stage's logging, stdout and stderr to `log_path` (appended, with a run header); on failure write
     the traceback there and print one line to the console. Yields the stage's logger."""
+    global _console
     log_path = Path(log_path)
     stream = _Tee(log_path, history_path(log_path))
     console = sys.__stderr__
-    saved = sys.stdout, sys.stderr
+    saved, saved_console, saved_tty = (sys.stdout, sys.stderr), _console, os.environ.get(TTY_ENV)
+    _console = console
+    if console is not None and console.isatty():  # interactive: child processes may draw a bar there too
+        with contextlib.suppress(OSError):
+            os.environ[TTY_ENV] = os.ttyname(console.fileno())
     stream.write(f"===== {stage} run {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()}) =====\n")
     sys.stdout = sys.stderr = stream
     root = logging.getLogger()
@@ -102,9 +109,23 @@ def stage_logging(log_path, stage: str, level: int = logging.INFO) -> Iterator[l
     finally:
         stream.flush()
         sys.stdout, sys.stderr = saved
+        _console = saved_console
+        if saved_tty is None:
+            os.environ.pop(TTY_ENV, None)
+        else:
+            os.environ[TTY_ENV] = saved_tty
         root.handlers, root.level = saved_handlers, saved_level
         logging.captureWarnings(False)
         stream.close()
+
+
+def console_line(text: str) -> None:
+    """A stage's key result for the user: one line on the console the stage started with (also in the log)."""
+    logging.getLogger("console").info(text)
+    stream = _console or sys.stderr
+    if stream is not sys.stderr:  # outside stage_logging the log line above already went there
+        stream.write(text + "\n")
+        stream.flush()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -135,28 +156,135 @@ def _route_loguru(stream) -> None:
         loguru.logger.add(stream, level="INFO")
 
 
-def progress(items: Iterable, *, every: int = 100, total: Optional[int] = None, what: str = "items",
-             log: Optional[logging.Logger] = None, seconds: float = 30.0):
-    """Yield `items`, logging a line every `every` items or `seconds`: count/total, rate and ETA."""
-    log = log or logging.getLogger("progress")
+def progress(items: Iterable, *, every: Optional[int] = 100, total: Optional[int] = None, what: str = "items",
+             log=None, seconds: float = 30.0, label: Optional[str] = None):
+    """Yield `items` under a `Progress` (log line every `every` items or `seconds`; a bar on a terminal)."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    started = last = time.time()
-    count = 0
-    for count, item in enumerate(items, 1):
-        yield item
-        now = time.time()
-        if count % every == 0 or now - last >= seconds:
-            last = now
-            log.info(progress_line(count, total, now - started, what))
-    if count:
-        log.info(progress_line(count, total, time.time() - started, what))
+    with Progress(total, what, log=log or logging.getLogger("progress"), every=every, seconds=seconds,
+                  label=label) as counter:
+        for item in items:
+            yield item
+            counter.update()
 
 
-def progress_line(done: int, total: Optional[int], elapsed: float, what: str) -> str:
-    rate = done / elapsed if elapsed > 0 else float("inf")
-    head = f"{done}/{total} {what}" if total else f"{done} {what}"
-    line = f"{head}, {rate:.1f} {what}/s, {elapsed:.1f}s elapsed"
+class Progress:
+    """Work done in a stage, reported two ways:
+
+    - `log` (a Logger or a callable taking a line): a plain line (done/total, rate, elapsed, ETA, the last `postfix`)
+      every `every` units (default: every tenth of `total`), after `seconds` without a line, and at close. Inside
+      `stage_logging` these lines are timestamped in the rule's log.
+    - a live tqdm bar (done/total, rate, ETA) on the terminal of an interactive run (`terminal()`), never in the log.
+
+        with Progress(len(plan), "tensors", log=log, label="convert") as bar:
+            for tensor in plan:
+                ...
+                bar.update(1, GB=f"{done / 1e9:.2f}")
+
+    `initial` counts work done before this process started (a resumed run): rate and ETA count only the new work.
+    `what="B"` formats amounts and rates as bytes (kB, MB, GB).
+    """
+
+    def __init__(self, total: Optional[float], what: str = "items", *, log=None, label: Optional[str] = None,
+                 initial: float = 0, every: Optional[float] = None, seconds: float = 30.0):
+        self.total, self.what, self.label = total, what, label
+        self.log = log.info if isinstance(log, logging.Logger) else log
+        self.initial = self.done = initial
+        self.every = every or (total / 10 if total else 100)
+        self.next_line = initial + self.every
+        self.seconds = seconds
+        self.started = self.last_line = time.monotonic()
+        self.postfix: dict = {}
+        self.logged_at = None
+        self.bar = None
+        stream = terminal()
+        if stream is not None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=label, unit=what, file=stream, leave=False,
+                            dynamic_ncols=True, mininterval=0.5, unit_scale=what == "B", unit_divisor=1000)
+
+    def update(self, n: float = 1, **postfix) -> None:
+        self.done += n
+        if postfix:
+            self.postfix = postfix
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
+        now = time.monotonic()
+        if self.log is not None and (self.done >= self.next_line or now - self.last_line >= self.seconds):
+            while self.next_line <= self.done:
+                self.next_line += self.every
+            self._log_line(now)
+
+    def line(self, now: Optional[float] = None) -> str:
+        elapsed = (now or time.monotonic()) - self.started
+        text = progress_line(self.done, self.total, elapsed, self.what, initial=self.initial)
+        if self.postfix:
+            text += ", " + ", ".join(f"{key} {value}" for key, value in self.postfix.items())
+        return f"{self.label}: {text}" if self.label else text
+
+    def _log_line(self, now: float) -> None:
+        self.last_line, self.logged_at = now, self.done
+        self.log(self.line(now))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.log is not None and self.logged_at != self.done and self.done > self.initial:
+            self._log_line(time.monotonic())
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress_line(done: float, total: Optional[float], elapsed: float, what: str, initial: float = 0) -> str:
+    """`12/40 samples, 3.1 samples/s, 3.9s elapsed, ETA 9s` (bytes: `1.2 GB/4.0 GB, 0.8 GB/s, ...`)."""
+    amount = _bytes if what == "B" else (lambda n: f"{n:g}")
+    rate = (done - initial) / elapsed if elapsed > 0 else float("inf")
+    unit = "" if what == "B" else f" {what}"
+    head = f"{amount(done)}/{amount(total)}{unit}" if total else f"{amount(done)}{unit}"
+    rate_text = f"{_bytes(rate)}/s" if what == "B" else f"{rate:.1f} {what}/s"
+    line = f"{head}, {rate_text}, {elapsed:.1f}s elapsed"
     if total and rate and done < total:
         line += f", ETA {(total - done) / rate:.0f}s"
     return line
+
+
+def _bytes(count: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count:.0f} B"
+
+
+# The terminal of an interactive run. Inside stage_logging sys.stdout/stderr are the log, so the console the stage
+# started with is kept here; processes the stage starts (torchrun ranks, whose output is piped into the log) find the
+# terminal's device through TTY_ENV, which stage_logging sets only while the console is a terminal.
+TTY_ENV = "OMNI_PROGRESS_TTY"
+_console: Optional[TextIO] = None
+_tty_file: Optional[TextIO] = None
+
+
+def terminal() -> Optional[TextIO]:
+    """Where a live progress bar may be drawn, or None: CI, Slurm, output redirected, ranks other than 0."""
+    global _tty_file
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    console = _console or sys.stderr
+    if console is not None and console.isatty():
+        return console
+    path = os.environ.get(TTY_ENV)
+    if not path:
+        return None
+    if _tty_file is None or _tty_file.name != path:
+        try:
+            _tty_file = open(path, "w", buffering=1)
+        except OSError:
+            return None
+    return _tty_file
