@@ -36,6 +36,8 @@ rule datajuicer:
         report="results/data/datajuicer_report.json",
     params:
         format=DATA["format"],
+        executor=DATA["executor"],
+        ray_address=DATA["ray_address"],
     log:
         "logs/datajuicer.log",
     benchmark:

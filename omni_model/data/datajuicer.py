@@ -6,7 +6,8 @@
 2. Data-Juicer (stage ``datajuicer``): the recipe's ops run through Data-Juicer's Python API (``init_configs`` on a
    config file written for this run in its own work dir, ``load_ops``, each op's ``run``), one op at a time so that
    every dropped sample is attributed to its op, with the op's stats as the reason (or the kept sample it
-   duplicates, for deduplicators). ``np`` (num_proc) = the rule's threads.
+   duplicates, for deduplicators). ``np`` (num_proc) = the rule's threads. With ``data.executor: ray`` the same ops
+   run through Data-Juicer's Ray executor (ray_executor.py) and the same attribution gives the same drops.
 3. Invariant: input lines = kept + dropped (checked; a violation raises).
 
 Mapping to Data-Juicer's format and back is lossless: the DJ sample carries the canonical record as JSON in
@@ -17,6 +18,7 @@ are not propagated back; the default recipe has filters and deduplicators only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -111,10 +113,20 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def run_recipe(records: list[dict], recipe_path: Path, work_dir: Path, num_proc: int = 1) -> tuple[list[dict], list[dict]]:
-    """Run the recipe's ops on ``records``; returns (kept records in input order, drops)."""
+EXECUTORS = ("default", "ray")
+
+
+def run_recipe(records: list[dict], recipe_path: Path, work_dir: Path, num_proc: int = 1, *,
+               executor: str = "default", ray_address: str | None = None) -> tuple[list[dict], list[dict]]:
+    """Run the recipe's ops on ``records``; returns (kept records in input order, drops).
+
+    ``executor``: ``default`` (Data-Juicer's local datasets, ``num_proc`` processes) or ``ray`` (Data-Juicer's Ray
+    executor on the cluster at ``ray_address``; ``None`` starts a local one with ``num_proc`` CPUs for this run, see
+    ray_executor.py). Both give the same kept set and the same drops with the same reasons."""
     from . import dj_ops  # noqa: F401  (registers omni ops)
 
+    if executor not in EXECUTORS:
+        raise ValueError(f"data.executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     if not records:
         return [], []
     work_dir = Path(work_dir)
@@ -127,63 +139,104 @@ def run_recipe(records: list[dict], recipe_path: Path, work_dir: Path, num_proc:
         for record in records:
             handle.write(json.dumps(to_dj(record), ensure_ascii=False) + "\n")
     config_path = work_dir / "dj_config.yaml"
-    config_path.write_text(yaml.safe_dump(_dj_config(recipe, work_dir, dataset_path, num_proc), sort_keys=False))
+    config = _dj_config(recipe, work_dir, dataset_path, num_proc)
+    config.update({"executor_type": executor, "ray_address": ray_address or "auto"})
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     saved_tempdir, saved_streams = tempfile.tempdir, (sys.stdout, sys.stderr)
-    try:
-        from data_juicer.config import init_configs
-        from data_juicer.core.data import NestedDataset
-        from data_juicer.ops import load_ops
-        from data_juicer.utils.constant import Fields
-        from datasets import load_dataset
+    with contextlib.ExitStack() as stack:
+        try:
+            from data_juicer.config import init_configs
+            from data_juicer.ops import load_ops
 
-        cfg = init_configs(args=["--config", str(config_path)])
-        sys.stdout, sys.stderr = saved_streams  # DJ redirects the streams into its own log file
-        dataset = NestedDataset(load_dataset("json", data_files=str(dataset_path), split="train",
-                                             cache_dir=str(work_dir / "hf_cache")))
-        ops = load_ops(cfg.process)
-        drops: list[dict] = []
-        for op in ops:
-            started, before = time.time(), len(dataset)
-            ids_before = dataset[ID_KEY]
-            kind = type(op).__mro__[1].__name__
-            if hasattr(op, "compute_hash"):  # Deduplicator
-                hashed = op.run(dataset, reduce=False)
-                dataset, pairs = op.process(hashed, show_num=len(hashed))
-                representative = _representatives(hashed, pairs)
-                kept = set(dataset[ID_KEY])
-                for sid in ids_before:
-                    if sid not in kept:
-                        other = representative.get(sid)
-                        reason = f"duplicate of {other}" if other else "duplicate"
-                        drops.append(drop_entry(sid, "datajuicer", op._name, f"{op._name}: {reason}"))
-            elif kind == "Filter" or hasattr(op, "compute_stats"):
-                with_stats = op.run(dataset, reduce=False)
-                stats_before = dataset[Fields.stats] if Fields.stats in dataset.column_names else [{}] * before
-                stats_after = with_stats[Fields.stats]
-                dataset = op.run(with_stats)
-                kept = set(dataset[ID_KEY])
-                for sid, old, new in zip(ids_before, stats_before, stats_after):
-                    if sid in kept:
-                        continue
-                    added = {k: v for k, v in (new or {}).items() if k not in (old or {})} or (new or {})
-                    values = ", ".join(f"{k}={_fmt(v)}" for k, v in added.items())
-                    drops.append(drop_entry(sid, "datajuicer", op._name,
-                                            f"{op._name}: {values} outside bounds ({_bounds(op)})"))
-            else:  # mappers / selectors: run as-is, account for anything they remove
-                dataset = op.run(dataset)
-                kept = set(dataset[ID_KEY])
-                for sid in ids_before:
-                    if sid not in kept:
-                        drops.append(drop_entry(sid, "datajuicer", op._name, f"{op._name}: removed by op"))
-            log.info("datajuicer op %s: %d -> %d samples (%.2fs)", op._name, before, len(dataset), time.time() - started)
-        kept_ids = set(dataset[ID_KEY])
-    finally:
-        tempfile.tempdir = saved_tempdir
-        sys.stdout, sys.stderr = saved_streams
-        _detach_dj_logger()
+            if executor == "ray":
+                from .ray_executor import ray_cluster, ray_mode_env
+
+                stack.enter_context(ray_mode_env())
+                stack.enter_context(ray_cluster(ray_address, num_proc))
+            cfg = init_configs(args=["--config", str(config_path)])
+            sys.stdout, sys.stderr = saved_streams  # DJ redirects the streams into its own log file
+            if executor == "ray":
+                from .ray_executor import RayRecipeDataset
+
+                data = RayRecipeDataset(cfg, {r["id"]: i for i, r in enumerate(records)}, ID_KEY, (RECORD_KEY,))
+            else:
+                data = _LocalDataset(dataset_path, work_dir)
+            drops: list[dict] = []
+            for op in load_ops(cfg.process):
+                started, ids_before = time.time(), data.ids()
+                drops += _run_op(data, op, ids_before)
+                log.info("datajuicer op %s: %d -> %d samples (%.2fs)", op._name, len(ids_before), len(data.ids()),
+                         time.time() - started)
+            kept_ids = set(data.ids())
+        finally:
+            tempfile.tempdir = saved_tempdir
+            sys.stdout, sys.stderr = saved_streams
+            _detach_dj_logger()
     kept_records = [r for r in records if r["id"] in kept_ids]
     return kept_records, drops
+
+
+def _run_op(data, op, ids_before: list[str]) -> list[dict]:
+    """Run one op on ``data`` (_LocalDataset or ray_executor.RayRecipeDataset) and return a drop for every sample it
+    removed: deduplicators name the kept sample a duplicate duplicates, filters give the stats outside their bounds."""
+    kind = type(op).__mro__[1].__name__
+    drops = []
+    if hasattr(op, "compute_hash"):  # Deduplicator
+        hashed, pairs = data.deduplicate(op)
+        representative, kept = _representatives(hashed, pairs), set(data.ids())
+        for sid in ids_before:
+            if sid not in kept:
+                other = representative.get(sid)
+                reason = f"duplicate of {other}" if other else "duplicate"
+                drops.append(drop_entry(sid, "datajuicer", op._name, f"{op._name}: {reason}"))
+    elif kind == "Filter" or hasattr(op, "compute_stats"):
+        stats_before, stats_after = data.filter(op)
+        kept = set(data.ids())
+        for sid, old, new in zip(ids_before, stats_before, stats_after):
+            if sid in kept:
+                continue
+            added = {k: v for k, v in (new or {}).items() if k not in (old or {})} or (new or {})
+            values = ", ".join(f"{k}={_fmt(v)}" for k, v in added.items())
+            drops.append(drop_entry(sid, "datajuicer", op._name,
+                                    f"{op._name}: {values} outside bounds ({_bounds(op)})"))
+    else:  # mappers / selectors: run as-is, account for anything they remove
+        data.apply(op)
+        kept = set(data.ids())
+        for sid in ids_before:
+            if sid not in kept:
+                drops.append(drop_entry(sid, "datajuicer", op._name, f"{op._name}: removed by op"))
+    return drops
+
+
+class _LocalDataset:
+    """The stage's dataset with Data-Juicer's default (local) executor: a NestedDataset, ops run through ``op.run``."""
+
+    def __init__(self, dataset_path: Path, work_dir: Path):
+        from data_juicer.core.data import NestedDataset
+        from datasets import load_dataset
+
+        self.dataset = NestedDataset(load_dataset("json", data_files=str(dataset_path), split="train",
+                                                  cache_dir=str(work_dir / "hf_cache")))
+
+    def ids(self) -> list[str]:
+        return self.dataset[ID_KEY]
+
+    def deduplicate(self, op):
+        hashed = op.run(self.dataset, reduce=False)
+        self.dataset, pairs = op.process(hashed, show_num=len(hashed))
+        return hashed, pairs
+
+    def filter(self, op):
+        from data_juicer.utils.constant import Fields
+
+        with_stats = op.run(self.dataset, reduce=False)
+        before = self.dataset[Fields.stats] if Fields.stats in self.dataset.column_names else [{}] * len(self.dataset)
+        self.dataset = op.run(with_stats)
+        return before, with_stats[Fields.stats]
+
+    def apply(self, op) -> None:
+        self.dataset = op.run(self.dataset)
 
 
 def _detach_dj_logger() -> None:
@@ -218,8 +271,10 @@ def _representatives(hashed, pairs: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the stage
 def run_stage(raw_path: Path, recipe_path: Path, processed_path: Path, drops_path: Path, *,
-              fmt: str = "auto", num_proc: int = 1, work_dir: Path | None = None) -> dict:
-    """Validate + Data-Juicer; writes processed.jsonl and drops.jsonl; returns the counts summary."""
+              fmt: str = "auto", num_proc: int = 1, work_dir: Path | None = None, executor: str = "default",
+              ray_address: str | None = None) -> dict:
+    """Validate + Data-Juicer (``executor``/``ray_address``: see run_recipe); writes processed.jsonl and
+    drops.jsonl; returns the counts summary."""
     started = time.time()
     records, drops, total = validate(Path(raw_path), fmt)
     log.info("validate: %d input lines, %d valid, %d dropped (%.2fs)", total, len(records), len(drops),
@@ -227,7 +282,8 @@ def run_stage(raw_path: Path, recipe_path: Path, processed_path: Path, drops_pat
     processed_path, drops_path = Path(processed_path), Path(drops_path)
     processed_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dj-run-", dir=work_dir or processed_path.parent) as tmp:
-        kept, dj_drops = run_recipe(records, Path(recipe_path), Path(tmp), num_proc=num_proc)
+        kept, dj_drops = run_recipe(records, Path(recipe_path), Path(tmp), num_proc=num_proc, executor=executor,
+                                    ray_address=ray_address)
     drops += dj_drops
     if len(kept) + len(drops) != total:
         raise RuntimeError(f"drop accounting broken: {total} input != {len(kept)} kept + {len(drops)} dropped")
@@ -237,7 +293,7 @@ def run_stage(raw_path: Path, recipe_path: Path, processed_path: Path, drops_pat
     with open(drops_path, "w", encoding="utf-8") as handle:
         for drop in drops:
             handle.write(json.dumps(drop, ensure_ascii=False) + "\n")
-    summary = {"input": total, "kept": len(kept), "dropped": len(drops), "by_stage_op": count_drops(drops),
+    summary = {"executor": executor, "input": total, "kept": len(kept), "dropped": len(drops), "by_stage_op": count_drops(drops),
                "seconds": round(time.time() - started, 2)}
     log.info("datajuicer stage summary: %s", json.dumps(summary))
     return summary

@@ -16,6 +16,7 @@ with stage_logging(snakemake.log[0], "datajuicer") as log, \
         staged["processed"], staged["drops"],
         fmt=snakemake.params.format, num_proc=snakemake.threads,  # noqa: F821
         work_dir=staged["report"].parent,
+        executor=snakemake.params.executor, ray_address=snakemake.params.ray_address,  # noqa: F821
     )
     staged["report"].write_text(json.dumps(summary, indent=2) + "\n")
     log.info("input %d = kept %d + dropped %d", summary["input"], summary["kept"], summary["dropped"])
