@@ -30,9 +30,16 @@ rule finetune:
     benchmark:
         "benchmarks/finetune.tsv"
     threads: max(1, config["train"]["cpu_procs"])
+    # Slurm (snakemake-executor-plugin-slurm): train.nnodes nodes, one task = one torchrun agent per node (started by
+    # omni_model.runtime.launch). One node: `gpu` -> sbatch --gpus, a job total. Several nodes: `gres` gpu:N, because
+    # sbatch --gres counts per node (--gpus would spread N over all nodes). `tasks` stays 0 on GPU jobs, where the
+    # plugin would turn it into --ntasks-per-gpu.
     resources:
         mem_mb=16000,
-        gpu=config["train"]["gpus_per_node"],
+        nodes=config["train"]["nnodes"],
+        tasks=0 if config["train"]["gpus_per_node"] else config["train"]["nnodes"],
+        gpu=config["train"]["gpus_per_node"] if config["train"]["nnodes"] == 1 else 0,
+        gres=f"gpu:{config['train']['gpus_per_node']}" if config["train"]["gpus_per_node"] and config["train"]["nnodes"] > 1 else "",
     conda:
         "../envs/pipeline.yaml"
     script:
