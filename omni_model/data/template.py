@@ -1,13 +1,25 @@
 """Qwen3-Omni chat rendering and tokenisation with training labels.
 
-The layout is the checkpoint's chat template (omni_model/tokenizer.py CHAT_TEMPLATE, ChatML)::
+The layout is the RELEASED Qwen3-Omni chat template (tests/fixtures/qwen3_omni_chat_template.jinja, provenance in
+tests/fixtures/README.md) applied to the parts form of a conversation (content as a list of text/image/audio/video
+parts, the form Qwen3-Omni's processor and inference code use), ChatML::
 
     <|im_start|>{role}\\n{content}<|im_end|>\\n   (per message)
 
 with each ``<image>``/``<audio>``/``<video>`` tag of the content replaced, where it stands, by
 ``<|vision_start|><|image_pad|><|vision_end|>``, ``<|audio_start|><|audio_pad|><|audio_end|>`` or
-``<|vision_start|><|video_pad|><|vision_end|>``. ``render`` must equal ``tokenizer.apply_chat_template`` on the
-same conversation in parts form (tested).
+``<|vision_start|><|video_pad|><|vision_end|>``; no default system prompt. A first system message that holds media is
+written part by part, one system turn per text run or medium, as the released template does. ``render`` must equal
+the released template on ``to_parts(messages)`` token for token (tests/test_template_released.py).
+
+Where we deliberately differ from the released template, for training:
+
+* ``<think>...</think>`` inside an assistant answer is kept verbatim. On parts-form conversations the released
+  template drops the reasoning of every assistant turn (its last-user-turn search only looks at string contents), so
+  training data rendered by it would teach the model never to reason.
+* On string-content conversations the released template writes an empty ``<think>\\n\\n</think>\\n\\n`` before the
+  last assistant answer; the Instruct model's generation prompt is ``<|im_start|>assistant\\n`` and it answers without
+  that block, so we do not train on it (the parts form, which we follow, has no such block either).
 
 Labels: the token ids of every assistant turn's content and its ``<|im_end|>``; everything else (system, user,
 the ``<|im_start|>assistant\\n`` header, the ``\\n`` after ``<|im_end|>``, media pads) is -100.
@@ -48,15 +60,25 @@ def to_parts(messages: list[dict]) -> list[dict]:
     return out
 
 
+def _turns(messages: list[dict]):
+    """(role, body) of every ChatML turn the released template writes, media tags replaced by their placeholders."""
+    for index, message in enumerate(messages):
+        if index == 0 and message["role"] == "system":
+            # The released template writes each part of a first system message as a system turn of its own.
+            for part in to_parts([message])[0]["content"]:
+                yield "system", part["text"] if part["type"] == "text" else PLACEHOLDER[part["type"]]
+        else:
+            yield message["role"], TAG_RE.sub(lambda m: PLACEHOLDER[m.group(1)], message["content"])
+
+
 def render(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """(prompt text with single pads, character spans to train on)."""
     pieces, spans, pos = [], [], 0
-    for message in messages:
-        header = f"<|im_start|>{message['role']}\n"
-        body = TAG_RE.sub(lambda m: PLACEHOLDER[m.group(1)], message["content"])
+    for role, body in _turns(messages):
+        header = f"<|im_start|>{role}\n"
         end = "<|im_end|>"
         start_body = pos + len(header)
-        if message["role"] == "assistant":
+        if role == "assistant":
             spans.append((start_body, start_body + len(body) + len(end)))
         chunk = header + body + end + "\n"
         pieces.append(chunk)
