@@ -264,6 +264,21 @@ def save_training_checkpoint(train_dir: Path, iteration: int, training, loader, 
     return final
 
 
+def _materialise_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer its Adam state tensors before a load asks for its sharded state dict.
+
+    Torch's Adam creates exp_avg/exp_avg_sq/step lazily at the first step, and mcore's DistributedOptimizer (without
+    TE/Apex) reads the common `step` from that state while building the load request (it asserts one value), so a
+    resume before any step fails there (found on the H200; the CPU runs use the plain optimizer, which needs no
+    state to build the request). mcore's own initialiser steps once on zero gradients; whatever that step changes is
+    replaced by the checkpoint's weights and optimizer state loaded right after."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for leaf in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(leaf, DistributedOptimizer) and not leaf.optimizer.state:
+            leaf._init_optimizer_states_with_dummy_values()
+
+
 def load_training_checkpoint(checkpoint: Path, training) -> dict:
     """Restore model, optimizer and scheduler (at any layout). The loader state too when the data-parallel size is
     the same (the data stream continues exactly, e.g. tp1 -> tp2 on the same number of replicas); the RNG states
@@ -272,6 +287,7 @@ def load_training_checkpoint(checkpoint: Path, training) -> dict:
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+    _materialise_optimizer_state(training.optimizer)
     layout = _layout()
     same_layout = common["layout"] == layout
     same_dp = common["layout"]["dp"] == layout["dp"]
