@@ -19,6 +19,26 @@ import torch
 from . import cpu_patches
 
 
+def exit_with_parent() -> None:
+    """Have the kernel SIGKILL this process when the process that started it dies (Linux prctl PR_SET_PDEATHSIG).
+
+    torchrun's agent starts its workers in sessions of their own, so a SIGKILL of the agent (a cancelled Slurm job
+    step, `kill -9` of the launcher) leaves them training on, and a resumed run then shares the training directory
+    with them (seen on the H200: the orphan went on saving while the new run deleted its half-written checkpoint)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:  # not Linux: nothing to arm
+        return
+    parent, pr_set_pdeathsig = os.getppid(), 1
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _free_port() -> int:
     import socket
 
@@ -51,6 +71,8 @@ def init_parallel(
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if "RANK" in os.environ:  # torchrun
+            if "TORCHELASTIC_RUN_ID" in os.environ:  # a worker of torchrun's agent (not of an srun task launcher)
+                exit_with_parent()
             torch.distributed.init_process_group(backend=backend, timeout=timeout)
         else:  # a private single-process group; the environment is left untouched (child processes inherit it)
             torch.distributed.init_process_group(
