@@ -7,9 +7,10 @@ Every tensor of the full model (thinker + talker + code2wav) gets the on-disk na
 transformers' `save_pretrained` writes: the names and shapes come from the transformers model built on the meta device
 (no memory) and passed through `revert_weight_conversion`, the same step save_pretrained uses to turn its fused
 in-memory experts back into per-expert tensors. Values are drawn per tensor from a generator seeded by
-(seed, tensor name), so the same seed gives the same bytes whatever the shard size. The safetensors files are
-written by hand: the header first (all shapes are known), then one tensor at a time, so a full 30B checkpoint never
-needs more host memory than its largest tensor. Tokenizer, chat template and preprocessor files are the real ones
+(seed, tensor name), so the same seed gives the same bytes whatever the shard size. The shards are written by the
+export stage's writer (omni_model.convert.export.ShardedSafetensorsWriter, the one way shards are written): headers
+first (all shapes are known), then one tensor at a time, so a full 30B checkpoint never needs more host memory than
+its largest tensor. Tokenizer, chat template and preprocessor files are the real ones
 (omni_model.tokenizer).
 """
 
@@ -17,15 +18,16 @@ from __future__ import annotations
 
 import copy
 import json
-import struct
+import math
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
 
 DTYPE = torch.bfloat16
-SAFETENSORS_DTYPE = "BF16"
+SAFETENSORS_DTYPE = "BF16"  # DTYPE as safetensors names it
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 
 
@@ -73,53 +75,6 @@ def random_tensor(name: str, shape: tuple, seed: int) -> torch.Tensor:
     return (1.0 + 0.1 * noise if is_scale else 0.02 * noise).to(DTYPE)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def plan_shards(tensors: dict[str, tuple], shard_bytes: int) -> list[list[str]]:
-    """Tensor names per shard file, in name order, each shard at most `shard_bytes` (or one larger tensor)."""
-    shards, current, size = [], [], 0
-    for name in sorted(tensors, key=_natural_key):
-        nbytes = _numel(tensors[name]) * 2
-        if current and size + nbytes > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    if current:
-        shards.append(current)
-    return shards
-
-
-def _natural_key(name: str):
-    return [int(part) if part.isdigit() else part for part in name.split(".")]
-
-
-def write_safetensors(path: Path, names: list[str], shapes: dict, make: Callable[[str], torch.Tensor]) -> int:
-    """A safetensors file written one tensor at a time (header first: offsets follow from the shapes)."""
-    header, offset = {}, 0
-    for name in names:
-        nbytes = _numel(shapes[name]) * 2
-        header[name] = {"dtype": SAFETENSORS_DTYPE, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, like safetensors writes it
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(blob)))
-        handle.write(blob)
-        for name in names:
-            tensor = make(name)
-            if tuple(tensor.shape) != tuple(shapes[name]) or tensor.dtype != DTYPE:
-                raise ValueError(f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, expected {shapes[name]} {DTYPE}")
-            handle.write(tensor.contiguous().view(torch.uint8).numpy().data)
-    return offset
-
-
 def write_config_files(out_dir: Path, config: dict) -> None:
     """config.json + generation_config.json as save_pretrained writes them, tokenizer + processor files."""
     from transformers import GenerationConfig, Qwen3OmniMoeConfig
@@ -138,18 +93,23 @@ def write_random_checkpoint(out_dir, config: Union[str, Path, dict] = "released-
                             overrides: Optional[dict] = None, seed: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES,
                             log: Callable[[str], None] = print) -> Path:
     """Write the checkpoint into out_dir (created); returns out_dir."""
+    from .convert.export import ShardedSafetensorsWriter, TensorEntry
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = resolve_config(config, overrides)
     shapes = on_disk_tensors(config)
-    shards = plan_shards(shapes, shard_bytes)
-    weight_map, total = {}, 0
-    for index, names in enumerate(shards, start=1):
-        filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        total += write_safetensors(out_dir / filename, names, shapes, lambda name: random_tensor(name, shapes[name], seed))
-        weight_map.update({name: filename for name in names})
-        log(f"random checkpoint: {filename} ({len(names)} tensors, {total / 1e9:.2f} GB so far)")
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    plan = [TensorEntry(name, SAFETENSORS_DTYPE, shape, file=None, begin=0, end=math.prod(shape) * DTYPE.itemsize)
+            for name, shape in shapes.items()]  # planned only: no source file, the bytes are drawn below
+    with ShardedSafetensorsWriter(out_dir, plan, shard_bytes) as writer:
+        left, total = Counter(writer.weight_map.values()), 0
+        for name in sorted(shapes, key=writer.weight_map.__getitem__):  # shard by shard, to log each as it is done
+            writer.write(name, random_tensor(name, shapes[name], seed))
+            filename = writer.weight_map[name]
+            left[filename] -= 1
+            total += math.prod(shapes[name]) * DTYPE.itemsize
+            if not left[filename]:
+                log(f"random checkpoint: {filename} done ({total / 1e9:.2f} GB so far)")
+        writer.finish()
     write_config_files(out_dir, config)
     return out_dir
