@@ -171,11 +171,10 @@ def schema_problems(config: dict, schema: dict) -> list[str]:
 
 def semantic_problems(config: dict) -> list[str]:
     """Rules the schema cannot say."""
-    problems = []
-    if config.get("parallel", {}).get("cp", 1) > 1:
-        problems.append(f"parallel.cp = {config['parallel']['cp']}: context parallelism is not implemented yet; "
-                        "use parallel.cp: 1")
-    return problems
+    from .train.settings import context_parallel_problem
+
+    problem = context_parallel_problem(config.get("parallel", {}))
+    return [problem] if problem else []
 
 
 # ------------------------------------------------------------------------------------------------ inputs

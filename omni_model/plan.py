@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
+from omni_model.layout import Layout, LayoutError
+
 GIB = 1024 ** 3
 # CUDA context + NCCL communicators and buffers per rank (not seen by torch's allocator), and the allocator's
 # fragmentation on top of what tensors hold: what `total` adds to `allocated`.
@@ -46,30 +48,6 @@ class PlanError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------- inputs
-@dataclass(frozen=True)
-class Layout:
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    etp: int = 1
-    dp: int = 1
-    cp: int = 1
-    distributed_optimizer: bool = True
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.cp * self.dp
-
-    @property
-    def expert_dp(self) -> int:
-        """Ranks holding the same experts (mcore's expert-data-parallel group): world / (pp x ep x etp)."""
-        return self.world_size // (self.pp * self.ep * self.etp)
-
-    def describe(self) -> str:
-        return (f"tp{self.tp} pp{self.pp} ep{self.ep} etp{self.etp} dp{self.dp}"
-                + (" distopt" if self.distributed_optimizer else ""))
-
-
 @dataclass(frozen=True)
 class Workload:
     micro_batch_size: int = 1
@@ -132,11 +110,12 @@ def audio_params(audio: dict, tp: int) -> int:
     return convs + ds * freq * d + layers + 2 * d + (d * d + d) + (d * audio["output_dim"] + audio["output_dim"])
 
 
-def stage_layers(num_layers: int, pp: int) -> list[int]:
-    """Decoder layers per pipeline stage (mcore's even split)."""
-    if num_layers % pp:
-        raise PlanError(f"parallel.pp = {pp} does not divide the {num_layers} decoder layers")
-    return [num_layers // pp] * pp
+def stage_layers(num_layers: int, layout: Layout) -> list[int]:
+    """Decoder layers per pipeline stage (the layout's split: parallel.first_stage_layers, else even)."""
+    try:
+        return layout.stage_layers(num_layers)
+    except LayoutError as error:
+        raise PlanError(str(error)) from None
 
 
 @dataclass
@@ -163,7 +142,7 @@ def stage_params(hf_config: dict, layout: Layout, stage: int = 0) -> StageParams
     hd = text.get("head_dim") or h // nh
     attn = h * (nh + 2 * ng) * hd // tp + nh * hd * h // tp + 2 * hd + 2 * h
     pattern = _moe_pattern(text)
-    per_stage = stage_layers(len(pattern), layout.pp)
+    per_stage = stage_layers(len(pattern), layout)
     first = sum(per_stage[:stage])
     out = StageParams()
     for is_moe in pattern[first:first + per_stage[stage]]:
@@ -328,7 +307,7 @@ def estimate_stage(hf_config: dict, layout: Layout, work: Workload, stage: int) 
     dense, expert = trainable_params(params, work)
     w = 2 if work.bf16 else 4
     pattern = _moe_pattern(text)
-    per_stage = stage_layers(len(pattern), layout.pp)
+    per_stage = stage_layers(len(pattern), layout)
     first = sum(per_stage[:stage])
     layers = pattern[first:first + per_stage[stage]]
     in_flight = min(layout.pp - stage, work.num_microbatches)  # 1F1B: stage s holds pp - s micro-batches
@@ -414,9 +393,10 @@ def workload_of(train: dict, dp: int, on_gpu: bool) -> Workload:
 
 
 def layout_of(parallel: dict, world_size: int, on_gpu: bool) -> Layout:
-    model_parallel = parallel["tp"] * parallel["pp"] * parallel.get("cp", 1)
-    return Layout(tp=parallel["tp"], pp=parallel["pp"], ep=parallel["ep"], etp=parallel["etp"],
-                  cp=parallel.get("cp", 1), dp=max(1, world_size // model_parallel), distributed_optimizer=on_gpu)
+    try:
+        return Layout.of(parallel, world_size, distributed_optimizer=on_gpu)
+    except LayoutError as error:
+        raise PlanError(str(error)) from None
 
 
 def table(estimates: list[Estimate]) -> str:

@@ -213,7 +213,7 @@ def test_iters_zero_points_latest_at_the_converted_checkpoint(inputs, tmp_path):
 
 
 @pytest.mark.parametrize("parallel, train, message", [
-    ({"cp": 2}, {"cpu_procs": 2}, "parallel.cp = 2: context parallelism is not supported yet"),
+    ({"cp": 2}, {"cpu_procs": 2}, "parallel.cp = 2: context parallelism is not implemented yet"),
     ({"tp": 2}, {"cpu_procs": 3}, "not a multiple of parallel.tp x pp x cp = 2"),
     ({}, {"cpu_procs": 2, "global_batch_size": 3}, "train.global_batch_size = 3 is not a multiple"),
     ({}, {"iters": 2, "lr_warmup_iters": 2}, "train.lr_warmup_iters = 2 must be below train.iters = 2"),
@@ -224,6 +224,27 @@ def test_settings_refused_with_a_clear_message(parallel, train, message):
 
     with pytest.raises(SettingsError, match=message.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
         check_config(train, parallel)
+
+
+@pytest.mark.parametrize("parallel, message", [
+    ({"pp": 2}, "parallel.pp = 2 puts 2 of the 4 decoder layers on the first pipeline stage, but the vision tower's 3 "
+                "deepstack features are added to decoder layers 0..2, which must sit on that stage with the tower: set "
+                "parallel.first_stage_layers >= 3 (values that work here: 3)"),
+    ({"pp": 2, "first_stage_layers": 2}, "parallel.first_stage_layers >= 3"),
+    ({"pp": 2, "first_stage_layers": 4}, "parallel.first_stage_layers = 4: the other 0 of the 4 decoder layers must "
+                                         "split evenly over the other 1 pipeline stage(s)"),
+    ({"first_stage_layers": 3}, "parallel.first_stage_layers = 3 needs parallel.pp > 1"),
+])
+def test_pipeline_split_refused_naming_the_key(tiny_hf_dir, parallel, message):
+    """The tiny model's 3 deepstack layers do not fit mcore's even 2 + 2 split: refused before any rank starts (the
+    finetune rule runs this at planning), naming parallel.first_stage_layers; 3 + 1 is accepted."""
+    from omni_model.train.settings import SettingsError, check_config
+
+    hf_config = json.loads((Path(tiny_hf_dir) / "config.json").read_text())
+    with pytest.raises(SettingsError) as error:
+        check_config({"cpu_procs": 2}, parallel, hf_config=hf_config)
+    assert message in str(error.value)
+    check_config({"cpu_procs": 2}, {"pp": 2, "first_stage_layers": 3}, hf_config=hf_config)
 
 
 # -- switches -------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def main(argv=None) -> None:
     for name in ("tp", "pp", "ep", "etp"):
         parser.add_argument(f"--{name}", type=int, default=1)
     parser.add_argument("--first-stage-layers", type=int, default=None,
-                        help="LLM layers on the first pipeline stage (uneven stages; deepstack layers must be there)")
+                        help="LLM layers on the first pipeline stage (parallel.first_stage_layers; the deepstack layers must be there)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--use-te", action="store_true", help="TransformerEngine layer specs (model.use_te)")
     parser.add_argument("--parity", action="store_true", help="run the parity gate afterwards (one process)")
@@ -29,6 +29,7 @@ def main(argv=None) -> None:
 
     import torch
 
+    from ..layout import Layout
     from ..runtime.parallel import destroy_parallel, init_parallel
     from .checkpoint import convert_checkpoint
 
@@ -36,7 +37,9 @@ def main(argv=None) -> None:
     init_parallel(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
     log = (lambda line: print(line, flush=True))
     try:
-        model_kw = {"num_layers_in_first_pipeline_stage": args.first_stage_layers} if args.first_stage_layers else {}
+        # the pipeline split of parallel.first_stage_layers, as finetune builds it (omni_model.layout)
+        layout = Layout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, first_stage_layers=args.first_stage_layers)
+        model_kw = layout.split_overrides()
         convert_checkpoint(args.hf, args.out, dtype=args.dtype, use_te=args.use_te, log=log, model_kw=model_kw)
         if args.parity:
             if torch.distributed.get_world_size() > 1:

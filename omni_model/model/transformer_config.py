@@ -7,7 +7,6 @@ Sizes always come from the checkpoint's config (never transformers' class defaul
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..layout import Layout  # noqa: F401  (the one layout type; model builders take it from here)
 
 
 def _config_dict(cfg) -> dict:
@@ -76,25 +77,6 @@ def deepstack_count(cfg) -> int:
         return len(thinker_config_of(cfg)["vision_config"]["deepstack_visual_indexes"])
     except (KeyError, TypeError):
         return 0
-
-
-@dataclass
-class Layout:
-    """Parallel layout of one model replica. etp None = etp 1 (mcore's default for experts is etp = tp when None;
-    we default to 1, the usual choice for fine-grained MoE). Sequence parallel is forced on when tp > 1 (MoE needs it)."""
-
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    etp: Optional[int] = None
-    cp: int = 1
-    sequence_parallel: Optional[bool] = None
-
-    def __post_init__(self):
-        if self.etp is None:
-            self.etp = 1
-        if self.sequence_parallel is None:
-            self.sequence_parallel = self.tp > 1
 
 
 def build_transformer_config(

@@ -77,6 +77,7 @@ def model_config_overrides(settings: TrainSettings) -> dict:
     }
     if t["moe_aux_loss_coeff"] is not None:
         overrides["moe_aux_loss_coeff"] = float(t["moe_aux_loss_coeff"])
+    overrides.update(settings.layout.split_overrides())  # parallel.first_stage_layers
     return overrides
 
 
@@ -86,8 +87,29 @@ def build_thinker_for_training(settings: TrainSettings):
     # perform_initialization stays on although a checkpoint fills the weights next: mcore 0.16.1 tags TP-split
     # weights (tensor_model_parallel, partition_dim) only inside its init functions, and without the tags the grad
     # norm, clipping and the SP/TP grad reductions treat them as replicated (seen: tp2 grad norm 1.41 vs tp1 1.59)
-    return build_thinker(settings.hf_dir, dtype=training_dtype(settings), use_te=settings.use_te,
-                         config_overrides=model_config_overrides(settings))
+    thinker = build_thinker(settings.hf_dir, dtype=training_dtype(settings), use_te=settings.use_te,
+                            config_overrides=model_config_overrides(settings))
+    if settings.layout.pp > 1:
+        allow_variable_seq_lengths(thinker.config)
+    return thinker
+
+
+def allow_variable_seq_lengths(config) -> None:
+    """Let the pipeline stages exchange each activation's shape before sending it: packed micro-batches differ in
+    length (mcore's `variable_seq_lengths`; only pipeline_parallel/p2p_communication reads it, at run time).
+
+    Set on the built config, not passed to the build, on purpose: TransformerConfig.__post_init__ (megatron-core
+    0.16.1) refuses variable_seq_lengths with the allgather token dispatcher for every layout, because that
+    dispatcher all-gathers the tokens over the TP x EP group with equal-size collectives, which break when those
+    ranks hold micro-batches of different lengths at the same time. build_transformer_config picks allgather only at
+    ep = 1, where the TP x EP group is the TP group: its ranks always run the same micro-batch, so the lengths are
+    equal and the refusal does not apply (checked below). The ways around it cost time: the alltoall dispatcher at
+    ep = 1 re-sorts the permuted tokens (~0.7 ms per MoE layer and micro-batch at the 30B shape, H200), and padding
+    every micro-batch to train.seq_len computes the packing's unused remainder."""
+    if config.moe_token_dispatcher_type == "allgather" and config.expert_model_parallel_size > 1:
+        raise ValueError("variable sequence lengths with the allgather dispatcher need expert_model_parallel_size 1 "
+                         "(its all-gather spans TP x EP ranks that may hold micro-batches of different lengths)")
+    config.variable_seq_lengths = True
 
 
 def freeze(thinker: torch.nn.Module, train: dict) -> dict:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..layout import Layout, LayoutError
+
 # train.* keys that do not change the numbers a run produces (how often it logs, saves or evaluates, where it runs):
 # left out of the settings digest, so changing them resumes instead of starting over.
 NOT_IN_DIGEST = ("log_interval", "eval_interval", "eval_iters", "save_interval", "keep_checkpoints", "gpus_per_node",
@@ -28,7 +30,7 @@ TRAIN_DEFAULTS = {
     "lr_mult_audio": 1.0, "recompute": "none", "moe_aux_loss_coeff": None, "gpus_per_node": 0, "cpu_procs": 1,
     "nnodes": 1, "rdzv_endpoint": "", "peak_tflops": None, "gpu_memory_gib": None,
 }
-PARALLEL_DEFAULTS = {"tp": 1, "pp": 1, "ep": 1, "etp": 1, "cp": 1}
+PARALLEL_DEFAULTS = {"tp": 1, "pp": 1, "ep": 1, "etp": 1, "cp": 1, "first_stage_layers": None}
 
 
 class SettingsError(ValueError):
@@ -84,9 +86,13 @@ class TrainSettings:
         return per_node * self.train["nnodes"]
 
     @property
-    def data_parallel_size(self) -> int:
-        p = self.parallel
-        return self.world_size // (p["tp"] * p["pp"] * p["cp"])
+    def layout(self) -> Layout:
+        return Layout.of(self.parallel, self.world_size, distributed_optimizer=self.on_gpu)
+
+    @property
+    def hf_config(self) -> Optional[dict]:
+        path = Path(self.hf_dir) / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def digest(self) -> str:
         """Fingerprint of everything that decides the loss sequence: the trajectory-changing train keys, the data
@@ -99,7 +105,7 @@ class TrainSettings:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> None:
-        check_config(self.train, self.parallel, self.world_size)
+        check_config(self.train, self.parallel, self.world_size, self.hf_config)
 
 
 def _files_fingerprint(root: Path) -> list:
@@ -110,27 +116,39 @@ def _files_fingerprint(root: Path) -> list:
                   for p in root.rglob("*") if p.is_file())
 
 
-def check_config(train: dict, parallel: dict, world_size: Optional[int] = None) -> None:
-    """Refuse layouts and batch settings that cannot train, naming the key. `world_size` None: derive it."""
+def context_parallel_problem(parallel: dict) -> Optional[str]:
+    """The one rule about parallel.cp (the workflow's config check and the training checks both ask it)."""
+    cp = parallel.get("cp", 1)
+    if cp > 1:
+        return (f"parallel.cp = {cp}: context parallelism is not implemented yet (the packed sequence and its MRoPE "
+                f"positions are not split over CP ranks, on either the local or the TE spec); use parallel.cp: 1")
+    return None
+
+
+def check_config(train: dict, parallel: dict, world_size: Optional[int] = None,
+                 hf_config: Optional[dict] = None) -> None:
+    """Refuse layouts and batch settings that cannot train, naming the key. `world_size` None: derive it.
+    `hf_config` (the model's config.json dict), when known: also the pipeline split against its decoder layers and
+    deepstack features."""
     train = {**TRAIN_DEFAULTS, **train}
     parallel = {**PARALLEL_DEFAULTS, **parallel}
-    if parallel["cp"] > 1:
-        raise SettingsError(
-            f"parallel.cp = {parallel['cp']}: context parallelism is not supported yet (the packed sequence and its "
-            f"MRoPE positions are not split over CP ranks, on either the local or the TE spec); set parallel.cp: 1")
+    problem = context_parallel_problem(parallel)
+    if problem:
+        raise SettingsError(problem)
     if world_size is None:
         per_node = train["gpus_per_node"] if train["gpus_per_node"] > 0 else train["cpu_procs"]
         world_size = per_node * train["nnodes"]
-    model_parallel = parallel["tp"] * parallel["pp"] * parallel["cp"]
-    if world_size % model_parallel:
+    try:
+        layout = Layout.of(parallel, world_size)
+        if hf_config is not None:
+            check_pipeline_split(layout, hf_config)
+    except LayoutError as error:
+        raise SettingsError(str(error)) from None
+    dp = layout.dp
+    if (dp * layout.tp) % (layout.ep * layout.etp):
         raise SettingsError(
-            f"{world_size} rank(s) (train.gpus_per_node or train.cpu_procs x train.nnodes) are not a multiple of "
-            f"parallel.tp x pp x cp = {model_parallel}")
-    dp = world_size // model_parallel
-    if (dp * parallel["tp"]) % (parallel["ep"] * parallel["etp"]):
-        raise SettingsError(
-            f"parallel.ep x etp = {parallel['ep'] * parallel['etp']} must divide data-parallel x tp = "
-            f"{dp * parallel['tp']} ({world_size} ranks)")
+            f"parallel.ep x etp = {layout.ep * layout.etp} must divide data-parallel x tp = "
+            f"{dp * layout.tp} ({world_size} ranks)")
     per_step = train["micro_batch_size"] * dp
     if train["global_batch_size"] % per_step:
         raise SettingsError(
@@ -144,3 +162,11 @@ def check_config(train: dict, parallel: dict, world_size: Optional[int] = None) 
         raise SettingsError(f"train.min_lr = {train['min_lr']} is above train.lr = {train['lr']}")
     if train["freeze_llm"] and train["freeze_vision"] and train["freeze_audio"] and train["iters"]:
         raise SettingsError("train.freeze_llm, freeze_vision and freeze_audio are all true: nothing to train")
+
+
+def check_pipeline_split(layout: Layout, hf_config: dict) -> None:
+    """The layout's pipeline split of the model's decoder layers, with the deepstack layers on the first stage."""
+    thinker = hf_config.get("thinker_config", hf_config)
+    num_layers = thinker["text_config"]["num_hidden_layers"]
+    deepstack = len((thinker.get("vision_config") or {}).get("deepstack_visual_indexes") or ())
+    layout.check_deepstack(num_layers, deepstack)

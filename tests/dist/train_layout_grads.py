@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from train_helpers import ddp_thinker, forward_backward, grad_state_dict, to_hf_names  # noqa: E402
 
 AUX_COEFF = 0.01
-# 4 layers over 2 stages: 3 on the first so the 3 deepstack layers sit with the vision tower (mcore's uneven split)
-PP_SPLIT = {"num_layers_in_first_pipeline_stage": 3, "num_layers_in_last_pipeline_stage": 1}
+# 4 layers over 2 stages: 3 on the first so the 3 deepstack layers sit with the vision tower (parallel.first_stage_layers)
+FIRST_STAGE_LAYERS = 3
 LAYOUTS = {
     "tp1_dp2": dict(),
     "tp2_sp": dict(tp=2),
@@ -43,15 +43,16 @@ def run_layout(hf_dir, batches, layout: dict) -> dict:
 
     from omni_model.convert.mapping import load_hf_into_model
     from omni_model.model.thinker import build_thinker
+    from omni_model.layout import Layout
     from omni_model.runtime.parallel import init_parallel
+    from omni_model.train.build import allow_variable_seq_lengths
 
     init_parallel(**layout, seed=1234)
-    overrides = {"calculate_per_token_loss": True, "moe_aux_loss_coeff": AUX_COEFF}
-    if layout.get("pp", 1) > 1:
-        overrides.update(PP_SPLIT)
+    split = Layout(**layout, first_stage_layers=FIRST_STAGE_LAYERS if layout.get("pp", 1) > 1 else None)
+    overrides = {"calculate_per_token_loss": True, "moe_aux_loss_coeff": AUX_COEFF, **split.split_overrides()}
     thinker = build_thinker(hf_dir, config_overrides=overrides)
-    if layout.get("pp", 1) > 1:  # packed rows differ in length: the stages exchange shapes first (as the loop does)
-        thinker.config.variable_seq_lengths = True
+    if split.pp > 1:  # packed rows differ in length: the stages exchange shapes first (as the training build does)
+        allow_variable_seq_lengths(thinker.config)
     load_hf_into_model(thinker, hf_dir, prefix="")
     model = ddp_thinker(thinker.train())
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
