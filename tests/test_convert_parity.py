@@ -4,6 +4,7 @@ the project's data encoder), its failure on a corrupted tensor, the CLI, and `sn
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,8 @@ def converted(tiny_hf_dir, tmp_path_factory):
                            "--dtype", "fp32"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     progress = [line for line in proc.stdout.splitlines() if line.startswith("convert rank 0:")]
-    assert len(progress) >= 3 and progress[-1].startswith("convert rank 0: 100 % (207/207 tensors"), progress
+    assert len(progress) >= 3 and progress[-1].startswith("convert rank 0: checkpoint saved in"), progress
+    assert re.search(r"^convert rank 0: HF tensors read: .*, tensors 207/207$", proc.stdout, re.M), progress
     return out
 
 
@@ -86,7 +88,8 @@ def test_snakemake_convert_on_the_default(tmp_path):
     assert parity["pass"] is True and parity["dtype"] == "fp32"
     assert (mcore / "checkpoint" / "metadata.json").is_file() and (mcore / "tokenizer.json").is_file()
     assert not (mcore.parent / "mcore.staging").exists()
-    assert "100 %" in log and "parity gate passed" in log
+    assert re.search(r"convert rank 0: HF tensors read: .*, tensors 207/207$", log, re.M)
+    assert "parity gate passed" in log
     again = snakemake(wf, "--cores", "2", "convert", "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -104,7 +107,8 @@ def test_cli_under_torchrun_then_gate(tiny_hf_dir, tmp_path, parallel):
     record = json.loads((out / "convert.json").read_text())
     assert record["layout"]["tp"] == 2 and record["layout"]["ep"] == 2
     log = (tmp_path / "convert.log").read_text()
-    assert "convert rank 0: 100 %" in log and "convert rank 1: 100 %" in log
+    for rank in (0, 1):  # each rank's last progress line: all of its tensors
+        assert re.search(rf"convert rank {rank}: HF tensors read: .*, tensors (\d+)/\1$", log, re.M), log[-3000:]
     result = run_parity_gate(tiny_hf_dir, out, dtype="fp32")
     print(f"written at tp2+ep2 by 2 ranks, gate at tp1: max abs logit error {result['max_abs_error']:.2e}")
     assert result["pass"]

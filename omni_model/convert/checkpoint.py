@@ -20,13 +20,13 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from ..runtime.logs import Progress
 from .mapping import Mapper, MappingError, SafetensorsReader, copy_into_model, current_coord
 
 CHECKPOINT = "checkpoint"
@@ -61,37 +61,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-class Progress:
-    """Bytes of HF tensors copied so far: a tqdm bar on a terminal, else one log line per 10 %."""
-
-    def __init__(self, total_bytes: int, total_tensors: int, log: Callable[[str], None], label: str):
-        self.total, self.tensors, self.log, self.label = max(total_bytes, 1), total_tensors, log, label
-        self.done = self.count = self.logged_tenth = 0
-        self.start = time.perf_counter()
-        self.bar = None
-        if sys.stderr.isatty() and _rank() == 0:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=label)
-
-    def add(self, nbytes: int) -> None:
-        self.done += nbytes
-        self.count += 1
-        if self.bar is not None:
-            self.bar.update(nbytes)
-            return
-        tenth = min(10, self.done * 10 // self.total)
-        if tenth > self.logged_tenth:
-            self.logged_tenth = tenth
-            seconds = time.perf_counter() - self.start
-            self.log(f"{self.label}: {tenth * 10:3d} % ({self.count}/{self.tensors} tensors, "
-                     f"{self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB, {self.done / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def check_source_dtypes(reader: SafetensorsReader) -> None:
@@ -159,6 +128,8 @@ def convert_checkpoint(hf_dir, out_dir, *, dtype="auto", use_te: bool = False,
     thinker = build_thinker(reader.config, dtype=dtype, use_te=use_te, perform_initialization=False,
                             **(model_kw or {}))
     built_s = time.perf_counter() - started
+    log(f"convert rank {_rank()}: thinker built at tp{layout.tp} pp{layout.pp} ep{layout.ep} etp{layout.etp} "
+        f"({dtype_name(dtype)}) in {built_s:.1f} s")
     mapper = Mapper(reader.config, layout, use_te=use_te, tconfig=thinker.config)
     unclaimed = mapper.unmapped_hf_keys(reader.keys(), prefixes=("thinker.",))
     if unclaimed:
@@ -167,13 +138,17 @@ def convert_checkpoint(hf_dir, out_dir, *, dtype="auto", use_te: bool = False,
     def nbytes(binding):  # a tensor missing from the checkpoint is reported by the copy, naming it
         return sum(reader.nbytes(k) for k in binding.hf_keys if k in reader)
 
-    progress = Progress(sum(nbytes(b) for b in plan), len(plan), log, f"convert rank {_rank()}")
-    copy_into_model(thinker, mapper, reader.get, reader.keys(), coord, progress=lambda b: progress.add(nbytes(b)))
-    progress.close()
+    total = sum(nbytes(b) for b in plan)
+    with Progress(total, "B", log=log, label=f"convert rank {_rank()}: HF tensors read") as bar:
+        copied = iter(range(1, len(plan) + 1))
+        copy_into_model(thinker, mapper, reader.get, reader.keys(), coord,
+                        progress=lambda b: bar.update(nbytes(b), tensors=f"{next(copied)}/{len(plan)}"))
     mapped_s = time.perf_counter() - started - built_s
 
+    log(f"convert rank {_rank()}: saving the torch_dist checkpoint")
     dist_checkpointing.save(thinker.sharded_state_dict(), str(staging / CHECKPOINT))
     saved_s = time.perf_counter() - started - built_s - mapped_s
+    log(f"convert rank {_rank()}: checkpoint saved in {saved_s:.1f} s")
     left = [k for k in reader.keys() if k.startswith(NOT_THINKER)]
     record = {
         "source": {"dir": str(hf_dir.resolve()), "manifest": manifest_digest(hf_dir)},

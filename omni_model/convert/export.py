@@ -332,7 +332,8 @@ def export_to_hf(checkpoint_dir, source_hf_dir, out_dir, *, shard_size: int = 5_
                  group_bytes: int = DEFAULT_GROUP_BYTES, log: Callable[[str], None] = print) -> dict:
     """Write `out_dir`: the thinker from `checkpoint_dir`, everything else from `source_hf_dir`. Returns a summary."""
     from ..download import _fresh_dir, _publish, write_manifest
-    from .checkpoint import Progress, copy_hf_side_files, manifest_digest
+    from ..runtime.logs import Progress
+    from .checkpoint import copy_hf_side_files, manifest_digest
 
     checkpoint_dir, source_hf_dir, out_dir = Path(checkpoint_dir), Path(source_hf_dir), Path(out_dir)
     _single_process_layout()
@@ -344,15 +345,16 @@ def export_to_hf(checkpoint_dir, source_hf_dir, out_dir, *, shard_size: int = 5_
     staging = _fresh_dir(out_dir)
 
     with ShardedSafetensorsWriter(staging, source.values(), shard_size) as writer:
-        progress = Progress(sum(e.nbytes for e in thinker), len(thinker), log, "export thinker")
-        for name, tensor in export_thinker_tensors(checkpoint_dir, hf_config, use_te=use_te,
-                                                   group_bytes=group_bytes):
-            if name not in source:
-                raise ExportError(f"{name}: mapped from the checkpoint, but the source checkpoint {source_hf_dir} "
-                                  f"has no such tensor")
-            writer.write(name, tensor.to(_DTYPES[source[name].dtype]))  # the source dtype (round to nearest)
-            progress.add(source[name].nbytes)
-        progress.close()
+        total = sum(e.nbytes for e in thinker)
+        # a line per load group's worth of bytes (at least every tenth): the groups are loaded as the tensors are
+        with Progress(total, "B", log=log, label="export thinker", every=min(group_bytes, total / 10)) as bar:
+            for count, (name, tensor) in enumerate(export_thinker_tensors(checkpoint_dir, hf_config, use_te=use_te,
+                                                                         group_bytes=group_bytes), 1):
+                if name not in source:
+                    raise ExportError(f"{name}: mapped from the checkpoint, but the source checkpoint "
+                                      f"{source_hf_dir} has no such tensor")
+                writer.write(name, tensor.to(_DTYPES[source[name].dtype]))  # the source dtype (round to nearest)
+                bar.update(source[name].nbytes, tensors=f"{count}/{len(thinker)}")
         for entry in copied:
             writer.copy_from(entry)
         log(f"export: {len(copied)} talker/code2wav tensors copied unchanged")

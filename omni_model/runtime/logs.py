@@ -49,6 +49,8 @@ class _Tee:
             self.files.append(open(path, "a", buffering=1, encoding="utf-8", errors="replace"))
 
     def write(self, text: str) -> int:
+        if "\r" in text.replace("\r\n", "\n"):  # a progress bar's frame (tqdm & co.): terminal-only, never the log
+            return len(text)
         for handle in self.files:
             handle.write(text)
         return len(text)
@@ -137,12 +139,18 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _quiet_third_party() -> None:
-    """transformers logs through its own handler to the real stderr; point it at ours (the log file)."""
+    """transformers logs through its own handler to the real stderr; point it at ours (the log file). Its and the
+    hub's tqdm bars ("Loading weights") would write frames into the log: off (the stage's own Progress reports)."""
     with contextlib.suppress(Exception):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_default_handler()
         hf_logging.enable_propagation()
+        hf_logging.disable_progress_bar()
+    with contextlib.suppress(Exception):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     warnings.simplefilter("default")
 
 
@@ -201,8 +209,10 @@ class Progress:
         if stream is not None:
             from tqdm import tqdm
 
+            sized = _columns(stream) > 0  # a terminal that reports no width (some ptys): tqdm would draw nothing
             self.bar = tqdm(total=total, initial=initial, desc=label, unit=what, file=stream, leave=False,
-                            dynamic_ncols=True, mininterval=0.5, unit_scale=what == "B", unit_divisor=1000)
+                            dynamic_ncols=sized, ncols=None if sized else 100, mininterval=0.5,
+                            unit_scale=what == "B", unit_divisor=1000)
 
     def update(self, n: float = 1, **postfix) -> None:
         self.done += n
@@ -269,6 +279,13 @@ def _bytes(count: float) -> str:
 TTY_ENV = "OMNI_PROGRESS_TTY"
 _console: Optional[TextIO] = None
 _tty_file: Optional[TextIO] = None
+
+
+def _columns(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def terminal() -> Optional[TextIO]:

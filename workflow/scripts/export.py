@@ -5,15 +5,16 @@ One process: dist_checkpointing reshards the checkpoint to it, one group of tens
 
 from pathlib import Path
 
+from omni_model.runtime.logs import stage_logging
+
 
 def main(smk) -> None:
-    from omni_model.convert.export import export_to_hf
-    from omni_model.download import require_intact
-    from omni_model.runtime.logs import stage_logging
-    from omni_model.runtime.parallel import destroy_parallel
-    from omni_model.train.checkpointing import read_latest
+    with stage_logging(smk.log[0], "export") as log:  # first: the imports below print warnings (to the log)
+        from omni_model.convert.export import export_to_hf
+        from omni_model.download import require_intact
+        from omni_model.runtime.parallel import destroy_parallel
+        from omni_model.train.checkpointing import read_latest
 
-    with stage_logging(smk.log[0], "export") as log:
         hf_dir = Path(smk.input.hf_manifest).parent
         require_intact(hf_dir)
         checkpoint = read_latest(Path(smk.input.latest).parent)

@@ -8,15 +8,16 @@ step count and first/last loss at the end (also on the console); the console get
 
 from pathlib import Path
 
-from omni_model.plan import check_settings
-from omni_model.runtime.launch import run_torchrun
 from omni_model.runtime.logs import console_line, stage_logging
-from omni_model.train.loop import no_training
-from omni_model.train.metrics import read_metrics
-from omni_model.train.settings import TrainSettings
 
 params = snakemake.params  # noqa: F821
-with stage_logging(snakemake.log[0], "finetune") as log:  # noqa: F821
+with stage_logging(snakemake.log[0], "finetune") as log:  # noqa: F821  (first: the imports below print warnings)
+    from omni_model.plan import check_settings
+    from omni_model.runtime.launch import run_torchrun
+    from omni_model.train.loop import no_training
+    from omni_model.train.metrics import read_metrics
+    from omni_model.train.settings import TrainSettings
+
     mcore_dir = Path(snakemake.input.convert).parent  # noqa: F821
     train_dir = Path(snakemake.output.latest).parent  # noqa: F821
     settings = TrainSettings(

@@ -1,0 +1,166 @@
+"""Stage logs as a user meets them (issue 10 item 4, issue 8 item 8): `snakemake convert` in a pseudo-terminal shows a
+live progress bar on the terminal while logs/convert.log gets plain timestamped progress lines (rate, ETA) and the
+counts at the end; a failing convert prints one console line pointing at its log, which holds the traceback; export
+logs its progress per load group and its counts. The workflow starts from the session's tiny checkpoint put where
+`download` publishes it (the download rule is tested elsewhere), so the whole module takes well under a minute."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import struct
+import subprocess
+import termios
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from workflow_utils import REPO, SNAKEMAKE, snakemake, workflow_copy
+
+STAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+NO_PARITY = "convert={parity: false}"  # the parity gate has its own tests; here only the logging matters
+BAR_FRAME = re.compile(r"HF tensors read:\s+\d+%\|[^|]*\| [\d.]+\w*/[\d.]+\w* \[[\d:]+<[\d:?]+")  # tqdm: %| and ETA
+
+
+@pytest.fixture(scope="module")
+def wf(tiny_hf_dir, tmp_path_factory):
+    from omni_model.download import write_manifest
+
+    root = workflow_copy(tmp_path_factory.mktemp("stage_logs") / "wf")
+    hf = root / "results" / "model" / "hf"
+    shutil.copytree(tiny_hf_dir, hf)
+    write_manifest(hf, {"kind": "tiny", "seed": 0})
+    return root
+
+
+def run_in_pty(workdir: Path, *args: str, timeout: float = 300) -> tuple[int, str]:
+    """Snakemake with a pseudo-terminal as stdin/stdout/stderr (an interactive shell); returns (exit code, what the
+    terminal showed)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))  # 30 x 120, as a terminal window
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TERM="xterm")
+    proc = subprocess.Popen([SNAKEMAKE, *args], cwd=workdir, env=env, stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True)
+    os.close(slave)
+    shown = bytearray()
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every writer closed the terminal
+                    break
+                if not data:
+                    break
+                shown += data
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return proc.wait(timeout=30), shown.decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def interactive_convert(wf):
+    code, terminal = run_in_pty(wf, "--cores", "2", "convert", "--config", NO_PARITY)
+    assert code == 0, terminal[-4000:]
+    return terminal
+
+
+def test_interactive_convert_shows_a_bar_on_the_terminal_only(wf, interactive_convert):
+    frames = BAR_FRAME.findall(interactive_convert)
+    print(f"{len(frames)} bar frame(s) on the terminal, e.g. {frames[-1]!r}" if frames else interactive_convert[-3000:])
+    assert frames, "no progress bar on the terminal"
+    assert "\r" in interactive_convert.replace("\r\n", "")  # drawn in place
+    log = (wf / "logs" / "convert.log").read_text()
+    history = (wf / "logs" / "history" / "convert.log").read_text()
+    for text in (log, history):
+        assert "%|" not in text and "\r" not in text  # the log files keep plain lines
+
+
+def test_convert_log_has_timestamped_progress_and_counts(wf, interactive_convert):
+    log = (wf / "logs" / "convert.log").read_text()
+    record = json.loads((wf / "results" / "model" / "mcore" / "convert.json").read_text())
+    progress = re.findall(STAMP + r"INFO convert: convert rank 0: HF tensors read: ([\d.]+ [kMG]?B)/([\d.]+ [kMG]?B), "
+                          r"[\d.]+ [kMG]?B/s, [\d.]+s elapsed(?:, ETA \d+s)?, tensors (\d+)/(\d+)$", log, re.M)
+    print("\n".join(line for line in log.splitlines() if "convert rank 0" in line))
+    assert len(progress) >= 2 and progress[-1][0] == progress[-1][1] and progress[-1][2] == progress[-1][3]
+    for stage in ("thinker built at tp1 pp1 ep1 etp1", "saving the torch_dist checkpoint", "checkpoint saved in",
+                  "parity gate skipped"):
+        assert re.search(STAMP + r"INFO convert: .*" + stage, log, re.M), stage
+    counts = re.search(STAMP + r"INFO convert: converted (\d+) thinker tensors \(([\d,]+) parameters in all parts\), "
+                       r"(\d+) talker/code2wav tensors left for export", log, re.M)
+    assert counts, log[-3000:]
+    assert int(counts[1]) == record["thinker_tensors_read"] and int(counts[3]) == record["left_for_export"]["count"]
+    assert int(counts[2].replace(",", "")) == sum(record["parameters"].values())
+    assert re.search(STAMP + r"INFO convert: convert done in [\d.]+s$", log, re.M)
+
+
+def test_a_failing_convert_is_one_console_line_and_a_traceback_in_the_log(wf, interactive_convert, tmp_path):
+    """A damaged checkpoint under results/model/hf (one byte of the weights flipped): convert stops at its check."""
+    bad = tmp_path / "wf"
+    shutil.copytree(wf, bad, ignore=shutil.ignore_patterns(".snakemake", "logs"))
+    weights = bad / "results" / "model" / "hf" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    result = snakemake(bad, "--cores", "2", "convert", "--forcerun", "convert", "--config", NO_PARITY)
+    console = result.stdout + result.stderr
+    failed = [line for line in console.splitlines() if line.startswith("[convert] FAILED")]
+    print("\n".join(failed))
+    assert result.returncode != 0
+    assert len(failed) == 1 and failed[0].endswith("(full log: logs/convert.log)")
+    assert "CheckpointError: results/model/hf is incomplete or corrupted" in failed[0] and "sha256" in failed[0]
+    assert "Traceback (most recent call last)" not in console  # the traceback is in the log, not on the console
+    log = (bad / "logs" / "convert.log").read_text()
+    assert "Traceback (most recent call last)" in log and "in require_intact" in log
+    assert re.search(STAMP + r"ERROR convert: convert failed after [\d.]+s: CheckpointError: ", log, re.M)
+
+
+def test_export_logs_progress_and_counts(wf, interactive_convert, tmp_path):
+    """The export script as the rule runs it, on the converted checkpoint (what `latest` names when train.iters is
+    0): a progress line every tenth of the thinker's bytes (on a big model: every load group's worth), the counts."""
+    from omni_model.train.checkpointing import write_latest
+
+    train = tmp_path / "train"
+    train.mkdir()
+    write_latest(train, wf / "results" / "model" / "mcore" / "checkpoint")
+    out = tmp_path / "export" / "hf"
+    smk = SimpleNamespace(input=SimpleNamespace(latest=str(train / "latest"),
+                                                hf_manifest=str(wf / "results/model/hf/MANIFEST.json")),
+                          output=SimpleNamespace(manifest=str(out / "MANIFEST.json")),
+                          params=SimpleNamespace(export={"shard_size": 5_000_000_000}, use_te=False),
+                          log=[str(tmp_path / "logs" / "export.log")])
+    _load_script("export").main(smk)
+    log = Path(smk.log[0]).read_text()
+    print("\n".join(line for line in log.splitlines() if "INFO export" in line))
+    progress = re.findall(STAMP + r"INFO export: export thinker: ([\d.]+ [kMG]?B)/([\d.]+ [kMG]?B), [\d.]+ [kMG]?B/s, "
+                          r"[\d.]+s elapsed(?:, ETA \d+s)?, tensors (\d+)/(\d+)$", log, re.M)
+    assert len(progress) >= 2, log[-3000:]  # every tenth of the bytes (the embedding alone is half of them)
+    assert progress[-1][0] == progress[-1][1] and progress[-1][2] == progress[-1][3]
+    counts = re.search(STAMP + r"INFO export: (\d+) thinker tensors from \S+, (\d+) talker/code2wav tensors copied, "
+                       r"(\d+) shard\(s\)", log, re.M)
+    assert counts, log[-3000:]
+    assert int(counts[1]) == int(progress[-1][3]) and int(counts[2]) > 0
+    assert int(counts[3]) == len(list(out.glob("*.safetensors")))
+    assert re.search(STAMP + r"INFO export: export done in [\d.]+s$", log, re.M)
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "workflow" / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
