@@ -164,3 +164,52 @@ def _load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_a_failing_rank_is_named_on_the_console_and_its_traceback_is_in_the_log(tmp_path, capfd):
+    """What finetune (and convert with procs > 1) do: run_torchrun inside stage_logging. Rank 1 raises: the one
+    console line names its error, the log holds every rank's output timestamped and the rank's traceback."""
+    from omni_model.runtime.launch import run_torchrun
+    from omni_model.runtime.logs import StageFailed, stage_logging
+
+    (tmp_path / "ranks_demo.py").write_text(
+        "import os\n"
+        "print(f'rank {os.environ[\"RANK\"]} step 1', flush=True)\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    raise ValueError('loss is nan at step 2')\n")
+    log = tmp_path / "logs" / "finetune.log"
+    with pytest.raises(StageFailed):
+        with stage_logging(log, "finetune"):
+            run_torchrun("ranks_demo", [], nproc_per_node=2, env={"PYTHONPATH": str(tmp_path)})
+    console = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    print("\n".join(console))
+    assert len(console) == 1 and console[0].startswith("[finetune] FAILED: RankFailed: ranks_demo failed on 2 rank(s)")
+    assert console[0].endswith(f"ValueError: loss is nan at step 2  (full log: {log})")
+    text = log.read_text()
+    assert re.search(STAMP + r"rank 0 step 1$", text, re.M) and re.search(STAMP + r"rank 1 step 1$", text, re.M)
+    assert re.search(STAMP + r"Traceback \(most recent call last\):\n(.*\n)*?" + STAMP[1:]
+                     + r"ValueError: loss is nan at step 2$", text, re.M)
+    assert (log.parent / "history" / "finetune.log").read_text() == text
+
+
+def test_progress_lines_and_third_party_bars_in_a_stage_log(tmp_path):
+    """Rate and ETA count only this run's work (a resumed run starts at `initial`); a library's own tqdm bar writing
+    to stderr inside the stage leaves no frames in the log."""
+    from tqdm import tqdm
+
+    from omni_model.runtime.logs import Progress, progress_line, stage_logging
+
+    assert progress_line(15, 20, 10.0, "steps", initial=10) == "15/20 steps, 0.5 steps/s, 10.0s elapsed, ETA 10s"
+    assert progress_line(3e9, 4e9, 2.0, "B") == "3.00 GB/4.00 GB, 1.50 GB/s, 2.0s elapsed, ETA 1s"
+    log = tmp_path / "stage.log"
+    with stage_logging(log, "stage") as logger:
+        for _ in tqdm(range(50), desc="Loading weights"):  # a library's bar: sys.stderr is the log here
+            pass
+        with Progress(20, "steps", log=logger, label="train", initial=10, every=5) as bar:
+            for step in range(11, 21):
+                bar.update(1, loss=f"{1 / step:.3f}")
+    text = log.read_text()
+    assert "\r" not in text and "Loading weights" not in text
+    lines = re.findall(STAMP + r"INFO stage: train: (\d+)/20 steps, [\d.]+ steps/s, [\d.]+s elapsed(, ETA \d+s)?, "
+                       r"loss ([\d.]+)$", text, re.M)
+    assert [int(done) for done, _, _ in lines] == [15, 20] and lines[-1][1:] == ("", "0.050")

@@ -255,7 +255,7 @@ class Progress:
 
 def progress_line(done: float, total: Optional[float], elapsed: float, what: str, initial: float = 0) -> str:
     """`12/40 samples, 3.1 samples/s, 3.9s elapsed, ETA 9s` (bytes: `1.2 GB/4.0 GB, 0.8 GB/s, ...`)."""
-    amount = _bytes if what == "B" else (lambda n: f"{n:g}")
+    amount = _bytes if what == "B" else (lambda n: f"{n:.0f}" if float(n).is_integer() else f"{n:.1f}")
     rate = (done - initial) / elapsed if elapsed > 0 else float("inf")
     unit = "" if what == "B" else f" {what}"
     head = f"{amount(done)}/{amount(total)}{unit}" if total else f"{amount(done)}{unit}"
