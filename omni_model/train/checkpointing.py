@@ -264,19 +264,40 @@ def save_training_checkpoint(train_dir: Path, iteration: int, training, loader, 
     return final
 
 
-def _materialise_optimizer_state(optimizer) -> None:
-    """Give a fresh distributed optimizer its Adam state tensors before a load asks for its sharded state dict.
-
-    Torch's Adam creates exp_avg/exp_avg_sq/step lazily at the first step, and mcore's DistributedOptimizer (without
-    TE/Apex) reads the common `step` from that state while building the load request (it asserts one value), so a
-    resume before any step fails there (found on the H200; the CPU runs use the plain optimizer, which needs no
-    state to build the request). mcore's own initialiser steps once on zero gradients; whatever that step changes is
-    replaced by the checkpoint's weights and optimizer state loaded right after."""
+def _prepare_distributed_optimizer_load(optimizer) -> None:
+    """Two gaps of mcore 0.16.1's DistributedOptimizer on torch's Adam (no TE/Apex), both met by a resume on the H200
+    (the CPU runs use the plain optimizer and never reach them):
+    - building the load request reads the common Adam `step` from the optimizer state and asserts one value, but a
+      fresh torch Adam has no state until its first step: the state is materialised first with mcore's own
+      initialiser (one step on zero gradients; whatever it changes is replaced by the checkpoint right after);
+    - the fully reshardable parameter-state load copies every state key of the live optimizer from the checkpoint,
+      `step` included, which that format does not store (it restores `step` from the param groups, one shared
+      tensor): the per-parameter copy is made to leave `step` alone."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+    _leave_step_to_the_param_groups(DistributedOptimizer)
     for leaf in getattr(optimizer, "chained_optimizers", [optimizer]):
         if isinstance(leaf, DistributedOptimizer) and not leaf.optimizer.state:
             leaf._init_optimizer_states_with_dummy_values()
+
+
+def _leave_step_to_the_param_groups(distributed_optimizer_class) -> None:
+    original = distributed_optimizer_class._set_main_param_and_optimizer_states
+    if getattr(original, "leaves_step", False):
+        return
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    set_states.leaves_step = True
+    distributed_optimizer_class._set_main_param_and_optimizer_states = set_states
 
 
 def load_training_checkpoint(checkpoint: Path, training) -> dict:
@@ -287,7 +308,7 @@ def load_training_checkpoint(checkpoint: Path, training) -> dict:
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
-    _materialise_optimizer_state(training.optimizer)
+    _prepare_distributed_optimizer_load(training.optimizer)
     layout = _layout()
     same_layout = common["layout"] == layout
     same_dp = common["layout"]["dp"] == layout["dp"]
