@@ -6,7 +6,11 @@ Layouts (as mcore's Attention hands them over, after RoPE):
 - packed "thd" (`packed_seq_params.qkv_format == 'thd'`): query [t, np, hn], key/value [t, ng, hn], sequences
   delimited by `cu_seqlens_q/kv` (padded variants preferred when given, like mcore) -> output [t, np*hn].
   On CUDA this uses `torch.nn.attention.varlen.varlen_attn` when it is available for the dtype, otherwise one SDPA
-  call per sequence (exact; what the CPU path does).
+  call per sequence (exact; what the CPU path does). `SDPAttention.thd_kernel = "loop"` forces the per-sequence
+  calls (a benchmark switch: bench/train_throughput.py).
+- packed rows in "sbhd" form (`qkv_format == 'sbhd'` with `cu_seqlens_q` set; language_model.per_token_rope_packing):
+  query [t, 1, np, hn] -> output [t, 1, np*hn], attention as for "thd". mcore then applies RoPE token by token
+  instead of its per-sequence THD loop with host syncs.
 GQA is handled by SDPA's `enable_gqa` (no K/V head repetition in memory). Causal masking uses SDPA's `is_causal`
 (top-left aligned, sq == sk in training). An explicit boolean `attention_mask` (mcore convention: True = masked
 out, broadcastable to [b, 1|np, sq, sk]) is honoured instead when given.
@@ -34,6 +38,8 @@ def _varlen_fn():
 
 
 class SDPAttention(MegatronModule):
+    thd_kernel = "auto"  # "auto": varlen_attn where it applies, else per-sequence SDPA; "loop": always per sequence
+
     def __init__(
         self,
         config,
@@ -88,6 +94,10 @@ class SDPAttention(MegatronModule):
         causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             return self._forward_thd(query, key, value, packed_seq_params, causal)
+        if packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:  # packed rows, sbhd form
+            assert query.shape[1] == 1, f"packed rows in sbhd form have batch 1, got {tuple(query.shape)}"
+            out = self._forward_thd(query.squeeze(1), key.squeeze(1), value.squeeze(1), packed_seq_params, causal)
+            return out.unsqueeze(1)
 
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -108,7 +118,8 @@ class SDPAttention(MegatronModule):
         )
         t, n, d = query.shape
         varlen = _varlen_fn()
-        if query.is_cuda and varlen is not None and query.dtype in (torch.bfloat16, torch.float16):
+        if (self.thd_kernel == "auto" and query.is_cuda and varlen is not None
+                and query.dtype in (torch.bfloat16, torch.float16)):
             max_q = int(psp.max_seqlen_q) if psp.max_seqlen_q is not None else int((cu_q[1:] - cu_q[:-1]).max())
             max_k = int(psp.max_seqlen_kv) if psp.max_seqlen_kv is not None else int((cu_k[1:] - cu_k[:-1]).max())
             try:

@@ -23,6 +23,7 @@ produced by the vision tower on stage 0 and are not carried across stages. Conte
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional
 
 import torch
@@ -37,7 +38,8 @@ from .transformer_config import Layout, build_transformer_config, deepstack_coun
 
 
 class Qwen3OmniLanguageModel(GPTModel):
-    def __init__(self, config, text_cfg: dict, transformer_layer_spec, num_deepstack: int = 0, **kw):
+    def __init__(self, config, text_cfg: dict, transformer_layer_spec, num_deepstack: int = 0, use_te: bool = False,
+                 **kw):
         kw.setdefault("scatter_embedding_sequence_parallel", False)  # we scatter after the multimodal merge
         super().__init__(
             config=config,
@@ -54,6 +56,8 @@ class Qwen3OmniLanguageModel(GPTModel):
             config.kv_channels, rp["rope_theta"], rp["mrope_section"], interleaved=bool(rp["interleaved"])
         )
         self.num_deepstack = num_deepstack
+        # packed rows take RoPE token by token (see _per_token_rope_packing); only our SDPAttention reads that form
+        self.per_token_rope = not use_te and config.context_parallel_size == 1
         if num_deepstack and self.pre_process:
             first = get_transformer_layer_offset(config, self.vp_stage)
             assert first == 0 and len(self.decoder.layers) >= num_deepstack, (
@@ -118,6 +122,8 @@ class Qwen3OmniLanguageModel(GPTModel):
             assert s_full is not None, "position_ids are required on stages without input_ids"
             position_ids = torch.arange(s_full, device=input_ids.device).view(1, 1, -1).expand(3, input_ids.shape[0], -1)
         rotary_pos_emb = self.rotary_pos_emb(position_ids)
+        if self.per_token_rope:
+            packed_seq_params = per_token_rope_packing(packed_seq_params)
 
         hidden_states = self.decoder(
             hidden_states=decoder_input,
@@ -144,6 +150,20 @@ class Qwen3OmniLanguageModel(GPTModel):
             runtime_gather_output=runtime_gather_output,
             inference_context=inference_context,
         )
+
+
+def per_token_rope_packing(packed_seq_params):
+    """A THD packing as packed rows in [T, 1, ...] ('sbhd', batch 1) layout with the same `cu_seqlens`.
+
+    Why: mcore's THD RoPE (`_apply_rotary_pos_emb_thd`) loops over the sequences in Python with `.tolist()`,
+    one `.item()` per sequence and a tensor comparison in an `if`: host syncs in every attention layer, for queries
+    and keys. Our angles already have one row per packed token (MRoPE positions restart per sequence in the data),
+    so that loop only slices them back together; in 'sbhd' form mcore applies the same angles to the same tokens in
+    one elementwise pass (bit-identical, tests/test_rope_thd.py) and SDPAttention reads `cu_seqlens` to keep the
+    sequences apart. The TE spec keeps THD (its attention and fused RoPE take THD natively)."""
+    if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+        return packed_seq_params
+    return dataclasses.replace(packed_seq_params, qkv_format="sbhd")
 
 
 def build_language_model(
@@ -175,6 +195,7 @@ def build_language_model(
         text,
         spec,
         num_deepstack=deepstack_count(cfg) if num_deepstack is None else num_deepstack,
+        use_te=bool(use_te),
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,
