@@ -1,7 +1,10 @@
 """Conversation + media bytes -> :class:`EncodedSample` (tokens, labels, MRoPE positions, media tensors).
 
-Used by the Energon task encoder (training), by the shards stage (exact token counts for the over-long check) and by
-the benchmark. No Energon or Snakemake here.
+Two inputs, one output: ``encode`` takes the original media files (decodes images, resamples audio, decodes video:
+the shards stage, tests, the parity probe), ``encode_canonical`` takes the canonical members the shards stage wrote
+from that decode (``canonical_members``; media.MEDIA_FORMAT: 16 kHz waveforms, sampled frames as PNG, original images) and
+gives the same tensors bit for bit with soundfile and PIL only (the training loader). Used by the Energon task
+encoder, the shards stage and the benchmark. No Energon or Snakemake here.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from .batch import EncodedSample
 from .formats import LIST_KEY, media_tag_order
 from .media import (
     AUDIO_SR,
+    MEDIA_FORMAT,
     MediaError,
     MediaConfig,
+    Video,
     audio_feature_length,
     audio_features,
     audio_output_lengths,
@@ -31,7 +36,11 @@ from .media import (
     plan_video,
     preprocess_image,
     preprocess_video,
+    read_audio_16k,
+    read_frames_png,
     video_frame_size,
+    write_audio_16k,
+    write_frames_png,
 )
 from .rope_index import interleave_audio_video_tokens, rope_index
 from .template import ChatTokenizer
@@ -39,6 +48,10 @@ from .template import ChatTokenizer
 
 class OverLongSample(ValueError):
     """Token count after pad expansion exceeds max_seq_len."""
+
+
+class ShardFormatError(ValueError):
+    """A shard sample that does not hold canonical media of this MEDIA_FORMAT (shards of an older pipeline)."""
 
 
 @dataclass
@@ -89,7 +102,7 @@ class OmniEncoder:
             "merge_size": m.merge_size, "temporal_patch_size": m.temporal_patch_size, "video_fps": m.video_fps,
             "video_min_frames": m.video_min_frames, "video_max_frames": m.video_max_frames,
             "video_min_pixels": m.video_min_pixels, "video_max_pixels": m.video_max_pixels, "n_window": m.n_window,
-            "tokenizer_digest": self.tokenizer_digest,
+            "tokenizer_digest": self.tokenizer_digest, "media_format": MEDIA_FORMAT,
         }
 
     # ------------------------------------------------------------------ decoding
@@ -109,12 +122,74 @@ class OmniEncoder:
                   for i in range(len(record.get("videos", [])))]
         return Decoded(images, audios, videos)
 
+    # ------------------------------------------------------------------ canonical media
+    def canonical_members(self, record: dict, media: dict, decoded: Decoded) -> tuple[dict, dict]:
+        """What the shards store for one record: (member name -> bytes, record fields naming them). Images keep
+        their original bytes, audios their 16 kHz waveform (media.write_audio_16k), videos their sampled frames (one
+        PNG) + the track's waveform when audio-in-video decoded one; frame times and seconds per grid go into
+        ``media_meta``."""
+        members, lists = {}, {"images": [], "audios": [], "videos": []}
+        meta = {"audios": [], "videos": []}
+        for index, path in enumerate(record.get("images", [])):
+            name = f"image{index}.{Path(path).suffix.lower().lstrip('.') or 'bin'}"
+            members[name] = media[("image", index)]
+            lists["images"].append(name)
+        for index, wave in enumerate(decoded.audios):
+            data, ext = write_audio_16k(wave)
+            members[f"audio{index}.{ext}"] = data
+            lists["audios"].append(f"audio{index}.{ext}")
+            meta["audios"].append({"samples": len(wave)})
+        for index, video in enumerate(decoded.videos):
+            name = f"video{index}.png"
+            members[name] = write_frames_png(video.frames)
+            lists["videos"].append(name)
+            entry = {"frames": list(video.frames.shape[:3]), "times": [float(t) for t in video.times],
+                     "second_per_grid": float(video.second_per_grid), "duration": float(video.duration), "audio": None}
+            if video.audio is not None:
+                data, ext = write_audio_16k(video.audio)
+                entry["audio"], entry["audio_samples"] = f"video{index}.{ext}", len(video.audio)
+                members[entry["audio"]] = data
+            meta["videos"].append(entry)
+        return members, {**lists, "media_format": MEDIA_FORMAT, "media_meta": meta}
+
+    def _canonical_meta(self, record: dict) -> dict:
+        found = record.get("media_format")
+        if found != MEDIA_FORMAT:
+            raise ShardFormatError(
+                f"sample {record.get('id')}: its shards hold media format {found or 'original files (pre-canonical)'}"
+                f", this loader reads {MEDIA_FORMAT}: rerun the shards stage")
+        return record["media_meta"]
+
+    def canonical_shapes(self, record: dict, members: dict) -> MediaShapes:
+        """Exact media shapes of canonical members (image headers + the recorded meta; nothing decoded)."""
+        meta = self._canonical_meta(record)
+        images = [self._named(record, "image", i, image_size, members[name]) for i, name in enumerate(record["images"])]
+        videos = [(*entry["frames"], entry.get("audio_samples") if self.use_audio_in_video else None)
+                  for entry in meta["videos"]]
+        return MediaShapes(images, [entry["samples"] for entry in meta["audios"]], videos)
+
+    def load_canonical(self, record: dict, members: dict) -> Decoded:
+        """Canonical members -> the Decoded media ``decode`` gave when they were written (soundfile + PIL only)."""
+        meta = self._canonical_meta(record)
+        images = [self._named(record, "image", i, decode_image, members[name]) for i, name in enumerate(record["images"])]
+        audios = [self._named(record, "audio", i, read_audio_16k, members[name]) for i, name in enumerate(record["audios"])]
+        videos = []
+        for i, (name, entry) in enumerate(zip(record["videos"], meta["videos"])):
+            frames = self._named(record, "video", i, read_frames_png, members[name], entry["frames"][0])
+            audio = None
+            if self.use_audio_in_video and entry["audio"]:
+                audio = self._named(record, "video", i, read_audio_16k, members[entry["audio"]])
+            videos.append(Video(frames=frames, second_per_grid=entry["second_per_grid"], duration=entry["duration"],
+                                audio=audio, times=np.asarray(entry["times"])))
+        return Decoded(images, audios, videos)
+
     # ------------------------------------------------------------------ shapes and counting
     def _named(self, record: dict, kind: str, index: int, fn, data, *args, **kwargs):
         try:
             return fn(data, *args, **kwargs)
         except MediaError as exc:
-            source = record.get(LIST_KEY[kind], [None] * (index + 1))[index]
+            lists = record["source"] if isinstance(record.get("source"), dict) else record  # shard json: originals
+            source = lists.get(LIST_KEY[kind], [None] * (index + 1))[index]
             raise MediaError(f"{kind}{index} ({Path(source).name if source else '?'}): {exc}") from None
 
     def probe(self, record: dict, media: dict) -> MediaShapes:
@@ -162,7 +237,9 @@ class OmniEncoder:
 
     def check_length(self, record: dict, media: dict) -> int:
         """Token count from the headers; raises OverLongSample before any decoding when it is exact and too long."""
-        shapes = self.probe(record, media)
+        return self._check_length(record, self.probe(record, media))
+
+    def _check_length(self, record: dict, shapes: MediaShapes) -> int:
         n_tokens = self.count_tokens(record, shapes)
         if shapes.exact and n_tokens > self.max_seq_len:
             raise OverLongSample(f"{n_tokens} tokens after media expansion > max_seq_len {self.max_seq_len}")
@@ -175,6 +252,12 @@ class OmniEncoder:
         self.check_length(record, media)
         decoded = self.decode(record, media)
         return self.encode_decoded(record, decoded, key=key)
+
+    def encode_canonical(self, record: dict, members: dict, key: str | None = None) -> EncodedSample:
+        """``encode`` of a shard sample (record + canonical members by name): the same tensors as ``encode`` of the
+        original files. Raises ShardFormatError (shards of another media format), OverLongSample, MediaError."""
+        self._check_length(record, self.canonical_shapes(record, members))
+        return self.encode_decoded(record, self.load_canonical(record, members), key=key)
 
     def encode_decoded(self, record: dict, decoded: Decoded, key: str | None = None) -> EncodedSample:
         ids, labels = self.chat.tokenize(record["messages"])

@@ -15,6 +15,9 @@
   (librosa soxr_hq, as ``librosa.load(sr=16000)``), Whisper log-mel features from the checkpoint's own
   ``WhisperFeatureExtractor`` config (128 mel bins).
 
+* Canonical media (``MEDIA_FORMAT``): what the shards store once decoded (16 kHz waveforms, sampled frames), so that
+  training reads audio with soundfile and frames with PIL, and never resamples or opens a video container.
+
 Every decoder raises :class:`MediaError` with a precise reason; the shards stage drops such samples.
 """
 
@@ -464,6 +467,78 @@ def audio_features(waveforms: list[np.ndarray], cfg: MediaConfig) -> tuple[np.nd
     out = extractor(waveforms, sampling_rate=AUDIO_SR, padding=True, truncation=False,
                     return_attention_mask=True, return_tensors="np")
     return out["input_features"].astype(np.float32), out["attention_mask"].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------- canonical media
+# The form the shards store decoded media in, read back with soundfile and PIL only (no resampling, no container):
+# audio as the 16 kHz mono float32 waveform, video as its sampled frames at the model's frame size in one PNG (frames
+# stacked vertically; lossless, about half the size of deflated raw frames on the demo set) plus their times in the
+# sample's JSON, images as their original bytes. Bump MEDIA_FORMAT whenever what is stored changes: training refuses
+# shards of another format (shards.check_shard_settings).
+MEDIA_FORMAT = "canonical-1"
+
+PCM24 = 1 << 23
+
+
+def write_audio_16k(wave: np.ndarray) -> tuple[bytes, str]:
+    """16 kHz mono float32 waveform -> (file bytes, extension) that ``read_audio_16k`` gives back bit for bit.
+
+    FLAC (24-bit) when every sample lies on the 24-bit grid, as it does for 16 kHz integer PCM sources; otherwise
+    (resampled or AAC-decoded audio: arbitrary float32 values, which FLAC's integers cannot hold) 32-bit float WAV.
+    Rounding to 24 bits instead would move Whisper features by up to 2.6e-4 on the demo set (log-mel bins near the
+    -80 dB floor), so the shards would no longer train on what the original files give."""
+    import soundfile as sf
+
+    wave = np.asarray(wave, dtype=np.float32)
+    ints = np.rint(wave.astype(np.float64) * PCM24)
+    buffer = io.BytesIO()
+    if np.abs(ints).max(initial=0) < PCM24 and np.array_equal(ints.astype(np.float32) / np.float32(PCM24), wave):
+        # integers written (libsndfile's float -> int conversion scales by 2**23 - 1 and would not read back exactly)
+        sf.write(buffer, ints.astype(np.int32) << 8, AUDIO_SR, format="FLAC", subtype="PCM_24")
+        return buffer.getvalue(), "flac"
+    sf.write(buffer, wave, AUDIO_SR, format="WAV", subtype="FLOAT")
+    return buffer.getvalue(), "wav"
+
+
+def read_audio_16k(data: bytes) -> np.ndarray:
+    """A canonical audio member (``write_audio_16k``) -> the float32 16 kHz mono waveform it was written from."""
+    import soundfile as sf
+
+    try:
+        wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
+    except Exception as exc:
+        raise MediaError(f"cannot decode canonical audio: {type(exc).__name__}: {exc}") from None
+    if rate != AUDIO_SR or wave.ndim != 1:
+        raise MediaError(f"canonical audio must be {AUDIO_SR} Hz mono, got {rate} Hz, shape {wave.shape}")
+    return wave
+
+
+def write_frames_png(frames: np.ndarray) -> bytes:
+    """Sampled frames uint8 [T, H, W, 3] -> one PNG of the frames stacked vertically (lossless)."""
+    from PIL import Image
+
+    n, height, width, _ = frames.shape
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frames).reshape(n * height, width, 3)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def read_frames_png(data: bytes, n_frames: int) -> np.ndarray:
+    """A canonical frames member -> uint8 [T, H, W, 3]. PIL's decompression-bomb limit (89 M pixels) is lifted for
+    this call: the stack of a long clip is legitimately larger (768 frames at the video pixel bound are 600 M)."""
+    from PIL import Image
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            frames = np.asarray(image.convert("RGB"))
+    except Exception as exc:
+        raise MediaError(f"cannot decode canonical frames: {type(exc).__name__}: {exc}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    if frames.shape[0] % n_frames:
+        raise MediaError(f"canonical frames: {frames.shape[0]} rows do not split into {n_frames} frames")
+    return frames.reshape(n_frames, frames.shape[0] // n_frames, frames.shape[1], 3)
 
 
 # ------------------------------------------------------------------------------------------------------ probes

@@ -14,24 +14,30 @@ MEDIA_LISTS = {"image": "images", "audio": "audios", "video": "videos"}
 
 @edataclass
 class OmniSample(Sample):
-    """One shard sample: the canonical conversation (``record``; its media lists name tar members) and the
-    original media bytes keyed by (kind, index)."""
+    """One shard sample: the conversation (``record``; its media lists and ``media_meta`` name tar members) and the
+    bytes of those members by name (canonical media, see omni_model.data.media.MEDIA_FORMAT)."""
 
     record: dict
     media: dict
 
 
+def member_names(record: dict) -> list[str]:
+    """Every media member a shard record names: its media lists plus the videos' audio-track members."""
+    names = [name for key in MEDIA_LISTS.values() for name in record.get(key, [])]
+    names += [video["audio"] for video in (record.get("media_meta") or {}).get("videos", []) if video.get("audio")]
+    return names
+
+
 def sample_loader(raw: dict) -> dict:
-    """WebDataset parts of one sample -> OmniSample fields (media stay raw bytes; decoding is the encoder's job)."""
+    """WebDataset parts of one sample -> OmniSample fields (member bytes; decoding is the encoder's job)."""
     record = raw["json"]
     if isinstance(record, (bytes, bytearray, str)):
         record = json.loads(record)
     media = {}
-    for kind, key in MEDIA_LISTS.items():
-        for index, member in enumerate(record.get(key, [])):
-            if member not in raw:
-                raise ValueError(f"sample {raw.get('__key__')}: member {member} missing from the shard")
-            media[(kind, index)] = raw[member]
+    for member in member_names(record):
+        if member not in raw:
+            raise ValueError(f"sample {raw.get('__key__')}: member {member} missing from the shard")
+        media[member] = raw[member]
     return {"record": record, "media": media}
 
 

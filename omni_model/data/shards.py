@@ -1,8 +1,13 @@
 """The ``shards`` stage: processed.jsonl -> WebDataset tars + Energon ``.nv-meta/`` (train/val split).
 
 One WebDataset sample = ``<key>.json`` (the canonical conversation; its ``images``/``audios``/``videos`` lists name
-the sample's media members, the original paths are kept under ``source``) + one member per medium with its original
-extension: ``<key>.image0.png``, ``<key>.audio0.wav``, ``<key>.video0.mp4`` ... (original bytes, not re-encoded).
+the sample's media members, the original paths are kept under ``source``, ``media_format`` and ``media_meta`` say
+how the media are stored) + the media in the form training uses them (media.MEDIA_FORMAT, written by
+``OmniEncoder.canonical_members`` from the decode that counted the tokens): ``<key>.image0.png`` (original bytes),
+``<key>.audio0.flac`` or ``.wav`` (the 16 kHz mono waveform: FLAC when it is 24-bit exact, else float WAV),
+``<key>.video0.png`` (the sampled frames at the model's frame size, stacked; their times in ``media_meta``) and
+``<key>.video0.wav``/``.flac`` (its audio track, when audio-in-video is on).
+The loader needs soundfile and PIL only: no resampling, no video container.
 
 Before a sample is written its token count after pad expansion is computed from the media headers (image size, audio
 length, video duration -> frames; no pixel or mel work) and an over-long sample is dropped without decoding; then
@@ -24,6 +29,7 @@ import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.logs import progress
@@ -37,14 +43,61 @@ DATASET_YAML = {
     "part_filter": "sample_loader.py:part_filter",
 }
 SAMPLE_LOADER_PY = (
-    "# Written by omni-pipeline's shards stage: the loader of omni_model.data.sample (raw bytes, no decoding).\n"
+    "# Written by omni-pipeline's shards stage: the loader of omni_model.data.sample (member bytes, no decoding).\n"
     "from omni_model.data.sample import part_filter, sample_loader  # noqa: F401\n"
 )
 
 
 def media_member(kind: str, index: int, path: str) -> str:
+    """The name a medium is called by in decode errors (``image0.png (file.png): ...``)."""
     suffix = Path(path).suffix.lower().lstrip(".") or "bin"
     return f"{kind}{index}.{suffix}"
+
+
+@dataclass
+class ShardItem:
+    """One processed record's outcome: its WebDataset parts (``json`` + media members; no ``__key__``) and token
+    count, or its drop entry."""
+
+    id: str
+    parts: dict | None = None
+    n_tokens: int = 0
+    drop: dict | None = None
+
+
+def shard_item(record: dict, encoder) -> ShardItem:
+    """Processed record -> its shard parts with canonical media, or why it is dropped. Depends only on the record,
+    the media files it names and the encoder (``OmniEncoder``: its settings decide), so any executor can map it;
+    keys and the train/val split are assigned by the writer."""
+    from .encoder import OverLongSample
+    from .media import MediaError
+
+    sid = record["id"]
+    media, names = {}, {}
+    try:
+        for kind in MEDIA_KINDS:
+            for index, path in enumerate(record.get(LIST_KEY[kind], [])):
+                try:
+                    media[(kind, index)] = Path(path).read_bytes()
+                except OSError as exc:
+                    raise MediaError(f"cannot read {kind} {path}: {exc}") from None
+                names[(kind, index)] = media_member(kind, index, path)
+        try:  # cheap first: the count from the media headers; an over-long sample is never decoded
+            encoder.check_length(record, media)
+        except OverLongSample as exc:
+            return ShardItem(sid, drop=drop_entry(sid, "shards", "max_seq_len", f"{exc} (from the media headers)"))
+        decoded = encoder.decode(record, media, names=names)
+        n_tokens = encoder.count_tokens(record, decoded)
+        if n_tokens > encoder.max_seq_len:
+            return ShardItem(sid, drop=drop_entry(
+                sid, "shards", "max_seq_len",
+                f"{n_tokens} tokens after media expansion > max_seq_len {encoder.max_seq_len}"))
+        members, fields = encoder.canonical_members(record, media, decoded)
+    except MediaError as exc:
+        return ShardItem(sid, drop=drop_entry(sid, "shards", "decode", str(exc)))
+    document = {**{k: v for k, v in record.items() if k not in LIST_KEY.values()}, **fields, "num_tokens": n_tokens,
+                "source": {LIST_KEY[kind]: record.get(LIST_KEY[kind], []) for kind in MEDIA_KINDS}}
+    return ShardItem(sid, {"json": json.dumps(document, ensure_ascii=False).encode(), **members}, n_tokens)
 
 
 def safe_key(sample_id: str, used: set) -> str:
@@ -70,8 +123,7 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
     """Write the shards and the Energon metadata; returns the report (also written to report.json)."""
     import webdataset as wds
 
-    from .encoder import OmniEncoder, OverLongSample
-    from .media import MediaError
+    from .encoder import OmniEncoder
 
     started = time.time()
     out_dir = Path(out_dir)
@@ -95,46 +147,14 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
     used_keys: set = set()
     try:
         for record in progress(records, every=100, what="samples", log=log):  # timestamped lines + rate, ETA
-            media, members = {}, {}
-            try:
-                for kind in MEDIA_KINDS:
-                    for index, path in enumerate(record.get(LIST_KEY[kind], [])):
-                        try:
-                            data = Path(path).read_bytes()
-                        except OSError as exc:
-                            raise MediaError(f"cannot read {kind} {path}: {exc}") from None
-                        media[(kind, index)] = data
-                        members[(kind, index)] = media_member(kind, index, path)
-                try:  # cheap first: the count from the media headers; an over-long sample is never decoded
-                    encoder.check_length(record, media)
-                except OverLongSample as exc:
-                    drops.append(drop_entry(record["id"], "shards", "max_seq_len", f"{exc} (from the media headers)"))
-                    continue
-                decoded = encoder.decode(record, media, names=members)
-                n_tokens = encoder.count_tokens(record, decoded)
-            except MediaError as exc:
-                drops.append(drop_entry(record["id"], "shards", "decode", str(exc)))
+            item = shard_item(record, encoder)
+            if item.drop is not None:
+                drops.append(item.drop)
                 continue
-            if n_tokens > max_seq_len:
-                drops.append(drop_entry(record["id"], "shards", "max_seq_len",
-                                        f"{n_tokens} tokens after media expansion > max_seq_len {max_seq_len}"))
-                continue
-            name = "val" if split[record["id"]] else "train"
-            sample = {
-                "__key__": safe_key(record["id"], used_keys),
-                "json": json.dumps({
-                    **{k: v for k, v in record.items() if k not in LIST_KEY.values()},
-                    **{LIST_KEY[kind]: [members[(kind, i)] for i in range(len(record.get(LIST_KEY[kind], [])))]
-                       for kind in MEDIA_KINDS},
-                    "num_tokens": n_tokens,
-                    "source": {LIST_KEY[kind]: record.get(LIST_KEY[kind], []) for kind in MEDIA_KINDS},
-                }, ensure_ascii=False).encode(),
-            }
-            for key, member in members.items():
-                sample[member] = media[key]
-            writers[name].write(sample)
+            name = "val" if split[item.id] else "train"
+            writers[name].write({"__key__": safe_key(item.id, used_keys), **item.parts})
             counts[name] += 1
-            tokens[name] += n_tokens
+            tokens[name] += item.n_tokens
     finally:
         for writer in writers.values():
             writer.close()
@@ -166,6 +186,7 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
         "tokens": tokens,
         "shards": shards,
         "dropped_by_stage_op": count_drops(all_drops),
+        "media_format": settings["media_format"],
         "encoder_settings": settings,
         "seconds": round(time.time() - started, 2),
     }
@@ -193,6 +214,11 @@ def check_shard_settings(shards_dir: Path, settings: dict) -> None:
         raise ShardSettingsError(f"{shards_dir}: no {SETTINGS_FILE}; the shards predate recorded settings, rerun "
                                  "the shards stage")
     recorded = json.loads(path.read_text())
+    if recorded.get("media_format") != settings.get("media_format"):  # a different layout, not a different limit
+        raise ShardSettingsError(
+            f"{shards_dir} stores media as {recorded.get('media_format') or 'original files (before canonical media)'}"
+            f", training reads {settings.get('media_format')}: rerun the shards stage (it rewrites the media in the "
+            "form training reads)")
     lines = []
     for key in sorted(set(recorded) | set(settings)):
         mine, theirs = settings.get(key), recorded.get(key)

@@ -1,8 +1,10 @@
 """The Energon task encoder that feeds training, and loader helpers (with exact-resume state).
 
 Pipeline per sample (Energon stages): WebDataset parts -> :class:`~omni_model.data.sample.OmniSample` (the shards'
-``.nv-meta/sample_loader.py``: conversation JSON + raw media bytes) -> ``encode_sample`` (:class:`~omni_model.data.encoder.OmniEncoder`: template, labels, pad expansion, media
-tensors, MRoPE positions) -> optional packing (``select_samples_to_pack`` / ``pack_selected_samples`` when the
+``.nv-meta/sample_loader.py``: conversation JSON + canonical media members) -> ``encode_sample``
+(:meth:`~omni_model.data.encoder.OmniEncoder.encode_canonical`: 16 kHz FLAC audio and pre-sampled video frames read
+with soundfile/PIL, no resampling, no video container; template, labels, pad expansion, media tensors, MRoPE
+positions) -> optional packing (``select_samples_to_pack`` / ``pack_selected_samples`` when the
 dataset is built with ``packing_buffer_size``) -> ``batch`` (:func:`~omni_model.data.batch.collate` ->
 :class:`~omni_model.data.batch.OmniBatch`).
 
@@ -50,7 +52,7 @@ class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatc
         media_overrides: MediaConfig fields (video_fps, video_min_pixels, ...).
     """
 
-    decoder = None  # media are decoded by omni_model.data.media, from the original bytes
+    decoder = None  # media are read by OmniEncoder.encode_canonical, from the canonical members
 
     def __init__(self, hf_dir: Path, max_seq_len: int = 4096, pack_budget: Optional[int] = None,
                  use_audio_in_video: bool = False, pad_to_multiple: int = 1, media_overrides: Optional[dict] = None):
@@ -66,7 +68,7 @@ class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatc
     @stateless
     def encode_sample(self, sample: OmniSample) -> EncodedSample:
         try:
-            encoded = self.encoder.encode(sample.record, sample.media, key=sample.__key__)
+            encoded = self.encoder.encode_canonical(sample.record, sample.media, key=sample.__key__)
         except OverLongSample as exc:
             self._count_skip("over_long")
             log.warning("skipping over-long sample %s: %s", sample.record.get("id"), exc)
