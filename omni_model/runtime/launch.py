@@ -112,12 +112,14 @@ def run_torchrun(module: str, args: Sequence[str], nproc_per_node: int, log: Opt
     sink = open(log, "a", buffering=1, encoding="utf-8") if log is not None else sys.stdout
     output = []
     sink.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [launch] {shlex.join(cmd)}\n")
-    proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", bufsize=1)
+    proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        for line in proc.stdout:
+        for raw in proc.stdout:  # bytes, split at \n only: a carriage return stays inside its line
+            line = raw.decode(errors="replace")
+            if "\r" in line.rstrip("\r\n"):  # a library's progress bar frames (e.g. Energon's): terminal-only
+                continue
             output.append(line)
-            sink.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}")
+            sink.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line.rstrip(chr(13) + chr(10))}\n")
         sink.flush()
         proc.wait()
     except BaseException:  # interrupted (Ctrl-C, the job stopped): torchrun passes SIGTERM on to the ranks

@@ -74,12 +74,12 @@ class _Tee:
 def stage_logging(log_path, stage: str, level: int = logging.INFO) -> Iterator[logging.Logger]:
     """Send the stage's logging, stdout and stderr to `log_path` (appended, with a run header); on failure write
     the traceback there and print one line to the console. Yields the stage's logger."""
-    global _console
+    global _console, _stage
     log_path = Path(log_path)
     stream = _Tee(log_path, history_path(log_path))
     console = sys.__stderr__
-    saved, saved_console, saved_tty = (sys.stdout, sys.stderr), _console, os.environ.get(TTY_ENV)
-    _console = console
+    saved, saved_console, saved_stage, saved_tty = (sys.stdout, sys.stderr), _console, _stage, os.environ.get(TTY_ENV)
+    _console, _stage = console, stage
     if console is not None and console.isatty():  # interactive: child processes may draw a bar there too
         with contextlib.suppress(OSError):
             os.environ[TTY_ENV] = os.ttyname(console.fileno())
@@ -111,7 +111,7 @@ def stage_logging(log_path, stage: str, level: int = logging.INFO) -> Iterator[l
     finally:
         stream.flush()
         sys.stdout, sys.stderr = saved
-        _console = saved_console
+        _console, _stage = saved_console, saved_stage
         if saved_tty is None:
             os.environ.pop(TTY_ENV, None)
         else:
@@ -210,7 +210,7 @@ class Progress:
             from tqdm import tqdm
 
             sized = _columns(stream) > 0  # a terminal that reports no width (some ptys): tqdm would draw nothing
-            self.bar = tqdm(total=total, initial=initial, desc=label, unit=what, file=stream, leave=False,
+            self.bar = tqdm(total=total, initial=initial, desc=label or _stage, unit=what, file=stream, leave=False,
                             dynamic_ncols=sized, ncols=None if sized else 100, mininterval=0.5,
                             unit_scale=what == "B", unit_divisor=1000)
 
@@ -278,6 +278,7 @@ def _bytes(count: float) -> str:
 # terminal's device through TTY_ENV, which stage_logging sets only while the console is a terminal.
 TTY_ENV = "OMNI_PROGRESS_TTY"
 _console: Optional[TextIO] = None
+_stage: Optional[str] = None  # the running stage's name: the bar's title when the caller gives none
 _tty_file: Optional[TextIO] = None
 
 
