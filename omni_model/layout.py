@@ -5,8 +5,10 @@ checks (no torch import: the Snakefile's config checks use it).
     layout.stage_layers(48)                                  # decoder layers per pipeline stage
     layout.split_overrides()                                 # the TransformerConfig fields of that split
 
-`parallel.first_stage_layers` (null = mcore's even split) is the one decision about the pipeline split: convert,
-finetune and the planner read it from here. The deepstack visual features are added to the hidden states of the first
+`parallel.first_stage_layers` (null = mcore's even split) is the one decision about the pipeline split: finetune
+(build.model_config_overrides), convert on several ranks (the CLI's --first-stage-layers) and the planner read it
+from here; export loads in one process (pp 1), and the torch_dist checkpoints name layers by their global number, so
+a checkpoint of any split loads there (and at any other split) unchanged. The deepstack visual features are added to the hidden states of the first
 N decoder layers and come from the vision tower, which lives on the first pipeline stage, so those N layers must be
 there too (`check_deepstack`).
 """

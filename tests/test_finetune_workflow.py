@@ -1,6 +1,7 @@
 """`snakemake --cores 2 finetune` on the default config, as a user runs it (the real CLI on a copy of the workflow):
 the tiny model trains 20 steps on the demo set and its loss drops; then the plan for a changed train.lr reruns only
-finetune (and export after it), an unchanged config has nothing to do, and parallel.cp 2 is refused at planning."""
+finetune (and export after it), an unchanged config has nothing to do, and parallel.cp 2 is refused at planning; so
+is a pipeline split without the deepstack layers on the first stage."""
 
 from __future__ import annotations
 
@@ -64,3 +65,17 @@ def test_context_parallel_is_refused_when_planning(trained):
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "parallel.cp = 2" in output and "context parallelism" in output
     assert "nothing was run" in output
+
+
+@pytest.mark.slow
+def test_pipeline_split_is_checked_when_planning(tmp_path):
+    """parallel.pp 2 on the tiny model (4 decoder layers, 3 deepstack features): mcore's even 2 + 2 split is refused
+    before any job, naming parallel.first_stage_layers; with first_stage_layers 3 the finetune job is planned."""
+    wf = workflow_copy(tmp_path / "wf")
+    refused = snakemake(wf, "-n", "finetune", "--config", "parallel={pp: 2}")
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "nothing was run" in output
+    assert "parallel.first_stage_layers >= 3" in output and "deepstack" in output
+    planned = snakemake(wf, "-n", "finetune", "--config", "parallel={pp: 2, first_stage_layers: 3}")
+    assert planned.returncode == 0, (planned.stdout + planned.stderr)[-3000:]
+    assert planned_jobs(planned.stdout + planned.stderr)["finetune"] == 1

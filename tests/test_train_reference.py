@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_helpers import hf_thinker
-from train_helpers import to_hf_names, train_step
+from train_helpers import switch_stats, to_hf_names, train_step
 
 STEPS = 10
 TRAIN = dict(lr=2e-3, min_lr=2e-4, lr_warmup_iters=2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
@@ -171,14 +171,6 @@ def test_training_matches_transformers(tiny_hf_dir, samples, tmp_path):
     assert moved == len(final)
 
 
-def _switch_stats(logits: torch.Tensor, keep: torch.Tensor, top_k: int):
-    """One router over its non-padding tokens: f_i = share of the top-k assignments that go to expert i (sums to 1),
-    P_i = mean router probability of expert i."""
-    probs = logits[keep].float().softmax(-1)
-    assigned = F.one_hot(probs.topk(top_k, dim=-1).indices, logits.shape[-1]).sum(1).float()
-    return assigned.sum(0) / (top_k * len(probs)), probs.mean(0)
-
-
 def test_aux_loss_matches_transformers(tiny_hf_dir, samples):
     """Our MoE aux loss vs transformers' `load_balancing_loss_func`, on the same router logits.
 
@@ -229,7 +221,7 @@ def test_aux_loss_matches_transformers(tiny_hf_dir, samples):
     text = text_config_of(tiny_hf_dir)
     num_experts, k, num_layers = text["num_experts"], text["num_experts_per_tok"], len(routers)
     keep = batch.attention_mask.reshape(-1).bool()
-    f, p = (torch.stack(s) for s in zip(*[_switch_stats(layer_logits, keep, k) for layer_logits in logits]))
+    f, p = (torch.stack(s) for s in zip(*[switch_stats(layer_logits, keep, k) for layer_logits in logits]))
     switch = num_experts * (f * p).sum(-1)  # per layer: the Switch form of the docstring
     pooled = k / num_layers ** 2 * num_experts * (f.sum(0) * p.sum(0)).sum()  # transformers' form, written out
     per_layer_hf = torch.stack([load_balancing_loss_func((layer_logits,), num_experts, k, batch.attention_mask)

@@ -126,3 +126,13 @@ def to_hf_names(rank_state_dicts: dict, hf_dir, tconfig=None) -> dict:
 
     mapper = Mapper(SafetensorsReader(hf_dir).config, current_layout(), tconfig=tconfig)
     return dict(mapper.iter_mcore_to_hf(rank_state_dicts))
+
+
+def switch_stats(logits: torch.Tensor, keep: torch.Tensor, top_k: int):
+    """One router over its non-padding tokens: f_i = share of the top-k assignments that go to expert i (sums to 1),
+    P_i = mean router probability of expert i (the Switch load-balancing loss is E * sum_i f_i P_i)."""
+    import torch.nn.functional as F
+
+    probs = logits[keep].float().softmax(-1)
+    assigned = F.one_hot(probs.topk(top_k, dim=-1).indices, logits.shape[-1]).sum(1).float()
+    return assigned.sum(0) / (top_k * len(probs)), probs.mean(0)

@@ -15,7 +15,8 @@ from .settings import TrainSettings
 
 class TokenCounter:
     """Wraps a batch iterator and counts what passes through (the forward step pulls the batches itself): real
-    (non-padding) tokens, label tokens, samples. `take()` returns the counts since the last call."""
+    (non-padding) tokens, label tokens, samples, conversation lengths and media sizes (for the model FLOPs).
+    `take()` returns the counts since the last call."""
 
     def __init__(self, iterator):
         self.iterator = iterator
@@ -24,6 +25,8 @@ class TokenCounter:
     def reset(self) -> None:
         self.tokens = self.trained = self.samples = self.padded = 0
         self.seq_lens: list = []  # lengths of the conversations seen (for attention FLOPs)
+        self.vision_grids: list = []  # (t, h, w) patches of every image and video
+        self.audio_frames: list = []  # mel frames of every audio clip
         self.skipped = 0
 
     def __iter__(self):
@@ -36,12 +39,17 @@ class TokenCounter:
         self.samples += sum(len(row) for row in batch.sample_ids)
         self.padded += int(batch.input_ids.numel())
         self.seq_lens.extend(_sequence_lengths(batch))
+        for grid in (batch.image_grid_thw, batch.video_grid_thw):
+            if grid is not None:
+                self.vision_grids.extend(tuple(row) for row in grid.tolist())
+        self.audio_frames.extend(_audio_frames(batch))
         self.skipped += int(sum((getattr(batch, "skipped", None) or {}).values()))
         return batch
 
     def take(self) -> dict:
         counts = {"tokens": self.tokens, "trained": self.trained, "samples": self.samples, "padded": self.padded,
-                  "seq_lens": self.seq_lens, "skipped": self.skipped}
+                  "seq_lens": self.seq_lens, "vision_grids": self.vision_grids, "audio_frames": self.audio_frames,
+                  "skipped": self.skipped}
         self.reset()
         return counts
 
@@ -60,6 +68,15 @@ def _sequence_lengths(batch) -> list:
             total += length
         return out
     return [int(n) for n in batch.attention_mask.sum(dim=1).tolist()]
+
+
+def _audio_frames(batch) -> list:
+    """Valid mel frames of every audio clip of a micro-batch."""
+    if batch.audio_feature_lengths is not None:
+        return [int(n) for n in batch.audio_feature_lengths.reshape(-1).tolist()]
+    if batch.feature_attention_mask is not None:
+        return [int(n) for n in batch.feature_attention_mask.sum(-1).tolist()]
+    return []
 
 
 def task_encoder(settings: TrainSettings):

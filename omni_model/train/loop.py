@@ -2,22 +2,23 @@
 
     python -m omni_model.train --settings settings.json     # under torchrun (omni_model.runtime.launch)
 
-One step = `get_forward_backward_func()` over get_num_microbatches() micro-batches (gradient accumulation; pipeline
-schedules when PP > 1), `finalize_model_grads` (DP reduction, 1 / global label tokens), the optimizer step (clip),
-the scheduler step. The forward step (batch -> thinker -> per-token loss sum) is omni_model.train.forward_step.
+One step (`step`) = `get_forward_backward_func()` over get_num_microbatches() micro-batches (gradient accumulation;
+pipeline schedules when PP > 1), `finalize_model_grads` (DP reduction, 1 / global label tokens), the optimizer step
+(clip), the scheduler step; then evaluation, metrics and the checkpoint when due (`_evaluate_log_save`). The forward step (batch -> thinker -> per-token loss sum) is omni_model.train.forward_step.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from . import checkpointing as ckpt
-from .metrics import FlopCounter, MetricsLog, memory_gib, peak_tflops, read_metrics
+from .metrics import FlopCounter, MetricsLog, memory_gib, moe_aux_loss, peak_tflops, read_metrics
 from .settings import TrainSettings
 
 
@@ -119,6 +120,21 @@ def _start(settings: TrainSettings, digest: str) -> Optional[Path]:
     return Path(resume) if resume else None
 
 
+@dataclass
+class Run:
+    """What the steps of one run share."""
+    settings: TrainSettings
+    training: object  # build.Training
+    forward_step: Callable
+    digest: str
+    loader: object  # the savable Energon train loader (its state goes into every checkpoint)
+    batches: object  # data.TokenCounter over the loader
+    evaluation: list  # the fixed val micro-batches
+    flops: FlopCounter
+    peak: Optional[float]  # peak TFLOP/s per device (MFU), None when unknown
+    log: MetricsLog
+
+
 def train(settings: TrainSettings, forward_step: Optional[Callable] = None) -> None:
     settings.validate()
     if settings.train["iters"] == 0:
@@ -126,87 +142,123 @@ def train(settings: TrainSettings, forward_step: Optional[Callable] = None) -> N
         return
     if forward_step is None:
         from .forward_step import forward_step
-    from megatron.core.num_microbatches_calculator import get_num_microbatches
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from .build import init_training_parallel
+    from .data import check_shards
 
-    from .build import build_training, current_lr, init_training_parallel
-    from .data import TokenCounter, check_shards, train_loader
-
-    t = settings.train
     init_training_parallel(settings)
     if _is_rank0():
         check_shards(settings)
     digest = _broadcast(settings.digest() if _is_rank0() else None)
     resume = _start(settings, digest)
-
-    training = build_training(settings, load_initial_weights=resume is None)
-    if settings.parallel["pp"] > 1:  # packed rows differ in length: the stages exchange shapes first
-        training.thinker.config.variable_seq_lengths = True
-    start, loader_state = 0, None
-    if resume is not None:
-        info = ckpt.load_training_checkpoint(resume, training)
-        start, loader_state = info["iteration"], info["loader_state"]
-        if not info["same_layout"] and _is_rank0():
-            print(f"[finetune] resumed at another layout (saved at {info['saved_layout']}): model, optimizer and "
-                  f"scheduler resharded; " + ("the data stream continues" if info["same_data_parallel"] else
-                  "the data stream restarts (other data-parallel size)"), flush=True)
-    if start >= t["iters"]:
+    training, start, loader_state = _build_or_resume(settings, resume)
+    if start >= settings.train["iters"]:  # a finished run: restore `latest`, no step
         if _is_rank0():
             ckpt.write_latest(Path(settings.train_dir), resume)
         _summary(settings)
         return
-
-    loader = train_loader(settings, loader_state)
-    batches = TokenCounter(iter(loader))
-    evaluation = val_batches(settings)
-    flops = FlopCounter(settings.hf_dir)
-    peak = peak_tflops(t["peak_tflops"])
-    world = torch.distributed.get_world_size()
-    log = MetricsLog(settings.metrics_path, Path(settings.train_dir) / "tb", t["iters"], start, enabled=_is_rank0())
-    forward_backward = get_forward_backward_func()
-    training.model.train()
-
-    for iteration in range(start + 1, t["iters"] + 1):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        began = time.perf_counter()
-        training.model.zero_grad_buffer()
-        training.optimizer.zero_grad()
-        lr = current_lr(training.optimizer)  # the LR this step's update uses
-        losses = forward_backward(
-            forward_step_func=forward_step, data_iterator=batches, model=[training.model],
-            num_microbatches=get_num_microbatches(), seq_length=t["seq_len"], micro_batch_size=t["micro_batch_size"],
-            forward_only=False)
-        updated, grad_norm, _ = training.optimizer.step()
-        training.scheduler.step(increment=1)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - began
-
-        loss_sum, label_tokens = _reduced_loss(losses)
-        seen = batches.take()
-        tokens, step_flops, samples, padded = _dp_sum(
-            [seen["tokens"], flops(seen["seq_lens"]), seen["samples"], seen["padded"]])
-        tflops = step_flops / seconds / 1e12
-        record = {
-            "step": iteration, "loss": loss_sum / max(label_tokens, 1), "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None, "updated": bool(updated),
-            "label_tokens": int(label_tokens), "tokens": int(tokens), "padded_tokens": int(padded),
-            "samples": int(samples), "step_s": seconds, "tokens_per_s": tokens / seconds,
-            "tflops": tflops / world, "mfu": (tflops / world / peak) if peak else None, "mem_gib": memory_gib(),
-        }
-        if t["eval_interval"] and iteration % t["eval_interval"] == 0:
-            record["eval_loss"] = evaluate(settings, training, forward_step, evaluation)
-        if iteration % t["log_interval"] == 0 or iteration == t["iters"]:
-            log.progress(record)
-        log.write(record)
-        if (t["save_interval"] and iteration % t["save_interval"] == 0) or iteration == t["iters"]:
-            saved = ckpt.save_training_checkpoint(Path(settings.train_dir), iteration, training, loader, digest,
-                                                  settings.metrics_path, keep=t["keep_checkpoints"])
-            if _is_rank0():
-                print(f"[finetune] saved {saved}", flush=True)
-    log.close()
+    run = _prepare(settings, training, forward_step, digest, loader_state, start)
+    for iteration in range(start + 1, settings.train["iters"] + 1):
+        record = step(run, iteration)
+        _evaluate_log_save(run, record)
+    run.log.close()
     _summary(settings)
+
+
+def _build_or_resume(settings: TrainSettings, resume: Optional[Path]) -> tuple:
+    """(training objects, iteration to continue after, Energon loader state): from the converted weights, or from the
+    checkpoint `resume` (model, optimizer, scheduler, RNG; resharded when it was written at another layout)."""
+    from .build import build_training
+
+    training = build_training(settings, load_initial_weights=resume is None)
+    if resume is None:
+        return training, 0, None
+    info = ckpt.load_training_checkpoint(resume, training)
+    if not info["same_layout"] and _is_rank0():
+        print(f"[finetune] resumed at another layout (saved at {info['saved_layout']}): model, optimizer and "
+              f"scheduler resharded; " + ("the data stream continues" if info["same_data_parallel"] else
+              "the data stream restarts (other data-parallel size)"), flush=True)
+    return training, info["iteration"], info["loader_state"]
+
+
+def _prepare(settings: TrainSettings, training, forward_step: Callable, digest: str, loader_state,
+             start: int) -> Run:
+    """The loaders, the FLOP counter and the metrics sink of a run that continues after step `start`."""
+    from .data import TokenCounter, train_loader
+
+    t = settings.train
+    loader = train_loader(settings, loader_state)
+    log = MetricsLog(settings.metrics_path, Path(settings.train_dir) / "tb", t["iters"], start, enabled=_is_rank0())
+    run = Run(settings=settings, training=training, forward_step=forward_step, digest=digest, loader=loader,
+              batches=TokenCounter(iter(loader)), evaluation=val_batches(settings),
+              flops=FlopCounter(settings.hf_dir, t), peak=peak_tflops(t["peak_tflops"]), log=log)
+    training.model.train()
+    return run
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step(run: Run, iteration: int) -> dict:
+    """One optimizer step through mcore's schedule over get_num_microbatches() micro-batches; its metrics record."""
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from .build import current_lr
+
+    t, training = run.settings.train, run.training
+    _synchronize()
+    began = time.perf_counter()
+    training.model.zero_grad_buffer()
+    training.optimizer.zero_grad()
+    lr = current_lr(training.optimizer)  # the LR this step's update uses
+    losses = get_forward_backward_func()(
+        forward_step_func=run.forward_step, data_iterator=run.batches, model=[training.model],
+        num_microbatches=get_num_microbatches(), seq_length=t["seq_len"], micro_batch_size=t["micro_batch_size"],
+        forward_only=False)
+    updated, grad_norm, _ = training.optimizer.step()
+    training.scheduler.step(increment=1)
+    _synchronize()
+    seconds = time.perf_counter() - began
+    record = {"step": iteration, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+              "updated": bool(updated)}
+    return dict(record, **_step_metrics(run, losses, seconds))
+
+
+def _step_metrics(run: Run, losses: list, seconds: float) -> dict:
+    """Loss, MoE aux loss, token counts, model FLOPs by part, TFLOP/s and MFU per device, memory of a step (every
+    rank takes part in the reductions)."""
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+    loss_sum, label_tokens = _reduced_loss(losses)
+    aux = moe_aux_loss(run.training.thinker.config, get_num_microbatches())
+    seen = run.batches.take()
+    flops = run.flops(seen)
+    tokens, samples, padded, llm, vision, audio = _dp_sum(
+        [seen["tokens"], seen["samples"], seen["padded"], flops["llm"], flops["vision"], flops["audio"]])
+    tflops = (llm + vision + audio) / seconds / 1e12 / torch.distributed.get_world_size()
+    return {
+        "loss": loss_sum / max(label_tokens, 1), "moe_aux_loss": aux, "label_tokens": int(label_tokens),
+        "tokens": int(tokens), "padded_tokens": int(padded), "samples": int(samples), "step_s": seconds,
+        "tokens_per_s": tokens / seconds, "flops_llm": llm, "flops_vision": vision, "flops_audio": audio,
+        "tflops": tflops, "mfu": (tflops / run.peak) if run.peak else None, "mem_gib": memory_gib(),
+    }
+
+
+def _evaluate_log_save(run: Run, record: dict) -> None:
+    """After a step: the evaluation when due, the step line, metrics.jsonl / TensorBoard, the checkpoint when due."""
+    t, iteration = run.settings.train, record["step"]
+    if t["eval_interval"] and iteration % t["eval_interval"] == 0:
+        record["eval_loss"] = evaluate(run.settings, run.training, run.forward_step, run.evaluation)
+    if iteration % t["log_interval"] == 0 or iteration == t["iters"]:
+        run.log.progress(record)
+    run.log.write(record)
+    if (t["save_interval"] and iteration % t["save_interval"] == 0) or iteration == t["iters"]:
+        saved = ckpt.save_training_checkpoint(Path(run.settings.train_dir), iteration, run.training, run.loader,
+                                              run.digest, run.settings.metrics_path, keep=t["keep_checkpoints"])
+        if _is_rank0():
+            print(f"[finetune] saved {saved}", flush=True)
 
 
 def _summary(settings: TrainSettings) -> None:
