@@ -32,6 +32,8 @@ def main(smk) -> None:
                 convert_checkpoint(hf_dir, out_dir, dtype=convert["dtype"], use_te=use_te, log=log)
             else:
                 layout = [f"--{name}={parallel[name]}" for name in ("tp", "pp", "ep", "etp")]
+                if parallel.get("first_stage_layers"):  # the pipeline split finetune trains with
+                    layout.append(f"--first-stage-layers={parallel['first_stage_layers']}")
                 log(f"converting on {procs} ranks under torchrun ({' '.join(layout)})")
                 run_torchrun("omni_model.convert", ["--hf", str(hf_dir), "--out", str(out_dir), "--dtype",
                                                     convert["dtype"], *layout, *(["--use-te"] if use_te else [])],
