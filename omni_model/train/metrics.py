@@ -12,7 +12,8 @@ multiply-accumulates x 2 (forward) and x 3 of that when the part trains (forward
   qkv/proj/MLP on the N patches plus attention inside each temporal patch (t segments of h w patches), the merger
   and the deepstack mergers on the N / merge^2 merged tokens.
 * audio tower (per clip of F mel frames): the three stride-2 3x3 convolutions and conv_out on every 2 n_window-frame
-  chunk, every layer on the clip's output tokens plus attention inside its windows, proj1 and proj2.
+  chunk (its valid frames: the padding a partial chunk is convolved with is not counted), every layer on the clip's
+  output tokens plus attention inside its windows, proj1 and proj2.
   A frozen tower runs forward only.
 
 Norms, activations, the softmax and element-wise work are not counted; recompute is not counted (model FLOPs, not
@@ -54,7 +55,7 @@ def peak_tflops(configured: Optional[float]) -> Optional[float]:
 
 
 def _encoder_layer_macs(tokens: int, d: int, f: int) -> int:
-    """qkv (3 d^2), proj (d^2), fc1 + fc2 (2 d f) of one pre-LN encoder layer, per token."""
+    """qkv (3 d^2), proj (d^2), fc1 + fc2 (2 d f) of one pre-LN encoder layer over `tokens` positions."""
     return tokens * (4 * d * d + 2 * d * f)
 
 
