@@ -492,7 +492,8 @@ def write_audio_16k(wave: np.ndarray) -> tuple[bytes, str]:
     wave = np.asarray(wave, dtype=np.float32)
     ints = np.rint(wave.astype(np.float64) * PCM24)
     buffer = io.BytesIO()
-    if np.abs(ints).max(initial=0) < PCM24 and np.array_equal(ints.astype(np.float32) / np.float32(PCM24), wave):
+    on_grid = ints.min(initial=0) >= -PCM24 and ints.max(initial=0) < PCM24  # 24-bit signed: [-2**23, 2**23 - 1]
+    if on_grid and np.array_equal(ints.astype(np.float32) / np.float32(PCM24), wave):
         # integers written (libsndfile's float -> int conversion scales by 2**23 - 1 and would not read back exactly)
         sf.write(buffer, ints.astype(np.int32) << 8, AUDIO_SR, format="FLAC", subtype="PCM_24")
         return buffer.getvalue(), "flac"
