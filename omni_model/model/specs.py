@@ -12,7 +12,8 @@ decision (config `model.use_te`, passed explicitly to every builder) asks for it
   decoder.final_layernorm.weight, embedding.word_embeddings.weight, output_layer.weight
 
 Local spec: `SDPAttention` (attention.py), `GroupedGemmExperts` (experts.py), SP-capable `RMSNorm` (norm.py),
-`SoftmaxTopKRouter` (router.py), mcore's Column/RowParallelLinear. Every layer is a `DeepstackTransformerLayer`.
+`SoftmaxTopKRouter` (router.py), `OmniMoELayer` (dispatcher.py: no host syncs in the token permutation at EP=1),
+mcore's Column/RowParallelLinear. Every layer is a `DeepstackTransformerLayer`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from .attention import SDPAttention
+from .dispatcher import OmniMoELayer
 from .experts import ColumnGroupedLinear, GroupedGemmExperts, RowGroupedLinear
 from .norm import RMSNorm
 from .router import SoftmaxTopKRouter
@@ -118,7 +120,7 @@ def _moe_spec(use_te: bool) -> ModuleSpec:
             submodules=MLPSubmodules(linear_fc1=ColumnGroupedLinear, linear_fc2=RowGroupedLinear),
         )
     return ModuleSpec(
-        module=MoELayer,
+        module=MoELayer if use_te else OmniMoELayer,
         submodules=MoESubmodules(experts=experts, shared_experts=None, router=SoftmaxTopKRouter),
     )
 
