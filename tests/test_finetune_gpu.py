@@ -26,8 +26,8 @@ def gpu_inputs(tiny_hf_dir, tmp_path_factory):
 
 
 def test_distributed_optimizer_kill_and_resume(gpu_inputs):
-    """Uninterrupted 10 steps vs SIGKILL after the step-5 checkpoint + rerun: the same steps, the resumed losses
-    within bf16 run-to-run noise of the uninterrupted ones (MoE scatter-adds are not bitwise deterministic on GPU)."""
+    """Uninterrupted 10 steps vs SIGKILL after the step-5 checkpoint + rerun: the same steps and, after the resume,
+    the uninterrupted run's losses."""
     root = gpu_inputs["root"]
     reference_dir = root / "reference"
     run(write_settings(gpu_inputs, reference_dir, **ON_ONE_GPU), root / "reference.log")
@@ -55,5 +55,7 @@ def test_distributed_optimizer_kill_and_resume(gpu_inputs):
     for a, b in zip(resumed, expected):
         print(f"step {a['step']:2d}: resumed {a['loss']!r} uninterrupted {b['loss']!r}")
     worst = max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(resumed, expected))
-    assert worst < 2e-3, f"resumed losses differ from the uninterrupted run by up to {worst:.2e} (relative)"
+    # Two runs agreed bit for bit in steps 1-6 on the H200; with the shared Adam step (fixed since) steps 7-10 were off
+    # by 1.3e-3..1.9e-3: the tolerance sits well below that and above bf16 reduction-order noise
+    assert worst < 1e-4, f"resumed losses differ from the uninterrupted run by up to {worst:.2e} (relative)"
     assert resumed[-1]["loss"] < resumed[0]["loss"]
