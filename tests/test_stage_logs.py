@@ -13,6 +13,7 @@ import pty
 import re
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import termios
@@ -66,8 +67,8 @@ def run_in_pty(workdir: Path, *args: str, timeout: float = 300) -> tuple[int, st
                 break
     finally:
         os.close(master)
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # its jobs too (they share its new session's process group)
+            os.killpg(proc.pid, signal.SIGKILL)
     return proc.wait(timeout=30), shown.decode(errors="replace")
 
 
