@@ -150,9 +150,11 @@ def run_recipe(records: list[dict], recipe_path: Path, work_dir: Path, num_proc:
             from data_juicer.ops import load_ops
 
             if executor == "ray":
-                from .ray_executor import ray_cluster, ray_mode_env
+                from data_juicer.utils.constant import RAY_JOB_ENV_VAR
 
-                stack.enter_context(ray_mode_env())
+                from .ray_executor import ray_cluster, restored_env
+
+                stack.enter_context(restored_env(RAY_JOB_ENV_VAR))
                 stack.enter_context(ray_cluster(ray_address, num_proc))
             cfg = init_configs(args=["--config", str(config_path)])
             sys.stdout, sys.stderr = saved_streams  # DJ redirects the streams into its own log file

@@ -28,46 +28,52 @@ log = logging.getLogger(__name__)
 @contextmanager
 def ray_cluster(address: str | None, num_cpus: int):
     """Attach to the Ray cluster at ``address``, or with ``None`` start a local one of ``num_cpus`` CPUs (no
-    dashboard) and stop it on exit. A session the caller already started is used as it is and left running."""
+    dashboard) and stop it on exit. A session the caller already started is used as it is and left running.
+
+    Ray (2.60) starts a local cluster with token authentication (token in ~/.ray/auth_token) and sets RAY_AUTH_MODE
+    for the whole process; it is restored on exit. Attaching to an authenticated cluster by address needs
+    RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN or ~/.ray/auth_token) in the environment, as Ray
+    documents: Ray does not enable it for an explicit address."""
     import ray
 
     started = False
-    if not ray.is_initialized():
-        common = {"logging_level": logging.WARNING, "configure_logging": False}
-        if address:
-            ray.init(address=address, **common)
-        else:
-            ray.init(num_cpus=int(num_cpus), include_dashboard=False, **common)
-        started = True
-    from ray.data import DataContext
+    with restored_env("RAY_AUTH_MODE"):
+        if not ray.is_initialized():
+            common = {"logging_level": logging.WARNING, "configure_logging": False}
+            if address:
+                ray.init(address=address, **common)
+            else:
+                ray.init(num_cpus=int(num_cpus), include_dashboard=False, **common)
+            started = True
+        from ray.data import DataContext
 
-    context, data_log = DataContext.get_current(), logging.getLogger("ray.data")
-    saved = context.enable_progress_bars, data_log.level
-    context.enable_progress_bars = False  # progress bars and per-dataset INFO lines in a Snakemake log are noise
-    data_log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        context.enable_progress_bars = saved[0]
-        data_log.setLevel(saved[1])
-        if started:
-            ray.shutdown()
+        context, data_log = DataContext.get_current(), logging.getLogger("ray.data")
+        saved = context.enable_progress_bars, data_log.level
+        context.enable_progress_bars = False  # progress bars and per-dataset INFO lines in a Snakemake log are noise
+        data_log.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            context.enable_progress_bars = saved[0]
+            data_log.setLevel(saved[1])
+            if started:
+                ray.shutdown()
 
 
 @contextmanager
-def ray_mode_env():
-    """Data-Juicer's ``init_configs`` sets RAY_JOB_ENV_VAR=1 for the whole process when ``executor_type`` is ray, which
-    would switch later default-executor runs in the same process into Ray behaviour: restore it afterwards."""
-    from data_juicer.utils.constant import RAY_JOB_ENV_VAR
-
-    saved = os.environ.get(RAY_JOB_ENV_VAR)
+def restored_env(*names: str):
+    """Put environment variables back as they were. Data-Juicer's ``init_configs`` sets RAY_JOB_ENV_VAR=1 for the
+    whole process when ``executor_type`` is ray (later default-executor runs in the process would take Ray code
+    paths), and a local ``ray.init`` sets RAY_AUTH_MODE."""
+    saved = {name: os.environ.get(name) for name in names}
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop(RAY_JOB_ENV_VAR, None)
-        else:
-            os.environ[RAY_JOB_ENV_VAR] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class RayRecipeDataset:
@@ -81,8 +87,7 @@ class RayRecipeDataset:
         self.dataset = executor.datasetbuilder.load_dataset()  # RayDataset
         self.order, self.id_key = order, id_key
         self.bulky = {cfg.text_keys, *bulky}  # columns a deduplicator's decision never reads: not pulled
-        self._ids = sorted(self._pull([id_key]), key=lambda row: order[row[id_key]])
-        self._ids = [row[id_key] for row in self._ids]
+        self._ids = [row[id_key] for row in self._pull_ordered([])]
         self._stats: dict = {}  # sample id -> its stats as last pulled
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -133,6 +138,10 @@ class RayRecipeDataset:
 
     def filter(self, op):
         """Data-Juicer's Ray filter path, stats first. Returns (stats before, stats after) in ``ids()`` order."""
+        from functools import partial
+
+        from data_juicer.core.data.ray_dataset import filter_batch
+        from data_juicer.ops.base_op import DEFAULT_BATCH_SIZE
         from data_juicer.utils.constant import Fields
 
         ids = self.ids()
@@ -141,10 +150,16 @@ class RayRecipeDataset:
         stats_after = {row[self.id_key]: row[Fields.stats] for row in self._pull([self.id_key, Fields.stats])}
         stats_before = [self._stats.get(sid) or {} for sid in ids]
         self._stats = stats_after
-        self.dataset.process([op])  # the stats are present: the op only applies its bounds
+        # then the op's bounds as RayDataset applies them (a second process() would run compute_stats again: with
+        # Data-Juicer's one-row batches for per-sample ops that doubles the op's cost)
+        if op.is_batched_op():
+            self.dataset.data = self.dataset.data.map_batches(partial(filter_batch, filter_func=op.process),
+                                                              batch_format="pyarrow", zero_copy_batch=True,
+                                                              batch_size=DEFAULT_BATCH_SIZE)
+        else:
+            self.dataset.data = self.dataset.data.filter(op.process)
         self._materialize()
-        self._ids = sorted(self._pull([self.id_key]), key=lambda row: self.order[row[self.id_key]])
-        self._ids = [row[self.id_key] for row in self._ids]
+        self._ids = [row[self.id_key] for row in self._pull_ordered([])]
         return stats_before, [stats_after[sid] for sid in ids]
 
     def apply(self, op) -> None:

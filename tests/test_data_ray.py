@@ -1,0 +1,156 @@
+"""data.executor: ray — the datajuicer stage through Data-Juicer's Ray executor gives the same kept samples and the
+same drops (id, stage, op, reason; duplicates naming the sample they duplicate) as the default executor.
+
+A Ray head with 2 CPUs is started by the tests in a process of its own (stopped with ``ray.shutdown``, which stops
+exactly the processes it started), and the local-Ray path (``ray_address: null``) starts and stops its own.
+The 5,000-row comparison with timings is bench/data_executors.py (about 4 min for both executors on 2 free cores);
+here the same generator makes 600 rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from executor_rows import make_rows
+
+RECIPE = Path("config/datajuicer_recipe.yaml")
+
+
+# A Ray head in its own process, as a cluster the stage attaches to: `ray.init` there starts the head (2 CPUs, no
+# dashboard), prints its address and keeps it until stdin closes; `ray.shutdown` then stops exactly what it started.
+HEAD = """
+import sys, ray
+ray.init(num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[1])
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    import psutil
+
+    temp = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")  # Ray's socket paths must stay under 107 characters
+    head = subprocess.Popen([sys.executable, "-c", HEAD, temp], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the Ray head did not start"
+        started = psutil.Process(head.pid).children(recursive=True)
+        yield address
+    finally:
+        head.stdin.close()
+        head.wait(timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+    _, alive = psutil.wait_procs(started, timeout=30)
+    for process in alive:
+        process.kill()
+    assert not alive, f"the Ray head left {[p.name() for p in alive]} running"
+
+
+def _ray_detached(local: bool, auth_mode: str | None = None) -> None:
+    """After a Ray run: this process is disconnected, Data-Juicer's Ray-mode switch is back off (later default runs in
+    the process stay local) and, when the run started its own local Ray, none of its processes is left."""
+    import psutil
+    import ray
+
+    from data_juicer.utils.constant import RAY_JOB_ENV_VAR
+
+    assert not ray.is_initialized()
+    assert RAY_JOB_ENV_VAR not in os.environ
+    assert os.environ.get("RAY_AUTH_MODE") == auth_mode  # a local ray.init sets it process-wide
+    if local:
+        leftovers = [p.name() for p in psutil.Process().children(recursive=True)]
+        assert not [name for name in leftovers if "ray" in name or "gcs" in name], leftovers
+
+
+def test_demo_set_same_outputs_with_a_local_ray(tmp_path_factory):
+    """The stage's own outputs, byte for byte: data.ray_address null starts a local Ray (2 CPUs) and stops it. (The
+    default executor runs with one process, as the other data tests do: the result must not depend on np.)"""
+    from omni_model.data.datajuicer import run_stage
+    from omni_model.data.demo import BAD_KINDS, generate_demo
+
+    tmp_path = tmp_path_factory.mktemp("dm")  # short: multiprocessing sockets go under the DJ work dir (AF_UNIX)
+    raw = generate_demo(tmp_path / "raw", 16, seed=3)  # as tests/test_data_pipeline.py
+    outputs = {}
+    for executor, procs in (("default", 1), ("ray", 2)):
+        out = tmp_path / executor
+        started = time.time()
+        summary = run_stage(raw, RECIPE, out / "processed.jsonl", out / "drops.jsonl", num_proc=procs,
+                            executor=executor)
+        print(f"demo set, {executor} executor: {time.time() - started:.1f} s")
+        outputs[executor] = ((out / "processed.jsonl").read_text(), (out / "drops.jsonl").read_text(), summary)
+        if executor == "ray":
+            _ray_detached(local=True)
+    (kept_d, drops_d, sum_d), (kept_r, drops_r, sum_r) = outputs["default"], outputs["ray"]
+    assert kept_r == kept_d
+    assert drops_r == drops_d
+    assert {k: sum_r[k] for k in ("input", "kept", "dropped", "by_stage_op")} == \
+        {k: sum_d[k] for k in ("input", "kept", "dropped", "by_stage_op")}
+    drops = {d["id"]: d for d in map(json.loads, drops_r.splitlines()) if d["stage"] == "datajuicer"}
+    assert set(drops) == {f"bad-{kind}" for kind, stage in BAD_KINDS.items() if stage == "datajuicer"}
+    assert drops["bad-exact_duplicate"]["reason"] == "omni_document_media_deduplicator: duplicate of demo-0000"
+    assert drops["bad-near_duplicate"]["reason"] == "omni_minhash_media_deduplicator: duplicate of demo-0008"
+    assert sum_r["input"] == sum_r["kept"] + sum_r["dropped"]
+
+
+def test_generated_set_same_decisions_on_a_ray_cluster(ray_head, tmp_path_factory, monkeypatch):
+    """600 generated rows on the 2-CPU head: kept ids and drops equal the default executor's, and they are the
+    planted ones (each duplicate names its original; same text over other media and same media under other text kept)."""
+    from omni_model.data.datajuicer import run_recipe, validate
+
+    tmp_path = tmp_path_factory.mktemp("gr")
+    path, plan = make_rows(tmp_path / "rows", 600, seed=1)
+    records, invalid, _ = validate(path)
+    assert not invalid
+    # the head has Ray's default token authentication (token in ~/.ray/auth_token); a client attaching by address
+    # opts in as Ray documents
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    results = {}
+    for executor, procs, address in (("default", 1, None), ("ray", 2, ray_head)):
+        started = time.time()
+        kept, drops = run_recipe(records, RECIPE, tmp_path / executor, num_proc=procs, executor=executor,
+                                 ray_address=address)
+        print(f"{len(records)} generated rows, {executor} executor: {time.time() - started:.1f} s")
+        results[executor] = ([r["id"] for r in kept], drops)
+    _ray_detached(local=False, auth_mode="token")
+    assert results["ray"] == results["default"]
+
+    kept, drops = results["ray"]
+    by_id = {d["id"]: d for d in drops}
+    outcome = Counter()
+    for sid, (kind, original) in plan.items():
+        drop = by_id.get(sid)
+        if original and kind != "near":  # exact text (case/spacing) or same prompt over the same medium (or a copy)
+            assert drop and drop["reason"] == f"omni_document_media_deduplicator: duplicate of {original}", (sid, drop)
+        elif kind in ("short", "tiny_image", "short_audio"):
+            op = {"short": "text_length_filter", "tiny_image": "image_shape_filter",
+                  "short_audio": "omni_audio_duration_filter"}[kind]
+            assert drop and drop["op"] == op and "outside bounds" in drop["reason"], (sid, drop)
+        elif kind != "near":  # fresh rows and first occurrences of a (text, medium) pair
+            assert drop is None, (sid, drop)
+        outcome[kind, "dropped" if drop else "kept"] += 1
+    print(dict(outcome))
+    assert outcome["near", "dropped"] >= 0.6 * (outcome["near", "dropped"] + outcome["near", "kept"])
+    assert min(outcome["exact", "dropped"], outcome["image", "dropped"], outcome["image", "kept"],
+               outcome["audio", "dropped"], outcome["audio", "kept"]) > 0
+
+
+def test_unknown_executor_is_refused(tmp_path):
+    from omni_model.data.datajuicer import run_recipe
+
+    record = {"id": "a", "messages": [{"role": "user", "content": "hello there"}], "images": [], "audios": [],
+              "videos": []}
+    with pytest.raises(ValueError, match="data.executor must be one of default, ray, got 'spark'"):
+        run_recipe([record], RECIPE, tmp_path, executor="spark")
