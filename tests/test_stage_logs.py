@@ -16,6 +16,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import termios
 import time
 from pathlib import Path
@@ -41,13 +42,13 @@ def wf(tiny_hf_dir, tmp_path_factory):
     return root
 
 
-def run_in_pty(workdir: Path, *args: str, timeout: float = 300) -> tuple[int, str]:
-    """Snakemake with a pseudo-terminal as stdin/stdout/stderr (an interactive shell); returns (exit code, what the
+def run_in_pty(workdir: Path, *command: str, timeout: float = 300) -> tuple[int, str]:
+    """`command` with a pseudo-terminal as stdin/stdout/stderr (an interactive shell); returns (exit code, what the
     terminal showed)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))  # 30 x 120, as a terminal window
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TERM="xterm")
-    proc = subprocess.Popen([SNAKEMAKE, *args], cwd=workdir, env=env, stdin=slave, stdout=slave, stderr=slave,
+    proc = subprocess.Popen(list(command), cwd=workdir, env=env, stdin=slave, stdout=slave, stderr=slave,
                             start_new_session=True)
     os.close(slave)
     shown = bytearray()
@@ -74,7 +75,7 @@ def run_in_pty(workdir: Path, *args: str, timeout: float = 300) -> tuple[int, st
 
 @pytest.fixture(scope="module")
 def interactive_convert(wf):
-    code, terminal = run_in_pty(wf, "--cores", "2", "convert", "--config", NO_PARITY)
+    code, terminal = run_in_pty(wf, SNAKEMAKE, "--cores", "2", "convert", "--config", NO_PARITY)
     assert code == 0, terminal[-4000:]
     return terminal
 
@@ -214,3 +215,23 @@ def test_progress_lines_and_third_party_bars_in_a_stage_log(tmp_path):
     lines = re.findall(STAMP + r"INFO stage: train: (\d+)/20 steps, [\d.]+ steps/s, [\d.]+s elapsed(, ETA \d+s)?, "
                        r"loss ([\d.]+)$", text, re.M)
     assert [int(done) for done, _, _ in lines] == [15, 20] and lines[-1][1:] == ("", "0.050")
+
+
+def test_a_library_bar_shows_on_the_terminal_only(tmp_path):
+    """A library's own tqdm bar inside a stage (Data-Juicer's op bars, a hub download's): on an interactive terminal
+    it is drawn there as one live line (erased when done), and the log gets none of its frames."""
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "from tqdm import tqdm\n"
+        "from omni_model.runtime.logs import stage_logging\n"
+        "with stage_logging('logs/datajuicer.log', 'datajuicer') as log:\n"
+        "    for _ in tqdm(range(40), desc='text_length_filter_process', mininterval=0):\n"
+        "        pass\n"
+        "    log.info('kept 40')\n")
+    code, terminal = run_in_pty(tmp_path, sys.executable, str(script), timeout=120)
+    assert code == 0, terminal
+    assert re.search(r"\rtext_length_filter_process: 100%\|[^|]*\| 40/40 \[", terminal), terminal[-2000:]
+    assert terminal.rstrip().endswith("\r\x1b[K")  # the finished bar erased, no line left behind
+    log = (tmp_path / "logs" / "datajuicer.log").read_text()
+    assert "text_length_filter_process" not in log and "\r" not in log
+    assert re.search(STAMP + r"INFO datajuicer: kept 40$", log, re.M)

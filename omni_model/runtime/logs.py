@@ -12,7 +12,8 @@
   to the file, not to the console; the console gets one line per failure pointing at the log.
 - On an exception the full traceback is written to the log and the stage exits with that one console line.
 - Progress (`Progress`, `progress`): timestamped lines with rate and ETA in the log; in an interactive run (the
-  console is a terminal) also a live bar on the terminal, drawn there only (the log keeps plain lines).
+  console is a terminal) also a live bar on the terminal, drawn there only (the log keeps plain lines). Libraries'
+  own bars (tqdm frames written to stderr) go to that terminal as one live line too, and never into the log.
 """
 
 from __future__ import annotations
@@ -40,20 +41,41 @@ def history_path(log_path: Path) -> Path:
 
 
 class _Tee:
-    """A text stream writing to the run's log and to the history (both appended, line-buffered)."""
+    """A text stream writing to the run's log and to the history (both appended, line-buffered).
 
-    def __init__(self, *paths: Path):
+    A library's progress-bar frame (a write holding a bare carriage return: tqdm & co., e.g. Data-Juicer's op bars)
+    never reaches the log: it goes to `terminal` (an interactive run's console) or nowhere. The newline a finished bar
+    ends with clears the terminal line instead, so third-party bars stay one live line, not a scrolling list."""
+
+    def __init__(self, *paths: Path, terminal: Optional[TextIO] = None):
+        self.terminal, self.framed = terminal, False
         self.files = []
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.files.append(open(path, "a", buffering=1, encoding="utf-8", errors="replace"))
 
     def write(self, text: str) -> int:
-        if "\r" in text.replace("\r\n", "\n"):  # a progress bar's frame (tqdm & co.): terminal-only, never the log
+        if "\r" in text.replace("\r\n", "\n"):
+            self._to_terminal(text)
+            self.framed = True
+            return len(text)
+        if self.framed and text == "\n":
+            self.end_frames()
             return len(text)
         for handle in self.files:
             handle.write(text)
         return len(text)
+
+    def _to_terminal(self, text: str) -> None:
+        if self.terminal is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.terminal.write(text)
+                self.terminal.flush()
+
+    def end_frames(self) -> None:
+        if self.framed:
+            self._to_terminal("\r\x1b[K")  # back to the line start, erase the bar
+            self.framed = False
 
     def flush(self) -> None:
         for handle in self.files:
@@ -76,8 +98,9 @@ def stage_logging(log_path, stage: str, level: int = logging.INFO) -> Iterator[l
     the traceback there and print one line to the console. Yields the stage's logger."""
     global _console, _stage
     log_path = Path(log_path)
-    stream = _Tee(log_path, history_path(log_path))
     console = sys.__stderr__
+    stream = _Tee(log_path, history_path(log_path),
+                  terminal=console if console is not None and console.isatty() else None)
     saved, saved_console, saved_stage, saved_tty = (sys.stdout, sys.stderr), _console, _stage, os.environ.get(TTY_ENV)
     _console, _stage = console, stage
     if console is not None and console.isatty():  # interactive: child processes may draw a bar there too
@@ -103,12 +126,14 @@ def stage_logging(log_path, stage: str, level: int = logging.INFO) -> Iterator[l
         stream.write(traceback.format_exc())
         summary = _one_line(exc)
         log.error("%s failed after %.1fs: %s", stage, time.time() - started, summary)
+        stream.end_frames()  # a library's bar may be live on the terminal: the failure line starts a clean line
         console.write(f"[{stage}] FAILED: {summary}  (full log: {log_path})\n")
         console.flush()
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         raise StageFailed(1) from None
     finally:
+        stream.end_frames()
         stream.flush()
         sys.stdout, sys.stderr = saved
         _console, _stage = saved_console, saved_stage
@@ -139,18 +164,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _quiet_third_party() -> None:
-    """transformers logs through its own handler to the real stderr; point it at ours (the log file). Its and the
-    hub's tqdm bars ("Loading weights") would write frames into the log: off (the stage's own Progress reports)."""
+    """transformers logs through its own handler to the real stderr; point it at ours (the log file). Its bars and
+    the hub's ("Loading weights", a download's files) write to our stream, which shows them only on a terminal."""
     with contextlib.suppress(Exception):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_default_handler()
         hf_logging.enable_propagation()
-        hf_logging.disable_progress_bar()
-    with contextlib.suppress(Exception):
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
     warnings.simplefilter("default")
 
 
