@@ -93,12 +93,17 @@ class Layout:
                 f"layers must split evenly over the other {others} pipeline stage(s), at least one layer each")
         return [first] + [rest // others] * others
 
+    def first_stage_choices(self, num_layers: int, deepstack: int) -> list[int]:
+        """The parallel.first_stage_layers values that put `deepstack` layers on stage 0 and split the rest evenly."""
+        others = self.pp - 1
+        return [n for n in range(max(deepstack, 1), num_layers) if others and (num_layers - n) >= others
+                and (num_layers - n) % others == 0]
+
     def check_deepstack(self, num_layers: int, deepstack: int) -> None:
         """The first `deepstack` decoder layers (which add the vision tower's deepstack features) on stage 0."""
         on_first = self.stage_layers(num_layers)[0]
         if deepstack > on_first:
-            fits = [n for n in range(deepstack, num_layers)
-                    if (num_layers - n) >= self.pp - 1 and (num_layers - n) % (self.pp - 1) == 0]
+            fits = self.first_stage_choices(num_layers, deepstack)
             hint = f" (values that work here: {', '.join(map(str, fits))})" if fits else \
                 " (no split of these layers works: use a smaller parallel.pp)"
             raise LayoutError(

@@ -349,7 +349,8 @@ def _divisors(n: int) -> list[int]:
 def candidate_layouts(hf_config: dict, world_size: int, gpus_per_node: int, distributed_optimizer: bool = True
                       ) -> Iterator[Layout]:
     """Layouts mcore (and this model) can build on `world_size` ranks: TP within a node and dividing the heads,
-    PP dividing the layers with the deepstack layers on stage 0, EP dividing the experts and DP x TP."""
+    PP with the deepstack layers on stage 0 (mcore's even split, else the smallest parallel.first_stage_layers that
+    holds them), EP dividing the experts and DP x TP."""
     text, vision, _ = _configs(hf_config)
     heads, groups = text["num_attention_heads"], text.get("num_key_value_heads", text["num_attention_heads"])
     experts = text.get("num_experts") or 1
@@ -359,14 +360,25 @@ def candidate_layouts(hf_config: dict, world_size: int, gpus_per_node: int, dist
         if tp > max(gpus_per_node, 1) or heads % tp or groups % tp:
             continue
         for pp in _divisors(world_size // tp):
-            if layers % pp or layers // pp < deepstack:
+            first = _first_stage_layers(layers, pp, deepstack)
+            if first == 0:
                 continue
             dp = world_size // (tp * pp)
             for ep in _divisors(experts):
                 for etp in (1, tp) if tp > 1 else (1,):
                     if (dp * tp) % (ep * etp):
                         continue
-                    yield Layout(tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, distributed_optimizer=distributed_optimizer)
+                    yield Layout(tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, distributed_optimizer=distributed_optimizer,
+                                 first_stage_layers=first)
+
+
+def _first_stage_layers(layers: int, pp: int, deepstack: int) -> Optional[int]:
+    """parallel.first_stage_layers for `pp` stages: None when mcore's even split holds the deepstack layers on stage
+    0, else the smallest uneven split that does; 0 when none does."""
+    if pp == 1 or (layers % pp == 0 and layers // pp >= deepstack):
+        return None
+    choices = Layout(pp=pp).first_stage_choices(layers, deepstack)
+    return choices[0] if choices else 0
 
 
 def fitting_layouts(hf_config: dict, world_size: int, gpus_per_node: int, work: Workload, gpu_memory_gib: float,

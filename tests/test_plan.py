@@ -167,3 +167,18 @@ def test_cpu_training_step_matches_the_planner():
     assert row["static_match"] == {"weights": True, "grads": True, "optimizer": True}
     assert abs(row["saved_error"]) < 0.15 and abs(row["saved_layers_error"]) < 0.15
     assert all(loss == loss for loss in row["losses"])  # finite steps: the run really trained
+
+
+def test_pipeline_layouts_keep_the_deepstack_layers_on_the_first_stage():
+    """The tiny model (4 decoder layers, 3 deepstack features): the planner's pp2 layouts split 3 + 1
+    (parallel.first_stage_layers 3), and the stage figures follow that split."""
+    from omni_model.configs import tiny_config
+    from omni_model.plan import candidate_layouts
+
+    config = tiny_config()
+    piped = [layout for layout in candidate_layouts(config, 2, 2) if layout.pp == 2]
+    assert piped and {layout.first_stage_layers for layout in piped} == {3}
+    first, last = (stage_params(config, piped[0], stage) for stage in (0, 1))
+    whole = stage_params(config, Layout())
+    assert (first.llm_expert, last.llm_expert) == (3 * whole.llm_expert // 4, whole.llm_expert // 4)
+    assert first.vision == whole.vision and last.vision == 0
