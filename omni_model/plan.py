@@ -477,6 +477,15 @@ def model_config_of(config: dict, root: Path = Path(".")) -> dict:
                     f"({downloaded}); run `snakemake download` first")
 
 
+def known_model_config(config: dict, root: Path = Path(".")) -> Optional[dict]:
+    """model_config_of when the model's config is known before any job runs (tiny, random, local, the released
+    30B-A3B ids, a downloaded hub model), else None."""
+    try:
+        return model_config_of(config, root)
+    except (PlanError, OSError):
+        return None
+
+
 def load_pipeline_config(paths: list[str], root: Path = Path(".")) -> dict:
     """config/config.yaml, then each --configfile merged over it (as Snakemake does), schema defaults filled."""
     import yaml

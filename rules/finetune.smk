@@ -4,22 +4,13 @@
 # run's settings digest matches. Layouts and batch sizes that cannot train (e.g. parallel.cp > 1, a pipeline split
 # without the deepstack layers on the first stage) stop the plan here.
 
-from omni_model.plan import PlanError, model_config_of
+from omni_model.plan import known_model_config
 from omni_model.train.settings import SettingsError, check_config as check_train_config
 
-
-def _known_model_config():
-    """The model's config.json dict when it is known before any job (tiny, local, the released 30B-A3B ids, a
-    downloaded hub model), else None: the pipeline split is then checked in the job."""
-    try:
-        return model_config_of(config)
-    except (PlanError, OSError):
-        return None
-
-
 try:
-    # the pipeline split (parallel.first_stage_layers) is checked against the model's layers here, before convert
-    check_train_config(config["train"], config["parallel"], hf_config=_known_model_config())
+    # the pipeline split (parallel.first_stage_layers) is checked against the model's layers here, before convert,
+    # when the model's config is known before any job (else in the job)
+    check_train_config(config["train"], config["parallel"], hf_config=known_model_config(config))
 except SettingsError as error:
     raise SystemExit(f"Config error (nothing was run):\n  {error}")
 
