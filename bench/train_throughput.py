@@ -1,0 +1,531 @@
+"""Whole training steps on one GPU: ours (omni_model.train) against transformers' Qwen3-Omni thinker, same batches.
+
+    python bench/train_throughput.py --shards results/data/shards                   # GPU: 30B-A3B layer shapes
+    python bench/train_throughput.py --shards results/data/shards --tiny --cpu      # CPU smoke run (tiny, fp32)
+
+Model: a reduced-depth thinker with the released 30B-A3B shapes (hidden 2048, 32/4 heads x 128, 128 experts top-8,
+expert FFN 768, vocab 152064, the real vision and audio towers; `--layers` LLM layers), random weights, everything
+trained. `--tiny`: the embedded tiny config instead.
+
+Data: the demo shards encoded by the project's task encoder (omni_model.data.task_encoder, Energon loader, packing
+into rows of `--seq-len` tokens with a `--packing-buffer` sample buffer). Two batch kinds:
+  mm    every sample (images, audio, video and text-only ones in the demo mix)
+  text  only the samples without media (the demo set has few: rows repeat them)
+The batches are encoded once, before any row runs, and every row trains on the same list: the loader's cost is not
+in the step times (the training run decodes in loader worker processes, off the step).
+
+Rows (each in its own process: clean allocator statistics; an out-of-memory loses one row, not the run):
+  ours[VARIANT] KIND   build_training + forward_step + get_forward_backward_func + the mcore optimizer (distributed
+                       optimizer, bf16, fp32 grads and master weights), packed THD rows: omni_model.train's step
+  hf[ATTN] KIND        transformers' Qwen3OmniMoeThinkerForConditionalGeneration (bf16 weights, its default experts
+                       implementation), torch.optim.AdamW(fused=True on GPU), grad clipping 1.0 like ours, loss + router
+                       aux loss (output_router_logits, as transformers trains it). The SAME packed rows: transformers
+                       5.24 builds a block-causal mask from the text position row when no attention mask is given
+                       (masking_utils.find_packed_sequence_indices; only with use_cache=False, which the rows pass:
+                       tests/test_bench_hf_packing.py), for `sdpa` (a boolean mask: the memory-efficient
+                       kernel, no flash) and `flex_attention` (a BlockMask); flash_attention_2 needs the flash-attn
+                       package, absent on our GPU machines. So no padding: each sequence attends only to itself.
+Per row: real (non-padding) tokens/s, step time, model TFLOP/s (omni_model.train.metrics.FlopCounter: the LLM's
+6 x active params per token + causal attention per sequence; the towers are not counted, for either row), MFU against
+a bf16 matmul peak measured in this run, peak memory; loss of the first and last step (a sanity check, not compared:
+the two models have different random weights).
+
+Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' = as committed), for the GPU to judge:
+  compile            torch.compile of the small ops: RMSNorm.forward and the experts' SwiGLU (experts.swiglu_with_probs)
+  graphs[=SCOPES]    mcore CUDA graphs, cuda_graph_impl=local, cuda_graph_scope=SCOPES (':'-separated, e.g.
+                     attn:moe_router; default: the whole layer)
+  thd=loop           packed attention as one SDPA call per sequence instead of torch's varlen_attn
+  sdpa=BACKEND       torch.nn.attention.sdpa_kernel(flash|cudnn|efficient|math) around the steps
+  rope=thd           mcore's THD RoPE loop (the path before per-token RoPE), to measure that change
+  dispatch=mcore     mcore's allgather token dispatcher (host syncs) instead of dispatcher.StaticAllGatherTokenDispatcher
+  cfg.KEY=VALUE      any TransformerConfig field (VALUE as JSON where it parses), e.g. cfg.moe_token_dispatcher_type=alltoall
+  train.KEY=VALUE    any train.* setting, e.g. train.recompute=selective
+Writes `--json` (default bench/results/train_throughput.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import torch  # noqa: E402
+
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+
+
+# -- model and data ------------------------------------------------------------------------------------------------
+def model_config(tiny: bool, layers: int) -> dict:
+    from omni_model.configs import released_30b_a3b_config
+    from omni_model.tiny import tiny_variant
+
+    config = tiny_variant(text={"num_hidden_layers": layers}) if tiny else released_30b_a3b_config()
+    config["thinker_config"]["text_config"]["num_hidden_layers"] = layers
+    if not tiny:  # the talker is not trained: keep its config small (it reads an LLM layer that must exist)
+        config["talker_config"]["accept_hidden_layer"] = min(config["talker_config"]["accept_hidden_layer"], layers)
+    return config
+
+
+def write_hf_dir(work: Path, tiny: bool, layers: int) -> Path:
+    """config.json + the real tokenizer, chat template and preprocessor files: what the task encoder and both
+    models read (no weights: every row initialises its own)."""
+    from omni_model.random_checkpoint import write_config_files
+
+    hf_dir = work / "hf"
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    write_config_files(hf_dir, model_config(tiny, layers))
+    return hf_dir
+
+
+def text_only_encoder(hf_dir: Path, seq_len: int):
+    from megatron.energon import SkipSample, stateless
+
+    from omni_model.data.task_encoder import OmniTaskEncoder
+
+    class TextOnlyTaskEncoder(OmniTaskEncoder):
+        """The task encoder on the samples without media (the others are skipped before any decoding)."""
+
+        @stateless
+        def encode_sample(self, sample):
+            if sample.media:
+                raise SkipSample()
+            return super().encode_sample(sample)
+
+    return TextOnlyTaskEncoder(hf_dir, max_seq_len=seq_len, pack_budget=seq_len)
+
+
+def encode_batches(hf_dir: Path, shards: Path, kind: str, count: int, seq_len: int, buffer: int, workers: int):
+    """`count` packed micro-batches (one row of <= seq_len tokens each) from the train split."""
+    from megatron.energon import WorkerConfig
+
+    from omni_model.data.task_encoder import OmniTaskEncoder, build_loader
+
+    encoder = text_only_encoder(hf_dir, seq_len) if kind == "text" else \
+        OmniTaskEncoder(hf_dir, max_seq_len=seq_len, pack_budget=seq_len)
+    loader = build_loader(shards, encoder, split="train", batch_size=1, packing_buffer_size=buffer,
+                          worker_config=WorkerConfig(rank=0, world_size=1, num_workers=workers),
+                          shuffle_buffer_size=64, repeat=True)
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    return batches
+
+
+def describe(batches: list, seq_len: int) -> dict:
+    """What the rows train on: tokens, fill, sequences, media counts."""
+    rows = sum(b.input_ids.shape[0] for b in batches)
+    return {"micro_batches": len(batches), "rows": rows, "real_tokens": sum(b.num_tokens for b in batches),
+            "fill_of_seq_len": sum(b.num_tokens for b in batches) / max(rows * seq_len, 1),
+            "sequences": sum(len(r) for b in batches for r in b.sample_ids),
+            "images": sum(len(b.image_grid_thw) for b in batches if b.image_grid_thw is not None),
+            "videos": sum(len(b.video_grid_thw) for b in batches if b.video_grid_thw is not None),
+            "audios": sum(len(b.input_features) for b in batches if b.input_features is not None)}
+
+
+# -- measurement ---------------------------------------------------------------------------------------------------
+def matmul_peak_tflops(device: str) -> float:
+    """A large matmul in a loop: bf16 8192^3 on GPU (fp32 1024^3 on CPU, only so that the CPU run has a number)."""
+    n, dtype, iters = (8192, torch.bfloat16, 50) if device == "cuda" else (1024, torch.float32, 5)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
+
+
+def sdpa_context(backend: str):
+    """A factory of `sdpa_kernel(backend)` contexts (each context manager is good for one `with`)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = getattr(SDPBackend, SDPA_BACKENDS[backend])
+    return lambda: sdpa_kernel(chosen)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(step, counter, flops, warmup: int, steps: int, device: str, peak: float, profile: str = "") -> dict:
+    """Warm-up steps, then `steps` timed steps (synchronised); tokens and sequence lengths from the TokenCounter.
+    `profile`: a file for the torch profiler's tables of one more step (not timed)."""
+    from omni_model.train.metrics import memory_gib
+
+    losses = []
+    for _ in range(warmup):
+        losses.append(step())
+        counter.take()
+    sync(device)
+    times, tokens, model_flops = [], 0, 0.0
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        losses.append(loss)
+        seen = counter.take()
+        tokens += seen["tokens"]
+        model_flops += flops(seen["seq_lens"])
+    if profile:
+        profile_step(step, device, Path(profile))
+    seconds = sum(times)
+    tflops = model_flops / seconds / 1e12
+    return {"step_s": seconds / steps, "step_s_min": min(times), "step_s_max": max(times),
+            "tokens_per_step": tokens / steps, "tokens_per_s": tokens / seconds, "tflops": tflops,
+            "mfu": tflops / peak, "mem_gib": memory_gib(), "loss_first": _loss_value(losses[0]),
+            "loss_last": _loss_value(losses[-1])}
+
+
+def profile_step(step, device: str, path: Path) -> None:
+    """One step under the torch profiler: the ops by self device time and by self host time (where the host-side
+    Python per layer shows), written as text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    table = prof.key_averages()
+    device_key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    path.write_text(f"by {device_key}\n{table.table(sort_by=device_key, row_limit=40)}\n\nby self_cpu_time_total\n"
+                    f"{table.table(sort_by='self_cpu_time_total', row_limit=40)}\n")
+
+
+# -- ours ----------------------------------------------------------------------------------------------------------
+def parse_variant(variant: str) -> dict:
+    knobs = {}
+    for knob in filter(None, variant.split("+")):
+        if knob == "base":
+            continue
+        key, _, value = knob.partition("=")
+        knobs[key] = value
+    return knobs
+
+
+def _json_or_str(value: str):
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def apply_variant(knobs: dict) -> tuple[dict, dict, object]:
+    """Process-wide switches of a variant -> (TransformerConfig overrides, train overrides, a factory of the context
+    each step runs in)."""
+    config, train, context = {}, {}, nullcontext
+    for key, value in knobs.items():
+        if key == "compile":
+            from omni_model.model import experts, norm
+
+            experts.swiglu_with_probs = torch.compile(experts.swiglu_with_probs)
+            norm.RMSNorm.forward = torch.compile(norm.RMSNorm.forward)
+        elif key == "graphs":
+            config["cuda_graph_impl"] = "local"
+            config["cuda_graph_scope"] = value.split(":") if value else []
+        elif key == "thd":
+            from omni_model.model.attention import SDPAttention
+
+            SDPAttention.thd_kernel = value
+        elif key == "sdpa":
+            context = sdpa_context(value)
+        elif key == "rope":
+            if value != "thd":
+                raise SystemExit(f"rope={value}: only rope=thd (mcore's THD loop) is a variant")
+        elif key == "dispatch":
+            if value != "mcore":
+                raise SystemExit(f"dispatch={value}: only dispatch=mcore (mcore's allgather dispatcher) is a variant")
+            from omni_model.model.dispatcher import OmniMoELayer
+
+            OmniMoELayer.static_dispatch = False
+        elif key.startswith("cfg."):
+            config[key[4:]] = _json_or_str(value)
+        elif key.startswith("train."):
+            train[key[6:]] = _json_or_str(value)
+        else:
+            raise SystemExit(f"unknown variant knob {key!r} (see the module docstring)")
+    return config, train, context
+
+
+def run_ours(spec: dict, batches: list, peak: float) -> dict:
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from omni_model.train import build
+    from omni_model.train.data import TokenCounter
+    from omni_model.train.forward_step import forward_step
+    from omni_model.train.metrics import FlopCounter
+    from omni_model.train.settings import TrainSettings
+    from planner_check import init_weights
+
+    knobs = parse_variant(spec["variant"])
+    config_extra, train_extra, context = apply_variant(knobs)
+    if config_extra:  # the TransformerConfig fields a variant sets, on top of the training run's own
+        base_overrides = build.model_config_overrides
+        build.model_config_overrides = lambda settings: {**base_overrides(settings), **config_extra}
+    on_gpu = spec["device"] == "cuda"
+    train = {"iters": spec["warmup"] + spec["steps"], "lr_warmup_iters": 1, "global_batch_size": spec["global_batch"],
+             "micro_batch_size": 1, "seq_len": spec["seq_len"], "packing": True, "gpus_per_node": int(on_gpu),
+             "cpu_procs": 1, **train_extra}
+    work = Path(spec["work"])
+    settings = TrainSettings(hf_dir=spec["hf_dir"], init_checkpoint="", shards="", train_dir=str(work / "ours"),
+                             train=train)
+    build.init_training_parallel(settings)
+    training = build.build_training(settings, load_initial_weights=False)
+    init_weights(training.thinker)
+    training.optimizer.reload_model_params()  # the optimizer's fp32 masters copied the uninitialised weights
+    if knobs.get("rope") == "thd":
+        training.thinker.language_model.per_token_rope = False
+    counter = TokenCounter(iter(batches))
+    forward_backward = get_forward_backward_func()
+    training.model.train()
+
+    def step():  # omni_model.train.loop.train's step
+        training.model.zero_grad_buffer()
+        training.optimizer.zero_grad()
+        with context():
+            reports = forward_backward(forward_step_func=forward_step, data_iterator=counter, model=[training.model],
+                                       num_microbatches=get_num_microbatches(), seq_length=spec["seq_len"],
+                                       micro_batch_size=1, forward_only=False)
+        training.optimizer.step()
+        training.scheduler.step(increment=1)
+        total = torch.stack([torch.stack([torch.as_tensor(v).reshape(()) for v in r["lm loss"]]) for r in reports])
+        return total.sum(0)  # (loss sum, label tokens): read after the timing
+
+    return measure(step, counter, FlopCounter(spec["hf_dir"]), spec["warmup"], spec["steps"], spec["device"], peak,
+                   spec["profile"])
+
+
+def _loss_value(loss) -> float:
+    """A step's loss: ours gives (loss sum, label tokens), transformers the token-mean."""
+    return float(loss[0] / loss[1]) if loss.numel() == 2 else float(loss)
+
+
+# -- transformers --------------------------------------------------------------------------------------------------
+def text_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Position of every packed token inside its own sequence (restarts at each cu_seqlens bound)."""
+    index = torch.arange(total)
+    sequence = torch.searchsorted(cu_seqlens[1:].long(), index, right=True)
+    return index - cu_seqlens.long()[sequence]
+
+
+def hf_inputs(batch, device) -> dict:
+    """transformers' keywords for a packed batch: no attention mask, and a text position row on top of the MRoPE
+    rows ([4, B, S]): transformers derives the sequence boundaries (a block-causal mask) from that row. Only without
+    a KV cache: with one (use_cache defaults to the config's True) it skips the detection and attends across the
+    packed sequences (seen: 0.9 logit error vs each sequence alone; 4e-7 with use_cache=False)."""
+    inputs = dict(batch.hf_inputs(), use_cache=False)
+    if batch.cu_seqlens is not None:
+        b, s = batch.input_ids.shape
+        text = text_positions(batch.cu_seqlens, b * s).view(1, b, s).to(batch.position_ids.dtype)
+        inputs["position_ids"] = torch.cat([text, batch.position_ids], dim=0)
+        inputs.pop("attention_mask")
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def build_hf(hf_dir: str, attn: str, device: str):
+    from transformers import Qwen3OmniMoeConfig
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    config = Qwen3OmniMoeConfig(**json.loads((Path(hf_dir) / "config.json").read_text())).thinker_config
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = Qwen3OmniMoeThinkerForConditionalGeneration._from_config(config, attn_implementation="sdpa",
+                                                                          dtype=dtype)
+    if attn != "sdpa":  # the text model only: the towers support sdpa/flash, not flex
+        model.config.text_config._attn_implementation = attn
+    return model.train()
+
+
+def run_hf(spec: dict, batches: list, peak: float) -> dict:
+    from omni_model.train.data import TokenCounter
+    from omni_model.train.metrics import FlopCounter
+
+    device = spec["device"]
+    torch.manual_seed(0)
+    model = build_hf(spec["hf_dir"], spec["variant"], device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                                  fused=device == "cuda")
+    counter = TokenCounter(iter(batches))
+
+    def step():
+        micro = [next(counter) for _ in range(spec["global_batch"])]
+        label_tokens = sum(b.num_trained for b in micro)
+        total = torch.zeros((), device=device)
+        for batch in micro:  # gradient accumulation: token-mean over the global batch, as ours
+            out = model(**hf_inputs(batch, device), output_router_logits=True)
+            loss = out.loss * (batch.num_trained / label_tokens)
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+    return measure(step, counter, FlopCounter(spec["hf_dir"]), spec["warmup"], spec["steps"], device, peak,
+                   spec["profile"])
+
+
+def run_row(spec: dict) -> dict:
+    torch.manual_seed(0)
+    batches = torch.load(spec["batches"], weights_only=False)[spec["kind"]]
+    context = sdpa_context(spec["sdpa"]) if spec["impl"] == "hf" and spec["sdpa"] else nullcontext
+    with context():
+        result = (run_ours if spec["impl"] == "ours" else run_hf)(spec, batches, spec["peak"])
+    return result
+
+
+# -- driver --------------------------------------------------------------------------------------------------------
+def row_name(spec: dict) -> str:
+    return f"{spec['impl']}[{spec['variant']}] {spec['kind']}"
+
+
+def run_child(spec: dict, timeout: int, cpu: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+                              timeout=timeout, env=env, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"timeout after {timeout} s"}
+    found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if found:
+        return json.loads(found[-1][7:])
+    return {"failed": (proc.stderr or proc.stdout)[-3000:]}
+
+
+def print_row(name: str, r: dict) -> None:
+    if "failed" in r:
+        print(f"{name:44s} FAILED: {r['failed'][-600:]}", flush=True)
+        return
+    print(f"{name:44s} {r['tokens_per_s']:>10.0f} {1e3 * r['step_s']:>9.1f} {r['tflops']:>8.1f} "
+          f"{100 * r['mfu']:>6.1f}% {r['mem_gib']:>8.1f}  {r['loss_first']:.3f} -> {r['loss_last']:.3f}", flush=True)
+
+
+def headline(rows: list, peak: float, device: str, args) -> dict:
+    def pick(impl, variant, kind):
+        for r in rows:
+            if (r["impl"], r["variant"], r["kind"]) == (impl, variant, kind) and "failed" not in r:
+                return r
+        return None
+
+    out = {"device": device, "model": ("tiny" if args.tiny else "30B-A3B layer shapes") + f", {args.layers} layers",
+           "seq_len": args.seq_len, "global_batch_rows": args.global_batch, "steps": args.steps, "warmup": args.warmup,
+           "matmul_peak_tflops": peak, "torch": torch.__version__}
+    base = args.variants[0]
+    hf_attn = args.hf_attn[0]
+    for kind, suffix in (("mm", ""), ("text", "_text")):
+        ours, hf = pick("ours", base, kind), pick("hf", hf_attn, kind)
+        out[f"tokens_per_s_ours{suffix}"] = ours and ours["tokens_per_s"]
+        out[f"tokens_per_s_transformers{suffix}"] = hf and hf["tokens_per_s"]
+        out[f"ratio_vs_transformers{suffix}"] = ours and hf and ours["tokens_per_s"] / hf["tokens_per_s"]
+        out[f"mfu_ours{suffix}"] = ours and ours["mfu"]
+        out[f"tflops_ours{suffix}"] = ours and ours["tflops"]
+        out[f"mfu_transformers{suffix}"] = hf and hf["mfu"]
+    out["headline_rows"] = {"ours": f"ours[{base}]", "transformers": f"hf[{hf_attn}]"}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shards", help="Energon shards (the demo set: results/data/shards)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--global-batch", type=int, default=4, help="packed rows per optimizer step (micro-batch 1 row)")
+    ap.add_argument("--packing-buffer", type=int, default=128, help="samples buffered per packing decision")
+    ap.add_argument("--data-workers", type=int, default=0, help="loader processes for the one-off encoding")
+    ap.add_argument("--kinds", default="mm,text", help="batch kinds: mm,text")
+    ap.add_argument("--variants", default="base", help="variants of ours, comma separated (module docstring)")
+    ap.add_argument("--hf-attn", default="sdpa", help="transformers' text attention: sdpa,flex_attention ('' = no hf)")
+    ap.add_argument("--hf-sdpa", default="", help="sdpa_kernel backend for the transformers rows (default: torch's)")
+    ap.add_argument("--tiny", action="store_true", help="the tiny config (CPU smoke run)")
+    ap.add_argument("--cpu", action="store_true", help="run on CPU (fp32, gloo, plain optimizer)")
+    ap.add_argument("--work", default=None, help="scratch dir (default: a new temp dir)")
+    ap.add_argument("--json", default=str(REPO / "bench" / "results" / "train_throughput.json"))
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per row")
+    ap.add_argument("--profile", action="store_true", help="one more step per row under the torch profiler: "
+                    "profile_<row>.txt next to --json (one more batch per kind is encoded for it)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one row (JSON spec) in this process
+    args = ap.parse_args()
+
+    if args.one:
+        spec = json.loads(args.one)
+        if spec["device"] == "cpu":
+            torch.set_num_threads(1)
+        print("RESULT " + json.dumps(run_row(spec)), flush=True)
+        return 0
+    if not args.shards:
+        ap.error("--shards is required")
+
+    device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
+    if device == "cpu":
+        torch.set_num_threads(1)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()] or ["base"]
+    args.hf_attn = [a.strip() for a in args.hf_attn.split(",") if a.strip()]
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    work = Path(args.work or tempfile.mkdtemp(prefix="train_throughput_"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    began = time.perf_counter()
+    hf_dir = write_hf_dir(work, args.tiny, args.layers)
+    count = args.global_batch * (args.warmup + args.steps + int(args.profile))
+    batches = {kind: encode_batches(hf_dir, Path(args.shards).resolve(), kind, count, args.seq_len,
+                                    args.packing_buffer, args.data_workers) for kind in kinds}
+    data = {kind: describe(b, args.seq_len) for kind, b in batches.items()}
+    torch.save(batches, work / "batches.pt")
+    print(f"encoded {count} micro-batches per kind in {time.perf_counter() - began:.1f} s: {data}", flush=True)
+    peak = matmul_peak_tflops(device)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    print(f"device {name}: measured matmul peak {peak:.1f} TFLOP/s "
+          f"({'bf16 8192^3' if device == 'cuda' else 'fp32 1024^3'})", flush=True)
+
+    common = {"device": device, "hf_dir": str(hf_dir), "batches": str(work / "batches.pt"), "work": str(work),
+              "peak": peak, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
+              "global_batch": args.global_batch, "sdpa": args.hf_sdpa}
+    specs = [{**common, "impl": "ours", "variant": v, "kind": k} for k in kinds for v in args.variants]
+    specs += [{**common, "impl": "hf", "variant": a, "kind": k} for k in kinds for a in args.hf_attn]
+    for spec in specs:
+        slug = "".join(c if c.isalnum() else "_" for c in row_name(spec))
+        spec["profile"] = str(Path(args.json).parent / f"profile_{slug}.txt") if args.profile else ""
+    print(f"{'row':44s} {'tokens/s':>10s} {'step ms':>9s} {'TFLOP/s':>8s} {'MFU':>7s} {'mem GiB':>8s}  loss", flush=True)
+    rows = []
+    for spec in specs:
+        result = run_child(spec, args.timeout, device == "cpu")
+        label = row_name(spec) + (f" sdpa={spec['sdpa']}" if spec["impl"] == "hf" and spec["sdpa"] else "")
+        print_row(label, result)
+        rows.append({"row": label, "impl": spec["impl"], "variant": spec["variant"], "kind": spec["kind"], **result})
+
+    out = headline(rows, peak, name, args)
+    out.update({"data": data, "rows": rows, "command": " ".join(sys.argv), "wall_s": time.perf_counter() - began})
+    print(json.dumps({k: v for k, v in out.items() if k not in ("rows", "data")}, indent=1))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.json}")
+    return 0 if all("failed" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
