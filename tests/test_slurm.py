@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,13 +27,18 @@ import yaml
 from slurm_cluster import SlurmCluster, slurm_installed, system_conf_taken
 from workflow_utils import REPO, SNAKEMAKE, workflow_copy
 
-pytestmark = [
-    pytest.mark.slurm, pytest.mark.slow,
-    pytest.mark.skipif(not (os.environ.get("RUN_SLURM_TESTS") == "1" or slurm_installed()),
-                       reason="Slurm is not installed (RUN_SLURM_TESTS=1 installs it with apt-get)"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="the test cluster's munged/slurmd run as root"),
-    pytest.mark.skipif(system_conf_taken(), reason="/etc/slurm/slurm.conf belongs to a real cluster"),
-]
+
+def needs_slurm(test):
+    for mark in (
+        pytest.mark.slurm, pytest.mark.slow,
+        pytest.mark.skipif(not (os.environ.get("RUN_SLURM_TESTS") == "1" or slurm_installed()),
+                           reason="Slurm is not installed (RUN_SLURM_TESTS=1 installs it with apt-get)"),
+        pytest.mark.skipif(os.geteuid() != 0, reason="the test cluster's munged/slurmd run as root"),
+        pytest.mark.skipif(system_conf_taken(), reason="/etc/slurm/slurm.conf belongs to a real cluster"),
+    ):
+        test = mark(test)
+    return test
+
 
 PARTITIONS = {"cpu": "debug_cpu", "gpu": "debug_gpu"}  # site name in profiles/slurm -> the test cluster's
 CPU_RULES = ("demo_data", "fetch_model", "datajuicer", "shards", "export")
@@ -102,6 +108,7 @@ def wf(tmp_path_factory, cluster):
     return wf
 
 
+@needs_slurm
 def test_every_rule_runs_as_a_slurm_job_on_its_partition(wf, cluster):
     console = (wf / "console.txt").read_text()
     ran = set(re.findall(r"^rule (\w+):", console, re.M))
@@ -120,6 +127,7 @@ def test_every_rule_runs_as_a_slurm_job_on_its_partition(wf, cluster):
     assert cluster.queue() == []
 
 
+@needs_slurm
 def test_finetune_is_one_job_of_two_tasks_running_two_torchrun_agents(wf, cluster):
     (job,) = slurm_jobs_by_rule(wf)["finetune"]
     record = cluster.finished_jobs()[job]
@@ -156,6 +164,7 @@ def _processes_in(workdir: Path, needle: str) -> list[str]:
     return found
 
 
+@needs_slurm
 def test_ctrl_c_cancels_the_slurm_jobs_and_their_ranks(wf, cluster):
     """SIGINT (Ctrl-C) to Snakemake: the plugin scancels its jobs; the srun-started torchrun agents and their ranks
     go with them. (SIGTERM is Snakemake's graceful stop: no new jobs, running ones finish.)"""
@@ -188,6 +197,7 @@ def test_ctrl_c_cancels_the_slurm_jobs_and_their_ranks(wf, cluster):
     assert _processes_in(wf, "omni_model.train") == []
 
 
+@needs_slurm
 def test_a_failed_job_points_to_its_slurm_log(wf, cluster, tmp_path):
     """A job that fails inside Slurm (a local model whose files disagree with its MANIFEST.json): Snakemake's error
     names the job's Slurm log next to the rule's log; the Slurm log has the stage's error line (stage_logging keeps
@@ -212,3 +222,25 @@ def test_a_failed_job_points_to_its_slurm_log(wf, cluster, tmp_path):
                      text, re.M), text[-3000:]
     rule_log = (wf / "logs/download.log").read_text()
     assert "Traceback (most recent call last)" in rule_log and "CheckpointError" in rule_log
+
+
+def test_multi_node_launch_inside_a_slurm_job(monkeypatch):
+    """The command for 2 real nodes (what the one-node test above cannot show): one agent per node, the rendezvous on
+    the allocation's first node, the port of train.rdzv_endpoint when it names one; an uneven spread is refused."""
+    from omni_model.runtime.launch import slurm_torchrun_command
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4711")
+    command = slurm_torchrun_command("omni_model.train", ["--settings", "s.json"], 8, 2, ["gpu07", "gpu08"])
+    python = command.index(sys.executable)  # srun's options, then torchrun's
+    srun, torchrun = command[:python], command[python:]
+    assert srun[:2] == ["srun", "--overlap"] and "--whole" in srun
+    for option in ("--jobid=4711", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1"):
+        assert option in srun, option
+    for option in ("--nproc_per_node=8", "--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=gpu07:30211",
+                   "--rdzv_id=slurm-4711"):
+        assert option in command, option
+    assert torchrun[1:3] == ["-m", "torch.distributed.run"]
+    assert torchrun[-4:] == ["-m", "omni_model.train", "--settings", "s.json"]
+    assert "--rdzv_endpoint=gpu07:6000" in slurm_torchrun_command("m", [], 8, 2, ["gpu07", "gpu08"], rdzv_port="6000")
+    with pytest.raises(ValueError, match="train.nnodes 3 torchrun agents cannot be spread evenly over the 2 node"):
+        slurm_torchrun_command("m", [], 8, 3, ["gpu07", "gpu08"])
