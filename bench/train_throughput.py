@@ -3,6 +3,10 @@
     python bench/train_throughput.py --shards results/data/shards                   # GPU: 30B-A3B layer shapes
     python bench/train_throughput.py --shards results/data/shards --tiny --cpu      # CPU smoke run (tiny, fp32)
 
+On a lent GPU machine (no registry: the wheels of shared/tools/device-wheels.sh carried in .whl/, shards carried):
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:$PWD python3 bench/train_throughput.py --shards .devcarry/shards --json $OUT/train_throughput.json
+
 Model: a reduced-depth thinker with the released 30B-A3B shapes (hidden 2048, 32/4 heads x 128, 128 experts top-8,
 expert FFN 768, vocab 152064, the real vision and audio towers; `--layers` LLM layers), random weights, everything
 trained. `--tiny`: the embedded tiny config instead.
@@ -23,7 +27,8 @@ Rows (each in its own process: clean allocator statistics; an out-of-memory lose
                        5.24 builds a block-causal mask from the text position row when no attention mask is given
                        (masking_utils.find_packed_sequence_indices; only with use_cache=False, which the rows pass:
                        tests/test_bench_hf_packing.py), for `sdpa` (a boolean mask: the memory-efficient
-                       kernel, no flash) and `flex_attention` (a BlockMask); flash_attention_2 needs the flash-attn
+                       kernel, no flash) and `flex_attention` (a BlockMask; GPU only: no backward on CPU in torch
+                       2.13); flash_attention_2 needs the flash-attn
                        package, absent on our GPU machines. So no padding: each sequence attends only to itself.
 Per row: real (non-padding) tokens/s, step time, model TFLOP/s (omni_model.train.metrics.FlopCounter: the LLM's
 6 x active params per token + causal attention per sequence; the towers are not counted, for either row), MFU against
@@ -288,6 +293,10 @@ def run_ours(spec: dict, batches: list, peak: float) -> dict:
     settings = TrainSettings(hf_dir=spec["hf_dir"], init_checkpoint="", shards="", train_dir=str(work / "ours"),
                              train=train)
     build.init_training_parallel(settings)
+    if "graphs" in knobs:  # mcore's CUDA-graph manager needs a graph-safe RNG tracker (asserted at build)
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(settings.train["seed"], use_cudagraphable_rng=True, force_reset_rng=True)
     training = build.build_training(settings, load_initial_weights=False)
     init_weights(training.thinker)
     training.optimizer.reload_model_params()  # the optimizer's fp32 masters copied the uninitialised weights
