@@ -1,4 +1,7 @@
-"""Data throughput on the demo set: shard writer and task encoder (with packing) vs raw tar writing of the same bytes.
+"""Data throughput on the demo set: shard writer and task encoder (with packing) vs raw tar writing of the same bytes;
+the task encoder's per-sample work from the original files (decode, resample, PyAV: what training did before canonical
+media) vs from the canonical shard members (soundfile + PIL), on the same kept samples; shard size of the kept samples
+with their original media (the layout before) vs canonical media.
 
     .venv/bin/python bench/data_throughput.py [--processed results/data/processed.jsonl] [--hf results/model/hf]
 
@@ -73,6 +76,96 @@ def bench_shardwriter(samples, out_dir: Path, max_samples: int) -> float:
     return time.perf_counter() - started
 
 
+def _shard_members(shards_dir: Path) -> list[dict]:
+    """Every sample of the shards as the loader gets it (sample_loader of the tar parts)."""
+    from omni_model.data.sample import sample_loader
+
+    out = []
+    for tar in sorted(shards_dir.glob("*.tar")):
+        parts: dict = {}
+        with tarfile.open(tar) as handle:
+            for member in handle.getmembers():
+                key, ext = member.name.split(".", 1)
+                parts.setdefault(key, {"__key__": key})[ext] = handle.extractfile(member).read()
+        out += [sample_loader(raw) for raw in parts.values()]
+    return out
+
+
+def bench_encode(encoder, items, canonical: bool) -> tuple[float, int]:
+    """Seconds to encode every item (media already in memory), and tokens."""
+    started, tokens = time.perf_counter(), 0
+    for record, media in items:
+        sample = encoder.encode_canonical(record, media) if canonical else encoder.encode(record, media)
+        tokens += sample.length
+    return time.perf_counter() - started, tokens
+
+
+def original_layout_bytes(samples, kept_ids: set, out_dir: Path) -> int:
+    """Tar bytes of the kept samples stored as before canonical media (json + original media files)."""
+    import webdataset as wds
+
+    from omni_model.data.formats import LIST_KEY
+    from omni_model.data.shards import media_member
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(out_dir / "o-%06d.tar"), maxcount=64, verbose=0) as writer:
+        for index, (record, media) in enumerate(samples):
+            if record["id"] in kept_ids:
+                writer.write({"__key__": f"{index:06d}", "json": json.dumps(record).encode(),
+                              **{media_member(k, i, record[LIST_KEY[k]][i]): data for (k, i), data in media.items()}})
+    return sum(p.stat().st_size for p in out_dir.glob("*.tar"))
+
+
+def textured_clip(path: Path, seconds: int = 10, fps: int = 30, size: tuple[int, int] = (1280, 720)) -> Path:
+    """A camera-like clip (gradient + moving block + fixed sensor-like noise; H.264 with x264's default keyframe
+    interval, as most camera and web video): the demo's 64x48 MPEG-4 clips are far cheaper to decode than real video
+    and compress far better losslessly."""
+    import av
+    import numpy as np
+
+    width, height = size
+    rng = np.random.default_rng(0)
+    noise = rng.integers(-8, 9, (height, width, 1))
+    ramp = np.linspace(40, 200, width)[None, :, None]
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "veryfast"}
+        for index in range(seconds * fps):
+            frame = np.broadcast_to(ramp + noise, (height, width, 3)).copy()
+            x = int(index / (seconds * fps) * (width - 200))
+            frame[height // 3: height // 3 + 200, x:x + 200] = (220, 60, 40)
+            frame = np.clip(frame, 0, 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def bench_video_clip(encoder, path: Path, repeats: int = 3) -> tuple[list[tuple[str, float, int]], tuple]:
+    """Best of ``repeats`` seconds: decode_video of the clip (before) vs reading its canonical frames (after)."""
+    from omni_model.data.media import decode_video, read_frames_png, write_frames_png
+
+    data = path.read_bytes()
+    video = decode_video(data, encoder.media)
+    frames = write_frames_png(video.frames)
+    out = []
+    for label, fn, size in (
+            ("decode_video of the H.264 file (PyAV, seek, resize): before", lambda: decode_video(data, encoder.media),
+             len(data)),
+            ("read_frames_png of its canonical frames (PIL): after", lambda: read_frames_png(frames, len(video.frames)),
+             len(frames))):
+        out.append((label, min(_timed(fn) for _ in range(repeats)), size))
+    return out, video.frames.shape
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--processed", default=str(REPO / "results/data/processed.jsonl"))
@@ -101,6 +194,24 @@ def main() -> None:
         rows.append(("shards stage (full decode + token count + ShardWriter + Energon index)", n / seconds,
                      nbytes / seconds / 1e6, sum(report["tokens"].values()) / seconds))
         kept = report["kept"]
+        from omni_model.data.encoder import OmniEncoder
+
+        canonical = [(s["record"], s["media"]) for s in _shard_members(tmp / "shards")]
+        by_id = {record["id"]: (record, media) for record, media in samples}
+        original = [by_id[record["id"]] for record, _ in canonical]
+        encoder = OmniEncoder(hf, max_seq_len=args.max_seq_len)
+        encode_rows = []
+        for label, items, is_canonical in (
+                ("original files (PIL, soundfile + librosa resampling, PyAV): before", original, False),
+                ("canonical shard members (PIL, soundfile): after", canonical, True)):
+            bench_encode(encoder, items[:2], is_canonical)  # warm-up (extractor construction, imports)
+            seconds, encoded_tokens = bench_encode(encoder, items, is_canonical)
+            encode_rows.append((f"task encoder per sample, {label}", len(items) / seconds, None,
+                                encoded_tokens / seconds))
+        rows += encode_rows
+        size_before = original_layout_bytes(samples, {record["id"] for record, _ in canonical}, tmp / "orig")
+        size_after = sum(p.stat().st_size for p in (tmp / "shards").glob("*.tar"))
+        clip_rows, clip_shape = bench_video_clip(encoder, textured_clip(tmp / "clip.mp4"))
         for label, kwargs in (
             ("task encoder, packed rows of %d tokens (Energon loader)" % args.pack_budget,
              dict(batch_size=1, packing_buffer_size=128)),
@@ -128,6 +239,18 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: |")
     for label, sps, mbs, tps in rows:
         print(f"| {label} | {sps:.1f} | {'' if mbs is None else f'{mbs:.1f}'} | {'' if tps is None else f'{tps:.0f}'} |")
+    print(f"\ntask encoder per sample: canonical / original = {encode_rows[1][1] / encode_rows[0][1]:.2f}x "
+          f"({kept} kept samples)\n")
+    print("| shards of the kept samples | MB on disk |")
+    print("| --- | ---: |")
+    print(f"| original media (json + original files; before) | {size_before / 1e6:.2f} |")
+    print(f"| canonical media (json + 16 kHz audio, sampled frames PNG, original images; after) | {size_after / 1e6:.2f} |")
+    print(f"\none 10 s 1280x720 30 fps camera-like clip -> {clip_shape[0]} frames of {clip_shape[2]}x{clip_shape[1]} "
+          "(best of 3)\n")
+    print("| video medium | ms | MB stored |")
+    print("| --- | ---: | ---: |")
+    for label, seconds, size in clip_rows:
+        print(f"| {label} | {seconds * 1e3:.0f} | {size / 1e6:.2f} |")
 
 
 if __name__ == "__main__":
