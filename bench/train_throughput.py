@@ -38,7 +38,9 @@ the two models have different random weights).
 Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' = as committed), for the GPU to judge:
   compile            torch.compile of the small ops: RMSNorm.forward and the experts' SwiGLU (experts.swiglu_with_probs)
   graphs[=SCOPES]    mcore CUDA graphs, cuda_graph_impl=local, cuda_graph_scope=SCOPES (':'-separated, e.g.
-                     attn:moe_router; default: the whole layer)
+                     moe_router; default: the whole layer). Graphs replay fixed shapes: run with --pad-rows. A graph
+                     of a whole layer also takes the PackedSeqParams (cu_seqlens differ per batch) as a constant of
+                     the capture: expect mcore to refuse it (no matching runner) rather than a speed-up.
   thd=loop           packed attention as one SDPA call per sequence instead of torch's varlen_attn
   sdpa=BACKEND       torch.nn.attention.sdpa_kernel(flash|cudnn|efficient|math) around the steps
   rope=thd           mcore's THD RoPE loop (the path before per-token RoPE), to measure that change
@@ -93,7 +95,7 @@ def write_hf_dir(work: Path, tiny: bool, layers: int) -> Path:
     return hf_dir
 
 
-def text_only_encoder(hf_dir: Path, seq_len: int):
+def text_only_encoder(hf_dir: Path, seq_len: int, pad_to: int):
     from megatron.energon import SkipSample, stateless
 
     from omni_model.data.task_encoder import OmniTaskEncoder
@@ -107,17 +109,20 @@ def text_only_encoder(hf_dir: Path, seq_len: int):
                 raise SkipSample()
             return super().encode_sample(sample)
 
-    return TextOnlyTaskEncoder(hf_dir, max_seq_len=seq_len, pack_budget=seq_len)
+    return TextOnlyTaskEncoder(hf_dir, max_seq_len=seq_len, pack_budget=seq_len, pad_to_multiple=pad_to)
 
 
-def encode_batches(hf_dir: Path, shards: Path, kind: str, count: int, seq_len: int, buffer: int, workers: int):
-    """`count` packed micro-batches (one row of <= seq_len tokens each) from the train split."""
+def encode_batches(hf_dir: Path, shards: Path, kind: str, count: int, seq_len: int, buffer: int, workers: int,
+                   pad_rows: bool = False):
+    """`count` packed micro-batches (one row of <= seq_len tokens each, exactly seq_len with `pad_rows`) from the
+    train split."""
+    pad_to = seq_len if pad_rows else 1
     from megatron.energon import WorkerConfig
 
     from omni_model.data.task_encoder import OmniTaskEncoder, build_loader
 
-    encoder = text_only_encoder(hf_dir, seq_len) if kind == "text" else \
-        OmniTaskEncoder(hf_dir, max_seq_len=seq_len, pack_budget=seq_len)
+    encoder = text_only_encoder(hf_dir, seq_len, pad_to) if kind == "text" else \
+        OmniTaskEncoder(hf_dir, max_seq_len=seq_len, pack_budget=seq_len, pad_to_multiple=pad_to)
     loader = build_loader(shards, encoder, split="train", batch_size=1, packing_buffer_size=buffer,
                           worker_config=WorkerConfig(rank=0, world_size=1, num_workers=workers),
                           shuffle_buffer_size=64, repeat=True)
@@ -438,7 +443,8 @@ def headline(rows: list, peak: float, device: str, args) -> dict:
         return None
 
     out = {"device": device, "model": ("tiny" if args.tiny else "30B-A3B layer shapes") + f", {args.layers} layers",
-           "seq_len": args.seq_len, "global_batch_rows": args.global_batch, "steps": args.steps, "warmup": args.warmup,
+           "seq_len": args.seq_len, "pad_rows": args.pad_rows, "global_batch_rows": args.global_batch,
+           "steps": args.steps, "warmup": args.warmup,
            "matmul_peak_tflops": peak, "torch": torch.__version__}
     base = args.variants[0]
     hf_attn = args.hf_attn[0]
@@ -465,6 +471,8 @@ def main() -> int:
     ap.add_argument("--packing-buffer", type=int, default=128, help="samples buffered per packing decision")
     ap.add_argument("--data-workers", type=int, default=0, help="loader processes for the one-off encoding")
     ap.add_argument("--kinds", default="mm,text", help="batch kinds: mm,text")
+    ap.add_argument("--pad-rows", action="store_true", help="pad every packed row to exactly --seq-len (static "
+                    "shapes for CUDA-graph variants; the padding is its own segment and no real token)")
     ap.add_argument("--variants", default="base", help="variants of ours, comma separated (module docstring)")
     ap.add_argument("--hf-attn", default="sdpa", help="transformers' text attention: sdpa,flex_attention ('' = no hf)")
     ap.add_argument("--hf-sdpa", default="", help="sdpa_kernel backend for the transformers rows (default: torch's)")
@@ -500,7 +508,7 @@ def main() -> int:
     hf_dir = write_hf_dir(work, args.tiny, args.layers)
     count = args.global_batch * (args.warmup + args.steps + int(args.profile))
     batches = {kind: encode_batches(hf_dir, Path(args.shards).resolve(), kind, count, args.seq_len,
-                                    args.packing_buffer, args.data_workers) for kind in kinds}
+                                    args.packing_buffer, args.data_workers, args.pad_rows) for kind in kinds}
     data = {kind: describe(b, args.seq_len) for kind, b in batches.items()}
     torch.save(batches, work / "batches.pt")
     print(f"encoded {count} micro-batches per kind in {time.perf_counter() - began:.1f} s: {data}", flush=True)
