@@ -67,6 +67,8 @@ rule shards:
         seed=DATA["seed"],
         max_seq_len=DATA["max_seq_len"],
         use_audio_in_video=DATA["use_audio_in_video"],
+        executor=DATA["executor"],
+        ray_address=DATA["ray_address"],
         media={
             "video_fps": DATA["video_fps"],
             "video_max_frames": DATA["video_max_frames"],

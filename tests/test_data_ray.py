@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections import Counter
@@ -75,27 +76,37 @@ def _ray_detached(local: bool, auth_mode: str | None = None) -> None:
         assert not [name for name in leftovers if "ray" in name or "gcs" in name], leftovers
 
 
-def test_demo_set_same_outputs_with_a_local_ray(tmp_path_factory):
-    """The stage's own outputs, byte for byte: data.ray_address null starts a local Ray (2 CPUs) and stops it. (The
-    default executor runs with one process, as the other data tests do: the result must not depend on np.)"""
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    """The demo set through the datajuicer stage with each executor: {executor: (out dir, summary)}. data.ray_address
+    null: the Ray run starts a local Ray (2 CPUs) and stops it. (The default executor runs with one process, as the
+    other data tests do: the result must not depend on np.)"""
     from omni_model.data.datajuicer import run_stage
-    from omni_model.data.demo import BAD_KINDS, generate_demo
+    from omni_model.data.demo import generate_demo
 
     tmp_path = tmp_path_factory.mktemp("dm")  # short: multiprocessing sockets go under the DJ work dir (AF_UNIX)
     raw = generate_demo(tmp_path / "raw", 16, seed=3)  # as tests/test_data_pipeline.py
-    outputs = {}
+    runs = {}
     for executor, procs in (("default", 1), ("ray", 2)):
         out = tmp_path / executor
         started = time.time()
         summary = run_stage(raw, RECIPE, out / "processed.jsonl", out / "drops.jsonl", num_proc=procs,
                             executor=executor)
         print(f"demo set, {executor} executor: {time.time() - started:.1f} s")
-        outputs[executor] = ((out / "processed.jsonl").read_text(), (out / "drops.jsonl").read_text(), summary)
         if executor == "ray":
             _ray_detached(local=True)
-    (kept_d, drops_d, sum_d), (kept_r, drops_r, sum_r) = outputs["default"], outputs["ray"]
-    assert kept_r == kept_d
-    assert drops_r == drops_d
+        runs[executor] = (out, summary)
+    return runs
+
+
+def test_demo_set_same_outputs_with_a_local_ray(demo_runs):
+    """The stage's own outputs, byte for byte."""
+    from omni_model.data.demo import BAD_KINDS
+
+    (out_d, sum_d), (out_r, sum_r) = demo_runs["default"], demo_runs["ray"]
+    assert (out_r / "processed.jsonl").read_text() == (out_d / "processed.jsonl").read_text()
+    drops_r = (out_r / "drops.jsonl").read_text()
+    assert drops_r == (out_d / "drops.jsonl").read_text()
     assert {k: sum_r[k] for k in ("input", "kept", "dropped", "by_stage_op")} == \
         {k: sum_d[k] for k in ("input", "kept", "dropped", "by_stage_op")}
     drops = {d["id"]: d for d in map(json.loads, drops_r.splitlines()) if d["stage"] == "datajuicer"}
@@ -103,6 +114,48 @@ def test_demo_set_same_outputs_with_a_local_ray(tmp_path_factory):
     assert drops["bad-exact_duplicate"]["reason"] == "omni_document_media_deduplicator: duplicate of demo-0000"
     assert drops["bad-near_duplicate"]["reason"] == "omni_minhash_media_deduplicator: duplicate of demo-0008"
     assert sum_r["input"] == sum_r["kept"] + sum_r["dropped"]
+
+
+def _tar_members(shards_dir: Path) -> dict:
+    """{tar name: [(member name, content), ...] in tar order}; content = the bytes, except for float-WAV audio
+    members: their samples as the loader reads them (libsndfile stamps the write time into a WAV's PEAK chunk, so
+    two writes of the same waveform differ in 4 bytes whichever executor runs them)."""
+    from omni_model.data.media import read_audio_16k
+
+    out = {}
+    for path in sorted(shards_dir.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            out[path.name] = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+            out[path.name] = [(name, read_audio_16k(data).tobytes() if name.endswith(".wav") else data)
+                              for name, data in out[path.name]]
+    return out
+
+
+def test_shards_same_samples_with_ray_tasks(demo_runs, ray_head, tiny_hf_dir, tmp_path_factory, monkeypatch):
+    """The shards stage's per-sample work (decode, token count, canonical media) in Ray tasks on the 2-CPU head:
+    the same tars member for member (json and media bytes per key), the same drops (the demo's undecodable and
+    over-long samples) and the same report."""
+    from omni_model.data.shards import write_shards
+
+    out_dj = demo_runs["default"][0]
+    tmp_path = tmp_path_factory.mktemp("sh")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # see test_generated_set_same_decisions_on_a_ray_cluster
+    reports = {}
+    for executor, address in (("default", None), ("ray", ray_head)):
+        started = time.time()
+        reports[executor] = write_shards(out_dj / "processed.jsonl", tmp_path / executor, tiny_hf_dir,
+                                         previous_drops=out_dj / "drops.jsonl", max_samples=6, workers=2,
+                                         executor=executor, ray_address=address)
+        print(f"shards of the demo set, {executor}: {time.time() - started:.1f} s")
+    _ray_detached(local=False, auth_mode="token")
+    members = {executor: _tar_members(tmp_path / executor) for executor in reports}
+    assert members["ray"] == members["default"]
+    assert sum(len(m) for m in members["ray"].values()) > 2 * reports["ray"]["kept"]  # json + media members
+    assert (tmp_path / "ray" / "drops.jsonl").read_text() == (tmp_path / "default" / "drops.jsonl").read_text()
+    assert {k: v for k, v in reports["ray"].items() if k != "seconds"} == \
+        {k: v for k, v in reports["default"].items() if k != "seconds"}
+    assert {d["op"] for d in map(json.loads, (tmp_path / "ray" / "drops.jsonl").read_text().splitlines())
+            if d["stage"] == "shards"} == {"decode", "max_seq_len"}
 
 
 def test_generated_set_same_decisions_on_a_ray_cluster(ray_head, tmp_path_factory, monkeypatch):

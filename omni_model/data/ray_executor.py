@@ -184,3 +184,25 @@ class _HashBatch:
         for name in [k for k in hashed[0] if k not in batch.column_names] if hashed else []:
             batch = batch.append_column(name, pa.array([h[name][0] for h in hashed]))
         return batch
+
+
+def ray_map(fn, items: list, *, args: tuple = (), address: str | None = None, num_cpus: int = 1,
+            chunk: int = 8):
+    """``fn(chunk_of_items, *args) -> list of results`` over ``items`` in Ray tasks of ``chunk`` items each; yields
+    the results one by one in input order. At most two tasks per cluster CPU are in flight, so the driver holds a
+    bounded number of results whatever the input size. ``fn`` must be importable on the workers (a module-level
+    function of this package); ``address``/``num_cpus`` as for ray_cluster."""
+    from collections import deque
+
+    import ray
+
+    with ray_cluster(address, num_cpus):
+        task = ray.remote(fn)
+        window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        pending: deque = deque()
+        for start in range(0, len(items), chunk):
+            if len(pending) >= window:
+                yield from ray.get(pending.popleft())
+            pending.append(task.remote(items[start:start + chunk], *args))
+        while pending:
+            yield from ray.get(pending.popleft())

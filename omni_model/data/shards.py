@@ -24,6 +24,7 @@ stage: the datajuicer stage's drops followed by this stage's) and ``report.json`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -100,6 +101,20 @@ def shard_item(record: dict, encoder) -> ShardItem:
     return ShardItem(sid, {"json": json.dumps(document, ensure_ascii=False).encode(), **members}, n_tokens)
 
 
+@functools.lru_cache(maxsize=2)
+def _encoder(hf_dir: str, max_seq_len: int, media_overrides: tuple):
+    """One OmniEncoder per Ray worker process and settings, built for its first task (workers live for one run)."""
+    from .encoder import OmniEncoder
+
+    return OmniEncoder(Path(hf_dir), max_seq_len=max_seq_len, **dict(media_overrides))
+
+
+def _shard_items(records: list[dict], hf_dir: str, max_seq_len: int, media_overrides: tuple) -> list[ShardItem]:
+    """shard_item over a chunk of records: the unit of work of one Ray task (data.executor ray)."""
+    encoder = _encoder(hf_dir, max_seq_len, media_overrides)
+    return [shard_item(record, encoder) for record in records]
+
+
 def safe_key(sample_id: str, used: set) -> str:
     """A WebDataset key (no dots: WebDataset splits member names at the first dot), unique in the dataset."""
     key = re.sub(r"[^A-Za-z0-9_-]", "_", sample_id)[:120] or "sample"
@@ -119,8 +134,13 @@ def is_val(sample_id: str, seed: int, val_fraction: float) -> bool:
 def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_drops: Path | None = None,
                  max_samples: int = 64, max_bytes: int = 64 << 20, val_fraction: float = 0.1, seed: int = 0,
                  max_seq_len: int = 4096, input_count: int | None = None, media_overrides: dict | None = None,
-                 workers: int = 1) -> dict:
-    """Write the shards and the Energon metadata; returns the report (also written to report.json)."""
+                 workers: int = 1, executor: str = "default", ray_address: str | None = None) -> dict:
+    """Write the shards and the Energon metadata; returns the report (also written to report.json).
+
+    ``executor``: ``default`` runs ``shard_item`` (decoding, token counts, canonical media) in this process; ``ray``
+    fans it out over Ray tasks on the cluster at ``ray_address`` (``None``: a local Ray with ``workers`` CPUs) and
+    writes the items in input order, so the shards hold the same samples. The checkpoint and the media must be
+    readable at the same paths on every Ray node."""
     import webdataset as wds
 
     from .encoder import OmniEncoder
@@ -131,6 +151,7 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
     for old in list(out_dir.glob("*.tar")):
         old.unlink()
     encoder = OmniEncoder(hf_dir, max_seq_len=max_seq_len, **(media_overrides or {}))
+    encoder_args = (str(hf_dir), max_seq_len, tuple(sorted((media_overrides or {}).items())))  # for Ray workers
     records = [json.loads(line) for line in Path(processed_path).read_text(encoding="utf-8").splitlines() if line.strip()]
     split = {r["id"]: is_val(r["id"], seed, val_fraction) for r in records}
     if val_fraction > 0 and len(records) >= 2:  # both splits non-empty, deterministically
@@ -145,9 +166,17 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
     counts = {"train": 0, "val": 0}
     tokens = {"train": 0, "val": 0}
     used_keys: set = set()
+    items = iter(())
     try:
-        for record in progress(records, every=100, what="samples", log=log):  # timestamped lines + rate, ETA
-            item = shard_item(record, encoder)
+        if executor == "ray":
+            from .ray_executor import ray_map
+
+            items = ray_map(_shard_items, records, args=encoder_args, address=ray_address, num_cpus=workers)
+        elif executor == "default":
+            items = (shard_item(record, encoder) for record in records)
+        else:
+            raise ValueError(f"data.executor must be one of default, ray, got {executor!r}")
+        for item in progress(items, total=len(records), every=100, what="samples", log=log):  # lines + rate, ETA
             if item.drop is not None:
                 drops.append(item.drop)
                 continue
@@ -156,6 +185,8 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
             counts[name] += 1
             tokens[name] += item.n_tokens
     finally:
+        if hasattr(items, "close"):  # a failed run stops its Ray session now, not when the generator is collected
+            items.close()
         for writer in writers.values():
             writer.close()
 

@@ -19,6 +19,7 @@ with stage_logging(snakemake.log[0], "shards") as log, \
         seed=params.seed, max_seq_len=params.max_seq_len,
         media_overrides=dict(params.media, use_audio_in_video=params.use_audio_in_video),
         workers=snakemake.threads,  # noqa: F821
+        executor=params.executor, ray_address=params.ray_address,
     )
     log.info("input %d = kept %d (train %d, val %d) + dropped %d; %d shards", report["input"], report["kept"],
              report["train"], report["val"], report["dropped"], len(report["shards"]))
