@@ -244,7 +244,8 @@ def main() -> None:
     print("| shards of the kept samples | MB on disk |")
     print("| --- | ---: |")
     print(f"| original media (json + original files; before) | {size_before / 1e6:.2f} |")
-    print(f"| canonical media (json + 16 kHz audio, sampled frames PNG, original images; after) | {size_after / 1e6:.2f} |")
+    print(f"| canonical media (json + 16 kHz audio, sampled frames PNG, original images; after) | "
+          f"{size_after / 1e6:.2f} |")
     print(f"\none 10 s 1280x720 30 fps camera-like clip -> {clip_shape[0]} frames of {clip_shape[2]}x{clip_shape[1]} "
           "(best of 3)\n")
     print("| video medium | ms | MB stored |")

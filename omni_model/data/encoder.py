@@ -2,9 +2,9 @@
 
 Two inputs, one output: ``encode`` takes the original media files (decodes images, resamples audio, decodes video:
 the shards stage, tests, the parity probe), ``encode_canonical`` takes the canonical members the shards stage wrote
-from that decode (``canonical_members``; media.MEDIA_FORMAT: 16 kHz waveforms, sampled frames as PNG, original images) and
-gives the same tensors bit for bit with soundfile and PIL only (the training loader). Used by the Energon task
-encoder, the shards stage and the benchmark. No Energon or Snakemake here.
+from that decode (``canonical_members``; media.MEDIA_FORMAT: 16 kHz waveforms, sampled frames as PNG, original
+images) and gives the same tensors bit for bit with soundfile and PIL only (the training loader). Used by the Energon
+task encoder, the shards stage and the benchmark. No Energon or Snakemake here.
 """
 
 from __future__ import annotations
@@ -171,8 +171,10 @@ class OmniEncoder:
     def load_canonical(self, record: dict, members: dict) -> Decoded:
         """Canonical members -> the Decoded media ``decode`` gave when they were written (soundfile + PIL only)."""
         meta = self._canonical_meta(record)
-        images = [self._named(record, "image", i, decode_image, members[name]) for i, name in enumerate(record["images"])]
-        audios = [self._named(record, "audio", i, read_audio_16k, members[name]) for i, name in enumerate(record["audios"])]
+        images = [self._named(record, "image", i, decode_image, members[name])
+                  for i, name in enumerate(record["images"])]
+        audios = [self._named(record, "audio", i, read_audio_16k, members[name])
+                  for i, name in enumerate(record["audios"])]
         videos = []
         for i, (name, entry) in enumerate(zip(record["videos"], meta["videos"])):
             frames = self._named(record, "video", i, read_frames_png, members[name], entry["frames"][0])
