@@ -7,6 +7,8 @@ transformers' class defaults, which describe a different (Qwen2.5-Omni-like) mod
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 # Token ids of the released tokenizer/config. The tiny model keeps them all, so data encoded for it is valid
 # for the real model and vice versa.
@@ -295,3 +297,38 @@ def _assemble(text, vision, audio, talker_text, code_predictor, code2wav, talker
         "talker_config": talker,
         "code2wav_config": code2wav,
     }
+
+
+# ---------------------------------------------------------------------- unwrapping (no torch: config checks use it)
+def config_dict(cfg) -> dict:
+    """An HF config as a dict: a dict, a path to config.json or an HF dir, or a transformers config object."""
+    if isinstance(cfg, (str, Path)):
+        p = Path(cfg)
+        cfg = json.loads((p / "config.json" if p.is_dir() else p).read_text())
+    if not isinstance(cfg, dict):
+        cfg = cfg.to_dict()
+    return cfg
+
+
+def thinker_config_of(cfg) -> dict:
+    """The thinker_config dict of a full / thinker config (a component dict comes back as is)."""
+    cfg = config_dict(cfg)
+    return cfg.get("thinker_config", cfg)
+
+
+def text_config_of(cfg) -> dict:
+    """The text_config dict of a full / thinker / text config."""
+    cfg = thinker_config_of(cfg)
+    return cfg.get("text_config", cfg)
+
+
+def vision_config_of(cfg) -> dict:
+    """The vision_config dict of a full / thinker / vision config."""
+    cfg = thinker_config_of(cfg)
+    return cfg.get("vision_config", cfg)
+
+
+def audio_config_of(cfg) -> dict:
+    """The audio_config dict of a full / thinker / audio config."""
+    cfg = thinker_config_of(cfg)
+    return cfg.get("audio_config", cfg)

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
+from omni_model.configs import thinker_config_of
 from omni_model.layout import Layout, LayoutError
 
 GIB = 1024 ** 3
@@ -69,7 +70,7 @@ class Workload:
 
 # --------------------------------------------------------------------------------------------------- parameters
 def _configs(hf_config: dict) -> tuple[dict, dict, dict]:
-    thinker = hf_config.get("thinker_config", hf_config)
+    thinker = thinker_config_of(hf_config)
     return thinker["text_config"], thinker.get("vision_config"), thinker.get("audio_config")
 
 

@@ -10,12 +10,12 @@ task encoder, the shards stage and the benchmark. No Energon or Snakemake here.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..configs import thinker_config_of
 from .batch import EncodedSample
 from .formats import LIST_KEY, media_tag_order
 from .media import (
@@ -85,8 +85,7 @@ class OmniEncoder:
         self.max_seq_len = int(max_seq_len)
         self.use_audio_in_video = bool(use_audio_in_video)
         self.tokenizer_digest = tokenizer_digest(hf_dir)
-        config = json.loads((hf_dir / "config.json").read_text())
-        thinker = config.get("thinker_config", {})
+        thinker = thinker_config_of(hf_dir)
         self.position_id_per_seconds = thinker.get("position_id_per_seconds", 13)
         self.pad_id = self.chat.tokenizer.pad_token_id
         if self.pad_id is None:

@@ -6,8 +6,6 @@ Sizes always come from the checkpoint's config (never transformers' class defaul
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -15,41 +13,8 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..configs import audio_config_of, config_dict, text_config_of, thinker_config_of, vision_config_of  # noqa: F401
 from ..layout import Layout  # noqa: F401  (the one layout type; model builders take it from here)
-
-
-def _config_dict(cfg) -> dict:
-    """An HF config as a dict: a dict, a path to config.json or an HF dir, or a transformers config object."""
-    if isinstance(cfg, (str, Path)):
-        p = Path(cfg)
-        cfg = json.loads((p / "config.json" if p.is_dir() else p).read_text())
-    if not isinstance(cfg, dict):
-        cfg = cfg.to_dict()
-    return cfg
-
-
-def thinker_config_of(cfg) -> dict:
-    """The thinker_config dict of a full / thinker config (a component dict comes back as is)."""
-    cfg = _config_dict(cfg)
-    return cfg.get("thinker_config", cfg)
-
-
-def text_config_of(cfg) -> dict:
-    """The text_config dict of a full / thinker / text config."""
-    cfg = thinker_config_of(cfg)
-    return cfg.get("text_config", cfg)
-
-
-def vision_config_of(cfg) -> dict:
-    """The vision_config dict of a full / thinker / vision config."""
-    cfg = thinker_config_of(cfg)
-    return cfg.get("vision_config", cfg)
-
-
-def audio_config_of(cfg) -> dict:
-    """The audio_config dict of a full / thinker / audio config."""
-    cfg = thinker_config_of(cfg)
-    return cfg.get("audio_config", cfg)
 
 
 def current_tp_size() -> int:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..configs import thinker_config_of
 from ..layout import Layout, LayoutError
 
 # train.* keys that do not change the numbers a run produces (how often it logs, saves or evaluates, where it runs):
@@ -166,7 +167,7 @@ def check_config(train: dict, parallel: dict, world_size: Optional[int] = None,
 
 def check_pipeline_split(layout: Layout, hf_config: dict) -> None:
     """The layout's pipeline split of the model's decoder layers, with the deepstack layers on the first stage."""
-    thinker = hf_config.get("thinker_config", hf_config)
+    thinker = thinker_config_of(hf_config)
     num_layers = thinker["text_config"]["num_hidden_layers"]
     deepstack = len((thinker.get("vision_config") or {}).get("deepstack_visual_indexes") or ())
     layout.check_deepstack(num_layers, deepstack)
