@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: venv demo test test-fast lint clean-results
+.PHONY: venv demo test test-slurm test-fast lint clean-results
 
 venv: $(STAMP)
 
@@ -32,6 +32,11 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/python -m pytest -q
+
+# The real-Slurm tests (tests/test_slurm.py): a single-node slurmctld + slurmd on loopback, apt-installed when missing;
+# 7.5-15 min on a 2-core box, so not part of `make test`.
+test-slurm: venv
+	RUN_SLURM_TESTS=1 $(VENV)/bin/python -m pytest -q -m slurm tests/test_slurm.py
 
 lint: venv
 	$(VENV)/bin/snakemake --lint
