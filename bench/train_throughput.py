@@ -19,21 +19,23 @@ The batches are encoded once, before any row runs, and every row trains on the s
 in the step times (the training run decodes in loader worker processes, off the step).
 
 Rows (each in its own process: clean allocator statistics; an out-of-memory loses one row, not the run):
-  ours[VARIANT] KIND   build_training + forward_step + get_forward_backward_func + the mcore optimizer (distributed
-                       optimizer, bf16, fp32 grads and master weights), packed THD rows: omni_model.train's step
+  ours[VARIANT] KIND   omni_model.train.loop.step itself (get_forward_backward_func over forward_step, the mcore
+                       optimizer and scheduler, the step's metrics) on build_training's objects (distributed
+                       optimizer, bf16, fp32 grads and master weights), packed THD rows
   hf[ATTN] KIND        transformers' Qwen3OmniMoeThinkerForConditionalGeneration (bf16 weights, its default experts
                        implementation), torch.optim.AdamW(fused=True on GPU), grad clipping 1.0 like ours, loss + router
                        aux loss (output_router_logits, as transformers trains it). The SAME packed rows: transformers
                        5.24 builds a block-causal mask from the text position row when no attention mask is given
                        (masking_utils.find_packed_sequence_indices; only with use_cache=False, which the rows pass:
-                       tests/test_bench_hf_packing.py), for `sdpa` (a boolean mask: the memory-efficient
-                       kernel, no flash) and `flex_attention` (a BlockMask; GPU only: no backward on CPU in torch
-                       2.13); flash_attention_2 needs the flash-attn
-                       package, absent on our GPU machines. So no padding: each sequence attends only to itself.
-Per row: real (non-padding) tokens/s, step time, model TFLOP/s (omni_model.train.metrics.FlopCounter: the LLM's
-6 x active params per token + causal attention per sequence; the towers are not counted, for either row), MFU against
-a bf16 matmul peak measured in this run, peak memory; loss of the first and last step (a sanity check, not compared:
-the two models have different random weights).
+                       tests/test_bench_hf_packing.py), for `sdpa` (a boolean mask: the memory-efficient kernel, no
+                       flash) and `flex_attention` (a BlockMask; GPU only: no backward on CPU in torch 2.13);
+                       flash_attention_2 needs the flash-attn package, absent on our GPU machines. So no padding:
+                       each sequence attends only to itself.
+Per row: real (non-padding) tokens/s, step time (wall, around the whole step), model TFLOP/s (the training run's
+omni_model.train.metrics.FlopCounter on the same batches for both: LLM 6 x active params per token + causal
+attention per sequence, plus the vision and audio towers; `tflops_llm` the LLM part alone), MFU against a bf16 matmul
+peak measured in this run, peak memory; loss of the first and last step (a sanity check, not compared: the two
+models have different random weights).
 
 Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' = as committed), for the GPU to judge:
   compile            torch.compile of the small ops: RMSNorm.forward and the experts' SwiGLU (experts.swiglu_with_probs)
@@ -53,6 +55,7 @@ Writes `--json` (default bench/results/train_throughput.json).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -174,34 +177,32 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(step, counter, flops, warmup: int, steps: int, device: str, peak: float, profile: str = "") -> dict:
-    """Warm-up steps, then `steps` timed steps (synchronised); tokens and sequence lengths from the TokenCounter.
-    `profile`: a file for the torch profiler's tables of one more step (not timed)."""
+def measure(step, warmup: int, steps: int, device: str, peak: float, profile: str = "") -> dict:
+    """`step()` -> (loss, the TokenCounter's counts of its batches, model FLOPs by part). Warm-up steps, then `steps`
+    steps timed from outside (wall time, synchronised). `profile`: a file for the torch profiler's tables of one more
+    step (not timed)."""
     from omni_model.train.metrics import memory_gib
 
-    losses = []
-    for _ in range(warmup):
-        losses.append(step())
-        counter.take()
+    losses = [step()[0] for _ in range(warmup)]
     sync(device)
-    times, tokens, model_flops = [], 0, 0.0
+    times, tokens, flops = [], 0, {}
     for _ in range(steps):
         start = time.perf_counter()
-        loss = step()
+        loss, seen, parts = step()
         sync(device)
         times.append(time.perf_counter() - start)
         losses.append(loss)
-        seen = counter.take()
         tokens += seen["tokens"]
-        model_flops += flops(seen["seq_lens"])
+        flops = {part: flops.get(part, 0.0) + value for part, value in parts.items()}
     if profile:
         profile_step(step, device, Path(profile))
     seconds = sum(times)
-    tflops = model_flops / seconds / 1e12
+    tflops = sum(flops.values()) / seconds / 1e12
     return {"step_s": seconds / steps, "step_s_min": min(times), "step_s_max": max(times),
             "tokens_per_step": tokens / steps, "tokens_per_s": tokens / seconds, "tflops": tflops,
-            "mfu": tflops / peak, "mem_gib": memory_gib(), "loss_first": _loss_value(losses[0]),
-            "loss_last": _loss_value(losses[-1])}
+            "tflops_llm": flops.get("llm", 0.0) / seconds / 1e12, "mfu": tflops / peak,
+            "flops_share": {part: value / max(sum(flops.values()), 1e-30) for part, value in flops.items()},
+            "mem_gib": memory_gib(), "loss_first": losses[0], "loss_last": losses[-1]}
 
 
 def profile_step(step, device: str, path: Path) -> None:
@@ -275,10 +276,7 @@ def apply_variant(knobs: dict) -> tuple[dict, dict, object]:
 
 
 def run_ours(spec: dict, batches: list, peak: float) -> dict:
-    from megatron.core.num_microbatches_calculator import get_num_microbatches
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from omni_model.train import build
+    from omni_model.train import build, loop
     from omni_model.train.data import TokenCounter
     from omni_model.train.forward_step import forward_step
     from omni_model.train.metrics import FlopCounter
@@ -307,29 +305,19 @@ def run_ours(spec: dict, batches: list, peak: float) -> dict:
     training.optimizer.reload_model_params()  # the optimizer's fp32 masters copied the uninitialised weights
     if knobs.get("rope") == "thd":
         training.thinker.language_model.per_token_rope = False
-    counter = TokenCounter(iter(batches))
-    forward_backward = get_forward_backward_func()
+    run = loop.Run(settings=settings, training=training, forward_step=forward_step, digest="bench", loader=None,
+                   batches=TokenCounter(iter(batches)), evaluation=[], flops=FlopCounter(spec["hf_dir"], settings.train),
+                   peak=peak, log=None)
     training.model.train()
+    iteration = itertools.count(1)
 
-    def step():  # omni_model.train.loop.train's step
-        training.model.zero_grad_buffer()
-        training.optimizer.zero_grad()
+    def step():  # omni_model.train.loop's own step (schedule, optimizer, scheduler, its metrics)
         with context():
-            reports = forward_backward(forward_step_func=forward_step, data_iterator=counter, model=[training.model],
-                                       num_microbatches=get_num_microbatches(), seq_length=spec["seq_len"],
-                                       micro_batch_size=1, forward_only=False)
-        training.optimizer.step()
-        training.scheduler.step(increment=1)
-        total = torch.stack([torch.stack([torch.as_tensor(v).reshape(()) for v in r["lm loss"]]) for r in reports])
-        return total.sum(0)  # (loss sum, label tokens): read after the timing
+            record = loop.step(run, next(iteration))
+        parts = {part: record[f"flops_{part}"] for part in ("llm", "vision", "audio")}
+        return record["loss"], {"tokens": record["tokens"]}, parts
 
-    return measure(step, counter, FlopCounter(spec["hf_dir"]), spec["warmup"], spec["steps"], spec["device"], peak,
-                   spec["profile"])
-
-
-def _loss_value(loss) -> float:
-    """A step's loss: ours gives (loss sum, label tokens), transformers the token-mean."""
-    return float(loss[0] / loss[1]) if loss.numel() == 2 else float(loss)
+    return measure(step, spec["warmup"], spec["steps"], spec["device"], peak, spec["profile"])
 
 
 # -- transformers --------------------------------------------------------------------------------------------------
@@ -379,6 +367,7 @@ def run_hf(spec: dict, batches: list, peak: float) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                                   fused=device == "cuda")
     counter = TokenCounter(iter(batches))
+    flops = FlopCounter(spec["hf_dir"])  # nothing frozen, as ours
 
     def step():
         micro = [next(counter) for _ in range(spec["global_batch"])]
@@ -392,10 +381,10 @@ def run_hf(spec: dict, batches: list, peak: float) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return total
+        seen = counter.take()
+        return float(total), seen, flops(seen)
 
-    return measure(step, counter, FlopCounter(spec["hf_dir"]), spec["warmup"], spec["steps"], device, peak,
-                   spec["profile"])
+    return measure(step, spec["warmup"], spec["steps"], device, peak, spec["profile"])
 
 
 def run_row(spec: dict) -> dict:
@@ -455,6 +444,7 @@ def headline(rows: list, peak: float, device: str, args) -> dict:
         out[f"ratio_vs_transformers{suffix}"] = ours and hf and ours["tokens_per_s"] / hf["tokens_per_s"]
         out[f"mfu_ours{suffix}"] = ours and ours["mfu"]
         out[f"tflops_ours{suffix}"] = ours and ours["tflops"]
+        out[f"tflops_llm_ours{suffix}"] = ours and ours["tflops_llm"]
         out[f"mfu_transformers{suffix}"] = hf and hf["mfu"]
     out["headline_rows"] = {"ours": f"ours[{base}]", "transformers": f"hf[{hf_attn}]"}
     return out
@@ -503,6 +493,7 @@ def main() -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     work = Path(args.work or tempfile.mkdtemp(prefix="train_throughput_"))
     work.mkdir(parents=True, exist_ok=True)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # the profiles go next to it
 
     began = time.perf_counter()
     hf_dir = write_hf_dir(work, args.tiny, args.layers)
@@ -538,7 +529,6 @@ def main() -> int:
     out = headline(rows, peak, name, args)
     out.update({"data": data, "rows": rows, "command": " ".join(sys.argv), "wall_s": time.perf_counter() - began})
     print(json.dumps({k: v for k, v in out.items() if k not in ("rows", "data")}, indent=1))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.json}")
     return 0 if all("failed" not in r for r in rows) else 1
