@@ -49,6 +49,17 @@ def packed_inputs():
                 padding_mask=torch.zeros_like(ids, dtype=torch.bool))
 
 
+def on_device_of(m, inputs: dict) -> dict:
+    """The inputs on the model's device (the builder puts the model on the GPU where there is one)."""
+    import dataclasses
+
+    device = next(m.parameters()).device
+    psp = inputs["packed_seq_params"]
+    cu = psp.cu_seqlens_q.to(device)
+    return dict({k: v.to(device) for k, v in inputs.items() if torch.is_tensor(v)},
+                packed_seq_params=dataclasses.replace(psp, cu_seqlens_q=cu, cu_seqlens_kv=cu))
+
+
 def dispatchers(m):
     return [layer.mlp.token_dispatcher for layer in m.decoder.layers]
 
@@ -62,7 +73,7 @@ def run(m, static: bool):
         d.__class__ = StaticAllGatherTokenDispatcher if static else MoEAllGatherTokenDispatcher
     m.zero_grad(set_to_none=True)
     try:
-        logits = m(**packed_inputs())
+        logits = m(**on_device_of(m, packed_inputs()))
         logits.square().mean().backward()
     finally:
         for d in dispatchers(m):
@@ -103,7 +114,7 @@ class SyncingOps(TorchDispatchMode):
 def test_packed_llm_pass_has_no_host_syncs(model):
     model.zero_grad(set_to_none=True)
     with SyncingOps() as mode:
-        model(**packed_inputs()).square().mean().backward()
+        model(**on_device_of(model, packed_inputs())).square().mean().backward()
     assert mode.seen == []
     # the detector sees mcore's own dispatcher and THD RoPE (the test can fail)
     from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
@@ -112,7 +123,7 @@ def test_packed_llm_pass_has_no_host_syncs(model):
     dispatchers(model)[0].__class__ = MoEAllGatherTokenDispatcher
     try:
         with SyncingOps() as mode:
-            model(**packed_inputs())
+            model(**on_device_of(model, packed_inputs()))
     finally:
         model.per_token_rope = True
         run(model, static=True)  # restores the static dispatchers

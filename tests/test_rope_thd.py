@@ -41,8 +41,17 @@ def packed_batch():
     return ids, pos, psp
 
 
+def on_device_of(m, ids, pos, psp):
+    """The inputs on the model's device (the builder puts the model on the GPU where there is one)."""
+    import dataclasses
+
+    device = next(m.parameters()).device
+    cu = psp.cu_seqlens_q.to(device)
+    return ids.to(device), pos.to(device), dataclasses.replace(psp, cu_seqlens_q=cu, cu_seqlens_kv=cu)
+
+
 def logits_and_grads(m, per_token: bool):
-    ids, pos, psp = packed_batch()
+    ids, pos, psp = on_device_of(m, *packed_batch())
     m.per_token_rope = per_token
     m.zero_grad(set_to_none=True)
     try:
