@@ -38,7 +38,8 @@ peak measured in this run, peak memory; loss of the first and last step (a sanit
 models have different random weights).
 
 Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' = as committed), for the GPU to judge:
-  compile            torch.compile of the small ops: RMSNorm.forward and the experts' SwiGLU (experts.swiglu_with_probs)
+  compile[=WHICH]     torch.compile of small ops: 'small' (default) RMSNorm.forward + the experts' SwiGLU
+                     (experts.swiglu_with_probs), 'router' mcore's top-k routing + aux-loss functions, 'all' both
   graphs[=SCOPES]    mcore CUDA graphs, cuda_graph_impl=local, cuda_graph_scope=SCOPES (':'-separated, e.g.
                      moe_router; default: the whole layer). Graphs replay fixed shapes: run with --pad-rows. A graph
                      of a whole layer also takes the PackedSeqParams (cu_seqlens differ per batch) as a constant of
@@ -238,16 +239,31 @@ def _json_or_str(value: str):
         return value
 
 
+def compile_ops(which: str) -> None:
+    """torch.compile in place of small eager ops: 'small' = RMSNorm + SwiGLU, 'router' = mcore's top-k routing and
+    aux-loss functions (as the router module calls them), 'all' = both."""
+    if which not in ("small", "router", "all"):
+        raise SystemExit(f"compile={which}: one of small, router, all")
+    if which in ("small", "all"):
+        from omni_model.model import experts, norm
+
+        experts.swiglu_with_probs = torch.compile(experts.swiglu_with_probs)
+        norm.RMSNorm.forward = torch.compile(norm.RMSNorm.forward)
+    if which in ("router", "all"):
+        from megatron.core.transformer.moe import router
+
+        for name in ("topk_routing_with_score_function", "compute_routing_scores_for_aux_loss",
+                     "switch_load_balancing_loss_func"):
+            setattr(router, name, torch.compile(getattr(router, name)))
+
+
 def apply_variant(knobs: dict) -> tuple[dict, dict, object]:
     """Process-wide switches of a variant -> (TransformerConfig overrides, train overrides, a factory of the context
     each step runs in)."""
     config, train, context = {}, {}, nullcontext
     for key, value in knobs.items():
         if key == "compile":
-            from omni_model.model import experts, norm
-
-            experts.swiglu_with_probs = torch.compile(experts.swiglu_with_probs)
-            norm.RMSNorm.forward = torch.compile(norm.RMSNorm.forward)
+            compile_ops(value or "small")
         elif key == "graphs":
             config["cuda_graph_impl"] = "local"
             config["cuda_graph_scope"] = value.split(":") if value else []
@@ -436,7 +452,7 @@ def headline(rows: list, peak: float, device: str, args) -> dict:
            "steps": args.steps, "warmup": args.warmup,
            "matmul_peak_tflops": peak, "torch": torch.__version__}
     base = args.variants[0]
-    hf_attn = args.hf_attn[0]
+    hf_attn = args.hf_attn[0] if args.hf_attn else None
     for kind, suffix in (("mm", ""), ("text", "_text")):
         ours, hf = pick("ours", base, kind), pick("hf", hf_attn, kind)
         out[f"tokens_per_s_ours{suffix}"] = ours and ours["tokens_per_s"]
