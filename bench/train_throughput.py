@@ -38,7 +38,7 @@ peak measured in this run, peak memory; loss of the first and last step (a sanit
 models have different random weights).
 
 Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' = as committed), for the GPU to judge:
-  compile[=WHICH]     torch.compile of small ops: 'small' (default) RMSNorm.forward + the experts' SwiGLU
+  compile[=WHICH]    torch.compile of small ops: 'small' (default) RMSNorm.forward + the experts' SwiGLU
                      (experts.swiglu_with_probs), 'router' mcore's top-k routing + aux-loss functions, 'all' both
   graphs[=SCOPES]    mcore CUDA graphs, cuda_graph_impl=local, cuda_graph_scope=SCOPES (':'-separated, e.g.
                      moe_router; default: the whole layer). Graphs replay fixed shapes: run with --pad-rows. A graph
