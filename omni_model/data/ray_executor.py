@@ -1,4 +1,4 @@
-"""``data.executor: ray``: the datajuicer stage's recipe on a Ray cluster through Data-Juicer's Ray executor.
+"""``data.executor: ray``: the data stages on a Ray cluster; the recipe through Data-Juicer's Ray executor.
 
 Data-Juicer's ``RayExecutor`` (``executor_type: ray`` in the DJ config) attaches to the cluster and loads the input as
 its ``RayDataset``; the recipe's ops then run through ``RayDataset.process`` (what ``RayExecutor.run`` calls) one op
@@ -13,7 +13,9 @@ at a time, so that the stage attributes every dropped sample to its op exactly a
   (media-aware) or Data-Juicer's, the per-sample work (``compute_hash``: text hashes, MinHash bands and the media
   fingerprints, i.e. the decoding) runs in Ray tasks, and the decision is the op's own ``process`` on the driver over
   the hash columns in input order: the same code, so the same kept set and the same "duplicate of" as the default
-  executor. The driver holds only ids and hashes (about 1-2 kB per sample with media thumbnails).
+  executor. The driver holds the hash columns (and ids, media paths, stats), never the text or the records.
+
+The shards stage's per-sample work runs through ``ray_map`` (ordered, bounded fan-out of a module-level function).
 """
 
 from __future__ import annotations
