@@ -1,6 +1,8 @@
 # Stages 2-3: raw chat jsonl (or the generated demo set) -> Data-Juicer -> WebDataset shards + Energon metadata.
 # Every input sample ends up either in the shards or in results/data/shards/drops.jsonl with its stage and reason.
 
+from omni_model.data.media import MEDIA_FORMAT
+
 DATA = config["data"]
 RAW = "results/data/raw/demo.jsonl" if DATA["raw"] == "demo" else DATA["raw"]
 
@@ -69,6 +71,9 @@ rule shards:
         use_audio_in_video=DATA["use_audio_in_video"],
         executor=DATA["executor"],
         ray_address=DATA["ray_address"],
+        # what the shards store: a new canonical-media format in the package makes them stale (training refuses
+        # shards of another format; without this param Snakemake would keep them and finetune would fail)
+        media_format=MEDIA_FORMAT,
         media={
             "video_fps": DATA["video_fps"],
             "video_max_frames": DATA["video_max_frames"],

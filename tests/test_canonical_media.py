@@ -85,16 +85,16 @@ def test_canonical_shards_encode_exactly_like_the_original_files(demo, shards, t
     assert len(samples) == shards["report"]["kept"]
     assert {f"demo-{i:04d}" for i in range(N_GOOD)} <= {s["record"]["id"] for s in samples}
     members = [name for sample in samples for name in sample["media"]]
-    # every canonical form occurs: original images, 16 kHz audio as exact FLAC and as float WAV, frames as PNG
+    # every canonical form occurs: original images, 16 kHz audio as exact FLAC and as float32 .npy, frames as PNG
     assert any(n.startswith("image") for n in members) and any(n.startswith("video") and n.endswith(".png")
                                                                for n in members)
     assert any(n.startswith("audio") and n.endswith(".flac") for n in members)
-    assert any(n.startswith("audio") and n.endswith(".wav") for n in members)
-    assert any(n.startswith("video") and n.endswith((".wav", ".flac")) for n in members) == shards["use_audio_in_video"]
+    assert any(n.startswith("audio") and n.endswith(".npy") for n in members)
+    assert any(n.startswith("video") and n.endswith((".npy", ".flac")) for n in members) == shards["use_audio_in_video"]
     for sample in samples:
         record = sample["record"]
         original = demo["records"][record["id"]]
-        assert record["source"]["videos"] == original["videos"] and record["media_format"] == "canonical-1"
+        assert record["source"]["videos"] == original["videos"] and record["media_format"] == "canonical-2"
         expected = encoder.encode(original, media_from_paths(original))
         got = encoder.encode_canonical(record, sample["media"])
         _assert_same_encoding(expected, got, record["id"])
@@ -168,7 +168,7 @@ def test_old_shards_are_refused_with_a_clear_message(shards, tiny_hf_dir, tmp_pa
     del recorded["media_format"]
     (old / SETTINGS_FILE).write_text(json.dumps(recorded))
     with pytest.raises(ShardSettingsError, match=r"stores media as original files \(before canonical media\), "
-                                                 r"training reads canonical-1: rerun the shards stage"):
+                                                 r"training reads canonical-2: rerun the shards stage"):
         check_shard_settings(old, settings)
     record = {"id": "old", "images": [], "audios": ["audio0.wav"], "videos": [],
               "messages": [{"role": "user", "content": "<audio>hi"}, {"role": "assistant", "content": "x"}]}
@@ -177,8 +177,9 @@ def test_old_shards_are_refused_with_a_clear_message(shards, tiny_hf_dir, tmp_pa
 
 
 def test_audio_members_read_back_bit_for_bit():
-    """16 kHz integer PCM is stored as FLAC, anything else (resampled, > 1.0, tiny values) as float WAV; both read
-    back as the exact float32 waveform written; a canonical member at another rate is refused."""
+    """16 kHz integer PCM is stored as FLAC, anything else (resampled, > 1.0, tiny values) as float32 .npy; both read
+    back as the exact float32 waveform written, and writing the same waveform again gives the same bytes (shards
+    runs are reproducible); a canonical member at another rate is refused."""
     import soundfile as sf
 
     from omni_model.data.media import MediaError, read_audio_16k, write_audio_16k
@@ -188,9 +189,10 @@ def test_audio_members_read_back_bit_for_bit():
     pcm16[:2] = [-1.0, 32767 / 32768]  # the 16-bit extremes
     resampled = (rng.standard_normal(16000) * 0.4).astype(np.float32)
     resampled[:4] = [1.37, -1.5, 3e-12, -2**-30]
-    for wave, ext in ((pcm16, "flac"), (resampled, "wav"), (np.zeros(10, np.float32), "flac")):
+    for wave, ext in ((pcm16, "flac"), (resampled, "npy"), (np.zeros(10, np.float32), "flac")):
         data, got_ext = write_audio_16k(wave)
         assert got_ext == ext
+        assert write_audio_16k(wave.copy())[0] == data
         back = read_audio_16k(data)
         assert back.dtype == np.float32 and np.array_equal(back, wave)
     # 16-bit content in the 24-bit FLAC costs no more than 16-bit PCM (FLAC drops the zero low bits), even for noise

@@ -117,17 +117,11 @@ def test_demo_set_same_outputs_with_a_local_ray(demo_runs):
 
 
 def _tar_members(shards_dir: Path) -> dict:
-    """{tar name: [(member name, content), ...] in tar order}; content = the bytes, except for float-WAV audio
-    members: their samples as the loader reads them (libsndfile stamps the write time into a WAV's PEAK chunk, so
-    two writes of the same waveform differ in 4 bytes whichever executor runs them)."""
-    from omni_model.data.media import read_audio_16k
-
+    """{tar name: [(member name, bytes), ...] in tar order}."""
     out = {}
     for path in sorted(shards_dir.glob("*.tar")):
         with tarfile.open(path) as tar:
             out[path.name] = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
-            out[path.name] = [(name, read_audio_16k(data).tobytes() if name.endswith(".wav") else data)
-                              for name, data in out[path.name]]
     return out
 
 

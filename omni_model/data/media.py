@@ -475,7 +475,7 @@ def audio_features(waveforms: list[np.ndarray], cfg: MediaConfig) -> tuple[np.nd
 # stacked vertically; lossless, about half the size of deflated raw frames on the demo set) plus their times in the
 # sample's JSON, images as their original bytes. Bump MEDIA_FORMAT whenever what is stored changes: training refuses
 # shards of another format (shards.check_shard_settings).
-MEDIA_FORMAT = "canonical-1"
+MEDIA_FORMAT = "canonical-2"  # 2: float audio as .npy (float WAV carried libsndfile's write time)
 
 PCM24 = 1 << 23
 
@@ -484,9 +484,11 @@ def write_audio_16k(wave: np.ndarray) -> tuple[bytes, str]:
     """16 kHz mono float32 waveform -> (file bytes, extension) that ``read_audio_16k`` gives back bit for bit.
 
     FLAC (24-bit) when every sample lies on the 24-bit grid, as it does for 16 kHz integer PCM sources; otherwise
-    (resampled or AAC-decoded audio: arbitrary float32 values, which FLAC's integers cannot hold) 32-bit float WAV.
-    Rounding to 24 bits instead would move Whisper features by up to 2.6e-4 on the demo set (log-mel bins near the
-    -80 dB floor), so the shards would no longer train on what the original files give."""
+    (resampled or AAC-decoded audio: arbitrary float32 values, which FLAC's integers cannot hold) the float32 array
+    as .npy. Rounding to 24 bits instead would move Whisper features by up to 2.6e-4 on the demo set (log-mel bins near
+    the -80 dB floor), so the shards would no longer train on what the original files give. Not float WAV: libsndfile
+    stamps the time of writing into its PEAK chunk, so two shards runs over the same data would differ. Both forms are
+    the same bytes for the same waveform, whoever writes them."""
     import soundfile as sf
 
     wave = np.asarray(wave, dtype=np.float32)
@@ -497,14 +499,19 @@ def write_audio_16k(wave: np.ndarray) -> tuple[bytes, str]:
         # integers written (libsndfile's float -> int conversion scales by 2**23 - 1 and would not read back exactly)
         sf.write(buffer, ints.astype(np.int32) << 8, AUDIO_SR, format="FLAC", subtype="PCM_24")
         return buffer.getvalue(), "flac"
-    sf.write(buffer, wave, AUDIO_SR, format="WAV", subtype="FLOAT")
-    return buffer.getvalue(), "wav"
+    np.save(buffer, wave, allow_pickle=False)
+    return buffer.getvalue(), "npy"
 
 
 def read_audio_16k(data: bytes) -> np.ndarray:
     """A canonical audio member (``write_audio_16k``) -> the float32 16 kHz mono waveform it was written from."""
     import soundfile as sf
 
+    if data[:6] == b"\x93NUMPY":
+        wave = np.load(io.BytesIO(data), allow_pickle=False)
+        if wave.dtype != np.float32 or wave.ndim != 1:
+            raise MediaError(f"canonical audio .npy must be 1-d float32, got {wave.dtype} {wave.shape}")
+        return wave
     try:
         wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
     except Exception as exc:

@@ -4,9 +4,9 @@ One WebDataset sample = ``<key>.json`` (the canonical conversation; its ``images
 the sample's media members, the original paths are kept under ``source``, ``media_format`` and ``media_meta`` say
 how the media are stored) + the media in the form training uses them (media.MEDIA_FORMAT, written by
 ``OmniEncoder.canonical_members`` from the decode that counted the tokens): ``<key>.image0.png`` (original bytes),
-``<key>.audio0.flac`` or ``.wav`` (the 16 kHz mono waveform: FLAC when it is 24-bit exact, else float WAV),
+``<key>.audio0.flac`` or ``.npy`` (the 16 kHz mono waveform: FLAC when it is 24-bit exact, else float32 .npy),
 ``<key>.video0.png`` (the sampled frames at the model's frame size, stacked; their times in ``media_meta``) and
-``<key>.video0.wav``/``.flac`` (its audio track, when audio-in-video is on).
+``<key>.video0.npy``/``.flac`` (its audio track, when audio-in-video is on).
 The loader needs soundfile and PIL only: no resampling, no video container.
 
 Before a sample is written its token count after pad expansion is computed from the media headers (image size, audio
