@@ -77,7 +77,11 @@ def dedup_run(tmp_path_factory):
         _record("near-b-edit", long_text.replace("few careful", "few short"), "Blue and green shapes on red.",
                 images=[img_b]),
     ]
-    kept, drops = run_recipe(records, RECIPE, d / "work", num_proc=1)
+    # two worker processes under a deep work dir: Data-Juicer's pool sockets must not land under it (AF_UNIX paths
+    # are limited to 107 bytes: a work dir of ~72+ characters failed with "AF_UNIX path too long")
+    work = d / ("deep-" * 12) / "work"
+    assert len(str(work)) > 100
+    kept, drops = run_recipe(records, RECIPE, work, num_proc=2)
     return {r["id"] for r in kept}, {drop["id"]: drop for drop in drops}
 
 

@@ -83,7 +83,6 @@ def _dj_config(recipe: dict, work_dir: Path, dataset_path: Path, num_proc: int) 
         "audio_key": "audios",
         "video_key": "videos",
         "use_cache": False,
-        "temp_dir": str(work_dir / "tmp"),
         "ds_cache_dir": str(work_dir / "hf_cache"),
         "open_tracer": False,
         "skip_op_error": False,
@@ -141,10 +140,14 @@ def run_recipe(records: list[dict], recipe_path: Path, work_dir: Path, num_proc:
     config_path = work_dir / "dj_config.yaml"
     config = _dj_config(recipe, work_dir, dataset_path, num_proc)
     config.update({"executor_type": executor, "ray_address": ray_address or "auto"})
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     saved_tempdir, saved_streams = tempfile.tempdir, (sys.stdout, sys.stderr)
     with contextlib.ExitStack() as stack:
+        # Data-Juicer makes temp_dir the process-wide tempfile dir, where its worker pool puts its AF_UNIX sockets
+        # (paths of at most 107 bytes): under a deep work_dir np >= 2 failed with "AF_UNIX path too long", so a short
+        # dir under the system temp dir, removed with the stack
+        config["temp_dir"] = stack.enter_context(tempfile.TemporaryDirectory(prefix="omni-dj-"))
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         try:
             from data_juicer.config import init_configs
             from data_juicer.ops import load_ops
