@@ -11,7 +11,7 @@ import json
 import os
 import pty
 import re
-import select
+import selectors
 import shutil
 import signal
 import struct
@@ -53,10 +53,11 @@ def run_in_pty(workdir: Path, *command: str, timeout: float = 300) -> tuple[int,
     os.close(slave)
     shown = bytearray()
     deadline = time.time() + timeout
+    selector = selectors.DefaultSelector()  # epoll: select() fails on descriptors >= 1024, as a long pytest run has
+    selector.register(master, selectors.EVENT_READ)
     try:
         while time.time() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if ready:
+            if selector.select(0.5):
                 try:
                     data = os.read(master, 65536)
                 except OSError:  # EIO: every writer closed the terminal
@@ -67,6 +68,7 @@ def run_in_pty(workdir: Path, *command: str, timeout: float = 300) -> tuple[int,
             elif proc.poll() is not None:
                 break
     finally:
+        selector.close()
         os.close(master)
         if proc.poll() is None:  # its jobs too (they share its new session's process group)
             os.killpg(proc.pid, signal.SIGKILL)

@@ -207,7 +207,10 @@ def step(run: Run, iteration: int) -> dict:
 
     from .build import current_lr
 
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
     t, training = run.settings.train, run.training
+    clear_aux_losses_tracker()  # the step's aux loss is its own batches' (any forward with grad before it tracks too)
     _synchronize()
     began = time.perf_counter()
     training.model.zero_grad_buffer()
