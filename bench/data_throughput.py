@@ -76,21 +76,6 @@ def bench_shardwriter(samples, out_dir: Path, max_samples: int) -> float:
     return time.perf_counter() - started
 
 
-def _shard_members(shards_dir: Path) -> list[dict]:
-    """Every sample of the shards as the loader gets it (sample_loader of the tar parts)."""
-    from omni_model.data.sample import sample_loader
-
-    out = []
-    for tar in sorted(shards_dir.glob("*.tar")):
-        parts: dict = {}
-        with tarfile.open(tar) as handle:
-            for member in handle.getmembers():
-                key, ext = member.name.split(".", 1)
-                parts.setdefault(key, {"__key__": key})[ext] = handle.extractfile(member).read()
-        out += [sample_loader(raw) for raw in parts.values()]
-    return out
-
-
 def bench_encode(encoder, items, canonical: bool) -> tuple[float, int]:
     """Seconds to encode every item (media already in memory), and tokens."""
     started, tokens = time.perf_counter(), 0
@@ -195,8 +180,9 @@ def main() -> None:
                      nbytes / seconds / 1e6, sum(report["tokens"].values()) / seconds))
         kept = report["kept"]
         from omni_model.data.encoder import OmniEncoder
+        from omni_model.data.sample import shard_samples
 
-        canonical = [(s["record"], s["media"]) for s in _shard_members(tmp / "shards")]
+        canonical = [(s["record"], s["media"]) for s in shard_samples(tmp / "shards")]
         by_id = {record["id"]: (record, media) for record, media in samples}
         original = [by_id[record["id"]] for record, _ in canonical]
         encoder = OmniEncoder(hf, max_seq_len=args.max_seq_len)

@@ -60,3 +60,36 @@ def deepstack_inputs(shape, hidden: int, n: int, seed: int = 1):
         mask[1, 5:8] = True
     nv = int(mask.sum())
     return mask, [torch.randn(nv, hidden, generator=g) for _ in range(n)]
+
+
+def tiny_language_model(hf_dir):
+    """The tiny checkpoint's LLM (local spec, fp32) in a private single-process group, weights loaded."""
+    from omni_model.convert.mapping import load_hf_into_model
+    from omni_model.model.language_model import build_language_model
+    from omni_model.runtime.parallel import init_parallel
+
+    init_parallel()
+    m = build_language_model(config_of(hf_dir), dtype=torch.float32, use_te=False)
+    load_hf_into_model(m, hf_dir)
+    return m
+
+
+def packed_text_row(lengths, seed: int = 0):
+    """One THD row of len(lengths) text sequences: ids [1, T], MRoPE positions [3, 1, T] restarting per sequence,
+    and the THD PackedSeqParams."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    parts = [text_batch(b=1, s=n, seed=seed + i) for i, n in enumerate(lengths)]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
+                          max_seqlen_kv=max(lengths))
+    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 2), psp
+
+
+def on_device_of(m, ids, pos, psp):
+    """A packed row on the model's device (the builder puts the model on the GPU where there is one)."""
+    import dataclasses
+
+    device = next(m.parameters()).device
+    cu = psp.cu_seqlens_q.to(device)
+    return ids.to(device), pos.to(device), dataclasses.replace(psp, cu_seqlens_q=cu, cu_seqlens_kv=cu)

@@ -14,7 +14,6 @@ import io
 import json
 import subprocess
 import sys
-import tarfile
 import textwrap
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 import torch
 
 from omni_model.data.demo import generate_demo
+from omni_model.data.sample import shard_samples
 
 N_GOOD = 40  # enough demo rows for every medium: 16 kHz and resampled audio, videos with and without a sound track
 ENCODED_FIELDS = ("input_ids", "labels", "position_ids", "seq_lens", "pixel_values", "image_grid_thw",
@@ -50,21 +50,6 @@ def shards(request, demo, tiny_hf_dir):
     return {"dir": out, "report": report, "use_audio_in_video": request.param}
 
 
-def _shard_samples(shards_dir: Path) -> list[dict]:
-    """Every sample of every tar, through the shards' own sample_loader (what Energon calls)."""
-    from omni_model.data.sample import sample_loader
-
-    out = []
-    for tar in sorted(shards_dir.glob("*.tar")):
-        parts: dict = {}
-        with tarfile.open(tar) as handle:
-            for member in handle.getmembers():
-                key, ext = member.name.split(".", 1)
-                parts.setdefault(key, {"__key__": key})[ext] = handle.extractfile(member).read()
-        out += [sample_loader(raw) for raw in parts.values()]
-    return out
-
-
 def _assert_same_encoding(a, b, where):
     for name in ENCODED_FIELDS:
         x, y = getattr(a, name), getattr(b, name)
@@ -81,7 +66,7 @@ def test_canonical_shards_encode_exactly_like_the_original_files(demo, shards, t
     from omni_model.data.encoder import OmniEncoder, media_from_paths
 
     encoder = OmniEncoder(tiny_hf_dir, max_seq_len=4096, use_audio_in_video=shards["use_audio_in_video"])
-    samples = _shard_samples(shards["dir"])
+    samples = shard_samples(shards["dir"])
     assert len(samples) == shards["report"]["kept"]
     assert {f"demo-{i:04d}" for i in range(N_GOOD)} <= {s["record"]["id"] for s in samples}
     members = [name for sample in samples for name in sample["media"]]

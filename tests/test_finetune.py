@@ -57,6 +57,19 @@ def run(settings: Path, log: Path) -> str:
     return text
 
 
+def kill_after_steps(proc: subprocess.Popen, train_dir: Path, steps: int) -> None:
+    """SIGKILL the run (its whole process group) once metrics.jsonl has `steps` lines."""
+    deadline = time.time() + RUN_TIMEOUT
+    while time.time() < deadline and proc.poll() is None:
+        path = train_dir / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= steps:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def metrics(train_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -138,16 +151,7 @@ def test_kill_and_resume_reproduces_the_loss_sequence(inputs, reference):
     train_dir = inputs["root"] / "killed"
     settings = write_settings(inputs, train_dir, **REFERENCE)
     log = inputs["root"] / "killed.log"
-    proc = start(settings, log)
-    deadline = time.time() + RUN_TIMEOUT
-    while time.time() < deadline and proc.poll() is None:
-        lines = (train_dir / "metrics.jsonl").read_text().splitlines() if (train_dir / "metrics.jsonl").exists() else []
-        if len(lines) >= 6:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_steps(start(settings, log), train_dir, 6)
     assert (train_dir / "iter_0000005").is_dir() and not (train_dir / "iter_0000010").exists()
     # what a kill during a save leaves: a .tmp dir; it must be ignored and cleared
     (train_dir / "iter_0000008.tmp").mkdir()

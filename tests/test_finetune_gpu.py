@@ -4,13 +4,9 @@ is GPU-only, and failed there before (a fresh DistributedOptimizer has no Adam s
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-
 import pytest
 
-from test_finetune import REFERENCE, RUN_TIMEOUT, metrics, run, start, write_settings
+from test_finetune import REFERENCE, kill_after_steps, metrics, run, start, write_settings
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 ON_ONE_GPU = dict(REFERENCE, gpus_per_node=1)  # train.gpus_per_node > 0 is what selects bf16 + the distributed optimizer
@@ -35,16 +31,7 @@ def test_distributed_optimizer_kill_and_resume(gpu_inputs):
 
     train_dir = root / "killed"
     settings = write_settings(gpu_inputs, train_dir, **ON_ONE_GPU)
-    proc = start(settings, root / "killed.log")
-    deadline = time.time() + RUN_TIMEOUT
-    while time.time() < deadline and proc.poll() is None:
-        path = train_dir / "metrics.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= 6:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_steps(start(settings, root / "killed.log"), train_dir, 6)
     assert (train_dir / "iter_0000005").is_dir() and not (train_dir / "iter_0000010").exists()
     (train_dir / "metrics.jsonl").unlink()
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llm_helpers import config_of, text_batch
+from llm_helpers import on_device_of, packed_text_row, tiny_language_model
 
 warnings.filterwarnings("ignore")
 
@@ -27,37 +27,14 @@ SYNCING_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten
 
 @pytest.fixture(scope="module")
 def model(tiny_hf_dir):
-    from omni_model.convert.mapping import load_hf_into_model
-    from omni_model.model.language_model import build_language_model
-    from omni_model.runtime.parallel import init_parallel
-
-    init_parallel()
-    m = build_language_model(config_of(tiny_hf_dir), dtype=torch.float32, use_te=False)
-    load_hf_into_model(m, tiny_hf_dir)
-    return m
+    return tiny_language_model(tiny_hf_dir)
 
 
-def packed_inputs():
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    parts = [text_batch(b=1, s=n, seed=40 + i) for i, n in enumerate(LENGTHS)]
-    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
-    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(LENGTHS),
-                          max_seqlen_kv=max(LENGTHS))
-    ids = torch.cat([p[0] for p in parts], 1)
-    return dict(input_ids=ids, position_ids=torch.cat([p[1] for p in parts], 2), packed_seq_params=psp,
+def packed_inputs(m) -> dict:
+    """The LLM's keyword inputs for one packed row of LENGTHS, on the model's device."""
+    ids, pos, psp = on_device_of(m, *packed_text_row(LENGTHS, seed=40))
+    return dict(input_ids=ids, position_ids=pos, packed_seq_params=psp,
                 padding_mask=torch.zeros_like(ids, dtype=torch.bool))
-
-
-def on_device_of(m, inputs: dict) -> dict:
-    """The inputs on the model's device (the builder puts the model on the GPU where there is one)."""
-    import dataclasses
-
-    device = next(m.parameters()).device
-    psp = inputs["packed_seq_params"]
-    cu = psp.cu_seqlens_q.to(device)
-    return dict({k: v.to(device) for k, v in inputs.items() if torch.is_tensor(v)},
-                packed_seq_params=dataclasses.replace(psp, cu_seqlens_q=cu, cu_seqlens_kv=cu))
 
 
 def dispatchers(m):
@@ -73,7 +50,7 @@ def run(m, static: bool):
         d.__class__ = StaticAllGatherTokenDispatcher if static else MoEAllGatherTokenDispatcher
     m.zero_grad(set_to_none=True)
     try:
-        logits = m(**on_device_of(m, packed_inputs()))
+        logits = m(**packed_inputs(m))
         logits.square().mean().backward()
     finally:
         for d in dispatchers(m):
@@ -114,7 +91,7 @@ class SyncingOps(TorchDispatchMode):
 def test_packed_llm_pass_has_no_host_syncs(model):
     model.zero_grad(set_to_none=True)
     with SyncingOps() as mode:
-        model(**on_device_of(model, packed_inputs())).square().mean().backward()
+        model(**packed_inputs(model)).square().mean().backward()
     assert mode.seen == []
     # the detector sees mcore's own dispatcher and THD RoPE (the test can fail)
     from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
@@ -123,7 +100,7 @@ def test_packed_llm_pass_has_no_host_syncs(model):
     dispatchers(model)[0].__class__ = MoEAllGatherTokenDispatcher
     try:
         with SyncingOps() as mode:
-            model(**on_device_of(model, packed_inputs()))
+            model(**packed_inputs(model))
     finally:
         model.per_token_rope = True
         run(model, static=True)  # restores the static dispatchers

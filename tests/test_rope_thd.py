@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from llm_helpers import config_of, text_batch
+from llm_helpers import on_device_of, packed_text_row, tiny_language_model
 
 warnings.filterwarnings("ignore")
 
@@ -18,36 +18,11 @@ LENGTHS = (7, 1, 12, 5)  # a one-token sequence too
 
 @pytest.fixture(scope="module")
 def model(tiny_hf_dir):
-    from omni_model.convert.mapping import load_hf_into_model
-    from omni_model.model.language_model import build_language_model
-    from omni_model.runtime.parallel import init_parallel
-
-    init_parallel()
-    m = build_language_model(config_of(tiny_hf_dir), dtype=torch.float32, use_te=False)
-    load_hf_into_model(m, tiny_hf_dir)
-    return m
+    return tiny_language_model(tiny_hf_dir)
 
 
 def packed_batch():
-    """One THD row of several sequences: ids [1, T], MRoPE positions [3, 1, T] restarting per sequence, THD params."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    parts = [text_batch(b=1, s=n, seed=20 + i) for i, n in enumerate(LENGTHS)]
-    ids = torch.cat([p[0] for p in parts], 1)
-    pos = torch.cat([p[1] for p in parts], 2)
-    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
-    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(LENGTHS),
-                          max_seqlen_kv=max(LENGTHS))
-    return ids, pos, psp
-
-
-def on_device_of(m, ids, pos, psp):
-    """The inputs on the model's device (the builder puts the model on the GPU where there is one)."""
-    import dataclasses
-
-    device = next(m.parameters()).device
-    cu = psp.cu_seqlens_q.to(device)
-    return ids.to(device), pos.to(device), dataclasses.replace(psp, cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    return packed_text_row(LENGTHS, seed=20)
 
 
 def logits_and_grads(m, per_token: bool):

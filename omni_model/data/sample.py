@@ -28,6 +28,23 @@ def member_names(record: dict) -> list[str]:
     return names
 
 
+def shard_samples(shards_dir) -> list[dict]:
+    """Every sample of every tar of a shards dir, through sample_loader (what Energon's loader gets): for checks and
+    benchmarks that read the shards without a loader."""
+    import tarfile
+    from pathlib import Path
+
+    out = []
+    for tar in sorted(Path(shards_dir).glob("*.tar")):
+        parts: dict = {}
+        with tarfile.open(tar) as handle:
+            for member in handle.getmembers():
+                key, ext = member.name.split(".", 1)
+                parts.setdefault(key, {"__key__": key})[ext] = handle.extractfile(member).read()
+        out += [sample_loader(raw) for raw in parts.values()]
+    return out
+
+
 def sample_loader(raw: dict) -> dict:
     """WebDataset parts of one sample -> OmniSample fields (member bytes; decoding is the encoder's job)."""
     record = raw["json"]
