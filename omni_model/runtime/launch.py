@@ -13,6 +13,7 @@ node) and every node runs the same torchrun command (docs/cluster.md).
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import shlex
@@ -97,6 +98,27 @@ def first_traceback(text: str, limit: int = 60) -> str:
     return "\n".join(lines[-limit:])
 
 
+class FailureExcerpt:
+    """What `first_traceback` needs of a launch's output, kept as it streams by: the first traceback (its first
+    `limit` lines) or, while there is none, the last `limit` lines. A run's whole output is never held (a week of
+    training prints millions of lines)."""
+
+    def __init__(self, limit: int = 60):
+        self.limit, self.tail, self.block = limit, collections.deque(maxlen=limit), None
+
+    def add(self, line: str) -> None:
+        if self.block is None:
+            if "Traceback (most recent call last)" in line:
+                self.block = [line]
+            else:
+                self.tail.append(line)
+        elif len(self.block) < self.limit:
+            self.block.append(line)
+
+    def traceback(self) -> str:
+        return first_traceback("".join(self.block if self.block is not None else self.tail), self.limit)
+
+
 def run_torchrun(module: str, args: Sequence[str], nproc_per_node: int, log: Optional[Path] = None, *,
                  nnodes: int = 1, rdzv_endpoint: str = "", env: Optional[dict] = None) -> None:
     """Run `python -m module args` on `nproc_per_node` ranks (times `nnodes`); raise RankFailed on failure.
@@ -110,7 +132,9 @@ def run_torchrun(module: str, args: Sequence[str], nproc_per_node: int, log: Opt
     if log is not None:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
     sink = open(log, "a", buffering=1, encoding="utf-8") if log is not None else sys.stdout
-    output = []
+    # srun --label prefixes each line with its task ("1: "); the excerpt reads without it
+    label = re.compile(r"^ *\d+: ") if cmd[0] == "srun" else None
+    excerpt = FailureExcerpt()
     sink.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [launch] {shlex.join(cmd)}\n")
     proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -118,7 +142,7 @@ def run_torchrun(module: str, args: Sequence[str], nproc_per_node: int, log: Opt
             line = raw.decode(errors="replace")
             if "\r" in line.rstrip("\r\n"):  # a library's progress bar frames (e.g. Energon's): terminal-only
                 continue
-            output.append(line)
+            excerpt.add(label.sub("", line) if label else line)
             sink.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line.rstrip(chr(13) + chr(10))}\n")
         sink.flush()
         proc.wait()
@@ -134,7 +158,6 @@ def run_torchrun(module: str, args: Sequence[str], nproc_per_node: int, log: Opt
         if log is not None:
             sink.close()
     if proc.returncode != 0:
-        # srun --label prefixes each line with its task ("1: "); the traceback reads without it
-        block = first_traceback(re.sub(r"(?m)^ *\d+: ", "", "".join(output)) if cmd[0] == "srun" else "".join(output))
+        block = excerpt.traceback()
         raise RankFailed(f"{module} failed on {nproc_per_node * nnodes} rank(s) (exit {proc.returncode}): "
                          f"{block.splitlines()[-1].strip() if block else 'no output'}\n{block}")
