@@ -204,10 +204,9 @@ def step(run: Run, iteration: int) -> dict:
     """One optimizer step through mcore's schedule over get_num_microbatches() micro-batches; its metrics record."""
     from megatron.core.num_microbatches_calculator import get_num_microbatches
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
     from .build import current_lr
-
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
     t, training = run.settings.train, run.training
     clear_aux_losses_tracker()  # the step's aux loss is its own batches' (any forward with grad before it tracks too)
