@@ -89,6 +89,8 @@ def test_training_step_bf16_through_schedule(gpu_models):
     """One forward/backward through mcore's schedule in bf16 (grads finite, expert grads present)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from omni_model.train.forward_step import clear_moe_aux_loss_scale
+
     m, _, _ = gpu_models
     ids, pos = text_batch(b=2, s=64)
     ids, pos = ids.cuda(), pos.cuda()
@@ -96,6 +98,7 @@ def test_training_step_bf16_through_schedule(gpu_models):
     try:
 
         def step(_, model):
+            clear_moe_aux_loss_scale()  # the tests before this one ran backwards outside a schedule
             out = model(input_ids=ids, position_ids=pos, labels=torch.roll(ids, -1, 1))
             return out, lambda o: (o.float().mean(), {})
 

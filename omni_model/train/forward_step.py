@@ -123,16 +123,20 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+def clear_moe_aux_loss_scale() -> None:
+    """mcore 0.16 keeps the MoE aux-loss backward scale in a class attribute: a backward outside its schedule (an
+    evaluation with grads, a parity check) leaves a 0-d tensor there, and the schedule's next set_loss_scale copies a
+    [1]-shaped scale into it and fails. The schedule sets it again right after the forward: start from None."""
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+
+
 def forward_step(data_iterator, model):
     """mcore `forward_step_func`: the next OmniBatch through the (DDP-wrapped) thinker of this pipeline stage.
 
     Every stage reads the micro-batch (all need positions, packing and the padding mask; the first also the ids
     and media, the last the labels): the data iterator must yield the same batches on every stage of a pipeline.
     """
-    # mcore 0.16 keeps the MoE aux-loss backward scale in a class attribute: a backward outside its schedule (an
-    # evaluation with grads, a parity check) leaves a 0-d tensor there, and the schedule's next set_loss_scale copies a
-    # [1]-shaped scale into it and fails. The schedule sets it again right after this forward: start from None.
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    clear_moe_aux_loss_scale()
     batch = next(data_iterator) if data_iterator is not None else None
     if not isinstance(batch, OmniBatch):
         raise TypeError(f"forward_step needs an OmniBatch from the data iterator on every pipeline stage (positions, "
