@@ -44,7 +44,7 @@ Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' =
                      moe_router; default: the whole layer). Graphs replay fixed shapes: run with --pad-rows. A graph
                      of a whole layer also takes the PackedSeqParams (cu_seqlens differ per batch) as a constant of
                      the capture: expect mcore to refuse it (no matching runner) rather than a speed-up.
-  thd=loop           packed attention as one SDPA call per sequence instead of torch's varlen_attn
+  thd=loop           packed attention (LLM and towers) as one SDPA call per sequence instead of torch's varlen_attn
   sdpa=BACKEND       torch.nn.attention.sdpa_kernel(flash|cudnn|efficient|math) around the steps
   rope=thd           mcore's THD RoPE loop (the path before per-token RoPE), to measure that change
   dispatch=mcore     mcore's allgather token dispatcher (host syncs) instead of dispatcher.StaticAllGatherTokenDispatcher
@@ -268,9 +268,9 @@ def apply_variant(knobs: dict) -> tuple[dict, dict, object]:
             config["cuda_graph_impl"] = "local"
             config["cuda_graph_scope"] = value.split(":") if value else []
         elif key == "thd":
-            from omni_model.model.attention import SDPAttention
+            from omni_model.model import attention
 
-            SDPAttention.thd_kernel = value
+            attention.PACKED_KERNEL = value
         elif key == "sdpa":
             context = sdpa_context(value)
         elif key == "rope":
@@ -291,7 +291,9 @@ def apply_variant(knobs: dict) -> tuple[dict, dict, object]:
     return config, train, context
 
 
-def run_ours(spec: dict, batches: list, peak: float) -> dict:
+def build_ours_step(spec: dict, batches: list, peak: float):
+    """The training run's objects for `spec` -> `step()`, one optimizer step of omni_model.train.loop on the next
+    `global_batch` rows of `batches`: (loss, {"tokens": real tokens}, model FLOPs by part)."""
     from omni_model.train import build, loop
     from omni_model.train.data import TokenCounter
     from omni_model.train.forward_step import forward_step
@@ -333,6 +335,11 @@ def run_ours(spec: dict, batches: list, peak: float) -> dict:
         parts = {part: record[f"flops_{part}"] for part in ("llm", "vision", "audio")}
         return record["loss"], {"tokens": record["tokens"]}, parts
 
+    return step
+
+
+def run_ours(spec: dict, batches: list, peak: float) -> dict:
+    step = build_ours_step(spec, batches, peak)
     return measure(step, spec["warmup"], spec["steps"], spec["device"], peak, spec["profile"])
 
 

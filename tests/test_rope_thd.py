@@ -1,4 +1,4 @@
-"""Packed rows take RoPE token by token (language_model.per_token_rope_packing): the same numbers as mcore's THD path
+"""Packed rows take RoPE token by token (attention.per_token_rope_packing): the same numbers as mcore's THD path
 (`_apply_rotary_pos_emb_thd`, a Python loop over the sequences with host syncs), to the last bit, forward and backward.
 """
 
@@ -39,7 +39,7 @@ def logits_and_grads(m, per_token: bool):
 
 
 def test_per_token_rope_is_the_local_default(model):
-    from omni_model.model.language_model import per_token_rope_packing
+    from omni_model.model.attention import per_token_rope_packing
 
     assert model.per_token_rope
     _, _, psp = packed_batch()

@@ -5,10 +5,10 @@ Layouts (as mcore's Attention hands them over, after RoPE):
 - BSHD-style "sbhd": query [sq, b, np, hn], key/value [sk, b, ng, hn] -> output [sq, b, np*hn]
 - packed "thd" (`packed_seq_params.qkv_format == 'thd'`): query [t, np, hn], key/value [t, ng, hn], sequences
   delimited by `cu_seqlens_q/kv` (padded variants preferred when given, like mcore) -> output [t, np*hn].
-  On CUDA this uses `torch.nn.attention.varlen.varlen_attn` when it is available for the dtype, otherwise one SDPA
-  call per sequence (exact; what the CPU path does). `SDPAttention.thd_kernel = "loop"` forces the per-sequence
-  calls (a benchmark switch: bench/train_throughput.py).
-- packed rows in "sbhd" form (`qkv_format == 'sbhd'` with `cu_seqlens_q` set; language_model.per_token_rope_packing):
+  `packed_attention` (also the towers' attention, encoder_layers.PackedSDPAttention): on CUDA in half precision
+  torch's flash `varlen_attn`, otherwise one SDPA call per sequence (exact; what the CPU path does).
+  `PACKED_KERNEL = "loop"` forces the per-sequence calls (a benchmark and test switch).
+- packed rows in "sbhd" form (`qkv_format == 'sbhd'` with `cu_seqlens_q` set; per_token_rope_packing):
   query [t, 1, np, hn] -> output [t, 1, np*hn], attention as for "thd". mcore then applies RoPE token by token
   instead of its per-sequence THD loop with host syncs.
 GQA is handled by SDPA's `enable_gqa` (no K/V head repetition in memory). Causal masking uses SDPA's `is_causal`
@@ -18,6 +18,9 @@ out, broadcastable to [b, 1|np, sq, sk]) is honoured instead when given.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import math
 from typing import Optional
 
@@ -28,18 +31,99 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 
-def _varlen_fn():
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10
+PACKED_KERNEL = "auto"  # "auto": flash varlen where it applies (CUDA, half precision); "loop": one SDPA per sequence
 
-        return varlen_attn
-    except Exception:  # pragma: no cover - older torch
+
+@functools.lru_cache(maxsize=1)
+def _varlen():
+    """(torch's varlen_attn, the keyword names it takes), or None on a torch without it.
+
+    Its signature changed between releases (2.10: `is_causal`, no scale or GQA; later: `scale`, `window_size`,
+    `enable_gqa`): the call below adapts to what this torch has instead of trying and falling back, which on the
+    H200 (torch 2.11) silently turned every LLM attention into a per-sequence loop."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # pragma: no cover - torch < 2.10
         return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_applies(query: torch.Tensor) -> bool:
+    """Whether `packed_attention` takes the flash varlen kernel for this query (else the exact per-sequence loop)."""
+    return (PACKED_KERNEL == "auto" and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+            and _varlen() is not None)
+
+
+def packed_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q: int, max_seqlen_kv: int, *,
+                     scale: float, causal: bool) -> torch.Tensor:
+    """Attention inside each packed sequence. query [t, np, hn], key/value [t, ng, hn] (ng divides np: GQA),
+    sequence bounds `cu_seqlens_*` (int) -> [t, np, hn]; tokens past the last bound (padding) get zeros."""
+    if varlen_applies(query):
+        return _varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv,
+                                 scale=scale, causal=causal)
+    return _looped_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, scale=scale, causal=causal)
+
+
+def _varlen_attention(query, key, value, cu_q, cu_k, max_q, max_k, *, scale, causal):
+    varlen_attn, takes = _varlen()
+    heads, kv_heads, head_dim = query.shape[1], key.shape[1], query.shape[2]
+    kwargs = {}
+    if kv_heads != heads and "enable_gqa" in takes:
+        kwargs["enable_gqa"] = True
+    elif kv_heads != heads:  # query head i reads kv head i // (heads / kv_heads), as SDPA's enable_gqa
+        key, value = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (key, value))
+    if "scale" in takes:
+        kwargs["scale"] = scale
+    elif not math.isclose(scale, head_dim ** -0.5):
+        query = query * (scale * head_dim ** 0.5)  # the kernel's own scale is 1/sqrt(head_dim)
+    if "window_size" in takes:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kwargs["is_causal"] = causal
+    if max_q is None or max_k is None:  # a host sync: callers on the training path pass the data's maximum
+        max_q, max_k = (int((cu[1:] - cu[:-1]).max()) for cu in (cu_q, cu_k))
+    cu_q, cu_k = (cu.to(device=query.device, dtype=torch.int32) for cu in (cu_q, cu_k))
+    out = varlen_attn(query, key, value, cu_q, cu_k, int(max_q), int(max_k), **kwargs)
+    return _zero_padding_tail(out, query.shape[0])
+
+
+def _looped_attention(query, key, value, cu_q, cu_k, *, scale, causal):
+    """One SDPA call per sequence: exact, and what CPU runs (fp32 parity with transformers' per-sequence math)."""
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    outs = []
+    for i in range(len(bounds_q) - 1):
+        q, k, v = (t[b[i]:b[i + 1]].transpose(0, 1).unsqueeze(0)
+                   for t, b in ((query, bounds_q), (key, bounds_k), (value, bounds_k)))
+        if q.shape[2] == 0:
+            continue
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        outs.append(o.squeeze(0).transpose(0, 1))
+    out = torch.cat(outs, dim=0) if outs else query.new_zeros(0, *query.shape[1:])
+    return _zero_padding_tail(out, query.shape[0])
+
+
+def _zero_padding_tail(out: torch.Tensor, total: int) -> torch.Tensor:
+    """Tokens past the last cu_seqlens bound (padding to a fixed row length): zeros, like TE."""
+    if out.shape[0] < total:
+        out = torch.cat([out, out.new_zeros(total - out.shape[0], *out.shape[1:])], dim=0)
+    return out
+
+
+def per_token_rope_packing(packed_seq_params):
+    """A THD packing as packed rows in [T, 1, ...] ('sbhd', batch 1) layout with the same `cu_seqlens`.
+
+    Why: mcore's THD RoPE (`_apply_rotary_pos_emb_thd`) loops over the sequences in Python with `.tolist()`,
+    one `.item()` per sequence and a tensor comparison in an `if`: host syncs in every attention layer, for queries
+    and keys. Our angles already have one row per packed token (MRoPE positions restart per sequence in the data),
+    so that loop only slices them back together; in 'sbhd' form mcore applies the same angles to the same tokens in
+    one elementwise pass (bit-identical, tests/test_rope_thd.py) and SDPAttention / PackedSDPAttention read `cu_seqlens`
+    to keep the sequences apart. The TE spec keeps THD (its attention and fused RoPE take THD natively)."""
+    if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+        return packed_seq_params
+    return dataclasses.replace(packed_seq_params, qkv_format="sbhd")
 
 
 class SDPAttention(MegatronModule):
-    thd_kernel = "auto"  # "auto": varlen_attn where it applies, else per-sequence SDPA; "loop": always per sequence
-
     def __init__(
         self,
         config,
@@ -112,44 +196,12 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
 
     def _forward_thd(self, query, key, value, psp, causal):
-        cu_q = psp.cu_seqlens_q_padded if getattr(psp, "cu_seqlens_q_padded", None) is not None else psp.cu_seqlens_q
-        cu_k = (
-            psp.cu_seqlens_kv_padded if getattr(psp, "cu_seqlens_kv_padded", None) is not None else psp.cu_seqlens_kv
-        )
-        t, n, d = query.shape
-        varlen = _varlen_fn()
-        if (self.thd_kernel == "auto" and query.is_cuda and varlen is not None
-                and query.dtype in (torch.bfloat16, torch.float16)):
-            max_q = int(psp.max_seqlen_q) if psp.max_seqlen_q is not None else int((cu_q[1:] - cu_q[:-1]).max())
-            max_k = int(psp.max_seqlen_kv) if psp.max_seqlen_kv is not None else int((cu_k[1:] - cu_k[:-1]).max())
-            try:
-                out = varlen(
-                    query,
-                    key,
-                    value,
-                    cu_q.to(torch.int32),
-                    cu_k.to(torch.int32),
-                    max_q,
-                    max_k,
-                    scale=self.softmax_scale,
-                    window_size=(-1, 0) if causal else (-1, -1),
-                    enable_gqa=key.shape[1] != n,
-                )
-                return out.reshape(t, n * d)
-            except (TypeError, RuntimeError, NotImplementedError):
-                pass  # older torch signature / unsupported config: exact per-sequence fallback below
-        bounds_q = cu_q.tolist()
-        bounds_k = cu_k.tolist()
-        outs = []
-        for i in range(len(bounds_q) - 1):
-            q = query[bounds_q[i] : bounds_q[i + 1]].permute(1, 0, 2).unsqueeze(0)
-            k = key[bounds_k[i] : bounds_k[i + 1]].permute(1, 0, 2).unsqueeze(0)
-            v = value[bounds_k[i] : bounds_k[i + 1]].permute(1, 0, 2).unsqueeze(0)
-            if q.shape[2] == 0:
-                continue
-            o = self._sdpa(q, k, v, None, causal)  # [1, np, s_i, hn]
-            outs.append(o.squeeze(0).permute(1, 0, 2))
-        out = torch.cat(outs, dim=0) if outs else query.new_zeros(0, n, d)
-        if out.shape[0] < t:  # tokens past the last cu_seqlens bound (padding): zeros, like TE
-            out = torch.cat([out, query.new_zeros(t - out.shape[0], n, d)], dim=0)
-        return out.reshape(t, n * d)
+        """Packed sequences, [t, np, hn] -> [t, np*hn] (mcore hands over padded bounds when it has them, like TE)."""
+        if self.training and self.dropout_p > 0:
+            raise ValueError("packed attention has no attention dropout (neither the varlen kernel nor the loop): "
+                             "set attention_dropout to 0")
+        cu_q = psp.cu_seqlens_q_padded if psp.cu_seqlens_q_padded is not None else psp.cu_seqlens_q
+        cu_k = psp.cu_seqlens_kv_padded if psp.cu_seqlens_kv_padded is not None else psp.cu_seqlens_kv
+        out = packed_attention(query, key, value, cu_q, cu_k, psp.max_seqlen_q, psp.max_seqlen_kv,
+                               scale=self.softmax_scale, causal=causal)
+        return out.reshape(out.shape[0], -1)

@@ -5,21 +5,18 @@ Both towers are pre-norm LayerNorm transformers with biased linears and *non-cau
 `TransformerBlock` with our own layer spec, so tensor parallelism (column/row parallel linears) comes from mcore and
 the TransformerEngine spec is used when the one TE decision (`model.use_te`) asks for it.
 
-Segments are passed as mcore `PackedSeqParams(qkv_format="thd", cu_seqlens_*)`. That is what TE's
-`TEDotProductAttention` consumes natively (flash/cuDNN varlen) and what mcore's RoPE needs to rotate a packed
-sequence with a per-token frequency table (mcore 0.16 `_apply_rotary_pos_emb_thd`, case "freqs has one row per
-token"). Without TE the core attention is `PackedSDPAttention` below:
-
-* CUDA + bf16/fp16 and `torch.nn.attention.varlen.varlen_attn` available: one flash varlen call (no mask, no loop);
-* otherwise (CPU, fp32): one `scaled_dot_product_attention` per segment, which is exactly what transformers' sdpa
-  path of these encoders does (so CPU parity with HF is at rounding level).
+Segments are passed as mcore `PackedSeqParams(qkv_format="thd", cu_seqlens_*)`, what TE's `TEDotProductAttention`
+consumes natively (flash/cuDNN varlen). Without TE the core attention is `PackedSDPAttention` below, fed the
+per-token-RoPE form of the same packing (`attention.per_token_rope_packing`: one RoPE pass over all tokens instead of
+mcore's per-segment loop with host syncs), and attention.packed_attention does the work: flash `varlen_attn` on CUDA
+in half precision, else one `scaled_dot_product_attention` per segment, which is exactly what transformers' sdpa path
+of these encoders does (so CPU parity with HF is at rounding level).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional
 
 import torch
@@ -40,11 +37,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-try:  # flash varlen attention in core torch (2.10+); used on CUDA in half precision
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except Exception:  # pragma: no cover - older torch
-    _varlen_attn = None
-
+from .attention import packed_attention, per_token_rope_packing
 
 # ---------------------------------------------------------------------------------------------------------------
 # process groups
@@ -180,42 +173,6 @@ gelu_tanh.__name__ = "gelu_tanh"  # mcore logs/asserts on activation names in a 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def packed_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: Optional[int], scale: float
-) -> torch.Tensor:
-    """Non-causal attention inside each segment of a packed sequence. q/k/v: [t, heads, dim] -> [t, heads, dim]."""
-    global _varlen_attn
-    use_varlen = (
-        _varlen_attn is not None
-        and q.is_cuda
-        and q.dtype in (torch.bfloat16, torch.float16)
-        and os.environ.get("OMNI_ENCODER_ATTN", "") != "loop"
-    )
-    if use_varlen:
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        try:
-            return _varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
-        except (RuntimeError, TypeError, NotImplementedError) as e:  # e.g. a torch build without the kernel
-            import warnings
-
-            warnings.warn(f"varlen_attn unavailable ({e}); encoder attention falls back to one SDPA per segment")
-            _varlen_attn = None
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    outs = []
-    for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
-        # [L, h, d] -> [1, h, L, d]
-        o = F.scaled_dot_product_attention(
-            qs.transpose(0, 1).unsqueeze(0),
-            ks.transpose(0, 1).unsqueeze(0),
-            vs.transpose(0, 1).unsqueeze(0),
-            scale=scale,
-        )
-        outs.append(o.squeeze(0).transpose(0, 1))
-    return torch.cat(outs, dim=0)
-
-
 class PackedSDPAttention(MegatronModule):
     """mcore core-attention module for the local spec: non-causal attention within `packed_seq_params` segments.
 
@@ -231,11 +188,12 @@ class PackedSDPAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params: Optional[PackedSeqParams] = None):
         assert attention_bias is None, "attention bias is not supported by the encoder attention"
-        if packed_seq_params is not None:
-            assert packed_seq_params.qkv_format == "thd", packed_seq_params.qkv_format
-            out = packed_attention(query, key, value, packed_seq_params.cu_seqlens_q,
-                                   packed_seq_params.max_seqlen_q, self.scale)
-            return out.reshape(out.size(0), -1)
+        if packed_seq_params is not None:  # thd [t, h, d], or the per-token-RoPE form [t, 1, h, d] (run_layers)
+            psp = packed_seq_params
+            q, k, v = (x.reshape(x.shape[0], *x.shape[-2:]) for x in (query, key, value))
+            out = packed_attention(q, k, v, psp.cu_seqlens_q, psp.cu_seqlens_kv, psp.max_seqlen_q,
+                                   psp.max_seqlen_kv, scale=self.scale, causal=False)
+            return out.reshape(*query.shape[:-2], -1)
         # sbhd: [s, b, h, d] full (non-causal) attention per batch row
         s, b = query.shape[:2]
         o = F.scaled_dot_product_attention(*(x.permute(1, 2, 0, 3) for x in (query, key, value)), scale=self.scale)
@@ -323,7 +281,12 @@ def run_layers(layers: nn.ModuleList, hidden_states: torch.Tensor, *, rotary_pos
                packed: PackedSeqParams, recompute: bool = False, collect: tuple = (), on_collect=None):
     """Run mcore TransformerLayers over a packed [t, 1, h] sequence; call `on_collect(i, h)` after layer i in
     `collect` (deepstack taps). `recompute` uses torch's non-reentrant checkpoint per layer (works on CPU and GPU,
-    no dependence on mcore's CUDA RNG tracker; dropout is 0 in these towers)."""
+    no dependence on mcore's CUDA RNG tracker; dropout is 0 in these towers).
+
+    With our core attention (local spec) the segments go in the per-token-RoPE form: mcore's THD RoPE would sync the
+    host once per segment (every image frame, every audio window) in every layer."""
+    if layers and isinstance(layers[0].self_attention.core_attention, PackedSDPAttention):
+        packed = per_token_rope_packing(packed)
     for i, layer in enumerate(layers):
         if recompute and torch.is_grad_enabled():
             hidden_states = torch.utils.checkpoint.checkpoint(

@@ -23,7 +23,6 @@ produced by the vision tower on stage 0 and are not carried across stages. Conte
 
 from __future__ import annotations
 
-import dataclasses
 from typing import List, Optional
 
 import torch
@@ -32,6 +31,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from .attention import per_token_rope_packing
 from .rope import InterleavedMRoPE
 from .specs import decoder_block_spec
 from .transformer_config import Layout, build_transformer_config, deepstack_count, rope_params, text_config_of
@@ -56,7 +56,7 @@ class Qwen3OmniLanguageModel(GPTModel):
             config.kv_channels, rp["rope_theta"], rp["mrope_section"], interleaved=bool(rp["interleaved"])
         )
         self.num_deepstack = num_deepstack
-        # packed rows take RoPE token by token (see _per_token_rope_packing); only our SDPAttention reads that form
+        # packed rows take RoPE token by token (see attention.per_token_rope_packing); only our SDPAttention reads that form
         self.per_token_rope = not use_te and config.context_parallel_size == 1
         if num_deepstack and self.pre_process:
             first = get_transformer_layer_offset(config, self.vp_stage)
@@ -150,20 +150,6 @@ class Qwen3OmniLanguageModel(GPTModel):
             runtime_gather_output=runtime_gather_output,
             inference_context=inference_context,
         )
-
-
-def per_token_rope_packing(packed_seq_params):
-    """A THD packing as packed rows in [T, 1, ...] ('sbhd', batch 1) layout with the same `cu_seqlens`.
-
-    Why: mcore's THD RoPE (`_apply_rotary_pos_emb_thd`) loops over the sequences in Python with `.tolist()`,
-    one `.item()` per sequence and a tensor comparison in an `if`: host syncs in every attention layer, for queries
-    and keys. Our angles already have one row per packed token (MRoPE positions restart per sequence in the data),
-    so that loop only slices them back together; in 'sbhd' form mcore applies the same angles to the same tokens in
-    one elementwise pass (bit-identical, tests/test_rope_thd.py) and SDPAttention reads `cu_seqlens` to keep the
-    sequences apart. The TE spec keeps THD (its attention and fused RoPE take THD natively)."""
-    if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
-        return packed_seq_params
-    return dataclasses.replace(packed_seq_params, qkv_format="sbhd")
 
 
 def build_language_model(

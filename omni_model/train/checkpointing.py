@@ -290,11 +290,16 @@ def unshare_adam_steps(optimizer) -> None:
     update on (H200, tiny model: the step after the resumed one was off by 1.3e-3 relative, growing to 1.9e-3)."""
     import torch
 
-    for leaf in getattr(optimizer, "chained_optimizers", [optimizer]):
-        states = leaf.optimizer.state.values() if hasattr(leaf, "optimizer") else leaf.state.values()
-        for state in states:
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
+    from .build import torch_adams
+
+    for adam in torch_adams(optimizer):
+        for group in adam.param_groups:
+            for param in group["params"]:
+                state = adam.state.get(param, {})
+                if isinstance(state.get("step"), torch.Tensor):
+                    # fused Adam (GPU) keeps its counters on the parameters' device, the others on the host
+                    device = param.device if group.get("fused") else torch.device("cpu")
+                    state["step"] = state["step"].to(device, torch.float32, copy=True)
 
 
 def _leave_step_to_the_param_groups(distributed_optimizer_class) -> None:

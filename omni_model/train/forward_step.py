@@ -98,6 +98,11 @@ def thinker_inputs(batch: OmniBatch, media: bool = True) -> dict:
     return inputs
 
 
+# sizes the towers read on the host to lay out patches and windows: moving them to the GPU would make each tower read
+# them back (a host sync per micro-batch)
+HOST_KEYS = ("image_grid_thw", "video_grid_thw", "audio_feature_lengths")
+
+
 def _to_device(inputs: dict, device: torch.device) -> dict:
     def move(value):
         if isinstance(value, torch.Tensor):
@@ -107,7 +112,7 @@ def _to_device(inputs: dict, device: torch.device) -> dict:
             return dataclasses.replace(value, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
         return value
 
-    return {name: move(value) for name, value in inputs.items()}
+    return {name: value if name in HOST_KEYS else move(value) for name, value in inputs.items()}
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

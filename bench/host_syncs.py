@@ -1,0 +1,121 @@
+"""Where a training step makes the host wait for the GPU, found on CPU: every op that reads a device value back
+(`.item()`, `bool(tensor)`, `.tolist()`, `.cpu()`, `.numpy()`) or whose output shape depends on the data (`nonzero`,
+boolean-mask indexing, `masked_select`, `unique`, `repeat_interleave` without `output_size`, `bincount`), counted by
+the source line that asked for it.
+
+On CUDA each of these blocks the host until the queued kernels have run, so the next layer's kernels are launched late
+and the GPU idles. The H200 profile of a multimodal step showed 7,078 `cudaStreamSynchronize` calls; this finds them
+without a GPU (the tiny model has the same code paths; counts per layer are the same, layers fewer).
+
+    python bench/host_syncs.py --shards results/data/shards            # one multimodal + one text step, tiny model
+    python bench/host_syncs.py --shards results/data/shards --top 40
+
+The counter treats every tensor as if it lived on the device: a line reading a tensor that training keeps on the host
+(the batch's grid sizes before they are moved) is listed too; the `where` column says which code asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+aten = torch.ops.aten
+# ops whose result the host must read (a scalar) or whose output size depends on the values (the host reads a count)
+SYNCING_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+               aten.repeat_interleave.Tensor, aten.bincount.default, aten._unique2.default,
+               aten.unique_consecutive.default, aten.unique_dim.default, aten.equal.default}
+READBACK_METHODS = {"tolist", "numpy", "cpu"}
+OUR_CODE = ("omni_model", "megatron", "transformers", "bench")
+
+
+def _where() -> str:
+    """The innermost frame in the model/training code (not torch itself, not this file)."""
+    for frame in reversed(traceback.extract_stack()[:-3]):
+        name = frame.filename
+        if name.endswith("host_syncs.py") or "/torch/" in name:
+            continue
+        if any(f"/{part}/" in name for part in OUR_CODE):
+            short = name.split("site-packages/")[-1].replace(str(REPO) + "/", "")
+            return f"{short}:{frame.lineno} {frame.name}"
+    return "?"
+
+
+class HostSyncCounter:
+    """Context manager: counts syncing ops by the line that asked (`self.by_line`)."""
+
+    def __init__(self):
+        self.by_line: collections.Counter = collections.Counter()
+        counter = self
+
+        class Dispatch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func in SYNCING_OPS and not (func is aten.repeat_interleave.Tensor and kwargs.get("output_size")):
+                    counter.by_line[_where()] += 1
+                elif func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
+                    counter.by_line[_where()] += 1
+                return func(*args, **kwargs)
+
+        class Function(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if getattr(func, "__name__", "") in READBACK_METHODS and args and isinstance(args[0], torch.Tensor):
+                    counter.by_line[_where()] += 1
+                return func(*args, **(kwargs or {}))
+
+        self._modes = (Function(), Dispatch())
+
+    def __enter__(self):
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_line.values())
+
+
+def main() -> int:
+    from train_throughput import build_ours_step, encode_batches, write_hf_dir
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shards", required=True)
+    ap.add_argument("--layers", type=int, default=3, help="LLM layers (the tiny model's 3 deepstack layers need 3)")
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--kinds", default="mm,text")
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--work", default="/tmp/host_syncs")
+    args = ap.parse_args()
+
+    work = Path(args.work)
+    hf_dir = write_hf_dir(work, tiny=True, layers=args.layers)
+    for kind in args.kinds.split(","):
+        batches = encode_batches(hf_dir, Path(args.shards), kind, 4, args.seq_len, 64, 0)
+        spec = {"variant": "base", "device": "cpu", "warmup": 1, "steps": 1, "global_batch": 2,
+                "seq_len": args.seq_len, "work": str(work / kind), "hf_dir": str(hf_dir), "profile": ""}
+        step = build_ours_step(spec, batches, peak=1.0)
+        step()  # the first step builds optimizer state and caches: count a steady one
+        with HostSyncCounter() as syncs:
+            step()
+        print(f"\n{kind}: {syncs.total} host syncs in one step of {spec['global_batch']} rows, {args.layers} LLM layers")
+        for where, n in syncs.by_line.most_common(args.top):
+            print(f"{n:7d}  {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
