@@ -37,6 +37,9 @@ SYNCING_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.mask
                aten.unique_consecutive.default, aten.unique_dim.default, aten.equal.default}
 READBACK_METHODS = {"tolist", "numpy", "cpu"}
 OUR_CODE = ("omni_model", "megatron", "transformers", "bench")
+# what a CPU run does and a GPU run does not: the per-sequence attention loop (CUDA takes the varlen kernel) and torch
+# Adam's host-side step counters (the GPU run's fused Adam keeps them on the device)
+CPU_ONLY = ("packed_attention", "step_with_ready_grads")
 
 
 def _where() -> str:
@@ -49,6 +52,14 @@ def _where() -> str:
             short = name.split("site-packages/")[-1].replace(str(REPO) + "/", "")
             return f"{short}:{frame.lineno} {frame.name}"
     return "?"
+
+
+def _tensor_elements(data) -> int:
+    if isinstance(data, torch.Tensor):
+        return 1
+    if isinstance(data, (list, tuple)):
+        return sum(_tensor_elements(item) for item in data)
+    return 0
 
 
 class HostSyncCounter:
@@ -73,9 +84,19 @@ class HostSyncCounter:
                     counter.by_line[_where()] += 1
                 return func(*args, **(kwargs or {}))
 
+        real_tensor = torch.tensor
+
+        def tensor(data, *args, **kwargs):  # torch.tensor([t0, t1, ...]) reads every element back (in C++, unseen above)
+            if _tensor_elements(data):
+                counter.by_line[_where()] += _tensor_elements(data)
+            return real_tensor(data, *args, **kwargs)
+
+        self._tensor = (real_tensor, tensor)
+
         self._modes = (Function(), Dispatch())
 
     def __enter__(self):
+        torch.tensor = self._tensor[1]
         for mode in self._modes:
             mode.__enter__()
         return self
@@ -83,6 +104,7 @@ class HostSyncCounter:
     def __exit__(self, *exc):
         for mode in reversed(self._modes):
             mode.__exit__(*exc)
+        torch.tensor = self._tensor[0]
 
     @property
     def total(self) -> int:
@@ -105,15 +127,20 @@ def main() -> int:
     hf_dir = write_hf_dir(work, tiny=True, layers=args.layers)
     for kind in args.kinds.split(","):
         batches = encode_batches(hf_dir, Path(args.shards), kind, 4, args.seq_len, 64, 0)
-        spec = {"variant": "base", "device": "cpu", "warmup": 1, "steps": 1, "global_batch": 2,
+        spec = {"variant": "base", "device": "cpu", "warmup": 1, "steps": 1, "global_batch": 2, "micro_batch": 1,
                 "seq_len": args.seq_len, "work": str(work / kind), "hf_dir": str(hf_dir), "profile": ""}
         step = build_ours_step(spec, batches, peak=1.0)
         step()  # the first step builds optimizer state and caches: count a steady one
         with HostSyncCounter() as syncs:
             step()
-        print(f"\n{kind}: {syncs.total} host syncs in one step of {spec['global_batch']} rows, {args.layers} LLM layers")
-        for where, n in syncs.by_line.most_common(args.top):
+        cpu_only = {w: n for w, n in syncs.by_line.items() if w.split()[-1] in CPU_ONLY}
+        on_gpu = {w: n for w, n in syncs.by_line.items() if w not in cpu_only}
+        print(f"\n{kind}: {sum(on_gpu.values())} host syncs on the GPU path in one step of {spec['global_batch']} "
+              f"rows, {args.layers} LLM layers (+ {sum(cpu_only.values())} on CPU-only paths)")
+        for where, n in sorted(on_gpu.items(), key=lambda item: -item[1])[:args.top]:
             print(f"{n:7d}  {where}")
+        for where, n in cpu_only.items():
+            print(f"{n:7d}  {where}   (CPU only)")
     return 0
 
 

@@ -117,9 +117,9 @@ def text_only_encoder(hf_dir: Path, seq_len: int, pad_to: int):
 
 
 def encode_batches(hf_dir: Path, shards: Path, kind: str, count: int, seq_len: int, buffer: int, workers: int,
-                   pad_rows: bool = False):
-    """`count` packed micro-batches (one row of <= seq_len tokens each, exactly seq_len with `pad_rows`) from the
-    train split."""
+                   pad_rows: bool = False, rows: int = 1):
+    """`count` packed micro-batches of `rows` rows (each row <= seq_len tokens, exactly seq_len with `pad_rows`) from
+    the train split."""
     pad_to = seq_len if pad_rows else 1
     from megatron.energon import WorkerConfig
 
@@ -127,7 +127,7 @@ def encode_batches(hf_dir: Path, shards: Path, kind: str, count: int, seq_len: i
 
     encoder = text_only_encoder(hf_dir, seq_len, pad_to) if kind == "text" else \
         OmniTaskEncoder(hf_dir, max_seq_len=seq_len, pack_budget=seq_len, pad_to_multiple=pad_to)
-    loader = build_loader(shards, encoder, split="train", batch_size=1, packing_buffer_size=buffer,
+    loader = build_loader(shards, encoder, split="train", batch_size=rows, packing_buffer_size=buffer,
                           worker_config=WorkerConfig(rank=0, world_size=1, num_workers=workers),
                           shuffle_buffer_size=64, repeat=True)
     batches = []
@@ -308,8 +308,8 @@ def build_ours_step(spec: dict, batches: list, peak: float):
         build.model_config_overrides = lambda settings: {**base_overrides(settings), **config_extra}
     on_gpu = spec["device"] == "cuda"
     train = {"iters": spec["warmup"] + spec["steps"], "lr_warmup_iters": 1, "global_batch_size": spec["global_batch"],
-             "micro_batch_size": 1, "seq_len": spec["seq_len"], "packing": True, "gpus_per_node": int(on_gpu),
-             "cpu_procs": 1, **train_extra}
+             "micro_batch_size": spec["micro_batch"], "seq_len": spec["seq_len"], "packing": True,
+             "gpus_per_node": int(on_gpu), "cpu_procs": 1, **train_extra}
     work = Path(spec["work"])
     settings = TrainSettings(hf_dir=spec["hf_dir"], init_checkpoint="", shards="", train_dir=str(work / "ours"),
                              train=train)
@@ -393,7 +393,7 @@ def run_hf(spec: dict, batches: list, peak: float) -> dict:
     flops = FlopCounter(spec["hf_dir"])  # nothing frozen, as ours
 
     def step():
-        micro = [next(counter) for _ in range(spec["global_batch"])]
+        micro = [next(counter) for _ in range(spec["global_batch"] // spec["micro_batch"])]
         label_tokens = sum(b.num_trained for b in micro)
         total = torch.zeros((), device=device)
         for batch in micro:  # gradient accumulation: token-mean over the global batch, as ours
@@ -456,6 +456,7 @@ def headline(rows: list, peak: float, device: str, args) -> dict:
 
     out = {"device": device, "model": ("tiny" if args.tiny else "30B-A3B layer shapes") + f", {args.layers} layers",
            "seq_len": args.seq_len, "pad_rows": args.pad_rows, "global_batch_rows": args.global_batch,
+           "micro_batch_rows": args.micro_batch,
            "steps": args.steps, "warmup": args.warmup,
            "matmul_peak_tflops": peak, "torch": torch.__version__}
     base = args.variants[0]
@@ -480,7 +481,9 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--global-batch", type=int, default=4, help="packed rows per optimizer step (micro-batch 1 row)")
+    ap.add_argument("--global-batch", type=int, default=4, help="packed rows per optimizer step")
+    ap.add_argument("--micro-batch", type=int, default=1, help="packed rows per micro-batch (both models; ours takes "
+                    "them as one THD row)")
     ap.add_argument("--packing-buffer", type=int, default=128, help="samples buffered per packing decision")
     ap.add_argument("--data-workers", type=int, default=0, help="loader processes for the one-off encoding")
     ap.add_argument("--kinds", default="mm,text", help="batch kinds: mm,text")
@@ -520,9 +523,12 @@ def main() -> int:
 
     began = time.perf_counter()
     hf_dir = write_hf_dir(work, args.tiny, args.layers)
-    count = args.global_batch * (args.warmup + args.steps + int(args.profile))
+    if args.global_batch % args.micro_batch:
+        ap.error("--global-batch must be a multiple of --micro-batch")
+    count = args.global_batch // args.micro_batch * (args.warmup + args.steps + int(args.profile))
     batches = {kind: encode_batches(hf_dir, Path(args.shards).resolve(), kind, count, args.seq_len,
-                                    args.packing_buffer, args.data_workers, args.pad_rows) for kind in kinds}
+                                    args.packing_buffer, args.data_workers, args.pad_rows, args.micro_batch)
+               for kind in kinds}
     data = {kind: describe(b, args.seq_len) for kind, b in batches.items()}
     torch.save(batches, work / "batches.pt")
     print(f"encoded {count} micro-batches per kind in {time.perf_counter() - began:.1f} s: {data}", flush=True)
@@ -535,7 +541,7 @@ def main() -> int:
 
     common = {"device": device, "hf_dir": str(hf_dir), "batches": str(work / "batches.pt"), "work": str(work),
               "peak": peak, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
-              "global_batch": args.global_batch, "sdpa": args.hf_sdpa}
+              "global_batch": args.global_batch, "micro_batch": args.micro_batch, "sdpa": args.hf_sdpa}
     specs = [{**common, "impl": "ours", "variant": v, "kind": k} for k in kinds for v in args.variants]
     specs += [{**common, "impl": "hf", "variant": a, "kind": k} for k in kinds for a in args.hf_attn]
     for spec in specs:

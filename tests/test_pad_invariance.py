@@ -81,3 +81,33 @@ def test_packing_padding_segment_changes_nothing(model, encoded):
     padded = collate([row], pad_id=encoded["pad_id"], packed=True, pad_to_multiple=row.length + EXTRA_PAD)
     assert len(padded.cu_seqlens) == len(batch.cu_seqlens) + 1  # the padding is a segment of its own
     _compare(model, batch, padded, "packed padding segment")
+
+
+def test_rows_in_one_micro_batch_equal_rows_as_micro_batches(tiny_hf_dir, encoded):
+    """train.micro_batch_size > 1 with packing: two packed rows in one micro-batch (one THD row of 2*S tokens, the
+    first row's padding a segment of its own) give the step's loss and every gradient of the same rows as two
+    micro-batches. The MoE aux loss is per micro-batch by definition (its token shares are of the routed batch), so
+    its coefficient is 0 here."""
+    from omni_model.convert.mapping import load_hf_into_model
+    from omni_model.data.batch import collate
+    from omni_model.data.packing import pack
+    from omni_model.model.thinker import build_thinker
+    from omni_model.runtime.parallel import init_parallel
+
+    init_parallel()
+    thinker = build_thinker(tiny_hf_dir, config_overrides={"calculate_per_token_loss": True,
+                                                           "moe_aux_loss_coeff": 0.0})
+    load_hf_into_model(thinker, tiny_hf_dir, prefix="")
+    model = ddp_thinker(thinker.train())
+    rows = [pack([encoded["text"], encoded["video"]]), pack([encoded["image_audio"]])]
+    pad = encoded["pad_id"]
+    one = forward_backward(model, [collate(rows, pad_id=pad, packed=True)])
+    grads_one = gradients(model)
+    two = forward_backward(model, [collate([row], pad_id=pad, packed=True) for row in rows])
+    grads_two = gradients(model)
+    assert one["num_tokens"] == two["num_tokens"]
+    assert abs(one["loss"] - two["loss"]) <= 1e-6 * abs(two["loss"]), (one["loss"], two["loss"])
+    worst = max(((grads_one[n] - g).abs().max() / (g.abs().max() or 1.0)).item() for n, g in grads_two.items())
+    print(f"one micro-batch of 2 rows vs 2 micro-batches: loss {one['loss']:.6f} vs {two['loss']:.6f}, "
+          f"worst grad rel error {worst:.1e} over {len(grads_two)} parameters")
+    assert worst <= 1e-5

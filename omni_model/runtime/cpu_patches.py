@@ -198,17 +198,16 @@ class _TorchProxy:
     def __init__(self, real):
         self._real = real
         for name in _FACTORIES:
-            orig = getattr(real, name)
 
-            def make(orig):
+            def make(name):
                 def f(*a, **k):
                     if "device" in k:
                         k["device"] = _cpu_device(k["device"])
-                    return orig(*a, **k)
+                    return getattr(real, name)(*a, **k)  # looked up per call: wrappers of torch's own stay seen
 
                 return f
 
-            setattr(self, name, make(orig))
+            setattr(self, name, make(name))
 
     def __getattr__(self, name):
         return getattr(self._real, name)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import cpu_patches
+from . import cpu_patches, multi_tensor
 
 
 def exit_with_parent() -> None:
@@ -65,6 +65,7 @@ def init_parallel(
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         cpu_patches.apply()
+    multi_tensor.apply()
     backend = backend or ("nccl" if use_cuda else "gloo")
     if not torch.distributed.is_initialized():
         if use_cuda:
