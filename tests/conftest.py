@@ -21,6 +21,19 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_hf") / "hf", seed=0)
 
 
+@pytest.fixture(scope="session")
+def converted_workflow(tmp_path_factory) -> Path:
+    """A workflow copy where `snakemake --cores 2 convert shards` has run on the default config (download, demo data,
+    Data-Juicer, shards, convert + parity gate: every input of finetune): the starting point of the DAG tests of
+    finetune and export, which clone it (workflow_utils.clone_workflow) instead of running those stages again each."""
+    from workflow_utils import snakemake, workflow_copy
+
+    wf = workflow_copy(tmp_path_factory.mktemp("converted") / "wf")
+    result = snakemake(wf, "--cores", "2", "convert", "shards", timeout=1800)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return wf
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,6 +1,7 @@
-"""`snakemake --cores 2 export` on the default config, as a user runs it: with `train.iters: 0` the whole DAG runs
-and results/export/hf gives back results/model/hf bit for bit; after a short training run with frozen towers the
-export carries the trained LLM, while the towers, the talker and code2wav come back bit-identical."""
+"""`snakemake --cores 2 export` on the default config, as a user runs it, from the converted workflow that the DAG
+tests share: with `train.iters: 0` results/export/hf gives back results/model/hf bit for bit; after a short training
+run with frozen towers the export carries the trained LLM, while the towers, the talker and code2wav come back
+bit-identical."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import pytest
 
 from test_export import hf_tensor_differences
-from workflow_utils import snakemake, workflow_copy
+from workflow_utils import clone_workflow, snakemake
 
 NO_TRAINING = "train={iters: 0}"
 FROZEN_TOWERS = ("train={iters: 3, lr_warmup_iters: 1, eval_interval: 0, save_interval: 0, "
@@ -17,8 +18,8 @@ FROZEN_TOWERS = ("train={iters: 3, lr_warmup_iters: 1, eval_interval: 0, save_in
 
 
 @pytest.fixture(scope="module")
-def wf(tmp_path_factory):
-    return workflow_copy(tmp_path_factory.mktemp("export_dag") / "wf")
+def wf(converted_workflow, tmp_path_factory):
+    return clone_workflow(converted_workflow, tmp_path_factory.mktemp("export_dag") / "wf")
 
 
 def _run(wf, config: str):

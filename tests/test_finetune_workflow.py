@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from workflow_utils import snakemake, workflow_copy
+from workflow_utils import clone_workflow, snakemake, workflow_copy
 
 
 def planned_jobs(output: str) -> dict:
@@ -24,10 +24,16 @@ def planned_jobs(output: str) -> dict:
     return jobs
 
 
+def _jobs_run(result) -> set:
+    """The rules Snakemake ran (its 'rule NAME:' headers)."""
+    return set(re.findall(r"^(?:local)?rule (\w+):", result.stdout + result.stderr, flags=re.M))
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    wf = workflow_copy(tmp_path_factory.mktemp("finetune_dag") / "wf")
+def trained(converted_workflow, tmp_path_factory):
+    wf = clone_workflow(converted_workflow, tmp_path_factory.mktemp("finetune_dag") / "wf")
     result = snakemake(wf, "--cores", "2", "finetune", timeout=2400)
+    assert "datajuicer" not in _jobs_run(result) and "convert" not in _jobs_run(result)  # started from the clone
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return wf, result
 

@@ -28,3 +28,11 @@ def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.Compl
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run([SNAKEMAKE, *args], cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def clone_workflow(source: Path, dest: Path) -> Path:
+    """A copy of a workflow dir that has run (results, logs, benchmarks and Snakemake's own records included, file
+    times kept): Snakemake sees the same up-to-date outputs there, so a test starts where `source` stopped."""
+    shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", ".snakemake/locks"))
+    return dest
+
