@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from omni_model.configs import thinker_config_of
+from omni_model.data.media import conv_out_length
 from omni_model.layout import Layout, LayoutError
 
 GIB = 1024 ** 3
@@ -105,7 +106,7 @@ def audio_tp(audio: dict, tp: int) -> int:
 
 def audio_params(audio: dict, tp: int) -> int:
     d, f, ds = audio["d_model"], audio["encoder_ffn_dim"], audio["downsample_hidden_size"]
-    freq = (((audio["num_mel_bins"] + 1) // 2 + 1) // 2 + 1) // 2
+    freq = conv_out_length(audio["num_mel_bins"], 3)
     convs = (ds * 9 + ds) + 2 * (ds * ds * 9 + ds)
     layers = audio["encoder_layers"] * _encoder_layer(d, f, audio_tp(audio, tp))
     return convs + ds * freq * d + layers + 2 * d + (d * d + d) + (d * audio["output_dim"] + audio["output_dim"])

@@ -45,14 +45,7 @@ from .encoder_layers import (
     tp_world_size,
 )
 from .transformer_config import audio_config_of, current_tp_size
-from ..data.media import audio_output_lengths  # noqa: F401  (one definition of the AuT length; the data side counts tokens with it)
-
-
-def _conv_out_len(n):
-    """Time length after the three stride-2 convolutions (kernel 3, padding 1)."""
-    for _ in range(3):
-        n = (n - 1) // 2 + 1
-    return n
+from ..data.media import audio_output_lengths, conv_out_length  # the one definition (the data side counts tokens)
 
 
 def audio_replicated(config: Any, tp: int) -> bool:
@@ -131,7 +124,7 @@ class AudioEncoder(MegatronModule):
         self.conv2d1 = nn.Conv2d(1, ds, 3, 2, padding=1, **kw)
         self.conv2d2 = nn.Conv2d(ds, ds, 3, 2, padding=1, **kw)
         self.conv2d3 = nn.Conv2d(ds, ds, 3, 2, padding=1, **kw)
-        freq = (((self.num_mel_bins + 1) // 2 + 1) // 2 + 1) // 2
+        freq = conv_out_length(self.num_mel_bins, 3)
         self.conv_out = nn.Linear(ds * freq, self.d_model, bias=False, **kw)
         self.decoder = TransformerBlock(tconfig, encoder_layer_spec(use_te), post_layer_norm=False,
                                         pg_collection=self.pg_collection)
@@ -214,7 +207,7 @@ class AudioEncoder(MegatronModule):
         h = self.conv_out(h.permute(0, 3, 1, 2).reshape(b, t, c * f))
         h = h + sinusoid_positions(t, self.d_model, device=h.device).to(h.dtype)[None]
 
-        valid_per_chunk = _conv_out_len(chunk_lens)
+        valid_per_chunk = conv_out_length(chunk_lens, 3)
         keep = (torch.arange(t)[None, :] < valid_per_chunk[:, None]).reshape(-1)
         h = h.reshape(b * t, -1)[keep.nonzero().squeeze(-1).to(h.device)]
 

@@ -59,11 +59,6 @@ def _encoder_layer_macs(tokens: int, d: int, f: int) -> int:
     return tokens * (4 * d * d + 2 * d * f)
 
 
-def _conv_len(n: int) -> int:
-    """Output length of a kernel-3, stride-2, padding-1 convolution."""
-    return (n - 1) // 2 + 1
-
-
 class FlopCounter:
     """Model FLOPs of a step's batches, per part: `counter(seen)` with the TokenCounter's counts (seq_lens,
     vision_grids, audio_frames) -> {"llm": ..., "vision": ..., "audio": ...}."""
@@ -115,20 +110,16 @@ class FlopCounter:
 
     def audio_macs(self, frames: int) -> int:
         """Multiply-accumulates of the audio tower for one clip of `frames` mel frames."""
-        from omni_model.data.media import audio_output_lengths
+        from omni_model.data.media import audio_output_lengths, conv_out_length
 
         a = self.audio
         d, f, ds, mel = a["d_model"], a["encoder_ffn_dim"], a["downsample_hidden_size"], a["num_mel_bins"]
         chunk = 2 * a["n_window"]
         full, rest = divmod(int(frames), chunk)
-        freq1 = _conv_len(mel)
-        freq2 = _conv_len(freq1)
-        freq3 = _conv_len(freq2)
+        freq1, freq2, freq3 = (conv_out_length(mel, k) for k in (1, 2, 3))
         macs, tokens = 0, 0
         for length in [chunk] * full + ([rest] if rest else []):
-            t1 = _conv_len(length)
-            t2 = _conv_len(t1)
-            t3 = _conv_len(t2)
+            t1, t2, t3 = (conv_out_length(length, k) for k in (1, 2, 3))
             macs += 9 * ds * freq1 * t1 + 9 * ds * ds * (freq2 * t2 + freq3 * t3) + t3 * ds * freq3 * d
             tokens += t3
         window = int(audio_output_lengths(chunk, a["n_window"])) * (a["n_window_infer"] // chunk)
