@@ -39,19 +39,23 @@ READBACK_METHODS = {"tolist", "numpy", "cpu"}
 OUR_CODE = ("omni_model", "megatron", "transformers", "bench")
 # what a CPU run does and a GPU run does not: the per-sequence attention loop (CUDA takes the varlen kernel) and torch
 # Adam's host-side step counters (the GPU run's fused Adam keeps them on the device)
-CPU_ONLY = ("packed_attention", "step_with_ready_grads")
+CPU_ONLY = ("packed_attention", "_looped_attention", "step_with_ready_grads")
+LAYER_FILE = "megatron/core/transformer/transformer_layer.py"  # every LLM, vision and audio layer is one of these
 
 
-def _where() -> str:
-    """The innermost frame in the model/training code (not torch itself, not this file)."""
-    for frame in reversed(traceback.extract_stack()[:-3]):
+def _where() -> tuple[str, bool]:
+    """(the innermost frame in the model/training code (not torch itself, not this file), whether the call came from
+    inside a transformer layer's forward)."""
+    stack = traceback.extract_stack()[:-3]
+    in_layer = any(frame.filename.endswith(LAYER_FILE) for frame in stack)
+    for frame in reversed(stack):
         name = frame.filename
         if name.endswith("host_syncs.py") or "/torch/" in name:
             continue
         if any(f"/{part}/" in name for part in OUR_CODE):
             short = name.split("site-packages/")[-1].replace(str(REPO) + "/", "")
-            return f"{short}:{frame.lineno} {frame.name}"
-    return "?"
+            return f"{short}:{frame.lineno} {frame.name}", in_layer
+    return "?", in_layer
 
 
 def _tensor_elements(data) -> int:
@@ -63,37 +67,45 @@ def _tensor_elements(data) -> int:
 
 
 class HostSyncCounter:
-    """Context manager: counts syncing ops by the line that asked (`self.by_line`)."""
+    """Context manager: counts syncing ops by the line that asked (`self.by_line`); `self.in_layers` the ones asked
+    from inside a transformer layer (per layer and micro-batch: what scales with depth), CPU-only paths left out."""
 
     def __init__(self):
         self.by_line: collections.Counter = collections.Counter()
+        self.in_layers: collections.Counter = collections.Counter()
         counter = self
 
         class Dispatch(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 if func in SYNCING_OPS and not (func is aten.repeat_interleave.Tensor and kwargs.get("output_size")):
-                    counter.by_line[_where()] += 1
+                    counter.add()
                 elif func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
-                    counter.by_line[_where()] += 1
+                    counter.add()
                 return func(*args, **kwargs)
 
         class Function(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 if getattr(func, "__name__", "") in READBACK_METHODS and args and isinstance(args[0], torch.Tensor):
-                    counter.by_line[_where()] += 1
+                    counter.add()
                 return func(*args, **(kwargs or {}))
 
         real_tensor = torch.tensor
 
         def tensor(data, *args, **kwargs):  # torch.tensor([t0, t1, ...]) reads every element back (in C++, unseen above)
             if _tensor_elements(data):
-                counter.by_line[_where()] += _tensor_elements(data)
+                counter.add(_tensor_elements(data))
             return real_tensor(data, *args, **kwargs)
 
         self._tensor = (real_tensor, tensor)
 
         self._modes = (Function(), Dispatch())
+
+    def add(self, n: int = 1) -> None:
+        where, in_layer = _where()
+        self.by_line[where] += n
+        if in_layer and where.split()[-1] not in CPU_ONLY:
+            self.in_layers[where] += n
 
     def __enter__(self):
         torch.tensor = self._tensor[1]
@@ -141,6 +153,7 @@ def main() -> int:
             print(f"{n:7d}  {where}")
         for where, n in cpu_only.items():
             print(f"{n:7d}  {where}   (CPU only)")
+        print(f"inside transformer layers (GPU path): {sum(syncs.in_layers.values())}")
     return 0
 
 
