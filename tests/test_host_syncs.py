@@ -17,19 +17,26 @@ sys.path.insert(0, str(REPO / "bench"))
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_hf_dir, tmp_path_factory):
-    from omni_model.convert.mapping import load_hf_into_model
+def packed_batch(tiny_hf_dir, tmp_path_factory):
+    """One packed row: an image + audio sample, a video sample and a text sample."""
     from omni_model.data.batch import collate
     from omni_model.data.packing import pack
+
+    encoded = encode_demo_samples(tiny_hf_dir, tmp_path_factory.mktemp("demo"))
+    row = pack([encoded["image_audio"], encoded["video"], encoded["text"]])
+    return collate([row], pad_id=encoded["pad_id"], packed=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_hf_dir, packed_batch):
+    from omni_model.convert.mapping import load_hf_into_model
     from omni_model.model.thinker import build_thinker
     from omni_model.runtime.parallel import init_parallel
 
-    encoded = encode_demo_samples(tiny_hf_dir, tmp_path_factory.mktemp("demo"))
     init_parallel()
     thinker = build_thinker(tiny_hf_dir, config_overrides={"calculate_per_token_loss": True})
     load_hf_into_model(thinker, tiny_hf_dir, prefix="")
-    row = pack([encoded["image_audio"], encoded["video"], encoded["text"]])
-    return ddp_thinker(thinker.train()), collate([row], pad_id=encoded["pad_id"], packed=True)
+    return ddp_thinker(thinker.train()), packed_batch
 
 
 def _syncs_in_layers(model, batch):
@@ -59,7 +66,7 @@ def test_mcores_thd_rope_would_be_seen(setup, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_a_gpu_training_step_syncs_a_few_times_not_per_parameter(tiny_hf_dir, setup, tmp_path):
+def test_a_gpu_training_step_syncs_a_few_times_not_per_parameter(tiny_hf_dir, packed_batch, tmp_path):
     """The whole optimizer step on CUDA (bf16, distributed optimizer, fused Adam, grad-norm clipping) under torch's
     sync debug mode: mcore's no-Apex grad norm alone used to sync once per parameter (151 here)."""
     import warnings
@@ -67,7 +74,7 @@ def test_a_gpu_training_step_syncs_a_few_times_not_per_parameter(tiny_hf_dir, se
     import torch
     from train_throughput import build_ours_step
 
-    _, batch = setup
+    batch = packed_batch
     spec = {"variant": "base", "device": "cuda", "warmup": 1, "steps": 2, "global_batch": 2, "micro_batch": 1,
             "seq_len": batch.input_ids.shape[1], "work": str(tmp_path), "hf_dir": str(tiny_hf_dir), "profile": ""}
     step = build_ours_step(spec, [batch] * 6, peak=1.0)
