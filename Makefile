@@ -30,8 +30,10 @@ $(STAMP): envs/requirements.lock envs/requirements.txt pyproject.toml envs/apt.t
 demo: venv
 	$(VENV)/bin/snakemake --cores $(CORES)
 
+# Two test processes (pytest-xdist), a file's tests kept on one so that module fixtures are built once: the tests run
+# one torch thread each (tests/conftest.py), and the serial suite took 30 min on this 2-core box.
 test: venv
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 # The real-Slurm tests (tests/test_slurm.py): a single-node slurmctld + slurmd on loopback, apt-installed when missing;
 # 7.5-15 min on a 2-core box, so not part of `make test`.
