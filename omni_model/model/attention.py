@@ -57,7 +57,11 @@ def varlen_applies(query: torch.Tensor) -> bool:
 def packed_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q: int, max_seqlen_kv: int, *,
                      scale: float, causal: bool) -> torch.Tensor:
     """Attention inside each packed sequence. query [t, np, hn], key/value [t, ng, hn] (ng divides np: GQA),
-    sequence bounds `cu_seqlens_*` (int) -> [t, np, hn]; tokens past the last bound (padding) get zeros."""
+    sequence bounds `cu_seqlens_*` (int) -> [t, np, hn].
+
+    The bounds must cover all t tokens, padding as a sequence of its own (what data.batch.collate writes and
+    forward_step.packed_seq_params_of checks): the varlen kernel leaves tokens past the last bound unwritten, and
+    checking that here would cost a host sync per layer. The per-sequence loop zero-fills them."""
     if varlen_applies(query):
         return _varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv,
                                  scale=scale, causal=causal)
