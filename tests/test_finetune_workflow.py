@@ -33,8 +33,8 @@ def _jobs_run(result) -> set:
 def trained(converted_workflow, tmp_path_factory):
     wf = clone_workflow(converted_workflow, tmp_path_factory.mktemp("finetune_dag") / "wf")
     result = snakemake(wf, "--cores", "2", "finetune", timeout=2400)
-    assert "datajuicer" not in _jobs_run(result) and "convert" not in _jobs_run(result)  # started from the clone
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "datajuicer" not in _jobs_run(result) and "convert" not in _jobs_run(result)  # started from the clone
     return wf, result
 
 

@@ -33,6 +33,6 @@ def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.Compl
 def clone_workflow(source: Path, dest: Path) -> Path:
     """A copy of a workflow dir that has run (results, logs, benchmarks and Snakemake's own records included, file
     times kept): Snakemake sees the same up-to-date outputs there, so a test starts where `source` stopped."""
-    shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", ".snakemake/locks"))
+    shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
 

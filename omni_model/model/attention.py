@@ -87,8 +87,7 @@ def _varlen_attention(query, key, value, cu_q, cu_k, max_q, max_k, *, scale, cau
     if max_q is None or max_k is None:  # a host sync: callers on the training path pass the data's maximum
         max_q, max_k = (int((cu[1:] - cu[:-1]).max()) for cu in (cu_q, cu_k))
     cu_q, cu_k = (cu.to(device=query.device, dtype=torch.int32) for cu in (cu_q, cu_k))
-    out = varlen_attn(query, key, value, cu_q, cu_k, int(max_q), int(max_k), **kwargs)
-    return _zero_padding_tail(out, query.shape[0])
+    return varlen_attn(query, key, value, cu_q, cu_k, int(max_q), int(max_k), **kwargs)
 
 
 def _looped_attention(query, key, value, cu_q, cu_k, *, scale, causal):
