@@ -47,6 +47,7 @@ Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' =
   thd=loop           packed attention (LLM and towers) as one SDPA call per sequence instead of torch's varlen_attn
   sdpa=BACKEND       torch.nn.attention.sdpa_kernel(flash|cudnn|efficient|math) around the steps
   rope=thd           mcore's THD RoPE loop (the path before per-token RoPE), to measure that change
+  ce=mcore           mcore's cross-entropy (fp32 logits, a dozen passes) instead of model.cross_entropy's fused one
   dispatch=mcore     mcore's allgather token dispatcher (host syncs) instead of dispatcher.StaticAllGatherTokenDispatcher
   cfg.KEY=VALUE      any TransformerConfig field (VALUE as JSON where it parses), e.g. cfg.moe_token_dispatcher_type=alltoall
   train.KEY=VALUE    any train.* setting, e.g. train.recompute=selective
@@ -307,6 +308,14 @@ def apply_variant(knobs: dict) -> tuple[dict, dict, object]:
             from omni_model.model.dispatcher import OmniMoELayer
 
             OmniMoELayer.static_dispatch = False
+        elif key == "ce":
+            if value != "mcore":
+                raise SystemExit(f"ce={value}: only ce=mcore (mcore's unfused cross-entropy) is a variant")
+            from megatron.core.models.gpt.gpt_model import GPTModel
+
+            from omni_model.model.language_model import Qwen3OmniLanguageModel
+
+            Qwen3OmniLanguageModel.compute_language_model_loss = GPTModel.compute_language_model_loss
         elif key.startswith("cfg."):
             config[key[4:]] = _json_or_str(value)
         elif key.startswith("train."):
@@ -360,6 +369,7 @@ def build_ours_step(spec: dict, batches: list, peak: float):
         parts = {part: record[f"flops_{part}"] for part in ("llm", "vision", "audio")}
         return record["loss"], {"tokens": record["tokens"]}, parts
 
+    step.model = training.model  # for the tests that look inside (tests/test_host_syncs.py)
     return step
 
 

@@ -87,5 +87,8 @@ def test_a_gpu_training_step_syncs_a_few_times_not_per_parameter(tiny_hf_dir, pa
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchronizing" in str(w.message)]
-    print(f"{len(syncs)} host syncs in one step of 2 micro-batches")
-    assert len(syncs) < 60
+    trained = sum(1 for p in step.model.parameters() if p.requires_grad)
+    print(f"{len(syncs)} host syncs in one step of 2 micro-batches, {trained} trained parameter tensors")
+    # H200, session 5: 92 (~40 per micro-batch: the media merge, the batch's lengths, the loss; bench/host_syncs.py
+    # lists them on CPU); a per-parameter read-back (mcore's no-Apex grad norm) adds one per trained tensor
+    assert len(syncs) < trained

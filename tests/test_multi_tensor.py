@@ -58,6 +58,11 @@ def test_scale_equals_mcores_fallback(tensors, factor):
         scale(2048 * 32, None, [sources, ours], factor)
         local_multi_tensor_scale(2048 * 32, None, [sources, theirs], factor)
         assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+        in_place = [t.clone() for t in sources]  # clipping: sources and destinations are the same tensors
+        scale(2048 * 32, None, [in_place, in_place], factor)
+        theirs_in_place = [t.clone() for t in sources]
+        local_multi_tensor_scale(2048 * 32, None, [theirs_in_place, theirs_in_place], factor)
+        assert all(torch.equal(a, b) for a, b in zip(in_place, theirs_in_place))
     in_place = [t.clone() for t in fp32]
     scale(2048 * 32, None, [in_place, in_place], factor)  # clipping scales the grads in place
     assert all(torch.equal(a, b * factor) for a, b in zip(in_place, fp32))

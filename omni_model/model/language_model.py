@@ -32,6 +32,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from .attention import per_token_rope_packing
+from .cross_entropy import vocab_parallel_cross_entropy
 from .rope import InterleavedMRoPE
 from .specs import decoder_block_spec
 from .transformer_config import Layout, build_transformer_config, deepstack_count, rope_params, text_config_of
@@ -64,6 +65,12 @@ class Qwen3OmniLanguageModel(GPTModel):
                 f"deepstack layers 0..{num_deepstack - 1} must all be on the first pipeline stage "
                 f"(this stage has {len(self.decoder.layers)} layers)"
             )
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Per-token loss [B, S] of logits [S, B, V/tp] (GPTModel's hook, called by its _postprocess): the same fp32
+        cross-entropy as mcore's, in two passes over the logits instead of a dozen (model.cross_entropy)."""
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), self.pg_collection.tp)
+        return loss.transpose(0, 1).contiguous()
 
     # -- inputs ---------------------------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -113,7 +113,8 @@ def build_transformer_config(
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=perform_initialization,
         attention_softmax_in_fp32=True,
-        # cross-entropy over the vocab-parallel logits, in fp32
+        # the LM loss is model.cross_entropy (Qwen3OmniLanguageModel.compute_language_model_loss), which reads neither
+        # this nor cross_entropy_fusion_impl: mcore's fused variant kept a 10 GB fp32 softmax and ran out of memory
         cross_entropy_loss_fusion=False,
     )
     if num_experts:

@@ -35,6 +35,11 @@ def scale(chunk_size, noop_flag, tensor_lists, factor):
     sources, destinations = tensor_lists
     if not sources:
         return
+    if factor != 1.0 and all(s is d and d.dtype == torch.float32 for s, d in zip(sources, destinations)):
+        # in place (clipping scales the fp32 main grads themselves): one pass, no temporary as large as all the grads.
+        # fp32 only: the in-place foreach op rounds a Python scalar to a bf16 tensor's dtype first (mcore does not)
+        torch._foreach_mul_(destinations, factor)
+        return
     scaled = sources if factor == 1.0 else torch._foreach_mul(sources, factor)
     torch._foreach_copy_(destinations, scaled)
 
