@@ -448,6 +448,8 @@ def run_hf(spec: dict, batches: list, peak: float) -> dict:
 def run_row(spec: dict) -> dict:
     torch.manual_seed(0)
     batches = torch.load(spec["batches"], weights_only=False)[spec["kind"]]
+    if spec["device"] == "cuda":  # as the training loader delivers them (energon pins: OmniBatch.pin_memory)
+        batches = [batch.pin_memory() for batch in batches]
     context = sdpa_context(spec["sdpa"]) if spec["impl"] == "hf" and spec["sdpa"] else nullcontext
     with context():
         result = (run_ours if spec["impl"] == "ours" else run_hf)(spec, batches, spec["peak"])
@@ -517,8 +519,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--global-batch", type=int, default=4, help="packed rows per optimizer step")
-    ap.add_argument("--micro-batch", type=int, default=1, help="packed rows per micro-batch (both models; ours takes "
-                    "them as one THD row)")
+    ap.add_argument("--micro-batch", type=int, default=4, help="packed rows per micro-batch (both models; ours takes "
+                    "them as one THD row). 4 = the global batch in one micro-batch: on the H200 both models ran "
+                    "fastest so (bench/RESULTS.md)")
     ap.add_argument("--packing-buffer", type=int, default=128, help="samples buffered per packing decision")
     ap.add_argument("--data-workers", type=int, default=0, help="loader processes for the one-off encoding")
     ap.add_argument("--kinds", default="mm,text", help="batch kinds: mm,text")

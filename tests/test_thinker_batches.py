@@ -95,3 +95,40 @@ def test_micro_batch_without_image_or_audio(thinker, encoded):
     assert batch.pixel_values is None and batch.input_features is None
     logits = _logits(thinker, batch)
     assert logits.shape[:2] == batch.input_ids.shape and torch.isfinite(logits).all()
+
+
+def _packed(encoded):
+    from omni_model.data.batch import collate
+    from omni_model.data.packing import pack
+
+    return collate([pack([encoded["image_audio"], encoded["video"], encoded["text"]])], pad_id=encoded["pad_id"],
+                   packed=True)
+
+
+def test_loader_pin_thread_reaches_every_tensor_of_a_batch(encoded, monkeypatch):
+    """CPU: torch's pin_memory utility (what the DataLoader's pin thread calls) hands an OmniBatch to its own
+    pin_memory, which pins each tensor field (recorded here; real pinning needs CUDA, the GPU test below)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    batch = _packed(encoded)
+    tensors = [value for value in vars(batch).values() if isinstance(value, torch.Tensor)]
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.append(self) or self.clone())
+    out = pin_memory(batch)
+    assert type(out).__name__ == "OmniBatch" and len(pinned) == len(tensors) > 5
+    assert all(torch.equal(getattr(out, name), value) for name, value in vars(batch).items()
+               if isinstance(value, torch.Tensor))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_loader_pins_batches(encoded):
+    """torch's DataLoader pin thread (energon's loader has pin_memory=True) pins every tensor of an OmniBatch, so the
+    step's `to(device, non_blocking=True)` is an asynchronous copy; a dataclass without `pin_memory` passed through
+    unpinned."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned = pin_memory(_packed(encoded))
+    tensors = {name: value for name, value in vars(pinned).items() if isinstance(value, torch.Tensor)}
+    assert {"input_ids", "pixel_values", "pixel_values_videos", "input_features"} <= set(tensors)
+    assert all(value.is_pinned() for value in tensors.values()), [n for n, v in tensors.items() if not v.is_pinned()]

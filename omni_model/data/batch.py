@@ -110,6 +110,15 @@ class OmniBatch:
                 setattr(self, name, value.to(device, non_blocking=True))
         return self
 
+    def pin_memory(self) -> "OmniBatch":
+        """Page-locked copies of the tensors. torch's DataLoader (energon's, pin_memory=True) calls this in its pin
+        thread; without it a dataclass passes through unpinned, and `to(device, non_blocking=True)` of pageable memory
+        is a synchronous copy: the H200 profile of a multimodal step showed 22 of them, 17.9 ms, with the host blocked."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.pin_memory())
+        return self
+
     def hf_inputs(self) -> dict:
         """Keyword arguments for transformers' ``Qwen3OmniMoeThinkerForConditionalGeneration.forward`` (HF-style
         attention mask, unshifted labels). The Megatron-Core thinker takes ``forward_step.thinker_inputs(batch)``."""
