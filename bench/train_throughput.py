@@ -48,6 +48,7 @@ Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' =
   sdpa=BACKEND       torch.nn.attention.sdpa_kernel(flash|cudnn|efficient|math) around the steps
   rope=thd           mcore's THD RoPE loop (the path before per-token RoPE), to measure that change
   ce=mcore           mcore's cross-entropy (fp32 logits, a dozen passes) instead of model.cross_entropy's fused one
+  gradscale=mcore    mcore's 1/tokens and clip passes over the grad buffers instead of build.FoldedGradScale
   dispatch=mcore     mcore's allgather token dispatcher (host syncs) instead of dispatcher.StaticAllGatherTokenDispatcher
   cfg.KEY=VALUE      any TransformerConfig field (VALUE as JSON where it parses), e.g. cfg.moe_token_dispatcher_type=alltoall
   train.KEY=VALUE    any train.* setting, e.g. train.recompute=selective
@@ -316,6 +317,12 @@ def apply_variant(knobs: dict) -> tuple[dict, dict, object]:
             from omni_model.model.language_model import Qwen3OmniLanguageModel
 
             Qwen3OmniLanguageModel.compute_language_model_loss = GPTModel.compute_language_model_loss
+        elif key == "gradscale":
+            if value != "mcore":
+                raise SystemExit(f"gradscale={value}: only gradscale=mcore (mcore's scaling passes) is a variant")
+            from omni_model.train import build
+
+            build.FOLD_GRAD_SCALE = False
         elif key.startswith("cfg."):
             config[key[4:]] = _json_or_str(value)
         elif key.startswith("train."):

@@ -191,6 +191,8 @@ def build_training(settings: TrainSettings, load_initial_weights: bool = True) -
                                        use_gloo_process_groups=not settings.on_gpu)
     if settings.on_gpu:
         use_fused_adam(optimizer)
+        if FOLD_GRAD_SCALE:
+            FoldedGradScale(model, optimizer)
     scheduler = build_scheduler(optimizer, settings.train)
     return Training(model=model, optimizer=optimizer, scheduler=scheduler, dtype=training_dtype(settings))
 
@@ -211,6 +213,51 @@ def use_fused_adam(optimizer) -> None:
         adam.defaults.update(fused=True, foreach=False)
         for group in adam.param_groups:
             group.update(fused=True, foreach=False)
+
+
+FOLD_GRAD_SCALE = True  # False: mcore's own scaling passes (the bench's `gradscale=mcore` baseline)
+
+
+class FoldedGradScale:
+    """The optimizer step with the grads' two scalings done inside fused Adam instead of as passes over the buffers.
+
+    In mcore's step, with per-token loss, `finalize_model_grads` multiplies every grad buffer by 1/label tokens (a
+    pass over all fp32 main grads). Clipping then multiplies them again by max_norm / norm, when that is below 1. Adam
+    then reads them a third time. torch's fused Adam divides each grad by its `grad_scale` tensor inside its own kernel,
+    so both factors go there: the buffers are left raw, the norm is taken on the raw grads and scaled (a norm is
+    linear in a scalar factor), and the clip coefficient comes from that norm exactly as in mcore. The H200 text step
+    spent 12.0 + 9.4 ms on the two passes (bench/RESULTS.md, session 5). Fused Adam only: torch's other Adams refuse a
+    grad_scale.
+
+    Installed on the DDP model and the mcore optimizer by `build_training` (GPU). `optimizer.step()` keeps mcore's
+    contract: (updated, grad norm of the scaled grads, zeros in grad: not counted)."""
+
+    def __init__(self, model, optimizer):
+        self.optimizer = optimizer
+        self.adams = torch_adams(optimizer)
+        self.token_scale = 1.0
+        model.scale_gradients = self.record_token_scale  # what finalize_model_grads calls with 1 / num_tokens
+        optimizer.step = self.step
+
+    def record_token_scale(self, scaling_factor) -> None:
+        # a host read of one scalar: finalize_model_grads has just read num_tokens itself (`if num_tokens > 0`)
+        self.token_scale = float(scaling_factor)
+
+    @torch.no_grad()
+    def step(self):
+        optimizer, token_scale = self.optimizer, self.token_scale
+        self.token_scale = 1.0  # a step whose grads finalize did not scale (no token count) keeps them as they are
+        if optimizer.prepare_grads():  # inf/nan found (fp16 loss scaling): skip, as mcore does
+            return False, None, None
+        grad_norm = optimizer.get_grad_norm() * token_scale
+        factor = token_scale
+        if optimizer.config.clip_grad > 0.0:
+            clip_coeff = optimizer.config.clip_grad / (grad_norm + 1.0e-6)  # mcore's clip_grad_by_total_norm_fp32
+            factor *= min(clip_coeff, 1.0)
+        for adam in self.adams:
+            device = adam.param_groups[0]["params"][0].device
+            adam.grad_scale = torch.full((), 1.0 / factor, dtype=torch.float32, device=device)  # grad / grad_scale
+        return optimizer.step_with_ready_grads(), grad_norm, None
 
 
 def current_lr(optimizer) -> float:
