@@ -23,7 +23,7 @@ def batches(tiny_hf_dir, tmp_path_factory):
     return [collate([pack(row)], pad_id=s["pad_id"], packed=True) for row in rows]
 
 
-def _train(tiny_hf_dir, tmp_path, batches, fold: bool, clip_grad: float):
+def _train(tiny_hf_dir, tmp_path, batches, fold: bool, clip_grad: float, gpu: bool = False):
     from omni_model.convert.mapping import load_hf_into_model
     from omni_model.train import build
     from omni_model.train.data import TokenCounter
@@ -36,14 +36,19 @@ def _train(tiny_hf_dir, tmp_path, batches, fold: bool, clip_grad: float):
     a, b = batches  # the steps see (a, b), (a, a), (b, b): each a different label-token count, so 1/tokens differs
     settings = TrainSettings(hf_dir=str(tiny_hf_dir), init_checkpoint="", shards="", train_dir=str(tmp_path),
                              train=dict(iters=3, lr_warmup_iters=1, micro_batch_size=1, global_batch_size=2,
-                                        clip_grad=clip_grad, lr=1e-3, seed=1234))
+                                        clip_grad=clip_grad, lr=1e-3, seed=1234, gpus_per_node=int(gpu)))
     build.init_training_parallel(settings)
-    training = build.build_training(settings, load_initial_weights=False)
+    build.FOLD_GRAD_SCALE = fold  # what build_training does on the GPU (bf16, distributed optimizer, fused Adam)
+    try:
+        training = build.build_training(settings, load_initial_weights=False)
+    finally:
+        build.FOLD_GRAD_SCALE = True
     load_hf_into_model(training.thinker, tiny_hf_dir, prefix="")
     training.optimizer.reload_model_params()
-    build.use_fused_adam(training.optimizer)  # what the GPU run uses; torch has it on the CPU too
-    if fold:
-        build.FoldedGradScale(training.model, training.optimizer)
+    if not gpu:
+        build.use_fused_adam(training.optimizer)  # as on the GPU; torch has it on the CPU too
+        if fold:
+            build.FoldedGradScale(training.model, training.optimizer)
     run = Run(settings=settings, training=training, forward_step=forward_step, digest="", loader=None,
               batches=TokenCounter(iter([a, b, a, a, b, b])), evaluation=[], flops=FlopCounter(tiny_hf_dir), peak=None, log=None)
     initial = {name: p.detach().clone() for name, p in training.thinker.named_parameters()}
@@ -67,3 +72,16 @@ def test_folded_step_trains_like_mcores_step(tiny_hf_dir, tmp_path, batches, cli
     assert ours[2]["loss"] == pytest.approx(theirs[2]["loss"], rel=1e-6)
     moved = max((their_params[n] - p).abs().max().item() for n, p in our_params.items())
     assert moved < 1e-6, moved
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU build: bf16, distributed optimizer")
+def test_folded_step_trains_like_mcores_step_on_gpu(tiny_hf_dir, tmp_path, batches):
+    """build_training on the GPU installs the fold; against FOLD_GRAD_SCALE off: the same norms and losses (bf16)."""
+    theirs, _ = _train(tiny_hf_dir, tmp_path / "mcore", batches, fold=False, clip_grad=0.5, gpu=True)
+    ours, _ = _train(tiny_hf_dir, tmp_path / "fold", batches, fold=True, clip_grad=0.5, gpu=True)
+    print([(r["grad_norm"], o["grad_norm"], r["loss"], o["loss"]) for r, o in zip(theirs, ours)])
+    assert theirs[0]["grad_norm"] > 0.5
+    for r, o in zip(theirs, ours):
+        assert o["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4)
+        assert o["loss"] == pytest.approx(r["loss"], rel=1e-4)
