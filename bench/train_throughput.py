@@ -312,11 +312,9 @@ def apply_variant(knobs: dict) -> tuple[dict, dict, object]:
         elif key == "ce":
             if value != "mcore":
                 raise SystemExit(f"ce={value}: only ce=mcore (mcore's unfused cross-entropy) is a variant")
-            from megatron.core.models.gpt.gpt_model import GPTModel
+            from omni_model.model import cross_entropy
 
-            from omni_model.model.language_model import Qwen3OmniLanguageModel
-
-            Qwen3OmniLanguageModel.compute_language_model_loss = GPTModel.compute_language_model_loss
+            cross_entropy.FUSE_ON_GPU = False
         elif key == "gradscale":
             if value != "mcore":
                 raise SystemExit(f"gradscale={value}: only gradscale=mcore (mcore's scaling passes) is a variant")

@@ -68,7 +68,8 @@ class Qwen3OmniLanguageModel(GPTModel):
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Per-token loss [B, S] of logits [S, B, V/tp] (GPTModel's hook, called by its _postprocess): the same fp32
-        cross-entropy as mcore's, in two passes over the logits instead of a dozen (model.cross_entropy)."""
+        cross-entropy as mcore's, fused on the GPU into two passes over the logits instead of a dozen
+        (model.cross_entropy)."""
         loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), self.pg_collection.tp)
         return loss.transpose(0, 1).contiguous()
 
