@@ -180,10 +180,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(step, warmup: int, steps: int, device: str, peak: float, profile: str = "") -> dict:
+def measure(step, warmup: int, steps: int, device: str, peak: float, profile: str = "", stacks: int = 0) -> dict:
     """`step()` -> (loss, the TokenCounter's counts of its batches, model FLOPs by part). Warm-up steps, then `steps`
     steps timed from outside (wall time, synchronised). `profile`: a file for the torch profiler's tables of one more
-    step (not timed)."""
+    step (not timed); `stacks` > 0: also by op and that many Python frames of its caller."""
     from omni_model.train.metrics import memory_gib
 
     losses = [step()[0] for _ in range(warmup)]
@@ -198,7 +198,7 @@ def measure(step, warmup: int, steps: int, device: str, peak: float, profile: st
         tokens += seen["tokens"]
         flops = {part: flops.get(part, 0.0) + value for part, value in parts.items()}
     if profile:
-        profile_step(step, device, Path(profile))
+        profile_step(step, device, Path(profile), stacks)
     seconds = sum(times)
     tflops = sum(flops.values()) / seconds / 1e12
     return {"step_s": seconds / steps, "step_s_min": min(times), "step_s_max": max(times),
@@ -208,14 +208,17 @@ def measure(step, warmup: int, steps: int, device: str, peak: float, profile: st
             "mem_gib": memory_gib(), "loss_first": losses[0], "loss_last": losses[-1]}
 
 
-def profile_step(step, device: str, path: Path) -> None:
+def profile_step(step, device: str, path: Path, stacks: int = 0) -> None:
     """One step under the torch profiler: the ops by self device time and by self host time (where the host-side
-    Python per layer shows), written as text."""
+    Python per layer shows), written as text; with `stacks`, a third table by op and caller (recording the stacks
+    slows the profiled step's host side: its wall time is then no guide)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     start = time.perf_counter()
-    with profile(activities=activities) as prof:
+    # the Python frames reach key_averages only with the verbose experimental config (torch 2.11-2.13)
+    verbose = {"with_stack": True, "experimental_config": torch._C._profiler._ExperimentalConfig(verbose=True)}
+    with profile(activities=activities, **(verbose if stacks else {})) as prof:
         step()
         sync(device)
     wall_ms = 1e3 * (time.perf_counter() - start)
@@ -225,9 +228,13 @@ def profile_step(step, device: str, path: Path) -> None:
         busy = gpu_busy(prof, wall_ms) if device == "cuda" else ""
     except Exception as error:  # noqa: BLE001 - a profiler API difference must not lose the row's measurement
         busy = f"GPU busy time not computed: {error!r}\n\n"
+    by_caller = ""
+    if stacks:
+        grouped = prof.key_averages(group_by_stack_n=stacks)
+        by_caller = f"\n\nby {device_key}, op and caller\n{grouped.table(sort_by=device_key, row_limit=40)}\n"
     path.write_text(f"{busy}"
                     f"by {device_key}\n{table.table(sort_by=device_key, row_limit=40)}\n\nby self_cpu_time_total\n"
-                    f"{table.table(sort_by='self_cpu_time_total', row_limit=40)}\n")
+                    f"{table.table(sort_by='self_cpu_time_total', row_limit=40)}\n{by_caller}")
 
 
 def gpu_busy(prof, wall_ms: float) -> str:
@@ -380,7 +387,7 @@ def build_ours_step(spec: dict, batches: list, peak: float):
 
 def run_ours(spec: dict, batches: list, peak: float) -> dict:
     step = build_ours_step(spec, batches, peak)
-    return measure(step, spec["warmup"], spec["steps"], spec["device"], peak, spec["profile"])
+    return measure(step, spec["warmup"], spec["steps"], spec["device"], peak, spec["profile"], spec["stacks"])
 
 
 # -- transformers --------------------------------------------------------------------------------------------------
@@ -447,7 +454,7 @@ def run_hf(spec: dict, batches: list, peak: float) -> dict:
         seen = counter.take()
         return float(total), seen, flops(seen)
 
-    return measure(step, spec["warmup"], spec["steps"], device, peak, spec["profile"])
+    return measure(step, spec["warmup"], spec["steps"], device, peak, spec["profile"], spec["stacks"])
 
 
 def run_row(spec: dict) -> dict:
@@ -542,6 +549,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per row")
     ap.add_argument("--profile", action="store_true", help="one more step per row under the torch profiler: "
                     "profile_<row>.txt next to --json (one more batch per kind is encoded for it)")
+    ap.add_argument("--profile-stacks", type=int, default=0, metavar="N",
+                    help="with --profile: a third table by op and its N innermost Python callers (where copy_/mul run)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one row (JSON spec) in this process
     args = ap.parse_args()
 
@@ -584,7 +593,8 @@ def main() -> int:
 
     common = {"device": device, "hf_dir": str(hf_dir), "batches": str(work / "batches.pt"), "work": str(work),
               "peak": peak, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
-              "global_batch": args.global_batch, "micro_batch": args.micro_batch, "sdpa": args.hf_sdpa}
+              "global_batch": args.global_batch, "micro_batch": args.micro_batch, "sdpa": args.hf_sdpa,
+              "stacks": args.profile_stacks}
     specs = [{**common, "impl": "ours", "variant": v, "kind": k} for k in kinds for v in args.variants]
     specs += [{**common, "impl": "hf", "variant": a, "kind": k} for k in kinds for a in args.hf_attn]
     for spec in specs:
