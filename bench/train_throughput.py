@@ -217,8 +217,9 @@ def profile_step(step, device: str, path: Path, stacks: int = 0) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     start = time.perf_counter()
     # the Python frames reach key_averages only with the verbose experimental config (torch 2.11-2.13)
-    verbose = {"with_stack": True, "experimental_config": torch._C._profiler._ExperimentalConfig(verbose=True)}
-    with profile(activities=activities, **(verbose if stacks else {})) as prof:
+    frames = ({"with_stack": True, "experimental_config": torch._C._profiler._ExperimentalConfig(verbose=True)}
+              if stacks else {})
+    with profile(activities=activities, **frames) as prof:
         step()
         sync(device)
     wall_ms = 1e3 * (time.perf_counter() - start)

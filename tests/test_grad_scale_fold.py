@@ -10,17 +10,13 @@ import warnings
 import pytest
 import torch
 
-from train_helpers import encode_demo_samples
+from train_helpers import encode_demo_samples, packed_micro_batches
 
 
 @pytest.fixture(scope="module")
 def batches(tiny_hf_dir, tmp_path_factory):
-    from omni_model.data.batch import collate
-    from omni_model.data.packing import pack
-
-    s = encode_demo_samples(tiny_hf_dir, tmp_path_factory.mktemp("demo"))
-    rows = [[s["image_audio"], s["text"]], [s["video"]]]
-    return [collate([pack(row)], pad_id=s["pad_id"], packed=True) for row in rows]
+    return packed_micro_batches(encode_demo_samples(tiny_hf_dir, tmp_path_factory.mktemp("demo")),
+                                [["image_audio", "text"], ["video"]])
 
 
 def _train(tiny_hf_dir, tmp_path, batches, fold: bool, clip_grad: float, gpu: bool = False):

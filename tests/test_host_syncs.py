@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from train_helpers import ddp_thinker, encode_demo_samples, forward_backward
+from train_helpers import ddp_thinker, encode_demo_samples, forward_backward, packed_micro_batches
 
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -19,12 +19,8 @@ sys.path.insert(0, str(REPO / "bench"))
 @pytest.fixture(scope="module")
 def packed_batch(tiny_hf_dir, tmp_path_factory):
     """One packed row: an image + audio sample, a video sample and a text sample."""
-    from omni_model.data.batch import collate
-    from omni_model.data.packing import pack
-
     encoded = encode_demo_samples(tiny_hf_dir, tmp_path_factory.mktemp("demo"))
-    row = pack([encoded["image_audio"], encoded["video"], encoded["text"]])
-    return collate([row], pad_id=encoded["pad_id"], packed=True)
+    return packed_micro_batches(encoded, [["image_audio", "video", "text"]])[0]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train_helpers import encode_demo_samples
+from train_helpers import encode_demo_samples, packed_micro_batches
 
 
 @pytest.fixture(scope="module")
@@ -97,20 +97,12 @@ def test_micro_batch_without_image_or_audio(thinker, encoded):
     assert logits.shape[:2] == batch.input_ids.shape and torch.isfinite(logits).all()
 
 
-def _packed(encoded):
-    from omni_model.data.batch import collate
-    from omni_model.data.packing import pack
-
-    return collate([pack([encoded["image_audio"], encoded["video"], encoded["text"]])], pad_id=encoded["pad_id"],
-                   packed=True)
-
-
 def test_loader_pin_thread_reaches_every_tensor_of_a_batch(encoded, monkeypatch):
     """CPU: torch's pin_memory utility (what the DataLoader's pin thread calls) hands an OmniBatch to its own
     pin_memory, which pins each tensor field (recorded here; real pinning needs CUDA, the GPU test below)."""
     from torch.utils.data._utils.pin_memory import pin_memory
 
-    batch = _packed(encoded)
+    batch = packed_micro_batches(encoded, [["image_audio", "video", "text"]])[0]
     tensors = [value for value in vars(batch).values() if isinstance(value, torch.Tensor)]
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.append(self) or self.clone())
@@ -128,7 +120,7 @@ def test_loader_pins_batches(encoded):
     unpinned."""
     from torch.utils.data._utils.pin_memory import pin_memory
 
-    pinned = pin_memory(_packed(encoded))
+    pinned = pin_memory(packed_micro_batches(encoded, [["image_audio", "video", "text"]])[0])
     tensors = {name: value for name, value in vars(pinned).items() if isinstance(value, torch.Tensor)}
     assert {"input_ids", "pixel_values", "pixel_values_videos", "input_features"} <= set(tensors)
     assert all(value.is_pinned() for value in tensors.values()), [n for n, v in tensors.items() if not v.is_pinned()]

@@ -62,13 +62,10 @@ def test_cpu_rng_tracker_is_initialised_and_forks():
 def _global_batch(hf_dir, out_dir):
     """4 packed micro-batches with image, audio, video and text conversations (different label-token counts, so a
     mean of per-micro-batch means would differ from the token mean)."""
-    from omni_model.data.batch import collate
-    from omni_model.data.packing import pack
-    from train_helpers import encode_demo_samples
+    from train_helpers import encode_demo_samples, packed_micro_batches
 
-    s = encode_demo_samples(hf_dir, out_dir)
-    rows = [[s["image_audio"], s["text"]], [s["video"]], [s["text"], s["text"], s["image_audio"]], [s["text"]]]
-    return [collate([pack(row)], pad_id=s["pad_id"], packed=True, pad_to_multiple=16) for row in rows]
+    rows = [["image_audio", "text"], ["video"], ["text", "text", "image_audio"], ["text"]]
+    return packed_micro_batches(encode_demo_samples(hf_dir, out_dir), rows, pad_to_multiple=16)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 
-from train_helpers import encode_demo_samples, switch_stats
+from train_helpers import encode_demo_samples, packed_micro_batches, switch_stats
 
 # the tiny model's tower sizes (omni_model.configs.tiny_config), written out for the hand formulas
 D_V, F_V, DEPTH, PATCH_DIM, MERGED, OUT = 32, 64, 4, 3 * 2 * 16 * 16, 32 * 2 * 2, 64
@@ -84,12 +84,8 @@ def test_tower_matmuls_equal_torch_flop_counter(tiny_hf_dir):
 @pytest.fixture
 def step_batches(tiny_hf_dir, tmp_path):
     """Two packed micro-batches (image + audio + text; video), padded: pads must leave the aux loss."""
-    from omni_model.data.batch import collate
-    from omni_model.data.packing import pack
-
-    s = encode_demo_samples(tiny_hf_dir, tmp_path / "demo")
-    rows = [[s["image_audio"], s["text"]], [s["video"]]]
-    batches = [collate([pack(row)], pad_id=s["pad_id"], packed=True, pad_to_multiple=16) for row in rows]
+    batches = packed_micro_batches(encode_demo_samples(tiny_hf_dir, tmp_path / "demo"),
+                                   [["image_audio", "text"], ["video"]], pad_to_multiple=16)
     assert all((b.attention_mask == 0).any() for b in batches)
     return batches
 

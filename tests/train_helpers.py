@@ -35,6 +35,16 @@ def encode_demo_samples(hf_dir, out_dir: Path, n_records: int = 24, seed: int = 
     }
 
 
+def packed_micro_batches(samples: dict, rows: list, pad_to_multiple: int = 1) -> list:
+    """One packed micro-batch (a single THD row) per entry of `rows`, each a list of `samples` keys (e.g.
+    [["image_audio", "text"], ["video"]]) as encode_demo_samples names them."""
+    from omni_model.data.batch import collate
+    from omni_model.data.packing import pack
+
+    return [collate([pack([samples[name] for name in row])], pad_id=samples["pad_id"], packed=True,
+                    pad_to_multiple=pad_to_multiple) for row in rows]
+
+
 def ddp_thinker(thinker):
     """`thinker` in mcore DDP with the schedule hooks set, as the training loop does (fp32 on CPU)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads

@@ -255,9 +255,10 @@ class FoldedGradScale:
             clip_coeff = optimizer.config.clip_grad / (grad_norm + 1.0e-6)  # mcore's clip_grad_by_total_norm_fp32
             factor *= min(clip_coeff, 1.0)
         for adam in self.adams:
-            params = [p for group in adam.param_groups for p in group["params"]]
-            if params:  # a rank's shard of a param group can be empty (distributed optimizer)
-                adam.grad_scale = torch.full((), 1.0 / factor, dtype=torch.float32, device=params[0].device)
+            # a rank's shard of a param group can be empty (distributed optimizer): any parameter gives the device
+            param = next((p for group in adam.param_groups for p in group["params"]), None)
+            if param is not None:
+                adam.grad_scale = torch.full((), 1.0 / factor, dtype=torch.float32, device=param.device)
         return optimizer.step_with_ready_grads(), grad_norm, None
 
 
