@@ -49,6 +49,7 @@ Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' =
   rope=thd           mcore's THD RoPE loop (the path before per-token RoPE), to measure that change
   ce=mcore           mcore's cross-entropy (fp32 logits, a dozen passes) instead of model.cross_entropy's fused one
   gradscale=mcore    mcore's 1/tokens and clip passes over the grad buffers instead of build.FoldedGradScale
+  linear=mcore       mcore's linear autograd Function at one TP rank instead of model.linear's plain F.linear
   dispatch=mcore     mcore's allgather token dispatcher (host syncs) instead of dispatcher.StaticAllGatherTokenDispatcher
   cfg.KEY=VALUE      any TransformerConfig field (VALUE as JSON where it parses), e.g. cfg.moe_token_dispatcher_type=alltoall
   train.KEY=VALUE    any train.* setting, e.g. train.recompute=selective
@@ -58,6 +59,7 @@ Writes `--json` (default bench/results/train_throughput.json).
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import os
@@ -292,6 +294,27 @@ def compile_ops(which: str) -> None:
             setattr(router, name, torch.compile(getattr(router, name)))
 
 
+# knob=mcore: one of our parts switched back to mcore's own (module, switch set to False, what runs instead), the
+# same-run baseline of that change
+MCORE_BASELINES = {
+    "ce": ("omni_model.model.cross_entropy", "FUSE_ON_GPU", "mcore's unfused cross-entropy"),
+    "gradscale": ("omni_model.train.build", "FOLD_GRAD_SCALE", "mcore's scaling passes"),
+    "linear": ("omni_model.model.linear", "PLAIN_MATMUL_WHEN_LOCAL", "mcore's linear autograd Function"),
+    "dispatch": ("omni_model.model.dispatcher", "OmniMoELayer.static_dispatch", "mcore's allgather dispatcher"),
+}
+
+
+def use_mcores_own(knob: str, value: str) -> None:
+    module, switch, what = MCORE_BASELINES[knob]
+    if value != "mcore":
+        raise SystemExit(f"{knob}={value}: only {knob}=mcore ({what}) is a variant")
+    owner = importlib.import_module(module)
+    *path, name = switch.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    setattr(owner, name, False)
+
+
 def apply_variant(knobs: dict) -> tuple[dict, dict, object]:
     """Process-wide switches of a variant -> (TransformerConfig overrides, train overrides, a factory of the context
     each step runs in)."""
@@ -311,24 +334,8 @@ def apply_variant(knobs: dict) -> tuple[dict, dict, object]:
         elif key == "rope":
             if value != "thd":
                 raise SystemExit(f"rope={value}: only rope=thd (mcore's THD loop) is a variant")
-        elif key == "dispatch":
-            if value != "mcore":
-                raise SystemExit(f"dispatch={value}: only dispatch=mcore (mcore's allgather dispatcher) is a variant")
-            from omni_model.model.dispatcher import OmniMoELayer
-
-            OmniMoELayer.static_dispatch = False
-        elif key == "ce":
-            if value != "mcore":
-                raise SystemExit(f"ce={value}: only ce=mcore (mcore's unfused cross-entropy) is a variant")
-            from omni_model.model import cross_entropy
-
-            cross_entropy.FUSE_ON_GPU = False
-        elif key == "gradscale":
-            if value != "mcore":
-                raise SystemExit(f"gradscale={value}: only gradscale=mcore (mcore's scaling passes) is a variant")
-            from omni_model.train import build
-
-            build.FOLD_GRAD_SCALE = False
+        elif key in MCORE_BASELINES:
+            use_mcores_own(key, value)
         elif key.startswith("cfg."):
             config[key[4:]] = _json_or_str(value)
         elif key.startswith("train."):

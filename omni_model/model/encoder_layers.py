@@ -26,7 +26,6 @@ from torch import nn
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -38,6 +37,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from .attention import packed_attention, per_token_rope_packing
+from .linear import LocalColumnParallelLinear, LocalRowParallelLinear
 
 # ---------------------------------------------------------------------------------------------------------------
 # process groups
@@ -251,16 +251,17 @@ def encoder_layer_spec(use_te: bool = False) -> ModuleSpec:
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=LocalColumnParallelLinear,
                     core_attention=PackedSDPAttention,
-                    linear_proj=RowParallelLinear,
+                    linear_proj=LocalRowParallelLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=EncoderLayerNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=LocalColumnParallelLinear,
+                                                                 linear_fc2=LocalRowParallelLinear)),
             mlp_bda=get_bias_dropout_add,
             # dist checkpoints use the TE names for both specs (same convention as mcore's GPT local spec)
             sharded_state_dict_keys_map={

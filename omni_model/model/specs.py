@@ -13,7 +13,8 @@ decision (config `model.use_te`, passed explicitly to every builder) asks for it
 
 Local spec: `SDPAttention` (attention.py), `GroupedGemmExperts` (experts.py), SP-capable `RMSNorm` (norm.py),
 `SoftmaxTopKRouter` (router.py), `OmniMoELayer` (dispatcher.py: no host syncs in the token permutation at EP=1),
-mcore's Column/RowParallelLinear. Every layer is a `DeepstackTransformerLayer`.
+mcore's Column/RowParallelLinear as plain matmuls when no TP communication rides on them (linear.py). Every layer
+is a `DeepstackTransformerLayer`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 from typing import List, Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -40,6 +40,7 @@ from megatron.core.transformer.transformer_layer import (
 from .attention import SDPAttention
 from .dispatcher import OmniMoELayer
 from .experts import ColumnGroupedLinear, GroupedGemmExperts, RowGroupedLinear
+from .linear import LocalColumnParallelLinear, LocalRowParallelLinear
 from .norm import RMSNorm
 from .router import SoftmaxTopKRouter
 
@@ -93,9 +94,9 @@ def _attention_spec(use_te: bool) -> ModuleSpec:
         )
     else:
         sub = SelfAttentionSubmodules(
-            linear_qkv=ColumnParallelLinear,
+            linear_qkv=LocalColumnParallelLinear,
             core_attention=SDPAttention,
-            linear_proj=RowParallelLinear,
+            linear_proj=LocalRowParallelLinear,
             q_layernorm=RMSNorm,
             k_layernorm=RMSNorm,
         )
@@ -131,7 +132,7 @@ def _dense_mlp_spec(use_te: bool) -> ModuleSpec:
 
         sub = MLPSubmodules(linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
     else:
-        sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+        sub = MLPSubmodules(linear_fc1=LocalColumnParallelLinear, linear_fc2=LocalRowParallelLinear)
     return ModuleSpec(module=MLP, submodules=sub)
 
 

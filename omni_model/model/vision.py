@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -41,6 +40,7 @@ from .encoder_layers import (
     run_layers,
     tp_world_size,
 )
+from .linear import LocalColumnParallelLinear, LocalRowParallelLinear
 from .transformer_config import current_tp_size, vision_config_of
 
 _ACTIVATIONS = {
@@ -192,11 +192,11 @@ class VisionPatchMerger(MegatronModule):
         device = plain_param_device(config)
         self.ln_q = nn.LayerNorm(self.merged if postshuffle_norm else hidden, eps=1e-6, device=device,
                                  dtype=config.params_dtype)
-        self.linear_fc1 = ColumnParallelLinear(
+        self.linear_fc1 = LocalColumnParallelLinear(
             self.merged, self.merged, config=config, init_method=config.init_method, bias=True,
             gather_output=False, skip_bias_add=False, is_expert=False, tp_group=tp_group,
         )
-        self.linear_fc2 = RowParallelLinear(
+        self.linear_fc2 = LocalRowParallelLinear(
             self.merged, out_hidden, config=config, init_method=config.output_layer_init_method, bias=True,
             input_is_parallel=True, skip_bias_add=False, is_expert=False, tp_group=tp_group,
         )

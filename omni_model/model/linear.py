@@ -1,0 +1,44 @@
+"""mcore's Column/RowParallelLinear, minus mcore's Python autograd Function where that Function only multiplies.
+
+mcore routes every linear through `LinearWithGradAccumulationAndAsyncCommunication`, a Python autograd Function
+whose backward also serves the tensor-parallel all-reduce of the input gradient, sequence parallelism, gradient-
+accumulation fusion (apex/TE) and deferred embedding wgrads. When none of these is on (one TP rank, or a row-parallel
+layer, which reduces outside the Function; no apex/TE fusion), its backward is two matmuls, run from Python with
+~20 lines of bookkeeping per call. The towers make ~240 such calls per step (59 layers x 4 linears): on an H200 the
+multimodal training step is host-bound (bench/RESULTS.md, issue 12), and `F.linear` does the same matmuls in
+torch's C++ autograd. Everything else (parameters, init, sharded state dicts, the TP collectives around the matmul)
+stays mcore's: only `_forward_impl`, the method mcore itself swaps for frozen weights, is chosen differently.
+
+`F.linear` adds a bias inside the matmul (cuBLAS epilogue) where mcore adds it after; transformers' `nn.Linear` does
+the same as `F.linear`, so parity with the reference is unchanged (tests/test_linear.py measures both).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+PLAIN_MATMUL_WHEN_LOCAL = True  # False: always mcore's Function (the bench's `linear=mcore` baseline)
+
+
+def only_a_matmul(gradient_accumulation_fusion=False, allreduce_dgrad=False, sequence_parallel=False,
+                  grad_output_buffer=None, **_) -> bool:
+    """Whether mcore's linear Function, called with these arguments, would do nothing but `input @ weight.T + bias`
+    forward and the two matmuls backward."""
+    return not (gradient_accumulation_fusion or allreduce_dgrad or sequence_parallel
+                or grad_output_buffer is not None)
+
+
+class _LocalMatmul:
+    def _forward_impl(self, input, weight, bias=None, **kwargs):
+        if PLAIN_MATMUL_WHEN_LOCAL and only_a_matmul(**kwargs):
+            return F.linear(input, weight, bias)
+        return super()._forward_impl(input, weight, bias=bias, **kwargs)
+
+
+class LocalColumnParallelLinear(_LocalMatmul, ColumnParallelLinear):
+    """ColumnParallelLinear; a plain `F.linear` when no TP/SP communication or fusion rides in the backward."""
+
+
+class LocalRowParallelLinear(_LocalMatmul, RowParallelLinear):
+    """RowParallelLinear (its TP reduction is outside the matmul); a plain `F.linear` when no fusion is on."""
