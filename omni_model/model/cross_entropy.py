@@ -52,8 +52,8 @@ def _logits_grad(logits: torch.Tensor, row_max: torch.Tensor, sum_exp: torch.Ten
 def _compiled(fn):
     # torch's automatic dynamic shapes: the first batch compiles for its shapes, the next (another token count)
     # recompiles with only the token count symbolic. Not dynamic=True: that makes the vocab symbolic too, and the
-    # gradient kernel's flat index then divides by a runtime int64 per element (10.5 ms on an H200 for 16k tokens,
-    # 5x the kernel's memory time; a constant vocab divides by multiply-shift).
+    # gradient kernel's flat index then divides by a runtime int64 per element. H200, 16k tokens: 10.5 ms with
+    # dynamic=True, 6.2 ms with the vocab a constant (bench/RESULTS.md, session 6).
     return torch.compile(fn, fullgraph=True)
 
 
