@@ -103,13 +103,12 @@ def test_loader_pin_thread_reaches_every_tensor_of_a_batch(encoded, monkeypatch)
     from torch.utils.data._utils.pin_memory import pin_memory
 
     batch = packed_micro_batches(encoded, [["image_audio", "video", "text"]])[0]
-    tensors = [value for value in vars(batch).values() if isinstance(value, torch.Tensor)]
+    tensors = batch.tensors()
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.append(self) or self.clone())
     out = pin_memory(batch)
     assert type(out).__name__ == "OmniBatch" and len(pinned) == len(tensors) > 5
-    assert all(torch.equal(getattr(out, name), value) for name, value in vars(batch).items()
-               if isinstance(value, torch.Tensor))
+    assert all(torch.equal(getattr(out, name), value) for name, value in tensors.items())
 
 
 @pytest.mark.gpu
@@ -121,6 +120,6 @@ def test_loader_pins_batches(encoded):
     from torch.utils.data._utils.pin_memory import pin_memory
 
     pinned = pin_memory(packed_micro_batches(encoded, [["image_audio", "video", "text"]])[0])
-    tensors = {name: value for name, value in vars(pinned).items() if isinstance(value, torch.Tensor)}
+    tensors = pinned.tensors()
     assert {"input_ids", "pixel_values", "pixel_values_videos", "input_features"} <= set(tensors)
     assert all(value.is_pinned() for value in tensors.values()), [n for n, v in tensors.items() if not v.is_pinned()]

@@ -6,11 +6,12 @@ accumulation fusion (apex/TE) and deferred embedding wgrads. When none of these 
 layer, which reduces outside the Function; no apex/TE fusion), its backward is two matmuls, run from Python with
 ~20 lines of bookkeeping per call. The towers make ~240 such calls per step (59 layers x 4 linears): on an H200 the
 multimodal training step is host-bound, and `F.linear` does the same matmuls in torch's C++ autograd (same run: the
-step 722 -> 661 ms, +9.2 % tokens/s, the GPU work unchanged; bench/RESULTS.md, session 6). Everything else (parameters, init, sharded state dicts, the TP collectives around the matmul)
-stays mcore's: only `_forward_impl`, the method mcore itself swaps for frozen weights, is chosen differently.
+step 722 -> 661 ms, +9.2 % tokens/s, the GPU work unchanged; bench/RESULTS.md, session 6). Everything else
+(parameters, init, sharded state dicts, the TP collectives around the matmul) stays mcore's: only `_forward_impl`, the
+method mcore itself swaps for frozen weights, is chosen differently.
 
-`F.linear` adds a bias inside the matmul (cuBLAS epilogue) where mcore adds it after; transformers' `nn.Linear` does
-the same as `F.linear`, so parity with the reference is unchanged (tests/test_linear.py measures both).
+`F.linear` adds a bias inside the matmul (cuBLAS epilogue) where mcore adds it after, as transformers' `nn.Linear`
+does: tests/test_linear.py holds it to mcore's layer, the tower parity tests to transformers'.
 """
 
 from __future__ import annotations
