@@ -22,15 +22,26 @@ Rows (each in its own process: clean allocator statistics; an out-of-memory lose
   ours[VARIANT] KIND   omni_model.train.loop.step itself (get_forward_backward_func over forward_step, the mcore
                        optimizer and scheduler, the step's metrics) on build_training's objects (distributed
                        optimizer, bf16, fp32 grads and master weights), packed THD rows
-  hf[ATTN] KIND        transformers' Qwen3OmniMoeThinkerForConditionalGeneration (bf16 weights, its default experts
-                       implementation), torch.optim.AdamW(fused=True on GPU), grad clipping 1.0 like ours, loss + router
-                       aux loss (output_router_logits, as transformers trains it). The SAME packed rows: transformers
-                       5.24 builds a block-causal mask from the text position row when no attention mask is given
+  hf[ROW] KIND         transformers' Qwen3OmniMoeThinkerForConditionalGeneration at its best (bf16 weights and AdamW
+                       states, its default grouped_mm experts), torch.optim.AdamW(fused=True on GPU), grad clipping 1.0
+                       like ours, loss + router aux loss (output_router_logits, as transformers trains it). ROW:
+                       flex_attention / sdpa: the SAME packed rows as ours: transformers 5.24 builds a block-causal
+                       mask from the text position row when no attention mask is given
                        (masking_utils.find_packed_sequence_indices; only with use_cache=False, which the rows pass:
-                       tests/test_bench_hf_packing.py), for `sdpa` (a boolean mask: the memory-efficient kernel, no
-                       flash) and `flex_attention` (a BlockMask; GPU only: no backward on CPU in torch 2.13);
-                       flash_attention_2 needs the flash-attn package, absent on our GPU machines. So no padding:
-                       each sequence attends only to itself.
+                       tests/test_bench_hf_packing.py); sdpa with a boolean mask (the memory-efficient kernel, no
+                       flash), flex_attention with a BlockMask (GPU only: no backward on CPU in torch 2.13).
+                       padded: no packing; the same samples in batches as HF Trainer's group_by_length makes them
+                       (megabatches of 50 batches sorted by length, each batch right-padded to its longest), a batch
+                       size that holds a packed global batch's real tokens, sdpa.
+                       +fp32: fp32 weights and AdamW states under bf16 autocast (HF Trainer's bf16=True on an fp32
+                       model): the precision ours trains at (fp32 masters and moments), so that precision is not
+                       counted as speed. flash_attention_2 needs the flash-attn package, absent on our GPU machines.
+Both models: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (unless set), the same frozen or trained towers
+(`--train-towers`; frozen by default so that ours fits an 80 GB card), the same micro-batch: `--micro-batch` halved
+until the planner's estimate for ours fits `--fit-gib` (printed beside the measured peak). Each row runs
+`--repeats` times, round-robin, each in its own process; a row's figures are the medians of its timed steps, the
+best repeat is reported with the spread, and the headline compares ours with the FASTEST transformers row per kind
+(`best_transformers_row`, `ratio_vs_best_transformers`; `ratio_vs_transformers` keeps the first --hf-attn row).
 Per row: real (non-padding) tokens/s, step time (wall, around the whole step), model TFLOP/s (the training run's
 omni_model.train.metrics.FlopCounter on the same batches for both: LLM 6 x active params per token + causal
 attention per sequence, plus the vision and audio towers; `tflops_llm` the LLM part alone), MFU against a bf16 matmul
@@ -63,6 +74,7 @@ import importlib
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,21 +115,24 @@ def write_hf_dir(work: Path, tiny: bool, layers: int) -> Path:
     return hf_dir
 
 
-def text_only_encoder(hf_dir: Path, seq_len: int, pad_to: int):
+def encoder_class(kind: str, sample_lists: bool = False):
+    """The project's task encoder for a batch kind: `text` skips the samples with media (before any decoding);
+    `sample_lists`: `batch` hands the encoded samples back as a list, for the bench to group them itself."""
     from megatron.energon import SkipSample, stateless
 
     from omni_model.data.task_encoder import OmniTaskEncoder
 
-    class TextOnlyTaskEncoder(OmniTaskEncoder):
-        """The task encoder on the samples without media (the others are skipped before any decoding)."""
-
+    class BenchTaskEncoder(OmniTaskEncoder):
         @stateless
         def encode_sample(self, sample):
-            if sample.media:
+            if kind == "text" and sample.media:
                 raise SkipSample()
             return super().encode_sample(sample)
 
-    return TextOnlyTaskEncoder(hf_dir, max_seq_len=seq_len, pack_budget=seq_len, pad_to_multiple=pad_to)
+        def batch(self, samples):
+            return list(samples) if sample_lists else super().batch(samples)
+
+    return BenchTaskEncoder
 
 
 def encode_batches(hf_dir: Path, shards: Path, kind: str, count: int, seq_len: int, buffer: int, workers: int,
@@ -127,10 +142,9 @@ def encode_batches(hf_dir: Path, shards: Path, kind: str, count: int, seq_len: i
     pad_to = seq_len if pad_rows else 1
     from megatron.energon import WorkerConfig
 
-    from omni_model.data.task_encoder import OmniTaskEncoder, build_loader
+    from omni_model.data.task_encoder import build_loader
 
-    encoder = text_only_encoder(hf_dir, seq_len, pad_to) if kind == "text" else \
-        OmniTaskEncoder(hf_dir, max_seq_len=seq_len, pack_budget=seq_len, pad_to_multiple=pad_to)
+    encoder = encoder_class(kind)(hf_dir, max_seq_len=seq_len, pack_budget=seq_len, pad_to_multiple=pad_to)
     loader = build_loader(shards, encoder, split="train", batch_size=rows, packing_buffer_size=buffer,
                           worker_config=WorkerConfig(rank=0, world_size=1, num_workers=workers),
                           shuffle_buffer_size=64, repeat=True)
@@ -140,6 +154,33 @@ def encode_batches(hf_dir: Path, shards: Path, kind: str, count: int, seq_len: i
         if len(batches) == count:
             break
     return batches
+
+
+def encode_padded_batches(hf_dir: Path, shards: Path, kind: str, count: int, tokens_per_step: float, seq_len: int,
+                          workers: int) -> list:
+    """`count` unpacked batches for transformers' padded row, made as HF Trainer's `group_by_length` makes them: a
+    fixed number of samples per batch (chosen so that a batch holds about `tokens_per_step` real tokens, as the
+    packed rows do), megabatches of 50 batches sorted by length (longest first), each batch right-padded to its
+    longest sample. The samples come from the same train split and the same task encoder as the packed rows."""
+    from megatron.energon import WorkerConfig
+
+    from omni_model.data.batch import collate
+    from omni_model.data.task_encoder import build_loader
+
+    encoder = encoder_class(kind, sample_lists=True)(hf_dir, max_seq_len=seq_len)
+    loader = build_loader(shards, encoder, split="train", batch_size=1,
+                          worker_config=WorkerConfig(rank=0, world_size=1, num_workers=workers),
+                          shuffle_buffer_size=64, repeat=True)
+    stream = (samples[0] for samples in loader)
+    probe = [next(stream) for _ in range(64)]
+    per_batch = max(1, round(tokens_per_step / (sum(s.length for s in probe) / len(probe))))
+    samples = probe + [next(stream) for _ in range(max(0, count * per_batch - len(probe)))]
+    batches = []
+    for start in range(0, count * per_batch, 50 * per_batch):  # group_by_length's megabatches
+        mega = sorted(samples[start:start + 50 * per_batch], key=lambda s: s.length, reverse=True)
+        batches += [collate(mega[i:i + per_batch], pad_id=encoder.encoder.pad_id, packed=False)
+                    for i in range(0, len(mega), per_batch)]
+    return batches[:count]
 
 
 def describe(batches: list, seq_len: int) -> dict:
@@ -190,7 +231,7 @@ def measure(step, warmup: int, steps: int, device: str, peak: float, profile: st
 
     losses = [step()[0] for _ in range(warmup)]
     sync(device)
-    times, tokens, flops = [], 0, {}
+    times, step_tokens, step_flops, tokens, flops = [], [], [], 0, {}
     for _ in range(steps):
         start = time.perf_counter()
         loss, seen, parts = step()
@@ -198,14 +239,19 @@ def measure(step, warmup: int, steps: int, device: str, peak: float, profile: st
         times.append(time.perf_counter() - start)
         losses.append(loss)
         tokens += seen["tokens"]
+        step_tokens.append(seen["tokens"])
+        step_flops.append(sum(parts.values()))
         flops = {part: flops.get(part, 0.0) + value for part, value in parts.items()}
     if profile:
         profile_step(step, device, Path(profile), stacks)
     seconds = sum(times)
-    tflops = sum(flops.values()) / seconds / 1e12
-    return {"step_s": seconds / steps, "step_s_min": min(times), "step_s_max": max(times),
-            "tokens_per_step": tokens / steps, "tokens_per_s": tokens / seconds, "tflops": tflops,
-            "tflops_llm": flops.get("llm", 0.0) / seconds / 1e12, "mfu": tflops / peak,
+    # medians over the timed steps: robust to a slow outlier (an allocator grow, a host hiccup) in either model's rows
+    rates = [t / s for t, s in zip(step_tokens, times)]
+    tflops = statistics.median(f / s for f, s in zip(step_flops, times)) / 1e12
+    return {"step_s": statistics.median(times), "step_s_mean": seconds / steps, "step_s_min": min(times),
+            "step_s_max": max(times), "tokens_per_step": tokens / steps, "tokens_per_s": statistics.median(rates),
+            "tokens_per_s_mean": tokens / seconds, "timed_steps": steps, "tflops": tflops,
+            "tflops_llm": tflops * flops.get("llm", 0.0) / max(sum(flops.values()), 1e-30), "mfu": tflops / peak,
             "flops_share": {part: value / max(sum(flops.values()), 1e-30) for part, value in flops.items()},
             "mem_gib": memory_gib(), "loss_first": losses[0], "loss_last": losses[-1]}
 
@@ -363,7 +409,7 @@ def build_ours_step(spec: dict, batches: list, peak: float):
     on_gpu = spec["device"] == "cuda"
     train = {"iters": spec["warmup"] + spec["steps"], "lr_warmup_iters": 1, "global_batch_size": spec["global_batch"],
              "micro_batch_size": spec["micro_batch"], "seq_len": spec["seq_len"], "packing": True,
-             "gpus_per_node": int(on_gpu), "cpu_procs": 1, **train_extra}
+             "gpus_per_node": int(on_gpu), "cpu_procs": 1, **frozen_towers(spec), **train_extra}
     work = Path(spec["work"])
     settings = TrainSettings(hf_dir=spec["hf_dir"], init_checkpoint="", shards="", train_dir=str(work / "ours"),
                              train=train)
@@ -420,17 +466,39 @@ def hf_inputs(batch, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def build_hf(hf_dir: str, attn: str, device: str):
+HF_ATTENTION = {"flex_attention": "flex_attention", "sdpa": "sdpa", "padded": "sdpa"}
+
+
+def parse_hf_variant(variant: str) -> tuple[str, bool]:
+    """'ATTN[+fp32]' -> (ATTN, fp32 masters). ATTN: flex_attention | sdpa (packed rows, a block-causal mask) |
+    padded (length-grouped padded batches, sdpa). '+fp32': fp32 weights and AdamW states, bf16 autocast (HF
+    Trainer's `bf16=True` on an fp32-loaded model): the same precision as ours."""
+    attn, _, precision = variant.partition("+")
+    if attn not in HF_ATTENTION or precision not in ("", "fp32"):
+        raise SystemExit(f"transformers row {variant!r}: ATTN[+fp32] with ATTN one of {sorted(HF_ATTENTION)}")
+    return attn, precision == "fp32"
+
+
+def frozen_towers(spec: dict) -> dict:
+    """The train.* switches of the bench's tower setting (the same for both models)."""
+    frozen = not spec.get("train_towers", True)
+    return {"freeze_vision": frozen, "freeze_audio": frozen}
+
+
+def build_hf(hf_dir: str, attn: str, device: str, fp32: bool = False, train_towers: bool = True):
     from transformers import Qwen3OmniMoeConfig
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerForConditionalGeneration
 
     config = Qwen3OmniMoeConfig(**json.loads((Path(hf_dir) / "config.json").read_text())).thinker_config
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device == "cuda" and not fp32 else torch.float32
     with torch.device(device):
         model = Qwen3OmniMoeThinkerForConditionalGeneration._from_config(config, attn_implementation="sdpa",
                                                                           dtype=dtype)
-    if attn != "sdpa":  # the text model only: the towers support sdpa/flash, not flex
-        model.config.text_config._attn_implementation = attn
+    if HF_ATTENTION[attn] != "sdpa":  # the text model only: the towers support sdpa/flash, not flex
+        model.config.text_config._attn_implementation = HF_ATTENTION[attn]
+    if not train_towers:
+        model.model.visual.requires_grad_(False)
+        model.model.audio_tower.requires_grad_(False)
     return model.train()
 
 
@@ -439,20 +507,25 @@ def run_hf(spec: dict, batches: list, peak: float) -> dict:
     from omni_model.train.metrics import FlopCounter
 
     device = spec["device"]
+    attn, fp32 = parse_hf_variant(spec["variant"])
     torch.manual_seed(0)
-    model = build_hf(spec["hf_dir"], spec["variant"], device)
+    model = build_hf(spec["hf_dir"], attn, device, fp32, spec["train_towers"])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                                   fused=device == "cuda")
     counter = TokenCounter(iter(batches))
-    flops = FlopCounter(spec["hf_dir"])  # nothing frozen, as ours
+    flops = FlopCounter(spec["hf_dir"], frozen_towers(spec))
+    # padded batches: one batch is the step (its size was chosen to hold a packed global batch's tokens)
+    micro_batches = 1 if attn == "padded" else spec["global_batch"] // spec["micro_batch"]
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if fp32 and device == "cuda" else nullcontext
 
     def step():
-        micro = [next(counter) for _ in range(spec["global_batch"] // spec["micro_batch"])]
+        micro = [next(counter) for _ in range(micro_batches)]
         label_tokens = sum(b.num_trained for b in micro)
         total = torch.zeros((), device=device)
         for batch in micro:  # gradient accumulation: token-mean over the global batch, as ours
-            out = model(**hf_inputs(batch, device), output_router_logits=True)
+            with autocast():
+                out = model(**hf_inputs(batch, device), output_router_logits=True)
             loss = out.loss * (batch.num_trained / label_tokens)
             loss.backward()
             total += loss.detach()
@@ -467,7 +540,8 @@ def run_hf(spec: dict, batches: list, peak: float) -> dict:
 
 def run_row(spec: dict) -> dict:
     torch.manual_seed(0)
-    batches = torch.load(spec["batches"], weights_only=False)[spec["kind"]]
+    padded = spec["impl"] == "hf" and parse_hf_variant(spec["variant"])[0] == "padded"
+    batches = torch.load(spec["batches"], weights_only=False)[spec["kind"] + ("_padded" if padded else "")]
     if spec["device"] == "cuda":  # as the training loader delivers them (energon pins: OmniBatch.pin_memory)
         batches = [batch.pin_memory() for batch in batches]
     context = sdpa_context(spec["sdpa"]) if spec["impl"] == "hf" and spec["sdpa"] else nullcontext
@@ -481,8 +555,24 @@ def row_name(spec: dict) -> str:
     return f"{spec['impl']}[{spec['variant']}] {spec['kind']}"
 
 
+def best_of_repeats(rows: list) -> dict:
+    """{(impl, variant, kind): the repeat with the most tokens/s, with every repeat's tokens/s and their spread}."""
+    groups: dict = {}
+    for r in rows:
+        if "failed" not in r:
+            groups.setdefault((r["impl"], r["variant"], r["kind"]), []).append(r)
+    best = {}
+    for key, runs in groups.items():
+        rates = [r["tokens_per_s"] for r in runs]
+        best[key] = {**max(runs, key=lambda r: r["tokens_per_s"]), "tokens_per_s_runs": rates,
+                     "spread": (max(rates) - min(rates)) / min(rates)}
+    return best
+
+
 def run_child(spec: dict, timeout: int, cpu: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # both models with the allocator setting that avoids cudaMalloc/cudaFree churn near the card's limit
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     try:
@@ -500,26 +590,30 @@ def print_row(name: str, r: dict) -> None:
     if "failed" in r:
         print(f"{name:44s} FAILED: {r['failed'][-600:]}", flush=True)
         return
+    planned = f"{r['planned_gib']:>8.1f}" if r.get("planned_gib") else f"{'':>8s}"
     print(f"{name:44s} {r['tokens_per_s']:>10.0f} {1e3 * r['step_s']:>9.1f} {r['tflops']:>8.1f} "
-          f"{100 * r['mfu']:>6.1f}% {r['mem_gib']:>8.1f}  {r['loss_first']:.3f} -> {r['loss_last']:.3f}", flush=True)
+          f"{100 * r['mfu']:>6.1f}% {r['mem_gib']:>8.1f} {planned}  {r['loss_first']:.3f} -> {r['loss_last']:.3f}",
+          flush=True)
 
 
 def headline(rows: list, peak: float, device: str, args) -> dict:
-    def pick(impl, variant, kind):
-        for r in rows:
-            if (r["impl"], r["variant"], r["kind"]) == (impl, variant, kind) and "failed" not in r:
-                return r
-        return None
-
-    out = {"device": device, "model": ("tiny" if args.tiny else "30B-A3B layer shapes") + f", {args.layers} layers",
+    best = best_of_repeats(rows)
+    out = {"device": device, "card": device,
+           "model": ("tiny" if args.tiny else "30B-A3B layer shapes") + f", {args.layers} layers"
+           + (", towers trained" if args.train_towers else ", towers frozen"),
            "seq_len": args.seq_len, "pad_rows": args.pad_rows, "global_batch_rows": args.global_batch,
-           "micro_batch_rows": args.micro_batch,
-           "steps": args.steps, "warmup": args.warmup,
-           "matmul_peak_tflops": peak, "torch": torch.__version__}
+           "micro_batch_rows": args.micro_batch, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+           "matmul_peak_tflops": peak, "torch": torch.__version__,
+           "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
     base = args.variants[0]
-    hf_attn = args.hf_attn[0] if args.hf_attn else None
+    hf_first = args.hf_attn[0] if args.hf_attn else None
+    out["transformers_rows"] = [{"row": f"hf[{v}] {k}", "tokens_per_s_runs": r["tokens_per_s_runs"],
+                                 "spread": r["spread"], "tflops": r["tflops"], "mfu": r["mfu"],
+                                 "mem_gib": r["mem_gib"]}
+                                for (impl, v, k), r in best.items() if impl == "hf"]
+    out["best_transformers_row"], out["ratio_vs_best_transformers"] = {}, {}
     for kind, suffix in (("mm", ""), ("text", "_text")):
-        ours, hf = pick("ours", base, kind), pick("hf", hf_attn, kind)
+        ours, hf = best.get(("ours", base, kind)), best.get(("hf", hf_first, kind))
         out[f"tokens_per_s_ours{suffix}"] = ours and ours["tokens_per_s"]
         out[f"tokens_per_s_transformers{suffix}"] = hf and hf["tokens_per_s"]
         out[f"ratio_vs_transformers{suffix}"] = ours and hf and ours["tokens_per_s"] / hf["tokens_per_s"]
@@ -527,8 +621,46 @@ def headline(rows: list, peak: float, device: str, args) -> dict:
         out[f"tflops_ours{suffix}"] = ours and ours["tflops"]
         out[f"tflops_llm_ours{suffix}"] = ours and ours["tflops_llm"]
         out[f"mfu_transformers{suffix}"] = hf and hf["mfu"]
-    out["headline_rows"] = {"ours": f"ours[{base}]", "transformers": f"hf[{hf_attn}]"}
+        out[f"planned_gib_ours{suffix}"] = ours and ours.get("planned_gib")
+        out[f"mem_gib_ours{suffix}"] = ours and ours["mem_gib"]
+        fastest = max(((v, r) for (impl, v, k), r in best.items() if impl == "hf" and k == kind),
+                      key=lambda vr: vr[1]["tokens_per_s"], default=None)
+        if fastest:
+            out["best_transformers_row"][kind] = f"hf[{fastest[0]}] {kind}"
+            out["ratio_vs_best_transformers"][kind] = ours and ours["tokens_per_s"] / fastest[1]["tokens_per_s"]
+    out["headline_rows"] = {"ours": f"ours[{base}]", "transformers": f"hf[{hf_first}]",
+                            "best_transformers": out["best_transformers_row"]}
     return out
+
+
+def print_summary(out: dict) -> None:
+    """The transformers rows with their spread over repeats, and ours against the fastest of them per batch kind."""
+    print("\ntransformers rows (best of repeats; spread = (max - min) / min tokens/s over the repeats):")
+    for r in out["transformers_rows"]:
+        print(f"  {r['row']:36s} {max(r['tokens_per_s_runs']):>10.0f} tokens/s  spread {100 * r['spread']:5.1f} %  "
+              f"MFU {100 * r['mfu']:5.1f} %")
+    for kind, suffix in (("mm", ""), ("text", "_text")):
+        ratio = out["ratio_vs_best_transformers"].get(kind)
+        if ratio:
+            print(f"  {kind}: ours {out[f'tokens_per_s_ours{suffix}']:.0f} tokens/s, MFU "
+                  f"{100 * out[f'mfu_ours{suffix}']:.1f} % = {ratio:.2f}x {out['best_transformers_row'][kind]}")
+
+
+def fitting_micro_batch(hf_dir: Path, args) -> tuple[int, float]:
+    """The largest micro-batch (halving --micro-batch) whose planned peak for ours fits --fit-gib, and that plan's
+    GiB: the bench's default shapes must run on an 80 GB card as on a 141 GB one."""
+    from omni_model.plan import GIB, check_run
+
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    micro = args.micro_batch
+    while True:
+        train = {"micro_batch_size": micro, "seq_len": args.seq_len, "recompute": "none", "freeze_llm": False,
+                 **frozen_towers({"train_towers": args.train_towers}), "global_batch_size": args.global_batch}
+        parallel = {"tp": 1, "pp": 1, "ep": 1, "etp": 1, "cp": 1, "first_stage_layers": None}
+        planned = check_run(hf_config, train, parallel, 1, on_gpu=not args.cpu).total / GIB
+        if planned <= args.fit_gib or micro == 1:
+            return micro, planned
+        micro //= 2
 
 
 def main() -> int:
@@ -548,7 +680,16 @@ def main() -> int:
     ap.add_argument("--pad-rows", action="store_true", help="pad every packed row to exactly --seq-len (static "
                     "shapes for CUDA-graph variants; the padding is its own segment and no real token)")
     ap.add_argument("--variants", default="base", help="variants of ours, comma separated (module docstring)")
-    ap.add_argument("--hf-attn", default="sdpa", help="transformers' text attention: sdpa,flex_attention ('' = no hf)")
+    ap.add_argument("--hf-attn", default="flex_attention,sdpa,padded,flex_attention+fp32",
+                    help="transformers rows, ATTN[+fp32]: flex_attention / sdpa (packed rows), padded (length-grouped "
+                    "padded batches), +fp32 (fp32 masters and Adam states under bf16 autocast, ours' precision); "
+                    "'' = none. The headline compares ours with the fastest")
+    ap.add_argument("--repeats", type=int, default=2, help="each row measured this many times (own process each); "
+                    "the best is reported with the spread")
+    ap.add_argument("--train-towers", action="store_true", help="train the vision and audio towers in both models "
+                    "(default frozen: the towers' fp32 masters and Adam states do not fit an 80 GB card with ours)")
+    ap.add_argument("--fit-gib", type=float, default=78.0, help="halve --micro-batch until the planner's estimate "
+                    "for ours fits this many GiB (an H100 80GB has ~78 usable)")
     ap.add_argument("--hf-sdpa", default="", help="sdpa_kernel backend for the transformers rows (default: torch's)")
     ap.add_argument("--tiny", action="store_true", help="the tiny config (CPU smoke run)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU (fp32, gloo, plain optimizer)")
@@ -585,10 +726,20 @@ def main() -> int:
     hf_dir = write_hf_dir(work, args.tiny, args.layers)
     if args.global_batch % args.micro_batch:
         ap.error("--global-batch must be a multiple of --micro-batch")
+    requested = args.micro_batch
+    args.micro_batch, planned_gib = fitting_micro_batch(hf_dir, args)
+    print(f"micro-batch {args.micro_batch} (asked {requested}): planned peak for ours {planned_gib:.1f} GiB "
+          f"(fit {args.fit_gib} GiB)", flush=True)
     count = args.global_batch // args.micro_batch * (args.warmup + args.steps + int(args.profile))
     batches = {kind: encode_batches(hf_dir, Path(args.shards).resolve(), kind, count, args.seq_len,
                                     args.packing_buffer, args.data_workers, args.pad_rows, args.micro_batch)
                for kind in kinds}
+    if any(parse_hf_variant(a)[0] == "padded" for a in args.hf_attn):
+        steps = args.warmup + args.steps + int(args.profile)
+        for kind in kinds:
+            per_step = sum(b.num_tokens for b in batches[kind]) / steps
+            batches[kind + "_padded"] = encode_padded_batches(hf_dir, Path(args.shards).resolve(), kind, steps,
+                                                              per_step, args.seq_len, args.data_workers)
     data = {kind: describe(b, args.seq_len) for kind, b in batches.items()}
     torch.save(batches, work / "batches.pt")
     print(f"encoded {count} micro-batches per kind in {time.perf_counter() - began:.1f} s: {data}", flush=True)
@@ -602,21 +753,33 @@ def main() -> int:
     common = {"device": device, "hf_dir": str(hf_dir), "batches": str(work / "batches.pt"), "work": str(work),
               "peak": peak, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
               "global_batch": args.global_batch, "micro_batch": args.micro_batch, "sdpa": args.hf_sdpa,
-              "stacks": args.profile_stacks}
-    specs = [{**common, "impl": "ours", "variant": v, "kind": k} for k in kinds for v in args.variants]
-    specs += [{**common, "impl": "hf", "variant": a, "kind": k} for k in kinds for a in args.hf_attn]
+              "stacks": args.profile_stacks, "train_towers": args.train_towers}
+    for attn in args.hf_attn:
+        parse_hf_variant(attn)  # an unknown row stops here, before any row runs
+    rounds = range(args.repeats)  # round-robin: a repeat of a row runs minutes after its first run, not right after
+    specs = [{**common, "impl": "ours", "variant": v, "kind": k, "repeat": i} for i in rounds for k in kinds
+             for v in args.variants]
+    specs += [{**common, "impl": "hf", "variant": a, "kind": k, "repeat": i} for i in rounds for k in kinds
+              for a in args.hf_attn]
     for spec in specs:
         slug = "".join(c if c.isalnum() else "_" for c in row_name(spec))
-        spec["profile"] = str(Path(args.json).parent / f"profile_{slug}.txt") if args.profile else ""
-    print(f"{'row':44s} {'tokens/s':>10s} {'step ms':>9s} {'TFLOP/s':>8s} {'MFU':>7s} {'mem GiB':>8s}  loss", flush=True)
+        spec["profile"] = str(Path(args.json).parent / f"profile_{slug}.txt") if args.profile and not spec["repeat"] \
+            else ""
+    print(f"{'row':44s} {'tokens/s':>10s} {'step ms':>9s} {'TFLOP/s':>8s} {'MFU':>7s} {'mem GiB':>8s} "
+          f"{'planned':>8s}  loss   (medians of {args.steps} timed steps)", flush=True)
     rows = []
     for spec in specs:
         result = run_child(spec, args.timeout, device == "cpu")
-        label = row_name(spec) + (f" sdpa={spec['sdpa']}" if spec["impl"] == "hf" and spec["sdpa"] else "")
+        label = row_name(spec) + (f" sdpa={spec['sdpa']}" if spec["impl"] == "hf" and spec["sdpa"] else "") \
+            + (f" #{spec['repeat'] + 1}" if args.repeats > 1 else "")
+        if spec["impl"] == "ours" and "failed" not in result:
+            result["planned_gib"] = planned_gib
         print_row(label, result)
-        rows.append({"row": label, "impl": spec["impl"], "variant": spec["variant"], "kind": spec["kind"], **result})
+        rows.append({"row": label, "impl": spec["impl"], "variant": spec["variant"], "kind": spec["kind"],
+                     "repeat": spec["repeat"], **result})
 
     out = headline(rows, peak, name, args)
+    print_summary(out)
     out.update({"data": data, "rows": rows, "command": " ".join(sys.argv), "wall_s": time.perf_counter() - began})
     print(json.dumps({k: v for k, v in out.items() if k not in ("rows", "data")}, indent=1))
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
