@@ -14,8 +14,17 @@ from omni_model.compat.registry import resolve
 MCORE_SEAMS = sorted(seam.name for seam in compat.SEAMS if seam.package == "megatron-core")
 
 
+@pytest.fixture(scope="module")
+def patched():
+    """Our patches in, as in a training process (CPU patches only without CUDA): each seam still sees upstream."""
+    from omni_model.runtime import cpu_patches, multi_tensor
+
+    cpu_patches.apply()
+    multi_tensor.apply()
+
+
 @pytest.mark.parametrize("seam", compat.SEAMS, ids=lambda seam: seam.name)
-def test_every_seam_holds_on_the_installed_stack(seam):
+def test_every_seam_holds_on_the_installed_stack(seam, patched):
     seam.verify()
     resolve(seam.ours)  # the catalogue points at our code that exists
 
@@ -23,9 +32,12 @@ def test_every_seam_holds_on_the_installed_stack(seam):
 def test_the_catalogue_covers_each_switch_and_package():
     """Each performance switch (PerfOptions field) has a seam; each package a seam depends on is version-checked
     by some stage start-up."""
+    import dataclasses
+
+    from omni_model.model.options import PerfOptions
+
     switches = {seam.switch for seam in compat.SEAMS if seam.switch}
-    assert switches == {"static_dispatch", "plain_matmul_when_local", "fuse_ce_on_gpu", "packed_kernel",
-                        "fold_grad_scale"}
+    assert switches == {field.name for field in dataclasses.fields(PerfOptions)}
     gated = set(compat.TRAINING_PACKAGES) | set(compat.CONVERT_PACKAGES) | set(compat.DATA_PACKAGES)
     assert {seam.package for seam in compat.SEAMS} == gated == set(compat.VERIFIED)
     assert len(compat.BY_NAME) == len(compat.SEAMS)

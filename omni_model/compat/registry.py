@@ -85,8 +85,15 @@ class UnverifiedUpstream(RuntimeError):
     """An installed package version that the seams touching it were not checked on."""
 
 
+def replace_upstream(owner, name: str, new) -> None:
+    """`owner.name = new`, remembering upstream's object on `new` so that the seam's check still fingerprints
+    upstream's code once the patch is in (resolve() follows `__upstream__`)."""
+    new.__upstream__ = getattr(owner, name)
+    setattr(owner, name, new)
+
+
 def resolve(target: str):
-    """'package.module:Qual.name' -> the object (imports the module)."""
+    """'package.module:Qual.name' -> upstream's object (imports the module; behind a patch, the patched original)."""
     module_name, _, qualname = target.partition(":")
     obj = importlib.import_module(module_name)
     for part in filter(None, qualname.split(".")):
@@ -95,6 +102,8 @@ def resolve(target: str):
             obj = obj.__func__
         elif isinstance(obj, property):
             obj = obj.fget
+        while hasattr(obj, "__upstream__"):
+            obj = obj.__upstream__
     return obj
 
 

@@ -318,6 +318,7 @@ def _leave_step_to_the_param_groups(distributed_optimizer_class) -> None:
                 state["step"] = step
 
     set_states.leaves_step = True
+    set_states.__upstream__ = original  # the seam "train.distrib_optimizer_load" checks upstream's code (compat)
     distributed_optimizer_class._set_main_param_and_optimizer_states = set_states
 
 
