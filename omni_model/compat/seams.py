@@ -2,6 +2,10 @@
 performance switch, with where upstream has it, where we depend on it, why, and the versions it was verified on.
 A new patch gets an entry here (and `python -m omni_model.compat --fingerprints` prints the fingerprint to record);
 tests/test_compat.py holds every entry to the installed code.
+
+The package imports no other omni_model module: our code is named by "module:qualname" strings and resolved when a
+check runs, like upstream's, so that every module (runtime, model, train, data) can use the seam without an import
+circle (tests/test_import_cycles.py).
 """
 
 from __future__ import annotations
@@ -30,18 +34,15 @@ def _mcore_modules_bind_torch() -> None:
 
     import torch
 
-    from ..runtime.cpu_patches import _MCORE_MODULES, _TorchProxy
-
-    for name in _MCORE_MODULES:
+    proxy_type = resolve("omni_model.runtime.cpu_patches:_TorchProxy")
+    for name in resolve("omni_model.runtime.cpu_patches:_MCORE_MODULES"):
         bound = getattr(importlib.import_module(name), "torch", None)
-        assert bound is torch or isinstance(bound, _TorchProxy), f"{name} no longer binds `torch` as a global"
+        assert bound is torch or isinstance(bound, proxy_type), f"{name} no longer binds `torch` as a global"
 
 
 def _mcore_binds_multi_tensor_fallbacks() -> None:
     """multi_tensor.apply rebinds `l2_norm_impl` / `multi_tensor_scale_impl` of mcore's optimizer modules."""
-    from ..runtime import multi_tensor
-
-    for name in multi_tensor._MODULES:
+    for name in resolve("omni_model.runtime.multi_tensor:_MODULES"):
         module = resolve(name)
         assert hasattr(module, "multi_tensor_scale_impl"), f"{name}.multi_tensor_scale_impl is gone"
     assert hasattr(resolve("megatron.core.optimizer.clip_grads"), "l2_norm_impl"), "clip_grads.l2_norm_impl is gone"
@@ -74,10 +75,8 @@ def _dj_sources_match_registry() -> None:
     from data_juicer.ops import load_ops  # noqa: F401  (registers every op)
     from data_juicer.ops.base_op import OPERATORS
 
-    from ..config import _OP_FAMILIES, OpCatalog
-
-    catalog = OpCatalog()
-    families = tuple(f"data_juicer.ops.{family}." for family in _OP_FAMILIES)
+    catalog = resolve("omni_model.config:OpCatalog")()
+    families = tuple(f"data_juicer.ops.{family}." for family in resolve("omni_model.config:_OP_FAMILIES"))
     registered = {name: cls for name, cls in OPERATORS.modules.items() if cls.__module__.startswith(families)}
     assert registered, "no Data-Juicer op found in its registry"
     wrong = {name: (catalog.ops.get(name), cls.__name__) for name, cls in registered.items()

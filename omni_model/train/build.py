@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.options import DEFAULT, PerfOptions
+from .adam import torch_adams
 from .settings import TrainSettings
 
 # Which top-level module of the thinker each freeze / LR switch addresses (names as in thinker.named_parameters()).
@@ -198,13 +199,6 @@ def build_training(settings: TrainSettings, load_initial_weights: bool = True,
             FoldedGradScale(model, optimizer)
     scheduler = build_scheduler(optimizer, settings.train)
     return Training(model=model, optimizer=optimizer, scheduler=scheduler, dtype=training_dtype(settings))
-
-
-def torch_adams(optimizer) -> list:
-    """The torch Adam(W) instances inside an mcore optimizer (chained per param dtype, or one), or the optimizer
-    itself when it is one."""
-    inner = [getattr(leaf, "optimizer", leaf) for leaf in getattr(optimizer, "chained_optimizers", [optimizer])]
-    return [adam for adam in inner if isinstance(adam, (torch.optim.Adam, torch.optim.AdamW))]
 
 
 def use_fused_adam(optimizer) -> None:

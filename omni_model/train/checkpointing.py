@@ -290,7 +290,7 @@ def unshare_adam_steps(optimizer) -> None:
     update on (H200, tiny model: the step after the resumed one was off by 1.3e-3 relative, growing to 1.9e-3)."""
     import torch
 
-    from .build import torch_adams
+    from .adam import torch_adams
 
     for adam in torch_adams(optimizer):
         for group in adam.param_groups:
