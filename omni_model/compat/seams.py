@@ -92,6 +92,29 @@ _DJ_OPS_THE_SOURCES_MISS = {"document_minhash_deduplicator_with_uid", "ray_bts_m
                             "human_preference_annotation_mapper"}
 
 
+def _sources_read(*reads: tuple[str, str]):
+    """A check that each upstream target's source still contains its text (an attribute name mcore reads)."""
+
+    def check() -> None:
+        import inspect
+
+        for target, text in reads:
+            assert text in inspect.getsource(resolve(target)), f"{target} no longer reads {text}"
+
+    return check
+
+
+def _energon_sample_fields() -> None:
+    """The task encoder copies Energon's bookkeeping fields from the raw sample to the encoded one."""
+    import dataclasses
+
+    from megatron.energon import Sample
+
+    names = {field.name for field in dataclasses.fields(Sample)}
+    missing = {"__key__", "__restore_key__", "__subflavors__", "__sources__"} - names
+    assert not missing, f"megatron.energon.Sample lost the fields {sorted(missing)}"
+
+
 # -- the catalogue ------------------------------------------------------------------------------------------------
 
 SEAMS: tuple[Seam, ...] = (
@@ -111,7 +134,8 @@ SEAMS: tuple[Seam, ...] = (
           "omni_model.runtime.cpu_patches:apply", "patch",
           "mcore's RNG tracker saves/restores CUDA generator states: the CPU generator instead",
           fingerprint='22969191567649fe'),
-    _seam("cpu.rng_tracker", MCORE, [f"{_TP}.random:CudaRNGStatesTracker.add", f"{_TP}.random:CudaRNGStatesTracker.fork"],
+    _seam("cpu.rng_tracker", MCORE,
+          [f"{_TP}.random:CudaRNGStatesTracker.add", f"{_TP}.random:CudaRNGStatesTracker.fork"],
           "omni_model.runtime.cpu_patches:apply", "patch",
           "add() is rewritten for the CPU generator (same bookkeeping); fork()'s 'CPU RNG state changed' warning is "
           "filtered by its text",
@@ -147,7 +171,8 @@ SEAMS: tuple[Seam, ...] = (
           "the built dispatcher's __class__ is swapped to one whose dispatch_postprocess gives the same permutation "
           "without host syncs (all experts local)", switch="static_dispatch",
           fingerprint='facfc26de2ffe502'),
-    _seam("model.grouped_experts", MCORE, [f"{_MOE}.experts:TEGroupedMLP.__init__", f"{_MOE}.experts:TEGroupedMLP.forward"],
+    _seam("model.grouped_experts", MCORE,
+          [f"{_MOE}.experts:TEGroupedMLP.__init__", f"{_MOE}.experts:TEGroupedMLP.forward"],
           "omni_model.model.experts:GroupedGemmExperts", "subclass",
           "TEGroupedMLP with torch grouped GEMMs for TE's GroupedLinear; its forward is copied minus a host sync",
           fingerprint='4eba847fa93674fb'),
@@ -180,7 +205,52 @@ SEAMS: tuple[Seam, ...] = (
           "towers get a hand-filled ProcessGroupCollection: a size-1 TP group when replicated, a single-rank "
           "stand-in for CP",
           fingerprint='c0428f9efc971621'),
+    _seam("model.param_attributes", MCORE, [f"{_TP}.layers:param_is_not_tensor_parallel_duplicate",
+                                            "megatron.core.distributed.finalize_model_grads:"
+                                            "_allreduce_non_tensor_model_parallel_grads",
+                                            "megatron.core.distributed.distributed_data_parallel:"
+                                            "DistributedDataParallel.__init__"],
+          "omni_model.model.encoder_layers:mark_replicated", "private",
+          "parameter attributes we set and mcore reads: tensor_model_parallel (replicated towers), sequence_parallel "
+          "(norm.RMSNorm), allreduce=False (experts.GroupedLinear: expert-DP grads)",
+          check=_sources_read((f"{_TP}.layers:param_is_not_tensor_parallel_duplicate", "tensor_model_parallel"),
+                              ("megatron.core.distributed.finalize_model_grads:"
+                               "_allreduce_non_tensor_model_parallel_grads", '"sequence_parallel"'),
+                              ("megatron.core.distributed.distributed_data_parallel:DistributedDataParallel.__init__",
+                               "'allreduce'"))),
+    _seam("model.expert_sharded_state_dict", MCORE,
+          ["megatron.core.transformer.utils:make_sharded_tensors_for_checkpoint",
+           "megatron.core.dist_checkpointing.utils:replace_prefix_for_sharding"],
+          "omni_model.model.experts:GroupedLinear.sharded_state_dict", "call",
+          "the fused expert weight is written as TE's per-expert ShardedTensors with mcore's helpers",
+          check="signature",
+          fingerprint=('(state_dict, prefix, tensor_parallel_layers_axis_map, sharded_offsets, '
+                       'extra_state_suffix, tp_group, dp_cp_group); (sharded_state_dict, old_prefix, new_prefix)')),
+    _seam("model.float16_module_inputs", MCORE, "megatron.core.transformer.module:Float16Module.forward",
+          "omni_model.train.forward_step:thinker_inputs", "private",
+          "Float16Module casts only positional inputs to bf16: every input is passed by keyword so the float MRoPE "
+          "positions stay exact",
+          fingerprint='e7ae3115f23d3538'),
+    _seam("model.rope_packed_rows", MCORE, "megatron.core.models.common.embeddings.rope_utils:apply_rotary_pos_emb",
+          "omni_model.model.attention:per_token_rope_packing", "private",
+          "packed rows handed over in 'sbhd' form with cu_seqlens set take RoPE token by token, not by mcore's THD "
+          "loop",
+          fingerprint='2752798f27ef46ca'),
+    _seam("model.gpt_model_init", MCORE, "megatron.core.models.gpt.gpt_model:GPTModel.__init__",
+          "omni_model.model.language_model:Qwen3OmniLanguageModel", "subclass",
+          "built with position_embedding_type='none' and scatter_embedding_sequence_parallel=False, then our MRoPE",
+          check="signature",
+          fingerprint=('(self, config, transformer_layer_spec, vocab_size, max_sequence_length, pre_process, '
+                       'post_process, fp16_lm_cross_entropy, parallel_output, '
+                       'share_embeddings_and_output_weights, position_embedding_type, rotary_percent, '
+                       'rotary_base, rope_scaling, rope_scaling_factor, scatter_embedding_sequence_parallel, '
+                       'seq_len_interpolation_factor, mtp_block_spec, pg_collection, vp_stage)')),
     # train/
+    _seam("train.sharded_tensor_factory", MCORE, "megatron.core.dist_checkpointing.mapping:ShardedTensorFactory",
+          "omni_model.train.checkpointing:_fused_experts_view", "private",
+          "optimizer state of the fused experts maps to the per-expert checkpoint tensors through factories "
+          "rebuilt with dataclasses.replace",
+          fingerprint='0126aa8a306b731c'),
     _seam("train.aux_loss_scale", MCORE, f"{_MOE}.moe_utils:MoEAuxLossAutoScaler",
           "omni_model.train.forward_step:clear_moe_aux_loss_scale", "private",
           "the aux-loss backward scale lives in the class attribute main_loss_backward_scale, reset per forward",
@@ -218,11 +288,17 @@ SEAMS: tuple[Seam, ...] = (
           "the private config attribute _experts_implementation = 'eager' (deterministic per-expert loop on CPU)",
           check=_hf_config_has_experts_implementation),
     # megatron-energon
-    _seam("energon.preparator", ENERGON, "megatron.energon.flavors.webdataset.prepare:WebdatasetPreparator.prepare_dataset",
+    _seam("energon.preparator", ENERGON,
+          "megatron.energon.flavors.webdataset.prepare:WebdatasetPreparator.prepare_dataset",
           "omni_model.data.shards:prepare_energon", "call",
           "Energon's internal preparator writes the index and split.yaml without its interactive CLI",
           check="signature",
-          fingerprint='(cls, parent_path, paths, *, split_parts_ratio, split_parts_patterns, split_config, shuffle_seed, progress_fn, workers, tar_index_only, media_filter, fix_duplicates, index_sqlite_tmp_path)'),
+          fingerprint=('(cls, parent_path, paths, *, split_parts_ratio, split_parts_patterns, split_config, '
+                       'shuffle_seed, progress_fn, workers, tar_index_only, media_filter, fix_duplicates, '
+                       'index_sqlite_tmp_path)')),
+    _seam("energon.sample_fields", ENERGON, "megatron.energon:Sample", "omni_model.data.task_encoder:OmniTaskEncoder",
+          "private", "the encoded sample carries the raw sample's __restore_key__/__subflavors__/__sources__ "
+          "(savable loader state, subflavours)", check=_energon_sample_fields),
     # py-data-juicer
     _seam("dj.ray_executor", DJ, ["data_juicer.core.executor.ray_executor:RayExecutor.__init__",
                                   "data_juicer.core.data.ray_dataset:RayDataset.process",
