@@ -15,8 +15,8 @@ from .registry import OVERRIDE_ENV, Seam, UnverifiedUpstream, UpstreamChanged, i
 from .registry import require_verified as _require_verified
 from .seams import BY_NAME, SEAMS, VERIFIED
 
-# the packages each start-up checks
-TRAINING_PACKAGES = ("megatron-core", "torch")
+# the packages each start-up checks (init_parallel: training, whose loader is Energon's, and convert)
+TRAINING_PACKAGES = ("megatron-core", "torch", "megatron-energon")
 CONVERT_PACKAGES = ("megatron-core", "torch", "transformers")
 DATA_PACKAGES = ("py-data-juicer", "megatron-energon")
 

@@ -1,7 +1,8 @@
 """Every CUDA-only spot of megatron-core 0.16.1 that we patch to run on a CPU-only torch with gloo. ONE module,
 applied only when no GPU is present (`apply()` is a no-op when CUDA is available, and idempotent).
 
-See shared/notes/mcore-on-cpu.md for the measured list. Each patch says what it replaces and why.
+See shared/notes/mcore-on-cpu.md for the measured list. Each patch says what it replaces and why; each is a seam
+("cpu.*") in omni_model/compat/seams.py, checked against the installed upstream.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@
     destroy_parallel()
 
 On a machine without CUDA the CPU patches (runtime.cpu_patches) are applied first and the backend is gloo. Before
-anything, the installed megatron-core and torch are checked against the versions omni_model's seams were verified on
-(omni_model.compat).
+anything, the installed megatron-core, torch and megatron-energon are checked against the versions omni_model's seams
+were verified on (omni_model.compat).
 """
 
 from __future__ import annotations
