@@ -25,6 +25,8 @@ def patched():
 
 @pytest.mark.parametrize("seam", compat.SEAMS, ids=lambda seam: seam.name)
 def test_every_seam_holds_on_the_installed_stack(seam, patched):
+    if registry.installed_version(seam.package) is None:  # e.g. no Data-Juicer on the GPU machines
+        pytest.skip(f"{seam.package} is not installed here")
     seam.verify()
     resolve(seam.ours)  # the catalogue points at our code that exists
 

@@ -13,9 +13,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m omni_model.compat", description=__doc__.splitlines()[0])
     parser.add_argument("--fingerprints", action="store_true", help="print each seam's fingerprint on this install")
     args = parser.parse_args(argv)
-    print("installed:", ", ".join(f"{p} {v}" for p, v in installed_versions().items()))
     failed = 0
+    installed = installed_versions()
+    print("installed:", ", ".join(f"{p} {v}" for p, v in installed.items()))
     for seam in SEAMS:
+        if installed.get(seam.package) is None:
+            print(f"absent  {seam.name} ({seam.package} is not installed)")
+            continue
         if args.fingerprints:
             print(f"{seam.name}: {seam.current_fingerprint()!r}")
             continue
