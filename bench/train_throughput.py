@@ -70,7 +70,6 @@ Writes `--json` (default bench/results/train_throughput.json).
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import os
@@ -87,6 +86,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
+
+from omni_model.model.options import PerfOptions  # noqa: E402
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}
@@ -340,31 +341,28 @@ def compile_ops(which: str) -> None:
             setattr(router, name, torch.compile(getattr(router, name)))
 
 
-# knob=mcore: one of our parts switched back to mcore's own (module, switch set to False, what runs instead), the
-# same-run baseline of that change
+# knob=mcore: one of our parts switched back to mcore's own (the PerfOptions field set to False, what runs instead),
+# the same-run baseline of that change
 MCORE_BASELINES = {
-    "ce": ("omni_model.model.cross_entropy", "FUSE_ON_GPU", "mcore's unfused cross-entropy"),
-    "gradscale": ("omni_model.train.build", "FOLD_GRAD_SCALE", "mcore's scaling passes"),
-    "linear": ("omni_model.model.linear", "PLAIN_MATMUL_WHEN_LOCAL", "mcore's linear autograd Function"),
-    "dispatch": ("omni_model.model.dispatcher", "OmniMoELayer.static_dispatch", "mcore's allgather dispatcher"),
+    "ce": ("fuse_ce_on_gpu", "mcore's unfused cross-entropy"),
+    "gradscale": ("fold_grad_scale", "mcore's scaling passes"),
+    "linear": ("plain_matmul_when_local", "mcore's linear autograd Function"),
+    "dispatch": ("static_dispatch", "mcore's allgather dispatcher"),
 }
 
 
-def use_mcores_own(knob: str, value: str) -> None:
-    module, switch, what = MCORE_BASELINES[knob]
+def mcores_own(knob: str, value: str) -> dict:
+    """The PerfOptions field (set to False) of a knob=mcore variant."""
+    field, what = MCORE_BASELINES[knob]
     if value != "mcore":
         raise SystemExit(f"{knob}={value}: only {knob}=mcore ({what}) is a variant")
-    owner = importlib.import_module(module)
-    *path, name = switch.split(".")
-    for part in path:
-        owner = getattr(owner, part)
-    setattr(owner, name, False)
+    return {field: False}
 
 
-def apply_variant(knobs: dict) -> tuple[dict, dict, object]:
-    """Process-wide switches of a variant -> (TransformerConfig overrides, train overrides, a factory of the context
-    each step runs in)."""
-    config, train, context = {}, {}, nullcontext
+def apply_variant(knobs: dict) -> tuple[dict, dict, object, PerfOptions]:
+    """The switches of a variant -> (TransformerConfig overrides, train overrides, a factory of the context each step
+    runs in, the model's performance options)."""
+    config, train, context, options = {}, {}, nullcontext, {}
     for key, value in knobs.items():
         if key == "compile":
             compile_ops(value or "small")
@@ -372,23 +370,21 @@ def apply_variant(knobs: dict) -> tuple[dict, dict, object]:
             config["cuda_graph_impl"] = "local"
             config["cuda_graph_scope"] = value.split(":") if value else []
         elif key == "thd":
-            from omni_model.model import attention
-
-            attention.PACKED_KERNEL = value
+            options["packed_kernel"] = value
         elif key == "sdpa":
             context = sdpa_context(value)
         elif key == "rope":
             if value != "thd":
                 raise SystemExit(f"rope={value}: only rope=thd (mcore's THD loop) is a variant")
         elif key in MCORE_BASELINES:
-            use_mcores_own(key, value)
+            options.update(mcores_own(key, value))
         elif key.startswith("cfg."):
             config[key[4:]] = _json_or_str(value)
         elif key.startswith("train."):
             train[key[6:]] = _json_or_str(value)
         else:
             raise SystemExit(f"unknown variant knob {key!r} (see the module docstring)")
-    return config, train, context
+    return config, train, context, PerfOptions(**options)
 
 
 def build_ours_step(spec: dict, batches: list, peak: float):
@@ -402,7 +398,7 @@ def build_ours_step(spec: dict, batches: list, peak: float):
     from planner_check import init_weights
 
     knobs = parse_variant(spec["variant"])
-    config_extra, train_extra, context = apply_variant(knobs)
+    config_extra, train_extra, context, options = apply_variant(knobs)
     if config_extra:  # the TransformerConfig fields a variant sets, on top of the training run's own
         base_overrides = build.model_config_overrides
         build.model_config_overrides = lambda settings: {**base_overrides(settings), **config_extra}
@@ -418,7 +414,7 @@ def build_ours_step(spec: dict, batches: list, peak: float):
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(settings.train["seed"], use_cudagraphable_rng=True, force_reset_rng=True)
-    training = build.build_training(settings, load_initial_weights=False)
+    training = build.build_training(settings, load_initial_weights=False, options=options)
     init_weights(training.thinker)
     training.optimizer.reload_model_params()  # the optimizer's fp32 masters copied the uninitialised weights
     if knobs.get("rope") == "thd":

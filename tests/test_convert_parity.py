@@ -47,6 +47,12 @@ def test_parity_gate_passes_and_reports(tiny_hf_dir, converted, parallel):
     tokens = on_disk["probe_tokens"]
     assert min(tokens["text"], tokens["image"], tokens["audio"], tokens["video"]) > 0
     assert on_disk["layers_compared"] == on_disk["layers_total"] and on_disk["truncated"] is False
+    import megatron.core
+    import transformers
+
+    versions = on_disk["versions"]  # the stack the verdict holds for
+    assert versions["megatron-core"] == megatron.core.__version__ and versions["torch"] == torch.__version__
+    assert versions["transformers"] == transformers.__version__
 
 
 def test_parity_gate_fails_on_a_corrupted_tensor(tiny_hf_dir, converted, parallel, tmp_path):

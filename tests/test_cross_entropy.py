@@ -114,11 +114,8 @@ def test_compiled_kernels_match_mcore_on_gpu():
         logits, target, grad_loss = (t.cuda() for t in _inputs(seed=tokens, tokens=tokens, dtype=torch.bfloat16,
                                                                vocab=152064))
         loss, grad = _run(cross_entropy.vocab_parallel_cross_entropy, logits, target, grad_loss)
-        try:
-            cross_entropy.FUSE_ON_GPU = False  # mcore's function on the same device
-            theirs_loss, theirs_grad = _run(cross_entropy.vocab_parallel_cross_entropy, logits, target, grad_loss)
-        finally:
-            cross_entropy.FUSE_ON_GPU = True
+        mcores = functools.partial(cross_entropy.vocab_parallel_cross_entropy, fuse_on_gpu=False)  # same device
+        theirs_loss, theirs_grad = _run(mcores, logits, target, grad_loss)
         assert grad.dtype == theirs_grad.dtype == torch.bfloat16
         assert (loss - theirs_loss).abs().max() < 1e-4
         assert (grad.float() - theirs_grad.float()).abs().max() <= 2 ** -8 * theirs_grad.float().abs().max()

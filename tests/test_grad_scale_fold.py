@@ -21,6 +21,7 @@ def batches(tiny_hf_dir, tmp_path_factory):
 
 def _train(tiny_hf_dir, tmp_path, batches, fold: bool, clip_grad: float, gpu: bool = False):
     from omni_model.convert.mapping import load_hf_into_model
+    from omni_model.model.options import PerfOptions
     from omni_model.train import build
     from omni_model.train.data import TokenCounter
     from omni_model.train.forward_step import forward_step
@@ -34,11 +35,8 @@ def _train(tiny_hf_dir, tmp_path, batches, fold: bool, clip_grad: float, gpu: bo
                              train=dict(iters=3, lr_warmup_iters=1, micro_batch_size=1, global_batch_size=2,
                                         clip_grad=clip_grad, lr=1e-3, seed=1234, gpus_per_node=int(gpu)))
     build.init_training_parallel(settings)
-    build.FOLD_GRAD_SCALE = fold  # what build_training does on the GPU (bf16, distributed optimizer, fused Adam)
-    try:
-        training = build.build_training(settings, load_initial_weights=False)
-    finally:
-        build.FOLD_GRAD_SCALE = True
+    # fold_grad_scale: what build_training does on the GPU (bf16, distributed optimizer, fused Adam)
+    training = build.build_training(settings, load_initial_weights=False, options=PerfOptions(fold_grad_scale=fold))
     load_hf_into_model(training.thinker, tiny_hf_dir, prefix="")
     training.optimizer.reload_model_params()
     if not gpu:
@@ -73,7 +71,7 @@ def test_folded_step_trains_like_mcores_step(tiny_hf_dir, tmp_path, batches, cli
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU build: bf16, distributed optimizer")
 def test_folded_step_trains_like_mcores_step_on_gpu(tiny_hf_dir, tmp_path, batches):
-    """build_training on the GPU installs the fold; against FOLD_GRAD_SCALE off: the same norms and losses (bf16)."""
+    """build_training on the GPU installs the fold; against fold_grad_scale off: the same norms and losses (bf16)."""
     theirs, _ = _train(tiny_hf_dir, tmp_path / "mcore", batches, fold=False, clip_grad=0.5, gpu=True)
     ours, _ = _train(tiny_hf_dir, tmp_path / "fold", batches, fold=True, clip_grad=0.5, gpu=True)
     print([(r["grad_norm"], o["grad_norm"], r["loss"], o["loss"]) for r, o in zip(theirs, ours)])

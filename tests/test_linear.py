@@ -75,14 +75,17 @@ def test_equals_mcores_linear_and_skips_its_python_backward(config, kind, skip_b
     assert MCORE_FUNCTION not in _grad_fn_names(out)
 
 
-def test_switch_restores_mcores_function(config, monkeypatch):
+def test_switch_restores_mcores_function(config):
     from omni_model.model import linear
+    from omni_model.model.options import PerfOptions, apply_options
 
     layer = linear.LocalColumnParallelLinear(16, 8, config=config, init_method=torch.nn.init.normal_, bias=False,
                                              gather_output=False)
-    monkeypatch.setattr(linear, "PLAIN_MATMUL_WHEN_LOCAL", False)
+    apply_options(layer, PerfOptions(plain_matmul_when_local=False))
     out, _ = layer(torch.randn(2, 1, 16, requires_grad=True))
     assert MCORE_FUNCTION in _grad_fn_names(out)
+    apply_options(layer, PerfOptions())
+    assert MCORE_FUNCTION not in _grad_fn_names(layer(torch.randn(2, 1, 16, requires_grad=True))[0])
 
 
 @pytest.mark.parametrize("flag", ["gradient_accumulation_fusion", "allreduce_dgrad", "sequence_parallel"])

@@ -181,9 +181,10 @@ def test_vision_bf16_close_to_fp32(tiny_hf_dir, weights, models):
 
 
 @pytest.mark.gpu
-def test_vision_cuda_bf16_varlen_matches_hf(tiny_hf_dir, weights, models, monkeypatch):
+def test_vision_cuda_bf16_varlen_matches_hf(tiny_hf_dir, weights, models):
     """On CUDA: the bf16 tower (flash varlen attention) vs the fp32 HF reference, and varlen vs per-segment SDPA."""
     from omni_model.model import attention
+    from omni_model.model.options import PerfOptions, apply_options
 
     assert attention.varlen_applies(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
     _, ref = models["sharp"]
@@ -191,7 +192,7 @@ def test_vision_cuda_bf16_varlen_matches_hf(tiny_hf_dir, weights, models, monkey
     pixels, grid = vision_inputs(GRIDS["video_and_image"])
     with torch.no_grad():
         embeds, deepstack = model(pixels.cuda(), grid)
-        monkeypatch.setattr(attention, "PACKED_KERNEL", "loop")
+        apply_options(model, PerfOptions(packed_kernel="loop"))
         loop_embeds, _ = model(pixels.cuda(), grid)
         expect = ref(pixels, grid)
     for a, b in zip([embeds, *deepstack], [expect.pooler_output, *expect.deepstack_features]):

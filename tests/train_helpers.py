@@ -73,7 +73,6 @@ def forward_backward(model, batches: list, forward_only: bool = False) -> dict:
     Returns the loss as the mean over all label tokens of the step (summed over micro-batches and DP ranks), the
     token count, and the aux losses. Gradients are left in the DDP grad buffers (param.main_grad).
     """
-    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from omni_model.train.forward_step import forward_step
@@ -81,10 +80,22 @@ def forward_backward(model, batches: list, forward_only: bool = False) -> dict:
     if not forward_only:
         model.zero_grad_buffer()
     aux_losses()
-    width = max(b.input_ids.shape[1] for b in batches)
     reports = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
-        seq_length=width, micro_batch_size=batches[0].input_ids.shape[0], forward_only=forward_only)
+        forward_only=forward_only, **_shape(batches))
+    return _step_loss(reports)
+
+
+def _shape(batches: list) -> dict:
+    return {"seq_length": max(b.input_ids.shape[1] for b in batches),
+            "micro_batch_size": batches[0].input_ids.shape[0]}
+
+
+def _step_loss(reports: list) -> dict:
+    """The step's loss as the mean over all its label tokens (summed over micro-batches and DP ranks), the token
+    count, and the aux losses."""
+    from megatron.core import parallel_state
+
     total = torch.zeros(2, dtype=torch.float64)
     for report in reports:  # empty on pipeline stages other than the last
         total += report["lm loss"].double().cpu()
@@ -95,15 +106,15 @@ def forward_backward(model, batches: list, forward_only: bool = False) -> dict:
 
 
 def train_step(model, optimizer, scheduler, batches: list) -> dict:
-    """One optimizer step in the order of the training loop (and Megatron's train_step): zero the DDP grad buffers
-    AND the optimizer's param.grad (after a step param.grad aliases main_grad; left set, autograd would accumulate
-    into it in place and DDP's hook would add it to main_grad a second time), forward/backward, step, schedule."""
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
-    result = forward_backward(model, batches)
-    updated, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
-    return dict(result, updated=updated, grad_norm=grad_norm)
+    """One optimizer step of `batches` (this rank's micro-batches) through the training loop's own step function
+    (omni_model.train.loop.optimizer_step), with the step's loss."""
+    from omni_model.train.forward_step import forward_step
+    from omni_model.train.loop import optimizer_step
+
+    aux_losses()
+    reports, updated, grad_norm = optimizer_step(model, optimizer, scheduler, forward_step, iter(batches),
+                                                 len(batches), **_shape(batches))
+    return dict(_step_loss(reports), updated=updated, grad_norm=grad_norm)
 
 
 def gradients(model) -> dict:

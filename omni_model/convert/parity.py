@@ -139,7 +139,10 @@ def run_parity_gate(hf_dir, out_dir, *, dtype="auto", use_te: bool = False, laye
     """Compare, write out_dir/parity.json, raise ParityError over tolerance. Needs init_parallel() (one process)."""
     import transformers
 
+    from ..compat import CONVERT_PACKAGES, installed_versions, require_verified_upstream
     from ..model.thinker import build_thinker
+
+    require_verified_upstream(*CONVERT_PACKAGES, where="convert parity gate")
 
     started = time.perf_counter()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -182,6 +185,7 @@ def run_parity_gate(hf_dir, out_dir, *, dtype="auto", use_te: bool = False, laye
         "layers_total": full_layers,
         "truncated": bool(layers) and layers < full_layers,
         "reference": f"transformers {transformers.__version__} Qwen3OmniMoeThinkerForConditionalGeneration",
+        "versions": installed_versions(),  # the stack this verdict holds for
         "checkpoint": str(out_dir / CHECKPOINT),
         "device": str(device),
         "seconds": round(time.perf_counter() - started, 2),

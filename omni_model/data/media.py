@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+# the AuT's token count is the audio model's formula; the data side (encoder, rope index) counts tokens with it
+from ..model.audio_lengths import audio_output_lengths, conv_out_length  # noqa: F401
+
 AUDIO_SR = 16000
 
 
@@ -432,22 +435,6 @@ def decode_audio_track(data: bytes) -> np.ndarray | None:
 def audio_feature_length(n_samples_16k: int, hop_length: int = 160) -> int:
     """Mel frames of a 16 kHz clip (Whisper drops the last STFT frame)."""
     return n_samples_16k // hop_length
-
-
-def conv_out_length(n, convs: int = 1):
-    """Length after `convs` kernel-3, stride-2, padding-1 convolutions: the AuT's downsampling, along time and along
-    the mel bins. Ints, integer arrays and tensors. The one definition (audio tower, FLOP counter, memory planner)."""
-    for _ in range(convs):
-        n = (n - 1) // 2 + 1
-    return n
-
-
-def audio_output_lengths(input_lengths, n_window: int = 50):
-    """AuT output length for ``input_lengths`` mel frames (== transformers' ``_get_feat_extract_output_lengths``):
-    13 tokens per full 2*n_window chunk plus the conv output of the rest. Ints, integer arrays and tensors.
-    The one definition: the model's audio tower (omni_model.model.audio) imports it from here."""
-    chunk = n_window * 2
-    return conv_out_length(input_lengths % chunk, 3) + (input_lengths // chunk) * 13
 
 
 _EXTRACTORS: dict = {}

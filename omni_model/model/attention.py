@@ -7,7 +7,7 @@ Layouts (as mcore's Attention hands them over, after RoPE):
   delimited by `cu_seqlens_q/kv` (padded variants preferred when given, like mcore) -> output [t, np*hn].
   `packed_attention` (also the towers' attention, encoder_layers.PackedSDPAttention): on CUDA in half precision
   torch's flash `varlen_attn`, otherwise one SDPA call per sequence (exact; what the CPU path does).
-  `PACKED_KERNEL = "loop"` forces the per-sequence calls (a benchmark and test switch).
+  `PerfOptions(packed_kernel="loop")` forces the per-sequence calls (a benchmark and test switch).
 - packed rows in "sbhd" form (`qkv_format == 'sbhd'` with `cu_seqlens_q` set; per_token_rope_packing):
   query [t, 1, np, hn] -> output [t, 1, np*hn], attention as for "thd". mcore then applies RoPE token by token
   instead of its per-sequence THD loop with host syncs.
@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-
-PACKED_KERNEL = "auto"  # "auto": flash varlen where it applies (CUDA, half precision); "loop": one SDPA per sequence
+from .options import DEFAULT
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,21 +47,22 @@ def _varlen():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def varlen_applies(query: torch.Tensor) -> bool:
-    """Whether `packed_attention` takes the flash varlen kernel for this query (else the exact per-sequence loop)."""
-    return (PACKED_KERNEL == "auto" and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+def varlen_applies(query: torch.Tensor, kernel: str = DEFAULT.packed_kernel) -> bool:
+    """Whether `packed_attention` takes the flash varlen kernel for this query (else the exact per-sequence loop);
+    `kernel`: PerfOptions.packed_kernel."""
+    return (kernel == "auto" and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
             and _varlen() is not None)
 
 
 def packed_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q: int, max_seqlen_kv: int, *,
-                     scale: float, causal: bool) -> torch.Tensor:
+                     scale: float, causal: bool, kernel: str = DEFAULT.packed_kernel) -> torch.Tensor:
     """Attention inside each packed sequence. query [t, np, hn], key/value [t, ng, hn] (ng divides np: GQA),
     sequence bounds `cu_seqlens_*` (int) -> [t, np, hn].
 
     The bounds must cover all t tokens, padding as a sequence of its own (what data.batch.collate writes and
     forward_step.packed_seq_params_of checks): the varlen kernel leaves tokens past the last bound unwritten, and
     checking that here would cost a host sync per layer. The per-sequence loop zero-fills them."""
-    if varlen_applies(query):
+    if varlen_applies(query, kernel):
         return _varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv,
                                  scale=scale, causal=causal)
     return _looped_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, scale=scale, causal=causal)
@@ -126,7 +126,16 @@ def per_token_rope_packing(packed_seq_params):
     return dataclasses.replace(packed_seq_params, qkv_format="sbhd")
 
 
-class SDPAttention(MegatronModule):
+class PackedKernelChoice:
+    """The PerfOptions.packed_kernel switch of a core-attention module."""
+
+    packed_kernel = DEFAULT.packed_kernel
+
+    def use_options(self, options) -> None:
+        self.packed_kernel = options.packed_kernel
+
+
+class SDPAttention(PackedKernelChoice, MegatronModule):
     def __init__(
         self,
         config,
@@ -206,5 +215,5 @@ class SDPAttention(MegatronModule):
         cu_q = psp.cu_seqlens_q_padded if psp.cu_seqlens_q_padded is not None else psp.cu_seqlens_q
         cu_k = psp.cu_seqlens_kv_padded if psp.cu_seqlens_kv_padded is not None else psp.cu_seqlens_kv
         out = packed_attention(query, key, value, cu_q, cu_k, psp.max_seqlen_q, psp.max_seqlen_kv,
-                               scale=self.softmax_scale, causal=causal)
+                               scale=self.softmax_scale, causal=causal, kernel=self.packed_kernel)
         return out.reshape(out.shape[0], -1)

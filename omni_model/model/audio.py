@@ -45,7 +45,7 @@ from .encoder_layers import (
     tp_world_size,
 )
 from .transformer_config import audio_config_of, current_tp_size
-from ..data.media import audio_output_lengths, conv_out_length  # the one definition (the data side counts tokens)
+from .audio_lengths import audio_output_lengths, conv_out_length  # the one definition (the data side counts tokens)
 
 
 def audio_replicated(config: Any, tp: int) -> bool:

@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import tensor_parallel
 
-FUSE_ON_GPU = True  # False: mcore's function on the GPU too (the bench's `ce=mcore` baseline)
 
 
 def _row_stats(logits: torch.Tensor, row_max: torch.Tensor, local_target: torch.Tensor, on_rank: torch.Tensor):
@@ -95,10 +94,12 @@ class FusedVocabParallelCrossEntropy(torch.autograd.Function):
         return grad.view(ctx.logits_shape), None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None) -> torch.Tensor:
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None,
+                                 fuse_on_gpu: bool = True) -> torch.Tensor:
     """Per-token loss [...] (fp32) of `logits` [..., V/tp] (this rank's vocab slice, any float dtype) against `target`
     [...] (global vocab ids); `tp_group` the tensor-parallel group the vocab is split over (None: not split; mcore's
-    function on the CPU takes parallel_state's TP group, which is the model's)."""
-    if logits.is_cuda and FUSE_ON_GPU:
+    function on the CPU takes parallel_state's TP group, which is the model's). `fuse_on_gpu`: PerfOptions.fuse_ce_on_gpu
+    (False: mcore's function on the GPU too, the bench's `ce=mcore` baseline)."""
+    if logits.is_cuda and fuse_on_gpu:
         return FusedVocabParallelCrossEntropy.apply(logits, target, tp_group)
     return tensor_parallel.vocab_parallel_cross_entropy(logits, target)

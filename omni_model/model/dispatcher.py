@@ -10,7 +10,7 @@ probabilities and their gradients are the same numbers (tests/test_moe_dispatch.
 device, which our grouped GEMM takes (experts.GroupedGemmExperts).
 
 `OmniMoELayer` is mcore's MoELayer using this dispatcher where it applies (otherwise mcore's own, unchanged).
-`OmniMoELayer.static_dispatch = False` switches it off process-wide (a benchmark switch).
+`PerfOptions(static_dispatch=False)` keeps mcore's own (a benchmark switch).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+
+from .options import DEFAULT
 
 
 class StaticAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
@@ -38,12 +40,16 @@ class StaticAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
 
 
 class OmniMoELayer(MoELayer):
-    static_dispatch = True
-
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
         super().__init__(config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection)
-        all_local = self.num_local_experts == config.num_moe_experts
-        if (self.static_dispatch and type(self.token_dispatcher) is MoEAllGatherTokenDispatcher and all_local
-                and config.moe_expert_capacity_factor is None and not config.moe_permute_fusion):
-            # the subclass only overrides a method (no state of its own): same object, same process groups
-            self.token_dispatcher.__class__ = StaticAllGatherTokenDispatcher
+        config = self.config
+        self.static_applies = (type(self.token_dispatcher) is MoEAllGatherTokenDispatcher
+                               and self.num_local_experts == config.num_moe_experts
+                               and config.moe_expert_capacity_factor is None and not config.moe_permute_fusion)
+        self.use_options(DEFAULT)
+
+    def use_options(self, options) -> None:
+        # the subclass only overrides a method (no state of its own): same object, same process groups
+        if self.static_applies:
+            static = options.static_dispatch
+            self.token_dispatcher.__class__ = StaticAllGatherTokenDispatcher if static else MoEAllGatherTokenDispatcher

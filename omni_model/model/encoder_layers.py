@@ -36,7 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from .attention import packed_attention, per_token_rope_packing
+from .attention import PackedKernelChoice, packed_attention, per_token_rope_packing
 from .linear import LocalColumnParallelLinear, LocalRowParallelLinear
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ gelu_tanh.__name__ = "gelu_tanh"  # mcore logs/asserts on activation names in a 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class PackedSDPAttention(MegatronModule):
+class PackedSDPAttention(PackedKernelChoice, MegatronModule):
     """mcore core-attention module for the local spec: non-causal attention within `packed_seq_params` segments.
 
     Accepts `thd` ([t, heads, dim]) with `cu_seqlens_q`, or plain `sbhd` without packing (one segment per batch row).

@@ -33,12 +33,18 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from .attention import per_token_rope_packing
 from .cross_entropy import vocab_parallel_cross_entropy
+from .options import DEFAULT, PerfOptions, apply_options
 from .rope import InterleavedMRoPE
 from .specs import decoder_block_spec
 from .transformer_config import Layout, build_transformer_config, deepstack_count, rope_params, text_config_of
 
 
 class Qwen3OmniLanguageModel(GPTModel):
+    fuse_ce_on_gpu = DEFAULT.fuse_ce_on_gpu
+
+    def use_options(self, options: PerfOptions) -> None:
+        self.fuse_ce_on_gpu = options.fuse_ce_on_gpu
+
     def __init__(self, config, text_cfg: dict, transformer_layer_spec, num_deepstack: int = 0, use_te: bool = False,
                  **kw):
         kw.setdefault("scatter_embedding_sequence_parallel", False)  # we scatter after the multimodal merge
@@ -70,7 +76,8 @@ class Qwen3OmniLanguageModel(GPTModel):
         """Per-token loss [B, S] of logits [S, B, V/tp] (GPTModel's hook, called by its _postprocess): the same fp32
         cross-entropy as mcore's, fused on the GPU into two passes over the logits instead of a dozen
         (model.cross_entropy)."""
-        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), self.pg_collection.tp)
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), self.pg_collection.tp,
+                                            fuse_on_gpu=self.fuse_ce_on_gpu)
         return loss.transpose(0, 1).contiguous()
 
     # -- inputs ---------------------------------------------------------------------------------------------------
@@ -171,10 +178,11 @@ def build_language_model(
     layout: Optional[Layout] = None,
     config_overrides: Optional[dict] = None,
     num_deepstack: Optional[int] = None,
+    options: PerfOptions = DEFAULT,
     **config_kw,
 ) -> Qwen3OmniLanguageModel:
     """Build the LLM of this rank. `cfg`: HF config dict / config.json path / HF dir. The layout defaults to the one
-    mcore's parallel_state was initialised with (runtime.parallel.init_parallel)."""
+    mcore's parallel_state was initialised with (runtime.parallel.init_parallel). `options`: the performance switches."""
     text = text_config_of(cfg)
     if layout is None:
         layout = current_layout()
@@ -194,7 +202,7 @@ def build_language_model(
         post_process=post_process,
         vp_stage=vp_stage,
     )
-    return on_gpu_if_any(model)
+    return on_gpu_if_any(apply_options(model, options))
 
 
 def on_gpu_if_any(model: torch.nn.Module) -> torch.nn.Module:

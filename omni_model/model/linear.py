@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-PLAIN_MATMUL_WHEN_LOCAL = True  # False: always mcore's Function (the bench's `linear=mcore` baseline)
+from .options import DEFAULT
 
 
 def only_a_matmul(gradient_accumulation_fusion=False, allreduce_dgrad=False, sequence_parallel=False,
@@ -31,8 +31,13 @@ def only_a_matmul(gradient_accumulation_fusion=False, allreduce_dgrad=False, seq
 
 
 class _LocalMatmul:
+    plain_matmul = DEFAULT.plain_matmul_when_local  # False: always mcore's Function (bench `linear=mcore`)
+
+    def use_options(self, options) -> None:
+        self.plain_matmul = options.plain_matmul_when_local
+
     def _forward_impl(self, input, weight, bias=None, **kwargs):
-        if PLAIN_MATMUL_WHEN_LOCAL and only_a_matmul(**kwargs):
+        if self.plain_matmul and only_a_matmul(**kwargs):
             return F.linear(input, weight, bias)
         return super()._forward_impl(input, weight, bias=bias, **kwargs)
 

@@ -27,6 +27,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from .audio import AudioEncoder, audio_replicated, audio_transformer_config
 from .language_model import Qwen3OmniLanguageModel, on_gpu_if_any, build_language_model
+from .options import DEFAULT, PerfOptions, apply_options
 from .transformer_config import current_tp_size, thinker_config_of
 from .vision import VisionEncoder, vision_transformer_config
 
@@ -148,12 +149,13 @@ class Qwen3OmniThinker(MegatronModule):
 
 def build_thinker(hf_config, *, dtype: torch.dtype = torch.float32, use_te: bool = False,
                   layout=None, vision: bool = True, audio: bool = True, perform_initialization: bool = True,
-                  **lm_kw) -> Qwen3OmniThinker:
+                  options: PerfOptions = DEFAULT, **lm_kw) -> Qwen3OmniThinker:
     """This rank's thinker (after runtime.parallel.init_parallel). Encoders only on the first pipeline stage.
     `use_te`: the one TE decision (config `model.use_te`). `perform_initialization=False` leaves the weights
-    uninitialised, for a model that a checkpoint fills next (conversion, loading)."""
+    uninitialised, for a model that a checkpoint fills next (conversion, loading). `options`: the performance switches
+    (model.options.PerfOptions)."""
     thinker = thinker_config_of(hf_config)
-    language_model = build_language_model(hf_config, dtype=dtype, use_te=use_te, layout=layout,
+    language_model = build_language_model(hf_config, dtype=dtype, use_te=use_te, layout=layout, options=options,
                                           perform_initialization=perform_initialization, **lm_kw)
     first_stage = language_model.pre_process
     vision_model = audio_model = None
@@ -162,7 +164,8 @@ def build_thinker(hf_config, *, dtype: torch.dtype = torch.float32, use_te: bool
         vision_model = VisionEncoder(thinker, config, use_te=use_te)
     if first_stage and audio and "audio_config" in thinker:
         audio_model = AudioEncoder(thinker, _audio_config(thinker, dtype, perform_initialization), use_te=use_te)
-    return on_gpu_if_any(Qwen3OmniThinker(hf_config, language_model, vision_model, audio_model))
+    thinker_model = Qwen3OmniThinker(hf_config, language_model, vision_model, audio_model)
+    return on_gpu_if_any(apply_options(thinker_model, options))
 
 
 def _audio_config(thinker: dict, dtype, perform_initialization: bool = True):

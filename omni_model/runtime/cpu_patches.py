@@ -1,7 +1,8 @@
 """Every CUDA-only spot of megatron-core 0.16.1 that we patch to run on a CPU-only torch with gloo. ONE module,
 applied only when no GPU is present (`apply()` is a no-op when CUDA is available, and idempotent).
 
-See shared/notes/mcore-on-cpu.md for the measured list. Each patch says what it replaces and why.
+See shared/notes/mcore-on-cpu.md for the measured list. Each patch says what it replaces and why; each is a seam
+("cpu.*") in omni_model/compat/seams.py, checked against the installed upstream.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import contextlib
 import logging
 
 import torch
+
+from ..compat.registry import replace_upstream  # the seams (omni_model.compat.seams, "cpu.*") see upstream's code
 
 _APPLIED = False
 
@@ -74,8 +77,8 @@ def apply(force: bool = False) -> bool:
     def _set_state(new_state, device=-1, graph_safe: bool = False, **_):
         torch.set_rng_state(new_state)
 
-    mrandom._get_cuda_rng_state = _get_state
-    mrandom._set_cuda_rng_state = _set_state
+    replace_upstream(mrandom, "_get_cuda_rng_state", _get_state)
+    replace_upstream(mrandom, "_set_cuda_rng_state", _set_state)
 
     def _add(self, name, seed):
         # mcore's add() marks the tracker initialised first; without it is_initialized() stays False and
@@ -91,7 +94,7 @@ def apply(force: bool = False) -> bool:
         self.states_[name] = torch.get_rng_state()
         torch.set_rng_state(orig)
 
-    mrandom.CudaRNGStatesTracker.add = _add
+    replace_upstream(mrandom.CudaRNGStatesTracker, "add", _add)
     # fork() warns when the CPU generator moved inside a forked region; on CPU the forked stream IS the CPU
     # generator, so that is the intended effect, not a leak: drop that one message.
     logging.getLogger(mrandom.__name__).addFilter(
@@ -118,7 +121,7 @@ def apply(force: bool = False) -> bool:
 
         return _orig_a2a(output, input, as_list(output_split_sizes), as_list(input_split_sizes), group, async_op)
 
-    torch.distributed.all_to_all_single = _a2a
+    replace_upstream(torch.distributed, "all_to_all_single", _a2a)
 
     # 6. `.cuda()` calls on CPU tensors (schedules, clip_grads, optimizer, dispatchers): identity on CPU.
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
@@ -146,7 +149,7 @@ def apply(force: bool = False) -> bool:
         if clip_coeff < 1.0:
             torch._foreach_mul_(grads, clip_coeff)
 
-    clip_grads.clip_grad_by_total_norm_fp32 = _clip_by_total_norm
+    replace_upstream(clip_grads, "clip_grad_by_total_norm_fp32", _clip_by_total_norm)
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_by_total_norm
 
     _APPLIED = True

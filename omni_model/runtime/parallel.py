@@ -5,7 +5,9 @@
     ...
     destroy_parallel()
 
-On a machine without CUDA the CPU patches (runtime.cpu_patches) are applied first and the backend is gloo.
+On a machine without CUDA the CPU patches (runtime.cpu_patches) are applied first and the backend is gloo. Before
+anything, the installed megatron-core, torch and megatron-energon are checked against the versions omni_model's seams
+were verified on (omni_model.compat).
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def init_parallel(
     timeout_minutes: int = 10,
 ) -> None:
     """Initialise torch.distributed (env:// from torchrun, or a private single-process group) and mcore's groups."""
+    from ..compat import TRAINING_PACKAGES, require_verified_upstream
+
+    require_verified_upstream(*TRAINING_PACKAGES, where="init_parallel")
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.options import DEFAULT, PerfOptions
+from .adam import torch_adams
 from .settings import TrainSettings
 
 # Which top-level module of the thinker each freeze / LR switch addresses (names as in thinker.named_parameters()).
@@ -81,13 +83,13 @@ def model_config_overrides(settings: TrainSettings) -> dict:
     return overrides
 
 
-def build_thinker_for_training(settings: TrainSettings):
+def build_thinker_for_training(settings: TrainSettings, options: PerfOptions = DEFAULT):
     from omni_model.model.thinker import build_thinker
 
     # perform_initialization stays on although a checkpoint fills the weights next: mcore 0.16.1 tags TP-split
     # weights (tensor_model_parallel, partition_dim) only inside its init functions, and without the tags the grad
     # norm, clipping and the SP/TP grad reductions treat them as replicated (seen: tp2 grad norm 1.41 vs tp1 1.59)
-    thinker = build_thinker(settings.hf_dir, dtype=training_dtype(settings), use_te=settings.use_te,
+    thinker = build_thinker(settings.hf_dir, dtype=training_dtype(settings), use_te=settings.use_te, options=options,
                             config_overrides=model_config_overrides(settings))
     if settings.layout.pp > 1:
         allow_variable_seq_lengths(thinker.config)
@@ -165,14 +167,16 @@ def build_scheduler(optimizer, train: dict):
         wd_incr_style="constant", use_checkpoint_opt_param_scheduler=True)
 
 
-def build_training(settings: TrainSettings, load_initial_weights: bool = True) -> Training:
-    """The thinker (weights from settings.init_checkpoint), frozen parts, DDP, optimizer, scheduler."""
+def build_training(settings: TrainSettings, load_initial_weights: bool = True,
+                   options: PerfOptions = DEFAULT) -> Training:
+    """The thinker (weights from settings.init_checkpoint), frozen parts, DDP, optimizer, scheduler. `options`: the
+    performance switches (model.options.PerfOptions)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
 
     from .checkpointing import load_model_weights
 
-    thinker = build_thinker_for_training(settings)
+    thinker = build_thinker_for_training(settings, options)
     if load_initial_weights:
         load_model_weights(thinker, settings.init_checkpoint)
     freeze(thinker, settings.train)
@@ -191,17 +195,10 @@ def build_training(settings: TrainSettings, load_initial_weights: bool = True) -
                                        use_gloo_process_groups=not settings.on_gpu)
     if settings.on_gpu:
         use_fused_adam(optimizer)
-        if FOLD_GRAD_SCALE:
+        if options.fold_grad_scale:
             FoldedGradScale(model, optimizer)
     scheduler = build_scheduler(optimizer, settings.train)
     return Training(model=model, optimizer=optimizer, scheduler=scheduler, dtype=training_dtype(settings))
-
-
-def torch_adams(optimizer) -> list:
-    """The torch Adam(W) instances inside an mcore optimizer (chained per param dtype, or one), or the optimizer
-    itself when it is one."""
-    inner = [getattr(leaf, "optimizer", leaf) for leaf in getattr(optimizer, "chained_optimizers", [optimizer])]
-    return [adam for adam in inner if isinstance(adam, (torch.optim.Adam, torch.optim.AdamW))]
 
 
 def use_fused_adam(optimizer) -> None:
@@ -213,9 +210,6 @@ def use_fused_adam(optimizer) -> None:
         adam.defaults.update(fused=True, foreach=False)
         for group in adam.param_groups:
             group.update(fused=True, foreach=False)
-
-
-FOLD_GRAD_SCALE = True  # False: mcore's own scaling passes (the bench's `gradscale=mcore` baseline)
 
 
 class FoldedGradScale:

@@ -290,7 +290,7 @@ def unshare_adam_steps(optimizer) -> None:
     update on (H200, tiny model: the step after the resumed one was off by 1.3e-3 relative, growing to 1.9e-3)."""
     import torch
 
-    from .build import torch_adams
+    from .adam import torch_adams
 
     for adam in torch_adams(optimizer):
         for group in adam.param_groups:
@@ -318,6 +318,7 @@ def _leave_step_to_the_param_groups(distributed_optimizer_class) -> None:
                 state["step"] = step
 
     set_states.leaves_step = True
+    set_states.__upstream__ = original  # the seam "train.distrib_optimizer_load" checks upstream's code (compat)
     distributed_optimizer_class._set_main_param_and_optimizer_states = set_states
 
 

@@ -200,27 +200,41 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def optimizer_step(model, optimizer, scheduler, forward_step, data_iterator, num_microbatches: int, seq_length: int,
+                   micro_batch_size: int) -> tuple:
+    """The training step proper, in Megatron's train_step order: zero the DDP grad buffers AND the optimizer's
+    param.grad (after a step param.grad aliases main_grad; left set, autograd would accumulate into it in place and
+    DDP's hook would add it to main_grad a second time), forward/backward of `num_microbatches` micro-batches through
+    mcore's schedule, the optimizer step (clipping), the scheduler step. Returns (the schedule's per-micro-batch loss
+    reports, updated, grad norm). The tests call this same function."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data_iterator, model=[model],
+        num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+        forward_only=False)
+    updated, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    return losses, updated, grad_norm
+
+
 def step(run: Run, iteration: int) -> dict:
     """One optimizer step through mcore's schedule over get_num_microbatches() micro-batches; its metrics record."""
     from megatron.core.num_microbatches_calculator import get_num_microbatches
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
     from .build import current_lr
 
     t, training = run.settings.train, run.training
     clear_aux_losses_tracker()  # the step's aux loss is its own batches' (any forward with grad before it tracks too)
+    lr = current_lr(training.optimizer)  # the LR this step's update uses
     _synchronize()
     began = time.perf_counter()
-    training.model.zero_grad_buffer()
-    training.optimizer.zero_grad()
-    lr = current_lr(training.optimizer)  # the LR this step's update uses
-    losses = get_forward_backward_func()(
-        forward_step_func=run.forward_step, data_iterator=run.batches, model=[training.model],
-        num_microbatches=get_num_microbatches(), seq_length=t["seq_len"], micro_batch_size=t["micro_batch_size"],
-        forward_only=False)
-    updated, grad_norm, _ = training.optimizer.step()
-    training.scheduler.step(increment=1)
+    losses, updated, grad_norm = optimizer_step(
+        training.model, training.optimizer, training.scheduler, run.forward_step, run.batches,
+        get_num_microbatches(), t["seq_len"], t["micro_batch_size"])
     _synchronize()
     seconds = time.perf_counter() - began
     record = {"step": iteration, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,

@@ -110,7 +110,7 @@ class FlopCounter:
 
     def audio_macs(self, frames: int) -> int:
         """Multiply-accumulates of the audio tower for one clip of `frames` mel frames."""
-        from omni_model.data.media import audio_output_lengths, conv_out_length
+        from omni_model.model.audio_lengths import audio_output_lengths, conv_out_length
 
         a = self.audio
         d, f, ds, mel = a["d_model"], a["encoder_ffn_dim"], a["downsample_hidden_size"], a["num_mel_bins"]

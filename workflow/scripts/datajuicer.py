@@ -4,6 +4,7 @@
 import json
 from pathlib import Path
 
+from omni_model.compat import DATA_PACKAGES, require_verified_upstream
 from omni_model.data.datajuicer import run_stage
 from omni_model.runtime.logs import stage_logging
 from omni_model.runtime.publish import staged_outputs
@@ -11,6 +12,7 @@ from omni_model.runtime.publish import staged_outputs
 out = snakemake.output  # noqa: F821
 with stage_logging(snakemake.log[0], "datajuicer") as log, \
         staged_outputs({"processed": out.processed, "drops": out.drops, "report": out.report}, "datajuicer") as staged:
+    require_verified_upstream(*DATA_PACKAGES, where="datajuicer stage")
     summary = run_stage(
         Path(snakemake.input.raw), Path(snakemake.input.recipe),  # noqa: F821
         staged["processed"], staged["drops"],

@@ -4,6 +4,7 @@ Written into a staging folder and moved into place only on success."""
 import json
 from pathlib import Path
 
+from omni_model.compat import DATA_PACKAGES, require_verified_upstream
 from omni_model.data.shards import write_shards
 from omni_model.runtime.logs import stage_logging
 from omni_model.runtime.publish import staged_outputs
@@ -11,6 +12,7 @@ from omni_model.runtime.publish import staged_outputs
 params = snakemake.params  # noqa: F821
 with stage_logging(snakemake.log[0], "shards") as log, \
         staged_outputs({"shards": Path(snakemake.output[0])}, "shards") as staged:  # noqa: F821
+    require_verified_upstream(*DATA_PACKAGES, where="shards stage")
     report = write_shards(
         Path(snakemake.input.processed), staged["shards"], Path(snakemake.input.manifest).parent,  # noqa: F821
         previous_drops=Path(snakemake.input.drops),  # noqa: F821

@@ -1,0 +1,330 @@
+"""THE catalogue of omni_model's seams: every upstream patch, subclass, private attribute, internal we call and
+performance switch, with where upstream has it, where we depend on it, why, and the versions it was verified on.
+A new patch gets an entry here (and `python -m omni_model.compat --fingerprints` prints the fingerprint to record);
+tests/test_compat.py holds every entry to the installed code.
+
+The package imports no other omni_model module: our code is named by "module:qualname" strings and resolved when a
+check runs, like upstream's, so that every module (runtime, model, train, data) can use the seam without an import
+circle (tests/test_import_cycles.py).
+"""
+
+from __future__ import annotations
+
+from .registry import Seam, resolve
+
+# The stack every entry was verified on (torch: 2.13.0 CPU on the dev machines, 2.11 CUDA on the GPU machines).
+MCORE, HF, ENERGON, DJ, TORCH = "megatron-core", "transformers", "megatron-energon", "py-data-juicer", "torch"
+VERIFIED = {MCORE: ("0.16.1",), HF: ("5.24.0",), ENERGON: ("7.4.1",), DJ: ("1.6.1",), TORCH: ("2.13.0", "2.11")}
+
+_TP = "megatron.core.tensor_parallel"
+_MOE = "megatron.core.transformer.moe"
+_OPT = "megatron.core.optimizer"
+
+
+def _seam(name, package, upstream, ours, kind, reason, check="source", fingerprint=None, switch=None) -> Seam:
+    upstream = (upstream,) if isinstance(upstream, str) else tuple(upstream)
+    return Seam(name, package, upstream, ours, kind, reason, VERIFIED[package], check, fingerprint, switch)
+
+
+# -- behaviour checks (what a fingerprint cannot say) ------------------------------------------------------------
+
+def _mcore_modules_bind_torch() -> None:
+    """cpu_patches routes device='cuda' factories of these mcore modules to the CPU through their `torch` global."""
+    import importlib
+
+    import torch
+
+    proxy_type = resolve("omni_model.runtime.cpu_patches:_TorchProxy")
+    for name in resolve("omni_model.runtime.cpu_patches:_MCORE_MODULES"):
+        bound = getattr(importlib.import_module(name), "torch", None)
+        assert bound is torch or isinstance(bound, proxy_type), f"{name} no longer binds `torch` as a global"
+
+
+def _mcore_binds_multi_tensor_fallbacks() -> None:
+    """multi_tensor.apply rebinds `l2_norm_impl` / `multi_tensor_scale_impl` of mcore's optimizer modules."""
+    for name in resolve("omni_model.runtime.multi_tensor:_MODULES"):
+        module = resolve(name)
+        assert hasattr(module, "multi_tensor_scale_impl"), f"{name}.multi_tensor_scale_impl is gone"
+    assert hasattr(resolve("megatron.core.optimizer.clip_grads"), "l2_norm_impl"), "clip_grads.l2_norm_impl is gone"
+
+
+def _hf_config_has_experts_implementation() -> None:
+    """parity and the tests set `config._experts_implementation = 'eager'` (transformers' per-expert loop: its
+    grouped_mm path is not deterministic on CPU); the attribute must exist and take that value."""
+    from transformers import Qwen3OmniMoeTextConfig
+
+    config = Qwen3OmniMoeTextConfig()
+    assert hasattr(config, "_experts_implementation"), "PreTrainedConfig has no _experts_implementation"
+    config._experts_implementation = "eager"
+    assert config._experts_implementation == "eager", "_experts_implementation does not keep 'eager'"
+
+
+def _torch_adam_reads_grad_scale() -> None:
+    """FoldedGradScale sets `adam.grad_scale`: torch's Adam step must hand it to the fused kernel."""
+    import inspect
+
+    import torch
+
+    assert 'getattr(self, "grad_scale", None)' in inspect.getsource(torch.optim.Adam.step), \
+        "torch.optim.Adam.step no longer reads self.grad_scale"
+
+
+def _dj_sources_match_registry() -> None:
+    """config.OpCatalog reads Data-Juicer's op names and constructor arguments from its SOURCE FILES (its import
+    takes seconds at plan time): they must be what Data-Juicer's own registry holds."""
+    from data_juicer.ops import load_ops  # noqa: F401  (registers every op)
+    from data_juicer.ops.base_op import OPERATORS
+
+    catalog = resolve("omni_model.config:OpCatalog")()
+    families = tuple(f"data_juicer.ops.{family}." for family in resolve("omni_model.config:_OP_FAMILIES"))
+    registered = {name: cls for name, cls in OPERATORS.modules.items() if cls.__module__.startswith(families)}
+    assert registered, "no Data-Juicer op found in its registry"
+    wrong = {name: (catalog.ops.get(name), cls.__name__) for name, cls in registered.items()
+             if catalog.ops.get(name) != cls.__name__}
+    assert set(wrong) == _DJ_OPS_THE_SOURCES_MISS, \
+        f"ops read from the sources differ from the registry (source, registry): {wrong}"
+
+
+# Verified on py-data-juicer 1.6.1: the source reading misses these registered ops (their files register them in a
+# form the pattern does not match), so the plan-time check would call them unknown. Recorded, so that any change of
+# the set is seen; the registry-based catalogue of the upgrade issue removes the gap.
+_DJ_OPS_THE_SOURCES_MISS = {"document_minhash_deduplicator_with_uid", "ray_bts_minhash_deduplicator_with_uid",
+                            "human_preference_annotation_mapper"}
+
+
+def _sources_read(*reads: tuple[str, str]):
+    """A check that each upstream target's source still contains its text (an attribute name mcore reads)."""
+
+    def check() -> None:
+        import inspect
+
+        for target, text in reads:
+            assert text in inspect.getsource(resolve(target)), f"{target} no longer reads {text}"
+
+    return check
+
+
+def _energon_sample_fields() -> None:
+    """The task encoder copies Energon's bookkeeping fields from the raw sample to the encoded one."""
+    import dataclasses
+
+    from megatron.energon import Sample
+
+    names = {field.name for field in dataclasses.fields(Sample)}
+    missing = {"__key__", "__restore_key__", "__subflavors__", "__sources__"} - names
+    assert not missing, f"megatron.energon.Sample lost the fields {sorted(missing)}"
+
+
+# -- the catalogue ------------------------------------------------------------------------------------------------
+
+SEAMS: tuple[Seam, ...] = (
+    # runtime/cpu_patches.py: megatron-core on a CPU-only torch with gloo (shared/notes/mcore-on-cpu.md)
+    _seam("cpu.torch_cuda_api", TORCH,
+          ["torch.cuda:current_device", "torch.cuda:current_stream", "torch.cuda:default_stream",
+           "torch.cuda:synchronize", "torch.cuda:Stream", "torch.cuda:Event", "torch.cuda:stream",
+           "torch.cuda:manual_seed", "torch.cuda:manual_seed_all", "torch:Tensor.cuda", "torch:Tensor.pin_memory"],
+          "omni_model.runtime.cpu_patches:apply", "patch",
+          "mcore calls these CUDA-only functions unconditionally; on a CPU-only torch they become CPU/no-op stand-ins",
+          check="exists"),
+    _seam("cpu.all_to_all_single", TORCH, "torch.distributed:all_to_all_single", "omni_model.runtime.cpu_patches:apply",
+          "patch", "gloo rejects tensor split sizes; the wrapper passes lists with the same positional order",
+          check="signature",
+          fingerprint='(output, input, output_split_sizes, input_split_sizes, group, async_op)'),
+    _seam("cpu.rng_state", MCORE, [f"{_TP}.random:_get_cuda_rng_state", f"{_TP}.random:_set_cuda_rng_state"],
+          "omni_model.runtime.cpu_patches:apply", "patch",
+          "mcore's RNG tracker saves/restores CUDA generator states: the CPU generator instead",
+          fingerprint='22969191567649fe'),
+    _seam("cpu.rng_tracker", MCORE,
+          [f"{_TP}.random:CudaRNGStatesTracker.add", f"{_TP}.random:CudaRNGStatesTracker.fork"],
+          "omni_model.runtime.cpu_patches:apply", "patch",
+          "add() is rewritten for the CPU generator (same bookkeeping); fork()'s 'CPU RNG state changed' warning is "
+          "filtered by its text",
+          fingerprint='11dbcecb3581d644'),
+    _seam("cpu.te_general_gemm", MCORE, f"{_MOE}.moe_utils:RouterGatingLinearFunction",
+          "omni_model.runtime.cpu_patches:apply", "patch",
+          "moe_utils reads the module global te_general_gemm, only defined when TE imports: set to None",
+          fingerprint='a34180b771b42adc'),
+    _seam("cpu.torch_factories", MCORE, [f"{_TP}.layers", f"{_OPT}.optimizer"],
+          "omni_model.runtime.cpu_patches:_install_torch_proxy", "patch",
+          "literal device='cuda' allocations in mcore modules go through their `torch` global, proxied on CPU",
+          check=_mcore_modules_bind_torch),
+    _seam("cpu.clip_grad_by_total_norm_fp32", MCORE, f"{_OPT}.clip_grads:clip_grad_by_total_norm_fp32",
+          "omni_model.runtime.cpu_patches:apply", "patch",
+          "asserts torch.cuda.FloatTensor grads: the same in-place scaling re-implemented for fp32 CPU grads",
+          fingerprint='8edb9da5365045a5'),
+    # runtime/multi_tensor.py
+    _seam("mt.local_fallbacks", MCORE, ["megatron.core.utils:local_multi_tensor_l2_norm",
+                                        "megatron.core.utils:local_multi_tensor_scale"],
+          "omni_model.runtime.multi_tensor:apply", "patch",
+          "the pure-Python fallbacks (a host sync per tensor) replaced by _foreach ops with the same contract",
+          fingerprint='80b89b3c1f54d7a4'),
+    _seam("mt.bindings", MCORE, [f"{_OPT}.clip_grads", f"{_OPT}.optimizer"], "omni_model.runtime.multi_tensor:apply",
+          "private", "the module globals l2_norm_impl / multi_tensor_scale_impl that mcore binds its fallbacks to",
+          check=_mcore_binds_multi_tensor_fallbacks),
+    # model/
+    _seam("model.router.gating", MCORE, f"{_MOE}.router:TopKRouter.gating", "omni_model.model.router:SoftmaxTopKRouter",
+          "subclass", "gating replaced by F.linear (mcore's router_gating_linear needs TE and moves weights to CUDA)",
+          fingerprint='984dd54fa561aa82'),
+    _seam("model.static_dispatch", MCORE, [f"{_MOE}.token_dispatcher:MoEAllGatherTokenDispatcher.dispatch_postprocess",
+                                           f"{_MOE}.moe_layer:MoELayer.__init__"],
+          "omni_model.model.dispatcher:OmniMoELayer", "subclass",
+          "the built dispatcher's __class__ is swapped to one whose dispatch_postprocess gives the same permutation "
+          "without host syncs (all experts local)", switch="static_dispatch",
+          fingerprint='facfc26de2ffe502'),
+    _seam("model.grouped_experts", MCORE,
+          [f"{_MOE}.experts:TEGroupedMLP.__init__", f"{_MOE}.experts:TEGroupedMLP.forward"],
+          "omni_model.model.experts:GroupedGemmExperts", "subclass",
+          "TEGroupedMLP with torch grouped GEMMs for TE's GroupedLinear; its forward is copied minus a host sync",
+          fingerprint='4eba847fa93674fb'),
+    _seam("model.grouped_gemm", TORCH, "torch:_grouped_mm", "omni_model.model.experts:grouped_gemm", "private",
+          "torch's private grouped GEMM op (one launch for all local experts)", check="exists"),
+    _seam("model.linear_forward_impl", MCORE, [f"{_TP}.layers:ColumnParallelLinear._forward_impl",
+                                               f"{_TP}.layers:RowParallelLinear._forward_impl",
+                                               f"{_TP}.layers:linear_with_grad_accumulation_and_async_allreduce"],
+          "omni_model.model.linear:_LocalMatmul._forward_impl", "subclass",
+          "_forward_impl is a plain F.linear when mcore's Function would only multiply (reads its keyword names)",
+          switch="plain_matmul_when_local",
+          fingerprint='ca6ec7ff758f3a50'),
+    _seam("model.gpt_postprocess", MCORE, ["megatron.core.models.gpt.gpt_model:GPTModel._postprocess",
+                                           "megatron.core.models.common.language_module.language_module:"
+                                           "LanguageModule.compute_language_model_loss"],
+          "omni_model.model.language_model:Qwen3OmniLanguageModel.forward", "call",
+          "our forward runs the decoder itself (MRoPE, deepstack) and then GPTModel's private _postprocess by keyword; "
+          "the loss hook it calls is overridden",
+          fingerprint='79aa02606fd6b8c8'),
+    _seam("model.cross_entropy", MCORE, f"{_TP}.cross_entropy:_VocabParallelCrossEntropy",
+          "omni_model.model.cross_entropy:FusedVocabParallelCrossEntropy", "switch",
+          "the same fp32 vocab-parallel cross-entropy fused on the GPU", switch="fuse_ce_on_gpu",
+          fingerprint='b81360061852c36b'),
+    _seam("model.varlen_attention", TORCH, "torch.nn.attention.varlen:varlen_attn",
+          "omni_model.model.attention:_varlen_attention", "switch",
+          "torch's flash varlen kernel for packed sequences (keywords read from its signature per version)",
+          check="exists", switch="packed_kernel"),
+    _seam("model.encoder_process_groups", MCORE, "megatron.core.process_groups_config:ProcessGroupCollection.__init__",
+          "omni_model.model.encoder_layers:encoder_process_groups", "private",
+          "towers get a hand-filled ProcessGroupCollection: a size-1 TP group when replicated, a single-rank "
+          "stand-in for CP",
+          fingerprint='c0428f9efc971621'),
+    _seam("model.param_attributes", MCORE, [f"{_TP}.layers:param_is_not_tensor_parallel_duplicate",
+                                            "megatron.core.distributed.finalize_model_grads:"
+                                            "_allreduce_non_tensor_model_parallel_grads",
+                                            "megatron.core.distributed.distributed_data_parallel:"
+                                            "DistributedDataParallel.__init__"],
+          "omni_model.model.encoder_layers:mark_replicated", "private",
+          "parameter attributes we set and mcore reads: tensor_model_parallel (replicated towers), sequence_parallel "
+          "(norm.RMSNorm), allreduce=False (experts.GroupedLinear: expert-DP grads)",
+          check=_sources_read((f"{_TP}.layers:param_is_not_tensor_parallel_duplicate", "tensor_model_parallel"),
+                              ("megatron.core.distributed.finalize_model_grads:"
+                               "_allreduce_non_tensor_model_parallel_grads", '"sequence_parallel"'),
+                              ("megatron.core.distributed.distributed_data_parallel:DistributedDataParallel.__init__",
+                               "'allreduce'"))),
+    _seam("model.expert_sharded_state_dict", MCORE,
+          ["megatron.core.transformer.utils:make_sharded_tensors_for_checkpoint",
+           "megatron.core.dist_checkpointing.utils:replace_prefix_for_sharding"],
+          "omni_model.model.experts:GroupedLinear.sharded_state_dict", "call",
+          "the fused expert weight is written as TE's per-expert ShardedTensors with mcore's helpers",
+          check="signature",
+          fingerprint=('(state_dict, prefix, tensor_parallel_layers_axis_map, sharded_offsets, '
+                       'extra_state_suffix, tp_group, dp_cp_group); (sharded_state_dict, old_prefix, new_prefix)')),
+    _seam("model.float16_module_inputs", MCORE, "megatron.core.transformer.module:Float16Module.forward",
+          "omni_model.train.forward_step:thinker_inputs", "private",
+          "Float16Module casts only positional inputs to bf16: every input is passed by keyword so the float MRoPE "
+          "positions stay exact",
+          fingerprint='e7ae3115f23d3538'),
+    _seam("model.rope_packed_rows", MCORE, "megatron.core.models.common.embeddings.rope_utils:apply_rotary_pos_emb",
+          "omni_model.model.attention:per_token_rope_packing", "private",
+          "packed rows handed over in 'sbhd' form with cu_seqlens set take RoPE token by token, not by mcore's THD "
+          "loop",
+          fingerprint='2752798f27ef46ca'),
+    _seam("model.gpt_model_init", MCORE, "megatron.core.models.gpt.gpt_model:GPTModel.__init__",
+          "omni_model.model.language_model:Qwen3OmniLanguageModel", "subclass",
+          "built with position_embedding_type='none' and scatter_embedding_sequence_parallel=False, then our MRoPE",
+          check="signature",
+          fingerprint=('(self, config, transformer_layer_spec, vocab_size, max_sequence_length, pre_process, '
+                       'post_process, fp16_lm_cross_entropy, parallel_output, '
+                       'share_embeddings_and_output_weights, position_embedding_type, rotary_percent, '
+                       'rotary_base, rope_scaling, rope_scaling_factor, scatter_embedding_sequence_parallel, '
+                       'seq_len_interpolation_factor, mtp_block_spec, pg_collection, vp_stage)')),
+    # train/
+    _seam("train.sharded_tensor_factory", MCORE, "megatron.core.dist_checkpointing.mapping:ShardedTensorFactory",
+          "omni_model.train.checkpointing:_fused_experts_view", "private",
+          "optimizer state of the fused experts maps to the per-expert checkpoint tensors through factories "
+          "rebuilt with dataclasses.replace",
+          fingerprint='0126aa8a306b731c'),
+    _seam("train.aux_loss_scale", MCORE, f"{_MOE}.moe_utils:MoEAuxLossAutoScaler",
+          "omni_model.train.forward_step:clear_moe_aux_loss_scale", "private",
+          "the aux-loss backward scale lives in the class attribute main_loss_backward_scale, reset per forward",
+          fingerprint='2eedb2e604cedee5'),
+    _seam("train.per_token_loss", MCORE, ["megatron.core.pipeline_parallel.schedules:forward_step_calc_loss",
+                                          "megatron.core.distributed.finalize_model_grads:finalize_model_grads"],
+          "omni_model.train.forward_step:loss_func", "call",
+          "the loss contract (token sums, divided by the global label-token count) as read in these functions",
+          fingerprint='5077082c6e8a09b9'),
+    _seam("train.variable_seq_lengths", MCORE, "megatron.core.transformer.transformer_config:"
+                                               "TransformerConfig.__post_init__",
+          "omni_model.train.build:allow_variable_seq_lengths", "private",
+          "variable_seq_lengths is set after __post_init__, whose allgather refusal does not apply at ep = 1",
+          fingerprint='22a10dbc97da40f4'),
+    _seam("train.folded_grad_scale", MCORE, [f"{_OPT}.optimizer:MixedPrecisionOptimizer.step",
+                                             "megatron.core.distributed.distributed_data_parallel:"
+                                             "DistributedDataParallel.scale_gradients"],
+          "omni_model.train.build:FoldedGradScale", "patch",
+          "the DDP model's scale_gradients and the optimizer's step are replaced on the instances: the two grad "
+          "scalings go into fused Adam's grad_scale", switch="fold_grad_scale",
+          fingerprint='50312e9b3200442b'),
+    _seam("train.adam_grad_scale", TORCH, "torch.optim:Adam.step", "omni_model.train.build:FoldedGradScale", "private",
+          "torch's Adam hands `self.grad_scale` to the fused kernel", check=_torch_adam_reads_grad_scale),
+    _seam("train.distrib_optimizer_load", MCORE, [f"{_OPT}.distrib_optimizer:DistributedOptimizer."
+                                                  "_set_main_param_and_optimizer_states",
+                                                  f"{_OPT}.distrib_optimizer:DistributedOptimizer."
+                                                  "_init_optimizer_states_with_dummy_values"],
+          "omni_model.train.checkpointing:_prepare_distributed_optimizer_load", "patch",
+          "the per-parameter state copy is wrapped to leave Adam's `step` alone; the private initialiser is called "
+          "before a load",
+          fingerprint='abaf4aa2017df9c3'),
+    # transformers (the parity reference)
+    _seam("hf.experts_implementation", HF, "transformers.configuration_utils:PreTrainedConfig",
+          "omni_model.convert.parity:reference_thinker", "private",
+          "the private config attribute _experts_implementation = 'eager' (deterministic per-expert loop on CPU)",
+          check=_hf_config_has_experts_implementation),
+    # megatron-energon
+    _seam("energon.preparator", ENERGON,
+          "megatron.energon.flavors.webdataset.prepare:WebdatasetPreparator.prepare_dataset",
+          "omni_model.data.shards:prepare_energon", "call",
+          "Energon's internal preparator writes the index and split.yaml without its interactive CLI",
+          check="signature",
+          fingerprint=('(cls, parent_path, paths, *, split_parts_ratio, split_parts_patterns, split_config, '
+                       'shuffle_seed, progress_fn, workers, tar_index_only, media_filter, fix_duplicates, '
+                       'index_sqlite_tmp_path)')),
+    _seam("energon.sample_fields", ENERGON, "megatron.energon:Sample", "omni_model.data.task_encoder:OmniTaskEncoder",
+          "private", "the encoded sample carries the raw sample's __restore_key__/__subflavors__/__sources__ "
+          "(savable loader state, subflavours)", check=_energon_sample_fields),
+    # py-data-juicer
+    _seam("dj.ray_executor", DJ, ["data_juicer.core.executor.ray_executor:RayExecutor.__init__",
+                                  "data_juicer.core.data.ray_dataset:RayDataset.process",
+                                  "data_juicer.core.data.ray_dataset:filter_batch"],
+          "omni_model.data.ray_executor:RayRecipeDataset", "private",
+          "the executor's datasetbuilder and RayDataset's per-op process / filter_batch are driven one op at a time",
+          fingerprint='609391a10cbf68a2'),
+    _seam("dj.init_configs", DJ, ["data_juicer.config:init_configs", "data_juicer.utils.constant:RAY_JOB_ENV_VAR"],
+          "omni_model.data.datajuicer:run_recipe", "private",
+          "init_configs sets RAY_JOB_ENV_VAR process-wide and redirects the streams: both are put back",
+          check="exists"),
+    _seam("dj.op_sources", DJ, "data_juicer.ops.base_op:OP.__init__", "omni_model.config:OpCatalog", "source-parse",
+          "plan-time recipe checks read op names and constructor arguments from Data-Juicer's source files",
+          check=_dj_sources_match_registry),
+    _seam("dj.base_op_kwargs", DJ, ["data_juicer.ops.base_op:OP.__init__", "data_juicer.ops.base_op:Filter.__init__"],
+          "omni_model.config:_base_kwargs", "source-parse",
+          "the keyword arguments every op accepts are read from base_op.py's kwargs.get calls",
+          fingerprint='94ce36fe7a41a934'),
+    _seam("dj.dedup_ops", DJ, ["data_juicer.ops.base_op:Deduplicator",
+                               "data_juicer.ops.deduplicator.document_minhash_deduplicator:"
+                               "DocumentMinhashDeduplicator.compute_hash",
+                               "data_juicer.ops.deduplicator.document_minhash_deduplicator:"
+                               "DocumentMinhashDeduplicator.process"],
+          "omni_model.data.dj_ops:OmniMinhashMediaDeduplicator", "subclass",
+          "media-aware deduplicators extend the MinHash deduplicator's hash and decision",
+          fingerprint='231287b97c40a8d1'),
+)
+
+BY_NAME = {seam.name: seam for seam in SEAMS}

@@ -1,0 +1,51 @@
+"""The performance switches of the model and its training step, as one typed object passed to the builders.
+
+Each switch chooses between our faster code and the upstream code it stands in for (the seam of each one is
+registered in omni_model.compat: `Seam.switch` names the field). The defaults are the production choice; a benchmark
+or a test builds with other values to get upstream's own code as a same-run baseline:
+
+    thinker = build_thinker(hf_dir, options=PerfOptions(plain_matmul_when_local=False))
+    training = build_training(settings, options=PerfOptions(fold_grad_scale=False))
+
+`apply_options(model, options)` sets them on an already built model (each module that has a switch implements
+`use_options`); the builders call it, so a model always carries the options it was built with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+PACKED_KERNELS = ("auto", "loop")
+
+
+@dataclasses.dataclass(frozen=True)
+class PerfOptions:
+    # mcore's Column/RowParallelLinear as a plain F.linear when its autograd Function would only multiply (linear.py)
+    plain_matmul_when_local: bool = True
+    # packed attention: "auto" = torch's flash varlen kernel where it applies (CUDA, half precision), "loop" = one
+    # SDPA call per sequence (attention.py)
+    packed_kernel: str = "auto"
+    # the fused vocab-parallel cross-entropy on the GPU; False: mcore's function (cross_entropy.py)
+    fuse_ce_on_gpu: bool = True
+    # 1/label-tokens and the clip factor folded into fused Adam's grad_scale (GPU; train/build.py FoldedGradScale)
+    fold_grad_scale: bool = True
+    # the allgather token dispatcher without host syncs when all experts are local (dispatcher.py)
+    static_dispatch: bool = True
+
+    def __post_init__(self):
+        if self.packed_kernel not in PACKED_KERNELS:
+            raise ValueError(f"packed_kernel {self.packed_kernel!r}: one of {PACKED_KERNELS}")
+
+
+DEFAULT = PerfOptions()
+
+
+def apply_options(model: torch.nn.Module, options: PerfOptions) -> torch.nn.Module:
+    """Every module of `model` with a switch takes its value from `options`; returns the model."""
+    for module in model.modules():
+        use = getattr(module, "use_options", None)
+        if use is not None:
+            use(options)
+    return model

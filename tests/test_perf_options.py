@@ -1,0 +1,54 @@
+"""The performance switches as one typed object (model.options.PerfOptions): the builders hand each field to the
+modules it governs, so a benchmark or a test sets fields instead of module globals."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from llm_helpers import config_of
+
+warnings.filterwarnings("ignore")
+
+
+def _switches(thinker) -> dict:
+    """What each switch-carrying module of a built thinker runs with."""
+    from omni_model.model.attention import PackedKernelChoice
+    from omni_model.model.dispatcher import OmniMoELayer, StaticAllGatherTokenDispatcher
+    from omni_model.model.linear import _LocalMatmul
+
+    modules = list(thinker.modules())
+    return {
+        "plain_matmul_when_local": {m.plain_matmul for m in modules if isinstance(m, _LocalMatmul)},
+        "packed_kernel": {m.packed_kernel for m in modules if isinstance(m, PackedKernelChoice)},
+        "fuse_ce_on_gpu": {thinker.language_model.fuse_ce_on_gpu},
+        "static_dispatch": {type(m.token_dispatcher) is StaticAllGatherTokenDispatcher
+                            for m in modules if isinstance(m, OmniMoELayer)},
+    }
+
+
+def test_build_thinker_hands_every_field_to_its_modules(tiny_hf_dir):
+    from omni_model.model.options import PerfOptions, apply_options
+    from omni_model.model.thinker import build_thinker
+    from omni_model.runtime.parallel import init_parallel
+
+    init_parallel()
+    mcores = PerfOptions(plain_matmul_when_local=False, packed_kernel="loop", fuse_ce_on_gpu=False,
+                         static_dispatch=False)
+    thinker = build_thinker(config_of(tiny_hf_dir), perform_initialization=False, options=mcores)
+    assert _switches(thinker) == {"plain_matmul_when_local": {False}, "packed_kernel": {"loop"},
+                                  "fuse_ce_on_gpu": {False}, "static_dispatch": {False}}
+    # the towers' linears and attention are reached too, not only the LLM's
+    assert sum(1 for name, _ in thinker.named_modules() if name.startswith(("vision_model", "audio_model"))
+               and hasattr(_, "use_options")) > 4
+    apply_options(thinker, PerfOptions())
+    assert _switches(thinker) == {"plain_matmul_when_local": {True}, "packed_kernel": {"auto"},
+                                  "fuse_ce_on_gpu": {True}, "static_dispatch": {True}}
+
+
+def test_an_unknown_packed_kernel_is_refused():
+    from omni_model.model.options import PerfOptions
+
+    with pytest.raises(ValueError, match="packed_kernel 'flash': one of"):
+        PerfOptions(packed_kernel="flash")
