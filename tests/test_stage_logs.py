@@ -233,6 +233,44 @@ def test_the_console_names_the_failing_rank_not_the_first_traceback_in_the_outpu
     assert re.search(r'Traceback \(most recent call last\):\n(  .*\n)+ValueError: loss is nan at step 2$', text, re.M)
 
 
+STAGE_WITH_SLEEPING_RANKS = """
+import os, sys
+from omni_model.runtime.launch import run_torchrun
+from omni_model.runtime.logs import stage_logging
+with stage_logging(sys.argv[1], "finetune"):
+    run_torchrun("sleeper", [], nproc_per_node=2, env={"PYTHONPATH": os.pathsep.join([sys.argv[2], os.environ["PYTHONPATH"]])})
+"""
+
+
+@pytest.mark.parametrize("sig, line", [(signal.SIGINT, "interrupted (SIGINT)"), (signal.SIGTERM, "stopped (SIGTERM)")])
+def test_a_stopped_stage_prints_one_line_and_stops_its_ranks(tmp_path, sig, line):
+    """Ctrl-C (SIGINT to the terminal's foreground process group) or a SIGTERM from Snakemake / the scheduler while
+    ranks run: the console gets the stage's one line, no Python traceback and nothing of torchrun's; the ranks stop."""
+    from test_launch_orphans import _alive
+
+    (tmp_path / "sleeper.py").write_text(
+        "import os, pathlib, time\n"
+        "pathlib.Path(f'rank{os.environ[\"RANK\"]}.pid').write_text(str(os.getpid()))\n"
+        "time.sleep(120)\n")
+    log = tmp_path / "finetune.log"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    stage = subprocess.Popen([sys.executable, "-c", STAGE_WITH_SLEEPING_RANKS, str(log), str(tmp_path)], cwd=tmp_path,
+                             env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pids = [tmp_path / "rank0.pid", tmp_path / "rank1.pid"]
+    deadline = time.time() + 240
+    while not all(p.exists() and p.read_text() for p in pids):
+        assert stage.poll() is None and time.time() < deadline, stage.stderr.read()
+        time.sleep(0.2)
+    os.killpg(stage.pid, sig)  # the whole group, as a terminal's Ctrl-C does
+    console = [text for text in stage.communicate(timeout=120)[1].splitlines() if text.strip()]
+    assert console == [f"[finetune] FAILED: {line}  (full log: {log})"]
+    assert stage.returncode == 128 + sig
+    deadline = time.time() + 60
+    while any(_alive(int(p.read_text())) for p in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(int(p.read_text())) for p in pids)
+
+
 def test_progress_lines_and_third_party_bars_in_a_stage_log(tmp_path):
     """Rate and ETA count only this run's work (a resumed run starts at `initial`); a library's own tqdm bar writing
     to stderr inside the stage leaves no frames in the log."""
