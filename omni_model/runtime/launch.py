@@ -158,16 +158,17 @@ def _failure_message(module: str, ranks: int, returncode: int, errors: Path, tai
 
 
 # -- the launch dies with its Snakemake job ------------------------------------------------------------------------
-def die_with_parent(sig: int = signal.SIGTERM):
-    """A `preexec_fn`: the child gets `sig` from the kernel when the process that starts it dies
-    (PR_SET_PDEATHSIG; Linux, else nothing), and exits at once if that happened before it was armed."""
+def die_with_parent(sig: int = signal.SIGTERM, parent: Optional[int] = None):
+    """A function that arms PR_SET_PDEATHSIG (Linux; None elsewhere): the calling process gets `sig` from the kernel
+    when `parent` dies, and exits at once if that happened before it was armed. Default `parent`: this process, for
+    a `preexec_fn` (the child arms it between fork and exec); a process arms itself with parent=os.getppid()."""
     import ctypes
 
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
     except (OSError, AttributeError):
         return None
-    parent = os.getpid()
+    parent = os.getpid() if parent is None else parent
 
     def arm() -> None:
         prctl(1, int(sig), 0, 0, 0)
@@ -267,10 +268,9 @@ def run_torchrun(module: str, args: Sequence[str], nproc_per_node: int, log: Opt
     The ranks' output is streamed line by line, each line timestamped, to `log` (appended) or, without one, to
     sys.stdout: inside `stage_logging` that is the rule's log (and its history), so every stage logs one way."""
     cmd = launch_command(module, args, nproc_per_node, nnodes, rdzv_endpoint)
-    # the ranks' error files: on the shared file system of the workflow (a multi-node run's ranks write there too)
-    errors_root = Path.cwd() / ".rank-errors"
-    errors_root.mkdir(exist_ok=True)
-    errors = Path(tempfile.mkdtemp(prefix=f"{module}-", dir=errors_root))
+    # the ranks' error files: in the working folder, on the workflow's shared file system (a multi-node run's ranks
+    # on other nodes write there too); removed when the launch ends
+    errors = Path(tempfile.mkdtemp(prefix=f".rank-errors-{module}-", dir=Path.cwd()))
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}), **{RANK_ERRORS_ENV: str(errors)})
     full_env.setdefault("OMP_NUM_THREADS", "1")
     if cmd[0] == "srun":
@@ -309,8 +309,6 @@ def run_torchrun(module: str, args: Sequence[str], nproc_per_node: int, log: Opt
         message = _failure_message(module, nproc_per_node * nnodes, proc.returncode, errors, tail) \
             if proc.returncode else ""
         shutil.rmtree(errors, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            errors_root.rmdir()  # when no other launch uses it
     if watchdog.gone is not None:
         raise RankFailed(f"{module} stopped: the Snakemake process that started this job (pid {watchdog.gone}) is "
                          f"gone, so are its ranks")
