@@ -39,6 +39,8 @@ import traceback
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from .logs import exception_line
+
 
 class RankFailed(RuntimeError):
     """A torchrun rank exited with an error; the message holds its traceback."""
@@ -98,7 +100,6 @@ def launch_command(module: str, args: Sequence[str], nproc_per_node: int, nnodes
 SLURM_IDENTITY = ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_CONF", "SLURM_CLUSTER_NAME")
 
 
-
 # -- a rank's failure, recorded by the rank ----------------------------------------------------------------------
 RANK_ERRORS_ENV = "OMNI_RANK_ERRORS"  # the folder where each failing rank writes rank<N>.json
 
@@ -128,12 +129,6 @@ def _record_rank_error(exc: BaseException) -> None:
         tmp = Path(folder) / f"rank{rank}.json.tmp"
         tmp.write_text(json.dumps(record))
         os.replace(tmp, tmp.with_suffix(""))
-
-
-def exception_line(exc: BaseException) -> str:
-    """`ValueError: loss is nan` (the first line of the message), as Python's traceback ends."""
-    message = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
 
 
 def first_rank_error(folder: Path) -> Optional[dict]:

@@ -163,7 +163,7 @@ def stage_logging(log_path, stage: str, level: int = logging.INFO) -> Iterator[l
         log.info("%s done in %.1fs", stage, time.time() - started)
     except BaseException as exc:  # noqa: BLE001  (Stopped too: the log says the run was interrupted)
         stream.write(traceback.format_exc())
-        summary = str(exc) if isinstance(exc, Stopped) else _one_line(exc)
+        summary = str(exc) if isinstance(exc, Stopped) else exception_line(exc)
         log.error("%s failed after %.1fs: %s", stage, time.time() - started, summary)
         stream.end_frames()  # a library's bar may be live on the terminal: the failure line starts a clean line
         console.write(f"[{stage}] FAILED: {summary}  (full log: {log_path})\n")
@@ -194,7 +194,8 @@ def console_line(text: str) -> None:
         stream.flush()
 
 
-def _one_line(exc: BaseException) -> str:
+def exception_line(exc: BaseException) -> str:
+    """`ValueError: loss is nan` (the first line of the message, at most 400 characters), as a traceback ends."""
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     if len(first) > 400:
