@@ -1,6 +1,7 @@
 # Stages 2-3: raw chat jsonl (or the generated demo set) -> Data-Juicer -> WebDataset shards + Energon metadata.
 # Every input sample ends up either in the shards or in results/data/shards/drops.jsonl with its stage and reason.
-# Consumers take `rules.shards.output.done` (a marker beside the folder) and read the folder at its path without `.done`.
+# Consumers take `rules.shards.output.done` (a marker beside the folder) and read the folder at its path without
+# `.done`.
 
 from omni_model.data.media import MEDIA_FORMAT
 

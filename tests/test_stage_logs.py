@@ -238,7 +238,8 @@ import os, sys
 from omni_model.runtime.launch import run_torchrun
 from omni_model.runtime.logs import stage_logging
 with stage_logging(sys.argv[1], "finetune"):
-    run_torchrun("sleeper", [], nproc_per_node=2, env={"PYTHONPATH": os.pathsep.join([sys.argv[2], os.environ["PYTHONPATH"]])})
+    path = os.pathsep.join([sys.argv[2], os.environ["PYTHONPATH"]])
+    run_torchrun("sleeper", [], nproc_per_node=2, env={"PYTHONPATH": path})
 """
 
 

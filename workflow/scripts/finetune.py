@@ -42,4 +42,5 @@ with stage_logging(snakemake.log[0], "finetune") as log:  # noqa: F821  (first: 
                          nnodes=train["nnodes"], rdzv_endpoint=train["rdzv_endpoint"])
             steps = [r for r in read_metrics(settings.metrics_path) if "loss" in r]
             console_line(f"[finetune] {len(steps)} steps: loss first {steps[0]['loss']:.4f} -> last "
-                         f"{steps[-1]['loss']:.4f} (metrics: {settings.metrics_path}, log: {snakemake.log[0]})")  # noqa: F821
+                         f"{steps[-1]['loss']:.4f} (metrics: {settings.metrics_path}, "
+                         f"log: {snakemake.log[0]})")  # noqa: F821
