@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .runtime.publish import fresh_staging, publish
+
 MANIFEST = "MANIFEST.json"
 _REQUIRED = ("config.json",)
 
@@ -76,26 +78,6 @@ def verify_manifest(model_dir: Path, manifest: dict | None = None) -> list[str]:
         elif sha256_of(path) != meta["sha256"]:
             problems.append(f"{rel}: sha256 mismatch (corrupted)")
     return problems
-
-
-def _fresh_dir(out_dir: Path) -> Path:
-    """A staging folder beside out_dir; a killed job leaves only `.staging`, never a half-written out_dir."""
-    staging = out_dir.with_name(out_dir.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
-
-
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Put the finished staging folder at out_dir; the old one is removed only after the new one is in place."""
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.is_symlink() or out_dir.is_file():
-        out_dir.unlink()
-    elif out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ local checkpoints
@@ -240,10 +222,10 @@ def check_local_checkpoint(path: Path) -> None:
 def fetch_tiny(out_dir: Path, seed: int) -> dict:
     from .tiny import write_tiny_checkpoint
 
-    staging = _fresh_dir(out_dir)
+    staging = fresh_staging(out_dir)
     write_tiny_checkpoint(staging, seed=seed)
     manifest = write_manifest(staging, {"kind": "tiny", "seed": seed})
-    _publish(staging, out_dir)
+    publish(staging, out_dir)
     return manifest
 
 
@@ -251,10 +233,10 @@ def fetch_random(out_dir: Path, record: dict) -> dict:
     """Random weights of `record["config"]` (+ overrides), written tensor by tensor (omni_model.random_checkpoint)."""
     from .random_checkpoint import write_random_checkpoint
 
-    staging = _fresh_dir(out_dir)
+    staging = fresh_staging(out_dir)
     write_random_checkpoint(staging, record["config"], record["overrides"], seed=record["seed"])
     manifest = write_manifest(staging, record)
-    _publish(staging, out_dir)
+    publish(staging, out_dir)
     return manifest
 
 
@@ -270,13 +252,13 @@ def fetch_local(out_dir: Path, path: Path) -> dict:
         problems = verify_manifest(path)
         if problems:
             raise CheckpointError(f"model.path {path} does not match its {MANIFEST}: " + "; ".join(problems))
-    staging = _fresh_dir(out_dir)
+    staging = fresh_staging(out_dir)
     for rel in list_files(path):
         target = staging / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(path / rel)
     manifest = write_manifest(staging, {"kind": "local", "path": str(path)})
-    _publish(staging, out_dir)
+    publish(staging, out_dir)
     return manifest
 
 
@@ -297,7 +279,7 @@ def fetch_hub(out_dir: Path, source: str, repo_id: str, revision: str | None, al
         if claimed and claimed != meta["sha256"]:
             raise CheckpointError(f"{rel}: sha256 differs from the hub's ({claimed})")
     write_manifest(partial, manifest["source"])
-    _publish(partial, out_dir)
+    publish(partial, out_dir)
     return manifest
 
 
@@ -369,11 +351,11 @@ def publish_fetched(fetched: Path, out_dir: Path) -> dict:
         manifest = json.loads((fetched / KEEP).read_text())
         tmp = out_dir / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.replace(tmp, out_dir / MANIFEST)
+        publish(tmp, out_dir / MANIFEST)
         shutil.rmtree(fetched)
         return manifest
     manifest = json.loads((fetched / MANIFEST).read_text())
-    _publish(fetched, out_dir)
+    publish(fetched, out_dir)
     return manifest
 
 

@@ -1,5 +1,7 @@
 # Stages 2-3: raw chat jsonl (or the generated demo set) -> Data-Juicer -> WebDataset shards + Energon metadata.
 # Every input sample ends up either in the shards or in results/data/shards/drops.jsonl with its stage and reason.
+# Consumers take `rules.shards.output.done` (a marker beside the folder) and read the folder at its path without
+# `.done`.
 
 from omni_model.data.media import MEDIA_FORMAT
 
@@ -60,8 +62,13 @@ rule shards:
         drops=rules.datajuicer.output.drops,
         report=rules.datajuicer.output.report,
         manifest="results/model/hf/MANIFEST.json",
+    # The declared output is a marker beside the folder, not `directory(...)`: Snakemake deletes a job's declared
+    # outputs before the job runs, and a failed rerun (e.g. a data set whose every row is bad) must leave the previous
+    # shards in place. The job writes the folder into a staging folder and swaps it in on success, then the marker;
+    # `update` keeps the old marker through the job (Snakemake puts it back if the job fails). Beside, not inside:
+    # the marker's times are not part of the shards' fingerprint (the training settings digest).
     output:
-        directory("results/data/shards"),
+        done=update("results/data/shards.done"),
     params:
         max_samples=DATA["shard_max_samples"],
         max_bytes=DATA["shard_max_bytes"],

@@ -18,7 +18,7 @@ except SettingsError as error:
 rule finetune:
     input:
         convert=rules.convert.output.convert,
-        shards=rules.shards.output,
+        shards=rules.shards.output.done,
     output:
         latest="results/train/latest",
         metrics="results/train/metrics.jsonl",

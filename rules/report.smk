@@ -6,7 +6,7 @@
 rule report_data:
     input:
         dj_report=rules.datajuicer.output.report,
-        shards=rules.shards.output[0],
+        shards=rules.shards.output.done,
     output:
         summary=report("results/report/data_summary.png", caption="../workflow/report/data_summary.rst",
                        category="Data", labels={"item": "kept and dropped"}),

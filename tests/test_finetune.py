@@ -203,6 +203,27 @@ def test_changed_settings_start_afresh(inputs, reference):
     assert metrics(train_dir)[0]["loss"] == reference["metrics"][0]["loss"]  # same data, same start
 
 
+def test_a_changed_run_that_fails_before_its_first_checkpoint_keeps_the_old_ones(inputs, reference):
+    """A rerun with a changed setting that fails (here: killed after its first step, before its first checkpoint)
+    leaves the previous run's checkpoints and TensorBoard events in place (issue 26: they were removed when the new
+    run started); going back to the old settings then restores the finished run without a step."""
+    train_dir = inputs["root"] / "failed_rerun"
+    shutil.copytree(reference["dir"], train_dir)
+    before = sorted(str(p.relative_to(train_dir)) for p in train_dir.rglob("iter_*/**/*") if p.is_file())
+    changed = write_settings(inputs, train_dir, **dict(REFERENCE, lr=1e-3, save_interval=0))  # saves at step 10 only
+    (train_dir / "latest").unlink()  # Snakemake deletes the rule's declared outputs before the job
+    (train_dir / "metrics.jsonl").unlink()
+    kill_after_steps(start(changed, inputs["root"] / "failed_rerun.log"), train_dir, 1)
+    after = sorted(str(p.relative_to(train_dir)) for p in train_dir.rglob("iter_*/**/*") if p.is_file())
+    assert after == before and "iter_0000010/train_state.json" in after
+    assert list((train_dir / "tb.previous").iterdir())  # the old run's events, set aside
+
+    output = run(write_settings(inputs, train_dir, **REFERENCE), inputs["root"] / "failed_rerun.log")
+    assert "resuming from" in output and "step 1/" not in output.split("resuming from")[-1]
+    assert [r["loss"] for r in metrics(train_dir)] == [r["loss"] for r in reference["metrics"]]
+    assert (train_dir / "latest").read_text().strip() == "iter_0000010"
+
+
 def test_iters_zero_points_latest_at_the_converted_checkpoint(inputs, tmp_path):
     from omni_model.train.checkpointing import read_latest
     from omni_model.train.loop import no_training

@@ -241,7 +241,8 @@ def test_multi_node_launch_inside_a_slurm_job(monkeypatch):
                    "--rdzv_id=slurm-4711"):
         assert option in command, option
     assert torchrun[1:3] == ["-m", "torch.distributed.run"]
-    assert torchrun[-4:] == ["-m", "omni_model.train", "--settings", "s.json"]
+    # each rank runs the module under runtime.launch, which records the exception that ends it
+    assert torchrun[-5:] == ["-m", "omni_model.runtime.launch", "omni_model.train", "--settings", "s.json"]
     assert "--rdzv_endpoint=gpu07:6000" in slurm_torchrun_command("m", [], 8, 2, ["gpu07", "gpu08"], rdzv_port="6000")
     with pytest.raises(ValueError, match="train.nnodes 3 torchrun agents cannot be spread evenly over the 2 node"):
         slurm_torchrun_command("m", [], 8, 3, ["gpu07", "gpu08"])

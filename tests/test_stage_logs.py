@@ -187,13 +187,89 @@ def test_a_failing_rank_is_named_on_the_console_and_its_traceback_is_in_the_log(
             run_torchrun("ranks_demo", [], nproc_per_node=2, env={"PYTHONPATH": str(tmp_path)})
     console = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     print("\n".join(console))
-    assert len(console) == 1 and console[0].startswith("[finetune] FAILED: RankFailed: ranks_demo failed on 2 rank(s)")
-    assert console[0].endswith(f"ValueError: loss is nan at step 2  (full log: {log})")
+    assert console == [f"[finetune] FAILED: RankFailed: ranks_demo failed on 2 rank(s) (exit 1): rank 1: "
+                       f"ValueError: loss is nan at step 2  (full log: {log})"]
     text = log.read_text()
     assert re.search(STAMP + r"rank 0 step 1$", text, re.M) and re.search(STAMP + r"rank 1 step 1$", text, re.M)
     assert re.search(STAMP + r"Traceback \(most recent call last\):\n(.*\n)*?" + STAMP[1:]
                      + r"ValueError: loss is nan at step 2$", text, re.M)
     assert (log.parent / "history" / "finetune.log").read_text() == text
+
+
+def test_the_console_names_the_failing_rank_not_the_first_traceback_in_the_output(tmp_path, capfd):
+    """The ranks' output holds other tracebacks before the failure (a library printing a handled exception, e.g.
+    Energon skipping a sample) and lines of other ranks in between: the console line is still the failing rank's own
+    exception line, read from what that rank recorded, not from the interleaved output. Deterministic: rank 1
+    raises only after rank 0's handled traceback is out."""
+    from omni_model.runtime.launch import run_torchrun
+    from omni_model.runtime.logs import StageFailed, stage_logging
+
+    printed = tmp_path / "rank0_printed"
+    (tmp_path / "ranks_noisy.py").write_text(
+        "import os, pathlib, time, traceback\n"
+        f"printed = pathlib.Path({str(printed)!r})\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    try:\n"
+        "        raise KeyError('sample 7: skipped')\n"
+        "    except KeyError:\n"
+        "        traceback.print_exc()\n"
+        "    print('rank 0 step 1', flush=True)\n"
+        "    printed.touch()\n"
+        "    time.sleep(60)\n"
+        "else:\n"
+        "    while not printed.exists():\n"
+        "        time.sleep(0.05)\n"
+        "    raise ValueError('loss is nan at step 2')\n")
+    log = tmp_path / "finetune.log"
+    with pytest.raises(StageFailed):
+        with stage_logging(log, "finetune"):
+            run_torchrun("ranks_noisy", [], nproc_per_node=2, env={"PYTHONPATH": str(tmp_path)})
+    console = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert console == [f"[finetune] FAILED: RankFailed: ranks_noisy failed on 2 rank(s) (exit 1): rank 1: "
+                       f"ValueError: loss is nan at step 2  (full log: {log})"]
+    text = log.read_text()
+    assert "KeyError: 'sample 7: skipped'" in text  # the handled one is in the log, before the failure
+    # the failing rank's traceback as one block (the stage's exception carries it), however the output interleaved
+    assert re.search(r'Traceback \(most recent call last\):\n(  .*\n)+ValueError: loss is nan at step 2$', text, re.M)
+
+
+STAGE_WITH_SLEEPING_RANKS = """
+import os, sys
+from omni_model.runtime.launch import run_torchrun
+from omni_model.runtime.logs import stage_logging
+with stage_logging(sys.argv[1], "finetune"):
+    path = os.pathsep.join([sys.argv[2], os.environ["PYTHONPATH"]])
+    run_torchrun("sleeper", [], nproc_per_node=2, env={"PYTHONPATH": path})
+"""
+
+
+@pytest.mark.parametrize("sig, line", [(signal.SIGINT, "interrupted (SIGINT)"), (signal.SIGTERM, "stopped (SIGTERM)")])
+def test_a_stopped_stage_prints_one_line_and_stops_its_ranks(tmp_path, sig, line):
+    """Ctrl-C (SIGINT to the terminal's foreground process group) or a SIGTERM from Snakemake / the scheduler while
+    ranks run: the console gets the stage's one line, no Python traceback and nothing of torchrun's; the ranks stop."""
+    from test_launch_orphans import _alive
+
+    (tmp_path / "sleeper.py").write_text(
+        "import os, pathlib, time\n"
+        "pathlib.Path(f'rank{os.environ[\"RANK\"]}.pid').write_text(str(os.getpid()))\n"
+        "time.sleep(120)\n")
+    log = tmp_path / "finetune.log"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    stage = subprocess.Popen([sys.executable, "-c", STAGE_WITH_SLEEPING_RANKS, str(log), str(tmp_path)], cwd=tmp_path,
+                             env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pids = [tmp_path / "rank0.pid", tmp_path / "rank1.pid"]
+    deadline = time.time() + 240
+    while not all(p.exists() and p.read_text() for p in pids):
+        assert stage.poll() is None and time.time() < deadline, stage.stderr.read()
+        time.sleep(0.2)
+    os.killpg(stage.pid, sig)  # the whole group, as a terminal's Ctrl-C does
+    console = [text for text in stage.communicate(timeout=120)[1].splitlines() if text.strip()]
+    assert console == [f"[finetune] FAILED: {line}  (full log: {log})"]
+    assert stage.returncode == 128 + sig
+    deadline = time.time() + 60
+    while any(_alive(int(p.read_text())) for p in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(int(p.read_text())) for p in pids)
 
 
 def test_progress_lines_and_third_party_bars_in_a_stage_log(tmp_path):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from ..runtime.logs import Progress
+from ..runtime.publish import fresh_staging, publish, staging_path
 from .mapping import Mapper, MappingError, SafetensorsReader, copy_into_model, current_coord
 
 CHECKPOINT = "checkpoint"
@@ -116,10 +116,9 @@ def convert_checkpoint(hf_dir, out_dir, *, dtype="auto", use_te: bool = False,
     started = time.perf_counter()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     dtype = resolve_dtype(dtype)
-    staging = out_dir.with_name(out_dir.name + ".staging")
+    staging = staging_path(out_dir)
     if _rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        (staging / CHECKPOINT).mkdir(parents=True)
+        (fresh_staging(out_dir) / CHECKPOINT).mkdir()
     _barrier()
 
     reader = SafetensorsReader(hf_dir)
@@ -170,19 +169,6 @@ def convert_checkpoint(hf_dir, out_dir, *, dtype="auto", use_te: bool = False,
             f"ep{layout.ep} etp{layout.etp}) in {record['seconds']['total']:.1f} s")
     _barrier()
     return record
-
-
-def publish(staging: Path, out_dir: Path) -> None:
-    """Replace out_dir by the finished staging dir: the old one is renamed aside first, so at every moment out_dir
-    is either absent or complete."""
-    if out_dir.is_symlink() or out_dir.is_file():
-        out_dir.unlink()
-    elif out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        shutil.rmtree(old)
-    os.replace(staging, out_dir)
 
 
 def load_checkpoint(thinker: torch.nn.Module, ckpt_dir) -> None:

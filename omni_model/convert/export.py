@@ -331,8 +331,9 @@ def export_thinker_tensors(checkpoint_dir: Path, hf_config: dict, *, use_te: boo
 def export_to_hf(checkpoint_dir, source_hf_dir, out_dir, *, shard_size: int = 5_000_000_000, use_te: bool = False,
                  group_bytes: int = DEFAULT_GROUP_BYTES, log: Callable[[str], None] = print) -> dict:
     """Write `out_dir`: the thinker from `checkpoint_dir`, everything else from `source_hf_dir`. Returns a summary."""
-    from ..download import _fresh_dir, _publish, write_manifest
+    from ..download import write_manifest
     from ..runtime.logs import Progress
+    from ..runtime.publish import fresh_staging, publish
     from .checkpoint import copy_hf_side_files, manifest_digest
 
     checkpoint_dir, source_hf_dir, out_dir = Path(checkpoint_dir), Path(source_hf_dir), Path(out_dir)
@@ -342,7 +343,7 @@ def export_to_hf(checkpoint_dir, source_hf_dir, out_dir, *, shard_size: int = 5_
     thinker = [e for e in source.values() if e.name.startswith(THINKER)]
     copied = [e for e in source.values() if not e.name.startswith(THINKER)]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = _fresh_dir(out_dir)
+    staging = fresh_staging(out_dir)
 
     with ShardedSafetensorsWriter(staging, source.values(), shard_size) as writer:
         total = sum(e.nbytes for e in thinker)
@@ -363,7 +364,7 @@ def export_to_hf(checkpoint_dir, source_hf_dir, out_dir, *, shard_size: int = 5_
     copy_hf_side_files(source_hf_dir, staging)
     write_manifest(staging, {"kind": "export", "checkpoint": str(checkpoint_dir.resolve()),
                              "source_manifest": manifest_digest(source_hf_dir)})  # last: its presence = complete
-    _publish(staging, out_dir)
+    publish(staging, out_dir)
     summary = {"thinker_tensors": len(thinker), "copied_tensors": len(copied),
                "shards": len(set(writer.weight_map.values())), "total_size": writer.total_size}
     log(f"export: {out_dir}: {summary}")

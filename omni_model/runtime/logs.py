@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -33,7 +34,44 @@ DATEFMT = "%Y-%m-%d %H:%M:%S"
 
 
 class StageFailed(SystemExit):
-    """Raised (as SystemExit(1)) after the traceback went to the log; the console has the one-line summary."""
+    """Raised (as SystemExit(1), or 128 + the signal when stopped) after the traceback went to the log; the console
+    has the one-line summary (and no Python traceback)."""
+
+
+class Stopped(BaseException):
+    """The stage got SIGINT (Ctrl-C) or SIGTERM (Snakemake, the job scheduler): raised where the stage is, so that
+    what it started stops with it (runtime.launch) and the console gets the stage's one line."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        how = "interrupted" if self.signum == signal.SIGINT else "stopped"
+        return f"{how} ({signal.Signals(self.signum).name})"
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Stopped while the stage runs (main thread only: where Python runs signal handlers)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def history_path(log_path: Path) -> Path:
@@ -120,18 +158,19 @@ def stage_logging(log_path, stage: str, level: int = logging.INFO) -> Iterator[l
     log = logging.getLogger(stage)
     started = time.time()
     try:
-        yield log
+        with _stop_signals_raise():
+            yield log
         log.info("%s done in %.1fs", stage, time.time() - started)
-    except BaseException as exc:  # noqa: BLE001  (KeyboardInterrupt too: the log says the run was interrupted)
+    except BaseException as exc:  # noqa: BLE001  (Stopped too: the log says the run was interrupted)
         stream.write(traceback.format_exc())
-        summary = _one_line(exc)
+        summary = str(exc) if isinstance(exc, Stopped) else exception_line(exc)
         log.error("%s failed after %.1fs: %s", stage, time.time() - started, summary)
         stream.end_frames()  # a library's bar may be live on the terminal: the failure line starts a clean line
         console.write(f"[{stage}] FAILED: {summary}  (full log: {log_path})\n")
         console.flush()
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        if isinstance(exc, SystemExit):
             raise
-        raise StageFailed(1) from None
+        raise StageFailed(128 + exc.signum if isinstance(exc, Stopped) else 1) from None
     finally:
         stream.end_frames()
         stream.flush()
@@ -155,7 +194,8 @@ def console_line(text: str) -> None:
         stream.flush()
 
 
-def _one_line(exc: BaseException) -> str:
+def exception_line(exc: BaseException) -> str:
+    """`ValueError: loss is nan` (the first line of the message, at most 400 characters), as a traceback ends."""
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     if len(first) > 400:

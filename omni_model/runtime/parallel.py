@@ -27,18 +27,13 @@ def exit_with_parent() -> None:
     torchrun's agent starts its workers in sessions of their own, so a SIGKILL of the agent (a cancelled Slurm job
     step, `kill -9` of the launcher) leaves them training on, and a resumed run then shares the training directory
     with them (seen on the H200: the orphan went on saving while the new run deleted its half-written checkpoint)."""
-    import ctypes
     import signal
 
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:  # not Linux: nothing to arm
-        return
-    parent, pr_set_pdeathsig = os.getppid(), 1
-    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
-        return
-    if os.getppid() != parent:  # the parent died before the signal was armed
-        os.kill(os.getpid(), signal.SIGKILL)
+    from .launch import die_with_parent
+
+    arm = die_with_parent(signal.SIGKILL, parent=os.getppid())
+    if arm is not None:
+        arm()
 
 
 def _free_port() -> int:

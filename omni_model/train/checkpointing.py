@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from ..runtime.publish import publish
+
 LATEST = "latest"
 
 
@@ -50,6 +52,7 @@ def read_latest(train_dir: Path) -> Path:
 
 ITER_DIR = re.compile(r"^iter_(\d{7})$")
 TRAIN_STATE = "train_state.json"
+TB_PREVIOUS = "tb.previous"  # the TensorBoard events of the previous run, kept until this run's first checkpoint
 METRICS = "metrics.jsonl"
 # the distributed optimizer saves its state like a plain optimizer's (one tensor per model tensor: reshards to any
 # layout); no per-optimizer key prefix
@@ -80,9 +83,19 @@ def choose_resume(train_dir: Path, digest: str, iters: int) -> Optional[Path]:
     return matching[-1] if matching else None
 
 
+def clear_interrupted_saves(train_dir: Path) -> list[str]:
+    """Remove the half-written saves (iter_*.tmp) an interrupted run left: never a checkpoint. Returns their names."""
+    removed = sorted(p.name for p in Path(train_dir).glob("iter_*.tmp") if p.is_dir())
+    for name in removed:
+        shutil.rmtree(Path(train_dir) / name)
+    return removed
+
+
 def clear_other_runs(train_dir: Path, keep: Optional[Path]) -> list[str]:
-    """Remove half-written (*.tmp) dirs and every iter_* dir except `keep` (and older ones of the same run): what a
-    different run, or an interrupted save, left behind. Returns the removed names."""
+    """Remove every iter_* dir except `keep` (and older ones of the same run), and the TensorBoard events set aside
+    at the start of this run (TB_PREVIOUS): what a different run left behind. Called once this run's first
+    checkpoint is complete, so a run that fails before it leaves the previous run's checkpoints as they were.
+    Returns the removed names."""
     train_dir = Path(train_dir)
     removed = []
     if not train_dir.is_dir():
@@ -90,16 +103,17 @@ def clear_other_runs(train_dir: Path, keep: Optional[Path]) -> list[str]:
     keep_digest = json.loads((keep / TRAIN_STATE).read_text())["digest"] if keep else None
     keep_iter = int(ITER_DIR.match(keep.name).group(1)) if keep else -1
     for path in sorted(train_dir.iterdir()):
-        if not path.name.startswith("iter_") or not path.is_dir():
-            continue
-        match = ITER_DIR.match(path.name)
-        state = path / TRAIN_STATE
-        same_run = (match and state.is_file() and json.loads(state.read_text())["digest"] == keep_digest
-                    and int(match.group(1)) <= keep_iter)
-        if not same_run:
+        if path.name == TB_PREVIOUS or (path.name.startswith("iter_") and path.is_dir() and not _same_run(
+                path, keep_digest, keep_iter)):
             shutil.rmtree(path)
             removed.append(path.name)
     return removed
+
+
+def _same_run(path: Path, digest: Optional[str], up_to: int) -> bool:
+    match, state = ITER_DIR.match(path.name), path / TRAIN_STATE
+    return bool(match and state.is_file() and json.loads(state.read_text())["digest"] == digest
+                and int(match.group(1)) <= up_to)
 
 
 def load_model_weights(thinker, checkpoint_dir) -> None:
@@ -235,8 +249,8 @@ def prune_checkpoints(train_dir: Path, digest: str, keep: Optional[int]) -> list
 
 def save_training_checkpoint(train_dir: Path, iteration: int, training, loader, digest: str,
                              metrics_path: Path, keep: Optional[int] = None) -> Path:
-    """Save everything needed to continue exactly; atomic (iter_N.tmp -> iter_N), then `latest`, then prune to the
-    newest `keep` checkpoints. All ranks call it."""
+    """Save everything needed to continue exactly; atomic (iter_N.tmp -> iter_N), then `latest`, then remove what
+    other runs left (clear_other_runs) and prune to the newest `keep` checkpoints. All ranks call it."""
     import torch
     from megatron.core import dist_checkpointing
 
@@ -245,7 +259,6 @@ def save_training_checkpoint(train_dir: Path, iteration: int, training, loader, 
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)  # a stale one of another run with the same number
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
     state = _sharded_training_state(training, is_loading=False, rng=_rng_state(), loader_state=loader.save_state_rank())
@@ -257,8 +270,11 @@ def save_training_checkpoint(train_dir: Path, iteration: int, training, loader, 
         metrics_path = Path(metrics_path)
         shutil.copyfile(metrics_path, tmp / METRICS) if metrics_path.exists() else (tmp / METRICS).write_text("")
         (tmp / TRAIN_STATE).write_text(json.dumps({"iteration": iteration, "digest": digest}) + "\n")
-        os.replace(tmp, final)
+        publish(tmp, final)  # another run's checkpoint of the same number goes only once this one is in place
         write_latest(train_dir, final)
+        removed = clear_other_runs(train_dir, final)
+        if removed:
+            print(f"[finetune] first checkpoint of this run complete: removed {removed} of another run", flush=True)
         prune_checkpoints(train_dir, digest, keep)
     torch.distributed.barrier()
     return final

@@ -9,6 +9,7 @@ pipeline schedules when PP > 1), `finalize_model_grads` (DP reduction, 1 / globa
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -99,18 +100,19 @@ def evaluate(settings: TrainSettings, training, forward_step: Callable, batches:
 
 
 def _start(settings: TrainSettings, digest: str) -> Optional[Path]:
-    """Rank 0 picks the checkpoint to resume from (or None), clears other runs' leftovers and rebuilds the metrics
-    file up to that checkpoint (Snakemake deleted it before rerunning the job)."""
+    """Rank 0 picks the checkpoint to resume from (or None), removes half-written saves and rebuilds the metrics
+    file up to that checkpoint (Snakemake deleted it before rerunning the job). Another run's checkpoints stay until
+    this run's first checkpoint is complete (checkpointing.clear_other_runs): a run that fails first destroys none."""
     resume = None
     if _is_rank0():
         train_dir = Path(settings.train_dir)
         train_dir.mkdir(parents=True, exist_ok=True)
         resume = ckpt.choose_resume(train_dir, digest, settings.train["iters"])
-        removed = ckpt.clear_other_runs(train_dir, resume)
+        removed = ckpt.clear_interrupted_saves(train_dir)
         if removed:
-            print(f"[finetune] removed checkpoints of another run or an interrupted save: {removed}", flush=True)
+            print(f"[finetune] removed the half-written saves of an interrupted run: {removed}", flush=True)
         if resume is None:
-            shutil.rmtree(train_dir / "tb", ignore_errors=True)
+            _set_tb_aside(train_dir)
             settings.metrics_path.write_text("")
         else:
             shutil.copyfile(resume / ckpt.METRICS, settings.metrics_path)
@@ -118,6 +120,16 @@ def _start(settings: TrainSettings, digest: str) -> Optional[Path]:
               (f"resuming from {resume}" if resume else f"starting from {settings.init_checkpoint}"), flush=True)
     resume = _broadcast(str(resume) if resume else None)
     return Path(resume) if resume else None
+
+
+def _set_tb_aside(train_dir: Path) -> None:
+    """A fresh run's TensorBoard events start in an empty tb/; the previous run's wait in tb.previous/ until this
+    run's first checkpoint (kept there if the run fails first; an older set-aside copy is kept over a failed run's)."""
+    tb, previous = train_dir / "tb", train_dir / ckpt.TB_PREVIOUS
+    if previous.exists():
+        shutil.rmtree(tb, ignore_errors=True)
+    elif tb.exists():
+        os.replace(tb, previous)
 
 
 @dataclass

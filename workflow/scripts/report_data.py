@@ -8,7 +8,7 @@ from omni_model.runtime.logs import stage_logging
 
 out = snakemake.output  # noqa: F821
 with stage_logging(snakemake.log[0], "report_data") as log:  # noqa: F821
-    shards = Path(snakemake.input.shards)  # noqa: F821
+    shards = Path(snakemake.input.shards).with_suffix("")  # noqa: F821  (the input is the marker beside it)
     report = json.loads((shards / "report.json").read_text())
     reporting.data_summary(report, Path(out.summary), Path(out.table))
     dropped = reporting.drops_table(shards / "drops.jsonl", Path(out.drops))

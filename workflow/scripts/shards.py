@@ -1,5 +1,6 @@
 """Rule `shards`: processed.jsonl -> WebDataset tars + Energon .nv-meta + complete drop report (omni_model.data.shards).
-Written into a staging folder and moved into place only on success."""
+Written into a staging folder and moved into place only on success; the rule's declared output, the marker
+`shards.done` beside it, is written last (a failed run never removes the previous shards: rules/data.smk)."""
 
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ from omni_model.runtime.publish import staged_outputs
 
 params = snakemake.params  # noqa: F821
 with stage_logging(snakemake.log[0], "shards") as log, \
-        staged_outputs({"shards": Path(snakemake.output[0])}, "shards") as staged:  # noqa: F821
+        staged_outputs({"shards": Path(snakemake.output.done).with_suffix("")}, "shards") as staged:  # noqa: F821
     require_verified_upstream(*DATA_PACKAGES, where="shards stage")
     report = write_shards(
         Path(snakemake.input.processed), staged["shards"], Path(snakemake.input.manifest).parent,  # noqa: F821
@@ -25,3 +26,5 @@ with stage_logging(snakemake.log[0], "shards") as log, \
     )
     log.info("input %d = kept %d (train %d, val %d) + dropped %d; %d shards", report["input"], report["kept"],
              report["train"], report["val"], report["dropped"], len(report["shards"]))
+# the marker last, once the folder is in place
+Path(snakemake.output.done).write_text(f"kept {report['kept']}, dropped {report['dropped']}\n")  # noqa: F821
