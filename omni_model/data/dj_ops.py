@@ -162,10 +162,25 @@ if NEAR_OP not in OPERATORS.modules:
     @OPERATORS.register_module(NEAR_OP)
     class OmniMinhashMediaDeduplicator(DocumentMinhashDeduplicator):
         """Near duplicates: Data-Juicer's MinHash LSH on the text (same parameters, same bands) AND the same media
-        content: samples sharing a band are joined only when their media are the same."""
+        content: samples sharing a band are joined only when their media are the same.
+
+        A text with fewer tokens than ``window_size`` has no shingle, and Data-Juicer gives every such text the same
+        signature (all bands equal), so "Capital of France?" / "Paris." and "Is it dark?" / "No." were near
+        duplicates of each other. Here such a text's bands are a hash of its whole token sequence instead (it is its
+        own single shingle): short texts join only when their words are the same."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._no_shingle_bands = super().compute_hash({self.text_key: ""})[HashKeys.minhash]
 
         def compute_hash(self, sample):
             sample = super().compute_hash(sample)
+            if sample[HashKeys.minhash] == self._no_shingle_bands:
+                text = sample[self.text_key].lower() if self.lowercase else sample[self.text_key]
+                if self.ignore_pattern:  # as Data-Juicer prepares the text before tokenising it
+                    text = self.ignore_pattern.sub("", text)
+                whole = hashlib.sha1(" ".join(text.split()).encode()).digest()
+                sample[HashKeys.minhash] = [b"whole-text:" + whole] * len(self._no_shingle_bands)
             _add_fingerprint(self, sample)
             return sample
 
