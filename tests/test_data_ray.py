@@ -194,6 +194,18 @@ def test_generated_set_same_decisions_on_a_ray_cluster(ray_head, tmp_path_factor
                outcome["audio", "dropped"], outcome["audio", "kept"]) > 0
 
 
+def test_an_op_failing_on_one_sample_drops_it_on_ray_too(ray_head, tmp_path, monkeypatch):
+    """As with the default executor (tests/test_video_decode.py): the sample an op fails on is dropped with the
+    error, found by the op's per-sample work in Ray tasks; the op then runs on the others."""
+    from dedup_media import failing_op_case
+    from omni_model.data.datajuicer import run_recipe
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # see test_generated_set_same_decisions_on_a_ray_cluster
+    recipe, records, check = failing_op_case(tmp_path)
+    check(*run_recipe(records, recipe, tmp_path / "work", num_proc=2, executor="ray", ray_address=ray_head))
+    _ray_detached(local=False, auth_mode="token")
+
+
 def test_unknown_executor_is_refused(tmp_path):
     from omni_model.data.datajuicer import run_recipe
 

@@ -184,7 +184,46 @@ def run_recipe(records: list[dict], recipe_path: Path, work_dir: Path, num_proc:
 
 def _run_op(data, op, ids_before: list[str]) -> list[dict]:
     """Run one op on ``data`` (_LocalDataset or ray_executor.RayRecipeDataset) and return a drop for every sample it
-    removed: deduplicators name the kept sample a duplicate duplicates, filters give the stats outside their bounds."""
+    removed: deduplicators name the kept sample a duplicate duplicates, filters give the stats outside their bounds.
+
+    When the op fails, its per-sample work is run on each sample alone (``data.sample_errors``): the samples it fails
+    on are dropped with the error as the reason and the op runs again on the others. A failure no single sample
+    reproduces is the op's own and is raised."""
+    try:
+        return _run_op_attributed(data, op, ids_before)
+    except Exception:
+        errors = data.sample_errors(op)
+        if not errors:
+            raise
+    for sid, error in errors.items():
+        log.warning("datajuicer op %s failed on sample %s: %s", op._name, sid, error)
+    drops = [drop_entry(sid, "datajuicer", op._name, f"{op._name} failed on this sample: {errors[sid]}")
+             for sid in ids_before if sid in errors]
+    data.keep({sid for sid in ids_before if sid not in errors})
+    return drops + (_run_op_attributed(data, op, data.ids()) if data.ids() else [])
+
+
+def sample_error(op, row: dict) -> str | None:
+    """The op's per-sample work (hash, stats + keep decision, or mapping) on one row alone: ``"Type: message"`` of
+    what it raises, None when it passes. Called as Data-Juicer calls it, with a batch of one row."""
+    from data_juicer.utils.constant import Fields
+
+    batch = {key: [value] for key, value in row.items()}
+    if batch.get(Fields.stats, [None])[0] is None:
+        batch[Fields.stats] = [{}]
+    try:
+        if hasattr(op, "compute_hash"):
+            op.compute_hash(batch)
+        elif hasattr(op, "compute_stats"):
+            op.process(op.compute_stats(batch))
+        else:
+            op.process(batch)
+    except Exception as exc:  # any error of the op on this sample is this sample's drop reason
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _run_op_attributed(data, op, ids_before: list[str]) -> list[dict]:
     kind = type(op).__mro__[1].__name__
     drops = []
     if hasattr(op, "compute_hash"):  # Deduplicator
@@ -242,6 +281,16 @@ class _LocalDataset:
 
     def apply(self, op) -> None:
         self.dataset = op.run(self.dataset)
+
+    def sample_errors(self, op) -> dict:
+        """sample id -> the op's error on that sample alone, for the samples it fails on (run_op's fallback)."""
+        errors = {row[ID_KEY]: sample_error(op, row) for row in self.dataset}
+        return {sid: error for sid, error in errors.items() if error}
+
+    def keep(self, kept: set) -> None:
+        from data_juicer.core.data import NestedDataset
+
+        self.dataset = NestedDataset(self.dataset.select([i for i, sid in enumerate(self.ids()) if sid in kept]))
 
 
 def _detach_dj_logger() -> None:

@@ -217,21 +217,27 @@ def _open_container(data: bytes):
 
 def _stream_span(container, stream) -> tuple[float, float, float]:
     """(start, duration, frame period) of a stream in seconds, from the header; packets are scanned (demux only, no
-    decoding) when the header has no duration."""
+    decoding) when the stream states no duration (Matroska/WebM as FFmpeg writes them keep it in the container only)
+    or the format has no timestamps of its own (MPEG-1/H.264 elementary streams: FFmpeg guesses the duration from the
+    bit rate, 0.3 ms for a 2 s MPEG-1 clip, and numbers the packets by frame rate)."""
+    import av
+
     base = float(stream.time_base)
     start = float(stream.start_time * base) if stream.start_time is not None else 0.0
     rate = float(getattr(stream, "average_rate", None) or 0.0)  # video streams only
     period = 1.0 / rate if rate > 0 else 0.0
-    if stream.duration:
+    if stream.duration and not container.format.flags & av.format.Flags.NOTIMESTAMPS:
         return start, float(stream.duration * base), period
-    last = None
+    first = last = None
     for packet in container.demux(stream):
         if packet.pts is not None:
             end = (packet.pts + (packet.duration or 0)) * base
+            first = packet.pts * base if first is None else min(first, packet.pts * base)
             last = end if last is None else max(last, end)
-    container.seek(0)
     if last is None:
         raise MediaError("video stream has no timestamps")
+    container.seek(0)
+    start = start if stream.start_time is not None else first
     return start, last - start, period
 
 
