@@ -145,3 +145,32 @@ def test_near_op_joins_short_texts_only_when_their_words_match(tmp_path):
     assert {d["id"]: d["reason"] for d in drops} == {
         "capital-shouted": "omni_minhash_media_deduplicator: duplicate of capital",
         "colour-again": "omni_minhash_media_deduplicator: duplicate of colour"}
+
+
+def test_truncated_image_is_dropped_before_dedup_and_its_copies_survive(tmp_path):
+    """A truncated progressive JPEG decodes leniently (Data-Juicer lets PIL pad truncated files) to the same
+    thumbnails as its intact copies: it must be dropped by validation's full decode, not kept as the "original" that
+    its copies are dropped against and then lost at the shards stage."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from omni_model.data.datajuicer import run_stage
+
+    source = picture(tmp_path / "p.png", 3, size=(192, 144))
+    buffer = io.BytesIO()
+    Image.open(source).convert("RGB").save(buffer, "JPEG", quality=95, progressive=True)
+    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[:-200])  # the last scans lost: the picture is all there
+    resave_image(source, tmp_path / "copy.jpg", 80)
+    ask = {"role": "user", "content": "<image>Describe the image."}
+    rows = [{"id": sid, "messages": [ask, {"role": "assistant", "content": "Shapes on a field."}], "images": [name]}
+            for sid, name in (("cut", "cut.jpg"), ("png", "p.png"), ("jpeg", "copy.jpg"))]
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = run_stage(tmp_path / "raw.jsonl", RECIPE, tmp_path / "processed.jsonl", tmp_path / "drops.jsonl")
+    kept = [json.loads(line)["id"] for line in (tmp_path / "processed.jsonl").read_text().splitlines()]
+    drops = {d["id"]: d for d in map(json.loads, (tmp_path / "drops.jsonl").read_text().splitlines())}
+    assert kept == ["png"] and summary["kept"] == 1
+    assert (drops["cut"]["stage"], drops["cut"]["op"]) == ("validate", "decode")
+    assert drops["cut"]["reason"].startswith("image0.jpg (cut.jpg): cannot decode image: OSError: image file is truncated")
+    assert drops["jpeg"]["reason"] == "omni_document_media_deduplicator: duplicate of png"

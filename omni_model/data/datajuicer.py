@@ -1,8 +1,10 @@
 """The ``datajuicer`` stage: validate raw chat samples, run a Data-Juicer recipe, write processed.jsonl + drops.jsonl.
 
 1. Validation (stage ``validate``): JSON, format, roles, empty assistant turns, tag/media counts, media files
-   present, media headers readable (``probe``: PIL / soundfile / PyAV header only; full decoding is the shards stage's
-   job). Each failure is one drop with a precise reason.
+   present, every medium decoded in full with the encoder's own checks (``decode``: a truncated image, non-finite or
+   too-short audio, a video without decodable frames or timestamps). The decode gives the media fingerprints the
+   dedup ops compare, so nothing is decoded twice and no undecodable file is ever kept as the original its copies
+   are dropped against. Each failure is one drop with a precise reason.
 2. Data-Juicer (stage ``datajuicer``): the recipe's ops run through Data-Juicer's Python API (``init_configs`` on a
    config file written for this run in its own work dir, ``load_ops``, each op's ``run``), one op at a time so that
    every dropped sample is attributed to its op, with the op's stats as the reason (or the kept sample it
@@ -29,7 +31,8 @@ from pathlib import Path
 import yaml
 
 from .formats import LIST_KEY, MEDIA_KINDS, TAG_RE, count_drops, drop_entry, load_raw
-from .media import MediaError, probe
+from .digest import FINGERPRINT_KEY, sample_fingerprint
+from .media import MediaConfig, MediaError, check_audio_length, plan_video
 
 log = logging.getLogger(__name__)
 
@@ -39,29 +42,48 @@ DJ_TOKENS = {"image": "<__dj__image>", "audio": "<__dj__audio>", "video": "<__dj
 
 
 # ------------------------------------------------------------------------------------------------ validation
-def validate(raw_path: Path, fmt: str = "auto") -> tuple[list[dict], list[dict], int]:
-    """Parse + structural checks + media header probes. Returns (records, drops, n_input)."""
+def validate(raw_path: Path, fmt: str = "auto", fingerprints: dict | None = None) -> tuple[list[dict], list[dict], int]:
+    """Parse + structural checks + a full decode of every medium with the encoder's own checks (``check_media``).
+    Returns (records, drops, n_input); ``fingerprints``, when given, is filled with sample id -> the media
+    fingerprint (JSON) the decode gave, for the dedup ops (run_recipe), so media are decoded once."""
     records, drops, total = load_raw(Path(raw_path), fmt)
     good = []
     for record in records:
         try:
-            for kind in MEDIA_KINDS:
-                for path in record[LIST_KEY[kind]]:
-                    probe(kind, path)
+            fingerprint = check_media(record)
         except MediaError as exc:
-            drops.append(drop_entry(record["id"], "validate", "probe", str(exc)))
+            drops.append(drop_entry(record["id"], "validate", "decode", str(exc)))
             continue
+        if fingerprints is not None:
+            fingerprints[record["id"]] = json.dumps(fingerprint)
         good.append(record)
     return good, drops, total
 
 
+def check_media(record: dict) -> dict:
+    """Decode every medium of ``record`` in full (digest.sample_fingerprint, strict) and apply the checks the encoder
+    applies before encoding: audio at least media.min_audio_samples long, a video frame plan (plan_video: a stream
+    without timestamps has none). Returns the sample's media fingerprint; raises MediaError naming the medium."""
+    cfg = MediaConfig()  # the released preprocessor: the minimum audio length and the plan need no checkpoint
+
+    def encoder_checks(key: str, path: str, fingerprint: dict) -> None:
+        if key == "audios":
+            check_audio_length(fingerprint["samples"], cfg)
+        elif key == "videos":
+            plan_video(Path(path).read_bytes(), cfg)
+
+    return sample_fingerprint({LIST_KEY[kind]: record[LIST_KEY[kind]] for kind in MEDIA_KINDS}, check=encoder_checks)
+
+
 # ------------------------------------------------------------------------------------------------ DJ mapping
-def to_dj(record: dict) -> dict:
+def to_dj(record: dict, fingerprint: str | None = None) -> dict:
     text = "\n".join(TAG_RE.sub(lambda m: DJ_TOKENS[m.group(1)], message["content"])
                      for message in record["messages"])
     out = {"text": text, ID_KEY: record["id"], RECORD_KEY: json.dumps(record, ensure_ascii=False)}
     for kind in MEDIA_KINDS:
         out[LIST_KEY[kind]] = list(record[LIST_KEY[kind]])
+    if fingerprint is not None:
+        out[FINGERPRINT_KEY] = fingerprint
     return out
 
 
@@ -116,8 +138,10 @@ EXECUTORS = ("default", "ray")
 
 
 def run_recipe(records: list[dict], recipe_path: Path, work_dir: Path, num_proc: int = 1, *,
-               executor: str = "default", ray_address: str | None = None) -> tuple[list[dict], list[dict]]:
-    """Run the recipe's ops on ``records``; returns (kept records in input order, drops).
+               executor: str = "default", ray_address: str | None = None,
+               fingerprints: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """Run the recipe's ops on ``records``; returns (kept records in input order, drops). ``fingerprints``: sample id
+    -> media fingerprint from validate (else the dedup ops compute them).
 
     ``executor``: ``default`` (Data-Juicer's local datasets, ``num_proc`` processes) or ``ray`` (Data-Juicer's Ray
     executor on the cluster at ``ray_address``; ``None`` starts a local one with ``num_proc`` CPUs for this run, see
@@ -136,7 +160,7 @@ def run_recipe(records: list[dict], recipe_path: Path, work_dir: Path, num_proc:
     dataset_path = work_dir / "dj_input.jsonl"
     with open(dataset_path, "w", encoding="utf-8") as handle:
         for record in records:
-            handle.write(json.dumps(to_dj(record), ensure_ascii=False) + "\n")
+            handle.write(json.dumps(to_dj(record, (fingerprints or {}).get(record["id"])), ensure_ascii=False) + "\n")
     config_path = work_dir / "dj_config.yaml"
     config = _dj_config(recipe, work_dir, dataset_path, num_proc)
     config.update({"executor_type": executor, "ray_address": ray_address or "auto"})
@@ -330,14 +354,15 @@ def run_stage(raw_path: Path, recipe_path: Path, processed_path: Path, drops_pat
     """Validate + Data-Juicer (``executor``/``ray_address``: see run_recipe); writes processed.jsonl and
     drops.jsonl; returns the counts summary."""
     started = time.time()
-    records, drops, total = validate(Path(raw_path), fmt)
+    fingerprints: dict = {}
+    records, drops, total = validate(Path(raw_path), fmt, fingerprints)
     log.info("validate: %d input lines, %d valid, %d dropped (%.2fs)", total, len(records), len(drops),
              time.time() - started)
     processed_path, drops_path = Path(processed_path), Path(drops_path)
     processed_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dj-run-", dir=work_dir or processed_path.parent) as tmp:
         kept, dj_drops = run_recipe(records, Path(recipe_path), Path(tmp), num_proc=num_proc, executor=executor,
-                                    ray_address=ray_address)
+                                    ray_address=ray_address, fingerprints=fingerprints)
     drops += dj_drops
     if len(kept) + len(drops) != total:
         raise RuntimeError(f"drop accounting broken: {total} input != {len(kept)} kept + {len(drops)} dropped")

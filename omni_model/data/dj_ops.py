@@ -24,7 +24,7 @@ from data_juicer.ops.base_op import OPERATORS, Deduplicator, Filter
 from data_juicer.ops.deduplicator.document_minhash_deduplicator import DocumentMinhashDeduplicator
 from data_juicer.utils.constant import Fields, HashKeys, StatsKeys
 
-from .digest import same_media, sample_fingerprint
+from .digest import FINGERPRINT_KEY, same_media, sample_fingerprint  # noqa: F401
 
 AUDIO_OP = "omni_audio_duration_filter"
 VIDEO_OP = "omni_video_duration_filter"
@@ -106,13 +106,13 @@ if VIDEO_OP not in OPERATORS.modules:
 # the two ops below decide on both at once: the text as Data-Juicer hashes it (the minhash op's bands for near
 # duplicates) plus a content fingerprint of every medium (omni_model.data.digest: decoded content, so a re-encoded
 # copy is the same medium). Digits and punctuation are kept: "clip 3" and "clip 4" are different prompts.
-FINGERPRINT_KEY = "omni_media_fingerprint"  # JSON; computed by whichever dedup op runs first, reused by the next
 TEXT_HASH_KEY = "omni_text_hash"
 EXACT_OP = "omni_document_media_deduplicator"
 NEAR_OP = "omni_minhash_media_deduplicator"
 
 
 def _add_fingerprint(op, sample) -> None:
+    """The fingerprint validation computed (run_stage), else computed here (MediaError on undecodable media)."""
     if not sample.get(FINGERPRINT_KEY):
         lists = {"images": sample.get(op.image_key) or [], "audios": sample.get(op.audio_key) or [],
                  "videos": sample.get(op.video_key) or []}

@@ -468,6 +468,22 @@ def whisper_extractor(cfg: MediaConfig):
     return _EXTRACTORS[key]
 
 
+def min_audio_samples(cfg: MediaConfig) -> int:
+    """The shortest 16 kHz clip the encoder can encode: the feature extractor's centred STFT reflect-pads n_fft // 2
+    samples on each side, which torch refuses unless the clip is longer (201 samples for Whisper's n_fft 400), and a
+    clip needs at least one mel frame (hop_length). The one definition: validation, the shards stage and training."""
+    extractor = whisper_extractor(cfg)
+    return max(extractor.n_fft // 2 + 1, extractor.hop_length)
+
+
+def check_audio_length(n_samples_16k: int, cfg: MediaConfig) -> None:
+    """Raise MediaError when a clip of ``n_samples_16k`` samples at 16 kHz is shorter than the encoder can encode."""
+    minimum = min_audio_samples(cfg)
+    if n_samples_16k < minimum:
+        raise MediaError(f"{n_samples_16k} samples at 16 kHz, fewer than the {minimum} the audio feature extractor "
+                         "needs")
+
+
 def audio_features(waveforms: list[np.ndarray], cfg: MediaConfig) -> tuple[np.ndarray, np.ndarray]:
     """Whisper log-mel features of the clips of ONE sample, as Qwen3OmniMoeProcessor computes them.
 
@@ -559,41 +575,3 @@ def read_frames_png(data: bytes, n_frames: int) -> np.ndarray:
     if frames.shape[0] % n_frames:
         raise MediaError(f"canonical frames: {frames.shape[0]} rows do not split into {n_frames} frames")
     return frames.reshape(n_frames, frames.shape[0] // n_frames, frames.shape[1], 3)
-
-
-# ------------------------------------------------------------------------------------------------------ probes
-def probe(kind: str, path: str) -> dict:
-    """Cheap header check (no full decode) used before Data-Juicer; raises MediaError with the reason."""
-    if kind == "image":
-        from PIL import Image
-
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except Exception as exc:
-            raise MediaError(f"corrupt image {Path(path).name}: {type(exc).__name__}: {exc}") from None
-        return {"width": width, "height": height}
-    if kind == "audio":
-        import soundfile as sf
-
-        try:
-            info = sf.info(path)
-        except Exception as exc:
-            raise MediaError(f"corrupt audio {Path(path).name}: {type(exc).__name__}: {exc}") from None
-        if info.frames <= 0:
-            raise MediaError(f"corrupt audio {Path(path).name}: no samples")
-        return {"duration": info.frames / info.samplerate, "sample_rate": info.samplerate}
-    if kind == "video":
-        import av
-
-        try:
-            with av.open(path) as container:
-                if not container.streams.video:
-                    raise MediaError(f"corrupt video {Path(path).name}: no video stream")
-                duration = container.duration / 1_000_000 if container.duration else 0.0
-        except MediaError:
-            raise
-        except Exception as exc:
-            raise MediaError(f"corrupt video {Path(path).name}: {type(exc).__name__}: {exc}") from None
-        return {"duration": duration}
-    raise ValueError(kind)

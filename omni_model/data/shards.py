@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.logs import progress
-from .formats import LIST_KEY, MEDIA_KINDS, count_drops, drop_entry
+from .formats import LIST_KEY, MEDIA_KINDS, count_drops, drop_entry, media_member
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,6 @@ SAMPLE_LOADER_PY = (
     "# Written by omni-pipeline's shards stage: the loader of omni_model.data.sample (member bytes, no decoding).\n"
     "from omni_model.data.sample import part_filter, sample_loader  # noqa: F401\n"
 )
-
-
-def media_member(kind: str, index: int, path: str) -> str:
-    """The name a medium is called by in decode errors (``image0.png (file.png): ...``)."""
-    suffix = Path(path).suffix.lower().lstrip(".") or "bin"
-    return f"{kind}{index}.{suffix}"
 
 
 @dataclass

@@ -8,8 +8,9 @@ positions) -> optional packing (``select_samples_to_pack`` / ``pack_selected_sam
 dataset is built with ``packing_buffer_size``) -> ``batch`` (:func:`~omni_model.data.batch.collate` ->
 :class:`~omni_model.data.batch.OmniBatch`).
 
-Over-long samples (more than ``max_seq_len`` tokens) and undecodable media are skipped with a warning naming the
-sample and counted: in :attr:`OmniTaskEncoder.skipped` (per worker process) and on the next batch
+Over-long samples (more than ``max_seq_len`` tokens), media the encoder cannot use and any other per-sample encoding
+failure are skipped with one warning line naming the sample (no traceback) and counted per reason (``SKIP_REASONS``):
+in :attr:`OmniTaskEncoder.skipped` (per worker process) and on the next batch
 (``OmniBatch.skipped``, the skips since that worker's previous batch) so the training loop can sum them over workers and
 ranks. The shards stage already removed such samples, so a non-zero count means the shards were written with other
 limits (``omni_model.data.shards.check_shard_settings`` refuses such shards before training).
@@ -39,6 +40,9 @@ from .sample import OmniSample
 
 log = logging.getLogger(__name__)
 
+# why a sample was skipped: over max_seq_len, media the encoder cannot use (MediaError), any other encoding failure
+SKIP_REASONS = ("over_long", "decode", "encode")
+
 
 class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatch]):
     """Qwen3-Omni task encoder.
@@ -62,8 +66,8 @@ class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatc
         self.pack_budget = int(pack_budget or max_seq_len)
         self.pad_to_multiple = int(pad_to_multiple)
         self.packed = False  # set by build_* helpers when packing is on
-        self.skipped = {"over_long": 0, "decode": 0}  # since construction (per worker process)
-        self._skipped_since_batch = {"over_long": 0, "decode": 0}  # carried on the next batch (OmniBatch.skipped)
+        self.skipped = dict.fromkeys(SKIP_REASONS, 0)  # since construction (per worker process)
+        self._skipped_since_batch = dict.fromkeys(SKIP_REASONS, 0)  # carried on the next batch (OmniBatch.skipped)
 
     @stateless
     def encode_sample(self, sample: OmniSample) -> EncodedSample:
@@ -75,7 +79,12 @@ class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatc
             raise SkipSample() from None
         except MediaError as exc:
             self._count_skip("decode")
-            log.warning("skipping sample %s with undecodable media: %s", sample.record.get("id"), exc)
+            log.warning("skipping sample %s: media the encoder cannot use: %s", sample.record.get("id"), exc)
+            raise SkipSample() from None
+        except Exception as exc:  # noqa: BLE001  any other failure of one sample: counted, one line, no traceback
+            self._count_skip("encode")
+            log.warning("skipping sample %s: encoding failed: %s: %s", sample.record.get("id"), type(exc).__name__,
+                        " ".join(str(exc).split()))
             raise SkipSample() from None
         encoded.__restore_key__ = sample.__restore_key__
         encoded.__subflavors__ = sample.__subflavors__
@@ -97,7 +106,7 @@ class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatc
     def batch(self, samples: list[EncodedSample]) -> OmniBatch:
         batch = collate(samples, pad_id=self.encoder.pad_id, packed=self.packed,
                         use_audio_in_video=self.encoder.use_audio_in_video, pad_to_multiple=self.pad_to_multiple)
-        batch.skipped, self._skipped_since_batch = self._skipped_since_batch, {"over_long": 0, "decode": 0}
+        batch.skipped, self._skipped_since_batch = self._skipped_since_batch, dict.fromkeys(SKIP_REASONS, 0)
         return batch
 
 
