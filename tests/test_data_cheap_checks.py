@@ -119,13 +119,17 @@ def test_shards_stage_keeps_only_audio_the_encoder_can_encode(tiny_hf_dir, tmp_p
 
     short = _record("short", "<audio>What is it?", audios=[_short_clip(tmp_path / "s.wav", 150)])
     fine = _record("fine", "<audio>What is it?", audios=[_short_clip(tmp_path / "f.wav", 201)])
+    broken = _record("broken", "Hello?")
+    broken["messages"][1]["content"] = None  # any other per-sample failure: a drop, not the stage's crash
     processed = tmp_path / "processed.jsonl"
-    processed.write_text("".join(json.dumps(r) + "\n" for r in (short, fine)))
+    processed.write_text("".join(json.dumps(r) + "\n" for r in (short, fine, broken)))
     report = write_shards(processed, tmp_path / "shards", tiny_hf_dir, val_fraction=0.0)
     drops = [json.loads(l) for l in (tmp_path / "shards" / "drops.jsonl").read_text().splitlines()]
-    assert report["kept"] == 1 and [(d["id"], d["stage"], d["op"]) for d in drops] == [("short", "shards", "decode")]
+    assert report["kept"] == 1 and [(d["id"], d["stage"], d["op"]) for d in drops] == [
+        ("short", "shards", "decode"), ("broken", "shards", "encode")]
     assert drops[0]["reason"] == "audio0 (s.wav): 150 samples at 16 kHz, fewer than the 201 the audio feature " \
                                  "extractor needs"
+    assert drops[1]["reason"].startswith("TypeError: ")
 
 
 def _shard_sample(encoder, record):

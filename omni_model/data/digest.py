@@ -106,9 +106,10 @@ def sample_fingerprint(media_lists: dict, check=None) -> dict:
                 media.append(fingerprint(path))
                 if check is not None:
                     check(key, path, media[-1])
-            except (MediaError, OSError) as exc:
+            except Exception as exc:  # any failure on one medium is that sample's reason (an unread file, a codec)
                 member = media_member(key.rstrip("s"), index, path)
-                raise MediaError(f"{member} ({Path(path).name}): {exc}") from None
+                reason = exc if isinstance(exc, MediaError) else f"{type(exc).__name__}: {exc}"
+                raise MediaError(f"{member} ({Path(path).name}): {reason}") from None
     return {"key": "|".join(m["key"] for m in media), "media": media}
 
 
