@@ -32,7 +32,7 @@ import yaml
 
 from .formats import LIST_KEY, MEDIA_KINDS, TAG_RE, count_drops, drop_entry, load_raw
 from .digest import FINGERPRINT_KEY, sample_fingerprint
-from .media import MediaConfig, MediaError, check_audio_length, plan_video
+from .media import MediaConfig, MediaError, check_audio_length, error_text, plan_video
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +42,48 @@ DJ_TOKENS = {"image": "<__dj__image>", "audio": "<__dj__audio>", "video": "<__dj
 
 
 # ------------------------------------------------------------------------------------------------ validation
-def validate(raw_path: Path, fmt: str = "auto", fingerprints: dict | None = None) -> tuple[list[dict], list[dict], int]:
-    """Parse + structural checks + a full decode of every medium with the encoder's own checks (``check_media``).
-    Returns (records, drops, n_input); ``fingerprints``, when given, is filled with sample id -> the media
-    fingerprint (JSON) the decode gave, for the dedup ops (run_recipe), so media are decoded once."""
+def validate(raw_path: Path, fmt: str = "auto", fingerprints: dict | None = None, *, num_proc: int = 1,
+             executor: str = "default", ray_address: str | None = None) -> tuple[list[dict], list[dict], int]:
+    """Parse + structural checks + a full decode of every medium with the encoder's own checks (``check_media``, in
+    ``num_proc`` processes, or in Ray tasks with ``executor`` ray). Returns (records, drops, n_input);
+    ``fingerprints``, when given, is filled with sample id -> the media fingerprint (JSON) the decode gave, for the
+    dedup ops (run_recipe), so media are decoded once."""
     records, drops, total = load_raw(Path(raw_path), fmt)
     good = []
-    for record in records:
-        try:
-            fingerprint = check_media(record)
-        except MediaError as exc:
-            drops.append(drop_entry(record["id"], "validate", "decode", str(exc)))
+    for record, (fingerprint, error) in zip(records, _checked(records, num_proc, executor, ray_address)):
+        if error is not None:
+            drops.append(drop_entry(record["id"], "validate", "decode", error))
             continue
         if fingerprints is not None:
-            fingerprints[record["id"]] = json.dumps(fingerprint)
+            fingerprints[record["id"]] = fingerprint
         good.append(record)
     return good, drops, total
+
+
+def _check_records(records: list[dict]) -> list[tuple[str | None, str | None]]:
+    """check_media over a chunk of records: (fingerprint JSON, None) or (None, the reason); one pool or Ray task."""
+    out = []
+    for record in records:
+        try:
+            out.append((json.dumps(check_media(record)), None))
+        except MediaError as exc:
+            out.append((None, str(exc)))
+    return out
+
+
+def _checked(records: list[dict], num_proc: int, executor: str, ray_address: str | None, chunk: int = 8):
+    """_check_records over all records, in input order, on the executor's workers."""
+    if executor == "ray":
+        from .ray_executor import ray_map
+
+        return ray_map(_check_records, records, address=ray_address, num_cpus=num_proc, chunk=chunk)
+    if num_proc <= 1 or len(records) <= chunk:
+        return _check_records(records)
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=int(num_proc)) as pool:
+        chunks = pool.map(_check_records, [records[i:i + chunk] for i in range(0, len(records), chunk)])
+        return [result for results in chunks for result in results]
 
 
 def check_media(record: dict) -> dict:
@@ -243,7 +269,7 @@ def sample_error(op, row: dict) -> str | None:
         else:
             op.process(batch)
     except Exception as exc:  # any error of the op on this sample is this sample's drop reason
-        return f"{type(exc).__name__}: {exc}"
+        return error_text(exc)
     return None
 
 
@@ -354,13 +380,19 @@ def run_stage(raw_path: Path, recipe_path: Path, processed_path: Path, drops_pat
     """Validate + Data-Juicer (``executor``/``ray_address``: see run_recipe); writes processed.jsonl and
     drops.jsonl; returns the counts summary."""
     started = time.time()
-    fingerprints: dict = {}
-    records, drops, total = validate(Path(raw_path), fmt, fingerprints)
-    log.info("validate: %d input lines, %d valid, %d dropped (%.2fs)", total, len(records), len(drops),
-             time.time() - started)
     processed_path, drops_path = Path(processed_path), Path(drops_path)
     processed_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="dj-run-", dir=work_dir or processed_path.parent) as tmp:
+    with contextlib.ExitStack() as stack:
+        if executor == "ray":  # one Ray session (a local one started once) for validation and the recipe
+            from .ray_executor import ray_cluster
+
+            stack.enter_context(ray_cluster(ray_address, num_proc))
+        fingerprints: dict = {}
+        records, drops, total = validate(Path(raw_path), fmt, fingerprints, num_proc=num_proc, executor=executor,
+                                         ray_address=ray_address)
+        log.info("validate: %d input lines, %d valid, %d dropped (%.2fs)", total, len(records), len(drops),
+                 time.time() - started)
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="dj-run-", dir=work_dir or processed_path.parent))
         kept, dj_drops = run_recipe(records, Path(recipe_path), Path(tmp), num_proc=num_proc, executor=executor,
                                     ray_address=ray_address, fingerprints=fingerprints)
     drops += dj_drops

@@ -65,7 +65,7 @@ def video_fingerprint(path: str) -> dict:
     import av
     from PIL import Image
 
-    from .media import MediaError
+    from .media import MediaError, error_text
 
     frames, next_second = [], 0.0
     try:
@@ -80,7 +80,7 @@ def video_fingerprint(path: str) -> dict:
                 frames.append(_thumbs(Image.fromarray(small)))
                 next_second = math.floor(frame.time) + 1.0
     except Exception as exc:
-        raise MediaError(f"cannot decode video: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot decode video: {error_text(exc)}") from None
     if not frames:
         raise MediaError("video has no decodable frames")
     return {"key": f"video:{len(frames)}", "aspect": aspect, "duration": duration, "frames": frames}
@@ -97,7 +97,7 @@ def sample_fingerprint(media_lists: dict, check=None) -> dict:
     ``{"key": exact part, "media": [per-medium fingerprints in list order]}``. ``check(list key, path, fingerprint)``
     may raise MediaError too. A MediaError names the medium: ``image0.jpg (cut.jpg): cannot decode image: ...``."""
     from .formats import media_member
-    from .media import MediaError
+    from .media import MediaError, error_text
 
     media = []
     for key, fingerprint in FINGERPRINTS.items():
@@ -108,7 +108,7 @@ def sample_fingerprint(media_lists: dict, check=None) -> dict:
                     check(key, path, media[-1])
             except Exception as exc:  # any failure on one medium is that sample's reason (an unread file, a codec)
                 member = media_member(key.rstrip("s"), index, path)
-                reason = exc if isinstance(exc, MediaError) else f"{type(exc).__name__}: {exc}"
+                reason = exc if isinstance(exc, MediaError) else error_text(exc)
                 raise MediaError(f"{member} ({Path(path).name}): {reason}") from None
     return {"key": "|".join(m["key"] for m in media), "media": media}
 

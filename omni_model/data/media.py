@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,15 @@ AUDIO_SR = 16000
 
 class MediaError(ValueError):
     """Media that cannot be decoded; the message is the reason for drops.jsonl."""
+
+
+_IN_MEMORY_FILE = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: message`` of an exception, for a drop reason: without the address of an in-memory file that PIL and
+    soundfile put in their messages, so the same input gives the same drops.jsonl in every run and process."""
+    return f"{type(exc).__name__}: " + _IN_MEMORY_FILE.sub("", str(exc))
 
 
 @dataclass
@@ -122,7 +132,7 @@ def decode_image(data: bytes) -> np.ndarray:
             image.load()
             rgb = image.convert("RGB")
     except Exception as exc:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError...)
-        raise MediaError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot decode image: {error_text(exc)}") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     return np.asarray(rgb)
@@ -212,7 +222,7 @@ def _open_container(data: bytes):
     try:
         return av.open(io.BytesIO(data), mode="r")
     except Exception as exc:
-        raise MediaError(f"cannot open video: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot open video: {error_text(exc)}") from None
 
 
 def _stream_span(container, stream) -> tuple[float, float, float]:
@@ -257,7 +267,7 @@ def plan_video(data: bytes, cfg: MediaConfig) -> VideoPlan:
     except MediaError:
         raise
     except Exception as exc:
-        raise MediaError(f"cannot read video header: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot read video header: {error_text(exc)}") from None
     finally:
         container.close()
     if not width or not height:
@@ -322,7 +332,7 @@ def decode_video(data: bytes, cfg: MediaConfig, with_audio: bool = False) -> Vid
     except MediaError:
         raise
     except Exception as exc:
-        raise MediaError(f"cannot decode video: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot decode video: {error_text(exc)}") from None
     finally:
         container.close()
     audio = decode_audio_track(data) if with_audio else None
@@ -365,7 +375,7 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     try:
         samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as exc:
-        raise MediaError(f"cannot decode audio: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot decode audio: {error_text(exc)}") from None
     if samples.shape[0] == 0:
         raise MediaError("audio has no samples")
     if not np.isfinite(samples).all():
@@ -380,7 +390,7 @@ def audio_samples_16k(data: bytes) -> int:
     try:
         info = sf.info(io.BytesIO(data))
     except Exception as exc:
-        raise MediaError(f"cannot read audio header: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot read audio header: {error_text(exc)}") from None
     if info.frames <= 0:
         raise MediaError("audio has no samples")
     return resampled_length(info.frames, info.samplerate)
@@ -399,7 +409,7 @@ def image_size(data: bytes) -> tuple[int, int]:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
     except Exception as exc:
-        raise MediaError(f"cannot read image header: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot read image header: {error_text(exc)}") from None
     return height, width
 
 
@@ -424,7 +434,7 @@ def decode_audio_track(data: bytes) -> np.ndarray | None:
             else:
                 chunks.append(array.reshape(-1, len(frame.layout.channels)))
     except Exception as exc:
-        raise MediaError(f"cannot decode video audio track: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot decode video audio track: {error_text(exc)}") from None
     finally:
         container.close()
     if not chunks:
@@ -543,7 +553,7 @@ def read_audio_16k(data: bytes) -> np.ndarray:
     try:
         wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
     except Exception as exc:
-        raise MediaError(f"cannot decode canonical audio: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot decode canonical audio: {error_text(exc)}") from None
     if rate != AUDIO_SR or wave.ndim != 1:
         raise MediaError(f"canonical audio must be {AUDIO_SR} Hz mono, got {rate} Hz, shape {wave.shape}")
     return wave
@@ -569,7 +579,7 @@ def read_frames_png(data: bytes, n_frames: int) -> np.ndarray:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
             frames = np.asarray(image.convert("RGB"))
     except Exception as exc:
-        raise MediaError(f"cannot decode canonical frames: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot decode canonical frames: {error_text(exc)}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     if frames.shape[0] % n_frames:

@@ -65,7 +65,7 @@ def shard_item(record: dict, encoder) -> ShardItem:
     the media files it names and the encoder (``OmniEncoder``: its settings decide), so any executor can map it;
     keys and the train/val split are assigned by the writer."""
     from .encoder import OverLongSample
-    from .media import MediaError
+    from .media import MediaError, error_text
 
     sid = record["id"]
     media, names = {}, {}
@@ -91,7 +91,7 @@ def shard_item(record: dict, encoder) -> ShardItem:
     except MediaError as exc:
         return ShardItem(sid, drop=drop_entry(sid, "shards", "decode", str(exc)))
     except Exception as exc:  # any other failure on this sample (its template, a codec): its drop, not the stage's end
-        return ShardItem(sid, drop=drop_entry(sid, "shards", "encode", f"{type(exc).__name__}: {exc}"))
+        return ShardItem(sid, drop=drop_entry(sid, "shards", "encode", error_text(exc)))
     document = {**{k: v for k, v in record.items() if k not in LIST_KEY.values()}, **fields, "num_tokens": n_tokens,
                 "source": {LIST_KEY[kind]: record.get(LIST_KEY[kind], []) for kind in MEDIA_KINDS}}
     return ShardItem(sid, {"json": json.dumps(document, ensure_ascii=False).encode(), **members}, n_tokens)

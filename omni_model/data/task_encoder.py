@@ -34,7 +34,7 @@ from megatron.energon import (
 
 from .batch import EncodedSample, OmniBatch, collate
 from .encoder import OmniEncoder, OverLongSample
-from .media import MediaError
+from .media import MediaError, error_text
 from .packing import pack, select_packs
 from .sample import OmniSample
 
@@ -83,8 +83,7 @@ class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatc
             raise SkipSample() from None
         except Exception as exc:  # noqa: BLE001  any other failure of one sample: counted, one line, no traceback
             self._count_skip("encode")
-            log.warning("skipping sample %s: encoding failed: %s: %s", sample.record.get("id"), type(exc).__name__,
-                        " ".join(str(exc).split()))
+            log.warning("skipping sample %s: encoding failed: %s", sample.record.get("id"), " ".join(error_text(exc).split()))
             raise SkipSample() from None
         encoded.__restore_key__ = sample.__restore_key__
         encoded.__subflavors__ = sample.__subflavors__
