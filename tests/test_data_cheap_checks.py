@@ -153,6 +153,7 @@ def test_training_counts_each_sample_it_cannot_encode_in_one_line(tiny_hf_dir, t
 
     from megatron.energon import SkipSample
 
+    from omni_model.data.encoder import ShardFormatError
     from omni_model.data.task_encoder import OmniTaskEncoder
 
     task_encoder = OmniTaskEncoder(tiny_hf_dir)
@@ -169,6 +170,10 @@ def test_training_counts_each_sample_it_cannot_encode_in_one_line(tiny_hf_dir, t
                                                               "skipping sample short"]
     assert all(r.exc_info is None and "\n" not in r.getMessage() for r in lines)
     assert "150 samples at 16 kHz, fewer than the 201" in lines[0].getMessage()
+    stale = _shard_sample(task_encoder.encoder, _record("stale", "Hello?"))
+    stale.record["media_format"] = "canonical-1"  # shards of another pipeline version stop training, not skipped
+    with pytest.raises(ShardFormatError, match="rerun the shards stage"):
+        task_encoder.encode_sample(stale)
 
 
 def test_validation_in_processes_gives_the_same_records_drops_and_fingerprints(tmp_path):

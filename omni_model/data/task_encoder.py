@@ -33,7 +33,7 @@ from megatron.energon import (
 )
 
 from .batch import EncodedSample, OmniBatch, collate
-from .encoder import OmniEncoder, OverLongSample
+from .encoder import OmniEncoder, OverLongSample, ShardFormatError
 from .media import MediaError, error_text
 from .packing import pack, select_packs
 from .sample import OmniSample
@@ -81,6 +81,8 @@ class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatc
             self._count_skip("decode")
             log.warning("skipping sample %s: media the encoder cannot use: %s", sample.record.get("id"), exc)
             raise SkipSample() from None
+        except ShardFormatError:  # shards of another pipeline version: every sample fails, training must stop
+            raise
         except Exception as exc:  # noqa: BLE001  any other failure of one sample: counted, one line, no traceback
             self._count_skip("encode")
             log.warning("skipping sample %s: encoding failed: %s", sample.record.get("id"), " ".join(error_text(exc).split()))
