@@ -152,6 +152,7 @@ def test_training_counts_each_sample_it_cannot_encode_in_one_line(tiny_hf_dir, t
     import logging
 
     from megatron.energon import SkipSample
+    from megatron.energon.errors import FatalSampleError
 
     from omni_model.data.encoder import ShardFormatError
     from omni_model.data.task_encoder import OmniTaskEncoder
@@ -170,6 +171,9 @@ def test_training_counts_each_sample_it_cannot_encode_in_one_line(tiny_hf_dir, t
                                                               "skipping sample short"]
     assert all(r.exc_info is None and "\n" not in r.getMessage() for r in lines)
     assert "150 samples at 16 kHz, fewer than the 201" in lines[0].getMessage()
+    task_encoder.max_failures_in_a_row = 4  # a data set where every sample fails stops training (here the 4th)
+    with pytest.raises(FatalSampleError, match="4 samples in a row could not be encoded, the last: skipping sample br"):
+        task_encoder.encode_sample(_shard_sample(task_encoder.encoder, broken))
     stale = _shard_sample(task_encoder.encoder, _record("stale", "Hello?"))
     stale.record["media_format"] = "canonical-1"  # shards of another pipeline version stop training, not skipped
     with pytest.raises(ShardFormatError, match="rerun the shards stage"):
