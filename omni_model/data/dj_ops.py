@@ -24,7 +24,7 @@ from data_juicer.ops.base_op import OPERATORS, Deduplicator, Filter
 from data_juicer.ops.deduplicator.document_minhash_deduplicator import DocumentMinhashDeduplicator
 from data_juicer.utils.constant import Fields, HashKeys, StatsKeys
 
-from .digest import FINGERPRINT_KEY, same_media, sample_fingerprint  # noqa: F401
+from .digest import FINGERPRINT_KEY, same_media, sample_fingerprint
 
 AUDIO_OP = "omni_audio_duration_filter"
 VIDEO_OP = "omni_video_duration_filter"
@@ -49,9 +49,14 @@ def _video_duration(path: str) -> float:
 
 class _MediaDurationFilter(Filter):
     """Data-Juicer's audio_/video_duration_filter contract (min/max seconds, any/all, stats key ``stats_key``) with
-    the duration read by ``duration`` from each path of the sample's ``media_key`` list."""
+    the duration read by ``duration`` from each path of the sample's list named by the op's ``media_key_attr``."""
 
-    media_key_attr, stats_key, duration = "", "", staticmethod(lambda path: 0.0)
+    media_key_attr: str  # "audio_key" / "video_key": the op attribute naming the sample's media list
+    stats_key: str
+
+    @staticmethod
+    def duration(path: str) -> float:
+        raise NotImplementedError
 
     def __init__(self, min_duration: float = 0, max_duration: float = sys.maxsize, any_or_all: str = "any",
                  *args, **kwargs):
@@ -66,7 +71,7 @@ class _MediaDurationFilter(Filter):
         if self.stats_key in sample[Fields.stats]:
             return sample
         paths = sample.get(getattr(self, self.media_key_attr)) or []
-        sample[Fields.stats][self.stats_key] = [type(self).duration(p) for p in paths] if paths else \
+        sample[Fields.stats][self.stats_key] = [self.duration(p) for p in paths] if paths else \
             np.array([], dtype=np.float64)
         return sample
 
