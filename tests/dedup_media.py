@@ -57,13 +57,17 @@ def reencode_audio(source: Path, path: Path, fmt: str = "FLAC") -> Path:
 
 
 def clip(path: Path, k: int, seconds: float = 2.0, fps: int = 8, size: tuple[int, int] = (64, 48),
-         bit_rate: int | None = None, frames: list | None = None) -> Path:
-    """Clip number ``k`` (a block of colour k crossing the frame), or the given frames re-encoded."""
+         bit_rate: int | None = None, frames: list | None = None, container_format: str = "mp4",
+         codec: str = "mpeg4") -> Path:
+    """Clip number ``k`` (a block of colour k crossing the frame), or the given frames re-encoded. Other containers
+    as PyAV (FFmpeg) writes them: ``webm``/``matroska`` (duration in the container, none on the stream),
+    ``mpeg1video`` (an MPEG-1 elementary stream: no timestamps, a duration guessed from the bit rate), ``h264``
+    (raw H.264: no timestamps at all)."""
     import av
 
     width, height = size
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
+    with av.open(str(path), "w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if bit_rate:
             stream.bit_rate = bit_rate
@@ -91,3 +95,43 @@ def reencode_clip(source: Path, path: Path, bit_rate: int = 200_000) -> Path:
         size = (stream.codec_context.width, stream.codec_context.height)
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
     return clip(path, 0, fps=fps, size=size, bit_rate=bit_rate, frames=frames)
+
+
+# Containers whose video stream states no duration, as FFmpeg/PyAV write them: (container, codec, fps, file suffix).
+NO_STREAM_DURATION = {"webm": ("webm", "libvpx", 8, "webm"), "matroska": ("matroska", "mpeg4", 8, "mkv"),
+                      "mpeg1-elementary": ("mpeg1video", "mpeg1video", 25, "m1v")}
+
+
+def clip_without_stream_duration(directory: Path, kind: str, seconds: float = 2.0) -> Path:
+    """A distinct clip (another colour) per container kind: the stage must not see them as copies of each other."""
+    container_format, codec, fps, suffix = NO_STREAM_DURATION[kind]
+    return clip(directory / f"{kind}-{seconds}.{suffix}", sorted(NO_STREAM_DURATION).index(kind), seconds=seconds,
+                fps=fps, container_format=container_format, codec=codec)
+
+
+def video_record(sid: str, path: Path) -> dict:
+    return {"id": sid, "messages": [{"role": "user", "content": "<video>What moves in this clip?"},
+                                    {"role": "assistant", "content": "A coloured block."}],
+            "images": [], "audios": [], "videos": [str(path)]}
+
+
+def failing_op_case(directory: Path):
+    """(recipe path, records, check(kept, drops)): Data-Juicer's own video_duration_filter, which fails on a WebM (no
+    stream duration), over an mp4, that WebM and a short mp4; the WebM must be dropped with the op's error."""
+    import yaml
+
+    recipe = {"process": [{"video_duration_filter": {"min_duration": 0.5, "max_duration": 60, "video_backend": "av"}}]}
+    (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    records = [video_record("mp4", clip(directory / "a.mp4", 1)),
+               video_record("webm", clip_without_stream_duration(directory, "webm")),
+               video_record("mp4-short", clip(directory / "b.mp4", 2, seconds=0.25))]
+
+    def check(kept, drops):
+        assert [r["id"] for r in kept] == ["mp4"]
+        by_id = {d["id"]: d for d in drops}
+        assert by_id["webm"]["stage"] == "datajuicer" and by_id["webm"]["op"] == "video_duration_filter"
+        assert by_id["webm"]["reason"] == ("video_duration_filter failed on this sample: TypeError: unsupported "
+                                           "operand type(s) for *: 'NoneType' and 'Fraction'")
+        assert "video_duration=[0.25] outside bounds" in by_id["mp4-short"]["reason"]
+
+    return directory / "recipe.yaml", records, check

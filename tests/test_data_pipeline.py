@@ -57,9 +57,9 @@ def test_every_bad_sample_dropped_at_its_stage_with_reason(pipeline):
     expected_reason = {
         "invalid_json": "invalid JSON",
         "missing_file": "missing image file: media/does-not-exist.png",
-        "corrupt_image_header": "corrupt image garbage.png",
-        "corrupt_audio_header": "corrupt audio garbage.wav",
-        "corrupt_video_header": "corrupt video garbage.mp4",
+        "corrupt_image_header": "image0.png (garbage.png): cannot decode image",
+        "corrupt_audio_header": "audio0.wav (garbage.wav): cannot decode audio",
+        "corrupt_video_header": "video0.mp4 (garbage.mp4): cannot decode video",
         "wrong_role_order": "wrong role order: turn 1 is 'user' after 'user'",
         "empty_assistant": "empty assistant turn (turn 1)",
         "tag_media_mismatch": "2 <image> tag(s) but 1 images",
@@ -189,7 +189,7 @@ def test_over_long_is_counted_at_encode_time(pipeline):
     carried = sum(batch.skipped["over_long"] for batch in batches)
     print(f"over-long skips: {encoder.skipped['over_long']} counted, {carried} carried on batches")
     assert carried > 0 and carried + encoder._skipped_since_batch["over_long"] == encoder.skipped["over_long"]
-    assert all(set(batch.skipped) == {"over_long", "decode"} for batch in batches)
+    assert all(set(batch.skipped) == {"over_long", "decode", "encode"} for batch in batches)
     assert np.isfinite(kept)
 
 

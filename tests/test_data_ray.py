@@ -127,8 +127,8 @@ def _tar_members(shards_dir: Path) -> dict:
 
 def test_shards_same_samples_with_ray_tasks(demo_runs, ray_head, tiny_hf_dir, tmp_path_factory, monkeypatch):
     """The shards stage's per-sample work (decode, token count, canonical media) in Ray tasks on the 2-CPU head:
-    the same tars member for member (json and media bytes per key), the same drops (the demo's undecodable and
-    over-long samples) and the same report."""
+    the same tars member for member (json and media bytes per key), the same drops (the demo's over-long sample)
+    and the same report."""
     from omni_model.data.shards import write_shards
 
     out_dj = demo_runs["default"][0]
@@ -149,7 +149,7 @@ def test_shards_same_samples_with_ray_tasks(demo_runs, ray_head, tiny_hf_dir, tm
     assert {k: v for k, v in reports["ray"].items() if k != "seconds"} == \
         {k: v for k, v in reports["default"].items() if k != "seconds"}
     assert {d["op"] for d in map(json.loads, (tmp_path / "ray" / "drops.jsonl").read_text().splitlines())
-            if d["stage"] == "shards"} == {"decode", "max_seq_len"}
+            if d["stage"] == "shards"} == {"max_seq_len"}  # undecodable media: dropped by validation
 
 
 def test_generated_set_same_decisions_on_a_ray_cluster(ray_head, tmp_path_factory, monkeypatch):
@@ -192,6 +192,18 @@ def test_generated_set_same_decisions_on_a_ray_cluster(ray_head, tmp_path_factor
     assert outcome["near", "dropped"] >= 0.6 * (outcome["near", "dropped"] + outcome["near", "kept"])
     assert min(outcome["exact", "dropped"], outcome["image", "dropped"], outcome["image", "kept"],
                outcome["audio", "dropped"], outcome["audio", "kept"]) > 0
+
+
+def test_an_op_failing_on_one_sample_drops_it_on_ray_too(ray_head, tmp_path, monkeypatch):
+    """As with the default executor (tests/test_video_decode.py): the sample an op fails on is dropped with the
+    error, found by the op's per-sample work in Ray tasks; the op then runs on the others."""
+    from dedup_media import failing_op_case
+    from omni_model.data.datajuicer import run_recipe
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # see test_generated_set_same_decisions_on_a_ray_cluster
+    recipe, records, check = failing_op_case(tmp_path)
+    check(*run_recipe(records, recipe, tmp_path / "work", num_proc=2, executor="ray", ray_address=ray_head))
+    _ray_detached(local=False, auth_mode="token")
 
 
 def test_unknown_executor_is_refused(tmp_path):

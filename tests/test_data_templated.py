@@ -81,7 +81,7 @@ def write_templated_set(root: Path) -> tuple[Path, list[str], dict]:
     (media / "broken.wav").write_bytes(b"RIFF0000WAVEjunk" + bytes(range(64)))
     rows.append(_sharegpt("bad-audio-header", [("<audio>Transcribe clip 9.", "Clip 9.")],
                           audios=["media/broken.wav"]))
-    bad["bad-audio-header"] = ("validate", "probe", "corrupt audio broken.wav")
+    bad["bad-audio-header"] = ("validate", "decode", "audio0.wav (broken.wav): cannot decode audio")
     rows.append(_swift("bad-roles", [("Only a question.", "An answer.")]))
     rows[-1]["messages"] = rows[-1]["messages"][::-1]
     bad["bad-roles"] = ("validate", "structure", "wrong role order")

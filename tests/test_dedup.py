@@ -76,6 +76,12 @@ def dedup_run(tmp_path_factory):
                 images=[img_a_jpg]),
         _record("near-b-edit", long_text.replace("few careful", "few short"), "Blue and green shapes on red.",
                 images=[img_b]),
+        # fewer words than the near op's window (5): no shingle at all, which MinHash hashed as one shared signature
+        _record("short-capital", "Capital of France?", "Paris."),
+        _record("short-translate", "Translate 'cat' to German.", "Katze."),
+        _record("short-capital-copy", "capital of  France?", "Paris."),
+        _record("vqa-colour", "<image>Main color?", "Green.", images=[img_b]),  # VQA: two questions, one image
+        _record("vqa-dark", "<image>Is it dark?", "No.", images=[img_b]),
     ]
     # two worker processes under a deep work dir: Data-Juicer's pool sockets must not land under it (AF_UNIX paths
     # are limited to 107 bytes: a work dir of ~72+ characters failed with "AF_UNIX path too long")
@@ -90,6 +96,7 @@ def dedup_run(tmp_path_factory):
     ("aud-x-flac", "aud-x", "omni_document_media_deduplicator"),
     ("vid-v-copy", "vid-v", "omni_document_media_deduplicator"),
     ("near-a-edit", "near-a", "omni_minhash_media_deduplicator"),
+    ("short-capital-copy", "short-capital", "omni_document_media_deduplicator"),
 ])
 def test_same_text_and_same_media_reencoded_is_dropped_naming_the_original(dedup_run, sid, duplicate_of, op):
     kept, drops = dedup_run
@@ -103,7 +110,8 @@ def test_same_text_different_media_is_kept(dedup_run, sid):
     assert sid in kept, drops.get(sid)
 
 
-@pytest.mark.parametrize("sid", ["img-a-other-text", "aud-x-other-text", "clip-3", "clip-4"])
+@pytest.mark.parametrize("sid", ["img-a-other-text", "aud-x-other-text", "clip-3", "clip-4", "short-capital",
+                                 "short-translate", "vqa-colour", "vqa-dark"])
 def test_different_text_same_media_is_kept(dedup_run, sid):
     kept, drops = dedup_run
     assert sid in kept, drops.get(sid)
@@ -112,4 +120,57 @@ def test_different_text_same_media_is_kept(dedup_run, sid):
 def test_only_the_duplicates_are_dropped(dedup_run):
     kept, drops = dedup_run
     print(f"dedup cases: kept {len(kept)}, dropped {sorted(drops)}")
-    assert set(drops) == {"img-a-jpeg", "aud-x-flac", "vid-v-copy", "near-a-edit"}
+    assert set(drops) == {"img-a-jpeg", "aud-x-flac", "vid-v-copy", "near-a-edit", "short-capital-copy"}
+
+
+def test_near_op_joins_short_texts_only_when_their_words_match(tmp_path):
+    """The near op alone, on texts shorter than its window: equal words (case and spacing aside) with the same media
+    are near duplicates, different words are not."""
+    import yaml
+
+    from omni_model.data.datajuicer import run_recipe
+
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["process"] = [op for op in recipe["process"] if "omni_minhash_media_deduplicator" in op]
+    (tmp_path / "near.yaml").write_text(yaml.safe_dump(recipe))
+    image = picture(tmp_path / "p.png", 5)
+    records = [_record("capital", "Capital of France?", "Paris."),
+               _record("capital-shouted", "CAPITAL  of France?", "Paris."),
+               _record("translate", "Translate 'cat' to German.", "Katze."),
+               _record("colour", "<image>Main color?", "Green.", images=[image]),
+               _record("colour-again", "<image>main color?", "green.", images=[image]),
+               _record("dark", "<image>Is it dark?", "No.", images=[image])]
+    kept, drops = run_recipe(records, tmp_path / "near.yaml", tmp_path / "work")
+    assert [r["id"] for r in kept] == ["capital", "translate", "colour", "dark"]
+    assert {d["id"]: d["reason"] for d in drops} == {
+        "capital-shouted": "omni_minhash_media_deduplicator: duplicate of capital",
+        "colour-again": "omni_minhash_media_deduplicator: duplicate of colour"}
+
+
+def test_truncated_image_is_dropped_before_dedup_and_its_copies_survive(tmp_path):
+    """A truncated progressive JPEG decodes leniently (Data-Juicer lets PIL pad truncated files) to the same
+    thumbnails as its intact copies: it must be dropped by validation's full decode, not kept as the "original" that
+    its copies are dropped against and then lost at the shards stage."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from omni_model.data.datajuicer import run_stage
+
+    source = picture(tmp_path / "p.png", 3, size=(192, 144))
+    buffer = io.BytesIO()
+    Image.open(source).convert("RGB").save(buffer, "JPEG", quality=95, progressive=True)
+    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[:-200])  # the last scans lost: the picture is all there
+    resave_image(source, tmp_path / "copy.jpg", 80)
+    ask = {"role": "user", "content": "<image>Describe the image."}
+    rows = [{"id": sid, "messages": [ask, {"role": "assistant", "content": "Shapes on a field."}], "images": [name]}
+            for sid, name in (("cut", "cut.jpg"), ("png", "p.png"), ("jpeg", "copy.jpg"))]
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = run_stage(tmp_path / "raw.jsonl", RECIPE, tmp_path / "processed.jsonl", tmp_path / "drops.jsonl")
+    kept = [json.loads(line)["id"] for line in (tmp_path / "processed.jsonl").read_text().splitlines()]
+    drops = {d["id"]: d for d in map(json.loads, (tmp_path / "drops.jsonl").read_text().splitlines())}
+    assert kept == ["png"] and summary["kept"] == 1
+    assert (drops["cut"]["stage"], drops["cut"]["op"]) == ("validate", "decode")
+    assert drops["cut"]["reason"].startswith("image0.jpg (cut.jpg): cannot decode image: OSError: image file is truncated")
+    assert drops["jpeg"]["reason"] == "omni_document_media_deduplicator: duplicate of png"

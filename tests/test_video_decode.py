@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dedup_media import NO_STREAM_DURATION, clip, clip_without_stream_duration, failing_op_case, video_record
 from omni_model.data.media import MediaConfig, decode_video, plan_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,3 +186,49 @@ def _audio_only_mp4(tmp_path: Path) -> bytes:
         for packet in list(audio.encode(chunk)) + list(audio.encode()):
             container.mux(packet)
     return path.read_bytes()
+
+
+@pytest.mark.parametrize("kind", sorted(NO_STREAM_DURATION))
+def test_duration_of_a_stream_without_one_is_its_packets_span(tmp_path, kind):
+    import av
+
+    path = clip_without_stream_duration(tmp_path, kind)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        header = None if stream.duration is None else float(stream.duration * stream.time_base)
+        frames = sum(1 for _ in container.decode(stream))
+    fps = NO_STREAM_DURATION[kind][2]
+    plan = plan_video(path.read_bytes(), MediaConfig(video_fps=2.0))
+    print(f"{kind}: stream header duration {header}, {frames} frames at {fps} fps, planned duration {plan.duration:.3f} s")
+    assert abs(plan.duration - 2.0) <= 1.5 / fps and plan.n_frames == 4  # 2 s, within the last frame's span
+
+
+def test_raw_stream_without_timestamps_is_a_media_error(tmp_path):
+    from omni_model.data.media import MediaError
+
+    path = clip(tmp_path / "raw.h264", 1, container_format="h264", codec="libx264")
+    with pytest.raises(MediaError, match="video stream has no timestamps"):
+        plan_video(path.read_bytes(), MediaConfig())
+
+
+def test_datajuicer_stage_reads_durations_that_only_the_container_or_packets_state(tmp_path):
+    """The default recipe on videos whose stream has no duration: Data-Juicer's video_duration_filter crashed the
+    whole stage on them (``NoneType * Fraction``); the recipe's duration filter reads the duration the encoder
+    plans with, so 2 s clips are kept and a 0.25 s clip is dropped for its duration."""
+    from omni_model.data.datajuicer import run_recipe
+
+    records = [video_record(kind, clip_without_stream_duration(tmp_path, kind)) for kind in sorted(NO_STREAM_DURATION)]
+    records.append(video_record("webm-short", clip_without_stream_duration(tmp_path, "webm", seconds=0.25)))
+    kept, drops = run_recipe(records, Path("config/datajuicer_recipe.yaml"), tmp_path / "work")
+    assert [r["id"] for r in kept] == sorted(NO_STREAM_DURATION)
+    assert [(d["id"], d["op"]) for d in drops] == [("webm-short", "omni_video_duration_filter")]
+    assert "video_duration=[0.25] outside bounds (max_duration=60, min_duration=0.5" in drops[0]["reason"]
+
+
+def test_an_op_failing_on_one_sample_drops_that_sample_with_the_error(tmp_path):
+    """Any op's per-sample failure is that sample's drop (id, op, the error), never the stage's crash: Data-Juicer's
+    own video_duration_filter still fails on a WebM (no stream duration), the other samples go on."""
+    from omni_model.data.datajuicer import run_recipe
+
+    recipe, records, check = failing_op_case(tmp_path)
+    check(*run_recipe(records, recipe, tmp_path / "work", num_proc=2))

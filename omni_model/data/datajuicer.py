@@ -1,8 +1,10 @@
 """The ``datajuicer`` stage: validate raw chat samples, run a Data-Juicer recipe, write processed.jsonl + drops.jsonl.
 
 1. Validation (stage ``validate``): JSON, format, roles, empty assistant turns, tag/media counts, media files
-   present, media headers readable (``probe``: PIL / soundfile / PyAV header only; full decoding is the shards stage's
-   job). Each failure is one drop with a precise reason.
+   present, every medium decoded in full with the encoder's own checks (``decode``: a truncated image, non-finite or
+   too-short audio, a video without decodable frames or timestamps). The decode gives the media fingerprints the
+   dedup ops compare, so nothing is decoded twice and no undecodable file is ever kept as the original its copies
+   are dropped against. Each failure is one drop with a precise reason.
 2. Data-Juicer (stage ``datajuicer``): the recipe's ops run through Data-Juicer's Python API (``init_configs`` on a
    config file written for this run in its own work dir, ``load_ops``, each op's ``run``), one op at a time so that
    every dropped sample is attributed to its op, with the op's stats as the reason (or the kept sample it
@@ -29,7 +31,8 @@ from pathlib import Path
 import yaml
 
 from .formats import LIST_KEY, MEDIA_KINDS, TAG_RE, count_drops, drop_entry, load_raw
-from .media import MediaError, probe
+from .digest import FINGERPRINT_KEY, sample_fingerprint
+from .media import MediaConfig, MediaError, check_audio_length, error_text, plan_video
 
 log = logging.getLogger(__name__)
 
@@ -39,29 +42,74 @@ DJ_TOKENS = {"image": "<__dj__image>", "audio": "<__dj__audio>", "video": "<__dj
 
 
 # ------------------------------------------------------------------------------------------------ validation
-def validate(raw_path: Path, fmt: str = "auto") -> tuple[list[dict], list[dict], int]:
-    """Parse + structural checks + media header probes. Returns (records, drops, n_input)."""
+def validate(raw_path: Path, fmt: str = "auto", fingerprints: dict | None = None, *, num_proc: int = 1,
+             executor: str = "default", ray_address: str | None = None) -> tuple[list[dict], list[dict], int]:
+    """Parse + structural checks + a full decode of every medium with the encoder's own checks (``check_media``, in
+    ``num_proc`` processes, or in Ray tasks with ``executor`` ray). Returns (records, drops, n_input);
+    ``fingerprints``, when given, is filled with sample id -> the media fingerprint (JSON) the decode gave, for the
+    dedup ops (run_recipe), so media are decoded once."""
     records, drops, total = load_raw(Path(raw_path), fmt)
     good = []
-    for record in records:
-        try:
-            for kind in MEDIA_KINDS:
-                for path in record[LIST_KEY[kind]]:
-                    probe(kind, path)
-        except MediaError as exc:
-            drops.append(drop_entry(record["id"], "validate", "probe", str(exc)))
+    for record, (fingerprint, error) in zip(records, _checked(records, num_proc, executor, ray_address)):
+        if error is not None:
+            drops.append(drop_entry(record["id"], "validate", "decode", error))
             continue
+        if fingerprints is not None:
+            fingerprints[record["id"]] = fingerprint
         good.append(record)
     return good, drops, total
 
 
+def _check_records(records: list[dict]) -> list[tuple[str | None, str | None]]:
+    """check_media over a chunk of records: (fingerprint JSON, None) or (None, the reason); one pool or Ray task."""
+    out = []
+    for record in records:
+        try:
+            out.append((json.dumps(check_media(record)), None))
+        except MediaError as exc:
+            out.append((None, str(exc)))
+    return out
+
+
+def _checked(records: list[dict], num_proc: int, executor: str, ray_address: str | None, chunk: int = 8):
+    """_check_records over all records, in input order, on the executor's workers."""
+    if executor == "ray":
+        from .ray_executor import ray_map
+
+        return ray_map(_check_records, records, address=ray_address, num_cpus=num_proc, chunk=chunk)
+    if num_proc <= 1 or len(records) <= chunk:
+        return _check_records(records)
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=int(num_proc)) as pool:
+        chunks = pool.map(_check_records, [records[i:i + chunk] for i in range(0, len(records), chunk)])
+        return [result for results in chunks for result in results]
+
+
+def check_media(record: dict) -> dict:
+    """Decode every medium of ``record`` in full (digest.sample_fingerprint, strict) and apply the checks the encoder
+    applies before encoding: audio at least media.min_audio_samples long, a video frame plan (plan_video: a stream
+    without timestamps has none). Returns the sample's media fingerprint; raises MediaError naming the medium."""
+    cfg = MediaConfig()  # the released preprocessor: the minimum audio length and the plan need no checkpoint
+
+    def encoder_checks(key: str, path: str, fingerprint: dict) -> None:
+        if key == "audios":
+            check_audio_length(fingerprint["samples"], cfg)
+        elif key == "videos":
+            plan_video(Path(path).read_bytes(), cfg)
+
+    return sample_fingerprint({LIST_KEY[kind]: record[LIST_KEY[kind]] for kind in MEDIA_KINDS}, check=encoder_checks)
+
+
 # ------------------------------------------------------------------------------------------------ DJ mapping
-def to_dj(record: dict) -> dict:
+def to_dj(record: dict, fingerprint: str | None = None) -> dict:
     text = "\n".join(TAG_RE.sub(lambda m: DJ_TOKENS[m.group(1)], message["content"])
                      for message in record["messages"])
     out = {"text": text, ID_KEY: record["id"], RECORD_KEY: json.dumps(record, ensure_ascii=False)}
     for kind in MEDIA_KINDS:
         out[LIST_KEY[kind]] = list(record[LIST_KEY[kind]])
+    if fingerprint is not None:
+        out[FINGERPRINT_KEY] = fingerprint
     return out
 
 
@@ -116,8 +164,10 @@ EXECUTORS = ("default", "ray")
 
 
 def run_recipe(records: list[dict], recipe_path: Path, work_dir: Path, num_proc: int = 1, *,
-               executor: str = "default", ray_address: str | None = None) -> tuple[list[dict], list[dict]]:
-    """Run the recipe's ops on ``records``; returns (kept records in input order, drops).
+               executor: str = "default", ray_address: str | None = None,
+               fingerprints: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """Run the recipe's ops on ``records``; returns (kept records in input order, drops). ``fingerprints``: sample id
+    -> media fingerprint from validate (else the dedup ops compute them).
 
     ``executor``: ``default`` (Data-Juicer's local datasets, ``num_proc`` processes) or ``ray`` (Data-Juicer's Ray
     executor on the cluster at ``ray_address``; ``None`` starts a local one with ``num_proc`` CPUs for this run, see
@@ -136,7 +186,7 @@ def run_recipe(records: list[dict], recipe_path: Path, work_dir: Path, num_proc:
     dataset_path = work_dir / "dj_input.jsonl"
     with open(dataset_path, "w", encoding="utf-8") as handle:
         for record in records:
-            handle.write(json.dumps(to_dj(record), ensure_ascii=False) + "\n")
+            handle.write(json.dumps(to_dj(record, (fingerprints or {}).get(record["id"])), ensure_ascii=False) + "\n")
     config_path = work_dir / "dj_config.yaml"
     config = _dj_config(recipe, work_dir, dataset_path, num_proc)
     config.update({"executor_type": executor, "ray_address": ray_address or "auto"})
@@ -184,7 +234,46 @@ def run_recipe(records: list[dict], recipe_path: Path, work_dir: Path, num_proc:
 
 def _run_op(data, op, ids_before: list[str]) -> list[dict]:
     """Run one op on ``data`` (_LocalDataset or ray_executor.RayRecipeDataset) and return a drop for every sample it
-    removed: deduplicators name the kept sample a duplicate duplicates, filters give the stats outside their bounds."""
+    removed: deduplicators name the kept sample a duplicate duplicates, filters give the stats outside their bounds.
+
+    When the op fails, its per-sample work is run on each sample alone (``data.sample_errors``): the samples it fails
+    on are dropped with the error as the reason and the op runs again on the others. A failure no single sample
+    reproduces is the op's own and is raised."""
+    try:
+        return _run_op_attributed(data, op, ids_before)
+    except Exception:
+        errors = data.sample_errors(op)
+        if not errors:
+            raise
+    for sid, error in errors.items():
+        log.warning("datajuicer op %s failed on sample %s: %s", op._name, sid, error)
+    drops = [drop_entry(sid, "datajuicer", op._name, f"{op._name} failed on this sample: {errors[sid]}")
+             for sid in ids_before if sid in errors]
+    data.keep({sid for sid in ids_before if sid not in errors})
+    return drops + (_run_op_attributed(data, op, data.ids()) if data.ids() else [])
+
+
+def sample_error(op, row: dict) -> str | None:
+    """The op's per-sample work (hash, stats + keep decision, or mapping) on one row alone: ``"Type: message"`` of
+    what it raises, None when it passes. Called as Data-Juicer calls it, with a batch of one row."""
+    from data_juicer.utils.constant import Fields
+
+    batch = {key: [value] for key, value in row.items()}
+    if batch.get(Fields.stats, [None])[0] is None:
+        batch[Fields.stats] = [{}]
+    try:
+        if hasattr(op, "compute_hash"):
+            op.compute_hash(batch)
+        elif hasattr(op, "compute_stats"):
+            op.process(op.compute_stats(batch))
+        else:
+            op.process(batch)
+    except Exception as exc:  # any error of the op on this sample is this sample's drop reason
+        return error_text(exc)
+    return None
+
+
+def _run_op_attributed(data, op, ids_before: list[str]) -> list[dict]:
     kind = type(op).__mro__[1].__name__
     drops = []
     if hasattr(op, "compute_hash"):  # Deduplicator
@@ -243,6 +332,16 @@ class _LocalDataset:
     def apply(self, op) -> None:
         self.dataset = op.run(self.dataset)
 
+    def sample_errors(self, op) -> dict:
+        """sample id -> the op's error on that sample alone, for the samples it fails on (run_op's fallback)."""
+        errors = {row[ID_KEY]: sample_error(op, row) for row in self.dataset}
+        return {sid: error for sid, error in errors.items() if error}
+
+    def keep(self, kept: set) -> None:
+        from data_juicer.core.data import NestedDataset
+
+        self.dataset = NestedDataset(self.dataset.select([i for i, sid in enumerate(self.ids()) if sid in kept]))
+
 
 def _detach_dj_logger() -> None:
     """Data-Juicer adds loguru file sinks inside its work dir; drop them (the dir is temporary) and log to stderr."""
@@ -281,14 +380,21 @@ def run_stage(raw_path: Path, recipe_path: Path, processed_path: Path, drops_pat
     """Validate + Data-Juicer (``executor``/``ray_address``: see run_recipe); writes processed.jsonl and
     drops.jsonl; returns the counts summary."""
     started = time.time()
-    records, drops, total = validate(Path(raw_path), fmt)
-    log.info("validate: %d input lines, %d valid, %d dropped (%.2fs)", total, len(records), len(drops),
-             time.time() - started)
     processed_path, drops_path = Path(processed_path), Path(drops_path)
     processed_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="dj-run-", dir=work_dir or processed_path.parent) as tmp:
+    with contextlib.ExitStack() as stack:
+        if executor == "ray":  # one Ray session (a local one started once) for validation and the recipe
+            from .ray_executor import ray_cluster
+
+            stack.enter_context(ray_cluster(ray_address, num_proc))
+        fingerprints: dict = {}
+        records, drops, total = validate(Path(raw_path), fmt, fingerprints, num_proc=num_proc, executor=executor,
+                                         ray_address=ray_address)
+        log.info("validate: %d input lines, %d valid, %d dropped (%.2fs)", total, len(records), len(drops),
+                 time.time() - started)
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="dj-run-", dir=work_dir or processed_path.parent))
         kept, dj_drops = run_recipe(records, Path(recipe_path), Path(tmp), num_proc=num_proc, executor=executor,
-                                    ray_address=ray_address)
+                                    ray_address=ray_address, fingerprints=fingerprints)
     drops += dj_drops
     if len(kept) + len(drops) != total:
         raise RuntimeError(f"drop accounting broken: {total} input != {len(kept)} kept + {len(drops)} dropped")

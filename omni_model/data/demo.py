@@ -49,9 +49,9 @@ BAD_KINDS = {
     "video_too_short": "datajuicer",
     "exact_duplicate": "datajuicer",
     "near_duplicate": "datajuicer",
-    "truncated_image": "shards",
-    "nan_audio": "shards",
-    "undecodable_video": "shards",
+    "truncated_image": "validate",
+    "nan_audio": "validate",
+    "undecodable_video": "validate",
     "over_long": "shards",
 }
 

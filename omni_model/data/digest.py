@@ -15,8 +15,9 @@ hash, flips on compression noise: pHash kept only 46 % of PNG->JPEG copies of th
 * video: the same thumbnails of one frame per second, picked by presentation timestamp and scaled while decoding
   (memory stays bounded whatever the clip), plus the duration (same within 0.25 s).
 
-A file that cannot be decoded is fingerprinted by the sha256 of its bytes (the shards stage drops it with the reason
-later; dedup must not fail on it).
+Fingerprinting decodes every medium in full (strictly: a truncated image fails, though Data-Juicer switches PIL to
+pad truncated files) and raises media.MediaError when it cannot: the datajuicer stage's validation is this decode,
+and the dedup ops reuse its fingerprints.
 """
 
 from __future__ import annotations
@@ -33,10 +34,6 @@ ASPECT_TOLERANCE = 0.05  # |log aspect ratio difference|
 DURATION_TOLERANCE = 0.25  # seconds, video
 
 
-def _bytes_key(kind: str, path: str) -> str:
-    return f"{kind}-bytes:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _thumbs(rgb) -> dict:
     """PIL RGB image -> the compared part of a picture's fingerprint."""
     from PIL import Image
@@ -49,28 +46,26 @@ def _thumbs(rgb) -> dict:
 def image_fingerprint(path: str) -> dict:
     from PIL import Image
 
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except Exception:  # undecodable: reported by the shards stage; here it only needs a stable fingerprint
-        return {"key": _bytes_key("image", path)}
+    from .media import decode_image
+
+    rgb = Image.fromarray(decode_image(Path(path).read_bytes()))
     return {"key": "image", "aspect": math.log(rgb.width / rgb.height), "frames": [_thumbs(rgb)]}
 
 
 def audio_fingerprint(path: str) -> dict:
-    from .media import MediaError, load_audio_16k
+    """Also gives the clip's length at 16 kHz (``samples``), for validation's minimum length check."""
+    from .media import load_audio_16k
 
-    try:
-        mono = load_audio_16k(Path(path).read_bytes())
-    except MediaError:
-        return {"key": _bytes_key("audio", path)}
+    mono = load_audio_16k(Path(path).read_bytes())
     quantised = np.round(np.clip(mono, -1.0, 1.0) * 32767).astype("<i2")
-    return {"key": "audio:" + hashlib.md5(quantised.tobytes()).hexdigest()}
+    return {"key": "audio:" + hashlib.md5(quantised.tobytes()).hexdigest(), "samples": len(mono)}
 
 
 def video_fingerprint(path: str) -> dict:
     import av
     from PIL import Image
+
+    from .media import MediaError, error_text
 
     frames, next_second = [], 0.0
     try:
@@ -84,27 +79,44 @@ def video_fingerprint(path: str) -> dict:
                 small = frame.reformat(width=64, height=64, format="rgb24").to_ndarray()
                 frames.append(_thumbs(Image.fromarray(small)))
                 next_second = math.floor(frame.time) + 1.0
-    except Exception:
-        return {"key": _bytes_key("video", path)}
+    except Exception as exc:
+        raise MediaError(f"cannot decode video: {error_text(exc)}") from None
     if not frames:
-        return {"key": _bytes_key("video", path)}
+        raise MediaError("video has no decodable frames")
     return {"key": f"video:{len(frames)}", "aspect": aspect, "duration": duration, "frames": frames}
 
 
 FINGERPRINTS = {"images": image_fingerprint, "audios": audio_fingerprint, "videos": video_fingerprint}
 
 
-def sample_fingerprint(media_lists: dict) -> dict:
+FINGERPRINT_KEY = "omni_media_fingerprint"  # the Data-Juicer column of a sample's fingerprint (JSON)
+
+
+def sample_fingerprint(media_lists: dict, check=None) -> dict:
     """Fingerprint of all media of one sample (``{"images": [paths], "audios": [...], "videos": [...]}``):
-    ``{"key": exact part, "media": [per-medium fingerprints in list order]}``."""
-    media = [FINGERPRINTS[key](path) for key in FINGERPRINTS for path in media_lists.get(key) or []]
+    ``{"key": exact part, "media": [per-medium fingerprints in list order]}``. ``check(list key, path, fingerprint)``
+    may raise MediaError too. A MediaError names the medium: ``image0.jpg (cut.jpg): cannot decode image: ...``."""
+    from .formats import media_member
+    from .media import MediaError, error_text
+
+    media = []
+    for key, fingerprint in FINGERPRINTS.items():
+        for index, path in enumerate(media_lists.get(key) or []):
+            try:
+                media.append(fingerprint(path))
+                if check is not None:
+                    check(key, path, media[-1])
+            except Exception as exc:  # any failure on one medium is that sample's reason (an unread file, a codec)
+                member = media_member(key.rstrip("s"), index, path)
+                reason = exc if isinstance(exc, MediaError) else error_text(exc)
+                raise MediaError(f"{member} ({Path(path).name}): {reason}") from None
     return {"key": "|".join(m["key"] for m in media), "media": media}
 
 
 def same_medium(a: dict, b: dict) -> bool:
     if a["key"] != b["key"]:
         return False
-    if "frames" not in a:  # exact fingerprints (audio, undecodable files)
+    if "frames" not in a:  # exact fingerprints (audio)
         return True
     if abs(a["aspect"] - b["aspect"]) > ASPECT_TOLERANCE:
         return False

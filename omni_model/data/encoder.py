@@ -28,6 +28,7 @@ from .media import (
     audio_features,
     audio_output_lengths,
     audio_samples_16k,
+    check_audio_length,
     decode_image,
     decode_video,
     image_grid,
@@ -241,6 +242,13 @@ class OmniEncoder:
         return self._check_length(record, self.probe(record, media))
 
     def _check_length(self, record: dict, shapes: MediaShapes) -> int:
+        """Token count; raises MediaError for a clip too short to encode (media.min_audio_samples), OverLongSample
+        when the count is exact and too long. Both from the shapes alone, before any decoding."""
+        for index, n_samples in enumerate(shapes.audios):
+            self._named(record, "audio", index, check_audio_length, n_samples, self.media)
+        for index, (*_, track) in enumerate(shapes.videos):
+            if self.use_audio_in_video and track is not None:
+                self._named(record, "video", index, check_audio_length, track, self.media)
         n_tokens = self.count_tokens(record, shapes)
         if shapes.exact and n_tokens > self.max_seq_len:
             raise OverLongSample(f"{n_tokens} tokens after media expansion > max_seq_len {self.max_seq_len}")

@@ -237,6 +237,12 @@ def load_raw(path: Path, fmt: str = "auto") -> tuple[list[dict], list[dict], int
     return records, drops, total
 
 
+def media_member(kind: str, index: int, path: str) -> str:
+    """The name a medium is called by in decode errors (``image0.png (file.png): ...``)."""
+    suffix = Path(path).suffix.lower().lstrip(".") or "bin"
+    return f"{kind}{index}.{suffix}"
+
+
 def drop_entry(sid: str, stage: str, op: str, reason: str) -> dict:
     """One line of drops.jsonl."""
     return {"id": sid, "stage": stage, "op": op, "reason": reason}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,15 @@ AUDIO_SR = 16000
 
 class MediaError(ValueError):
     """Media that cannot be decoded; the message is the reason for drops.jsonl."""
+
+
+_IN_MEMORY_FILE = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: message`` of an exception, for a drop reason: without the address of an in-memory file that PIL and
+    soundfile put in their messages, so the same input gives the same drops.jsonl in every run and process."""
+    return f"{type(exc).__name__}: " + _IN_MEMORY_FILE.sub("", str(exc))
 
 
 @dataclass
@@ -125,7 +135,7 @@ def decode_image(data: bytes) -> np.ndarray:
             image.load()
             rgb = image.convert("RGB")
     except Exception as exc:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError...)
-        raise MediaError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot decode image: {error_text(exc)}") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     return np.asarray(rgb)
@@ -215,26 +225,32 @@ def _open_container(data: bytes):
     try:
         return av.open(io.BytesIO(data), mode="r")
     except Exception as exc:
-        raise MediaError(f"cannot open video: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot open video: {error_text(exc)}") from None
 
 
 def _stream_span(container, stream) -> tuple[float, float, float]:
     """(start, duration, frame period) of a stream in seconds, from the header; packets are scanned (demux only, no
-    decoding) when the header has no duration."""
+    decoding) when the stream states no duration (Matroska/WebM as FFmpeg writes them keep it in the container only)
+    or the format has no timestamps of its own (MPEG-1/H.264 elementary streams: FFmpeg guesses the duration from the
+    bit rate, 0.3 ms for a 2 s MPEG-1 clip, and numbers the packets by frame rate)."""
+    import av
+
     base = float(stream.time_base)
     start = float(stream.start_time * base) if stream.start_time is not None else 0.0
     rate = float(getattr(stream, "average_rate", None) or 0.0)  # video streams only
     period = 1.0 / rate if rate > 0 else 0.0
-    if stream.duration:
+    if stream.duration and not container.format.flags & av.format.Flags.NOTIMESTAMPS:
         return start, float(stream.duration * base), period
-    last = None
+    first = last = None
     for packet in container.demux(stream):
         if packet.pts is not None:
             end = (packet.pts + (packet.duration or 0)) * base
+            first = packet.pts * base if first is None else min(first, packet.pts * base)
             last = end if last is None else max(last, end)
-    container.seek(0)
     if last is None:
         raise MediaError("video stream has no timestamps")
+    container.seek(0)
+    start = start if stream.start_time is not None else first
     return start, last - start, period
 
 
@@ -254,7 +270,7 @@ def plan_video(data: bytes, cfg: MediaConfig) -> VideoPlan:
     except MediaError:
         raise
     except Exception as exc:
-        raise MediaError(f"cannot read video header: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot read video header: {error_text(exc)}") from None
     finally:
         container.close()
     if not width or not height:
@@ -319,7 +335,7 @@ def decode_video(data: bytes, cfg: MediaConfig, with_audio: bool = False) -> Vid
     except MediaError:
         raise
     except Exception as exc:
-        raise MediaError(f"cannot decode video: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot decode video: {error_text(exc)}") from None
     finally:
         container.close()
     audio = decode_audio_track(data) if with_audio else None
@@ -362,7 +378,7 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     try:
         samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as exc:
-        raise MediaError(f"cannot decode audio: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot decode audio: {error_text(exc)}") from None
     if samples.shape[0] == 0:
         raise MediaError("audio has no samples")
     if not np.isfinite(samples).all():
@@ -377,7 +393,7 @@ def audio_samples_16k(data: bytes) -> int:
     try:
         info = sf.info(io.BytesIO(data))
     except Exception as exc:
-        raise MediaError(f"cannot read audio header: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot read audio header: {error_text(exc)}") from None
     if info.frames <= 0:
         raise MediaError("audio has no samples")
     return resampled_length(info.frames, info.samplerate)
@@ -396,7 +412,7 @@ def image_size(data: bytes) -> tuple[int, int]:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
     except Exception as exc:
-        raise MediaError(f"cannot read image header: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot read image header: {error_text(exc)}") from None
     return height, width
 
 
@@ -421,7 +437,7 @@ def decode_audio_track(data: bytes) -> np.ndarray | None:
             else:
                 chunks.append(array.reshape(-1, len(frame.layout.channels)))
     except Exception as exc:
-        raise MediaError(f"cannot decode video audio track: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot decode video audio track: {error_text(exc)}") from None
     finally:
         container.close()
     if not chunks:
@@ -447,6 +463,22 @@ def whisper_extractor(cfg: MediaConfig):
     if key not in _EXTRACTORS:
         _EXTRACTORS[key] = WhisperFeatureExtractor(**cfg.feature_extractor)
     return _EXTRACTORS[key]
+
+
+def min_audio_samples(cfg: MediaConfig) -> int:
+    """The shortest 16 kHz clip the encoder can encode: the feature extractor's centred STFT reflect-pads n_fft // 2
+    samples on each side, which torch refuses unless the clip is longer (201 samples for Whisper's n_fft 400), and a
+    clip needs at least one mel frame (hop_length). The one definition: validation, the shards stage and training."""
+    extractor = whisper_extractor(cfg)
+    return max(extractor.n_fft // 2 + 1, extractor.hop_length)
+
+
+def check_audio_length(n_samples_16k: int, cfg: MediaConfig) -> None:
+    """Raise MediaError when a clip of ``n_samples_16k`` samples at 16 kHz is shorter than the encoder can encode."""
+    minimum = min_audio_samples(cfg)
+    if n_samples_16k < minimum:
+        raise MediaError(f"{n_samples_16k} samples at 16 kHz, fewer than the {minimum} the audio feature extractor "
+                         "needs")
 
 
 def audio_features(waveforms: list[np.ndarray], cfg: MediaConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -508,7 +540,7 @@ def read_audio_16k(data: bytes) -> np.ndarray:
     try:
         wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
     except Exception as exc:
-        raise MediaError(f"cannot decode canonical audio: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot decode canonical audio: {error_text(exc)}") from None
     if rate != AUDIO_SR or wave.ndim != 1:
         raise MediaError(f"canonical audio must be {AUDIO_SR} Hz mono, got {rate} Hz, shape {wave.shape}")
     return wave
@@ -534,47 +566,9 @@ def read_frames_png(data: bytes, n_frames: int) -> np.ndarray:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
             frames = np.asarray(image.convert("RGB"))
     except Exception as exc:
-        raise MediaError(f"cannot decode canonical frames: {type(exc).__name__}: {exc}") from None
+        raise MediaError(f"cannot decode canonical frames: {error_text(exc)}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     if frames.shape[0] % n_frames:
         raise MediaError(f"canonical frames: {frames.shape[0]} rows do not split into {n_frames} frames")
     return frames.reshape(n_frames, frames.shape[0] // n_frames, frames.shape[1], 3)
-
-
-# ------------------------------------------------------------------------------------------------------ probes
-def probe(kind: str, path: str) -> dict:
-    """Cheap header check (no full decode) used before Data-Juicer; raises MediaError with the reason."""
-    if kind == "image":
-        from PIL import Image
-
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except Exception as exc:
-            raise MediaError(f"corrupt image {Path(path).name}: {type(exc).__name__}: {exc}") from None
-        return {"width": width, "height": height}
-    if kind == "audio":
-        import soundfile as sf
-
-        try:
-            info = sf.info(path)
-        except Exception as exc:
-            raise MediaError(f"corrupt audio {Path(path).name}: {type(exc).__name__}: {exc}") from None
-        if info.frames <= 0:
-            raise MediaError(f"corrupt audio {Path(path).name}: no samples")
-        return {"duration": info.frames / info.samplerate, "sample_rate": info.samplerate}
-    if kind == "video":
-        import av
-
-        try:
-            with av.open(path) as container:
-                if not container.streams.video:
-                    raise MediaError(f"corrupt video {Path(path).name}: no video stream")
-                duration = container.duration / 1_000_000 if container.duration else 0.0
-        except MediaError:
-            raise
-        except Exception as exc:
-            raise MediaError(f"corrupt video {Path(path).name}: {type(exc).__name__}: {exc}") from None
-        return {"duration": duration}
-    raise ValueError(kind)

@@ -103,7 +103,17 @@ class RayRecipeDataset:
     def _materialize(self) -> None:
         self.dataset.data = self.dataset.data.materialize()
 
-    def _keep(self, kept: set) -> None:
+    @contextmanager
+    def _rollback(self):
+        """An op that fails leaves the dataset as it was (run_recipe then finds the samples it fails on)."""
+        saved = self.dataset.data, list(self._ids), dict(self._stats)
+        try:
+            yield
+        except Exception:
+            self.dataset.data, self._ids, self._stats = saved
+            raise
+
+    def keep(self, kept: set) -> None:
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -122,6 +132,10 @@ class RayRecipeDataset:
 
     def deduplicate(self, op):
         """Hashes on Ray, ``op.process`` on the driver. Returns (hashed: ids + hash columns in input order, pairs)."""
+        with self._rollback():
+            return self._deduplicate(op)
+
+    def _deduplicate(self, op):
         from data_juicer.core.data import NestedDataset
         from datasets import Dataset
 
@@ -135,11 +149,15 @@ class RayRecipeDataset:
         dropped_columns = [c for c in added if c not in deduplicated.column_names]  # e.g. MinHash bands
         if dropped_columns:
             self.dataset.data = self.dataset.data.drop_columns(dropped_columns)
-        self._keep(set(deduplicated[self.id_key]))
+        self.keep(set(deduplicated[self.id_key]))
         return hashed, pairs
 
     def filter(self, op):
         """Data-Juicer's Ray filter path, stats first. Returns (stats before, stats after) in ``ids()`` order."""
+        with self._rollback():
+            return self._filter(op)
+
+    def _filter(self, op):
         from functools import partial
 
         from data_juicer.core.data.ray_dataset import filter_batch
@@ -165,9 +183,32 @@ class RayRecipeDataset:
         return stats_before, [stats_after[sid] for sid in ids]
 
     def apply(self, op) -> None:
-        self.dataset.process([op])
-        self._materialize()
-        self._ids = [row[self.id_key] for row in self._pull_ordered([])]
+        with self._rollback():
+            self.dataset.process([op])
+            self._materialize()
+            self._ids = [row[self.id_key] for row in self._pull_ordered([])]
+
+    def sample_errors(self, op) -> dict:
+        """sample id -> the op's error on that sample alone (datajuicer.sample_error, in Ray tasks), for the samples
+        it fails on."""
+        checked = self.dataset.data.map_batches(_ErrorBatch(op, self.id_key), batch_format="pyarrow", batch_size=64)
+        return {row["id"]: row["error"] for row in checked.take_all() if row["error"]}
+
+
+class _ErrorBatch:
+    """Ray map_batches function: (id, error or None) of the op's per-sample work on each row alone."""
+
+    def __init__(self, op, id_key: str):
+        self.op, self.id_key = op, id_key
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        from .datajuicer import sample_error
+
+        rows = batch.to_pylist()
+        return pa.table({"id": [row[self.id_key] for row in rows],
+                         "error": pa.array([sample_error(self.op, row) for row in rows], type=pa.string())})
 
 
 class _HashBatch:

@@ -12,9 +12,9 @@ The loader needs soundfile and PIL only: no resampling, no video container.
 Before a sample is written its token count after pad expansion is computed from the media headers (image size, audio
 length, video duration -> frames; no pixel or mel work) and an over-long sample is dropped without decoding; then
 every medium is fully decoded and the exact count taken with the training encoder (tokenizer + preprocessor config of
-the checkpoint): samples whose media cannot be decoded
-(stage ``shards``, op ``decode``) or that exceed ``max_seq_len`` (op ``max_seq_len``) are dropped here with the
-reason, never at training time.
+the checkpoint): samples whose media cannot be decoded or used by the encoder (stage ``shards``, op ``decode``: also
+audio shorter than media.min_audio_samples), that exceed ``max_seq_len`` (op ``max_seq_len``) or fail otherwise
+(op ``encode``) are dropped here with the reason, never at training time.
 
 Outputs in ``out_dir``: ``train-NNNNNN.tar``, ``val-NNNNNN.tar``, ``.nv-meta/`` (written non-interactively with
 Energon's own preparator: split.yaml, index; dataset.yaml with sample type
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.logs import progress
-from .formats import LIST_KEY, MEDIA_KINDS, count_drops, drop_entry
+from .formats import LIST_KEY, MEDIA_KINDS, count_drops, drop_entry, media_member
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,6 @@ SAMPLE_LOADER_PY = (
     "# Written by omni-pipeline's shards stage: the loader of omni_model.data.sample (member bytes, no decoding).\n"
     "from omni_model.data.sample import part_filter, sample_loader  # noqa: F401\n"
 )
-
-
-def media_member(kind: str, index: int, path: str) -> str:
-    """The name a medium is called by in decode errors (``image0.png (file.png): ...``)."""
-    suffix = Path(path).suffix.lower().lstrip(".") or "bin"
-    return f"{kind}{index}.{suffix}"
 
 
 @dataclass
@@ -71,7 +65,7 @@ def shard_item(record: dict, encoder) -> ShardItem:
     the media files it names and the encoder (``OmniEncoder``: its settings decide), so any executor can map it;
     keys and the train/val split are assigned by the writer."""
     from .encoder import OverLongSample
-    from .media import MediaError
+    from .media import MediaError, error_text
 
     sid = record["id"]
     media, names = {}, {}
@@ -96,6 +90,8 @@ def shard_item(record: dict, encoder) -> ShardItem:
         members, fields = encoder.canonical_members(record, media, decoded)
     except MediaError as exc:
         return ShardItem(sid, drop=drop_entry(sid, "shards", "decode", str(exc)))
+    except Exception as exc:  # any other failure on this sample (its template, a codec): its drop, not the stage's end
+        return ShardItem(sid, drop=drop_entry(sid, "shards", "encode", error_text(exc)))
     document = {**{k: v for k, v in record.items() if k not in LIST_KEY.values()}, **fields, "num_tokens": n_tokens,
                 "source": {LIST_KEY[kind]: record.get(LIST_KEY[kind], []) for kind in MEDIA_KINDS}}
     return ShardItem(sid, {"json": json.dumps(document, ensure_ascii=False).encode(), **members}, n_tokens)

@@ -8,8 +8,9 @@ positions) -> optional packing (``select_samples_to_pack`` / ``pack_selected_sam
 dataset is built with ``packing_buffer_size``) -> ``batch`` (:func:`~omni_model.data.batch.collate` ->
 :class:`~omni_model.data.batch.OmniBatch`).
 
-Over-long samples (more than ``max_seq_len`` tokens) and undecodable media are skipped with a warning naming the
-sample and counted: in :attr:`OmniTaskEncoder.skipped` (per worker process) and on the next batch
+Over-long samples (more than ``max_seq_len`` tokens), media the encoder cannot use and any other per-sample encoding
+failure are skipped with one warning line naming the sample (no traceback) and counted per reason (``SKIP_REASONS``):
+in :attr:`OmniTaskEncoder.skipped` (per worker process) and on the next batch
 (``OmniBatch.skipped``, the skips since that worker's previous batch) so the training loop can sum them over workers and
 ranks. The shards stage already removed such samples, so a non-zero count means the shards were written with other
 limits (``omni_model.data.shards.check_shard_settings`` refuses such shards before training).
@@ -31,13 +32,18 @@ from megatron.energon import (
     stateless,
 )
 
+from megatron.energon.errors import SYSTEM_EXCEPTIONS, FatalSampleError
+
 from .batch import EncodedSample, OmniBatch, collate
-from .encoder import OmniEncoder, OverLongSample
-from .media import MediaError
+from .encoder import OmniEncoder, OverLongSample, ShardFormatError
+from .media import MediaError, error_text
 from .packing import pack, select_packs
 from .sample import OmniSample
 
 log = logging.getLogger(__name__)
+
+# why a sample was skipped: over max_seq_len, media the encoder cannot use (MediaError), any other encoding failure
+SKIP_REASONS = ("over_long", "decode", "encode")
 
 
 class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatch]):
@@ -53,6 +59,7 @@ class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatc
     """
 
     decoder = None  # media are read by OmniEncoder.encode_canonical, from the canonical members
+    max_failures_in_a_row = 100  # undecodable or unencodable samples in a row that stop training (see _skip)
 
     def __init__(self, hf_dir: Path, max_seq_len: int = 4096, pack_budget: Optional[int] = None,
                  use_audio_in_video: bool = False, pad_to_multiple: int = 1, media_overrides: Optional[dict] = None):
@@ -62,29 +69,42 @@ class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatc
         self.pack_budget = int(pack_budget or max_seq_len)
         self.pad_to_multiple = int(pad_to_multiple)
         self.packed = False  # set by build_* helpers when packing is on
-        self.skipped = {"over_long": 0, "decode": 0}  # since construction (per worker process)
-        self._skipped_since_batch = {"over_long": 0, "decode": 0}  # carried on the next batch (OmniBatch.skipped)
+        self.skipped = dict.fromkeys(SKIP_REASONS, 0)  # since construction (per worker process)
+        self._skipped_since_batch = dict.fromkeys(SKIP_REASONS, 0)  # carried on the next batch (OmniBatch.skipped)
+        self._failures_in_a_row = 0
 
     @stateless
     def encode_sample(self, sample: OmniSample) -> EncodedSample:
+        sid = sample.record.get("id")
         try:
             encoded = self.encoder.encode_canonical(sample.record, sample.media, key=sample.__key__)
         except OverLongSample as exc:
-            self._count_skip("over_long")
-            log.warning("skipping over-long sample %s: %s", sample.record.get("id"), exc)
-            raise SkipSample() from None
+            self._skip(sample, "over_long", f"skipping over-long sample {sid}: {exc}")
         except MediaError as exc:
-            self._count_skip("decode")
-            log.warning("skipping sample %s with undecodable media: %s", sample.record.get("id"), exc)
-            raise SkipSample() from None
+            self._skip(sample, "decode", f"skipping sample {sid}: media the encoder cannot use: {exc}")
+        except (ShardFormatError, *SYSTEM_EXCEPTIONS):  # shards of another pipeline version, a bug: stop training
+            raise
+        except Exception as exc:  # noqa: BLE001  any other failure of one sample: counted, one line, no traceback
+            self._skip(sample, "encode", f"skipping sample {sid}: encoding failed: {' '.join(error_text(exc).split())}")
+        self._failures_in_a_row = 0
         encoded.__restore_key__ = sample.__restore_key__
         encoded.__subflavors__ = sample.__subflavors__
         encoded.__sources__ = sample.__sources__
         return encoded
 
-    def _count_skip(self, reason: str) -> None:
+    def _skip(self, sample: OmniSample, reason: str, line: str) -> None:
+        """Count and log one skipped sample (one line, no traceback) and raise Energon's SkipSample; after
+        ``max_failures_in_a_row`` undecodable/unencodable samples in a row, stop (Energon counts no SkipSample, so a
+        data set where every sample fails would otherwise be skipped round after round)."""
         self.skipped[reason] += 1
         self._skipped_since_batch[reason] += 1
+        log.warning(line)
+        if reason != "over_long":
+            self._failures_in_a_row += 1
+            if self._failures_in_a_row >= self.max_failures_in_a_row:
+                raise FatalSampleError.from_sample(
+                    sample, f"{self._failures_in_a_row} samples in a row could not be encoded, the last: {line}")
+        raise SkipSample()
 
     def select_samples_to_pack(self, samples: list[EncodedSample]) -> list[list[EncodedSample]]:
         groups = select_packs([s.length for s in samples], self.pack_budget)
@@ -97,7 +117,7 @@ class OmniTaskEncoder(TaskEncoder[OmniSample, EncodedSample, OmniBatch, OmniBatc
     def batch(self, samples: list[EncodedSample]) -> OmniBatch:
         batch = collate(samples, pad_id=self.encoder.pad_id, packed=self.packed,
                         use_audio_in_video=self.encoder.use_audio_in_video, pad_to_multiple=self.pad_to_multiple)
-        batch.skipped, self._skipped_since_batch = self._skipped_since_batch, {"over_long": 0, "decode": 0}
+        batch.skipped, self._skipped_since_batch = self._skipped_since_batch, dict.fromkeys(SKIP_REASONS, 0)
         return batch
 
 
