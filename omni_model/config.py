@@ -362,15 +362,51 @@ def check_config_or_exit(config: dict, schema_path) -> dict:
     try:
         check_config(config, schema_path)
     except ConfigError as error:
-        _exit("Config error", error)
+        exit_with("Config error", error)
     if config["model"]["source"] == "local":
         try:  # headers only (config, index, safetensors shapes, tokenizer, preprocessor): milliseconds even at 30B
             check_local_checkpoint(Path(config["model"]["path"]))
         except CheckpointError as error:
-            _exit("model.path is not a usable Qwen3-Omni checkpoint", error)
+            exit_with("model.path is not a usable Qwen3-Omni checkpoint", error)
     return config
 
 
-def _exit(title: str, error: Exception):
+def exit_with(title: str, error) -> None:
+    """End the run before any job: the title and the problem lines only (no traceback, no schema or config dump)."""
     lines = "\n".join(f"  {line}" for line in str(error).splitlines())
     raise SystemExit(f"{title} (nothing was run):\n{lines}\n(see README.md, 'Troubleshooting')")
+
+
+# ------------------------------------------------------------------------------------------------ finetune's plan
+def local_gpu_problem(gpus_per_node: int) -> str | None:
+    """train.gpus_per_node against the GPUs torch can use on this machine (for a finetune job that runs here)."""
+    if gpus_per_node <= 0:
+        return None
+    import torch
+
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found >= gpus_per_node:
+        return None
+    why = (f"this torch {torch.__version__} is a CPU build" if torch.version.cuda is None else
+           f"torch {torch.__version__} (CUDA {torch.version.cuda}) can use {found} GPU(s) here")
+    return (f"train.gpus_per_node = {gpus_per_node}, but {why}, and finetune would run on this machine: install a "
+            f"CUDA build of torch (README.md, 'GPU set-up'), set train.gpus_per_node: 0 to train on the CPU, or "
+            f"submit to GPU nodes (--profile slurm)")
+
+
+def finetune_problems(config: dict, runs_here: bool, root: Path = Path(".")) -> list[str]:
+    """What stops the finetune job, known before any job runs: the memory planner's refusal (and the training checks
+    it starts with) when the model's config is known (tiny, random, local, the released ids, a downloaded model),
+    and, when the job runs on this machine, GPUs that torch cannot use."""
+    from .plan import PlanError, check_run, known_model_config, world_size_of
+
+    train = config["train"]
+    gpu_problem = local_gpu_problem(train["gpus_per_node"]) if runs_here else None
+    problems = [gpu_problem] if gpu_problem else []
+    hf_config = known_model_config(config, root)
+    if hf_config is not None:
+        try:
+            check_run(hf_config, train, config["parallel"], world_size_of(train), on_gpu=train["gpus_per_node"] > 0)
+        except PlanError as error:
+            problems.append(str(error))
+    return problems

@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .configs import moe_layer_pattern
+
 MANIFEST = "MANIFEST.json"
 _REQUIRED = ("config.json",)
 
@@ -135,8 +137,7 @@ def expected_thinker_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     head_dim = text.get("head_dim") or hidden // heads
     shapes = {"thinker.model.embed_tokens.weight": (vocab, hidden), "thinker.lm_head.weight": (vocab, hidden),
               "thinker.model.norm.weight": (hidden,)}
-    dense_layers = set(text.get("mlp_only_layers") or [])
-    for i in range(text["num_hidden_layers"]):
+    for i, sparse in enumerate(moe_layer_pattern(text)):
         p = f"thinker.model.layers.{i}."
         shapes.update({
             p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
@@ -146,8 +147,6 @@ def expected_thinker_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
             p + "self_attn.q_norm.weight": (head_dim,), p + "self_attn.k_norm.weight": (head_dim,),
         })
-        sparse = i not in dense_layers and text.get("num_experts", 0) > 0 and \
-            (i + 1) % text.get("decoder_sparse_step", 1) == 0
         if sparse:
             ffn = text["moe_intermediate_size"]
             shapes[p + "mlp.gate.weight"] = (text["num_experts"], hidden)

@@ -1,9 +1,46 @@
 # Helpers shared by the rule files (included first). The config is checked here, before any rule reads it.
 from pathlib import Path
 
-from omni_model.config import check_config_or_exit
+from snakemake_interface_executor_plugins.settings import ExecMode
+
+from omni_model.config import check_config_or_exit, exit_with, finetune_problems
 
 check_config_or_exit(config, Path(workflow.basedir, "config", "schema.yaml"))
+
+
+def jobs_run_here():
+    """Whether this snakemake runs (or, with -n, would run) its jobs on this machine rather than submitting them.
+    Snakemake refuses a cluster executor without --jobs N (`--profile slurm` sets jobs: 16), while a local run turns
+    --jobs into --cores; only a dry run keeps --jobs, so a dry run with --jobs is taken for a cluster plan."""
+    plugin = workflow.executor_plugin
+    if plugin.common_settings.dryrun_exec:
+        return workflow.resource_settings.nodes is None
+    return plugin.common_settings.local_exec
+
+
+def finetune_plan_checks(wildcards):
+    """Input function of `finetune` (it names no file): the checks of its job that need no earlier stage, run while
+    Snakemake builds the DAG, so `snakemake -n` and a run stop before any job when finetune is in the plan (and a
+    target without it, e.g. `shards`, is not held up). Skipped where nothing will run (--report, --lint) and inside
+    a cluster job (the submitting snakemake checked)."""
+    if workflow.executor_plugin is None or workflow.workflow_settings.exec_mode != ExecMode.DEFAULT:
+        return []
+    problems = finetune_problems(config, runs_here=jobs_run_here())
+    if problems:
+        exit_with("finetune cannot run with this config", "\n".join(problems))
+    return []
+
+
+def finetune_host_resources(train):
+    """(threads, mem_mb) of one finetune node. GPU: per GPU rank the rank and its loader processes
+    (train.data_workers, 4 by default) as CPUs and 32 GB of host memory (its loader workers' decoded media, pinned
+    batches, checkpoint I/O); CPU: train.cpu_procs ranks in 16 GB."""
+    from omni_model.train.settings import TrainSettings
+
+    settings = TrainSettings(hf_dir="", init_checkpoint="", shards="", train_dir="", train=dict(train))
+    if not settings.on_gpu:
+        return max(1, train["cpu_procs"]), 16000
+    return train["gpus_per_node"] * (1 + settings.data_workers), train["gpus_per_node"] * 32000
 
 
 def canonical(value):

@@ -1,0 +1,93 @@
+"""Everything `snakemake -n` can check, it checks (issue 26, findings 7 and 9): through the real Snakemake CLI on a
+private copy of the workflow, dry runs only (no job runs, nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workflow_utils import REPO, snakemake, workflow_copy
+
+# Pipeline configs shipped in config/ (the schema and the Data-Juicer recipe are not): every one must plan.
+SHIPPED_CONFIGS = sorted(p for p in REPO.glob("config/*.yaml") if p.name not in ("schema.yaml", "datajuicer_recipe.yaml"))
+TWO_LAYER_RANDOM = {"model": {"source": "random", "overrides": {"thinker_config": {"text_config": {
+    "num_hidden_layers": 2}}}}}
+
+
+def _console(result) -> str:
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def wf(tmp_path_factory):
+    wf = workflow_copy(tmp_path_factory.mktemp("plan_checks") / "wf")
+    (wf / "slurm").symlink_to("profiles/slurm")
+    (wf / "data").mkdir()  # the data.raw the 30B example configs name
+    (wf / "data" / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                            '{"role": "assistant", "content": "hello"}]}\n')
+    return wf
+
+
+@pytest.fixture()
+def no_cuda(monkeypatch):
+    """A machine without a usable CUDA torch, also where the tests run on a GPU box."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+def test_gpus_per_node_without_cuda_is_refused_when_finetune_would_run_here(wf, no_cuda):
+    """Finding 7: `train.gpus_per_node: 1` on a CPU torch planned fine; finetune then failed inside torch
+    (`Wrapped parameters must be one of torch.cuda.FloatTensor`) after download, data stages and convert."""
+    gpu = "train={gpus_per_node: 1}"
+    for args in (["-n"], ["--cores", "1", "finetune"]):
+        refused = snakemake(wf, *args, "--config", gpu)
+        print(_console(refused)[-600:])
+        assert refused.returncode == 1
+        assert "finetune cannot run with this config (nothing was run):" in refused.stderr
+        assert "train.gpus_per_node = 1, but this torch" in refused.stderr and "CPU build" in refused.stderr
+        assert not (wf / "results").exists()  # a run stopped before its first job
+    # what does not run finetune here is not held up: the data stages, and a Slurm plan (finetune goes to GPU nodes)
+    assert snakemake(wf, "-n", "shards", "--config", gpu).returncode == 0
+    slurm = snakemake(wf, "--profile", "slurm", "-n", "finetune", "--config", gpu)
+    assert slurm.returncode == 0, _console(slurm)[-2000:]
+    assert "rule finetune:" in slurm.stdout
+
+
+def test_a_layout_the_memory_planner_refuses_stops_the_dry_run(wf):
+    """Finding 7: the planner's refusal appeared only when finetune started, after download and convert."""
+    refused = snakemake(wf, "-n", "--config", "train={gpu_memory_gib: 0.01}")
+    print(refused.stderr[-1500:])
+    assert refused.returncode == 1
+    assert "needs ~" in refused.stderr and "above train.gpu_memory_gib = 0.01" in refused.stderr
+    assert "Layouts that fit" in refused.stderr
+    assert snakemake(wf, "-n", "shards", "--config", "train={gpu_memory_gib: 0.01}").returncode == 0
+
+
+def test_the_planner_and_the_workflow_refuse_a_model_too_small_for_its_deepstack_layers(wf, tmp_path):
+    """Finding 7: `model.source: random` with 2 layers was refused with a message about parallel.pp /
+    first_stage_layers (with pp 1) while `python -m omni_model.plan` accepted it."""
+    config = tmp_path / "two_layers.yaml"
+    config.write_text(yaml.safe_dump(TWO_LAYER_RANDOM))
+    expected = ("the model has 2 decoder layers but its vision tower adds 3 deepstack features to decoder layers "
+                "0..2: give it at least 3 layers")
+    dry = snakemake(wf, "-n", "--configfile", str(config))
+    assert dry.returncode == 1 and expected in dry.stderr, dry.stderr[-1500:]
+    assert "parallel.pp" not in dry.stderr
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    planned = subprocess.run([sys.executable, "-m", "omni_model.plan", "--config", str(config)], cwd=wf, env=env,
+                             capture_output=True, text=True, timeout=300)
+    print(planned.stdout[-800:])
+    assert planned.returncode == 1 and "REFUSED:" in planned.stdout and expected in planned.stdout
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_plans(wf, path):
+    """Finding 9: config/qwen3-omni-30b-a3b.yaml no longer planned (`parallel.ep x etp = 8 must divide
+    data-parallel x tp = 2`: it set no train.gpus_per_node). A Slurm dry run of finetune, as its comment says."""
+    dry = snakemake(wf, "--profile", "slurm", "-n", "finetune", "--configfile", str(path))
+    assert dry.returncode == 0, _console(dry)[-3000:]
+    assert "rule finetune:" in dry.stdout
