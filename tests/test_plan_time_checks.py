@@ -4,6 +4,7 @@ private copy of the workflow, dry runs only (no job runs, nothing is downloaded)
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,25 @@ def test_every_shipped_config_plans(wf, path):
     dry = snakemake(wf, "--profile", "slurm", "-n", "finetune", "--configfile", str(path))
     assert dry.returncode == 0, _console(dry)[-3000:]
     assert "rule finetune:" in dry.stdout
+
+
+def _finetune_job(console: str) -> dict:
+    block = console.split("rule finetune:", 1)[1].split("\n\n", 1)[0]
+    threads = re.search(r"threads: (\d+)", block)
+    resources = dict(item.split("=", 1) for item in re.search(r"resources: (.*)", block).group(1).split(", "))
+    return {"threads": int(threads.group(1)) if threads else 1, "mem_mb": int(resources["mem_mb"]),
+            "gpu": int(resources["gpu"])}
+
+
+def test_finetune_asks_slurm_for_cpus_and_memory_per_gpu(wf):
+    """Finding 9: finetune asked for mem_mb=16000 and train.cpu_procs threads whatever the GPUs per node; now per
+    GPU rank 32 GB and 1 + train.data_workers (4 on GPU) CPUs."""
+    jobs = {}
+    for gpus in (1, 8):
+        dry = snakemake(wf, "--profile", "slurm", "-n", "--cores", "256", "finetune", "--configfile",
+                        "config/qwen3-omni-30b-a3b-8gpu-h200.yaml", "--config",
+                        f"train={{gpus_per_node: {gpus}, global_batch_size: 64, gpu_memory_gib: null}}", "parallel={tp: 1, ep: 1}")
+        assert dry.returncode == 0, _console(dry)[-2000:]
+        jobs[gpus] = _finetune_job(dry.stdout)
+    print(jobs)
+    assert jobs == {1: {"threads": 5, "mem_mb": 32000, "gpu": 1}, 8: {"threads": 40, "mem_mb": 256000, "gpu": 8}}
