@@ -1,4 +1,6 @@
 # Helpers shared by the rule files (included first). The config is checked here, before any rule reads it.
+import os
+import sys
 from pathlib import Path
 
 from snakemake_interface_executor_plugins.settings import ExecMode
@@ -68,3 +70,15 @@ def remove_leftovers():
         for path in glob.glob(pattern):
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
             print(f"removed the leftover of an interrupted job: {path}")
+
+
+def modified_time(path):
+    """Snakemake's view of a path's age: a directory output by its .snakemake_timestamp (what Snakemake compares)."""
+    stamp = os.path.join(path, ".snakemake_timestamp")
+    return os.path.getmtime(stamp if os.path.isdir(path) and os.path.exists(stamp) else path)
+
+
+def stale_items(items, sources):
+    """The items that are missing or older than the newest of `sources` (existing paths)."""
+    newest = max((modified_time(path) for path in sources), default=0.0)
+    return [item for item in items if not os.path.exists(item) or modified_time(item) < newest]

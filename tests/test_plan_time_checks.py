@@ -3,6 +3,7 @@ private copy of the workflow, dry runs only (no job runs, nothing is downloaded)
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -127,3 +128,28 @@ def test_the_snakefile_runs_the_default_from_another_directory(wf, tmp_path):
     ran = snakemake(elsewhere, "-s", str(wf / "Snakefile"), "--cores", "1", "download")
     assert ran.returncode == 0, _console(ran)[-2000:]
     assert (elsewhere / "results/model/hf/MANIFEST.json").is_file() and not (wf / "results").exists()
+
+
+@pytest.mark.slow
+def test_the_report_refuses_items_older_than_the_data_they_show(converted_workflow, tmp_path):
+    """Finding 9: after `snakemake shards` reran on its own, `snakemake --report` showed the previous data's report
+    items. Now it stops, naming the rule that remakes them; after that rule the table holds the new counts."""
+    from workflow_utils import clone_workflow
+
+    wf = clone_workflow(converted_workflow, tmp_path / "wf")
+    made = snakemake(wf, "--cores", "2", "report_data")
+    assert made.returncode == 0, _console(made)[-2000:]
+    changed = "data={val_fraction: 0.3}"
+    rerun = snakemake(wf, "--cores", "2", "shards", "--config", changed)
+    assert rerun.returncode == 0, _console(rerun)[-2000:]
+    refused = snakemake(wf, "--report", "report.html", "report_data", "--config", changed)
+    print(refused.stderr[-800:])
+    assert refused.returncode == 1 and not (wf / "report.html").exists()
+    assert "The report items of report_data are missing or older than what they report on" in refused.stderr
+    assert "Run `snakemake --cores all report_data`" in refused.stderr
+    assert snakemake(wf, "--cores", "2", "report_data", "--config", changed).returncode == 0
+    reported = snakemake(wf, "--report", "report.html", "report_data", "--config", changed)
+    assert reported.returncode == 0, _console(reported)[-2000:]
+    val = json.loads((wf / "results/data/shards/report.json").read_text())["val"]
+    table = (wf / "results/report/data_summary.html").read_text()
+    assert f"<td>kept (val)</td><td class='n'>{val}</td>" in table, table
