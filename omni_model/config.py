@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import difflib
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -375,6 +376,50 @@ def exit_with(title: str, error) -> None:
     """End the run before any job: the title and the problem lines only (no traceback, no schema or config dump)."""
     lines = "\n".join(f"  {line}" for line in str(error).splitlines())
     raise SystemExit(f"{title} (nothing was run):\n{lines}\n(see README.md, 'Troubleshooting')")
+
+
+# ------------------------------------------------------------------------------------------------ rule params
+def canonical(value):
+    """A config value with its mappings' keys sorted, recursively: Snakemake compares params by their repr, so without
+    this, reordering keys in a config file would rerun a stage whose settings did not change."""
+    if isinstance(value, Mapping):
+        return {key: canonical(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(item) for item in value]
+    return value
+
+
+class Section(Mapping):
+    """A config section as the rule's script reads it (`snakemake.params.train["lr"]`, `dict(...)`). Not a dict on
+    purpose: Snakemake compares only params of builtin types, so this whole-section copy is not compared; the
+    per-key params of `section_params` are, and a change names its keys."""
+
+    def __init__(self, values: Mapping):
+        self._values = canonical(values)
+
+    def __getitem__(self, key):
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Section({self._values!r})"
+
+
+def section_params(**sections: Mapping) -> dict:
+    """A rule's params for the config sections its script reads: each section whole (`name`, a Section), and one
+    param per key whose value names it (`name__key` = "train.lr = 0.001"). Snakemake's rerun reason lists the params
+    that differ, so a setting change reads `before: 'train.lr = 0.001' now: 'train.lr = 0.0001'`, not two whole
+    sections."""
+    params = {}
+    for name, section in sections.items():
+        params[name] = Section(section)
+        params.update({f"{name}__{key}": f"{name}.{key} = {value!r}" for key, value in params[name].items()})
+    return params
 
 
 # ------------------------------------------------------------------------------------------------ finetune's plan

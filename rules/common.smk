@@ -5,7 +5,7 @@ from pathlib import Path
 
 from snakemake_interface_executor_plugins.settings import ExecMode
 
-from omni_model.config import check_config_or_exit, exit_with, finetune_problems
+from omni_model.config import check_config_or_exit, exit_with, finetune_problems, section_params
 
 check_config_or_exit(config, Path(workflow.basedir, "config", "schema.yaml"))
 
@@ -45,16 +45,6 @@ def finetune_host_resources(train):
     return train["gpus_per_node"] * (1 + settings.data_workers), train["gpus_per_node"] * 32000
 
 
-def canonical(value):
-    """A config section with its keys sorted, recursively. Snakemake compares params by their repr, so without
-    this, reordering keys in a config file would rerun a stage whose settings did not change."""
-    if isinstance(value, dict):
-        return {key: canonical(value[key]) for key in sorted(value)}
-    if isinstance(value, list):
-        return [canonical(item) for item in value]
-    return value
-
-
 # Work folders a killed job leaves behind (a job that finishes removes its own): removed when a run starts. Only
 # these names; the hub download's `.partial` folder is kept on purpose (the next download resumes from it).
 LEFTOVER_GLOBS = ("results/data/dj-run-*", "results/*.staging", "results/*/*.staging", "results/*/*/*.staging",
@@ -70,6 +60,30 @@ def remove_leftovers():
         for path in glob.glob(pattern):
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
             print(f"removed the leftover of an interrupted job: {path}")
+
+
+def items_current(rule_name):
+    """Input function (it names no file) of a report rule: under `snakemake --report` (nothing runs: no executor;
+    Snakemake's API tells a DAG nothing else about report mode, the command line does), refuse this rule's items
+    when one is missing or older than what it reports on, naming the command that remakes them."""
+
+    def check(wildcards):
+        if workflow.executor_plugin is not None or not any(
+            arg == "--report" or arg.startswith("--report=") for arg in sys.argv
+        ):
+            return []
+        proxy = getattr(rules, rule_name)
+        sources = [str(path) for path in proxy.input if isinstance(path, str) and os.path.exists(path)]
+        stale = stale_items([str(path) for path in proxy.output], sources)
+        if stale:
+            raise SystemExit(
+                f"The report items of {rule_name} are missing or older than what they report on "
+                f"({', '.join(sources)}): {', '.join(stale)}.\nRun `snakemake --cores all {rule_name}` (or the whole "
+                f"pipeline), then --report again."
+            )
+        return []
+
+    return check
 
 
 def modified_time(path):

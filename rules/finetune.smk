@@ -24,12 +24,11 @@ rule finetune:
         latest="results/train/latest",
         metrics="results/train/metrics.jsonl",
     params:
-        train=canonical(config["train"]),
-        parallel=canonical(config["parallel"]),
         use_te=config["model"]["use_te"],
-        # the encoder settings the shards were written with (the task encoder must encode the same way)
-        data={key: config["data"][key] for key in ("max_seq_len", "use_audio_in_video", "video_fps",
-              "video_max_frames", "video_min_pixels", "video_max_pixels")},
+        # data: the encoder settings the shards were written with (the task encoder must encode the same way)
+        **section_params(train=config["train"], parallel=config["parallel"],
+                         data={key: config["data"][key] for key in ("max_seq_len", "use_audio_in_video", "video_fps",
+                               "video_max_frames", "video_min_pixels", "video_max_pixels")}),
     log:
         "logs/finetune.log",
     benchmark:

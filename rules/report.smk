@@ -1,32 +1,8 @@
 # Report items: `snakemake --report report.html` shows them with captions (plus Snakemake's rule graph + runtimes).
 # One rule per stage group reads that group's contract outputs and benchmarks and writes PNG/HTML items; each is
 # part of `all`, so the report is complete whenever the pipeline is. `snakemake --report` takes the items on disk
-# whatever their age: after a stage ran on its own (e.g. `snakemake shards`), items_current stops it instead of
-# showing the previous data.
-
-
-def items_current(rule_name):
-    """Input function (it names no file) of a report rule: under `snakemake --report` (nothing runs: no executor;
-    Snakemake's API tells a DAG nothing else about report mode, the command line does), refuse this rule's items
-    when one is missing or older than what it reports on, naming the command that remakes them."""
-
-    def check(wildcards):
-        if workflow.executor_plugin is not None or not any(
-            arg == "--report" or arg.startswith("--report=") for arg in sys.argv
-        ):
-            return []
-        proxy = getattr(rules, rule_name)
-        sources = [str(path) for path in proxy.input if isinstance(path, str) and os.path.exists(path)]
-        stale = stale_items([str(path) for path in proxy.output], sources)
-        if stale:
-            raise SystemExit(
-                f"The report items of {rule_name} are missing or older than what they report on "
-                f"({', '.join(sources)}): {', '.join(stale)}.\nRun `snakemake --cores all {rule_name}` (or the whole "
-                f"pipeline), then --report again."
-            )
-        return []
-
-    return check
+# whatever their age: after a stage ran on its own (e.g. `snakemake shards`), items_current (common.smk) stops it
+# instead of showing the previous data.
 
 
 rule report_data:
