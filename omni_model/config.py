@@ -432,11 +432,10 @@ def local_gpu_problem(gpus_per_node: int) -> str | None:
     found = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if found >= gpus_per_node:
         return None
-    why = (f"this torch {torch.__version__} is a CPU build" if torch.version.cuda is None else
-           f"torch {torch.__version__} (CUDA {torch.version.cuda}) can use {found} GPU(s) here")
-    return (f"train.gpus_per_node = {gpus_per_node}, but {why}, and finetune would run on this machine: install a "
-            f"CUDA build of torch (README.md, 'GPU set-up'), set train.gpus_per_node: 0 to train on the CPU, or "
-            f"submit to GPU nodes (--profile slurm)")
+    build = "a CPU build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+    return (f"train.gpus_per_node = {gpus_per_node}, but this torch {torch.__version__} ({build}) can use {found} "
+            f"GPU(s) here, and finetune would run on this machine: install a CUDA build of torch (README.md, 'GPU "
+            f"set-up'), set train.gpus_per_node: 0 to train on the CPU, or submit to GPU nodes (--profile slurm)")
 
 
 def finetune_problems(config: dict, runs_here: bool, root: Path = Path(".")) -> list[str]:
