@@ -3,12 +3,19 @@
 # The config is coerced, validated (defaults filled) and the files it names are checked before any job runs:
 # a wrong key, type, value, path or recipe op stops here with one line per problem, and nothing is run.
 
+from pathlib import Path
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The default config: the working directory's config/config.yaml, else the workflow's own, so that
+# `snakemake -s path/to/Snakefile` run from another directory (or with -d elsewhere) runs the default.
+DEFAULT_CONFIG = "config/config.yaml"
+
+
+configfile: DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else Path(workflow.basedir, DEFAULT_CONFIG)
 
 
 # common.smk checks the config (coerce, validate, defaults, named files, recipe, local checkpoint) first of all.

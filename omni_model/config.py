@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import difflib
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -362,15 +363,94 @@ def check_config_or_exit(config: dict, schema_path) -> dict:
     try:
         check_config(config, schema_path)
     except ConfigError as error:
-        _exit("Config error", error)
+        exit_with("Config error", error)
     if config["model"]["source"] == "local":
         try:  # headers only (config, index, safetensors shapes, tokenizer, preprocessor): milliseconds even at 30B
             check_local_checkpoint(Path(config["model"]["path"]))
         except CheckpointError as error:
-            _exit("model.path is not a usable Qwen3-Omni checkpoint", error)
+            exit_with("model.path is not a usable Qwen3-Omni checkpoint", error)
     return config
 
 
-def _exit(title: str, error: Exception):
+def exit_with(title: str, error) -> None:
+    """End the run before any job: the title and the problem lines only (no traceback, no schema or config dump)."""
     lines = "\n".join(f"  {line}" for line in str(error).splitlines())
     raise SystemExit(f"{title} (nothing was run):\n{lines}\n(see README.md, 'Troubleshooting')")
+
+
+# ------------------------------------------------------------------------------------------------ rule params
+def canonical(value):
+    """A config value with its mappings' keys sorted, recursively: Snakemake compares params by their repr, so without
+    this, reordering keys in a config file would rerun a stage whose settings did not change."""
+    if isinstance(value, Mapping):
+        return {key: canonical(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(item) for item in value]
+    return value
+
+
+class Section(Mapping):
+    """A config section as the rule's script reads it (`snakemake.params.train["lr"]`, `dict(...)`). Not a dict on
+    purpose: Snakemake compares only params of builtin types, so this whole-section copy is not compared; the
+    per-key params of `section_params` are, and a change names its keys."""
+
+    def __init__(self, values: Mapping):
+        self._values = canonical(values)
+
+    def __getitem__(self, key):
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Section({self._values!r})"
+
+
+def section_params(**sections: Mapping) -> dict:
+    """A rule's params for the config sections its script reads: each section whole (`name`, a Section), and one
+    param per key whose value names it (`name__key` = "train.lr = 0.001"). Snakemake's rerun reason lists the params
+    that differ, so a setting change reads `before: 'train.lr = 0.001' now: 'train.lr = 0.0001'`, not two whole
+    sections."""
+    params = {}
+    for name, section in sections.items():
+        params[name] = Section(section)
+        params.update({f"{name}__{key}": f"{name}.{key} = {value!r}" for key, value in params[name].items()})
+    return params
+
+
+# ------------------------------------------------------------------------------------------------ finetune's plan
+def local_gpu_problem(gpus_per_node: int) -> str | None:
+    """train.gpus_per_node against the GPUs torch can use on this machine (for a finetune job that runs here)."""
+    if gpus_per_node <= 0:
+        return None
+    import torch
+
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found >= gpus_per_node:
+        return None
+    build = "a CPU build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+    return (f"train.gpus_per_node = {gpus_per_node}, but this torch {torch.__version__} ({build}) can use {found} "
+            f"GPU(s) here, and finetune would run on this machine: install a CUDA build of torch (README.md, 'GPU "
+            f"set-up'), set train.gpus_per_node: 0 to train on the CPU, or submit to GPU nodes (--profile slurm)")
+
+
+def finetune_problems(config: dict, runs_here: bool, root: Path = Path(".")) -> list[str]:
+    """What stops the finetune job, known before any job runs: the memory planner's refusal (and the training checks
+    it starts with) when the model's config is known (tiny, random, local, the released ids, a downloaded model),
+    and, when the job runs on this machine, GPUs that torch cannot use."""
+    from .plan import PlanError, check_run, known_model_config, world_size_of
+
+    train = config["train"]
+    gpu_problem = local_gpu_problem(train["gpus_per_node"]) if runs_here else None
+    problems = [gpu_problem] if gpu_problem else []
+    hf_config = known_model_config(config, root)
+    if hf_config is not None:
+        try:
+            check_run(hf_config, train, config["parallel"], world_size_of(train), on_gpu=train["gpus_per_node"] > 0)
+        except PlanError as error:
+            problems.append(str(error))
+    return problems

@@ -332,3 +332,12 @@ def audio_config_of(cfg) -> dict:
     """The audio_config dict of a full / thinker / audio config."""
     cfg = thinker_config_of(cfg)
     return cfg.get("audio_config", cfg)
+
+
+def moe_layer_pattern(text_cfg: dict) -> list[bool]:
+    """HF's rule: layer i is MoE iff i not in mlp_only_layers and num_experts > 0 and (i+1) % decoder_sparse_step == 0."""
+    n = text_cfg["num_hidden_layers"]
+    step = text_cfg.get("decoder_sparse_step", 1) or 1
+    dense = set(text_cfg.get("mlp_only_layers", []) or [])
+    experts = text_cfg.get("num_experts", 0) or 0
+    return [(i not in dense) and experts > 0 and (i + 1) % step == 0 for i in range(n)]

@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .configs import moe_layer_pattern
 from .runtime.publish import fresh_staging, publish
 
 MANIFEST = "MANIFEST.json"
@@ -117,8 +118,7 @@ def expected_thinker_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     head_dim = text.get("head_dim") or hidden // heads
     shapes = {"thinker.model.embed_tokens.weight": (vocab, hidden), "thinker.lm_head.weight": (vocab, hidden),
               "thinker.model.norm.weight": (hidden,)}
-    dense_layers = set(text.get("mlp_only_layers") or [])
-    for i in range(text["num_hidden_layers"]):
+    for i, sparse in enumerate(moe_layer_pattern(text)):
         p = f"thinker.model.layers.{i}."
         shapes.update({
             p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
@@ -128,8 +128,6 @@ def expected_thinker_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
             p + "self_attn.q_norm.weight": (head_dim,), p + "self_attn.k_norm.weight": (head_dim,),
         })
-        sparse = i not in dense_layers and text.get("num_experts", 0) > 0 and \
-            (i + 1) % text.get("decoder_sparse_step", 1) == 0
         if sparse:
             ffn = text["moe_intermediate_size"]
             shapes[p + "mlp.gate.weight"] = (text["num_experts"], hidden)
@@ -208,6 +206,98 @@ def local_checkpoint_problems(path: Path) -> list[str]:
         problems.append(f"{len(missing)} tensors that config.json implies are missing, e.g. {', '.join(missing[:3])}")
     if wrong:
         problems.append(f"{len(wrong)} tensors disagree with config.json's shapes, e.g. {'; '.join(wrong[:3])}")
+    return problems + tokenizer_problems(path, config) + preprocessor_problems(path, config) + \
+        encoder_problems(config)
+
+
+# config.json's token id keys (thinker_config's, then the top level's) -> the token each names in the tokenizer.
+# The model finds media placeholders by these ids while the data encoder writes the tokenizer's ids: they must agree.
+_SPECIAL_TOKEN_KEYS = (
+    ("thinker_config", {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                        "audio_token_id": "<|audio_pad|>", "vision_start_token_id": "<|vision_start|>",
+                        "vision_end_token_id": "<|vision_end|>", "audio_start_token_id": "<|audio_start|>",
+                        "audio_end_token_id": "<|audio_end|>", "user_token_id": "user"}),
+    (None, {"im_start_token_id": "<|im_start|>", "im_end_token_id": "<|im_end|>", "system_token_id": "system",
+            "user_token_id": "user", "assistant_token_id": "assistant", "tts_pad_token_id": "<tts_pad>",
+            "tts_bos_token_id": "<tts_text_bos>", "tts_eos_token_id": "<tts_text_eod>"}),
+)
+# Activations the towers implement (omni_model.model.vision._ACTIVATIONS, audio.audio_transformer_config; a test
+# keeps the vision list equal to the model's); transformers accepts more (e.g. quick_gelu), which convert cannot map.
+VISION_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu", "silu")
+AUDIO_ACTIVATIONS = ("gelu",)
+
+
+def tokenizer_ids(path: Path) -> dict[str, int]:
+    """token -> id of the checkpoint's tokenizer (tokenizer.json, else vocab.json + tokenizer_config.json's added
+    tokens), read as JSON: no tokenizer library, well under a second for the 151k-token Qwen vocabulary."""
+    if (path / "tokenizer.json").is_file():
+        fast = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+        ids = dict(fast.get("model", {}).get("vocab") or {})
+        ids.update({token["content"]: token["id"] for token in fast.get("added_tokens", [])})
+        return ids
+    ids = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+    side = path / "tokenizer_config.json"
+    added = json.loads(side.read_text(encoding="utf-8")).get("added_tokens_decoder", {}) if side.is_file() else {}
+    ids.update({token["content"]: int(token_id) for token_id, token in added.items()})
+    return ids
+
+
+def tokenizer_problems(path: Path, config: dict) -> list[str]:
+    """The tokenizer against config.json: every id inside the embedding (vocab_size rows), and each special token
+    id of config.json equal to the tokenizer's id of that token."""
+    try:
+        ids = tokenizer_ids(path)
+    except (ValueError, AttributeError, KeyError, TypeError) as exc:
+        return [f"the tokenizer files are not readable tokenizer JSON ({exc})"]
+    vocab = config["thinker_config"]["text_config"]["vocab_size"]
+    problems = []
+    largest = max(ids.items(), key=lambda item: item[1], default=None)
+    if largest and largest[1] >= vocab:
+        problems.append(f"the tokenizer has ids up to {largest[1]} ({largest[0]!r}) but config.json's "
+                        f"thinker_config.text_config.vocab_size is {vocab}: the tokenizer is not this model's")
+    for section, keys in _SPECIAL_TOKEN_KEYS:
+        where = config.get(section, {}) if section else config
+        for key, token in keys.items():
+            if key not in where:
+                continue
+            name = f"{section}.{key}" if section else key
+            if token not in ids:
+                problems.append(f"config.json {name} = {where[key]} names {token!r}, which the tokenizer lacks")
+            elif ids[token] != where[key]:
+                problems.append(f"config.json {name} = {where[key]} but the tokenizer's {token!r} is {ids[token]}")
+    return problems
+
+
+def preprocessor_problems(path: Path, config: dict) -> list[str]:
+    """preprocessor_config.json against config.json: the image geometry (patch, temporal patch, merge size) must be
+    the vision tower's, and the mel bins (feature_size) the audio tower's."""
+    try:
+        pre = json.loads((path / "preprocessor_config.json").read_text())
+    except ValueError as exc:
+        return [f"preprocessor_config.json is not valid JSON ({exc})"]
+    thinker = config["thinker_config"]
+    pairs = [("merge_size", "vision_config", "spatial_merge_size"), ("patch_size", "vision_config", "patch_size"),
+             ("temporal_patch_size", "vision_config", "temporal_patch_size"),
+             ("feature_size", "audio_config", "num_mel_bins")]
+    problems = []
+    for key, tower, model_key in pairs:
+        value, expected = pre.get(key), thinker.get(tower, {}).get(model_key)
+        if value is not None and expected is not None and value != expected:
+            problems.append(f"preprocessor_config.json {key} = {value} but config.json's thinker_config.{tower}."
+                            f"{model_key} is {expected}")
+    return problems
+
+
+def encoder_problems(config: dict) -> list[str]:
+    """Tower settings transformers accepts but this model does not implement (convert would fail at them)."""
+    thinker = config["thinker_config"]
+    problems = []
+    for tower, key, known, default in (("vision_config", "hidden_act", VISION_ACTIVATIONS, "gelu_pytorch_tanh"),
+                                       ("audio_config", "activation_function", AUDIO_ACTIVATIONS, "gelu")):
+        value = thinker.get(tower, {}).get(key, default)
+        if value not in known:
+            problems.append(f"config.json thinker_config.{tower}.{key} = {value!r} is not implemented by "
+                            f"omni_model's towers (supported: {', '.join(known)})")
     return problems
 
 

@@ -101,6 +101,12 @@ class Layout:
 
     def check_deepstack(self, num_layers: int, deepstack: int) -> None:
         """The first `deepstack` decoder layers (which add the vision tower's deepstack features) on stage 0."""
+        if deepstack > num_layers:  # no layout helps: the model itself has too few layers for its vision tower
+            raise LayoutError(
+                f"the model has {num_layers} decoder layers but its vision tower adds {deepstack} deepstack features "
+                f"to decoder layers 0..{deepstack - 1}: give it at least {deepstack} layers "
+                f"(thinker_config.text_config.num_hidden_layers) or fewer "
+                f"thinker_config.vision_config.deepstack_visual_indexes")
         on_first = self.stage_layers(num_layers)[0]
         if deepstack > on_first:
             fits = self.first_stage_choices(num_layers, deepstack)

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
-from omni_model.configs import thinker_config_of
+from omni_model.configs import moe_layer_pattern, thinker_config_of
 from omni_model.data.media import conv_out_length
 from omni_model.layout import Layout, LayoutError
 
@@ -73,12 +73,6 @@ class Workload:
 def _configs(hf_config: dict) -> tuple[dict, dict, dict]:
     thinker = thinker_config_of(hf_config)
     return thinker["text_config"], thinker.get("vision_config"), thinker.get("audio_config")
-
-
-def _moe_pattern(text: dict) -> list[bool]:
-    from omni_model.model.specs import moe_layer_pattern
-
-    return list(moe_layer_pattern(text))
 
 
 def _encoder_layer(d: int, f: int, tp: int) -> int:
@@ -143,7 +137,7 @@ def stage_params(hf_config: dict, layout: Layout, stage: int = 0) -> StageParams
     ng = text.get("num_key_value_heads", nh)
     hd = text.get("head_dim") or h // nh
     attn = h * (nh + 2 * ng) * hd // tp + nh * hd * h // tp + 2 * hd + 2 * h
-    pattern = _moe_pattern(text)
+    pattern = moe_layer_pattern(text)
     per_stage = stage_layers(len(pattern), layout)
     first = sum(per_stage[:stage])
     out = StageParams()
@@ -308,7 +302,7 @@ def estimate_stage(hf_config: dict, layout: Layout, work: Workload, stage: int) 
     params = stage_params(hf_config, layout, stage)
     dense, expert = trainable_params(params, work)
     w = 2 if work.bf16 else 4
-    pattern = _moe_pattern(text)
+    pattern = moe_layer_pattern(text)
     per_stage = stage_layers(len(pattern), layout)
     first = sum(per_stage[:stage])
     layers = pattern[first:first + per_stage[stage]]
@@ -427,7 +421,15 @@ def table(estimates: list[Estimate]) -> str:
 
 def check_run(hf_config: dict, train: dict, parallel: dict, world_size: int, on_gpu: bool) -> Estimate:
     """Estimate the configured run; raise PlanError (with the layouts that fit on the same GPUs) when its total is
-    above train.gpu_memory_gib. gpu_memory_gib null: estimate only."""
+    above train.gpu_memory_gib. gpu_memory_gib null: estimate only. A run that cannot train at all (the training
+    checks of omni_model.train.settings, e.g. a pipeline split or a model too small for its deepstack layers) is
+    refused with the same message the workflow gives."""
+    from omni_model.train.settings import SettingsError, check_config
+
+    try:
+        check_config(train, parallel, world_size, hf_config)
+    except SettingsError as error:
+        raise PlanError(str(error)) from None
     layout = layout_of(parallel, world_size, on_gpu)
     work = workload_of(train, layout.dp, on_gpu)
     est = estimate(hf_config, layout, work)

@@ -11,8 +11,7 @@ rule convert:
         convert="results/model/mcore/convert.json",
         parity="results/model/mcore/parity.json",
     params:
-        convert=canonical(config["convert"]),
-        parallel=canonical(config["parallel"]),
+        **section_params(convert=config["convert"], parallel=config["parallel"]),
         use_te=config["model"]["use_te"],
     log:
         "logs/convert.log",

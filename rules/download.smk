@@ -31,7 +31,7 @@ rule download:
     output:
         manifest="results/model/hf/MANIFEST.json",
     params:
-        model=canonical(config["model"]),
+        **section_params(model=config["model"]),
     log:
         "logs/download_publish.log",
     localrule: True

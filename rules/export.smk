@@ -11,7 +11,7 @@ rule export:
     output:
         manifest="results/export/hf/MANIFEST.json",
     params:
-        export=canonical(config["export"]),
+        **section_params(export=config["export"]),
         use_te=config["model"]["use_te"],
     log:
         "logs/export.log",

@@ -19,27 +19,27 @@ rule finetune:
     input:
         convert=rules.convert.output.convert,
         shards=rules.shards.output.done,
+        plan_checks=finetune_plan_checks,  # no file: refuses a run that cannot fit or has no GPU here (common.smk)
     output:
         latest="results/train/latest",
         metrics="results/train/metrics.jsonl",
     params:
-        train=canonical(config["train"]),
-        parallel=canonical(config["parallel"]),
         use_te=config["model"]["use_te"],
-        # the encoder settings the shards were written with (the task encoder must encode the same way)
-        data={key: config["data"][key] for key in ("max_seq_len", "use_audio_in_video", "video_fps",
-              "video_max_frames", "video_min_pixels", "video_max_pixels")},
+        # data: the encoder settings the shards were written with (the task encoder must encode the same way)
+        **section_params(train=config["train"], parallel=config["parallel"],
+                         data={key: config["data"][key] for key in ("max_seq_len", "use_audio_in_video", "video_fps",
+                               "video_max_frames", "video_min_pixels", "video_max_pixels")}),
     log:
         "logs/finetune.log",
     benchmark:
         "benchmarks/finetune.tsv"
-    threads: max(1, config["train"]["cpu_procs"])
+    threads: finetune_host_resources(config["train"])[0]
     # Slurm (snakemake-executor-plugin-slurm): train.nnodes nodes, one task = one torchrun agent per node (started by
     # omni_model.runtime.launch). One node: `gpu` -> sbatch --gpus, a job total. Several nodes: `gres` gpu:N, because
     # sbatch --gres counts per node (--gpus would spread N over all nodes). `tasks` stays 0 on GPU jobs, where the
     # plugin would turn it into --ntasks-per-gpu.
     resources:
-        mem_mb=16000,
+        mem_mb=finetune_host_resources(config["train"])[1],
         nodes=config["train"]["nnodes"],
         tasks=0 if config["train"]["gpus_per_node"] else config["train"]["nnodes"],
         gpu=config["train"]["gpus_per_node"] if config["train"]["nnodes"] == 1 else 0,

@@ -9,9 +9,7 @@ rule plan:
         table="results/plan.txt",
         json="results/plan.json",
     params:
-        model=canonical(config["model"]),
-        train=canonical(config["train"]),
-        parallel=canonical(config["parallel"]),
+        **section_params(model=config["model"], train=config["train"], parallel=config["parallel"]),
     log:
         "logs/plan.log",
     localrule: True

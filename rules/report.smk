@@ -1,10 +1,13 @@
 # Report items: `snakemake --report report.html` shows them with captions (plus Snakemake's rule graph + runtimes).
 # One rule per stage group reads that group's contract outputs and benchmarks and writes PNG/HTML items; each is
-# part of `all`, so the report is complete whenever the pipeline is.
+# part of `all`, so the report is complete whenever the pipeline is. `snakemake --report` takes the items on disk
+# whatever their age: after a stage ran on its own (e.g. `snakemake shards`), items_current (common.smk) stops it
+# instead of showing the previous data.
 
 
 rule report_data:
     input:
+        current=items_current("report_data"),
         dj_report=rules.datajuicer.output.report,
         shards=rules.shards.output.done,
     output:
@@ -31,6 +34,7 @@ rule report_data:
 
 rule report_convert:
     input:
+        current=items_current("report_convert"),
         parity=rules.convert.output.parity,
         convert=rules.convert.output.convert,
     output:
@@ -51,6 +55,7 @@ rule report_convert:
 
 rule report_finetune:
     input:
+        current=items_current("report_finetune"),
         metrics=rules.finetune.output.metrics,
     output:
         curves=report("results/report/train_curves.png", caption="../workflow/report/train_curves.rst",

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from omni_model.download import (MANIFEST, CheckpointError, fetch_checkpoint, require_intact, sha256_of,
-                                 verify_manifest)
+from omni_model.download import (MANIFEST, CheckpointError, check_local_checkpoint, fetch_checkpoint, require_intact,
+                                 sha256_of, verify_manifest)
 
 
 @pytest.fixture()
@@ -137,3 +137,49 @@ def test_local_checkpoint_is_checked_from_headers_and_the_previous_model_survive
         assert words in message
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # model + MANIFEST.json untouched
     assert not (out.parent / "hf.fetched").exists() or not any((out.parent / "hf.fetched").iterdir())
+
+
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("damage, must_say", [
+    ("tokenizer of a larger vocabulary", "the tokenizer has ids up to 152064 ('<|extra|>') but config.json's "
+                                         "thinker_config.text_config.vocab_size is 152064"),
+    ("image token id", "config.json thinker_config.image_token_id = 151654 but the tokenizer's '<|image_pad|>' is "
+                       "151655"),
+    ("merge size", "preprocessor_config.json merge_size = 1 but config.json's thinker_config.vision_config."
+                   "spatial_merge_size is 2"),
+    ("mel bins", "preprocessor_config.json feature_size = 80 but config.json's thinker_config.audio_config."
+                 "num_mel_bins is 128"),
+    ("quick_gelu", "config.json thinker_config.vision_config.hidden_act = 'quick_gelu' is not implemented"),
+])
+def test_local_checkpoint_files_must_agree_with_its_config(tiny_out, tmp_path, damage, must_say):
+    """Issue 26 finding 7: these passed the checks and failed mid-convert with a bare KeyError / IndexError."""
+    out, _ = tiny_out
+    local = _local_copy(out, tmp_path / "user_ckpt")
+    if damage == "tokenizer of a larger vocabulary":
+        _edit_json(local / "tokenizer.json", lambda t: t["added_tokens"].append(
+            {**t["added_tokens"][-1], "id": 152064, "content": "<|extra|>"}))
+    elif damage == "image token id":
+        _edit_json(local / "config.json", lambda c: c["thinker_config"].update(image_token_id=151654))
+    elif damage == "merge size":
+        _edit_json(local / "preprocessor_config.json", lambda p: p.update(merge_size=1))
+    elif damage == "mel bins":
+        _edit_json(local / "preprocessor_config.json", lambda p: p.update(feature_size=80))
+    else:
+        _edit_json(local / "config.json", lambda c: c["thinker_config"]["vision_config"].update(hidden_act="quick_gelu"))
+    check_local_checkpoint(out)  # the intact tiny checkpoint passes the same checks
+    with pytest.raises(CheckpointError) as error:
+        check_local_checkpoint(local)
+    print(error.value)
+    assert must_say in str(error.value)
+
+
+def test_the_checked_vision_activations_are_the_models():
+    from omni_model.download import VISION_ACTIVATIONS
+    from omni_model.model.vision import _ACTIVATIONS
+
+    assert set(VISION_ACTIVATIONS) == set(_ACTIVATIONS)

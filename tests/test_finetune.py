@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from dist.finetune_setup import REPO, clean_env, make_checkpoint, make_shards, settings_dict
+from train_helpers import scheduled_lr
 
 RUN_TIMEOUT = 600
 REFERENCE = dict(iters=10, lr=2e-3, min_lr=2e-4, lr_warmup_iters=2, lr_decay_style="cosine", save_interval=5,
@@ -79,16 +80,6 @@ def reference(inputs):
     train_dir = inputs["root"] / "reference"
     output = run(write_settings(inputs, train_dir, **REFERENCE), inputs["root"] / "reference.log")
     return {"dir": train_dir, "metrics": metrics(train_dir), "output": output}
-
-
-def scheduled_lr(step: int, t: dict) -> float:
-    """The LR of step `step` (1-based) by the formula: linear warmup from 0, then cosine to min_lr (mcore's
-    OptimizerParamScheduler is stepped after each update, so step k uses the schedule at k - 1)."""
-    n = step - 1
-    if n <= t["lr_warmup_iters"]:
-        return t["lr"] * n / t["lr_warmup_iters"]
-    ratio = (n - t["lr_warmup_iters"]) / (t["iters"] - t["lr_warmup_iters"])
-    return t["min_lr"] + 0.5 * (math.cos(math.pi * ratio) + 1.0) * (t["lr"] - t["min_lr"])
 
 
 def test_loss_goes_down_on_repeated_data(reference):

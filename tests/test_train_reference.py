@@ -9,35 +9,32 @@
   boundaries on CPU, so it gets the same samples as padded rows, and its token losses are summed and divided by the
   step's label-token count (the token mean over the global batch, our loss). MoE aux loss coefficient 0 on both
   sides (its value is compared in the second test). Per-step losses agree to 1e-5, final weights (every tensor, HF
-  names, through the mapping) to 1e-5 relative.
+  names, through the mapping) to 2e-4 relative (WEIGHT_TOL says why).
 * `test_aux_loss_matches_transformers`: see its docstring.
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from llm_helpers import hf_thinker
-from train_helpers import switch_stats, to_hf_names, train_step
+from train_helpers import scheduled_lr, switch_stats, to_hf_names, train_step
 
 STEPS = 10
 TRAIN = dict(lr=2e-3, min_lr=2e-4, lr_warmup_iters=2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
              adam_eps=1e-8, clip_grad=1.0)
 LOSS_TOL = 1e-5
-WEIGHT_TOL = 1e-5
+# Adam's first update is lr * g / (|g| + eps) per element: an element whose gradient is near 0 (|g| ~ eps) moves by up
+# to lr on fp32 rounding of g alone. Measured with step 1 at LR > 0: after step 1, one of layer 1's 2048 v_proj
+# elements differs by 8.8e-5 (all others <= 3.7e-9), 4.1e-5 relative for the tensor after 10 steps.
+WEIGHT_TOL = 2e-4
 
 
 def lr_at(step: int) -> float:
-    """Linear warmup from 0 over lr_warmup_iters, then cosine to min_lr at STEPS (mcore's formula, written out)."""
-    lr, min_lr, warmup = TRAIN["lr"], TRAIN["min_lr"], TRAIN["lr_warmup_iters"]
-    if step <= warmup:
-        return lr * step / warmup
-    ratio = (step - warmup) / (STEPS - warmup)
-    return min_lr + 0.5 * (math.cos(math.pi * ratio) + 1.0) * (lr - min_lr)
+    """The LR of 0-based step `step`: the schedule written out (train_helpers.scheduled_lr)."""
+    return scheduled_lr(step + 1, dict(TRAIN, iters=STEPS))
 
 
 @pytest.fixture(scope="module")

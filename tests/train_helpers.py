@@ -4,6 +4,7 @@ forward_step (per-token loss, finalize_model_grads), returning the loss, the MoE
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -157,3 +158,13 @@ def switch_stats(logits: torch.Tensor, keep: torch.Tensor, top_k: int):
     probs = logits[keep].float().softmax(-1)
     assigned = F.one_hot(probs.topk(top_k, dim=-1).indices, logits.shape[-1]).sum(1).float()
     return assigned.sum(0) / (top_k * len(probs)), probs.mean(0)
+
+
+def scheduled_lr(step: int, train: dict, mult: float = 1.0) -> float:
+    """The LR training step `step` (1-based) uses, written out: linear warmup train.lr * step / lr_warmup_iters, then
+    cosine from train.lr to train.min_lr at the last step (train.iters); `mult`: a group's train.lr_mult_*."""
+    lr, min_lr, warmup = train["lr"] * mult, train["min_lr"] * mult, train["lr_warmup_iters"]
+    if step <= warmup:
+        return lr * step / warmup
+    ratio = (step - warmup) / (train["iters"] - warmup)
+    return min_lr + 0.5 * (math.cos(math.pi * ratio) + 1.0) * (lr - min_lr)

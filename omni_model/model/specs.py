@@ -43,6 +43,7 @@ from .experts import ColumnGroupedLinear, GroupedGemmExperts, RowGroupedLinear
 from .linear import LocalColumnParallelLinear, LocalRowParallelLinear
 from .norm import RMSNorm
 from .router import SoftmaxTopKRouter
+from ..configs import moe_layer_pattern  # noqa: F401  (torch-free home: the planner reads it too)
 
 
 def require_te(use_te: bool) -> bool:
@@ -157,15 +158,6 @@ def layer_spec(is_moe: bool, use_te: bool) -> ModuleSpec:
             mlp_bda=get_bias_dropout_add,
         ),
     )
-
-
-def moe_layer_pattern(text_cfg: dict) -> List[bool]:
-    """HF's rule: layer i is MoE iff i not in mlp_only_layers and num_experts > 0 and (i+1) % decoder_sparse_step == 0."""
-    n = text_cfg["num_hidden_layers"]
-    step = text_cfg.get("decoder_sparse_step", 1) or 1
-    dense = set(text_cfg.get("mlp_only_layers", []) or [])
-    experts = text_cfg.get("num_experts", 0) or 0
-    return [(i not in dense) and experts > 0 and (i + 1) % step == 0 for i in range(n)]
 
 
 def decoder_block_spec(

@@ -160,11 +160,16 @@ def build_scheduler(optimizer, train: dict):
 
     iters = max(int(train["iters"]), 1)
     warmup = int(train["lr_warmup_iters"])
-    return OptimizerParamScheduler(
+    scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=train["lr"], min_lr=train["min_lr"], lr_warmup_steps=warmup,
         lr_decay_steps=max(iters, warmup + 1), lr_decay_style=train["lr_decay_style"],
         start_wd=train["weight_decay"], end_wd=train["weight_decay"], wd_incr_steps=iters,
         wd_incr_style="constant", use_checkpoint_opt_param_scheduler=True)
+    # mcore sets the LR of num_steps 0 (init_lr, 0 in a warmup) and the loop steps the scheduler after each update,
+    # so step 1 would train at LR 0 and the warmup end a step late: count the step about to run instead. Step k then
+    # trains at lr * k / warmup, and the decay reaches min_lr at the last step (its state carries num_steps on resume).
+    scheduler.step(increment=1)
+    return scheduler
 
 
 def build_training(settings: TrainSettings, load_initial_weights: bool = True,
