@@ -126,6 +126,19 @@ def freeze(thinker: torch.nn.Module, train: dict) -> dict:
     return counts
 
 
+def add_lora(thinker: torch.nn.Module, settings: TrainSettings) -> int:
+    """train.lora: adapters around the targeted linears, everything else frozen (requires_grad False before DDP and
+    the optimizer: they hold adapter parameters only, the base stays in the training dtype, bf16 on GPU)."""
+    from omni_model.model.lora import inject_lora
+
+    count = inject_lora(thinker, settings.lora, seed=settings.train["seed"])
+    total = torch.tensor([count], device="cuda" if settings.on_gpu else "cpu")
+    torch.distributed.all_reduce(total)  # a pipeline stage may hold no targeted module; the whole model must
+    if int(total) == 0:
+        raise RuntimeError(f"train.lora.targets {list(settings.lora.targets)} match no module of this model")
+    return count
+
+
 def optimizer_config(settings: TrainSettings):
     from megatron.core.optimizer import OptimizerConfig
 
@@ -165,17 +178,24 @@ def build_scheduler(optimizer, train: dict):
         wd_incr_style="constant", use_checkpoint_opt_param_scheduler=True)
 
 
-def build_training(settings: TrainSettings, load_initial_weights: bool = True) -> Training:
-    """The thinker (weights from settings.init_checkpoint), frozen parts, DDP, optimizer, scheduler."""
+def build_training(settings: TrainSettings, load_initial_weights: bool = True, load_base=None) -> Training:
+    """The thinker (weights from settings.init_checkpoint), frozen parts, DDP, optimizer, scheduler. With train.lora
+    the base weights are always loaded (`load_base(thinker)` if given, e.g. from HF safetensors in a test), before
+    the adapters are added."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
 
     from .checkpointing import load_model_weights
 
     thinker = build_thinker_for_training(settings)
-    if load_initial_weights:
+    if settings.lora and load_base is not None:
+        load_base(thinker)
+    elif load_initial_weights or settings.lora:  # LoRA: the base weights are never in a training checkpoint
         load_model_weights(thinker, settings.init_checkpoint)
-    freeze(thinker, settings.train)
+    if settings.lora:
+        add_lora(thinker, settings)
+    else:
+        freeze(thinker, settings.train)
 
     config = thinker.config
     ddp_config = DistributedDataParallelConfig(
