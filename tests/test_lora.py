@@ -109,3 +109,34 @@ def test_lora_training_matches_peft(tiny_hf_dir, samples, tmp_path):  # noqa: F8
     assert moved == len(start)
     changed = [n for n, p in thinker.named_parameters() if not p.requires_grad and not torch.equal(p, base_before[n])]
     assert not changed, changed[:5]  # the frozen base: bit-identical
+
+
+@pytest.mark.slow
+def test_adapter_gradients_equal_across_layouts(tiny_hf_dir, tmp_path):
+    """(torchrun, 2 ranks, gloo, fp32) One step's loss and EVERY adapter gradient, placed into full tensors, equal
+    across tp1 (dp2) / tp2+sp / ep2 (dp2) / tp2+etp2+sp / pp2 (tests/dist/lora_layout_grads.py); only adapters train."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_train_layouts import _DIST_VARS, REPO, _global_batch
+
+    torch.save(_global_batch(tiny_hf_dir, tmp_path / "demo"), tmp_path / "batches.pt")
+    out = tmp_path / "layouts.json"
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(REPO / "tests/dist/lora_layout_grads.py"), str(tiny_hf_dir), str(tmp_path / "batches.pt"),
+                    str(out)], check=True, cwd=REPO, env=dict(env, OMP_NUM_THREADS="1"), timeout=1500)
+    results = json.loads(out.read_text())
+    reference = results.pop("tp1_dp2")
+    print(f"reference tp1 (dp2): loss {reference['loss']:.7f}, {reference['tensors']} adapter gradients, "
+          f"{reference['nonzero']} non-zero")
+    assert reference["nonzero"] == reference["tensors"] and not reference["trainable_base"]
+    assert set(results) == {"tp2_sp", "ep2_dp2", "tp2_etp2_sp", "pp2"}
+    for name, r in results.items():
+        print(f"{name}: loss rel {r['loss_rel']:.1e}, worst adapter gradient rel {r['grad_worst_rel']:.1e} "
+              f"({r['grad_worst']})")
+        assert r["num_tokens"] == reference["num_tokens"] and r["tensors"] == reference["tensors"], name
+        assert not r["trainable_base"], (name, r["trainable_base"][:3])
+        assert r["loss_rel"] <= 1e-5 and r["grad_worst_rel"] <= 1e-5, (name, r)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -91,7 +91,6 @@ class AdapterShape:
     split_size: int = 1
     experts: Optional[Tuple[int, int]] = None  # (first global expert, local count)
     part_rows: Tuple[int, ...] = ()
-    replicated_over_split: bool = field(default=False)
 
     def shard(self, full: torch.Tensor) -> torch.Tensor:
         if self.experts is not None:
@@ -104,6 +103,20 @@ class AdapterShape:
             return torch.cat([p.chunk(self.split_size, self.split_dim)[self.split_rank] for p in parts],
                              dim=self.split_dim)
         return full.chunk(self.split_size, self.split_dim)[self.split_rank]
+
+
+    def place(self, full: torch.Tensor, local: torch.Tensor) -> None:
+        """Write this rank's shard `local` into its slot of `full` (the inverse of `shard`)."""
+        if self.experts is not None:
+            first, count = self.experts
+            full = full[first: first + count]
+        if self.split_dim is None or self.split_size == 1:
+            full.copy_(local)
+            return
+        parts = torch.split(full, list(self.part_rows), dim=self.split_dim) if self.part_rows else (full,)
+        shards = local.chunk(len(parts), dim=self.split_dim)
+        for part, shard in zip(parts, shards):
+            part.chunk(self.split_size, self.split_dim)[self.split_rank].copy_(shard)
 
 
 class _LoraBase(nn.Module):
@@ -451,3 +464,105 @@ def to_peft(adapters: Dict[str, torch.Tensor], spec: LoraSpec, module_prefix: st
         target_parameters=[f"{module_prefix}language_model.layers.{layer}.mlp.experts.{param}"
                            for layer in sorted(expert_layers) for param in PEFT_EXPERT_PARAMS] or None)
     return state, config
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# checkpoints: the adapters as full (all-rank) tensors, reshardable to any layout
+# ------------------------------------------------------------------------------------------------------------------
+CHECKPOINT_PREFIX = "lora."
+
+
+def _replica_id(module: _LoraBase, shape: AdapterShape) -> tuple:
+    """0 on the one rank that writes a tensor's shard; the others hold copies (mcore's (tp, pp, dp) replica id)."""
+    from megatron.core import parallel_state as ps
+
+    split = shape.split_size > 1
+    if isinstance(module, GroupedLora):
+        return (0 if split else ps.get_expert_tensor_parallel_rank(), 0, ps.get_expert_data_parallel_rank())
+    return (0 if split else ps.get_tensor_model_parallel_rank(), 0,
+            ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _sharded(key: str, data: torch.Tensor, shape: AdapterShape, replica_id) -> object:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    offsets = []
+    if shape.experts is not None:
+        first, count = shape.experts
+        offsets.append((0, first // count, shape.full[0] // count))
+    if shape.split_size > 1:
+        offsets.append((shape.split_dim, shape.split_rank, shape.split_size))
+    return ShardedTensor.from_rank_offsets(key, data, *offsets, replica_id=replica_id)
+
+
+def _parts_factory(key: str, param: torch.Tensor, shape: AdapterShape, replica_id):
+    """A B whose local rows are several parts each split over the ranks ([gate_shard; up_shard]): saved as one tensor
+    per part (`<key>.part<i>`), so that it reshards over ETP like the weight's gate/up halves."""
+    from dataclasses import replace as dc_replace
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    def build(key, data, replica_id, flattened_range):
+        assert flattened_range is None, "flattened optimizer state: use a fully reshardable optimizer format"
+        pieces = data.chunk(len(shape.part_rows), dim=shape.split_dim)
+        out = {}
+        for i, (rows, piece) in enumerate(zip(shape.part_rows, pieces)):
+            full = list(shape.full)
+            full[shape.split_dim] = rows
+            out[i] = _sharded(f"{key}.part{i}", piece, dc_replace(shape, full=tuple(full), part_rows=()), replica_id)
+        return out
+
+    def merge(loaded: dict):
+        return torch.cat([loaded[i] for i in range(len(shape.part_rows))], dim=shape.split_dim)
+
+    return ShardedTensorFactory(key=key, data=param, build_fn=build, merge_fn=merge, replica_id=replica_id)
+
+
+def lora_sharded_state_dict(thinker: nn.Module) -> dict:
+    """{`lora.<global key>`: ShardedTensor (or factory) over the adapter parameter itself}: mcore's optimizer maps its
+    states to these by parameter identity, so optimizer states reshard like the adapters."""
+    out = {}
+    for name, global_name in global_names(thinker).items():
+        module = thinker.get_submodule(name)
+        for pname, param, shape in module.adapters():
+            key = f"{CHECKPOINT_PREFIX}{global_name}.{pname}"
+            replica_id = _replica_id(module, shape)
+            if shape.part_rows and shape.split_size > 1:
+                out[key] = _parts_factory(key, param, shape, replica_id)
+            else:
+                out[key] = _sharded(key, param, shape, replica_id)
+    return out
+
+
+@torch.no_grad()
+def load_adapters(thinker: nn.Module, loaded: dict) -> None:
+    """Copy loaded adapter tensors ({checkpoint key: this rank's shard}) into the parameters; every adapter must be
+    there."""
+    for name, global_name in global_names(thinker).items():
+        for pname, param, _ in thinker.get_submodule(name).adapters():
+            key = f"{CHECKPOINT_PREFIX}{global_name}.{pname}"
+            if key not in loaded:
+                raise LoraError(f"the adapter checkpoint lacks {key}: it was trained with other train.lora targets")
+            param.copy_(loaded[key])
+
+
+def full_adapters_from_checkpoint(checkpoint_dir) -> Dict[str, torch.Tensor]:
+    """{global key: full tensor} of every adapter in a training checkpoint, read in one process at any layout it was
+    written at (the parts of a split expert B put back together)."""
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint_dir))
+    request = {key: sh for key, sh in metadata.items() if key.startswith(CHECKPOINT_PREFIX)}
+    for sh in request.values():
+        sh.data = torch.empty(sh.global_shape, dtype=sh.dtype)
+    loaded = dist_checkpointing.load(request, str(checkpoint_dir), validate_access_integrity=False)
+    out, parts = {}, {}
+    for key, tensor in loaded.items():
+        match = re.match(r"^(.*)\.part(\d+)$", key)
+        if match:
+            parts.setdefault(match.group(1), {})[int(match.group(2))] = tensor
+        else:
+            out[key] = tensor
+    for key, pieces in parts.items():
+        out[key] = torch.cat([pieces[i] for i in sorted(pieces)], dim=1)  # expert B [E, rows, r]: parts are rows
+    return {key[len(CHECKPOINT_PREFIX):]: tensor for key, tensor in sorted(out.items())}

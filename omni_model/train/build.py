@@ -12,6 +12,7 @@ GPU: bf16 parameters, fp32 grads reduction, the distributed optimizer. CPU (gloo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -34,6 +35,7 @@ class Training:
     optimizer: object  # MegatronOptimizer (ChainedOptimizer: dense + expert params)
     scheduler: object  # OptimizerParamScheduler
     dtype: torch.dtype
+    lora: Optional[dict] = None  # LoRA run: {"lora": train.lora, "base_digest": ...}, recorded in its checkpoints
 
     @property
     def thinker(self):
@@ -214,7 +216,17 @@ def build_training(settings: TrainSettings, load_initial_weights: bool = True, l
         if FOLD_GRAD_SCALE:
             FoldedGradScale(model, optimizer)
     scheduler = build_scheduler(optimizer, settings.train)
-    return Training(model=model, optimizer=optimizer, scheduler=scheduler, dtype=training_dtype(settings))
+    return Training(model=model, optimizer=optimizer, scheduler=scheduler, dtype=training_dtype(settings),
+                    lora=lora_record(settings))
+
+
+def lora_record(settings: TrainSettings) -> Optional[dict]:
+    """What a LoRA run's checkpoints record: the adapter settings and the digest of the base they apply to."""
+    from .checkpointing import base_digest
+
+    if not settings.lora:
+        return None
+    return {"lora": settings.train["lora"], "base_digest": base_digest(settings.init_checkpoint)}
 
 
 def torch_adams(optimizer) -> list:
