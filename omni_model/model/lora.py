@@ -312,7 +312,7 @@ def lora_modules(thinker: nn.Module) -> Iterator[Tuple[str, _LoraBase]]:
             yield name, module
 
 
-def inject_lora(thinker: nn.Module, spec: LoraSpec, seed: int) -> int:
+def inject_lora(thinker: nn.Module, spec: LoraSpec, seed: int, initialise: bool = True) -> int:
     """Wrap every targeted linear of `thinker` (call after loading the base weights: the base checkpoint has no
     adapters), initialise the adapters layout-independently, and freeze everything else. Returns the number of
     adapted modules; an error when the targets match nothing on the whole model is left to the caller (a pipeline
@@ -329,7 +329,8 @@ def inject_lora(thinker: nn.Module, spec: LoraSpec, seed: int) -> int:
         parent_name, _, leaf = name.rpartition(".")
         setattr(thinker.get_submodule(parent_name) if parent_name else thinker, leaf, wrapper)
         count += 1
-    init_adapters(thinker, seed)
+    if initialise:
+        init_adapters(thinker, seed)
     return count
 
 
@@ -551,13 +552,18 @@ def full_adapters_from_checkpoint(checkpoint_dir) -> Dict[str, torch.Tensor]:
     written at (the parts of a split expert B put back together)."""
     from megatron.core import dist_checkpointing
 
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
     metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint_dir))
-    request = {key: sh for key, sh in metadata.items() if key.startswith(CHECKPOINT_PREFIX)}
+    # the tensors only: the common state's LoRA settings (`lora.rank`, ...) are listed under the same prefix
+    request = {key: sh for key, sh in metadata.items()
+               if key.startswith(CHECKPOINT_PREFIX) and isinstance(sh, ShardedTensor) and ".lora_" in key}
     for sh in request.values():
         sh.data = torch.empty(sh.global_shape, dtype=sh.dtype)
     loaded = dist_checkpointing.load(request, str(checkpoint_dir), validate_access_integrity=False)
     out, parts = {}, {}
-    for key, tensor in loaded.items():
+    for key in request:  # `loaded` also holds the checkpoint's common state (iteration, scheduler, ...)
+        tensor = loaded[key]
         match = re.match(r"^(.*)\.part(\d+)$", key)
         if match:
             parts.setdefault(match.group(1), {})[int(match.group(2))] = tensor
