@@ -11,6 +11,8 @@ PEFT's: A kaiming-uniform, B zero; copied through `to_peft`, the export's own co
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -115,7 +117,6 @@ def test_lora_training_matches_peft(tiny_hf_dir, samples, tmp_path):  # noqa: F8
 def test_adapter_gradients_equal_across_layouts(tiny_hf_dir, tmp_path):
     """(torchrun, 2 ranks, gloo, fp32) One step's loss and EVERY adapter gradient, placed into full tensors, equal
     across tp1 (dp2) / tp2+sp / ep2 (dp2) / tp2+etp2+sp / pp2 (tests/dist/lora_layout_grads.py); only adapters train."""
-    import json
     import os
     import subprocess
     import sys
@@ -140,3 +141,28 @@ def test_adapter_gradients_equal_across_layouts(tiny_hf_dir, tmp_path):
         assert r["num_tokens"] == reference["num_tokens"] and r["tensors"] == reference["tensors"], name
         assert not r["trainable_base"], (name, r["trainable_base"][:3])
         assert r["loss_rel"] <= 1e-5 and r["grad_worst_rel"] <= 1e-5, (name, r)
+
+
+def test_planner_counts_the_adapters_of_a_built_model(tiny_hf_dir):
+    """The memory planner's LoRA terms: its adapter count equals the adapters inject_lora builds (tiny model, every
+    target), the frozen base's weights are counted once, and grads + optimizer state are the adapters' only."""
+    from omni_model.layout import Layout
+    from omni_model.model.lora import inject_lora
+    from omni_model.model.thinker import build_thinker
+    from omni_model.plan import Workload, estimate, lora_params, stage_params
+    from omni_model.runtime.parallel import init_parallel
+    from omni_model.train.settings import LoraSpec
+
+    hf_config = json.loads((tiny_hf_dir / "config.json").read_text())
+    init_parallel(seed=1)
+    for targets in (("attention", "experts"), ("attention",), ("experts",)):
+        thinker = build_thinker(tiny_hf_dir)
+        inject_lora(thinker, LoraSpec(rank=4, targets=targets), seed=0)
+        built = sum(p.numel() for p in thinker.parameters() if p.requires_grad)
+        work = Workload(lora_rank=4, lora_targets=targets, bf16=False, freeze_vision=True, freeze_audio=True)
+        dense, expert = lora_params(hf_config, Layout(), work)
+        est = estimate(hf_config, Layout(), work)
+        print(f"{targets}: built {built} adapter parameters, planned {dense} + {expert}")
+        assert dense + expert == built
+        assert est.parts["grads"] == 4 * built and est.parts["optimizer"] == 8 * built  # fp32: Adam's 2 moments
+        assert est.parts["weights"] == 4 * (stage_params(hf_config, Layout()).total + built)
