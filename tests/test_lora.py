@@ -115,8 +115,9 @@ def test_lora_training_matches_peft(tiny_hf_dir, samples, tmp_path):  # noqa: F8
 
 @pytest.mark.slow
 def test_adapter_gradients_equal_across_layouts(tiny_hf_dir, tmp_path):
-    """(torchrun, 2 ranks, gloo, fp32) One step's loss and EVERY adapter gradient, placed into full tensors, equal
-    across tp1 (dp2) / tp2+sp / ep2 (dp2) / tp2+etp2+sp / pp2 (tests/dist/lora_layout_grads.py); only adapters train."""
+    """(torchrun, 2 ranks, gloo, fp32) One step's loss, EVERY adapter gradient (placed into full tensors) and mcore's
+    clipping grad norm equal across tp1 (dp2) / tp2+sp / ep2 (dp2) / tp2+etp2+sp / pp2 (tests/dist/lora_layout_grads.py);
+    only adapters train."""
     import os
     import subprocess
     import sys
@@ -136,11 +137,11 @@ def test_adapter_gradients_equal_across_layouts(tiny_hf_dir, tmp_path):
     assert reference["nonzero"] == reference["tensors"] and not reference["trainable_base"]
     assert set(results) == {"tp2_sp", "ep2_dp2", "tp2_etp2_sp", "pp2"}
     for name, r in results.items():
-        print(f"{name}: loss rel {r['loss_rel']:.1e}, worst adapter gradient rel {r['grad_worst_rel']:.1e} "
-              f"({r['grad_worst']})")
+        print(f"{name}: loss rel {r['loss_rel']:.1e}, grad norm {r['grad_norm']:.6f} (rel {r['grad_norm_rel']:.1e}), "
+              f"worst adapter gradient rel {r['grad_worst_rel']:.1e} ({r['grad_worst']})")
         assert r["num_tokens"] == reference["num_tokens"] and r["tensors"] == reference["tensors"], name
         assert not r["trainable_base"], (name, r["trainable_base"][:3])
-        assert r["loss_rel"] <= 1e-5 and r["grad_worst_rel"] <= 1e-5, (name, r)
+        assert r["loss_rel"] <= 1e-5 and r["grad_worst_rel"] <= 1e-5 and r["grad_norm_rel"] <= 1e-5, (name, r)
 
 
 def test_planner_counts_the_adapters_of_a_built_model(tiny_hf_dir):

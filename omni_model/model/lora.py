@@ -133,11 +133,20 @@ class _LoraBase(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "base":
+                raise
             return getattr(self.base, name)  # what mcore reads off the wrapped layer (config, tp_group, ...)
 
     def _add(self, name: str, shape: AdapterShape, dtype, device) -> None:
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
         local = torch.empty(shape.shard(torch.empty(shape.full, device="meta")).shape, dtype=dtype, device=device)
-        self.register_parameter(name, nn.Parameter(local))
+        param = nn.Parameter(local)
+        # mcore's grad norm counts a split factor on every TP rank, a replicated one on the first only (without the
+        # tags: tp2 grad norm 0.601 vs tp1 0.689, tests/test_lora.py's layouts test)
+        set_tensor_model_parallel_attributes(param, is_parallel=shape.split_size > 1, dim=shape.split_dim or 0,
+                                             stride=1)
+        self.register_parameter(name, param)
         self.shapes[name] = shape
 
     def adapters(self) -> Iterator[Tuple[str, nn.Parameter, AdapterShape]]:

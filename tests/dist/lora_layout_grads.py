@@ -38,6 +38,18 @@ def add_adapters(thinker) -> None:
     init_adapters(thinker, seed=7, b_std=0.05)
 
 
+def grad_norm(model) -> float:
+    """The global gradient norm as mcore's optimizer computes it for clipping (each TP-split factor counted on every
+    TP rank, each replicated one once)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1.0, bf16=False, params_dtype=torch.float32,
+                             use_distributed_optimizer=False)
+    optimizer = get_megatron_optimizer(config, [model], use_gloo_process_groups=True)
+    optimizer.prepare_grads()
+    return float(optimizer.get_grad_norm())
+
+
 def local_adapter_grads(model) -> list:
     from omni_model.model.lora import adapter_parameters
 
@@ -64,14 +76,15 @@ def main():
     for name, layout in LAYOUTS.items():
         step = run_layout(hf_dir, batches, layout, prepare=add_adapters)
         frozen_grads = [n for n, p in step["model"].module.named_parameters() if p.requires_grad and ".lora_" not in n]
+        norm = grad_norm(step["model"])
         gathered = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, local_adapter_grads(step["model"]))
         if torch.distributed.get_rank() == 0:
             full = assemble(gathered)
             entry = {"loss": step["loss"], "num_tokens": step["num_tokens"], "tensors": len(full),
-                     "trainable_base": frozen_grads}
+                     "trainable_base": frozen_grads, "grad_norm": norm}
             if reference is None:
-                reference = {"loss": step["loss"], "grads": full}
+                reference = {"loss": step["loss"], "grads": full, "grad_norm": norm}
                 entry["nonzero"] = sum(bool(g.abs().sum() > 0) for g in full.values())
             else:
                 assert set(full) == set(reference["grads"]), sorted(set(full) ^ set(reference["grads"]))[:5]
@@ -79,6 +92,7 @@ def main():
                           for k, r in reference["grads"].items()}
                 worst = max(errors, key=errors.get)
                 entry.update(loss_rel=abs(step["loss"] - reference["loss"]) / reference["loss"],
+                             grad_norm_rel=abs(norm - reference["grad_norm"]) / reference["grad_norm"],
                              grad_worst_rel=errors[worst], grad_worst=worst)
             results[name] = entry
             print(f"[lora layouts] {name}: {json.dumps(entry)}", flush=True)
