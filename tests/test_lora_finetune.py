@@ -7,7 +7,9 @@ its export.
 * Export (`export.lora: both`): the merged HF checkpoint keeps every tensor no adapter touches bit-identical to the
   source; the PEFT folder loads with `peft.PeftModel.from_pretrained` onto transformers' full Qwen3-Omni; logits of
   base + PEFT adapter == merged export == our mcore thinker with the adapters, to 1e-5 relative (fp32).
+* The tp1 run's adapter checkpoint resumes at tp2 + SP + etp2 (torchrun, gloo) with the same losses.
 * An adapter checkpoint is refused against another base model, with a message naming both digests.
+* Every target (towers included) merges through the mapping into transformers' weights: same logits as ours.
 """
 
 from __future__ import annotations
@@ -101,6 +103,35 @@ def test_lora_checkpoints_hold_adapters_and_resume_exactly(inputs, reference):
     assert expected[-1]["loss"] < expected[0]["loss"]
 
 
+@pytest.mark.slow
+def test_lora_checkpoint_resumes_at_tp2_with_etp2(inputs, reference):
+    """The tp1 run's step-3 adapter checkpoint continues under torchrun at tp2 + SP + etp2 (2 ranks, gloo): adapters
+    and their Adam states reshard (the experts' fc1 B by its gate/up parts), the data stream continues (same
+    data-parallel size) and steps 4-6 equal the tp1 run's to fp32 reduction-order noise."""
+    from omni_model.runtime.launch import run_torchrun
+
+    root = inputs["root"]
+    tp2 = root / "tp2"
+    tp2.mkdir()
+    shutil.copytree(reference["dir"] / "iter_0000003", tp2 / "iter_0000003")
+    settings = write_settings(inputs, tp2, **dict(SETTINGS, cpu_procs=2))
+    data = json.loads(settings.read_text())
+    data["parallel"] = {"tp": 2, "etp": 2}
+    settings.write_text(json.dumps(data))
+    run_torchrun("omni_model.train", ["--settings", str(settings)], nproc_per_node=2, log=root / "tp2.log")
+    log = (root / "tp2.log").read_text()
+    assert "resumed at another layout" in log and "the data stream continues" in log
+    resumed, expected = metrics(tp2), reference["metrics"]
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    worst = max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(resumed[3:], expected[3:]))
+    for a, b in zip(resumed[3:], expected[3:]):
+        print(f"step {a['step']}: tp2+etp2 {a['loss']!r} vs tp1 {b['loss']!r}; grad norm {a['grad_norm']:.6f} vs "
+              f"{b['grad_norm']:.6f}")
+        assert a["tokens"] == b["tokens"] and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    print(f"LoRA tp1 -> tp2+etp2 resume: worst relative loss difference over steps 4-6 {worst:.1e}")
+    assert worst < 1e-5
+
+
 def _our_logits_with_adapters(inputs, checkpoint: Path, batch):
     from omni_model.convert.checkpoint import load_checkpoint
     from omni_model.convert.parity import _device, our_logits
@@ -186,3 +217,39 @@ def test_lora_export_refuses_another_base(inputs, reference, tmp_path):
     with pytest.raises(LoraError, match="trained on the base model sha256:.*but the base given is sha256:"):
         export_lora(read_latest(reference["dir"]), other, mode="merged", merged_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_every_target_merges_into_the_hf_weights_through_the_mapping(inputs, tmp_path):
+    """All targets (the towers' linears too; the tiny model has no dense MLP layer): the merged export of non-zero
+    adapters, loaded by transformers, gives our model-with-adapters' logits (1e-5 relative), and merge_lora folds the
+    same deltas into our own weights."""
+    from omni_model.convert.export import write_merged
+    from omni_model.convert.parity import _device, our_logits, probe_batch, reference_logits, reference_thinker
+    from omni_model.model.lora import adapter_parameters, init_adapters, inject_lora, merge_lora
+    from omni_model.model.thinker import build_thinker
+    from omni_model.runtime.parallel import destroy_parallel, init_parallel
+    from omni_model.convert.mapping import load_hf_into_model
+    from omni_model.train.settings import LoraSpec
+
+    spec = LoraSpec(rank=4, alpha=8.0, targets=("attention", "experts", "dense_mlp", "vision", "audio"))
+    init_parallel(seed=1)
+    try:
+        thinker = build_thinker(inputs["hf"]).eval()
+        load_hf_into_model(thinker, inputs["hf"], prefix="")
+        count = inject_lora(thinker, spec, seed=3)
+        init_adapters(thinker, seed=3, b_std=0.05)
+        kinds = {name.split(".")[0] for name, _ in thinker.named_modules() if name.endswith(".base")}
+        batch, _ = probe_batch(inputs["hf"])
+        ours = our_logits(thinker, batch, _device())
+        adapters = {key: param.detach().clone() for key, param, _ in adapter_parameters(thinker)}
+        write_merged(adapters, spec, inputs["hf"], tmp_path / "merged", shard_size=1 << 30, provenance={})
+        config = json.loads((inputs["hf"] / "config.json").read_text())
+        merged = reference_logits(reference_thinker(tmp_path / "merged", config, torch.float32), batch, _device())
+        merge_lora(thinker)
+        folded = our_logits(thinker, batch, _device())
+    finally:
+        destroy_parallel()
+    print(f"{count} adapted modules in {sorted(kinds)}: merged export vs ours {_rel(merged, ours):.1e}, merge_lora "
+          f"vs ours {_rel(folded, ours):.1e}")
+    assert kinds == {"language_model", "vision_model", "audio_model"}
+    assert _rel(merged, ours) <= LOGIT_TOL and _rel(folded, ours) <= LOGIT_TOL

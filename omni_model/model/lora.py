@@ -514,7 +514,7 @@ def _parts_factory(key: str, param: torch.Tensor, shape: AdapterShape, replica_i
 
     def build(key, data, replica_id, flattened_range):
         assert flattened_range is None, "flattened optimizer state: use a fully reshardable optimizer format"
-        pieces = data.chunk(len(shape.part_rows), dim=shape.split_dim)
+        pieces = data.chunk(len(shape.part_rows), dim=shape.split_dim)  # this rank's [gate shard; up shard]
         out = {}
         for i, (rows, piece) in enumerate(zip(shape.part_rows, pieces)):
             full = list(shape.full)
@@ -537,7 +537,7 @@ def lora_sharded_state_dict(thinker: nn.Module) -> dict:
         for pname, param, shape in module.adapters():
             key = f"{CHECKPOINT_PREFIX}{global_name}.{pname}"
             replica_id = _replica_id(module, shape)
-            if shape.part_rows and shape.split_size > 1:
+            if shape.part_rows:  # at every ETP size, or a checkpoint of one would not load at another
                 out[key] = _parts_factory(key, param, shape, replica_id)
             else:
                 out[key] = _sharded(key, param, shape, replica_id)
