@@ -113,23 +113,20 @@ def test_lora_training_matches_peft(tiny_hf_dir, samples, tmp_path):  # noqa: F8
     assert not changed, changed[:5]  # the frozen base: bit-identical
 
 
-@pytest.mark.slow
-def test_adapter_gradients_equal_across_layouts(tiny_hf_dir, tmp_path):
-    """(torchrun, 2 ranks, gloo, fp32) One step's loss, EVERY adapter gradient (placed into full tensors) and mcore's
-    clipping grad norm equal across tp1 (dp2) / tp2+sp / ep2 (dp2) / tp2+etp2+sp / pp2 (tests/dist/lora_layout_grads.py);
-    only adapters train."""
+def _layout_grads(hf_dir, tmp_path, targets: str) -> tuple[dict, dict]:
+    """tests/dist/lora_layout_grads.py under torchrun (2 ranks): (the tp1 reference, the other layouts' errors)."""
     import os
     import subprocess
     import sys
 
     from test_train_layouts import _DIST_VARS, REPO, _global_batch
 
-    torch.save(_global_batch(tiny_hf_dir, tmp_path / "demo"), tmp_path / "batches.pt")
+    torch.save(_global_batch(hf_dir, tmp_path / "demo"), tmp_path / "batches.pt")
     out = tmp_path / "layouts.json"
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(REPO / "tests/dist/lora_layout_grads.py"), str(tiny_hf_dir), str(tmp_path / "batches.pt"),
-                    str(out)], check=True, cwd=REPO, env=dict(env, OMP_NUM_THREADS="1"), timeout=1500)
+                    str(REPO / "tests/dist/lora_layout_grads.py"), str(hf_dir), str(tmp_path / "batches.pt"),
+                    str(out), targets], check=True, cwd=REPO, env=dict(env, OMP_NUM_THREADS="1"), timeout=1500)
     results = json.loads(out.read_text())
     reference = results.pop("tp1_dp2")
     print(f"reference tp1 (dp2): loss {reference['loss']:.7f}, {reference['tensors']} adapter gradients, "
@@ -142,6 +139,29 @@ def test_adapter_gradients_equal_across_layouts(tiny_hf_dir, tmp_path):
         assert r["num_tokens"] == reference["num_tokens"] and r["tensors"] == reference["tensors"], name
         assert not r["trainable_base"], (name, r["trainable_base"][:3])
         assert r["loss_rel"] <= 1e-5 and r["grad_worst_rel"] <= 1e-5 and r["grad_norm_rel"] <= 1e-5, (name, r)
+    return reference, results
+
+
+@pytest.mark.slow
+def test_adapter_gradients_equal_across_layouts(tiny_hf_dir, tmp_path):
+    """(torchrun, 2 ranks, gloo, fp32) One step's loss, EVERY adapter gradient (placed into full tensors) and mcore's
+    clipping grad norm equal across tp1 (dp2) / tp2+sp / ep2 (dp2) / tp2+etp2+sp / pp2 (tests/dist/lora_layout_grads.py);
+    only adapters train."""
+    _layout_grads(tiny_hf_dir, tmp_path, "attention,experts")
+
+
+@pytest.mark.slow
+def test_every_target_equal_across_layouts(tmp_path):
+    """The same with every target on a tiny model that has a dense MLP layer (layer 1): the towers' adapters (TP-split
+    with the tower, or whole where the audio tower is replicated) and the gated dense fc1's [gate; up] parts."""
+    from omni_model.configs import tiny_config
+    from omni_model.tiny import write_tiny_checkpoint
+
+    config = tiny_config()
+    config["thinker_config"]["text_config"]["mlp_only_layers"] = [1]
+    hf_dir = write_tiny_checkpoint(tmp_path / "hf", seed=0, config=config)
+    reference, _ = _layout_grads(hf_dir, tmp_path, "attention,experts,dense_mlp,vision,audio")
+    assert reference["tensors"] > 48
 
 
 def test_planner_counts_the_adapters_of_a_built_model(tiny_hf_dir):

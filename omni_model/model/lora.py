@@ -168,6 +168,8 @@ class ColumnLora(_LoraBase):
         self.tp = base.tp_group.size()
         self.tp_rank = base.tp_group.rank()
         self.sp = bool(getattr(base, "sequence_parallel", False)) and self.tp > 1
+        # qkv: this rank's query groups; gated fc1 (one group): its [gate shard; up shard]
+        self.local_groups = max(groups // self.tp, 1)
         dtype, device = base.weight.dtype, base.weight.device
         r, hidden = spec.rank, base.input_size
         for part, rows in parts:
@@ -193,7 +195,7 @@ class ColumnLora(_LoraBase):
             h = copy_to_tensor_model_parallel_region(h, group=self.base.tp_group)
         hs = [h] * len(self.parts) if self.shared_a else h.chunk(len(self.parts), dim=-1)
         pieces = [F.linear(hp, getattr(self, f"lora_B_{p}")) for hp, p in zip(hs, self.parts)]
-        return _interleave(pieces, self.groups // self.tp) * self.scaling
+        return _interleave(pieces, self.local_groups) * self.scaling
 
     def forward(self, x, *args, **kwargs):
         out, bias = self.base(x, *args, **kwargs)
@@ -412,7 +414,7 @@ def module_delta_weight(module: _LoraBase) -> torch.Tensor:
         return (module.lora_B.float() @ module.lora_A.float()) * module.scaling
     pieces = [(getattr(module, f"lora_B_{p}").float() @ getattr(module, module._a(p)).float()).t()
               for p in module.parts]  # [in, rows_p]: the interleave works on the last dim
-    return _interleave(pieces, module.groups // module.tp).t() * module.scaling
+    return _interleave(pieces, module.local_groups).t() * module.scaling
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""torchrun --nproc_per_node 2 tests/dist/lora_layout_grads.py HF_DIR BATCHES.pt OUT.json
+"""torchrun --nproc_per_node 2 tests/dist/lora_layout_grads.py HF_DIR BATCHES.pt OUT.json [TARGETS]
 
 train_layout_grads.py's step (same batches, forward_step, mcore schedule, DDP, finalize_model_grads, fp32, gloo) with
 LoRA adapters on the LLM attention and experts, the base frozen, at several layouts. The adapters are initialised
@@ -27,7 +27,7 @@ LAYOUTS = {
     "tp2_etp2_sp": dict(tp=2, etp=2),
     "pp2": dict(pp=2),
 }
-SPEC = dict(enabled=True, rank=4, alpha=8.0, targets=["attention", "experts"])
+SPEC = dict(enabled=True, rank=4, alpha=8.0, targets=["attention", "experts"])  # TARGETS (comma-separated) overrides
 
 
 def add_adapters(thinker) -> None:
@@ -67,6 +67,8 @@ def assemble(gathered: list) -> dict:
 
 def main():
     hf_dir, batches_path, out_path = sys.argv[1:4]
+    if len(sys.argv) > 4:
+        SPEC["targets"] = sys.argv[4].split(",")
     from megatron.core import parallel_state as ps
 
     from omni_model.runtime.parallel import destroy_parallel
