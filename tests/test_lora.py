@@ -187,3 +187,16 @@ def test_planner_counts_the_adapters_of_a_built_model(tiny_hf_dir):
         assert dense + expert == built
         assert est.parts["grads"] == 4 * built and est.parts["optimizer"] == 8 * built  # fp32: Adam's 2 moments
         assert est.parts["weights"] == 4 * (stage_params(hf_config, Layout()).total + built)
+
+
+@pytest.mark.parametrize("lora, train, message", [
+    (dict(targets=["attention", "mlp"]), {}, r"train.lora.targets: unknown \['mlp'\]"),
+    (dict(targets=[]), {}, "train.lora.targets is empty"),
+    ({}, dict(freeze_audio=True), "train.lora freezes the whole base model itself"),
+])
+def test_lora_settings_refused_naming_the_key(lora, train, message):
+    from omni_model.train.settings import SettingsError, check_config
+
+    with pytest.raises(SettingsError, match=message):
+        check_config({**train, "lora": {"enabled": True, **lora}}, {})
+    check_config({"lora": {"enabled": False, **lora}, **train}, {})  # off: the section is not looked at

@@ -38,7 +38,6 @@ LORA_TARGETS = ("attention", "experts", "dense_mlp", "vision", "audio")
 PARALLEL_DEFAULTS = {"tp": 1, "pp": 1, "ep": 1, "etp": 1, "cp": 1, "first_stage_layers": None}
 
 
-
 class LoraError(ValueError):
     """A LoRA setting or adapter checkpoint that cannot work; the message names it."""
 
