@@ -502,7 +502,8 @@ def export_lora(checkpoint_dir, source_hf_dir, *, mode: str, merged_dir=None, ad
     checkpoint_dir, source_hf_dir = Path(checkpoint_dir), Path(source_hf_dir)
     record = lora_record(checkpoint_dir)
     if record is None:
-        raise ExportError(f"{checkpoint_dir} is not a LoRA training checkpoint")
+        raise ExportError(f"{checkpoint_dir} holds no LoRA adapters (with train.iters 0 nothing was trained: the "
+                          f"export is the converted model, export.lora: merged)")
     check_base(record, hf_base_digest(source_hf_dir), f"export of {checkpoint_dir} against {source_hf_dir}")
     _single_process_layout()
     spec = LoraSpec.of(record["lora"])
