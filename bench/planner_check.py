@@ -37,11 +37,15 @@ GPU_SETTINGS = [
     dict(layers=4, seq_len=4096, recompute="none", freeze_towers=True),
     dict(layers=4, seq_len=4096, recompute="full", freeze_towers=True),
     dict(layers=4, seq_len=4096, recompute="selective", freeze_towers=True),
+    # train.lora (rank 8 on the LLM attention + experts): the base frozen in bf16, adapters' grads + optimizer only
+    dict(layers=4, seq_len=4096, recompute="full", freeze_towers=True, lora=8),
+    dict(layers=4, seq_len=4096, recompute="selective", freeze_towers=True, lora=8),
 ]
 CPU_SETTINGS = [
     dict(layers=4, seq_len=512, recompute="none", freeze_towers=False),
     dict(layers=4, seq_len=512, recompute="none", freeze_towers=True),
     dict(layers=4, seq_len=512, recompute="full", freeze_towers=True),
+    dict(layers=4, seq_len=512, recompute="none", freeze_towers=True, lora=8),
 ]
 STEPS = 3
 
@@ -185,9 +189,13 @@ def run_one(setting: dict, cpu: bool, tiny: bool) -> dict:
     train = {"iters": STEPS, "lr_warmup_iters": 1, "global_batch_size": 1, "micro_batch_size": 1,
              "seq_len": setting["seq_len"], "recompute": setting["recompute"], "freeze_vision": frozen,
              "freeze_audio": frozen, "gpus_per_node": 0 if cpu else 1, "cpu_procs": 1}
+    rank = setting.get("lora", 0)
+    if rank:  # towers without adapters: frozen (freeze_towers is the row's label)
+        train.update(freeze_vision=False, freeze_audio=False, lora={"enabled": True, "rank": rank, "alpha": 2 * rank})
     settings = TrainSettings(hf_dir=str(hf_dir), init_checkpoint="", shards="", train_dir=str(hf_dir), train=train)
     init_training_parallel(settings)
-    training = build_training(settings, load_initial_weights=False)
+    # LoRA: no base checkpoint to load (init_weights fills every weight next)
+    training = build_training(settings, load_initial_weights=False, load_base=lambda thinker: None)
     init_weights(training.thinker)
     # the mixed-precision / distributed optimizer copied the (uninitialised) bf16 weights into its fp32 masters
     training.optimizer.reload_model_params()
@@ -218,7 +226,8 @@ def run_one(setting: dict, cpu: bool, tiny: bool) -> dict:
     measured = tensor_bytes(training)
     layout = Layout(distributed_optimizer=not cpu)
     work = Workload(seq_len=setting["seq_len"], recompute=setting["recompute"], freeze_vision=frozen,
-                    freeze_audio=frozen, image_tokens=image_tokens, audio_tokens=audio_tokens, bf16=not cpu)
+                    freeze_audio=frozen, image_tokens=image_tokens, audio_tokens=audio_tokens, bf16=not cpu,
+                    lora_rank=rank, lora_targets=("attention", "experts") if rank else ())
     est = estimate(hf_config, layout, work)
     row = {**setting, "image_tokens": image_tokens, "audio_tokens": audio_tokens, "losses": losses,
            "step_s": seconds, "estimate_parts_gib": {k: v / GIB for k, v in est.parts.items()},
@@ -250,7 +259,8 @@ def print_table(rows: list) -> None:
                   f" FAILED: {r['failed'][-300:]}")
             continue
         peak = r.get("measured_peak_gib")
-        print(f"{r['layers']:>6} {r['seq_len']:>5} {r['recompute']:>9} {'frozen' if r['freeze_towers'] else 'train':>7} "
+        towers = f"lora{r['lora']}" if r.get("lora") else ("frozen" if r["freeze_towers"] else "train")
+        print(f"{r['layers']:>6} {r['seq_len']:>5} {r['recompute']:>9} {towers:>7} "
               f"{r['image_tokens']:>5}/{r['audio_tokens']:<5} | {r['estimate_allocated_gib']:>7.2f}G "
               + (f"{peak:>7.2f}G {100 * r['error']:>+6.1f}%" if peak is not None else f"{'-':>9} {'-':>7}")
               + f" | saved {r['saved_bytes_gib']:.3f}G est {r['estimate_saved_gib']:.3f}G "
@@ -296,7 +306,7 @@ def main() -> int:
         gc.collect()
     out = Path(args.out)
     if out.exists():  # keep the rows of other settings measured before (same device and model)
-        key = lambda r: (r["layers"], r["seq_len"], r["recompute"], r["freeze_towers"])  # noqa: E731
+        key = lambda r: (r["layers"], r["seq_len"], r["recompute"], r["freeze_towers"], r.get("lora", 0))  # noqa: E731
         mine = {key(r) for r in rows}
         rows = [r for r in json.loads(out.read_text())["rows"] if key(r) not in mine] + rows
     print()

@@ -5,8 +5,9 @@
 For a thinker config (HF `config.json` dict), a layout (TP/PP/EP/ETP/DP, distributed optimizer) and a workload
 (micro-batch x seq_len, recompute, freeze switches) it estimates the peak memory of the busiest rank, part by part:
 
-    weights      every parameter of the rank in the training dtype (bf16 on GPU, frozen ones too)
-    grads        fp32 main grads of the trainable parameters (mcore DDP buffers, grad_reduce_in_fp32)
+    weights      every parameter of the rank in the training dtype (bf16 on GPU, frozen ones too; LoRA adapters)
+    grads        fp32 main grads of the trainable parameters (mcore DDP buffers, grad_reduce_in_fp32); with
+                 train.lora the adapters only (and below: their optimizer state only)
     optimizer    fp32 master copy + 2 Adam moments of the trainable parameters (12 B each), divided over the
                  data-parallel ranks by the distributed optimizer (dense params over DP, experts over expert-DP);
                  CPU/fp32: the 2 moments only (mcore's FP32Optimizer has no master copy)
@@ -63,6 +64,8 @@ class Workload:
     image_tokens: Optional[int] = None
     audio_tokens: Optional[int] = None
     bf16: bool = True  # GPU: bf16 params + mcore's mixed-precision optimizer; False: fp32 (the CPU path)
+    lora_rank: int = 0  # train.lora: adapter rank (0 = full fine-tuning)
+    lora_targets: tuple = ()  # train.lora.targets
 
     @property
     def tokens(self) -> int:
@@ -280,17 +283,51 @@ class Estimate:
                 "allocated_gib": round(self.allocated / GIB, 2), "total_gib": round(self.total / GIB, 2)}
 
 
-def trainable_params(params: StageParams, work: Workload) -> tuple[int, int]:
-    """(dense, expert) trainable counts of a rank under the freeze switches."""
+def lora_params(hf_config: dict, layout: Layout, work: Workload, stage: int = 0) -> tuple[int, int]:
+    """(dense, expert) adapter parameters of one rank of stage `stage` (omni_model.model.lora's shapes: column
+    linears A whole + B split over TP, row linears A split + B whole; experts' A/B per local expert, split over ETP
+    like their weights). Tower linears are counted whole on every rank (an upper bound under TP)."""
+    text, vision, audio = _configs(hf_config)
+    r, targets, tp = work.lora_rank, set(work.lora_targets), layout.tp
+    h, nh = text["hidden_size"], text["num_attention_heads"]
+    ng, hd = text.get("num_key_value_heads", nh), text.get("head_dim") or h // nh
+    pattern = _moe_pattern(text)
+    per_stage = stage_layers(len(pattern), layout)
+    first = sum(per_stage[:stage])
+    dense = expert = 0
+    for is_moe in pattern[first:first + per_stage[stage]]:
+        if "attention" in targets:  # q, k, v (an A each) + o_proj
+            dense += r * (3 * h + (nh + 2 * ng) * hd // tp) + r * (nh * hd // tp + h)
+        if is_moe and "experts" in targets:
+            f = text["moe_intermediate_size"]
+            expert += text["num_experts"] // layout.ep * r * (2 * h + 3 * f // layout.etp)
+        elif not is_moe and "dense_mlp" in targets:
+            f = text["intermediate_size"]
+            dense += r * (2 * h + 2 * f // tp) + r * (f // tp + h)
+    if stage == 0:
+        for tower, cfg, d_key, f_key, n_key in (("vision", vision, "hidden_size", "intermediate_size", "depth"),
+                                                 ("audio", audio, "d_model", "encoder_ffn_dim", "encoder_layers")):
+            if cfg and tower in targets:  # qkv (3 A's at most), proj, fc1, fc2 per layer
+                d, f = cfg[d_key], cfg[f_key]
+                dense += cfg[n_key] * r * ((3 * d + 3 * d) + 2 * d + (d + f) + (f + d))
+    return dense, expert
+
+
+def trainable_params(params: StageParams, work: Workload, lora: Optional[tuple] = None) -> tuple[int, int]:
+    """(dense, expert) trainable counts of a rank under the freeze switches; with LoRA (`lora` = lora_params) the
+    adapters only."""
+    if work.lora_rank:
+        return lora
     dense = (0 if work.freeze_llm else params.llm_dense) + (0 if work.freeze_vision else params.vision) \
         + (0 if work.freeze_audio else params.audio)
     return dense, (0 if work.freeze_llm else params.llm_expert)
 
 
-def optimizer_bytes(params: StageParams, layout: Layout, work: Workload) -> int:
+def optimizer_bytes(params: StageParams, layout: Layout, work: Workload, adapters: tuple = (0, 0)) -> int:
     """Adam state of one rank: fp32 master + exp_avg + exp_avg_sq (bf16 run) or the two moments (fp32 run); the
-    distributed optimizer keeps 1/DP of the dense and 1/expert-DP of the expert parameters' state."""
-    dense, expert = trainable_params(params, work)
+    distributed optimizer keeps 1/DP of the dense and 1/expert-DP of the expert parameters' state. With LoRA
+    (`adapters` = lora_params) of the adapters only."""
+    dense, expert = trainable_params(params, work, adapters)
     per_param = 12 if work.bf16 else 8
     if layout.distributed_optimizer:
         return per_param * (math.ceil(dense / layout.dp) + math.ceil(expert / layout.expert_dp))
@@ -300,7 +337,8 @@ def optimizer_bytes(params: StageParams, layout: Layout, work: Workload) -> int:
 def estimate_stage(hf_config: dict, layout: Layout, work: Workload, stage: int) -> Estimate:
     text, _, _ = _configs(hf_config)
     params = stage_params(hf_config, layout, stage)
-    dense, expert = trainable_params(params, work)
+    adapters = lora_params(hf_config, layout, work, stage) if work.lora_rank else (0, 0)
+    dense, expert = trainable_params(params, work, adapters)
     w = 2 if work.bf16 else 4
     pattern = moe_layer_pattern(text)
     per_stage = stage_layers(len(pattern), layout)
@@ -319,8 +357,11 @@ def estimate_stage(hf_config: dict, layout: Layout, work: Workload, stage: int) 
     else:
         act = in_flight * (sum(llm_layer_activation_bytes(text, layout, work, m) for m in layers)
                            + llm_outer_activation_bytes(text, layout, work, deepstack))
-    parts = {"weights": w * params.total, "grads": 4 * (dense + expert),
-             "optimizer": optimizer_bytes(params, layout, work), "activations": act, "recompute": recompute}
+    # LoRA: the frozen base held once in the training dtype, beside the adapters; grads and optimizer state are the
+    # adapters' only. The activations are full SFT's: the adapted linears keep the same inputs (for A's gradient)
+    # and every layer above an adapter still needs its input gradient.
+    parts = {"weights": w * (params.total + sum(adapters)), "grads": 4 * (dense + expert),
+             "optimizer": optimizer_bytes(params, layout, work, adapters), "activations": act, "recompute": recompute}
     if stage == 0:
         towers = tower_activation_bytes(hf_config, layout, work)
         parts["towers"] = in_flight * sum(towers.values())
@@ -392,12 +433,19 @@ def fitting_layouts(hf_config: dict, world_size: int, gpus_per_node: int, work: 
 
 # --------------------------------------------------------------------------------------------------- from a run
 def workload_of(train: dict, dp: int, on_gpu: bool) -> Workload:
+    from omni_model.train.settings import LoraSpec
+
+    lora = LoraSpec.of(train.get("lora"))
+    frozen = {part: bool(train[f"freeze_{part}"]) for part in ("llm", "vision", "audio")}
+    if lora:  # a tower without adapters keeps no activations; the LLM always carries some (attention/experts)
+        frozen = {"llm": not set(lora.targets) & {"attention", "experts", "dense_mlp"},
+                  "vision": "vision" not in lora.targets, "audio": "audio" not in lora.targets}
     return Workload(
         micro_batch_size=int(train["micro_batch_size"]), seq_len=int(train["seq_len"]),
-        recompute=train["recompute"], freeze_llm=bool(train["freeze_llm"]),
-        freeze_vision=bool(train["freeze_vision"]), freeze_audio=bool(train["freeze_audio"]),
+        recompute=train["recompute"], freeze_llm=frozen["llm"], freeze_vision=frozen["vision"],
+        freeze_audio=frozen["audio"],
         num_microbatches=max(1, int(train["global_batch_size"]) // (int(train["micro_batch_size"]) * dp)),
-        bf16=on_gpu)
+        bf16=on_gpu, lora_rank=lora.rank if lora else 0, lora_targets=tuple(lora.targets) if lora else ())
 
 
 def layout_of(parallel: dict, world_size: int, on_gpu: bool) -> Layout:

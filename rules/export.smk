@@ -4,12 +4,21 @@
 # renamed into place, so a killed job never leaves an export that looks complete.
 
 
+# With train.lora, export.lora picks the outputs: merged (results/export/hf, as without LoRA), adapter (a PEFT folder in
+# results/export/adapter, published atomically like the merged folder) or both.
+EXPORT_LORA = config["export"].get("lora", "merged") if config["train"].get("lora", {}).get("enabled") else "merged"
+EXPORT_OUTPUTS = {
+    **({"manifest": "results/export/hf/MANIFEST.json"} if EXPORT_LORA in ("merged", "both") else {}),
+    **({"adapter": "results/export/adapter/adapter_config.json"} if EXPORT_LORA in ("adapter", "both") else {}),
+}
+
+
 rule export:
     input:
         latest=rules.finetune.output.latest,
         hf_manifest="results/model/hf/MANIFEST.json",
     output:
-        manifest="results/export/hf/MANIFEST.json",
+        **EXPORT_OUTPUTS,
     params:
         **section_params(export=config["export"]),
         use_te=config["model"]["use_te"],

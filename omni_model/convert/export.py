@@ -382,3 +382,140 @@ def _single_process_layout() -> None:
     if not (ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() == 1
             and ps.get_pipeline_model_parallel_world_size() == 1 and ps.get_expert_model_parallel_world_size() == 1):
         init_parallel()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# LoRA: a training checkpoint of adapters (train.lora) -> merged HF checkpoint and/or a PEFT adapter folder
+# ------------------------------------------------------------------------------------------------------------------
+LORA_MODES = ("merged", "adapter", "both")
+
+
+def hf_base_digest(hf_dir: Path) -> str:
+    """The base digest of an HF model dir, as a LoRA checkpoint records it (checkpointing.base_digest: the download
+    stage's MANIFEST digest)."""
+    from .checkpoint import manifest_digest
+
+    digest = manifest_digest(hf_dir)
+    if digest is None:
+        raise ExportError(f"{hf_dir} has no MANIFEST.json: cannot tell whether the LoRA adapters were trained on it")
+    return digest
+
+
+def lora_deltas(adapters: Dict[str, torch.Tensor], spec, hf_config: dict, *,
+                use_te: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(HF tensor name, scaling * B A in fp32) of every adapted weight, one adapted module at a time: the delta is
+    formed in our layout (what merge_lora adds to the base weight) and sent through the one mapping, like a weight."""
+    from ..model.lora import GroupedLora, LoraError, inject_lora, lora_modules, module_delta_weight
+    from ..model.thinker import build_thinker
+    from ..model.transformer_config import Layout
+    from .mapping import Mapper, RankCoord
+
+    with torch.device("meta"):
+        thinker = build_thinker(hf_config, dtype=torch.float32, use_te=use_te, perform_initialization=False,
+                                use_cpu_initialization=True)
+        inject_lora(thinker, spec, seed=0, initialise=False)
+    mapper = Mapper(hf_config, Layout(), use_te=use_te)
+    used = set()
+    for name, module in lora_modules(thinker):
+        for pname, _, _ in list(module.adapters()):
+            key = f"{name}.{pname}"
+            if key not in adapters:
+                raise LoraError(f"the adapter checkpoint lacks {key}: it was trained with other train.lora targets")
+            setattr(module, pname, torch.nn.Parameter(adapters[key].float(), requires_grad=False))
+            used.add(key)
+        delta = module_delta_weight(module)
+        if isinstance(module, GroupedLora):
+            group = {f"{name}.weight{e}": delta[e] for e in range(delta.shape[0])}
+        else:
+            group = {f"{name}.weight": delta}
+        yield from mapper.iter_mcore_to_hf({RankCoord(): group})
+    left = sorted(set(adapters) - used)
+    if left:
+        raise LoraError(f"adapters the model has no place for: {left[:5]}")
+
+
+def write_peft_adapter(adapters: Dict[str, torch.Tensor], spec, out_dir: Path, source_hf_dir: Path) -> dict:
+    """A PEFT folder (adapter_config.json + adapter_model.safetensors) for transformers' full Qwen3-Omni model,
+    published atomically."""
+    from safetensors.torch import save_file
+
+    from ..download import _fresh_dir, _publish
+    from ..model.lora import to_peft
+
+    state, config = to_peft(adapters, spec, module_prefix="thinker.model.")
+    config.base_model_name_or_path = str(source_hf_dir)
+    staging = _fresh_dir(out_dir)
+    config.save_pretrained(str(staging))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "adapter_model.safetensors"))
+    _publish(staging, out_dir)
+    return {"adapter_tensors": len(state), "adapter_bytes": sum(v.numel() * v.element_size() for v in state.values())}
+
+
+def _read_tensor(entry: TensorEntry) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(entry.file), "pt") as f:
+        return f.get_tensor(entry.name)
+
+
+def write_merged(adapters: Dict[str, torch.Tensor], spec, source_hf_dir: Path, out_dir: Path, *,
+                 shard_size: int, use_te: bool = False, provenance: dict, log: Callable[[str], None] = print) -> dict:
+    """The source HF checkpoint with every adapted weight replaced by W + scaling * B A (fp32 sum, cast to the
+    source dtype); every other tensor copied byte for byte. Streamed: one adapted module's deltas at a time."""
+    from ..download import _fresh_dir, _publish, write_manifest
+    from .checkpoint import copy_hf_side_files
+
+    hf_config = json.loads((source_hf_dir / "config.json").read_text())
+    source = source_tensors(source_hf_dir)
+    staging = _fresh_dir(out_dir)
+    merged = set()
+    with ShardedSafetensorsWriter(staging, source.values(), shard_size) as writer:
+        for name, delta in lora_deltas(adapters, spec, hf_config, use_te=use_te):
+            entry = source.get(name)
+            if entry is None:
+                raise ExportError(f"{name}: an adapted weight that the source checkpoint {source_hf_dir} lacks")
+            if tuple(delta.shape) != entry.shape:
+                raise ExportError(f"{name}: adapter delta {tuple(delta.shape)} != source {entry.shape}")
+            writer.write(name, (_read_tensor(entry).float() + delta).to(_DTYPES[entry.dtype]))
+            merged.add(name)
+        for entry in source.values():
+            if entry.name not in merged:
+                writer.copy_from(entry)
+        writer.finish()
+    copy_hf_side_files(source_hf_dir, staging)
+    write_manifest(staging, dict(provenance, kind="export", lora="merged"))
+    _publish(staging, out_dir)
+    log(f"export: {len(merged)} weights merged with their adapters, {len(source) - len(merged)} copied unchanged")
+    return {"merged_tensors": len(merged), "copied_tensors": len(source) - len(merged),
+            "shards": len(set(writer.weight_map.values())), "total_size": writer.total_size}
+
+
+def export_lora(checkpoint_dir, source_hf_dir, *, mode: str, merged_dir=None, adapter_dir=None,
+                shard_size: int = 5_000_000_000, use_te: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Export a LoRA training checkpoint against the base it was trained on (refused otherwise): `mode` merged
+    (merged_dir), adapter (adapter_dir, a PEFT folder) or both."""
+    from ..model.lora import LoraSpec, full_adapters_from_checkpoint
+    from ..train.checkpointing import check_base, lora_record
+    from .checkpoint import manifest_digest
+
+    if mode not in LORA_MODES:
+        raise ExportError(f"export.lora = {mode!r}: choose one of {list(LORA_MODES)}")
+    checkpoint_dir, source_hf_dir = Path(checkpoint_dir), Path(source_hf_dir)
+    record = lora_record(checkpoint_dir)
+    if record is None:
+        raise ExportError(f"{checkpoint_dir} holds no LoRA adapters (with train.iters 0 nothing was trained: the "
+                          f"export is the converted model, export.lora: merged)")
+    check_base(record, hf_base_digest(source_hf_dir), f"export of {checkpoint_dir} against {source_hf_dir}")
+    _single_process_layout()
+    spec = LoraSpec.of(record["lora"])
+    adapters = full_adapters_from_checkpoint(checkpoint_dir)
+    log(f"export: {len(adapters)} adapter tensors (rank {spec.rank}, alpha {spec.alpha}, targets "
+        f"{list(spec.targets)}) from {checkpoint_dir}")
+    summary = {}
+    if mode in ("adapter", "both"):
+        summary["adapter"] = write_peft_adapter(adapters, spec, Path(adapter_dir), source_hf_dir)
+    if mode in ("merged", "both"):
+        provenance = {"checkpoint": str(checkpoint_dir.resolve()), "source_manifest": manifest_digest(source_hf_dir)}
+        summary["merged"] = write_merged(adapters, spec, source_hf_dir, Path(merged_dir), shard_size=shard_size,
+                                         use_te=use_te, provenance=provenance, log=log)
+    return summary

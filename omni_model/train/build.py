@@ -12,6 +12,7 @@ GPU: bf16 parameters, fp32 grads reduction, the distributed optimizer. CPU (gloo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -36,6 +37,7 @@ class Training:
     optimizer: object  # MegatronOptimizer (ChainedOptimizer: dense + expert params)
     scheduler: object  # OptimizerParamScheduler
     dtype: torch.dtype
+    lora: Optional[dict] = None  # LoRA run: {"lora": train.lora, "base_digest": ...}, recorded in its checkpoints
 
     @property
     def thinker(self):
@@ -128,6 +130,19 @@ def freeze(thinker: torch.nn.Module, train: dict) -> dict:
     return counts
 
 
+def add_lora(thinker: torch.nn.Module, settings: TrainSettings) -> int:
+    """train.lora: adapters around the targeted linears, everything else frozen (requires_grad False before DDP and
+    the optimizer: they hold adapter parameters only, the base stays in the training dtype, bf16 on GPU)."""
+    from omni_model.model.lora import inject_lora
+
+    count = inject_lora(thinker, settings.lora, seed=settings.train["seed"])
+    total = torch.tensor([count], device="cuda" if settings.on_gpu else "cpu")
+    torch.distributed.all_reduce(total)  # a pipeline stage may hold no targeted module; the whole model must
+    if int(total) == 0:
+        raise RuntimeError(f"train.lora.targets {list(settings.lora.targets)} match no module of this model")
+    return count
+
+
 def optimizer_config(settings: TrainSettings):
     from megatron.core.optimizer import OptimizerConfig
 
@@ -172,19 +187,25 @@ def build_scheduler(optimizer, train: dict):
     return scheduler
 
 
-def build_training(settings: TrainSettings, load_initial_weights: bool = True,
+def build_training(settings: TrainSettings, load_initial_weights: bool = True, load_base=None,
                    options: PerfOptions = DEFAULT) -> Training:
-    """The thinker (weights from settings.init_checkpoint), frozen parts, DDP, optimizer, scheduler. `options`: the
-    performance switches (model.options.PerfOptions)."""
+    """The thinker (weights from settings.init_checkpoint), frozen parts, DDP, optimizer, scheduler. With train.lora
+    the base weights are always loaded (`load_base(thinker)` if given, e.g. from HF safetensors in a test), before
+    the adapters are added. `options`: the performance switches (model.options.PerfOptions)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
 
     from .checkpointing import load_model_weights
 
     thinker = build_thinker_for_training(settings, options)
-    if load_initial_weights:
+    if settings.lora and load_base is not None:
+        load_base(thinker)
+    elif load_initial_weights or settings.lora:  # LoRA: the base weights are never in a training checkpoint
         load_model_weights(thinker, settings.init_checkpoint)
-    freeze(thinker, settings.train)
+    if settings.lora:
+        add_lora(thinker, settings)
+    else:
+        freeze(thinker, settings.train)
 
     config = thinker.config
     ddp_config = DistributedDataParallelConfig(
@@ -203,7 +224,17 @@ def build_training(settings: TrainSettings, load_initial_weights: bool = True,
         if options.fold_grad_scale:
             FoldedGradScale(model, optimizer)
     scheduler = build_scheduler(optimizer, settings.train)
-    return Training(model=model, optimizer=optimizer, scheduler=scheduler, dtype=training_dtype(settings))
+    return Training(model=model, optimizer=optimizer, scheduler=scheduler, dtype=training_dtype(settings),
+                    lora=lora_record(settings))
+
+
+def lora_record(settings: TrainSettings) -> Optional[dict]:
+    """What a LoRA run's checkpoints record: the adapter settings and the digest of the base they apply to."""
+    from .checkpointing import base_digest
+
+    if not settings.lora:
+        return None
+    return {"lora": settings.train["lora"], "base_digest": base_digest(settings.init_checkpoint)}
 
 
 def use_fused_adam(optimizer) -> None:

@@ -225,8 +225,14 @@ FUSED_MARK = "<fused-experts>"
 
 def _sharded_training_state(training, is_loading: bool, rng=None, loader_state=None, with_rng: bool = True,
                             with_loader: bool = True) -> dict:
-    model_state = training.thinker.sharded_state_dict()  # no prefix: the thinker's own keys
-    optimizer_view = _fused_experts_view(training.thinker, model_state)
+    from omni_model.model.lora import lora_sharded_state_dict
+
+    adapters = lora_sharded_state_dict(training.thinker)
+    if adapters:  # LoRA: the adapters only (the frozen base is the converted checkpoint, named by base_digest)
+        model_state = optimizer_view = adapters
+    else:
+        model_state = training.thinker.sharded_state_dict()  # no prefix: the thinker's own keys
+        optimizer_view = _fused_experts_view(training.thinker, model_state)
     state = {"model": model_state,
              "optimizer": training.optimizer.sharded_state_dict(optimizer_view, is_loading=is_loading,
                                                                 metadata=OPTIMIZER_METADATA)}
@@ -247,15 +253,49 @@ def prune_checkpoints(train_dir: Path, digest: str, keep: Optional[int]) -> list
     return [path.name for path in removed]
 
 
+def base_digest(init_checkpoint) -> str:
+    """What a LoRA checkpoint applies to: the digest of the HF model the converted base checkpoint was made from
+    (convert.json's source manifest), else a fingerprint of the base checkpoint's files."""
+    import hashlib
+
+    record = Path(init_checkpoint).parent / "convert.json"
+    if record.is_file():
+        manifest = json.loads(record.read_text()).get("source", {}).get("manifest")
+        if manifest:
+            return manifest
+    files = sorted((str(p.relative_to(init_checkpoint)), p.stat().st_size)
+                   for p in Path(init_checkpoint).rglob("*") if p.is_file())
+    return "files:" + hashlib.sha256(json.dumps(files).encode()).hexdigest()
+
+
+def lora_record(checkpoint: Path) -> Optional[dict]:
+    """{"lora": spec, "base_digest": ...} of a LoRA training checkpoint, None for a full one (train_state.json)."""
+    state = Path(checkpoint) / TRAIN_STATE
+    record = json.loads(state.read_text()) if state.is_file() else {}
+    return {"lora": record["lora"], "base_digest": record["base_digest"]} if "lora" in record else None
+
+
+def check_base(record: dict, digest: str, what: str) -> None:
+    """Refuse adapters trained on another base model."""
+    if record["base_digest"] != digest:
+        from omni_model.model.lora import LoraError
+
+        raise LoraError(f"{what}: the LoRA adapters were trained on the base model {record['base_digest']}, but the "
+                        f"base given is {digest}; use the base checkpoint the adapters were trained on")
+
+
 def save_training_checkpoint(train_dir: Path, iteration: int, training, loader, digest: str,
                              metrics_path: Path, keep: Optional[int] = None) -> Path:
     """Save everything needed to continue exactly; atomic (iter_N.tmp -> iter_N), then `latest`, then remove what
-    other runs left (clear_other_runs) and prune to the newest `keep` checkpoints. All ranks call it."""
+    other runs left (clear_other_runs) and prune to the newest `keep` checkpoints. All ranks call it. A LoRA run's
+    checkpoint holds the adapters, not the model, and records `training.lora` ({"lora": train.lora, "base_digest":
+    the base model's digest})."""
     import torch
     from megatron.core import dist_checkpointing
 
     final = iter_dir(train_dir, iteration)
     tmp = final.with_name(final.name + ".tmp")
+    lora = training.lora
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -263,13 +303,13 @@ def save_training_checkpoint(train_dir: Path, iteration: int, training, loader, 
     torch.distributed.barrier()
     state = _sharded_training_state(training, is_loading=False, rng=_rng_state(), loader_state=loader.save_state_rank())
     state.update({"iteration": iteration, "digest": digest, "layout": _layout(),
-                  "scheduler": training.scheduler.state_dict()})
+                  "scheduler": training.scheduler.state_dict(), **(lora or {})})
     dist_checkpointing.save(state, str(tmp))
     torch.distributed.barrier()
     if rank0:
         metrics_path = Path(metrics_path)
         shutil.copyfile(metrics_path, tmp / METRICS) if metrics_path.exists() else (tmp / METRICS).write_text("")
-        (tmp / TRAIN_STATE).write_text(json.dumps({"iteration": iteration, "digest": digest}) + "\n")
+        (tmp / TRAIN_STATE).write_text(json.dumps({"iteration": iteration, "digest": digest, **(lora or {})}) + "\n")
         publish(tmp, final)  # another run's checkpoint of the same number goes only once this one is in place
         write_latest(train_dir, final)
         removed = clear_other_runs(train_dir, final)
@@ -346,13 +386,24 @@ def load_training_checkpoint(checkpoint: Path, training) -> dict:
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+    lora = "base_digest" in common
+    if lora != (training.lora is not None):
+        raise RuntimeError(f"{checkpoint} is a {'LoRA' if lora else 'full'} training checkpoint, but this run "
+                           f"{'trains LoRA adapters' if training.lora else 'is full fine-tuning'}")
+    if lora:
+        check_base(common, training.lora["base_digest"], f"resuming from {checkpoint}")
     _prepare_distributed_optimizer_load(training.optimizer)
     layout = _layout()
     same_layout = common["layout"] == layout
     same_dp = common["layout"]["dp"] == layout["dp"]
     request = _sharded_training_state(training, is_loading=True, with_rng=same_layout, with_loader=same_dp)
     loaded = dist_checkpointing.load(request, str(checkpoint))
-    training.thinker.load_state_dict(loaded["model"])
+    if lora:
+        from omni_model.model.lora import load_adapters
+
+        load_adapters(training.thinker, loaded["model"])
+    else:
+        training.thinker.load_state_dict(loaded["model"])
     training.optimizer.load_state_dict(loaded["optimizer"])
     unshare_adam_steps(training.optimizer)
     training.scheduler.load_state_dict(loaded["scheduler"])

@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from ..configs import thinker_config_of
 from ..layout import Layout, LayoutError
@@ -30,8 +30,48 @@ TRAIN_DEFAULTS = {
     "seed": 1234, "freeze_llm": False, "freeze_vision": False, "freeze_audio": False, "lr_mult_vision": 1.0,
     "lr_mult_audio": 1.0, "recompute": "none", "moe_aux_loss_coeff": None, "gpus_per_node": 0, "cpu_procs": 1,
     "nnodes": 1, "rdzv_endpoint": "", "peak_tflops": None, "gpu_memory_gib": None,
+    "lora": {"enabled": False},
 }
+# train.lora's keys (config/schema.yaml documents them); a section without `enabled: true` is off
+LORA_DEFAULTS = {"enabled": False, "rank": 16, "alpha": 32.0, "dropout": 0.0, "targets": ["attention", "experts"]}
+LORA_TARGETS = ("attention", "experts", "dense_mlp", "vision", "audio")
 PARALLEL_DEFAULTS = {"tp": 1, "pp": 1, "ep": 1, "etp": 1, "cp": 1, "first_stage_layers": None}
+
+
+class LoraError(ValueError):
+    """A LoRA setting or adapter checkpoint that cannot work; the message names it."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: Tuple[str, ...] = tuple(LORA_DEFAULTS["targets"])
+
+    def __post_init__(self):
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown:
+            raise LoraError(f"train.lora.targets: unknown {unknown}; choose from {list(LORA_TARGETS)}")
+        if not self.targets:
+            raise LoraError("train.lora.targets is empty: nothing to adapt")
+        if int(self.rank) < 1:
+            raise LoraError(f"train.lora.rank = {self.rank} must be >= 1")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise LoraError(f"train.lora.dropout = {self.dropout} must be in [0, 1)")
+
+    @classmethod
+    def of(cls, lora: Optional[dict]) -> Optional["LoraSpec"]:
+        """The spec of a `train.lora` section, or None when LoRA is off (absent, null or enabled: false)."""
+        lora = {**LORA_DEFAULTS, **(lora or {})}
+        if not lora["enabled"]:
+            return None
+        return cls(rank=int(lora["rank"]), alpha=float(lora["alpha"]), dropout=float(lora["dropout"]),
+                   targets=tuple(lora["targets"]))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
 
 
 class SettingsError(ValueError):
@@ -54,6 +94,7 @@ class TrainSettings:
         if unknown:
             raise SettingsError(f"unknown train keys: {sorted(unknown)}")
         self.train = {**TRAIN_DEFAULTS, **self.train}
+        self.train["lora"] = {**LORA_DEFAULTS, **(self.train["lora"] or {})}
         self.parallel = {**PARALLEL_DEFAULTS, **self.parallel}
 
     # -- files ------------------------------------------------------------------------------------------------------
@@ -91,6 +132,11 @@ class TrainSettings:
         return Layout.of(self.parallel, self.world_size, distributed_optimizer=self.on_gpu)
 
     @property
+    def lora(self) -> Optional[LoraSpec]:
+        """The LoRA spec of this run, or None for full fine-tuning."""
+        return LoraSpec.of(self.train["lora"])
+
+    @property
     def hf_config(self) -> Optional[dict]:
         path = Path(self.hf_dir) / "config.json"
         return json.loads(path.read_text()) if path.is_file() else None
@@ -100,6 +146,8 @@ class TrainSettings:
         settings, the TE decision, the starting checkpoint's files and the shards' files. Not the layout (a run may
         resume at another layout) and not the logging/saving intervals."""
         train = {k: v for k, v in sorted(self.train.items()) if k not in NOT_IN_DIGEST}
+        if not train["lora"]["enabled"]:
+            del train["lora"]  # full fine-tuning: the digest of the settings before LoRA existed
         payload = {"train": train, "data": self.data, "use_te": self.use_te,
                    "init_checkpoint": _files_fingerprint(Path(self.init_checkpoint)),
                    "shards": _files_fingerprint(Path(self.shards))}
@@ -161,6 +209,14 @@ def check_config(train: dict, parallel: dict, world_size: Optional[int] = None,
             f"(or use train.lr_decay_style: constant)")
     if train["min_lr"] > train["lr"]:
         raise SettingsError(f"train.min_lr = {train['min_lr']} is above train.lr = {train['lr']}")
+    try:
+        lora = LoraSpec.of(train.get("lora"))
+    except LoraError as error:
+        raise SettingsError(str(error)) from None
+    if lora is not None:
+        if any(train[f"freeze_{part}"] for part in ("llm", "vision", "audio")):
+            raise SettingsError("train.lora freezes the whole base model itself: leave train.freeze_llm / "
+                                "freeze_vision / freeze_audio false and choose what trains with train.lora.targets")
     if train["freeze_llm"] and train["freeze_vision"] and train["freeze_audio"] and train["iters"]:
         raise SettingsError("train.freeze_llm, freeze_vision and freeze_audio are all true: nothing to train")
 

@@ -37,8 +37,9 @@ LAYOUTS = {
 }
 
 
-def run_layout(hf_dir, batches, layout: dict) -> dict:
-    """This layout's step on this rank: loss, aux losses summed over ranks, and the rank's gradient state dict."""
+def run_layout(hf_dir, batches, layout: dict, prepare=None) -> dict:
+    """This layout's step on this rank: loss, aux losses summed over ranks, and the rank's gradient state dict.
+    `prepare(thinker)`, if given, runs on the loaded thinker before DDP wraps it (e.g. adding LoRA adapters)."""
     from megatron.core import parallel_state as ps
 
     from omni_model.convert.mapping import load_hf_into_model
@@ -54,13 +55,15 @@ def run_layout(hf_dir, batches, layout: dict) -> dict:
     if split.pp > 1:  # packed rows differ in length: the stages exchange shapes first (as the training build does)
         allow_variable_seq_lengths(thinker.config)
     load_hf_into_model(thinker, hf_dir, prefix="")
+    if prepare is not None:
+        prepare(thinker)
     model = ddp_thinker(thinker.train())
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     result = forward_backward(model, batches[dp_rank::dp])
     aux = result["aux"]["load_balancing_loss"]
     torch.distributed.all_reduce(aux)  # TP partial sums, DP micro-batches, PP stages' own layers: all add up
-    return {"loss": result["loss"], "num_tokens": result["num_tokens"], "aux": aux,
-            "grads": grad_state_dict(model), "tconfig": thinker.language_model.config}
+    return {"loss": result["loss"], "num_tokens": result["num_tokens"], "aux": aux, "model": model,
+            "grads": grad_state_dict(model) if prepare is None else None, "tconfig": thinker.language_model.config}
 
 
 def compare(full: dict, reference: dict) -> dict:

@@ -1,7 +1,9 @@
 """Rule `export`: the checkpoint `results/train/latest` names (written at any layout) + results/model/hf ->
 results/export/hf, a complete Qwen3-Omni: thinker tensors from the checkpoint in the source dtypes, talker and
 code2wav copied unchanged, sharded safetensors + index + config/tokenizer/preprocessor files, MANIFEST.json last.
-One process: dist_checkpointing reshards the checkpoint to it, one group of tensors at a time."""
+One process: dist_checkpointing reshards the checkpoint to it, one group of tensors at a time.
+A LoRA checkpoint (train.lora) is exported by export.lora: merged into results/export/hf and/or a PEFT folder in
+results/export/adapter."""
 
 from pathlib import Path
 
@@ -10,15 +12,27 @@ from omni_model.runtime.logs import stage_logging
 
 def main(smk) -> None:
     with stage_logging(smk.log[0], "export") as log:  # first: the imports below print warnings (to the log)
-        from omni_model.convert.export import export_to_hf
+        from omni_model.convert.export import export_lora, export_to_hf
         from omni_model.download import require_intact
         from omni_model.runtime.parallel import destroy_parallel
-        from omni_model.train.checkpointing import read_latest
+        from omni_model.train.checkpointing import lora_record, read_latest
 
         hf_dir = Path(smk.input.hf_manifest).parent
         require_intact(hf_dir)
         checkpoint = read_latest(Path(smk.input.latest).parent)
-        out_dir = Path(smk.output.manifest).parent
+        outputs = dict(smk.output.items())
+        if lora_record(checkpoint) is not None or "adapter" in outputs:
+            try:
+                summary = export_lora(checkpoint, hf_dir, mode=smk.params.export["lora"],
+                                      merged_dir=Path(outputs["manifest"]).parent if "manifest" in outputs else None,
+                                      adapter_dir=Path(outputs["adapter"]).parent if "adapter" in outputs else None,
+                                      shard_size=int(smk.params.export["shard_size"]), use_te=bool(smk.params.use_te),
+                                      log=log.info)
+            finally:
+                destroy_parallel()
+            log.info("LoRA export of %s: %s", checkpoint, summary)
+            return
+        out_dir = Path(outputs["manifest"]).parent
         log.info("exporting %s against %s -> %s", checkpoint, hf_dir, out_dir)
         try:
             summary = export_to_hf(checkpoint, hf_dir, out_dir, shard_size=int(smk.params.export["shard_size"]),
