@@ -414,7 +414,9 @@ def build_ours_step(spec: dict, batches: list, peak: float):
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(settings.train["seed"], use_cudagraphable_rng=True, force_reset_rng=True)
-    training = build.build_training(settings, load_initial_weights=False, options=options)
+    # LoRA rows: no base checkpoint to load (init_weights fills every weight next)
+    training = build.build_training(settings, load_initial_weights=False, load_base=lambda thinker: None,
+                                    options=options)
     init_weights(training.thinker)
     training.optimizer.reload_model_params()  # the optimizer's fp32 masters copied the uninitialised weights
     if knobs.get("rope") == "thd":

@@ -55,6 +55,22 @@ def test_tower_flops_equal_the_hand_formula(tiny_hf_dir):
     assert (frozen["vision"], frozen["audio"]) == (vision / 3, audio / 3)  # forward only
 
 
+def test_lora_flops_leave_out_the_frozen_bases_weight_gradients(tiny_hf_dir):
+    """train.lora trains adapters only: the LLM costs forward + input gradients (4 of full SFT's 6 FLOPs per MAC), a
+    tower without adapters its forward, a tower with adapters forward + input gradients."""
+    from omni_model.train.metrics import FlopCounter
+
+    seen = {"seq_lens": [100, 60], "vision_grids": [(1, 4, 6)], "audio_frames": [250]}
+    counter = FlopCounter(tiny_hf_dir)
+    full = counter(seen)
+    lora = FlopCounter(tiny_hf_dir, {"lora": {"enabled": True, "targets": ["attention", "experts", "audio"]}})(seen)
+    # the weights' gradients (2 FLOPs per MAC of the active parameters) go; attention has no weights and stays
+    assert full["llm"] - lora["llm"] == 2 * counter.active * 160 > 0
+    assert (lora["vision"], lora["audio"]) == (full["vision"] / 3, full["audio"] * 4 / 6)
+    off = FlopCounter(tiny_hf_dir, {"lora": {"enabled": False, "targets": ["attention"]}})(seen)
+    assert off == full
+
+
 def test_tower_matmuls_equal_torch_flop_counter(tiny_hf_dir):
     """FlopCounterMode over the real towers' forward: every matmul / conv (not the CPU attention kernel) == ours.
     Audio of 200 frames (two full chunks): with a partial chunk the towers also convolve the padding of it, which

@@ -79,6 +79,12 @@ class FlopCounter:
         self.llm_factor = 4 if train.get("freeze_llm") else 6
         self.vision_factor = 2 if train.get("freeze_vision") else 6
         self.audio_factor = 2 if train.get("freeze_audio") else 6
+        lora = train.get("lora") or {}
+        if lora.get("enabled"):  # the base gets no weight gradients; a tower is backpropagated only for its adapters
+            targets = set(lora.get("targets", ()))  # the adapters' own rank-r products are left out (< 1 % at r 16)
+            self.llm_factor = 4
+            self.vision_factor = 4 if "vision" in targets else 2
+            self.audio_factor = 4 if "audio" in targets else 2
 
     def __call__(self, seen: dict) -> dict:
         return {"llm": self.llm(seen["seq_lens"]), "vision": self.vision_flops(seen.get("vision_grids", [])),
