@@ -291,7 +291,7 @@ def lora_params(hf_config: dict, layout: Layout, work: Workload, stage: int = 0)
     r, targets, tp = work.lora_rank, set(work.lora_targets), layout.tp
     h, nh = text["hidden_size"], text["num_attention_heads"]
     ng, hd = text.get("num_key_value_heads", nh), text.get("head_dim") or h // nh
-    pattern = _moe_pattern(text)
+    pattern = moe_layer_pattern(text)
     per_stage = stage_layers(len(pattern), layout)
     first = sum(per_stage[:stage])
     dense = expert = 0

@@ -124,18 +124,14 @@ def test_30b_configs_cover_the_gpu_counts_and_both_sft_kinds():
 
 
 @pytest.mark.slow
-def test_snakemake_plans_the_30b_configs_and_the_plan_rule_refuses(tmp_path):
+def test_the_plan_rule_reports_a_30b_config_and_refuses_one_that_does_not_fit(tmp_path):
+    """(Every shipped config's Slurm dry run of finetune: tests/test_plan_time_checks.py.)"""
     from workflow_utils import snakemake, workflow_copy
 
     work = workflow_copy(tmp_path / "wf")
     (work / "data").mkdir()
     (work / "data" / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
                                                 '{"role": "assistant", "content": "hello"}]}\n')
-    for path in CONFIGS_30B:
-        dry = snakemake(work, "finetune", "-n", "--configfile", str(path.relative_to(REPO)), timeout=300)
-        assert dry.returncode == 0, f"{path.name}:\n{dry.stdout[-2000:]}\n{dry.stderr[-3000:]}"
-        assert "finetune" in dry.stdout + dry.stderr
-    print(f"snakemake -n finetune plans all {len(CONFIGS_30B)} 30B configs")
     config = str(CONFIGS_30B[0].relative_to(REPO))
     ran = snakemake(work, "plan", "--cores", "1", "--configfile", config, timeout=300)
     assert ran.returncode == 0, ran.stderr[-3000:]
