@@ -1,15 +1,16 @@
 # Stage 6: the latest training checkpoint (any layout) -> a complete Qwen3-Omni HF checkpoint (talker + code2wav copied).
-# Beside MANIFEST.json (the declared output, written last) the job writes the safetensors shards, their index and the
-# HF config/tokenizer/chat template/preprocessor files; all of it goes to results/export/hf.staging first and is
-# renamed into place, so a killed job never leaves an export that looks complete.
+# results/export/hf/ holds the safetensors shards, their index, the HF config/tokenizer/chat template/preprocessor
+# files and MANIFEST.json (written last); all of it goes to results/export/hf.staging first and is renamed into place,
+# then the marker `hf.done` beside it, the declared output (as `shards`'s, rules/data.smk): a failed or killed rerun
+# leaves the previous export complete. Consumers read the folder at the marker's path without `.done`.
 
 
 rule export:
     input:
-        latest=rules.finetune.output.latest,
+        train=rules.finetune.output.done,
         hf_manifest="results/model/hf/MANIFEST.json",
     output:
-        manifest="results/export/hf/MANIFEST.json",
+        done="results/export/hf.done",
     params:
         export=canonical(config["export"]),
         use_te=config["model"]["use_te"],

@@ -31,8 +31,7 @@ rule report_data:
 
 rule report_convert:
     input:
-        parity=rules.convert.output.parity,
-        convert=rules.convert.output.convert,
+        convert=rules.convert.output.done,
     output:
         parity=report("results/report/parity.html", caption="../workflow/report/parity.rst",
                       category="Model", labels={"item": "conversion parity"}),
@@ -51,7 +50,7 @@ rule report_convert:
 
 rule report_finetune:
     input:
-        metrics=rules.finetune.output.metrics,
+        train=rules.finetune.output.done,
     output:
         curves=report("results/report/train_curves.png", caption="../workflow/report/train_curves.rst",
                       category="Training", labels={"item": "curves"}),
