@@ -1,15 +1,16 @@
 # Stage 4: HF checkpoint -> Megatron-Core torch_dist checkpoint (reshardable to any TP/PP/EP/ETP on load) + parity gate.
-# Beside convert.json and parity.json (the declared outputs) the job writes results/model/mcore/checkpoint/ and the HF
-# config, tokenizer, chat template and preprocessor files; it is all written to results/model/mcore.staging and
-# renamed into place, so a killed job never leaves a checkpoint that looks complete.
+# results/model/mcore/ holds checkpoint/, convert.json, parity.json and the HF config, tokenizer, chat template and
+# preprocessor files. The conversion and the parity gate write into a staging folder, renamed into place only when
+# both succeeded, then the marker `mcore.done` beside it, the declared output (as `shards`'s, rules/data.smk): a
+# failed or killed rerun leaves the previous folder complete. Consumers read the folder at the marker's path without
+# `.done`.
 
 
 rule convert:
     input:
         manifest="results/model/hf/MANIFEST.json",
     output:
-        convert="results/model/mcore/convert.json",
-        parity="results/model/mcore/parity.json",
+        done="results/model/mcore.done",
     params:
         **section_params(convert=config["convert"], parallel=config["parallel"]),
         use_te=config["model"]["use_te"],

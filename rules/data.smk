@@ -64,11 +64,14 @@ rule shards:
         manifest="results/model/hf/MANIFEST.json",
     # The declared output is a marker beside the folder, not `directory(...)`: Snakemake deletes a job's declared
     # outputs before the job runs, and a failed rerun (e.g. a data set whose every row is bad) must leave the previous
-    # shards in place. The job writes the folder into a staging folder and swaps it in on success, then the marker;
-    # `update` keeps the old marker through the job (Snakemake puts it back if the job fails). Beside, not inside:
-    # the marker's times are not part of the shards' fingerprint (the training settings digest).
+    # shards in place. The job writes the folder into a staging folder and swaps it in on success, then the marker.
+    # A failure costs only the marker, so the next plan reruns the job (and every job after it), whatever the
+    # settings. Not `update(...)`: Snakemake puts an update() output back after a failure but records the failed
+    # job's params for it, so the same failing settings would then plan nothing ("Nothing to be done") over the
+    # previous output. Beside, not inside: the marker's times are not part of the shards' fingerprint (the training
+    # settings digest). convert, finetune and export declare their markers the same way.
     output:
-        done=update("results/data/shards.done"),
+        done="results/data/shards.done",
     params:
         max_samples=DATA["shard_max_samples"],
         max_bytes=DATA["shard_max_bytes"],

@@ -1,21 +1,22 @@
 # Stage 6: the latest training checkpoint (any layout) -> a complete Qwen3-Omni HF checkpoint (talker + code2wav copied).
-# Beside MANIFEST.json (the declared output, written last) the job writes the safetensors shards, their index and the
-# HF config/tokenizer/chat template/preprocessor files; all of it goes to results/export/hf.staging first and is
-# renamed into place, so a killed job never leaves an export that looks complete.
+# results/export/hf/ holds the safetensors shards, their index, the HF config/tokenizer/chat template/preprocessor
+# files and MANIFEST.json (written last); all of it goes to results/export/hf.staging first and is renamed into place,
+# then the marker `hf.done` beside it, the declared output (as `shards`'s, rules/data.smk): a failed or killed rerun
+# leaves the previous export complete. Consumers read the folder at the marker's path without `.done`.
 
 
 # With train.lora, export.lora picks the outputs: merged (results/export/hf, as without LoRA), adapter (a PEFT folder in
-# results/export/adapter, published atomically like the merged folder) or both.
+# results/export/adapter, staged and published like the merged folder, with its marker adapter.done) or both.
 EXPORT_LORA = config["export"].get("lora", "merged") if config["train"].get("lora", {}).get("enabled") else "merged"
 EXPORT_OUTPUTS = {
-    **({"manifest": "results/export/hf/MANIFEST.json"} if EXPORT_LORA in ("merged", "both") else {}),
-    **({"adapter": "results/export/adapter/adapter_config.json"} if EXPORT_LORA in ("adapter", "both") else {}),
+    **({"done": "results/export/hf.done"} if EXPORT_LORA in ("merged", "both") else {}),
+    **({"adapter": "results/export/adapter.done"} if EXPORT_LORA in ("adapter", "both") else {}),
 }
 
 
 rule export:
     input:
-        latest=rules.finetune.output.latest,
+        train=rules.finetune.output.done,
         hf_manifest="results/model/hf/MANIFEST.json",
     output:
         **EXPORT_OUTPUTS,

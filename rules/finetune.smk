@@ -1,7 +1,9 @@
 # Stage 5: Megatron-Core fine-tuning of the thinker under torchrun (GPUs of the rule, or train.cpu_procs on CPU).
-# Outputs: `latest` (names the last complete iter_NNNNNNN/ checkpoint) and metrics.jsonl; the iter_* checkpoints and
-# tb/ stay undeclared so that a rerun (Snakemake deletes the declared outputs first) resumes from them when the
-# run's settings digest matches. Layouts and batch sizes that cannot train (e.g. parallel.cp > 1, a pipeline split
+# results/train/ holds `latest` (names the last complete iter_NNNNNNN/ checkpoint), metrics.jsonl, the iter_*
+# checkpoints and tb/. The declared output is the marker `train.done` beside it, written when the run succeeded (as
+# `shards`'s, rules/data.smk): Snakemake deletes declared outputs before a job and after a failure, so nothing in the
+# folder is declared; a failed rerun leaves `latest` and metrics.jsonl as they were, and the next rerun resumes from
+# the checkpoints when the run's settings digest matches. Layouts and batch sizes that cannot train (e.g. parallel.cp > 1, a pipeline split
 # without the deepstack layers on the first stage) stop the plan here.
 
 from omni_model.plan import known_model_config
@@ -17,12 +19,11 @@ except SettingsError as error:
 
 rule finetune:
     input:
-        convert=rules.convert.output.convert,
+        convert=rules.convert.output.done,
         shards=rules.shards.output.done,
         plan_checks=finetune_plan_checks,  # no file: refuses a run that cannot fit or has no GPU here (common.smk)
     output:
-        latest="results/train/latest",
-        metrics="results/train/metrics.jsonl",
+        done="results/train.done",
     params:
         use_te=config["model"]["use_te"],
         # data: the encoder settings the shards were written with (the task encoder must encode the same way)

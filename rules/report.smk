@@ -35,8 +35,7 @@ rule report_data:
 rule report_convert:
     input:
         current=items_current("report_convert"),
-        parity=rules.convert.output.parity,
-        convert=rules.convert.output.convert,
+        convert=rules.convert.output.done,
     output:
         parity=report("results/report/parity.html", caption="../workflow/report/parity.rst",
                       category="Model", labels={"item": "conversion parity"}),
@@ -56,7 +55,7 @@ rule report_convert:
 rule report_finetune:
     input:
         current=items_current("report_finetune"),
-        metrics=rules.finetune.output.metrics,
+        train=rules.finetune.output.done,
     output:
         curves=report("results/report/train_curves.png", caption="../workflow/report/train_curves.rst",
                       category="Training", labels={"item": "curves"}),

@@ -141,9 +141,9 @@ def test_export_logs_progress_and_counts(wf, interactive_convert, tmp_path):
     train.mkdir()
     write_latest(train, wf / "results" / "model" / "mcore" / "checkpoint")
     out = tmp_path / "export" / "hf"
-    smk = SimpleNamespace(input=SimpleNamespace(latest=str(train / "latest"),
+    smk = SimpleNamespace(input=SimpleNamespace(train=str(train.with_suffix(".done")),  # the markers beside
                                                 hf_manifest=str(wf / "results/model/hf/MANIFEST.json")),
-                          output=SimpleNamespace(manifest=str(out / "MANIFEST.json")),
+                          output=SimpleNamespace(done=str(out.with_suffix(".done"))),
                           params=SimpleNamespace(export={"shard_size": 5_000_000_000}, use_te=False),
                           log=[str(tmp_path / "logs" / "export.log")])
     _load_script("export").main(smk)

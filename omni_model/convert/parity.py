@@ -186,7 +186,7 @@ def run_parity_gate(hf_dir, out_dir, *, dtype="auto", use_te: bool = False, laye
         "truncated": bool(layers) and layers < full_layers,
         "reference": f"transformers {transformers.__version__} Qwen3OmniMoeThinkerForConditionalGeneration",
         "versions": installed_versions(),  # the stack this verdict holds for
-        "checkpoint": str(out_dir / CHECKPOINT),
+        "checkpoint": CHECKPOINT,  # beside this file (the folder is written in a staging folder, then moved)
         "device": str(device),
         "seconds": round(time.perf_counter() - started, 2),
     })

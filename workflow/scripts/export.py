@@ -1,9 +1,11 @@
 """Rule `export`: the checkpoint `results/train/latest` names (written at any layout) + results/model/hf ->
 results/export/hf, a complete Qwen3-Omni: thinker tensors from the checkpoint in the source dtypes, talker and
-code2wav copied unchanged, sharded safetensors + index + config/tokenizer/preprocessor files, MANIFEST.json last.
-One process: dist_checkpointing reshards the checkpoint to it, one group of tensors at a time.
+code2wav copied unchanged, sharded safetensors + index + config/tokenizer/preprocessor files, MANIFEST.json last,
+all in a staging folder moved into place when complete; then the rule's declared outputs, the markers beside the
+folders (`hf.done`, `adapter.done`: a failed run never touches the previous export, rules/export.smk).
 A LoRA checkpoint (train.lora) is exported by export.lora: merged into results/export/hf and/or a PEFT folder in
-results/export/adapter."""
+results/export/adapter. One process: dist_checkpointing reshards the checkpoint to it, one group of tensors at a
+time."""
 
 from pathlib import Path
 
@@ -19,29 +21,28 @@ def main(smk) -> None:
 
         hf_dir = Path(smk.input.hf_manifest).parent
         require_intact(hf_dir)
-        checkpoint = read_latest(Path(smk.input.latest).parent)
-        outputs = dict(smk.output.items())
-        if lora_record(checkpoint) is not None or "adapter" in outputs:
-            try:
+        checkpoint = read_latest(Path(smk.input.train).with_suffix(""))  # the inputs and outputs are markers beside
+        markers = {name: Path(path) for name, path in smk.output.items()}  # their folders
+        folders = {name: marker.with_suffix("") for name, marker in markers.items()}
+        try:
+            if lora_record(checkpoint) is not None or "adapter" in markers:
                 summary = export_lora(checkpoint, hf_dir, mode=smk.params.export["lora"],
-                                      merged_dir=Path(outputs["manifest"]).parent if "manifest" in outputs else None,
-                                      adapter_dir=Path(outputs["adapter"]).parent if "adapter" in outputs else None,
+                                      merged_dir=folders.get("done"), adapter_dir=folders.get("adapter"),
                                       shard_size=int(smk.params.export["shard_size"]), use_te=bool(smk.params.use_te),
                                       log=log.info)
-            finally:
-                destroy_parallel()
-            log.info("LoRA export of %s: %s", checkpoint, summary)
-            return
-        out_dir = Path(outputs["manifest"]).parent
-        log.info("exporting %s against %s -> %s", checkpoint, hf_dir, out_dir)
-        try:
-            summary = export_to_hf(checkpoint, hf_dir, out_dir, shard_size=int(smk.params.export["shard_size"]),
-                                   use_te=bool(smk.params.use_te), log=log.info)
+                log.info("LoRA export of %s: %s", checkpoint, summary)
+            else:
+                log.info("exporting %s against %s -> %s", checkpoint, hf_dir, folders["done"])
+                summary = export_to_hf(checkpoint, hf_dir, folders["done"],
+                                       shard_size=int(smk.params.export["shard_size"]),
+                                       use_te=bool(smk.params.use_te), log=log.info)
+                log.info("%d thinker tensors from %s, %d talker/code2wav tensors copied, %d shard(s), %.1f MB",
+                         summary["thinker_tensors"], checkpoint, summary["copied_tensors"], summary["shards"],
+                         summary["total_size"] / 1e6)
         finally:
             destroy_parallel()
-        log.info("%d thinker tensors from %s, %d talker/code2wav tensors copied, %d shard(s), %.1f MB",
-                 summary["thinker_tensors"], checkpoint, summary["copied_tensors"], summary["shards"],
-                 summary["total_size"] / 1e6)
+        for marker in markers.values():  # last
+            marker.write_text(f"exported {checkpoint}\n")
 
 
 # dist_checkpointing may start a `spawn` helper process that re-imports the main script: run only as the script

@@ -3,7 +3,9 @@
 nproc per node = train.gpus_per_node (GPU, nccl) or train.cpu_procs (CPU, gloo). Everything goes to the rule's log
 through stage_logging: the ranks' output streamed and timestamped by run_torchrun, a failing rank's traceback, the
 step count and first/last loss at the end (also on the console); the console gets one line on failure. train.iters 0: no ranks start;
-`latest` names the converted checkpoint. The job holds results/train's writer lock while it runs (and its ranks while
+`latest` names the converted checkpoint. The rule's declared output, the marker `train.done` beside results/train, is
+written when the run succeeded (a failed run leaves `latest` and metrics.jsonl as they were: rules/finetune.smk).
+The job holds results/train's writer lock while it runs (and its ranks while
 they live): a second finetune on the same folder, e.g. next to an orphan of a killed run, is refused.
 """
 
@@ -19,9 +21,11 @@ with stage_logging(snakemake.log[0], "finetune") as log:  # noqa: F821  (first: 
     from omni_model.train.metrics import read_metrics
     from omni_model.train.settings import TrainSettings
 
-    mcore_dir = Path(snakemake.input.convert).parent  # noqa: F821
-    train_dir = Path(snakemake.output.latest).parent  # noqa: F821
-    shards_dir = Path(snakemake.input.shards).with_suffix("")  # noqa: F821  (the input is the marker beside it)
+    # the inputs and the output are markers beside their folders
+    mcore_dir = Path(snakemake.input.convert).with_suffix("")  # noqa: F821
+    marker = Path(snakemake.output.done)  # noqa: F821
+    train_dir = marker.with_suffix("")
+    shards_dir = Path(snakemake.input.shards).with_suffix("")  # noqa: F821
     settings = TrainSettings(
         hf_dir=str(mcore_dir), init_checkpoint=str(mcore_dir / "checkpoint"), shards=str(shards_dir),
         train_dir=str(train_dir), train=dict(params.train), parallel=dict(params.parallel), data=dict(params.data),
@@ -44,3 +48,4 @@ with stage_logging(snakemake.log[0], "finetune") as log:  # noqa: F821  (first: 
             console_line(f"[finetune] {len(steps)} steps: loss first {steps[0]['loss']:.4f} -> last "
                          f"{steps[-1]['loss']:.4f} (metrics: {settings.metrics_path}, "
                          f"log: {snakemake.log[0]})")  # noqa: F821
+    marker.write_text(f"latest: {(train_dir / 'latest').read_text().strip()}\n")  # last
