@@ -234,9 +234,13 @@ def _registered_ops(source: str) -> dict[str, str]:
     """op name -> class name, for the `@OPERATORS.register_module(...)` decorators in one source file."""
     constants = dict(re.findall(r"^(\w+)\s*=\s*[\"'](\w+)[\"']", source, flags=re.M))
     found = {}
-    pattern = r"@OPERATORS\.register_module\(\s*([\"']?\w+[\"']?)\s*\)\s*\n(?:\s*@.*\n)*\s*class\s+(\w+)"
+    pattern = r"@OPERATORS\.register_module\(\s*(f?[\"'][\w{}]+[\"']|\w+)\s*\)\s*\n(?:\s*@.*\n)*\s*class\s+(\w+)"
     for arg, cls in re.findall(pattern, source):
-        name = arg.strip("\"'") if arg[0] in "\"'" else constants.get(arg)
+        if arg.startswith("f"):  # f"{OP_NAME}_with_uid": the module constants filled in
+            name = re.sub(r"{(\w+)}", lambda m: constants.get(m.group(1), "{?}"), arg[2:-1])
+            name = None if "{?}" in name else name
+        else:
+            name = arg.strip("\"'") if arg[0] in "\"'" else constants.get(arg)
         if name:
             found[name] = cls
     return found
@@ -270,10 +274,13 @@ class OpCatalog:
         self.classes: dict[str, str] = {}  # class name -> source text
         ops_dir = _dj_ops_dir()
         self.base_kwargs = _base_kwargs(ops_dir) if ops_dir else set()
-        files = [p for family in _OP_FAMILIES for p in sorted((ops_dir / family).glob("*.py"))] if ops_dir else []
+        files = [p for family in _OP_FAMILIES for p in sorted((ops_dir / family).rglob("*.py"))] if ops_dir else []
         for path in [*files, *extra_sources]:
             source = path.read_text(encoding="utf-8")
             if "register_module" in source:
+                # every class of the file, so an op's unregistered base (our _MediaDurationFilter) is followed too
+                for cls in re.findall(r"^\s*class\s+(\w+)", source, flags=re.M):
+                    self.classes.setdefault(cls, source)
                 for name, cls in _registered_ops(source).items():
                     self.ops[name] = cls
                     self.classes[cls] = source
