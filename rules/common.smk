@@ -5,7 +5,8 @@ from pathlib import Path
 
 from snakemake_interface_executor_plugins.settings import ExecMode
 
-from omni_model.config import check_config_or_exit, exit_with, finetune_problems, section_params
+from omni_model.config import check_config_or_exit, exit_with, section_params
+from omni_model.plan import finetune_problems
 
 check_config_or_exit(config, Path(workflow.basedir, "config", "schema.yaml"))
 
