@@ -11,6 +11,12 @@ from omni_model.plan import finetune_problems
 check_config_or_exit(config, Path(workflow.basedir, "config", "schema.yaml"))
 
 
+def data_params(*keys):
+    """The data keys a rule's script reads, as section_params (`snakemake.params.data[key]`): a change reruns only the
+    rules that read the key, and the rerun reason names it."""
+    return section_params(data={key: config["data"][key] for key in keys})
+
+
 def jobs_run_here():
     """Whether this snakemake runs (or, with -n, would run) its jobs on this machine rather than submitting them.
     Snakemake refuses a cluster executor without --jobs N (`--profile slurm` sets jobs: 16), while a local run turns
