@@ -234,9 +234,13 @@ def _registered_ops(source: str) -> dict[str, str]:
     """op name -> class name, for the `@OPERATORS.register_module(...)` decorators in one source file."""
     constants = dict(re.findall(r"^(\w+)\s*=\s*[\"'](\w+)[\"']", source, flags=re.M))
     found = {}
-    pattern = r"@OPERATORS\.register_module\(\s*([\"']?\w+[\"']?)\s*\)\s*\n(?:\s*@.*\n)*\s*class\s+(\w+)"
+    pattern = r"@OPERATORS\.register_module\(\s*(f?[\"'][\w{}]+[\"']|\w+)\s*\)\s*\n(?:\s*@.*\n)*\s*class\s+(\w+)"
     for arg, cls in re.findall(pattern, source):
-        name = arg.strip("\"'") if arg[0] in "\"'" else constants.get(arg)
+        if arg.startswith("f"):  # f"{OP_NAME}_with_uid": the module constants filled in
+            name = re.sub(r"{(\w+)}", lambda m: constants.get(m.group(1), "{?}"), arg[2:-1])
+            name = None if "{?}" in name else name
+        else:
+            name = arg.strip("\"'") if arg[0] in "\"'" else constants.get(arg)
         if name:
             found[name] = cls
     return found
@@ -270,10 +274,13 @@ class OpCatalog:
         self.classes: dict[str, str] = {}  # class name -> source text
         ops_dir = _dj_ops_dir()
         self.base_kwargs = _base_kwargs(ops_dir) if ops_dir else set()
-        files = [p for family in _OP_FAMILIES for p in sorted((ops_dir / family).glob("*.py"))] if ops_dir else []
+        files = [p for family in _OP_FAMILIES for p in sorted((ops_dir / family).rglob("*.py"))] if ops_dir else []
         for path in [*files, *extra_sources]:
             source = path.read_text(encoding="utf-8")
             if "register_module" in source:
+                # every class of the file, so an op's unregistered base (our _MediaDurationFilter) is followed too
+                for cls in re.findall(r"^\s*class\s+(\w+)", source, flags=re.M):
+                    self.classes.setdefault(cls, source)
                 for name, cls in _registered_ops(source).items():
                     self.ops[name] = cls
                     self.classes[cls] = source
@@ -420,37 +427,3 @@ def section_params(**sections: Mapping) -> dict:
         params[name] = Section(section)
         params.update({f"{name}__{key}": f"{name}.{key} = {value!r}" for key, value in params[name].items()})
     return params
-
-
-# ------------------------------------------------------------------------------------------------ finetune's plan
-def local_gpu_problem(gpus_per_node: int) -> str | None:
-    """train.gpus_per_node against the GPUs torch can use on this machine (for a finetune job that runs here)."""
-    if gpus_per_node <= 0:
-        return None
-    import torch
-
-    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if found >= gpus_per_node:
-        return None
-    build = "a CPU build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
-    return (f"train.gpus_per_node = {gpus_per_node}, but this torch {torch.__version__} ({build}) can use {found} "
-            f"GPU(s) here, and finetune would run on this machine: install a CUDA build of torch (README.md, 'GPU "
-            f"set-up'), set train.gpus_per_node: 0 to train on the CPU, or submit to GPU nodes (--profile slurm)")
-
-
-def finetune_problems(config: dict, runs_here: bool, root: Path = Path(".")) -> list[str]:
-    """What stops the finetune job, known before any job runs: the memory planner's refusal (and the training checks
-    it starts with) when the model's config is known (tiny, random, local, the released ids, a downloaded model),
-    and, when the job runs on this machine, GPUs that torch cannot use."""
-    from .plan import PlanError, check_run, known_model_config, world_size_of
-
-    train = config["train"]
-    gpu_problem = local_gpu_problem(train["gpus_per_node"]) if runs_here else None
-    problems = [gpu_problem] if gpu_problem else []
-    hf_config = known_model_config(config, root)
-    if hf_config is not None:
-        try:
-            check_run(hf_config, train, config["parallel"], world_size_of(train), on_gpu=train["gpus_per_node"] > 0)
-        except PlanError as error:
-            problems.append(str(error))
-    return problems

@@ -557,6 +557,38 @@ def world_size_of(train: dict) -> int:
     return per_node * train["nnodes"]
 
 
+# ------------------------------------------------------------------------------------- plan-time checks of finetune
+def local_gpu_problem(gpus_per_node: int) -> str | None:
+    """train.gpus_per_node against the GPUs torch can use on this machine (for a finetune job that runs here)."""
+    if gpus_per_node <= 0:
+        return None
+    import torch
+
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found >= gpus_per_node:
+        return None
+    build = "a CPU build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+    return (f"train.gpus_per_node = {gpus_per_node}, but this torch {torch.__version__} ({build}) can use {found} "
+            f"GPU(s) here, and finetune would run on this machine: install a CUDA build of torch (README.md, 'GPU "
+            f"set-up'), set train.gpus_per_node: 0 to train on the CPU, or submit to GPU nodes (--profile slurm)")
+
+
+def finetune_problems(config: dict, runs_here: bool, root: Path = Path(".")) -> list[str]:
+    """What stops the finetune job, known before any job runs: the memory planner's refusal (and the training checks
+    it starts with) when the model's config is known (tiny, random, local, the released ids, a downloaded model),
+    and, when the job runs on this machine, GPUs that torch cannot use."""
+    train = config["train"]
+    gpu_problem = local_gpu_problem(train["gpus_per_node"]) if runs_here else None
+    problems = [gpu_problem] if gpu_problem else []
+    hf_config = known_model_config(config, root)
+    if hf_config is not None:
+        try:
+            check_run(hf_config, train, config["parallel"], world_size_of(train), on_gpu=train["gpus_per_node"] > 0)
+        except PlanError as error:
+            problems.append(str(error))
+    return problems
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m omni_model.plan", description=__doc__.split("\n")[0])
     parser.add_argument("--config", action="append", default=[], help="pipeline config(s), merged over "

@@ -8,7 +8,7 @@ transformers' `save_pretrained` writes: the names and shapes come from the trans
 (no memory) and passed through `revert_weight_conversion`, the same step save_pretrained uses to turn its fused
 in-memory experts back into per-expert tensors. Values are drawn per tensor from a generator seeded by
 (seed, tensor name), so the same seed gives the same bytes whatever the shard size. The shards are written by the
-export stage's writer (omni_model.convert.export.ShardedSafetensorsWriter, the one way shards are written): headers
+export stage's writer (omni_model.safetensors_writer.ShardedSafetensorsWriter, the one way shards are written): headers
 first (all shapes are known), then one tensor at a time, so a full 30B checkpoint never needs more host memory than
 its largest tensor. Tokenizer, chat template and preprocessor files are the real ones
 (omni_model.tokenizer).
@@ -93,7 +93,7 @@ def write_random_checkpoint(out_dir, config: Union[str, Path, dict] = "released-
                             overrides: Optional[dict] = None, seed: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES,
                             log: Callable[[str], None] = print) -> Path:
     """Write the checkpoint into out_dir (created); returns out_dir."""
-    from .convert.export import ShardedSafetensorsWriter, TensorEntry
+    from .safetensors_writer import ShardedSafetensorsWriter, TensorEntry
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

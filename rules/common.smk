@@ -5,9 +5,16 @@ from pathlib import Path
 
 from snakemake_interface_executor_plugins.settings import ExecMode
 
-from omni_model.config import check_config_or_exit, exit_with, finetune_problems, section_params
+from omni_model.config import check_config_or_exit, exit_with, section_params
+from omni_model.plan import finetune_problems
 
 check_config_or_exit(config, Path(workflow.basedir, "config", "schema.yaml"))
+
+
+def data_params(*keys):
+    """The data keys a rule's script reads, as section_params (`snakemake.params.data[key]`): a change reruns only the
+    rules that read the key, and the rerun reason names it."""
+    return section_params(data={key: config["data"][key] for key in keys})
 
 
 def jobs_run_here():

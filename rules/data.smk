@@ -3,7 +3,7 @@
 # Consumers take `rules.shards.output.done` (a marker beside the folder) and read the folder at its path without
 # `.done`.
 
-from omni_model.data.media import MEDIA_FORMAT
+from omni_model.data.media import MEDIA_FORMAT, VIDEO_SETTINGS
 
 DATA = config["data"]
 RAW = "results/data/raw/demo.jsonl" if DATA["raw"] == "demo" else DATA["raw"]
@@ -14,8 +14,7 @@ rule demo_data:
         jsonl="results/data/raw/demo.jsonl",
         media=directory("results/data/raw/media"),
     params:
-        samples=DATA["demo_samples"],
-        seed=DATA["seed"],
+        **data_params("demo_samples", "seed"),
     log:
         "logs/demo_data.log",
     benchmark:
@@ -39,9 +38,7 @@ rule datajuicer:
         drops="results/data/drops.jsonl",
         report="results/data/datajuicer_report.json",
     params:
-        format=DATA["format"],
-        executor=DATA["executor"],
-        ray_address=DATA["ray_address"],
+        **data_params("format", "executor", "ray_address"),
     log:
         "logs/datajuicer.log",
     benchmark:
@@ -73,23 +70,11 @@ rule shards:
     output:
         done="results/data/shards.done",
     params:
-        max_samples=DATA["shard_max_samples"],
-        max_bytes=DATA["shard_max_bytes"],
-        val_fraction=DATA["val_fraction"],
-        seed=DATA["seed"],
-        max_seq_len=DATA["max_seq_len"],
-        use_audio_in_video=DATA["use_audio_in_video"],
-        executor=DATA["executor"],
-        ray_address=DATA["ray_address"],
+        **data_params("shard_max_samples", "shard_max_bytes", "val_fraction", "seed", "max_seq_len", "executor",
+                      "ray_address", "use_audio_in_video", *VIDEO_SETTINGS),
         # what the shards store: a new canonical-media format in the package makes them stale (training refuses
         # shards of another format; without this param Snakemake would keep them and finetune would fail)
-        media_format=MEDIA_FORMAT,
-        media={
-            "video_fps": DATA["video_fps"],
-            "video_max_frames": DATA["video_max_frames"],
-            "video_min_pixels": DATA["video_min_pixels"],
-            "video_max_pixels": DATA["video_max_pixels"],
-        },
+        media_format=f"shards media format = {MEDIA_FORMAT!r}",
     log:
         "logs/shards.log",
     benchmark:

@@ -26,10 +26,9 @@ rule finetune:
         done="results/train.done",
     params:
         use_te=config["model"]["use_te"],
+        **section_params(train=config["train"], parallel=config["parallel"]),
         # data: the encoder settings the shards were written with (the task encoder must encode the same way)
-        **section_params(train=config["train"], parallel=config["parallel"],
-                         data={key: config["data"][key] for key in ("max_seq_len", "use_audio_in_video", "video_fps",
-                               "video_max_frames", "video_min_pixels", "video_max_pixels")}),
+        **data_params("max_seq_len", "use_audio_in_video", *VIDEO_SETTINGS),
     log:
         "logs/finetune.log",
     benchmark:

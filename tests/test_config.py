@@ -122,3 +122,28 @@ def test_the_default_recipe_is_valid_and_checked_fast():
 def test_a_bad_recipe_stops_check_config(tmp_path):
     path = _recipe(tmp_path, [{"text_length_filter": {"min_len": 1, "max_lenght": 5}}])
     assert "unknown argument 'max_lenght'; did you mean 'max_len'?" in _error(data={"recipe": str(path)})
+
+
+def test_a_misspelled_argument_of_our_duration_filters_is_named(tmp_path):
+    """Our ops inherit __init__ from an unregistered base (dj_ops._MediaDurationFilter): its arguments, and
+    Data-Juicer's base-op ones above it, are the ones accepted."""
+    problems = recipe_problems(_recipe(tmp_path, [
+        {"omni_video_duration_filter": {"max_duraton": 30, "video_key": "videos"}},
+        {"omni_audio_duration_filter": {"min_duration": 1, "any_or_al": "all"}},
+    ]))
+    assert problems == [
+        f"data.recipe {tmp_path / 'recipe.yaml'}: process[0] op 'omni_video_duration_filter': unknown argument "
+        "'max_duraton'; did you mean 'max_duration'?",
+        f"data.recipe {tmp_path / 'recipe.yaml'}: process[1] op 'omni_audio_duration_filter': unknown argument "
+        "'any_or_al'; did you mean 'any_or_all'?"]
+
+
+def test_ops_registered_by_f_string_or_in_a_subfolder_are_known(tmp_path):
+    """document_minhash_deduplicator_with_uid is registered as f"{OP_NAME}_with_uid"; human_preference_annotation_
+    mapper lives in mapper/annotation/: both are real ops of the installed Data-Juicer, not unknown ones."""
+    problems = recipe_problems(_recipe(tmp_path, [
+        {"document_minhash_deduplicator_with_uid": {"window_size": 5, "lowercas": True}},
+        {"human_preference_annotation_mapper": {}},
+    ]))
+    assert problems == [f"data.recipe {tmp_path / 'recipe.yaml'}: process[0] op 'document_minhash_deduplicator_"
+                        "with_uid': unknown argument 'lowercas'; did you mean 'lowercase'?"]

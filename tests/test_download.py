@@ -8,8 +8,9 @@ import shutil
 
 import pytest
 
+from omni_model.checkpoint_files import sha256_of
 from omni_model.download import (MANIFEST, CheckpointError, check_local_checkpoint, fetch_checkpoint, require_intact,
-                                 sha256_of, verify_manifest)
+                                 verify_manifest)
 
 
 @pytest.fixture()

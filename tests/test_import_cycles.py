@@ -13,11 +13,6 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "omni_model"
 
-# Removed by the publishing consolidation (one module for atomic publishing and the sharded safetensors writer,
-# issue 24 item 4), on another branch; delete this entry when it is merged (the test then says it is stale).
-KNOWN_CYCLES = [{"omni_model.convert.checkpoint", "omni_model.convert.export", "omni_model.download",
-                 "omni_model.random_checkpoint"}]
-
 
 def module_files() -> dict[str, Path]:
     modules = {}
@@ -96,12 +91,9 @@ def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
 
 def test_no_import_cycle_inside_omni_model():
     graph = import_graph()
-    found = cycles(graph)
-    new = [sorted(c) for c in found if c not in KNOWN_CYCLES]
-    assert not new, "import cycles: " + "; ".join(
-        " <-> ".join(c) + " (" + ", ".join(f"{m} -> {sorted(graph[m] & set(c))}" for m in c) + ")" for c in new)
-    stale = [sorted(c) for c in KNOWN_CYCLES if c not in found]
-    assert not stale, f"no longer a cycle, remove from KNOWN_CYCLES: {stale}"
+    found = [sorted(c) for c in cycles(graph)]
+    assert not found, "import cycles: " + "; ".join(
+        " <-> ".join(c) + " (" + ", ".join(f"{m} -> {sorted(graph[m] & set(c))}" for m in c) + ")" for c in found)
 
 
 def test_the_detector_sees_a_function_level_cycle():

@@ -168,3 +168,15 @@ def test_a_setting_change_names_the_changed_keys_as_the_rerun_reason(tmp_path):
     print(reason)
     assert reason.endswith("before: 'model.seed = 0' now: 'model.seed = 1' ")
     assert "model.source" not in reason and "'source'" not in reason
+
+
+def test_a_data_setting_change_names_the_key_as_the_rerun_reason(tmp_path):
+    """The data rules took single values as params: a change read `before: 200 now: 20`, naming no key."""
+    wf = workflow_copy(tmp_path / "wf")
+    ran = snakemake(wf, "--cores", "1", "demo_data", "--config", "data={demo_samples: 8}")
+    assert ran.returncode == 0, _console(ran)[-2000:]
+    dry = snakemake(wf, "-n", "demo_data", "--config", "data={demo_samples: 8, seed: 1}")
+    reason = dry.stdout.split("rule demo_data:", 1)[1].split("reason:", 1)[1].splitlines()[0]
+    print(reason)
+    assert reason.endswith("before: 'data.seed = 0' now: 'data.seed = 1' ")
+    assert "demo_samples" not in reason

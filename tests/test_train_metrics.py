@@ -5,8 +5,8 @@
   see the CPU attention kernel: that term is the hand formula's).
 * One step of the training loop (`loop.step`: mcore schedule, 2 micro-batches, aux coefficient on) reports as
   `moe_aux_loss` the Switch load-balancing loss recomputed from the routers' logits of that step (non-padding tokens,
-  mean over micro-batches and MoE layers), and as `flops_vision` / `flops_audio` the FlopCounter's value of the
-  batches' own grids and clips.
+  mean over micro-batches and MoE layers), as `flops_vision` / `flops_audio` the FlopCounter's value of the
+  batches' own grids and clips, and as `skipped_samples` the task encoder's skips the batches carry.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def step_batches(tiny_hf_dir, tmp_path):
     return batches
 
 
-def test_step_reports_the_aux_loss_and_tower_flops_of_its_batches(tiny_hf_dir, tmp_path, step_batches):
+def test_step_reports_the_aux_loss_tower_flops_and_skips_of_its_batches(tiny_hf_dir, tmp_path, step_batches):
     from omni_model.convert.mapping import load_hf_into_model
     from omni_model.model.transformer_config import text_config_of
     from omni_model.train.build import build_training, init_training_parallel
@@ -132,6 +132,9 @@ def test_step_reports_the_aux_loss_and_tower_flops_of_its_batches(tiny_hf_dir, t
             return out
         router.gating = gating
 
+    # the task encoder's skips since each worker's previous batch, as OmniBatch.skipped carries them
+    step_batches[0].skipped = {"over_long": 2, "decode": 0, "encode": 1}
+    step_batches[1].skipped = {"over_long": 0, "decode": 4, "encode": 0}
     run = Run(settings=settings, training=training, forward_step=forward_step, digest="", loader=None,
               batches=TokenCounter(iter(step_batches)), evaluation=[], flops=FlopCounter(tiny_hf_dir),
               peak=None, log=None)
@@ -161,6 +164,7 @@ def test_step_reports_the_aux_loss_and_tower_flops_of_its_batches(tiny_hf_dir, t
     assert record["flops_llm"] == counter.llm([n for b in step_batches for n in _lengths(b)])
     total = record["flops_llm"] + record["flops_vision"] + record["flops_audio"]
     assert record["tflops"] == pytest.approx(total / record["step_s"] / 1e12, rel=1e-12)
+    assert record["skipped_samples"] == 2 + 1 + 4  # one data-parallel rank: its own skips
 
 
 def _lengths(batch) -> list:

@@ -85,11 +85,9 @@ def _dj_sources_match_registry() -> None:
         f"ops read from the sources differ from the registry (source, registry): {wrong}"
 
 
-# Verified on py-data-juicer 1.6.1: the source reading misses these registered ops (their files register them in a
-# form the pattern does not match), so the plan-time check would call them unknown. Recorded, so that any change of
-# the set is seen; the registry-based catalogue of the upgrade issue removes the gap.
-_DJ_OPS_THE_SOURCES_MISS = {"document_minhash_deduplicator_with_uid", "ray_bts_minhash_deduplicator_with_uid",
-                            "human_preference_annotation_mapper"}
+# Verified on py-data-juicer 1.6.1: the source reading finds every registered op (f"{OP_NAME}_with_uid" names and
+# mapper/annotation/ included). Recorded, so that any op it misses after an upgrade is seen.
+_DJ_OPS_THE_SOURCES_MISS: set[str] = set()
 
 
 def _sources_read(*reads: tuple[str, str]):

@@ -91,7 +91,7 @@ def manifest_digest(hf_dir: Path) -> Optional[str]:
 
 def copy_hf_side_files(hf_dir: Path, out_dir: Path) -> list[str]:
     """Config, generation config, tokenizer, chat template, preprocessor files: every non-weight file."""
-    from ..download import MANIFEST, list_files
+    from ..checkpoint_files import MANIFEST, list_files
 
     copied = []
     for rel in list_files(Path(hf_dir)):

@@ -32,7 +32,7 @@ import yaml
 
 from .formats import LIST_KEY, MEDIA_KINDS, TAG_RE, count_drops, drop_entry, load_raw
 from .digest import FINGERPRINT_KEY, sample_fingerprint
-from .media import MediaConfig, MediaError, check_audio_length, error_text, plan_video
+from .media import MediaConfig, MediaError, check_audio_length, plan_video
 
 log = logging.getLogger(__name__)
 
@@ -253,26 +253,6 @@ def _run_op(data, op, ids_before: list[str]) -> list[dict]:
     return drops + (_run_op_attributed(data, op, data.ids()) if data.ids() else [])
 
 
-def sample_error(op, row: dict) -> str | None:
-    """The op's per-sample work (hash, stats + keep decision, or mapping) on one row alone: ``"Type: message"`` of
-    what it raises, None when it passes. Called as Data-Juicer calls it, with a batch of one row."""
-    from data_juicer.utils.constant import Fields
-
-    batch = {key: [value] for key, value in row.items()}
-    if batch.get(Fields.stats, [None])[0] is None:
-        batch[Fields.stats] = [{}]
-    try:
-        if hasattr(op, "compute_hash"):
-            op.compute_hash(batch)
-        elif hasattr(op, "compute_stats"):
-            op.process(op.compute_stats(batch))
-        else:
-            op.process(batch)
-    except Exception as exc:  # any error of the op on this sample is this sample's drop reason
-        return error_text(exc)
-    return None
-
-
 def _run_op_attributed(data, op, ids_before: list[str]) -> list[dict]:
     kind = type(op).__mro__[1].__name__
     drops = []
@@ -334,6 +314,8 @@ class _LocalDataset:
 
     def sample_errors(self, op) -> dict:
         """sample id -> the op's error on that sample alone, for the samples it fails on (run_op's fallback)."""
+        from .dj_ops import sample_error
+
         errors = {row[ID_KEY]: sample_error(op, row) for row in self.dataset}
         return {sid: error for sid, error in errors.items() if error}
 

@@ -25,6 +25,7 @@ from data_juicer.ops.deduplicator.document_minhash_deduplicator import DocumentM
 from data_juicer.utils.constant import Fields, HashKeys, StatsKeys
 
 from .digest import FINGERPRINT_KEY, same_media, sample_fingerprint
+from .media import error_text
 
 AUDIO_OP = "omni_audio_duration_filter"
 VIDEO_OP = "omni_video_duration_filter"
@@ -239,3 +240,22 @@ if NEAR_OP not in OPERATORS.modules:
                     if len(members) > 1:
                         _union_same_media(members, fingerprints, union)
             return _keep_roots(dataset, union)
+
+
+# ------------------------------------------------------------------------------------------------ one sample alone
+def sample_error(op, row: dict) -> str | None:
+    """The op's per-sample work (hash, stats + keep decision, or mapping) on one row alone: ``"Type: message"`` of
+    what it raises, None when it passes. Called as Data-Juicer calls it, with a batch of one row."""
+    batch = {key: [value] for key, value in row.items()}
+    if batch.get(Fields.stats, [None])[0] is None:
+        batch[Fields.stats] = [{}]
+    try:
+        if hasattr(op, "compute_hash"):
+            op.compute_hash(batch)
+        elif hasattr(op, "compute_stats"):
+            op.process(op.compute_stats(batch))
+        else:
+            op.process(batch)
+    except Exception as exc:  # any error of the op on this sample is this sample's drop reason
+        return error_text(exc)
+    return None

@@ -51,6 +51,11 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: " + _IN_MEMORY_FILE.sub("", str(exc))
 
 
+# the data config's keys that override MediaConfig fields of the same name (the shards and the task encoder encode
+# video with them)
+VIDEO_SETTINGS = ("video_fps", "video_max_frames", "video_min_pixels", "video_max_pixels")
+
+
 @dataclass
 class MediaConfig:
     """Preprocessing parameters. ``from_hf_dir`` reads the checkpoint's preprocessor_config.json."""

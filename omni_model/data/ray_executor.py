@@ -189,7 +189,7 @@ class RayRecipeDataset:
             self._ids = [row[self.id_key] for row in self._pull_ordered([])]
 
     def sample_errors(self, op) -> dict:
-        """sample id -> the op's error on that sample alone (datajuicer.sample_error, in Ray tasks), for the samples
+        """sample id -> the op's error on that sample alone (dj_ops.sample_error, in Ray tasks), for the samples
         it fails on."""
         checked = self.dataset.data.map_batches(_ErrorBatch(op, self.id_key), batch_format="pyarrow", batch_size=64)
         return {row["id"]: row["error"] for row in checked.take_all() if row["error"]}
@@ -204,7 +204,7 @@ class _ErrorBatch:
     def __call__(self, batch):
         import pyarrow as pa
 
-        from .datajuicer import sample_error
+        from .dj_ops import sample_error
 
         rows = batch.to_pylist()
         return pa.table({"id": [row[self.id_key] for row in rows],

@@ -82,10 +82,11 @@ def _audio_frames(batch) -> list:
 def task_encoder(settings: TrainSettings):
     from megatron.core import parallel_state
 
+    from omni_model.data.media import VIDEO_SETTINGS
     from omni_model.data.task_encoder import OmniTaskEncoder
 
     data = dict(settings.data)
-    media = {k: data[k] for k in ("video_fps", "video_max_frames", "video_min_pixels", "video_max_pixels") if k in data}
+    media = {k: data[k] for k in VIDEO_SETTINGS if k in data}
     # sequence parallelism splits the sequence over TP ranks: rows must divide evenly
     tp = parallel_state.get_tensor_model_parallel_world_size()
     return OmniTaskEncoder(Path(settings.hf_dir), max_seq_len=int(data.get("max_seq_len", settings.train["seq_len"])),

@@ -255,20 +255,22 @@ def step(run: Run, iteration: int) -> dict:
 
 
 def _step_metrics(run: Run, losses: list, seconds: float) -> dict:
-    """Loss, MoE aux loss, token counts, model FLOPs by part, TFLOP/s and MFU per device, memory of a step (every
-    rank takes part in the reductions)."""
+    """Loss, MoE aux loss, token and sample counts (the samples the task encoder skipped too), model FLOPs by part,
+    TFLOP/s and MFU per device, memory of a step (every rank takes part in the reductions)."""
     from megatron.core.num_microbatches_calculator import get_num_microbatches
 
     loss_sum, label_tokens = _reduced_loss(losses)
     aux = moe_aux_loss(run.training.thinker.config, get_num_microbatches())
     seen = run.batches.take()
     flops = run.flops(seen)
-    tokens, samples, padded, llm, vision, audio = _dp_sum(
-        [seen["tokens"], seen["samples"], seen["padded"], flops["llm"], flops["vision"], flops["audio"]])
+    tokens, samples, padded, skipped, llm, vision, audio = _dp_sum(
+        [seen["tokens"], seen["samples"], seen["padded"], seen["skipped"], flops["llm"], flops["vision"],
+         flops["audio"]])
     tflops = (llm + vision + audio) / seconds / 1e12 / torch.distributed.get_world_size()
     return {
         "loss": loss_sum / max(label_tokens, 1), "moe_aux_loss": aux, "label_tokens": int(label_tokens),
-        "tokens": int(tokens), "padded_tokens": int(padded), "samples": int(samples), "step_s": seconds,
+        "tokens": int(tokens), "padded_tokens": int(padded), "samples": int(samples),
+        "skipped_samples": int(skipped), "step_s": seconds,
         "tokens_per_s": tokens / seconds, "flops_llm": llm, "flops_vision": vision, "flops_audio": audio,
         "tflops": tflops, "mfu": (tflops / run.peak) if run.peak else None, "mem_gib": memory_gib(),
     }
@@ -295,8 +297,10 @@ def _summary(settings: TrainSettings) -> None:
     records = [r for r in read_metrics(settings.metrics_path) if "loss" in r]
     if records:
         first, last = records[0], records[-1]
+        skipped = sum(r.get("skipped_samples", 0) for r in records)
         print(f"[finetune] loss first {first['loss']:.4f} (step {first['step']}) -> last {last['loss']:.4f} "
-              f"(step {last['step']}); latest -> {ckpt.read_latest(Path(settings.train_dir))}", flush=True)
+              f"(step {last['step']}); {skipped} sample(s) skipped by the task encoder; "
+              f"latest -> {ckpt.read_latest(Path(settings.train_dir))}", flush=True)
 
 
 def main(argv=None) -> None:

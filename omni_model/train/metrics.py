@@ -223,6 +223,8 @@ class MetricsLog:
                   f"{record['tflops']:.2f} TFLOP/s" + (f" (towers {100 * towers / total:.0f}%)" if total else "")]
         if record.get("mfu") is not None:
             parts.append(f"MFU {100 * record['mfu']:.1f}%")
+        if record.get("skipped_samples"):
+            parts.append(f"{record['skipped_samples']} skipped")
         parts.append(f"mem {record['mem_gib']:.2f} GiB")
         parts.append(f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}")
         print("[finetune] " + " | ".join(parts), flush=True)

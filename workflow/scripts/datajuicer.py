@@ -10,15 +10,16 @@ from omni_model.runtime.logs import stage_logging
 from omni_model.runtime.publish import staged_outputs
 
 out = snakemake.output  # noqa: F821
+data = snakemake.params.data  # noqa: F821
 with stage_logging(snakemake.log[0], "datajuicer") as log, \
         staged_outputs({"processed": out.processed, "drops": out.drops, "report": out.report}, "datajuicer") as staged:
     require_verified_upstream(*DATA_PACKAGES, where="datajuicer stage")
     summary = run_stage(
         Path(snakemake.input.raw), Path(snakemake.input.recipe),  # noqa: F821
         staged["processed"], staged["drops"],
-        fmt=snakemake.params.format, num_proc=snakemake.threads,  # noqa: F821
+        fmt=data["format"], num_proc=snakemake.threads,  # noqa: F821
         work_dir=staged["report"].parent,
-        executor=snakemake.params.executor, ray_address=snakemake.params.ray_address,  # noqa: F821
+        executor=data["executor"], ray_address=data["ray_address"],
     )
     staged["report"].write_text(json.dumps(summary, indent=2) + "\n")
     log.info("input %d = kept %d + dropped %d", summary["input"], summary["kept"], summary["dropped"])
