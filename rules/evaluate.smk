@@ -6,15 +6,49 @@
 # in the job, not a param: it does not change a number.
 
 
+EVAL_DATA = config["eval"].get("data")
+# the encoder settings the shards were written with (scoring, prompts and eval.data encode the same way)
+ENCODER_DATA = {key: config["data"][key] for key in ("max_seq_len", "use_audio_in_video", "video_fps",
+                "video_max_frames", "video_min_pixels", "video_max_pixels")}
 EVALUATED_WEIGHTS = {
     "base": {"weights": rules.convert.output.convert, "hf_manifest": "results/model/hf/MANIFEST.json"},
     "tuned": {"weights": rules.finetune.output.latest, "hf_manifest": rules.export.output.manifest},
 }
 
+EVAL_DATA_INPUT = {"eval_data": "results/eval/data"} if EVAL_DATA else {}
+
+if EVAL_DATA:
+
+    # eval.data: validated and encoded like the training data (not filtered or deduplicated by the recipe); its
+    # overlap with the training split is counted
+    rule eval_data:
+        input:
+            raw=EVAL_DATA,
+            manifest="results/model/hf/MANIFEST.json",
+            processed=rules.datajuicer.output.processed,
+            shards=rules.shards.output[0],
+        output:
+            directory("results/eval/data"),
+        params:
+            format=config["data"]["format"],
+            data=ENCODER_DATA,
+        log:
+            "logs/eval_data.log",
+        benchmark:
+            "benchmarks/eval_data.tsv"
+        threads: 1
+        resources:
+            mem_mb=4000,
+            gpu=0,
+        conda:
+            "../envs/pipeline.yaml"
+        script:
+            "../workflow/scripts/eval_data.py"
+
 
 rule evaluate_model:
     input:
-        unpack(lambda wildcards: EVALUATED_WEIGHTS[wildcards.model]),
+        unpack(lambda wildcards: dict(EVALUATED_WEIGHTS[wildcards.model], **EVAL_DATA_INPUT)),
         convert=rules.convert.output.convert,
         shards=rules.shards.output[0],
         processed=rules.datajuicer.output.processed,
@@ -27,9 +61,7 @@ rule evaluate_model:
         eval=canonical(config["eval"]),
         parallel=canonical(config["parallel"]),
         use_te=config["model"]["use_te"],
-        # the encoder settings the shards were written with (scoring and prompts encode the same way)
-        data={key: config["data"][key] for key in ("max_seq_len", "use_audio_in_video", "video_fps",
-              "video_max_frames", "video_min_pixels", "video_max_pixels")},
+        data=ENCODER_DATA,
     log:
         "logs/evaluate_{model}.log",
     benchmark:

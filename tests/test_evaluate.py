@@ -106,3 +106,31 @@ def test_a_model_with_another_tokenizer_is_refused(memorised, tmp_path):
                                                 r"the one .*shards was encoded with"):
         evaluate(root, common, "mismatch", models["base"][0], other)
     assert not (root / "mismatch.json").exists() and not (root / "mismatch.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_eval_data_is_encoded_like_training_data_and_its_overlap_counted(memorised, tmp_path):
+    """eval.data = the four records (two of them in the training split) + one invalid line: the invalid line is a
+    counted drop, the overlap names the two trained ids, and the tuned model reproduces exactly those two."""
+    from omni_model.eval.data import prepare_eval_data
+    from omni_model.eval.generate import split_samples
+    from omni_model.eval.run import Evaluation, evaluate_model
+
+    root, common, models = memorised
+    raw = tmp_path / "extra.jsonl"
+    raw.write_text(write_records(tmp_path / "records.jsonl").read_text() + '{"id": "empty", "messages": []}\n')
+    report = prepare_eval_data(raw, tmp_path / "eval_data", models["base"][1], Path(common["processed"]),
+                               Path(common["shards"]))
+    trained = {sample["record"]["id"] for sample in split_samples(Path(common["shards"]), "train", 10)}
+    print(f"eval_data report: {report}")
+    assert (report["input"], report["kept"], report["dropped"]) == (5, 4, 1)
+    assert report["overlap_with_training"] == {"samples": 2, "ids": sorted(trained)}
+    ev = Evaluation(name="tuned", checkpoint=str(models["tuned"][0]), hf_dir=str(models["tuned"][1]), **common)
+    summary = evaluate_model(ev, tmp_path / "tuned.json", tmp_path / "tuned.jsonl", eval_data=tmp_path / "eval_data")
+    extra = summary["eval_data"]
+    assert extra["scores"]["all"]["samples"] == 4 and extra["text"]["samples"] == 4
+    assert extra["overlap_with_training"]["samples"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "tuned.jsonl").read_text().splitlines()]
+    answered = {row["id"]: row for row in rows if row["dataset"] == "eval_data"}
+    assert all(answered[sid]["answer"] == answered[sid]["reference"] for sid in trained)
+    assert all(answered[sid]["answer"] != answered[sid]["reference"] for sid in set(answered) - trained)

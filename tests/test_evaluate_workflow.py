@@ -60,4 +60,4 @@ def test_a_training_change_reruns_the_tuned_evaluation_only(evaluated):
     output = changed.stdout + changed.stderr
     print(f"planned after train.lr changed: {planned_jobs(output)}")
     assert planned_jobs(output) == {"finetune": 1, "export": 1, "evaluate_model": 1}
-    assert "results/eval/tuned.json" in output and "results/eval/base.json" not in output
+    assert "output: results/eval/tuned.json" in output and "output: results/eval/base.json" not in output

@@ -9,19 +9,22 @@ reference and answer for the generated ones) and `out_json`:
     {"model", "checkpoint", "hf_dir", "split",
      "scores": {"all": G, "by_modality": {mix: G}, "by_source": {source: G}},   G = samples, tokens, loss, accuracy
      "text": metrics.text_summary of the generated answers,
-     "speech": null (no talker is trained yet; its section goes here)}
+     "speech": null (no talker is trained yet; its section goes here),
+     "eval_data": {split, scores, text, overlap_with_training, dropped}  (only with eval.data)}
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from ..data.sample import MEDIA_LISTS
 from ..layout import Layout
 from ..train.settings import TrainSettings
+from .data import SPLIT as EVAL_DATA_SPLIT
 from .generate import check_tokenizer, generate_answers
 from .metrics import NO_SOURCE, text_summary
 
@@ -110,16 +113,12 @@ def scores_summary(rows: list[dict]) -> dict:
     return {"all": group_scores(rows), "by_modality": grouped("modality"), "by_source": grouped("source")}
 
 
-def evaluate_model(ev: Evaluation, out_json: Path, out_samples: Path, log=print) -> dict:
-    """Refuse a model with another tokenizer than the data's, score every sample, generate, write both outputs."""
-    out_json, out_samples = Path(out_json), Path(out_samples)
-    for model_dir in (ev.mcore_dir, ev.hf_dir):
-        check_tokenizer(Path(model_dir), Path(ev.shards))
-    work_dir = out_json.parent / f".{ev.name}_work"
-    work_dir.mkdir(parents=True, exist_ok=True)
+def evaluate_set(ev: Evaluation, work_dir: Path, log=print) -> tuple[dict, list]:
+    """Scores of every sample of ev.split of ev.shards and greedy answers to the first ev.generate_samples: (summary
+    part {split, scores, text}, per-sample rows)."""
     meta = sample_meta(Path(ev.processed))
     rows = [{**meta.get(r["id"], {"modality": None, "source": None}), **r} for r in score(ev, work_dir)]
-    log(f"[evaluate] {ev.name}: scored {len(rows)} samples of the {ev.split} split of {ev.checkpoint}")
+    log(f"[evaluate] {ev.name}: scored {len(rows)} samples of the {ev.split} split of {ev.shards}")
     generated = generate_answers(Path(ev.hf_dir), Path(ev.shards), ev.split, ev.generate_samples,
                                  ev.max_new_tokens, encoder_settings=ev.data)
     for row in generated:
@@ -133,8 +132,32 @@ def evaluate_model(ev: Evaluation, out_json: Path, out_samples: Path, log=print)
                         "loss": row["loss_sum"] / row["tokens"] if row["tokens"] else None, "tokens": row["tokens"],
                         "accuracy": row["correct"] / row["tokens"] if row["tokens"] else None,
                         **{k: extra[k] for k in ("prompt", "reference", "answer", "new_tokens") if k in extra}})
-    summary = {"model": ev.name, "checkpoint": ev.checkpoint, "hf_dir": ev.hf_dir, "split": ev.split,
-               "scores": scores_summary(rows), "text": text_summary(generated, ev.metric), "speech": None}
+    return {"split": ev.split, "scores": scores_summary(rows), "text": text_summary(generated, ev.metric)}, samples
+
+
+def evaluate_model(ev: Evaluation, out_json: Path, out_samples: Path, eval_data: Optional[Path] = None,
+                   log=print) -> dict:
+    """Refuse a model with another tokenizer than the data's, evaluate the val split (and `eval_data`: the folder
+    omni_model.eval.data.prepare_eval_data wrote), write both outputs. Per-sample rows name their `dataset`."""
+    out_json, out_samples = Path(out_json), Path(out_samples)
+    for model_dir in (ev.mcore_dir, ev.hf_dir):
+        check_tokenizer(Path(model_dir), Path(ev.shards))
+    work_dir = out_json.parent / f".{ev.name}_work"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    part, samples = evaluate_set(ev, work_dir, log)
+    summary = {"model": ev.name, "checkpoint": ev.checkpoint, "hf_dir": ev.hf_dir, **part, "speech": None}
+    samples = [dict(row, dataset="val") for row in samples]
+    if eval_data is not None:
+        eval_data = Path(eval_data)
+        extra = replace(ev, shards=str(eval_data / "shards"), processed=str(eval_data / "processed.jsonl"),
+                        split=EVAL_DATA_SPLIT)
+        check_tokenizer(Path(ev.hf_dir), Path(extra.shards))
+        part, extra_samples = evaluate_set(extra, work_dir, log)
+        report = json.loads((eval_data / "report.json").read_text())
+        summary["eval_data"] = {**part, "overlap_with_training": report["overlap_with_training"],
+                                "dropped": report["dropped"]}
+        samples += [dict(row, dataset="eval_data") for row in extra_samples]
     out_samples.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     out_json.write_text(json.dumps(summary, indent=1) + "\n")
+    shutil.rmtree(work_dir, ignore_errors=True)
     return summary

@@ -21,7 +21,8 @@ def main(smk) -> None:
             launch={key: smk.config["train"][key] for key in LAUNCH_KEYS}, data=dict(params.data),
             use_te=bool(params.use_te), generate_samples=settings["generate_samples"],
             max_new_tokens=settings["max_new_tokens"], metric=settings["metric"])
-        summary = evaluate_model(evaluation, smk.output.summary, smk.output.samples, log=log.info)
+        eval_data = Path(smk.input.eval_data) if "eval_data" in smk.input.keys() else None
+        summary = evaluate_model(evaluation, smk.output.summary, smk.output.samples, eval_data, log=log.info)
         scores, text = summary["scores"]["all"], summary["text"]
         console_line(f"[evaluate] {name}: {scores['samples']} samples, loss {scores['loss']:.4f}, next-token accuracy "
                      f"{scores['accuracy']:.3f}; {text['samples']} answers, exact match {text['exact_match']} "
