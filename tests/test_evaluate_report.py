@@ -58,4 +58,16 @@ def test_report_items(tmp_path):
     (tmp_path / "t.jsonl").write_text(json.dumps({**samples[0], "answer": "red"}) + "\n")
     assert report.sample_table(tmp_path / "b.jsonl", tmp_path / "t.jsonl", tmp_path / "s.html") == 1
     html = (tmp_path / "s.html").read_text()
-    assert "&lt;image&gt;What colour?" in html and "<td>blue</td><td>red</td>" in html
+    assert "&lt;image&gt;What colour?" in html and "<td>blue</td><td>red</td>" in html and "<td>val</td>" in html
+
+
+def test_eval_data_rows_follow_the_val_rows():
+    overlap = {"overlap_with_training": {"samples": 1, "ids": ["s1"]}}
+    base = dict(summary(3.0, 0.2, ["blue", "red"]), eval_data=dict(summary(2.0, 0.5, ["blue", "blue"]), **overlap))
+    tuned = dict(summary(1.0, 0.9, ["red", "red"]), eval_data=dict(summary(2.5, 0.4, ["red", "blue"]), **overlap))
+    rows = report.comparison_rows(base, tuned)
+    extra = [row for row in rows if row[0].startswith("eval.data (1 in training) ")]
+    assert len(extra) == len(rows) // 2 and rows[-len(extra):] == extra
+    by_name = {(group, metric): change for group, metric, _, _, change in extra}
+    assert by_name[("eval.data (1 in training) all samples", "loss (answer tokens)")] == "+0.5 (worse)"
+    assert by_name[("eval.data (1 in training) generated (2 answers)", "exact_match")] == "+0.5 (better)"

@@ -24,8 +24,18 @@ def _loss_rows(label: str, base: dict, tuned: dict) -> list[tuple]:
 
 
 def comparison_rows(base: dict, tuned: dict) -> list[tuple]:
-    """(group, metric, base, tuned, change) for the losses (all, per modality, per source) and the generated-answer
-    metrics (all, and each source's headline metric)."""
+    """(group, metric, base, tuned, change) for the val split, then for eval.data when it was evaluated."""
+    rows = dataset_rows(base, tuned)
+    if "eval_data" in base and "eval_data" in tuned:
+        overlap = base["eval_data"]["overlap_with_training"]["samples"]
+        rows += [(f"eval.data ({overlap} in training) {group}", *rest)
+                 for group, *rest in dataset_rows(base["eval_data"], tuned["eval_data"])]
+    return rows
+
+
+def dataset_rows(base: dict, tuned: dict) -> list[tuple]:
+    """The losses (all, per modality, per source) and the generated-answer metrics (all, and each source's headline
+    metric) of one evaluated set."""
     rows = _loss_rows("all samples", base["scores"]["all"], tuned["scores"]["all"])
     for key, scope in (("by_modality", "modality"), ("by_source", "source")):
         for group, scores in base["scores"][key].items():
@@ -73,11 +83,14 @@ def modality_plot(base_json: Path, tuned_json: Path, png: Path) -> list[str]:
 
 
 def sample_table(base_samples: Path, tuned_samples: Path, out: Path) -> int:
-    """The generated samples side by side: id, source, prompt, reference, base answer, tuned answer."""
-    tuned = {row["id"]: row for row in _read_jsonl(tuned_samples)}
-    rows = [(row["id"], row.get("source") or "", row["prompt"], row["reference"], row["answer"],
-             tuned.get(row["id"], {}).get("answer", ""))
+    """The generated samples side by side: dataset, id, source, prompt, reference, base answer, tuned answer."""
+    def key(row):  # an eval.data sample may share its id with a val one
+        return row.get("dataset", "val"), row["id"]
+
+    tuned = {key(row): row for row in _read_jsonl(tuned_samples)}
+    rows = [(*key(row), row.get("source") or "", row["prompt"], row["reference"], row["answer"],
+             tuned.get(key(row), {}).get("answer", ""))
             for row in _read_jsonl(base_samples) if "answer" in row]
-    Path(out).write_text(html_table("Evaluation: generated answers",
-                                    ["id", "source", "prompt", "reference", "base answer", "tuned answer"], rows))
+    Path(out).write_text(html_table("Evaluation: generated answers", ["dataset", "id", "source", "prompt", "reference",
+                                                                      "base answer", "tuned answer"], rows))
     return len(rows)
