@@ -54,8 +54,8 @@ def dataset_rows(base: dict, tuned: dict) -> list[tuple]:
 def comparison_table(base_json: Path, tuned_json: Path, out: Path) -> int:
     base, tuned = json.loads(Path(base_json).read_text()), json.loads(Path(tuned_json).read_text())
     rows = [tuple("" if v is None else v for v in row) for row in comparison_rows(base, tuned)]
-    note = (f"Split {base['split']}. Loss and next-token accuracy by the Megatron-Core thinker on every sample's answer "
-            f"tokens; generated answers greedy (transformers), exact match / WER / CER (jiwer) / BLEU / chrF "
+    note = (f"Split {base['split']}. Loss and next-token accuracy by the Megatron-Core thinker on every sample's "
+            f"answer tokens; generated answers greedy (transformers), exact match / WER / CER (jiwer) / BLEU / chrF "
             f"(sacrebleu, 0-100). Spoken answers are not evaluated (no talker is trained).")
     Path(out).write_text(html_table("Evaluation: base vs tuned", ["group", "metric", "base", "tuned", "change"],
                                     rows, note))

@@ -80,8 +80,9 @@ def _batches(settings: TrainSettings, split: str) -> list:
 
     from ..train.data import task_encoder, worker_config
 
-    batches = list(build_loader(Path(settings.shards), task_encoder(settings), split=split, batch_size=1, packing_buffer_size=None,
-                                worker_config=worker_config(), repeat=False))
+    loader = build_loader(Path(settings.shards), task_encoder(settings), split=split, batch_size=1,
+                          packing_buffer_size=None, worker_config=worker_config(), repeat=False)
+    batches = list(loader)
     most = torch.tensor([len(batches)], dtype=torch.int64,
                         device="cuda" if torch.cuda.is_available() else "cpu")
     torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)

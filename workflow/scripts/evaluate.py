@@ -16,7 +16,8 @@ def main(smk) -> None:
         checkpoint = mcore_dir / "checkpoint" if name == "base" else read_latest(Path(smk.input.weights).parent)
         params, settings = smk.params, smk.params.eval
         evaluation = Evaluation(
-            name=name, checkpoint=str(checkpoint), mcore_dir=str(mcore_dir), hf_dir=str(Path(smk.input.hf_manifest).parent),
+            name=name, checkpoint=str(checkpoint), mcore_dir=str(mcore_dir),
+            hf_dir=str(Path(smk.input.hf_manifest).parent),
             shards=str(smk.input.shards), processed=str(smk.input.processed), parallel=dict(params.parallel),
             launch={key: smk.config["train"][key] for key in LAUNCH_KEYS}, data=dict(params.data),
             use_te=bool(params.use_te), generate_samples=settings["generate_samples"],
