@@ -2,8 +2,8 @@
 # next-token accuracy by the mcore thinker at the configured layout (torchrun, like finetune), greedy answers by
 # transformers on the HF checkpoint of the same weights (base: the download, tuned: the export). One job per model
 # (wildcard), so a changed train.* setting reruns only `evaluate_model` of tuned (through finetune -> export); base
-# depends on nothing of training. Where the ranks run (train.gpus_per_node, cpu_procs, nnodes) is read from the config
-# in the job, not a param: it does not change a number.
+# depends on nothing of training. Where the ranks run (train.gpus_per_node or cpu_procs, on one node) is read from
+# the config in the job, not a param: it does not change a number.
 
 
 EVAL_DATA = config["eval"].get("data")

@@ -29,7 +29,7 @@ from .generate import check_tokenizer, generate_answers
 from .metrics import NO_SOURCE, text_summary
 
 # train.* keys that say where the scoring ranks run (not what they compute)
-LAUNCH_KEYS = ("gpus_per_node", "cpu_procs", "nnodes", "rdzv_endpoint")
+LAUNCH_KEYS = ("gpus_per_node", "cpu_procs")
 
 
 @dataclass
@@ -70,12 +70,18 @@ def sample_meta(processed: Path) -> dict:
 
 
 def scoring_settings(ev: Evaluation, work_dir: Path) -> TrainSettings:
-    """The training settings the scoring ranks run with: the layout, one sample per micro-batch."""
+    """The training settings the scoring ranks run with: the layout on the ranks of ONE node (the job holds one node;
+    data parallelism takes what the model-parallel group leaves), one sample per micro-batch."""
+    from ..layout import LayoutError
+
     per_node = ev.launch.get("gpus_per_node") or ev.launch.get("cpu_procs", 1)
-    world = per_node * ev.launch.get("nnodes", 1)
-    dp = Layout.of(ev.parallel, world).dp
-    train = {**{k: ev.launch[k] for k in LAUNCH_KEYS if k in ev.launch}, "micro_batch_size": 1,
-             "global_batch_size": dp, "packing": False}
+    try:
+        dp = Layout.of(ev.parallel, per_node).dp
+    except LayoutError as error:
+        raise ValueError(f"evaluate runs on one node of {per_node} ranks and the layout parallel.* does not fit it: "
+                         f"{error}") from None
+    train = {**{k: ev.launch[k] for k in LAUNCH_KEYS if k in ev.launch}, "nnodes": 1, "rdzv_endpoint": "",
+             "micro_batch_size": 1, "global_batch_size": dp, "packing": False}
     return TrainSettings(hf_dir=ev.mcore_dir, init_checkpoint=ev.checkpoint, shards=ev.shards,
                          train_dir=str(work_dir), train=train, parallel=ev.parallel, data=ev.data, use_te=ev.use_te)
 
@@ -90,8 +96,7 @@ def score(ev: Evaluation, work_dir: Path) -> list[dict]:
     settings.dump(settings_path)
     run_torchrun("omni_model.eval", ["--settings", str(settings_path), "--checkpoint", ev.checkpoint,
                                      "--split", ev.split, "--out", str(scores_path)],
-                 nproc_per_node=settings.world_size // settings.train["nnodes"], nnodes=settings.train["nnodes"],
-                 rdzv_endpoint=settings.train["rdzv_endpoint"])
+                 nproc_per_node=settings.world_size)
     return [json.loads(line) for line in scores_path.read_text().splitlines() if line.strip()]
 
 
