@@ -71,3 +71,14 @@ def test_eval_data_rows_follow_the_val_rows():
     by_name = {(group, metric): change for group, metric, _, _, change in extra}
     assert by_name[("eval.data (1 in training) all samples", "loss (answer tokens)")] == "+0.5 (worse)"
     assert by_name[("eval.data (1 in training) generated (2 answers)", "exact_match")] == "+0.5 (better)"
+
+
+def test_scoring_runs_on_one_node_of_the_configured_ranks(tmp_path):
+    from omni_model.eval.run import Evaluation, scoring_settings
+
+    ev = Evaluation(name="tuned", checkpoint="c", mcore_dir=str(tmp_path), hf_dir="h", shards="s", processed="p",
+                    parallel={"tp": 2}, launch={"gpus_per_node": 8, "cpu_procs": 2})
+    settings = scoring_settings(ev, tmp_path)
+    assert (settings.world_size, settings.layout.dp, settings.train["global_batch_size"]) == (8, 4, 4)
+    with pytest.raises(ValueError, match="evaluate runs on one node of 8 ranks"):
+        scoring_settings(Evaluation(**{**vars(ev), "parallel": {"tp": 16}}), tmp_path)
