@@ -1,5 +1,5 @@
 # omni-pipeline: fine-tune Qwen3-Omni with Megatron-Core.
-#   download -> datajuicer -> shards -> convert -> finetune -> export   (+ the report items of each stage)
+#   download -> datajuicer -> shards -> convert -> finetune -> export -> evaluate   (+ the report items of each stage)
 # The config is coerced, validated (defaults filled) and the files it names are checked before any job runs:
 # a wrong key, type, value, path or recipe op stops here with one line per problem, and nothing is run.
 
@@ -25,6 +25,7 @@ include: "rules/data.smk"
 include: "rules/convert.smk"
 include: "rules/finetune.smk"
 include: "rules/export.smk"
+include: "rules/evaluate.smk"
 include: "rules/report.smk"
 include: "rules/plan.smk"
 
@@ -43,6 +44,8 @@ rule all:
         rules.convert.output,
         rules.finetune.output,
         rules.export.output,
+        rules.evaluate.input,
         rules.report_data.output,
         rules.report_convert.output,
         rules.report_finetune.output,
+        rules.report_evaluate.output,

@@ -181,5 +181,7 @@ def load_checkpoint(thinker: torch.nn.Module, ckpt_dir) -> None:
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a complete torch_dist checkpoint (no metadata.json)")
-    loaded = dist_checkpointing.load(thinker.sharded_state_dict(), str(ckpt_dir), strict=StrictHandling.RAISE_UNEXPECTED)
-    thinker.load_state_dict(loaded, strict=True)
+    wanted = thinker.sharded_state_dict()
+    loaded = dist_checkpointing.load(wanted, str(ckpt_dir), strict=StrictHandling.RAISE_UNEXPECTED)
+    # a training checkpoint's common state (iteration, scheduler, digest, ...) comes back beside the model's tensors
+    thinker.load_state_dict({key: loaded[key] for key in wanted}, strict=True)

@@ -1,0 +1,17 @@
+"""The `evaluate` stage: base (the converted checkpoint) vs tuned (the training's `latest`) on the val split.
+
+Two parts, one per question a user asks:
+
+* `scores` (under torchrun, at the configured layout): our Megatron-Core thinker, the training forward with no
+  gradients, gives the loss and next-token accuracy on the answer tokens of every sample; `summary` groups them per
+  modality mix (text, image, audio, video, mixed) and per `source` field.
+* `generate` (one process): greedy answers with a KV cache from transformers' Qwen3-Omni on the HF checkpoint of the
+  same weights (the download for base, the export for tuned), scored by `metrics` (exact match, jiwer WER/CER,
+  sacrebleu BLEU/chrF). transformers because its `generate` gives a KV cache, stopping criteria and multimodal
+  prompts (positions of image/audio/video) for the released model today, and `device_map="auto"` spreads the 30B
+  checkpoint over the GPUs of one host without a layout; mcore 0.16's inference engines have no Qwen3-Omni
+  multimodal prompt path (towers, deepstack, MRoPE) and would need one written and kept in step.
+
+Spoken answers (the talker) are not evaluated yet: no talker is trained. `summary` keeps one section per output kind
+(`text` now) so a `speech` section can be added beside it.
+"""

@@ -1,0 +1,3 @@
+from .scores import main
+
+main()
