@@ -103,3 +103,11 @@ def stale_items(items, sources):
     """The items that are missing or older than the newest of `sources` (existing paths)."""
     newest = max((modified_time(path) for path in sources), default=0.0)
     return [item for item in items if not os.path.exists(item) or modified_time(item) < newest]
+
+
+def evaluated_inputs(wildcards):
+    """evaluate_model's inputs for one model (rules/evaluate.smk): its weights and HF checkpoint, eval.data's."""
+    if wildcards.model == "tuned" and "done" not in EXPORT_OUTPUTS:
+        exit_with("evaluate cannot run with this config", "the tuned answers are generated from the merged export, "
+                  "and export.lora = adapter writes none: set export.lora: both")
+    return dict(EVALUATED_WEIGHTS[wildcards.model], **EVAL_DATA_INPUT)

@@ -18,12 +18,6 @@ EVALUATED_WEIGHTS = {
 }
 
 
-def evaluated_inputs(wildcards):
-    if wildcards.model == "tuned" and "done" not in EXPORT_OUTPUTS:
-        exit_with("evaluate cannot run with this config", "the tuned answers are generated from the merged export, "
-                  "and export.lora = adapter writes none: set export.lora: both")
-    return dict(EVALUATED_WEIGHTS[wildcards.model], **EVAL_DATA_INPUT)
-
 EVAL_DATA_INPUT = {"eval_data": "results/eval/data"} if EVAL_DATA else {}
 
 if EVAL_DATA:
@@ -67,8 +61,7 @@ rule evaluate_model:
     wildcard_constraints:
         model="base|tuned",
     params:
-        eval=canonical(config["eval"]),
-        parallel=canonical(config["parallel"]),
+        **section_params(eval=config["eval"], parallel=config["parallel"]),
         use_te=config["model"]["use_te"],
         data=ENCODER_DATA,
     log:
