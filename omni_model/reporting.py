@@ -18,7 +18,8 @@ STYLE = ("<style>body{font-family:sans-serif;font-size:13px} table{border-collap
          "td.n{text-align:right}</style>")
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (no display on the machines that make the report)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +41,7 @@ def html_table(title: str, columns: Sequence[str], rows: Iterable[Sequence], not
             f"<body><h3>{html.escape(title)}</h3>{note_html}<table><tr>{head}</tr>\n{body}</table></body></html>\n")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -52,7 +53,7 @@ def data_summary(shards_report: dict, png: Path, table: Path) -> None:
     """Kept / dropped by stage and op: a horizontal bar chart and a table."""
     order = {stage: i for i, stage in enumerate(STAGE_ORDER)}
     by_op = sorted(shards_report["dropped_by_stage_op"].items(), key=lambda kv: (order.get(kv[0].split("/")[0], 9), kv[0]))
-    plt = _plt()
+    plt = pyplot()
     labels = ["kept (train)", "kept (val)"] + [f"dropped: {key}" for key, _ in by_op]
     values = [shards_report["train"], shards_report["val"]] + [n for _, n in by_op]
     colors = ["#2a7", "#5b9"] + ["#d55"] * len(by_op)
@@ -72,7 +73,7 @@ def data_summary(shards_report: dict, png: Path, table: Path) -> None:
 
 
 def drops_table(drops_jsonl: Path, out: Path) -> int:
-    drops = _read_jsonl(drops_jsonl)
+    drops = read_jsonl(drops_jsonl)
     rows = [(d.get("id", ""), d.get("stage", ""), d.get("op", ""), d.get("reason", "")) for d in drops]
     Path(out).write_text(html_table(f"Dropped samples ({len(rows)})", ["id", "stage", "op", "reason"], rows))
     return len(rows)
@@ -94,7 +95,7 @@ def token_histogram(counts: dict[str, list[int]], png: Path, max_seq_len: int | 
     """Histogram of tokens per sample, train and val on the same bins; max_seq_len drawn when it is in range."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     everything = [n for values in counts.values() for n in values]
     bins = np.linspace(min(everything), max(everything) + 1, 31) if everything else 10
@@ -167,8 +168,8 @@ CURVES = (("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient nor
 
 def train_curves(metrics_jsonl: Path, png: Path) -> int:
     """Loss (+ eval loss), lr, grad-norm, tokens/s against the step; returns the number of training records."""
-    records = _read_jsonl(metrics_jsonl)
-    plt = _plt()
+    records = read_jsonl(metrics_jsonl)
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 6))
     train = [r for r in records if "step" in r and r.get("loss") is not None]  # a step record may carry eval_loss too
     evals = [r for r in records if "step" in r and r.get("eval_loss") is not None]

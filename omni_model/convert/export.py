@@ -311,15 +311,15 @@ def write_peft_adapter(adapters: Dict[str, torch.Tensor], spec, out_dir: Path, s
     published atomically."""
     from safetensors.torch import save_file
 
-    from ..download import _fresh_dir, _publish
     from ..model.lora import to_peft
+    from ..runtime.publish import fresh_staging, publish
 
     state, config = to_peft(adapters, spec, module_prefix="thinker.model.")
     config.base_model_name_or_path = str(source_hf_dir)
-    staging = _fresh_dir(out_dir)
+    staging = fresh_staging(out_dir)
     config.save_pretrained(str(staging))
     save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "adapter_model.safetensors"))
-    _publish(staging, out_dir)
+    publish(staging, out_dir)
     return {"adapter_tensors": len(state), "adapter_bytes": sum(v.numel() * v.element_size() for v in state.values())}
 
 
@@ -334,12 +334,13 @@ def write_merged(adapters: Dict[str, torch.Tensor], spec, source_hf_dir: Path, o
                  shard_size: int, use_te: bool = False, provenance: dict, log: Callable[[str], None] = print) -> dict:
     """The source HF checkpoint with every adapted weight replaced by W + scaling * B A (fp32 sum, cast to the
     source dtype); every other tensor copied byte for byte. Streamed: one adapted module's deltas at a time."""
-    from ..download import _fresh_dir, _publish, write_manifest
+    from ..checkpoint_files import write_manifest
+    from ..runtime.publish import fresh_staging, publish
     from .checkpoint import copy_hf_side_files
 
     hf_config = json.loads((source_hf_dir / "config.json").read_text())
     source = source_tensors(source_hf_dir)
-    staging = _fresh_dir(out_dir)
+    staging = fresh_staging(out_dir)
     merged = set()
     with ShardedSafetensorsWriter(staging, source.values(), shard_size) as writer:
         for name, delta in lora_deltas(adapters, spec, hf_config, use_te=use_te):
@@ -356,7 +357,7 @@ def write_merged(adapters: Dict[str, torch.Tensor], spec, source_hf_dir: Path, o
         writer.finish()
     copy_hf_side_files(source_hf_dir, staging)
     write_manifest(staging, dict(provenance, kind="export", lora="merged"))
-    _publish(staging, out_dir)
+    publish(staging, out_dir)
     log(f"export: {len(merged)} weights merged with their adapters, {len(source) - len(merged)} copied unchanged")
     return {"merged_tensors": len(merged), "copied_tensors": len(source) - len(merged),
             "shards": len(set(writer.weight_map.values())), "total_size": writer.total_size}

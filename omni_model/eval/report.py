@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..reporting import _plt, _read_jsonl, html_table
+from ..reporting import html_table, pyplot, read_jsonl
 from .metrics import LOWER_IS_BETTER, METRICS
 
 
@@ -66,7 +66,7 @@ def modality_plot(base_json: Path, tuned_json: Path, png: Path) -> list[str]:
     """Grouped bars per modality mix: loss (left) and next-token accuracy (right), base vs tuned."""
     base, tuned = json.loads(Path(base_json).read_text()), json.loads(Path(tuned_json).read_text())
     mixes = sorted(set(base["scores"]["by_modality"]) | set(tuned["scores"]["by_modality"]))
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     width = 0.4
     for ax, metric in zip(axes, ("loss", "accuracy")):
@@ -87,10 +87,10 @@ def sample_table(base_samples: Path, tuned_samples: Path, out: Path) -> int:
     def key(row):  # an eval.data sample may share its id with a val one
         return row.get("dataset", "val"), row["id"]
 
-    tuned = {key(row): row for row in _read_jsonl(tuned_samples)}
+    tuned = {key(row): row for row in read_jsonl(tuned_samples)}
     rows = [(*key(row), row.get("source") or "", row["prompt"], row["reference"], row["answer"],
              tuned.get(key(row), {}).get("answer", ""))
-            for row in _read_jsonl(base_samples) if "answer" in row]
+            for row in read_jsonl(base_samples) if "answer" in row]
     Path(out).write_text(html_table("Evaluation: generated answers", ["dataset", "id", "source", "prompt", "reference",
                                                                       "base answer", "tuned answer"], rows))
     return len(rows)

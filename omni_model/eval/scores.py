@@ -62,12 +62,12 @@ def score_step(data_iterator, model):
     """mcore forward_step_func: the training forward (thinker_inputs) without labels, so the last stage gets logits."""
     from megatron.core.utils import get_attr_wrapped_model
 
-    from ..train.forward_step import _to_device, clear_moe_aux_loss_scale, thinker_inputs
+    from ..train.forward_step import to_device, clear_moe_aux_loss_scale, thinker_inputs
 
     clear_moe_aux_loss_scale()
     batch = next(data_iterator)
     device = next(model.parameters()).device
-    inputs = _to_device(thinker_inputs(batch, media=get_attr_wrapped_model(model, "pre_process")), device)
+    inputs = to_device(thinker_inputs(batch, media=get_attr_wrapped_model(model, "pre_process")), device)
     labels, loss_mask = inputs.pop("labels"), inputs.pop("loss_mask")
     output = model(**inputs)
     return output, partial(sample_scores, model, batch, labels, loss_mask)

@@ -80,3 +80,15 @@ def staged_outputs(outputs: Mapping[str, Path], stage: str = "stage") -> Iterato
             publish(path, outputs[name])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_marker(marker: Path, summary: str) -> None:
+    """The declared output of a stage whose folder is published beside it (`results/data/shards.done` for
+    `results/data/shards`), written last. It names this run (time and a random id) besides `summary`: Snakemake
+    decides whether a later job is stale by the checksum of a small input file, not its time, so a marker that read
+    the same after a rerun with other results (e.g. the same sample counts, the same `latest` name) would leave the
+    stages after it on the old folder."""
+    import time
+    import uuid
+
+    Path(marker).write_text(f"{summary}\nrun {time.strftime('%Y-%m-%dT%H:%M:%S')} {uuid.uuid4().hex}\n")

@@ -406,6 +406,9 @@ def load_training_checkpoint(checkpoint: Path, training) -> dict:
         training.thinker.load_state_dict(loaded["model"])
     training.optimizer.load_state_dict(loaded["optimizer"])
     unshare_adam_steps(training.optimizer)
+    # mcore's load_state_dict steps the scheduler BY the saved num_steps (adds to the current count), and
+    # build_scheduler already counted the first step: the saved count includes that step, so start from 0
+    training.scheduler.num_steps = 0
     training.scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])

@@ -103,7 +103,7 @@ def thinker_inputs(batch: OmniBatch, media: bool = True) -> dict:
 HOST_KEYS = ("image_grid_thw", "video_grid_thw", "audio_feature_lengths")
 
 
-def _to_device(inputs: dict, device: torch.device) -> dict:
+def to_device(inputs: dict, device: torch.device) -> dict:
     def move(value):
         if isinstance(value, torch.Tensor):
             return value.to(device, non_blocking=True)
@@ -148,6 +148,6 @@ def forward_step(data_iterator, model):
                         f"packing and the padding mask are used by all stages), got {type(batch).__name__}")
     pre_process = get_attr_wrapped_model(model, "pre_process")
     device = next(model.parameters()).device
-    inputs = _to_device(thinker_inputs(batch, media=pre_process), device)
+    inputs = to_device(thinker_inputs(batch, media=pre_process), device)
     output_tensor = model(**inputs)
     return output_tensor, partial(loss_func, inputs["loss_mask"])

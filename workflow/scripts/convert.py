@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from omni_model.runtime.logs import stage_logging
-from omni_model.runtime.publish import staged_outputs
+from omni_model.runtime.publish import staged_outputs, write_marker
 
 
 def main(smk) -> None:
@@ -26,7 +26,7 @@ def main(smk) -> None:
         log(f"converted {record['thinker_tensors_read']} thinker tensors ({sum(record['parameters'].values()):,} "
             f"parameters in all parts), {record['left_for_export']['count']} talker/code2wav tensors left for export, "
             f"{len(record.get('hf_files', []))} HF side files; seconds {record['seconds']}")
-        marker.write_text(f"converted {hf_dir}: {record['thinker_tensors_read']} thinker tensors\n")  # last
+        write_marker(marker, f"converted {hf_dir}: {record['thinker_tensors_read']} thinker tensors")  # last
 
 
 def convert_and_check(hf_dir: Path, out_dir: Path, convert: dict, parallel: dict, use_te: bool, log) -> dict:

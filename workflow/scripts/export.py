@@ -10,6 +10,7 @@ time."""
 from pathlib import Path
 
 from omni_model.runtime.logs import stage_logging
+from omni_model.runtime.publish import write_marker
 
 
 def main(smk) -> None:
@@ -22,7 +23,8 @@ def main(smk) -> None:
         hf_dir = Path(smk.input.hf_manifest).parent
         require_intact(hf_dir)
         checkpoint = read_latest(Path(smk.input.train).with_suffix(""))  # the inputs and outputs are markers beside
-        markers = {name: Path(path) for name, path in smk.output.items()}  # their folders
+        markers = {name: Path(getattr(smk.output, name)) for name in ("done", "adapter")  # their folders
+                   if getattr(smk.output, name, None)}
         folders = {name: marker.with_suffix("") for name, marker in markers.items()}
         try:
             if lora_record(checkpoint) is not None or "adapter" in markers:
@@ -42,7 +44,7 @@ def main(smk) -> None:
         finally:
             destroy_parallel()
         for marker in markers.values():  # last
-            marker.write_text(f"exported {checkpoint}\n")
+            write_marker(marker, f"exported {checkpoint}")
 
 
 # dist_checkpointing may start a `spawn` helper process that re-imports the main script: run only as the script

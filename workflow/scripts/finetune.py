@@ -12,6 +12,7 @@ they live): a second finetune on the same folder, e.g. next to an orphan of a ki
 from pathlib import Path
 
 from omni_model.runtime.logs import console_line, stage_logging
+from omni_model.runtime.publish import write_marker
 
 params = snakemake.params  # noqa: F821
 with stage_logging(snakemake.log[0], "finetune") as log:  # noqa: F821  (first: the imports below print warnings)
@@ -48,4 +49,4 @@ with stage_logging(snakemake.log[0], "finetune") as log:  # noqa: F821  (first: 
             console_line(f"[finetune] {len(steps)} steps: loss first {steps[0]['loss']:.4f} -> last "
                          f"{steps[-1]['loss']:.4f} (metrics: {settings.metrics_path}, "
                          f"log: {snakemake.log[0]})")  # noqa: F821
-    marker.write_text(f"latest: {(train_dir / 'latest').read_text().strip()}\n")  # last
+    write_marker(marker, f"latest: {(train_dir / 'latest').read_text().strip()}")  # last

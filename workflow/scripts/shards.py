@@ -9,7 +9,7 @@ from omni_model.compat import DATA_PACKAGES, require_verified_upstream
 from omni_model.data.media import VIDEO_SETTINGS
 from omni_model.data.shards import write_shards
 from omni_model.runtime.logs import stage_logging
-from omni_model.runtime.publish import staged_outputs
+from omni_model.runtime.publish import staged_outputs, write_marker
 
 data = snakemake.params.data  # noqa: F821
 with stage_logging(snakemake.log[0], "shards") as log, \
@@ -28,4 +28,4 @@ with stage_logging(snakemake.log[0], "shards") as log, \
     log.info("input %d = kept %d (train %d, val %d) + dropped %d; %d shards", report["input"], report["kept"],
              report["train"], report["val"], report["dropped"], len(report["shards"]))
 # the marker last, once the folder is in place
-Path(snakemake.output.done).write_text(f"kept {report['kept']}, dropped {report['dropped']}\n")  # noqa: F821
+write_marker(Path(snakemake.output.done), f"kept {report['kept']}, dropped {report['dropped']}")  # noqa: F821
