@@ -176,10 +176,19 @@ def test_a_failing_rank_is_named_on_the_console_and_its_traceback_is_in_the_log(
     from omni_model.runtime.launch import run_torchrun
     from omni_model.runtime.logs import StageFailed, stage_logging
 
+    printed = tmp_path / "rank0_printed"
+    # deterministic: rank 1 fails only once rank 0's line is out (under load torchrun stopped rank 0 before it printed)
     (tmp_path / "ranks_demo.py").write_text(
-        "import os\n"
+        "import os, pathlib, time\n"
+        f"printed = pathlib.Path({str(printed)!r})\n"
         "print(f'rank {os.environ[\"RANK\"]} step 1', flush=True)\n"
-        "if os.environ['RANK'] == '1':\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    printed.touch()\n"
+        "    time.sleep(60)\n"
+        "else:\n"
+        "    deadline = time.time() + 120\n"
+        "    while not printed.exists() and time.time() < deadline:\n"
+        "        time.sleep(0.05)\n"
         "    raise ValueError('loss is nan at step 2')\n")
     log = tmp_path / "logs" / "finetune.log"
     with pytest.raises(StageFailed):
