@@ -137,6 +137,12 @@ class _LoraBase(nn.Module):
                 raise
             return getattr(self.base, name)  # what mcore reads off the wrapped layer (config, tp_group, ...)
 
+    def forward(self, x, *args, **kwargs):
+        """The base layer's (output, bias) with the adapter's delta added (the column and row wrappers; the grouped
+        experts' wrapper has its own)."""
+        out, bias = self.base(x, *args, **kwargs)
+        return out + self.delta(x).to(out.dtype), bias
+
     def _add(self, name: str, shape: AdapterShape, dtype, device) -> None:
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
@@ -197,10 +203,6 @@ class ColumnLora(_LoraBase):
         pieces = [F.linear(hp, getattr(self, f"lora_B_{p}")) for hp, p in zip(hs, self.parts)]
         return _interleave(pieces, self.local_groups) * self.scaling
 
-    def forward(self, x, *args, **kwargs):
-        out, bias = self.base(x, *args, **kwargs)
-        return out + self.delta(x).to(out.dtype), bias
-
 
 class RowLora(_LoraBase):
     """LoRA around a RowParallelLinear (input split over TP)."""
@@ -227,10 +229,6 @@ class RowLora(_LoraBase):
         if self.sp:
             delta = scatter_to_sequence_parallel_region(delta, group=self.base.tp_group)
         return delta
-
-    def forward(self, x, *args, **kwargs):
-        out, bias = self.base(x, *args, **kwargs)
-        return out + self.delta(x).to(out.dtype), bias
 
 
 class GroupedLora(_LoraBase):

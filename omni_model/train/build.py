@@ -225,10 +225,10 @@ def build_training(settings: TrainSettings, load_initial_weights: bool = True, l
             FoldedGradScale(model, optimizer)
     scheduler = build_scheduler(optimizer, settings.train)
     return Training(model=model, optimizer=optimizer, scheduler=scheduler, dtype=training_dtype(settings),
-                    lora=lora_record(settings))
+                    lora=lora_run_record(settings))
 
 
-def lora_record(settings: TrainSettings) -> Optional[dict]:
+def lora_run_record(settings: TrainSettings) -> Optional[dict]:
     """What a LoRA run's checkpoints record: the adapter settings and the digest of the base they apply to."""
     from .checkpointing import base_digest
 
