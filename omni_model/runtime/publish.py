@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
+import uuid
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -88,7 +90,4 @@ def write_marker(marker: Path, summary: str) -> None:
     decides whether a later job is stale by the checksum of a small input file, not its time, so a marker that read
     the same after a rerun with other results (e.g. the same sample counts, the same `latest` name) would leave the
     stages after it on the old folder."""
-    import time
-    import uuid
-
     Path(marker).write_text(f"{summary}\nrun {time.strftime('%Y-%m-%dT%H:%M:%S')} {uuid.uuid4().hex}\n")
