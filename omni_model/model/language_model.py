@@ -108,9 +108,12 @@ class Qwen3OmniLanguageModel(GPTModel):
         padding_mask: Optional[torch.Tensor] = None,
         runtime_gather_output: Optional[bool] = None,
         inference_context=None,
+        return_hidden: bool = False,
     ):
         """`labels`: already shifted targets (-> per-token loss [B, S]); `padding_mask` [B, S]: True on padding, so
-        the MoE routers leave pad tokens out of the load-balancing statistics (GPTModel's convention)."""
+        the MoE routers leave pad tokens out of the load-balancing statistics (GPTModel's convention).
+        `return_hidden`: also give back the final-norm hidden states [S(/tp with SP), B, H] that the output layer read
+        (the talker's code predictor starts from them): `(logits or loss, hidden)`."""
         context = None
         if self.pre_process:
             if decoder_input is None:
@@ -149,7 +152,7 @@ class Qwen3OmniLanguageModel(GPTModel):
             inference_context=inference_context,
             padding_mask=padding_mask,
         )
-        return self._postprocess(
+        output = self._postprocess(
             hidden_states=hidden_states,
             input_ids=input_ids,
             position_ids=position_ids,
@@ -165,6 +168,7 @@ class Qwen3OmniLanguageModel(GPTModel):
             runtime_gather_output=runtime_gather_output,
             inference_context=inference_context,
         )
+        return (output, hidden_states) if return_hidden else output
 
 
 def build_language_model(
