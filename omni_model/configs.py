@@ -250,12 +250,14 @@ def tiny_config() -> dict:
         "conv_chunksize": 500,
         "max_source_positions": 1500,
     }
+    # talker and code predictor: grouped-query attention with a query width of twice the hidden size, as released
+    # (16 x 128 over 1024); two KV heads so that TP=2 splits them
     talker_text = {
         "vocab_size": 3072,
         "hidden_size": 32,
         "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
         "head_dim": 16,
         "num_experts": 4,
         "num_experts_per_tok": 2,
@@ -269,8 +271,8 @@ def tiny_config() -> dict:
         "vocab_size": 2048,
         "hidden_size": 32,
         "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
         "head_dim": 16,
         "intermediate_size": 64,
         "num_code_groups": 16,

@@ -217,8 +217,11 @@ def talker_transformer_configs(hf_config, layout=None, *, dtype=torch.float32, p
     decoder = build_transformer_config(talker_text_config_of(hf_config), layout, dtype=dtype, shared_expert=True,
                                        perform_initialization=perform_initialization, **overrides)
     predictor_overrides = {k: v for k, v in overrides.items() if not k.startswith("moe_")}
+    # dense: no SP (its [G, N] frames are short; the decoder's MoE is what needs SP at TP > 1), no expert layout
+    # (mcore refuses an expert-parallel size without experts)
     predictor = build_transformer_config(code_predictor_config_of(hf_config), layout, dtype=dtype,
                                          perform_initialization=perform_initialization, sequence_parallel=False,
+                                         expert_model_parallel_size=1, expert_tensor_parallel_size=1,
                                          **predictor_overrides)
     return decoder, predictor, _without_sequence_parallel(decoder)
 
