@@ -4,24 +4,10 @@ reference, called through its own modules and forwards."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
 from llm_helpers import text_batch
-
-
-@dataclass
-class TalkerBatch:
-    thinker_embeds: torch.Tensor  # [B, S, Ht] the thinker's token embeddings at each talker position
-    multimodal_mask: torch.Tensor  # [B, S] positions that take the accepted layer's hidden state instead
-    thinker_hidden: torch.Tensor  # [n_multimodal, Ht] those hidden states, row-major
-    codec_codes: torch.Tensor  # [B, S, G] codes added to the input (-1: none): prompt ids in group 0, fed-back frames
-    position_ids: torch.Tensor  # [3, B, S] MRoPE ids (T/H/W differ)
-    frame_positions: torch.Tensor  # [N] flat b * S + s of the positions whose hidden state predicts a frame
-    frame_codes: torch.Tensor  # [N, G] that frame's codes
-    labels: Optional[torch.Tensor] = None  # [B, S] first-group targets at each position (-100: none), HF-unshifted
+from omni_model.train.talker_step import IGNORE, TalkerBatch
 
 
 def talker_batch(config: dict, b: int = 2, s: int = 16, seed: int = 0, frames_from: int = 10) -> TalkerBatch:
@@ -51,11 +37,17 @@ def talker_batch(config: dict, b: int = 2, s: int = 16, seed: int = 0, frames_fr
     rows = [(i, frames_from - 1 + t) for i in range(b) for t in range(n_frames)]
     frame_positions = torch.tensor([i * s + p for i, p in rows])
     frame_codes = torch.stack([frames[i, p - frames_from + 1] for i, p in rows])
-    labels = torch.full((b, s), -100, dtype=torch.long)
-    labels[:, frames_from:s - 1] = frames[..., 0]  # HF convention: the label of position p+1 is predicted at p
-    labels[:, s - 1] = eos
+    labels = torch.full((b, s), IGNORE, dtype=torch.long)  # target of each position (shifted)
+    labels[:, frames_from - 1:s - 2] = frames[..., 0]
+    labels[:, s - 2] = eos
     _, pos = text_batch(b=b, s=s, seed=seed)
-    return TalkerBatch(embeds, mm, hidden, codes, pos, frame_positions, frame_codes, labels)
+    return TalkerBatch(thinker_embeds=embeds, multimodal_mask=mm, thinker_hidden=hidden, codec_codes=codes,
+                       position_ids=pos, labels=labels, frame_positions=frame_positions, frame_codes=frame_codes)
+
+
+def hf_labels(batch: TalkerBatch) -> torch.Tensor:
+    """transformers' label convention (the label of position p + 1 is predicted at p; its loss shifts them)."""
+    return torch.cat([torch.full_like(batch.labels[:, :1], IGNORE), batch.labels[:, :-1]], dim=1)
 
 
 def hf_talker(hf_dir, dtype=torch.float32):
