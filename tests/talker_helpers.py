@@ -50,16 +50,18 @@ def hf_labels(batch: TalkerBatch) -> torch.Tensor:
     return torch.cat([torch.full_like(batch.labels[:, :1], IGNORE), batch.labels[:, :-1]], dim=1)
 
 
-def hf_talker(hf_dir, dtype=torch.float32):
-    """transformers' talker of an HF checkpoint dir, with the eager per-expert loop (llm_helpers.hf_thinker says why)."""
+def hf_talker(hf_dir, dtype=torch.float32, whole_model: bool = False):
+    """transformers' talker of an HF checkpoint dir, with the eager per-expert loop (llm_helpers.hf_thinker says why);
+    `whole_model`: (the Qwen3OmniMoeForConditionalGeneration holding it, the talker)."""
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
-    talker = Qwen3OmniMoeForConditionalGeneration.from_pretrained(str(hf_dir), dtype=dtype).talker
+    model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(str(hf_dir), dtype=dtype)
+    talker = model.talker
     for module in talker.modules():
         cfg = getattr(module, "config", None)
         if cfg is not None and hasattr(cfg, "_experts_implementation"):
             cfg._experts_implementation = "eager"
-    return talker.eval()
+    return (model, talker.eval()) if whole_model else talker.eval()
 
 
 def hf_inputs_embeds(talker, batch: TalkerBatch) -> torch.Tensor:

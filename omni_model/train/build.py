@@ -192,9 +192,6 @@ def build_training(settings: TrainSettings, load_initial_weights: bool = True, l
     """The thinker (weights from settings.init_checkpoint), frozen parts, DDP, optimizer, scheduler. With train.lora
     the base weights are always loaded (`load_base(thinker)` if given, e.g. from HF safetensors in a test), before
     the adapters are added. `options`: the performance switches (model.options.PerfOptions)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import get_megatron_optimizer
-
     from .checkpointing import load_model_weights
 
     thinker = build_thinker_for_training(settings, options)
@@ -206,12 +203,21 @@ def build_training(settings: TrainSettings, load_initial_weights: bool = True, l
         add_lora(thinker, settings)
     else:
         freeze(thinker, settings.train)
+    return wrap_for_training(thinker, settings, options, lora=lora_run_record(settings))
 
-    config = thinker.config
+
+def wrap_for_training(module: torch.nn.Module, settings: TrainSettings, options: PerfOptions = DEFAULT,
+                      lora: Optional[dict] = None) -> Training:
+    """A built model (its trainable parameters chosen) in mcore's DDP, with get_megatron_optimizer and the LR
+    scheduler of `settings.train`: the thinker's training objects, and the talker's (train.talker_step)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    config = module.config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=settings.on_gpu,
         check_for_nan_in_grad=True)
-    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=thinker)
+    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
     # mcore's schedule calls these: grad reduction across DP, SP/TP-replicated params, embeddings, 1/num_tokens
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = model.no_sync
@@ -224,8 +230,7 @@ def build_training(settings: TrainSettings, load_initial_weights: bool = True, l
         if options.fold_grad_scale:
             FoldedGradScale(model, optimizer)
     scheduler = build_scheduler(optimizer, settings.train)
-    return Training(model=model, optimizer=optimizer, scheduler=scheduler, dtype=training_dtype(settings),
-                    lora=lora_run_record(settings))
+    return Training(model=model, optimizer=optimizer, scheduler=scheduler, dtype=training_dtype(settings), lora=lora)
 
 
 def lora_run_record(settings: TrainSettings) -> Optional[dict]:

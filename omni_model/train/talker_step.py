@@ -97,7 +97,36 @@ class TalkerForwardStep:
         loss = talker_loss(talker, batch.to(next(talker.parameters()).device), self.predictor_weight)
 
         def loss_func(total: torch.Tensor):
-            return total, {"loss": total.detach(), "first_loss": loss.first.detach(),
-                           "predictor_loss": loss.residual.detach()}
+            # clones: the schedule divides the returned loss by the micro-batch count in place
+            return total, {"loss": total.detach().clone(), "first_loss": loss.first.detach().clone(),
+                           "predictor_loss": loss.residual.detach().clone()}
 
         return loss.total, loss_func
+
+
+def talker_config_overrides(train: dict) -> dict:
+    """TransformerConfig fields a talker training run sets: activation recompute, and the MoE aux-loss coefficient
+    when train.moe_aux_loss_coeff is given (transformers' talker adds no aux loss unless `output_router_logits`).
+    No per-token loss: the talker's loss is the mean of two means (module docstring)."""
+    from .build import RECOMPUTE
+
+    overrides = dict(RECOMPUTE[train["recompute"]])
+    if train.get("moe_aux_loss_coeff") is not None:
+        overrides["moe_aux_loss_coeff"] = float(train["moe_aux_loss_coeff"])
+    return overrides
+
+
+def build_talker_training(settings, load_weights=None, options=None):
+    """The talker's training objects (after train.build.init_training_parallel): the talker at the configured layout,
+    `load_weights(talker)` (e.g. convert.mapping.load_hf_into_talker from an HF dir), then mcore DDP,
+    get_megatron_optimizer and the LR scheduler exactly as the thinker's (train.build.wrap_for_training)."""
+    from ..model.options import DEFAULT
+    from ..model.talker import build_talker
+    from .build import training_dtype, wrap_for_training
+
+    options = options or DEFAULT
+    talker = build_talker(settings.hf_dir, dtype=training_dtype(settings), use_te=settings.use_te, options=options,
+                          config_overrides=talker_config_overrides(settings.train))
+    if load_weights is not None:
+        load_weights(talker)
+    return wrap_for_training(talker, settings, options)
