@@ -76,9 +76,9 @@ def score_step(data_iterator, model):
 
 
 def split_batches(settings: TrainSettings, split: str, limit: Optional[int] = None) -> list:
-    """This data-parallel rank's micro-batches of the split (one sample each, unpacked, in order; the first `limit`
-    when given), padded with repeats to the most any rank holds: expert-parallel and tensor-parallel collectives need
-    every rank in step."""
+    """This data-parallel rank's micro-batches of the split (one sample each, unpacked; in order for val, in the
+    order Energon's train dataset shuffles them for `train`, eval.data's split; the first `limit` when given), padded
+    with repeats to the most any rank holds: expert-parallel and tensor-parallel collectives need every rank in step."""
     from omni_model.data.task_encoder import build_loader
 
     from ..train.data import task_encoder, worker_config
