@@ -85,8 +85,9 @@ def items_current(rule_name):
         if stale:
             raise SystemExit(
                 f"The report items of {rule_name} are missing or older than what they report on "
-                f"({', '.join(sources)}): {', '.join(stale)}.\nRun `snakemake --cores all {rule_name}` (or the whole "
-                f"pipeline), then --report again."
+                f"({', '.join(sources)}): {', '.join(stale)}.\nRun `snakemake --cores all --force {rule_name}`, then "
+                f"--report again (--force: Snakemake reruns a rule only when an input's content changed, and a stage "
+                f"that ran again may have written the same bytes)."
             )
         return []
 

@@ -265,6 +265,16 @@ def _tar_has_members(path: Path) -> bool:
         return tar.next() is not None
 
 
+def split_tars(shards_dir: Path, split: str) -> list[Path]:
+    """The tar files of one split, in order, as Energon reads them from .nv-meta/split.yaml (its part names are
+    brace patterns: `train-{000000..000002}.tar`)."""
+    import yaml
+    from braceexpand import braceexpand
+
+    parts = yaml.safe_load((Path(shards_dir) / ".nv-meta/split.yaml").read_text())["split_parts"].get(split) or []
+    return [Path(shards_dir) / name for part in parts for name in braceexpand(part)]
+
+
 def prepare_energon(out_dir: Path, shards: list[str], workers: int = 1) -> None:
     """Energon metadata without prompts: index + split.yaml by Energon's own preparator, dataset.yaml for crude samples."""
     import yaml
