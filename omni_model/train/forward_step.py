@@ -18,6 +18,12 @@ come from `OmniBatch.hf_inputs()` instead; the two differ: mcore wants already-s
 | `loss_mask`         | `loss_mask` [B, S] float                         | `loss_func` (last stage)                    |
 | media               | pixel values, grids, audio features              | the towers (first stage only)               |
 
+With parallel.cp > 1 (`model_inputs` -> `context_parallel_inputs`, model.context_parallel): the row is padded so that
+every sequence splits into 2 x cp chunks, and positions, labels, loss mask and padding mask are cut to this CP rank's
+zig-zag chunks here; the input ids and media stay whole (the towers see whole media, the language model cuts the
+merged embeddings). A CP rank's loss sums and label counts cover its chunks: mcore's finalize_model_grads reduces
+the count, and DDP the gradients, over DP x CP.
+
 A packed batch is one THD row: B rows of S tokens are flattened to [1, B*S] (its `cu_seqlens` already count over the
 flattened tokens; mcore's THD attention takes batch 1). Every keyword is passed by name: mcore's `Float16Module`
 casts only positional inputs to bf16, so the float MRoPE positions stay exact.
