@@ -76,7 +76,7 @@ def test_long_video_trains_at_cp2_and_the_long_audio_is_dropped_naming_the_limit
                       .replace("max_duration: 60\n", "max_duration: 400\n"))
     data = (f"data={{raw: {raw}, recipe: {raised}, max_seq_len: 3072, val_fraction: 0.0, video_fps: 1.0, "
             f"video_max_frames: 64, video_min_pixels: 1024, video_max_pixels: 4096}}")
-    train = "train={iters: 2, seq_len: 3072, global_batch_size: 2, eval_interval: 0, save_interval: 0}"
+    train = "train={iters: 2, lr_warmup_iters: 1, seq_len: 3072, global_batch_size: 2, eval_interval: 0, save_interval: 0}"
     result = snakemake(wf, "--cores", "2", "finetune", "--config", data, train, "parallel={cp: 2}", timeout=2400)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     drops = _drops(wf)
