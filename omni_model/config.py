@@ -174,7 +174,8 @@ def semantic_problems(config: dict) -> list[str]:
     """Rules the schema cannot say."""
     from .train.settings import context_parallel_problem
 
-    problem = context_parallel_problem(config.get("parallel", {}))
+    problem = context_parallel_problem(config.get("parallel", {}), config.get("train", {}),
+                                       bool(config.get("model", {}).get("use_te", False)))
     return [problem] if problem else []
 
 

@@ -12,9 +12,11 @@ For a thinker config (HF `config.json` dict), a layout (TP/PP/EP/ETP/DP, distrib
                  data-parallel ranks by the distributed optimizer (dense params over DP, experts over expert-DP);
                  CPU/fp32: the 2 moments only (mcore's FP32Optimizer has no master copy)
     activations  what autograd keeps for backward, per token and layer (attention + MoE with its top-k dispatched
-                 rows), divided by TP / SP; times the micro-batches in flight on the first pipeline stage
+                 rows), divided by TP / SP and by CP (each CP rank keeps 1/cp of every packed row, plus the K/V of
+                 the whole row that its attention gathers); times the micro-batches in flight on the first stage
     recompute    full recompute: one layer's activations, rebuilt during its backward
-    towers       the vision / audio encoders' activations when they train (frozen towers keep none)
+    towers       the vision / audio encoders' activations when they train (frozen towers keep none); not divided
+                 by CP: every CP rank runs the towers on the whole micro-batch (model.context_parallel says why)
     logits       the fp32 softmax of the [tokens x vocab/TP] logits kept by the cross entropy + the transient bf16
                  logits and fp32 gradient around it (vocab 152064: the largest single tensors of a step)
     overhead     CUDA context, NCCL buffers, allocator fragmentation (only in `total`, not in `allocated`)
@@ -186,13 +188,14 @@ def llm_layer_activation_bytes(text: dict, layout: Layout, work: Workload, is_mo
     nh = text["num_attention_heads"]
     ng = text.get("num_key_value_heads", nh)
     hd = text.get("head_dim") or h // nh
-    tokens = work.tokens
+    tokens = cp_tokens(work, layout)
     local = tokens // tp  # SP shard (tp > 1 forces SP for MoE)
     heads = tokens // tp  # tokens x this rank's heads
     per_head_token = a * (nh + 2 * ng) * hd + upcast * (nh + ng) * hd + a * (2 * (nh + ng) * hd + 2 * nh * hd)
     if work.recompute == "selective":  # mcore's default module list: core attention (SDPA's own q/k/v layouts)
         per_head_token -= a * (nh + 2 * ng) * hd
     attn = local * norm_saved_bytes(h, a) + heads * per_head_token + 4 * tokens * 4 * hd + 4 * heads * nh
+    attn += cp_gathered_kv_bytes(text, layout, work)
     if is_moe:
         e, k, f = text["num_experts"], text["num_experts_per_tok"], text["moe_intermediate_size"]
         rows = k * local * etp  # top-k copies of this rank's tokens; ETP ranks see each other's tokens
@@ -203,11 +206,31 @@ def llm_layer_activation_bytes(text: dict, layout: Layout, work: Workload, is_mo
     return attn + mlp
 
 
+def cp_tokens(work: Workload, layout: Layout) -> int:
+    """Tokens of one micro-batch on one CP rank: 1/cp of the packed row (the zig-zag split; the padding of each
+    sequence to 2 x cp chunks is at most 2 x cp - 1 tokens a sequence, left out)."""
+    return -(-work.tokens // layout.cp)
+
+
+def cp_gathered_kv_bytes(text: dict, layout: Layout, work: Workload) -> int:
+    """What a CP rank's attention keeps of the K/V gathered from all CP ranks (model.context_parallel): each of its
+    query chunks' causal key prefix, (1 + 1/(2 cp)) x the row's tokens, K and V, this rank's TP share of the KV
+    heads. None without CP."""
+    if layout.cp == 1:
+        return 0
+    a = 2 if work.bf16 else 4
+    nh = text["num_attention_heads"]
+    ng = text.get("num_key_value_heads", nh)
+    hd = text.get("head_dim") or text["hidden_size"] // nh
+    laid_out = work.tokens + -(-work.tokens // (2 * layout.cp))
+    return a * laid_out * 2 * max(ng // layout.tp, 1) * hd
+
+
 def llm_outer_activation_bytes(text: dict, layout: Layout, work: Workload, deepstack: int) -> int:
     """Outside the layers, per micro-batch: the final RMSNorm (its output is the output layer's input); with full
     recompute the checkpointed layers also keep the deepstack context (one hidden-size tensor per feature)."""
     a = 2 if work.bf16 else 4
-    local = work.tokens // layout.tp
+    local = cp_tokens(work, layout) // layout.tp
     outer = local * norm_saved_bytes(text["hidden_size"], a)
     if work.recompute == "full":
         outer += a * deepstack * local * text["hidden_size"]
@@ -351,7 +374,7 @@ def estimate_stage(hf_config: dict, layout: Layout, work: Workload, stage: int) 
     if work.freeze_llm:
         act = 0
     elif work.recompute == "full":  # each layer keeps its input; backward recomputes one layer at a time
-        act = in_flight * (len(layers) * a * work.tokens // layout.tp * text["hidden_size"]
+        act = in_flight * (len(layers) * a * cp_tokens(work, layout) // layout.tp * text["hidden_size"]
                            + llm_outer_activation_bytes(text, layout, work, deepstack))
         recompute = max(llm_layer_activation_bytes(text, layout, replace(work, recompute="none"), m) for m in layers)
     else:
@@ -369,7 +392,7 @@ def estimate_stage(hf_config: dict, layout: Layout, work: Workload, stage: int) 
         v = text["vocab_size"] // layout.tp
         # fp32 softmax kept by the vocab-parallel cross entropy, plus the transient logits (training dtype) and their
         # fp32 copy / gradient at the forward-backward turn of the last micro-batch
-        parts["logits"] = work.tokens * v * (4 + a + 4)
+        parts["logits"] = cp_tokens(work, layout) * v * (4 + a + 4)
     return Estimate(layout=layout, stage=stage, work=work, params=params, trainable=dense + expert, parts=parts)
 
 

@@ -64,7 +64,8 @@ def test_free_form_overrides_get_yaml_scalars():
     ({"train": {"lrr": "1e-5"}}, "train.lrr: unknown key; did you mean 'lr'?"),
     ({"data": {"max_seq_length": 4}}, "data.max_seq_length: unknown key; did you mean 'max_seq_len'?"),
     ({"modell": {"source": "tiny"}}, "modell: unknown key; did you mean 'model'?"),
-    ({"parallel": {"cp": "2"}}, "parallel.cp = 2: context parallelism is not implemented"),
+    ({"parallel": {"cp": "2"}, "train": {"packing": "false"}}, "parallel.cp = 2 needs train.packing: true"),
+    ({"parallel": {"cp": "2"}, "model": {"use_te": "true"}}, "parallel.cp = 2 runs on the local attention spec"),
 ])
 def test_a_wrong_value_gets_one_line_with_key_value_and_what_is_allowed(sections, expected):
     message = _error(**sections)

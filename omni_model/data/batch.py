@@ -78,6 +78,7 @@ class OmniBatch:
     * Media of the whole micro-batch are in order of appearance, row by row (what the thinker's scatter expects).
     * ``use_audio_in_video``: whether video blocks interleave their audio track (then audios include video audio).
     * ``sample_ids``: per row, the conversation ids; ``num_tokens``: real tokens; ``num_trained``: loss tokens.
+    * ``pad_id``: the token id of the padding (set by ``collate``).
     * ``skipped``: ``{"over_long": n, "decode": n}`` samples the task encoder skipped (in this loader worker) since
       its previous batch; training sums them over batches, workers and ranks.
     """
@@ -103,6 +104,7 @@ class OmniBatch:
     num_tokens: int = 0
     num_trained: int = 0
     skipped: dict = field(default_factory=dict)  # samples the task encoder skipped since this worker's last batch
+    pad_id: Optional[int] = None  # the id padding tokens carry (context parallelism pads each sequence with it)
 
     def tensors(self) -> dict:
         """{field name: tensor} of the fields that hold a tensor now (media fields are None in a batch without them)."""
@@ -186,6 +188,7 @@ def collate(samples: list[EncodedSample], pad_id: int, packed: bool, use_audio_i
         sample_ids=[list(s.sample_ids) for s in samples],
         num_tokens=int(attention.sum()),
         num_trained=int((shift != IGNORE_INDEX).sum()),
+        pad_id=int(pad_id),
     )
     if packed:
         out.cu_seqlens = torch.tensor(boundaries, dtype=torch.int32)

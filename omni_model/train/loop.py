@@ -43,8 +43,8 @@ def _is_rank0() -> bool:
 
 
 def _reduced_loss(losses_reduced: list) -> tuple[float, float]:
-    """(sum, count) of the 'lm loss' entries of all micro-batches, summed over DP ranks and given to every PP stage
-    (only the last stage computes losses)."""
+    """(sum, count) of the 'lm loss' entries of all micro-batches, summed over DP x CP ranks (a CP rank's entries
+    cover its own chunks of the micro-batch) and given to every PP stage (only the last stage computes losses)."""
     from megatron.core import parallel_state as ps
 
     total = torch.zeros(2, dtype=torch.float64)
@@ -55,7 +55,7 @@ def _reduced_loss(losses_reduced: list) -> tuple[float, float]:
         total += value.double().cpu()[:2]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     total = total.to(device)
-    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
+    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     if ps.get_pipeline_model_parallel_world_size() > 1:  # non-last stages hold zeros
         torch.distributed.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
     return float(total[0]), float(total[1])

@@ -154,7 +154,7 @@ class TrainSettings:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> None:
-        check_config(self.train, self.parallel, self.world_size, self.hf_config)
+        check_config(self.train, self.parallel, self.world_size, self.hf_config, self.use_te)
 
 
 def _files_fingerprint(root: Path) -> list:
@@ -165,23 +165,28 @@ def _files_fingerprint(root: Path) -> list:
                   for p in root.rglob("*") if p.is_file())
 
 
-def context_parallel_problem(parallel: dict) -> Optional[str]:
-    """The one rule about parallel.cp (the workflow's config check and the training checks both ask it)."""
+def context_parallel_problem(parallel: dict, train: Optional[dict] = None, use_te: bool = False) -> Optional[str]:
+    """The one rule about parallel.cp (the workflow's config check and the training checks both ask it): CP splits
+    each packed sequence over the CP ranks (model.context_parallel) on our attention, so it needs packed rows and
+    the local spec (the TE spec's attention would cut the already cut positions again)."""
     cp = parallel.get("cp", 1)
-    if cp > 1:
-        return (f"parallel.cp = {cp}: context parallelism is not implemented yet (the packed sequence and its MRoPE "
-                f"positions are not split over CP ranks, on either the local or the TE spec); use parallel.cp: 1")
+    if cp > 1 and not {**TRAIN_DEFAULTS, **(train or {})}["packing"]:
+        return (f"parallel.cp = {cp} needs train.packing: true (context parallelism splits each packed sequence "
+                f"over the CP ranks by its boundaries)")
+    if cp > 1 and use_te:
+        return (f"parallel.cp = {cp} runs on the local attention spec: set model.use_te: false (our CP split hands "
+                f"the layers positions already cut per rank, which TE's CP attention would cut again)")
     return None
 
 
 def check_config(train: dict, parallel: dict, world_size: Optional[int] = None,
-                 hf_config: Optional[dict] = None) -> None:
+                 hf_config: Optional[dict] = None, use_te: bool = False) -> None:
     """Refuse layouts and batch settings that cannot train, naming the key. `world_size` None: derive it.
     `hf_config` (the model's config.json dict), when known: also the pipeline split against its decoder layers and
     deepstack features."""
     train = {**TRAIN_DEFAULTS, **train}
     parallel = {**PARALLEL_DEFAULTS, **parallel}
-    problem = context_parallel_problem(parallel)
+    problem = context_parallel_problem(parallel, train, use_te)
     if problem:
         raise SettingsError(problem)
     if world_size is None:
@@ -194,10 +199,10 @@ def check_config(train: dict, parallel: dict, world_size: Optional[int] = None,
     except LayoutError as error:
         raise SettingsError(str(error)) from None
     dp = layout.dp
-    if (dp * layout.tp) % (layout.ep * layout.etp):
+    if (dp * layout.tp * layout.cp) % (layout.ep * layout.etp):  # mcore folds CP into the expert data parallelism
         raise SettingsError(
-            f"parallel.ep x etp = {layout.ep * layout.etp} must divide data-parallel x tp = "
-            f"{dp * layout.tp} ({world_size} ranks)")
+            f"parallel.ep x etp = {layout.ep * layout.etp} must divide data-parallel x tp x cp = "
+            f"{dp * layout.tp * layout.cp} ({world_size} ranks)")
     per_step = train["micro_batch_size"] * dp
     if train["global_batch_size"] % per_step:
         raise SettingsError(
