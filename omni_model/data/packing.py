@@ -58,4 +58,16 @@ def pack(samples: list[EncodedSample]) -> EncodedSample:
         video_second_per_grid=_cat([s.video_second_per_grid for s in samples]),
         input_features=[f for s in samples for f in s.input_features],
         audio_feature_lengths=_cat([s.audio_feature_lengths for s in samples]),
+        talker_codes=[codes for s in samples for codes in s.talker_codes],
+        talker_turns=[(first_sequence + sequence, turn) for s, first_sequence in zip(samples, _first_sequences(samples))
+                      for sequence, turn in s.talker_turns],
     )
+
+
+def _first_sequences(samples: list[EncodedSample]) -> list[int]:
+    """Index in the packed row of each sample's first sequence."""
+    starts, total = [], 0
+    for sample in samples:
+        starts.append(total)
+        total += len(sample.seq_lens)
+    return starts
