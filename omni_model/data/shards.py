@@ -81,7 +81,7 @@ def shard_item(record: dict, encoder, layout=None, codec=None) -> ShardItem:
     encode it raises speech.MissingCodec (the stage stops: a setting is missing, not a sample bad)."""
     from .encoder import OverLongSample
     from .media import MediaError, error_text
-    from .speech import CodecError
+    from .speech import CodecError, MissingCodec
 
     sid = record["id"]
     media, names = {}, {}
@@ -111,6 +111,8 @@ def shard_item(record: dict, encoder, layout=None, codec=None) -> ShardItem:
         return ShardItem(sid, drop=drop_entry(sid, "shards", "decode", str(exc)))
     except CodecError as exc:
         return ShardItem(sid, drop=drop_entry(sid, "shards", "codec", str(exc)))
+    except MissingCodec:  # a setting, not this sample: the stage stops
+        raise
     except Exception as exc:  # any other failure on this sample (its template, a codec): its drop, not the stage's end
         return ShardItem(sid, drop=drop_entry(sid, "shards", "encode", error_text(exc)))
     document = {**{k: v for k, v in record.items() if k not in LIST_KEY.values()}, **fields, "num_tokens": n_tokens,
