@@ -62,6 +62,9 @@ def pack(samples: list[EncodedSample]) -> EncodedSample:
         video_second_per_grid=_cat([s.video_second_per_grid for s in samples]),
         input_features=[f for s in samples for f in s.input_features],
         audio_feature_lengths=_cat([s.audio_feature_lengths for s in samples]),
+        talker_codes=[codes for s in samples for codes in s.talker_codes],
+        talker_turns=[(first_sequence + sequence, turn) for s, first_sequence in zip(samples, _first_sequences(samples))
+                      for sequence, turn in s.talker_turns],
     )
 
 
@@ -118,3 +121,12 @@ def pad_for_context_parallel(batch, cp: int, tp: int = 1):
         position_ids=spread(batch.position_ids.reshape(batch.position_ids.shape[0], total), 0),
         cu_seqlens=torch.from_numpy(np.concatenate([[0], np.cumsum(targets)]).astype(np.int32)),
         max_seqlen=max(targets))
+
+
+def _first_sequences(samples: list[EncodedSample]) -> list[int]:
+    """Index in the packed row of each sample's first sequence."""
+    starts, total = [], 0
+    for sample in samples:
+        starts.append(total)
+        total += len(sample.seq_lens)
+    return starts
