@@ -113,7 +113,7 @@ def score_checkpoint(settings: TrainSettings, checkpoint: Path, split: str) -> l
     with torch.no_grad():
         reports = get_forward_backward_func()(
             forward_step_func=score_step, data_iterator=iter(batches), model=[thinker],
-            num_microbatches=len(batches), seq_length=settings.data.get("max_seq_len", 4096), micro_batch_size=1,
+            num_microbatches=len(batches), seq_length=settings.data.max_seq_len, micro_batch_size=1,
             forward_only=True) if batches else []
     keep = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     mine = [row for report in reports for row in report["samples"]] if keep else []
