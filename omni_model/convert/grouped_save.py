@@ -163,7 +163,8 @@ def merge_parts(parts_dir: Path, count: int, checkpoint_dir: Path) -> dict:
             path.rename(checkpoint_dir / (prefix + path.name))
             files += 1
     check_coverage(merged.state_dict_metadata)
-    merged.mcore_data = mcore_data  # megatron-core's planner keeps its own entries on the DCP Metadata
+    if mcore_data:  # megatron-core's legacy entries on the DCP Metadata (read with getattr(..., {}) on load)
+        merged.mcore_data = mcore_data
     _check_common_states(parts_dir, count)
     for name in SIDE_FILES:
         shutil.copyfile(parts_dir / PART_PREFIX.format(0) / name, checkpoint_dir / name)
