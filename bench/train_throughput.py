@@ -413,7 +413,7 @@ def build_ours_step(spec: dict, batches: list, peak: float):
     if "graphs" in knobs:  # mcore's CUDA-graph manager needs a graph-safe RNG tracker (asserted at build)
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-        model_parallel_cuda_manual_seed(settings.train["seed"], use_cudagraphable_rng=True, force_reset_rng=True)
+        model_parallel_cuda_manual_seed(settings.train.seed, use_cudagraphable_rng=True, force_reset_rng=True)
     # LoRA rows: no base checkpoint to load (init_weights fills every weight next)
     training = build.build_training(settings, load_initial_weights=False, load_base=lambda thinker: None,
                                     options=options)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from .schema import _types, schema_problems
+
 BUILTIN_MODEL_CONFIGS = ("released-30b-a3b",)
 
 
@@ -28,11 +30,6 @@ class ConfigError(ValueError):
 
 # ------------------------------------------------------------------------------------------------ coercion
 _BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
-
-
-def _types(schema: dict) -> list[str]:
-    kind = schema.get("type", [])
-    return [kind] if isinstance(kind, str) else list(kind)
 
 
 def _scalar_from_string(text: str, types: list[str]):
@@ -105,69 +102,7 @@ def _copy(value):
 
 
 # ------------------------------------------------------------------------------------------------ validation
-_TYPE_WORDS = {"integer": "an integer", "number": "a number", "boolean": "true or false", "string": "a string",
-               "object": "a mapping {key: value}", "array": "a list", "null": "null"}
-
-
-def _key_path(path) -> str:
-    return ".".join(str(p) for p in path) or "(top level)"
-
-
-def _allowed(error) -> str:
-    """What the schema allows at the failing key, in words."""
-    kind, value, schema = error.validator, error.validator_value, error.schema
-    if kind == "type":
-        return "expected " + " or ".join(_TYPE_WORDS.get(t, t) for t in _types({"type": value}))
-    if kind == "enum":
-        return "must be one of: " + ", ".join(map(str, value))
-    if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        return "must be " + _range(schema)
-    if kind == "pattern":
-        return f"must match {value}" + (f" ({schema['description']})" if "description" in schema else "")
-    return error.message
-
-
-def _range(schema: dict) -> str:
-    low = (">= %s" % schema["minimum"]) if "minimum" in schema else \
-        (("> %s" % schema["exclusiveMinimum"]) if "exclusiveMinimum" in schema else "")
-    high = ("<= %s" % schema["maximum"]) if "maximum" in schema else \
-        (("< %s" % schema["exclusiveMaximum"]) if "exclusiveMaximum" in schema else "")
-    return " and ".join(part for part in (low, high) if part)
-
-
-def _describe(error) -> list[str]:
-    where = _key_path(error.absolute_path)
-    if error.validator == "additionalProperties":
-        known = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(error.instance) - set(known))
-        lines = []
-        for key in extra:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            section = f"{where}.{key}" if error.absolute_path else key
-            lines.append(f"{section}: unknown key; {hint}known keys: {', '.join(known)}")
-        return lines
-    if error.validator == "required":
-        missing = re.match(r"'([^']+)'", error.message)
-        name = missing.group(1) if missing else error.message
-        prefix = f"{where}." if error.absolute_path else ""
-        return [f"{prefix}{name}: required here but not set"]
-    return [f"{where} = {error.instance!r}: {_allowed(error)}"]
-
-
-def schema_problems(config: dict, schema: dict) -> list[str]:
-    from jsonschema import Draft202012Validator
-
-    validator = Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
-    lines: list[str] = []
-    for error in errors:
-        if error.validator in ("if", "then"):
-            continue
-        for line in _describe(error):
-            if line not in lines:
-                lines.append(line)
-    return lines
+# schema_problems (the one-line messages) lives in omni_model.schema, beside the typed sections that use it too
 
 
 def semantic_problems(config: dict) -> list[str]:

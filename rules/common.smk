@@ -47,9 +47,10 @@ def finetune_host_resources(train):
     from omni_model.train.settings import TrainSettings
 
     settings = TrainSettings(hf_dir="", init_checkpoint="", shards="", train_dir="", train=dict(train))
+    train = settings.train
     if not settings.on_gpu:
-        return max(1, train["cpu_procs"]), 16000
-    return train["gpus_per_node"] * (1 + settings.data_workers), train["gpus_per_node"] * 32000
+        return max(1, train.cpu_procs), 16000
+    return train.gpus_per_node * (1 + settings.data_workers), train.gpus_per_node * 32000
 
 
 # Work folders a killed job leaves behind (a job that finishes removes its own): removed when a run starts. Only

@@ -69,6 +69,20 @@ def _torch_adam_reads_grad_scale() -> None:
         "torch.optim.Adam.step no longer reads self.grad_scale"
 
 
+def _dcp_metadata_merges() -> None:
+    """convert.grouped_save merges part checkpoints: torch DCP's Metadata (state_dict_metadata, planner_data,
+    storage_data), tensor entries' chunks, and the private _StorageInfo's relative_path (re-pointed at moved files)."""
+    import dataclasses
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    fields = {f.name for f in dataclasses.fields(Metadata)}
+    assert {"state_dict_metadata", "planner_data", "storage_data"} <= fields, f"Metadata fields are now {fields}"
+    assert "chunks" in {f.name for f in dataclasses.fields(TensorStorageMetadata)}, "TensorStorageMetadata.chunks gone"
+    assert "relative_path" in {f.name for f in dataclasses.fields(_StorageInfo)}, "_StorageInfo.relative_path gone"
+
+
 def _dj_sources_match_registry() -> None:
     """config.OpCatalog reads Data-Juicer's op names and constructor arguments from its SOURCE FILES (its import
     takes seconds at plan time): they must be what Data-Juicer's own registry holds."""
@@ -298,6 +312,12 @@ SEAMS: tuple[Seam, ...] = (
           "the per-parameter state copy is wrapped to leave Adam's `step` alone; the private initialiser is called "
           "before a load",
           fingerprint='abaf4aa2017df9c3'),
+    _seam("convert.dcp_metadata_merge", TORCH, ["torch.distributed.checkpoint.filesystem:_StorageInfo",
+                                                "torch.distributed.checkpoint.filesystem:FileSystemWriter.finish"],
+          "omni_model.convert.grouped_save:merge_parts", "private",
+          "convert saves one save group per dist_checkpointing.save (mcore and DCP have no incremental save) and "
+          "merges the parts' DCP metadata into one .metadata, written by FileSystemWriter.finish",
+          check=_dcp_metadata_merges),
     # transformers (the parity reference)
     _seam("hf.experts_implementation", HF, "transformers.configuration_utils:PreTrainedConfig",
           "omni_model.convert.parity:reference_thinker", "private",

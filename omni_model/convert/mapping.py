@@ -475,11 +475,9 @@ def all_coords(layout: Layout) -> List[RankCoord]:
 
 class SafetensorsReader:
     """Tensor-by-tensor reader of an HF checkpoint dir (single file or sharded with an index). `get` reads one
-    tensor from the memory-mapped file; nothing else is held."""
+    tensor from the memory-mapped file; nothing else is held (but the touched pages of the map: see `release`)."""
 
     def __init__(self, hf_dir):
-        from safetensors import safe_open
-
         self.dir = Path(hf_dir)
         idx = self.dir / "model.safetensors.index.json"
         if idx.exists():
@@ -488,9 +486,20 @@ class SafetensorsReader:
             files = sorted(p.name for p in self.dir.glob("*.safetensors"))
         if not files:
             raise MappingError(f"{self.dir} holds no *.safetensors files")
-        self._handles = {f: safe_open(str(self.dir / f), "pt") for f in files}
+        self._files = files
+        self.release()
         self._where = {k: f for f, h in self._handles.items() for k in h.keys()}
         self.config = json.loads((self.dir / "config.json").read_text())
+
+    def release(self) -> None:
+        """Drop the files' memory maps (and open them afresh): a tensor `get` returns lives in its file's map, and the
+        pages it touched stay in this process's RSS while the map does, even after the tensor is freed. A caller
+        that reads a whole checkpoint in parts (convert's save groups) releases after each, so its memory is one
+        part's, not the checkpoint's."""
+        from safetensors import safe_open
+
+        self._handles = {}  # the old handles (and their maps) go first
+        self._handles = {f: safe_open(str(self.dir / f), "pt") for f in self._files}
 
     def keys(self) -> List[str]:
         return list(self._where)
@@ -534,18 +543,25 @@ def current_coord() -> RankCoord:
 
 def copy_into_model(model: torch.nn.Module, mapper: Mapper, get_hf: Callable[[str], torch.Tensor],
                     hf_keys: Iterable[str], coord: RankCoord, *, prefix: str = "",
-                    progress: Optional[Callable[[Binding], None]] = None) -> int:
+                    progress: Optional[Callable[[Binding], None]] = None,
+                    select: Optional[Callable[[str], bool]] = None) -> int:
     """Copy, don't collect: map the HF tensors of `coord` one at a time straight into `model`'s parameters (cast to
     the parameter's dtype) and free each before the next. `prefix` is dropped from the mcore names (e.g.
-    'language_model.' for the standalone LLM, 'vision_model.' for one tower). Strict: every parameter is filled
-    (only `_extra_state` may stay), every mapped tensor has a parameter of its shape. Returns the tensors copied."""
+    'language_model.' for the standalone LLM, 'vision_model.' for one tower). `select(name)`: only the model
+    tensors it accepts are filled and checked (convert fills one save group at a time; the rest stay on meta).
+    Strict: every (selected) parameter is filled (only `_extra_state` may stay), every mapped tensor has a parameter
+    of its shape. Returns the tensors copied."""
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    if select is not None:
+        everything, own = own, {k: v for k, v in own.items() if select(k)}
     filled = set()
     with torch.no_grad():
         for binding in mapper.plan(hf_keys, coord):
             if not binding.mcore_key.startswith(prefix):
                 continue
             name = binding.mcore_key[len(prefix):]
+            if select is not None and name in everything and name not in own:
+                continue  # another group's tensor: not read now
             if name not in own:
                 raise MappingError(f"{binding.hf_keys} map to {binding.mcore_key}, which the model does not have")
             tensor = mapper.materialise(binding, get_hf, coord)

@@ -127,7 +127,7 @@ def score_checkpoint(settings: TrainSettings, checkpoint: Path, split: str) -> l
     check_shards(settings)  # the shards were encoded with this model's tokenizer and the same media settings
     thinker = build_thinker_for_training(settings)
     load_model_weights(thinker, checkpoint)
-    return score_batches(thinker, split_batches(settings, split), settings.data.get("max_seq_len", 4096))
+    return score_batches(thinker, split_batches(settings, split), settings.data.max_seq_len)
 
 
 def main(argv=None) -> None:

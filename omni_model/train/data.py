@@ -85,13 +85,13 @@ def task_encoder(settings: TrainSettings):
     from omni_model.data.media import VIDEO_SETTINGS
     from omni_model.data.task_encoder import OmniTaskEncoder
 
-    data = dict(settings.data)
-    media = {k: data[k] for k in VIDEO_SETTINGS if k in data}
+    data = settings.data
+    media = {k: getattr(data, k) for k in VIDEO_SETTINGS}
     # sequence parallelism splits the sequence over TP ranks: rows must divide evenly
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    return OmniTaskEncoder(Path(settings.hf_dir), max_seq_len=int(data.get("max_seq_len", settings.train["seq_len"])),
-                           pack_budget=settings.train["seq_len"] if settings.train["packing"] else None,
-                           use_audio_in_video=bool(data.get("use_audio_in_video", False)), pad_to_multiple=tp,
+    return OmniTaskEncoder(Path(settings.hf_dir), max_seq_len=int(data.max_seq_len),
+                           pack_budget=settings.train.seq_len if settings.train.packing else None,
+                           use_audio_in_video=bool(data.use_audio_in_video), pad_to_multiple=tp,
                            media_overrides=media)
 
 
@@ -117,9 +117,9 @@ def train_loader(settings: TrainSettings, restore_state=None):
     from omni_model.data.task_encoder import build_loader, restore_loader
 
     t = settings.train
-    kwargs = dict(split="train", batch_size=t["micro_batch_size"],
-                  packing_buffer_size=t["packing_buffer_size"] if t["packing"] else None,
-                  worker_config=worker_config(settings.data_workers), shuffle_buffer_size=t["shuffle_buffer_size"],
+    kwargs = dict(split="train", batch_size=t.micro_batch_size,
+                  packing_buffer_size=t.packing_buffer_size if t.packing else None,
+                  worker_config=worker_config(settings.data_workers), shuffle_buffer_size=t.shuffle_buffer_size,
                   repeat=True)
     if restore_state is None:
         return build_loader(Path(settings.shards), task_encoder(settings), **kwargs)
@@ -131,6 +131,6 @@ def val_loader(settings: TrainSettings):
     from omni_model.data.task_encoder import build_loader
 
     t = settings.train
-    return build_loader(Path(settings.shards), task_encoder(settings), split="val", batch_size=t["micro_batch_size"],
-                        packing_buffer_size=t["packing_buffer_size"] if t["packing"] else None,
+    return build_loader(Path(settings.shards), task_encoder(settings), split="val", batch_size=t.micro_batch_size,
+                        packing_buffer_size=t.packing_buffer_size if t.packing else None,
                         worker_config=worker_config(), repeat=False)

@@ -104,15 +104,17 @@ class TalkerForwardStep:
         return loss.total, loss_func
 
 
-def talker_config_overrides(train: dict) -> dict:
+def talker_config_overrides(train) -> dict:
     """TransformerConfig fields a talker training run sets: activation recompute, and the MoE aux-loss coefficient
     when train.moe_aux_loss_coeff is given (transformers' talker adds no aux loss unless `output_router_logits`).
     No per-token loss: the talker's loss is the mean of two means (module docstring)."""
+    from ..schema import TrainConfig
     from .build import RECOMPUTE
 
-    overrides = dict(RECOMPUTE[train["recompute"]])
-    if train.get("moe_aux_loss_coeff") is not None:
-        overrides["moe_aux_loss_coeff"] = float(train["moe_aux_loss_coeff"])
+    train = TrainConfig.of(train)  # the typed section, or a mapping of it
+    overrides = dict(RECOMPUTE[train.recompute])
+    if train.moe_aux_loss_coeff is not None:
+        overrides["moe_aux_loss_coeff"] = float(train.moe_aux_loss_coeff)
     return overrides
 
 
