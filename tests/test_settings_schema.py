@@ -85,3 +85,18 @@ def test_settings_read_by_attribute_and_survive_their_json(tmp_path):
     settings.dump(tmp_path / "settings.json")
     again = TrainSettings.load(tmp_path / "settings.json")
     assert again == settings and again.digest() == settings.digest()
+
+
+def test_evaluation_without_val_samples_is_refused_by_name(tmp_path):
+    """Shards whose val samples were all dropped have no `val` split part: a run with evaluation on says so and
+    names the way out (Energon alone stops with `Invalid split part: 'val'`, as a GPU run of the LoRA test did)."""
+    from omni_model.train.data import val_loader
+    from omni_model.train.settings import TrainSettings
+
+    meta = tmp_path / "shards" / ".nv-meta"
+    meta.mkdir(parents=True)
+    (meta / "split.yaml").write_text("split_parts:\n  train:\n  - train-{000000..000001}.tar\n")
+    settings = TrainSettings(hf_dir=str(tmp_path), init_checkpoint=str(tmp_path), shards=str(tmp_path / "shards"),
+                             train_dir=str(tmp_path / "train"), train={"eval_interval": 5})
+    with pytest.raises(ValueError, match=r"train.eval_interval = 5, but the shards at .* have no val samples"):
+        val_loader(settings)

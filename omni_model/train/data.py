@@ -127,10 +127,16 @@ def train_loader(settings: TrainSettings, restore_state=None):
 
 
 def val_loader(settings: TrainSettings):
-    """A fresh pass over the val split (same micro-batch size and packing as training)."""
+    """A fresh pass over the val split (same micro-batch size and packing as training). Shards without val samples
+    (the split's samples were all dropped, or data.val_fraction is 0) are refused by name, not by Energon's assert."""
+    from omni_model.data.shards import split_tars
     from omni_model.data.task_encoder import build_loader
 
     t = settings.train
+    if not split_tars(Path(settings.shards), "val"):
+        raise ValueError(f"train.eval_interval = {t.eval_interval}, but the shards at {settings.shards} have no val "
+                         f"samples (data.val_fraction 0, or every val sample dropped: see drops.jsonl there); raise "
+                         f"data.val_fraction or set train.eval_interval: 0")
     return build_loader(Path(settings.shards), task_encoder(settings), split="val", batch_size=t.micro_batch_size,
                         packing_buffer_size=t.packing_buffer_size if t.packing else None,
                         worker_config=worker_config(), repeat=False)
