@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .schema import _types, schema_problems
+from .schema import schema_problems, schema_types
 
 BUILTIN_MODEL_CONFIGS = ("released-30b-a3b",)
 
@@ -64,7 +64,7 @@ def _untyped_from_string(text: str):
 
 def coerce(value, schema: dict):
     """`value` with every string converted to the type `schema` asks for (recursively)."""
-    types = _types(schema)
+    types = schema_types(schema)
     if isinstance(value, str):
         if not types:
             return _untyped_from_string(value)

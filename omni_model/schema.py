@@ -39,7 +39,7 @@ def load_schema(path: Path = SCHEMA_PATH) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
 
-def _types(schema: dict) -> list[str]:
+def schema_types(schema: dict) -> list[str]:
     kind = schema.get("type", [])
     return [kind] if isinstance(kind, str) else list(kind)
 
@@ -56,7 +56,7 @@ def _allowed(error) -> str:
     """What the schema allows at the failing key, in words."""
     kind, value, schema = error.validator, error.validator_value, error.schema
     if kind == "type":
-        return "expected " + " or ".join(_TYPE_WORDS.get(t, t) for t in _types({"type": value}))
+        return "expected " + " or ".join(_TYPE_WORDS.get(t, t) for t in schema_types({"type": value}))
     if kind == "enum":
         return "must be one of: " + ", ".join(map(str, value))
     if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
@@ -115,9 +115,9 @@ _PYTHON_TYPES = {"integer": int, "number": float, "boolean": bool, "string": str
 
 
 def _annotation(schema: dict) -> Any:
-    kinds = [_PYTHON_TYPES[t] for t in _types(schema) if t in _PYTHON_TYPES]
+    kinds = [_PYTHON_TYPES[t] for t in schema_types(schema) if t in _PYTHON_TYPES]
     kind = kinds[0] if len(kinds) == 1 else Any
-    return Optional[kind] if "null" in _types(schema) else kind
+    return Optional[kind] if "null" in schema_types(schema) else kind
 
 
 def _frozen(value):

@@ -65,7 +65,7 @@ def test_long_media_are_dropped_by_the_default_limits_with_reason(long_media):
     print({sid: d["reason"] for sid, d in drops.items()})
     assert "audio_duration=[1.2e+03] outside bounds (max_duration=30" in drops["long-audio"]["reason"]
     assert "video_duration=[300] outside bounds (max_duration=60" in drops["long-video"]["reason"]
-    assert all(d["stage"] == "datajuicer" for d in drops.values()) and len(drops) == 2
+    assert drops["long-audio"]["stage"] == drops["long-video"]["stage"] == "datajuicer"  # beside the demo's bad ones
 
 
 @pytest.mark.slow

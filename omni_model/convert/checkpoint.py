@@ -196,6 +196,7 @@ def _fill_and_save_groups(thinker, groups, count: int, mapper, reader, coord, st
         return sum(reader.nbytes(k) for k in binding.hf_keys if k in reader)
 
     mapped_s = saved_s = 0.0
+    log(f"convert rank {_rank()}: saving the torch_dist checkpoint in {count} group(s), each as soon as it is read")
     with Progress(sum(nbytes(b) for b in plan), "B", log=log, label=f"convert rank {_rank()}: HF tensors read") as bar:
         copied = iter(range(1, len(plan) + 1))
         for index in range(count):
@@ -210,7 +211,7 @@ def _fill_and_save_groups(thinker, groups, count: int, mapper, reader, coord, st
                 save_part(thinker, units, staging / SAVE_PARTS, index)
                 saved_s += time.perf_counter() - started
             reader.release()  # the file pages this group read leave the RSS with the maps
-    log(f"convert rank {_rank()}: {count} save group(s) written in {saved_s:.1f} s")
+    log(f"convert rank {_rank()}: checkpoint saved in {saved_s:.1f} s ({count} save group(s))")
     return mapped_s, saved_s
 
 
