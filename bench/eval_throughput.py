@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -179,20 +177,10 @@ def write_hf_dir(work: Path, tiny: bool, layers: int) -> Path:
 
 
 def run_child(spec: dict, timeout: int) -> dict:
-    """One phase in its own process; its RESULT line, or why it failed (an out-of-memory loses one row)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    if spec["device"] == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                              timeout=timeout, env=env, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return {"failed": f"timeout after {timeout} s"}
-    found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if found and proc.returncode == 0:
-        return json.loads(found[-1][len("RESULT "):])
-    return {"failed": (proc.stderr or proc.stdout)[-3000:]}
+    """One phase in its own process (train_throughput's runner); its RESULT line, or why it failed."""
+    from train_throughput import run_child as run_script
+
+    return run_script(spec, timeout, cpu=spec["device"] == "cpu", script=__file__, require_success=True)
 
 
 HEADER = (f"{'layers':>6s} {'phase':9s} {'samples':>7s} {'build s':>8s} {'encode s':>8s} {'run s':>7s} {'tokens':>7s} "
