@@ -844,8 +844,11 @@ def fitting_micro_batch(hf_dir: Path, args, fit_gib: float | None) -> tuple[int,
         micro //= 2
 
 
+# --smoke: every code path at the least CPU time (tests/test_bench_train_smoke.py runs it in `make test`). The steps
+# cost scales with the tokens (the tiny model's 152064-entry logits and their softmax dominate a step on one thread):
+# rows of 384 tokens still hold the demo's videos (340-362 tokens), one step per block, one row per step.
 SMOKE = {"tiny": True, "cpu": True, "steps": 1, "warmup": 1, "rewarmup": 0, "repeats": 2, "global_batch": 1,
-         "micro_batch": 1, "seq_len": 1024, "packing_buffer": 16, "hf_attn": "sdpa,padded,sdpa+fp32",
+         "micro_batch": 1, "seq_len": 384, "packing_buffer": 16, "hf_attn": "sdpa,padded,sdpa+fp32",
          "budget": 0.0, "timeout": 600}
 
 

@@ -17,9 +17,6 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "bench"))
 
 HF_ROWS = ("sdpa", "padded", "sdpa+fp32")
-# the --smoke run: 4 row processes, each importing mcore/transformers and training the tiny model 6 blocks on CPU:
-# 846 s on this shared 2-core box (2026-12-07), hence slow
-SMOKE_RUN = pytest.mark.slow
 
 
 def test_seeded_weights_are_what_transformers_loads_from_the_same_random_checkpoint(tiny_hf_dir, tmp_path):
@@ -48,18 +45,20 @@ def smoke(tiny_hf_dir, tmp_path_factory):
     from omni_model.data.datajuicer import validate
     from omni_model.data.demo import generate_demo
     from omni_model.data.shards import write_shards
-    from train_throughput import main
+    from train_throughput import SMOKE, main
 
     root = tmp_path_factory.mktemp("train_smoke")
-    records, _, _ = validate(generate_demo(root / "raw", 24, seed=5))
+    # 12 demo samples hold every media kind (images, audio, a video) and text-only ones; shards at the --smoke row
+    # length, so no sample is dropped later by the loader as over-long
+    records, _, _ = validate(generate_demo(root / "raw", 12, seed=5))
     (root / "processed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    write_shards(root / "processed.jsonl", root / "shards", tiny_hf_dir, val_fraction=0.1, seed=0, max_seq_len=4096)
+    write_shards(root / "processed.jsonl", root / "shards", tiny_hf_dir, val_fraction=0.1, seed=0,
+                 max_seq_len=SMOKE["seq_len"])
     code = main(["--smoke", "--shards", str(root / "shards"), "--work", str(root / "work"),
                  "--json", str(root / "out.json")])
     return code, json.loads((root / "out.json").read_text())
 
 
-@SMOKE_RUN
 def test_every_row_measures_every_kind_twice(smoke):
     code, out = smoke
     assert code == 0, [r.get("failed", "")[-500:] for r in out["rows"] + out["processes"] if "failed" in r]
@@ -77,7 +76,6 @@ def test_every_row_measures_every_kind_twice(smoke):
     assert out["data"]["mm_padded"]["rows"] > out["data"]["mm@1"]["rows"]  # one sample per padded row
 
 
-@SMOKE_RUN
 def test_json_fields_and_their_relations(smoke):
     _, out = smoke
     for key in ("tokens_per_s_ours", "tokens_per_s_transformers", "ratio_vs_transformers", "mfu_ours",
@@ -107,7 +105,6 @@ def test_json_fields_and_their_relations(smoke):
         assert out["ratio_vs_best_transformers"][kind] == pytest.approx(ours / rows[fastest]["tokens_per_s"])
 
 
-@SMOKE_RUN
 def test_first_step_loss_of_ours_equals_transformers(smoke):
     """Same seeded weights, same packed batches, fp32 on the CPU: the LM loss of the first step agrees (the padded
     row trains other batches and the +fp32 row starts on text: neither is compared)."""
