@@ -17,10 +17,11 @@ from ..configs import thinker_config_of
 from ..layout import Layout, LayoutError
 from ..schema import DataConfig, LoraConfig, ParallelConfig, SectionError, TrainConfig
 
-# train.* keys that do not change the numbers a run produces (how often it logs, saves or evaluates, where it runs):
-# left out of the settings digest, so changing them resumes instead of starting over.
+# train.* keys that do not change the numbers a run produces (how often it logs, saves or evaluates, where it runs,
+# how the loss is chunked: only the order of fp32 sums, like a layout change): left out of the settings digest, so
+# changing them resumes instead of starting over.
 NOT_IN_DIGEST = ("log_interval", "eval_interval", "eval_iters", "save_interval", "keep_checkpoints", "gpus_per_node",
-                 "cpu_procs", "nnodes", "rdzv_endpoint", "peak_tflops", "gpu_memory_gib")
+                 "cpu_procs", "nnodes", "rdzv_endpoint", "peak_tflops", "gpu_memory_gib", "loss_chunk_tokens")
 
 # data.* keys of the run: the encoder settings the shards were written with (the finetune rule passes these); they,
 # not the data section's other keys (where the raw data is, how the data stages run), are part of the digest.
