@@ -49,3 +49,38 @@ rule finetune:
         "../envs/pipeline.yaml"
     script:
         "../workflow/scripts/finetune.py"
+
+
+# Stage 5b: the talker (speech output) trained on the spoken answers of the shards, its inputs built by the tuned
+# thinker (results/train's `latest`, frozen) exactly as transformers' generate builds them (omni_model.train.talker_run,
+# under torchrun like finetune, the same layouts without pp/cp). results/train_talker/ holds `latest`, metrics.jsonl,
+# iter_* checkpoints, tb/; the declared output is the marker `train_talker.done` beside it (as finetune's). With
+# train_talker.iters 0, no spoken answer in the shards, or a LoRA thinker run, nothing is trained, `latest` is removed
+# and export carries the source talker (the log says that speech was not re-aligned to the tuned thinker).
+rule finetune_talker:
+    input:
+        train=rules.finetune.output.done,
+        convert=rules.convert.output.done,
+        shards=rules.shards.output.done,
+        hf_manifest="results/model/hf/MANIFEST.json",
+    output:
+        done="results/train_talker.done",
+    params:
+        use_te=config["model"]["use_te"],
+        **section_params(train=config["train"], train_talker=config["train_talker"], parallel=config["parallel"]),
+        **data_params("max_seq_len", "use_audio_in_video", *VIDEO_SETTINGS),
+    log:
+        "logs/finetune_talker.log",
+    benchmark:
+        "benchmarks/finetune_talker.tsv"
+    threads: finetune_host_resources(config["train"])[0]
+    resources:
+        mem_mb=finetune_host_resources(config["train"])[1],
+        nodes=config["train"]["nnodes"],
+        tasks=0 if config["train"]["gpus_per_node"] else config["train"]["nnodes"],
+        gpu=config["train"]["gpus_per_node"] if config["train"]["nnodes"] == 1 else 0,
+        gres=f"gpu:{config['train']['gpus_per_node']}" if config["train"]["gpus_per_node"] and config["train"]["nnodes"] > 1 else "",
+    conda:
+        "../envs/pipeline.yaml"
+    script:
+        "../workflow/scripts/finetune_talker.py"

@@ -193,7 +193,7 @@ class MetricsLog:
             # purge_step: a resumed run drops the events a killed run wrote after its last checkpoint
             self.tb = SummaryWriter(log_dir=str(tb_dir), purge_step=start_iter + 1)
             # log=None: the step lines below are the log's progress lines
-            self.bar = Progress(total_iters, "steps", initial=start_iter, label="finetune")
+            self.bar = Progress(total_iters, "steps", initial=start_iter, label=name)
 
     def write(self, record: dict) -> None:
         if not self.enabled:

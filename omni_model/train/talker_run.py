@@ -87,6 +87,20 @@ def check_talker_layout(parallel) -> None:
                                 f"train_talker.iters: 0, or parallel.{key}: 1)")
 
 
+def not_trained_reason(settings: TalkerSettings, thinker_train) -> str:
+    """Why the talker is not trained with these settings ("" = it is): iters 0, no spoken answer in the shards, or
+    a LoRA thinker run (a thinker of adapters is not read here yet)."""
+    from ..data.speech import read_speech_settings
+
+    if settings.talker.iters == 0:
+        return "train_talker.iters is 0"
+    if read_speech_settings(Path(settings.shards)) is None:
+        return f"the shards at {settings.shards} hold no spoken answer"
+    if (dict(thinker_train).get("lora") or {}).get("enabled"):
+        return "train.lora: the talker is not trained on a LoRA thinker yet"
+    return ""
+
+
 # ---------------------------------------------------------------------------------------------------------- build
 def freeze_talker(talker, section) -> dict:
     """requires_grad False on the frozen talker parts; {part: (trainable, frozen)} parameter counts."""
