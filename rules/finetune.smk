@@ -8,12 +8,14 @@
 
 from omni_model.plan import known_model_config
 from omni_model.train.settings import SettingsError, check_config as check_train_config
+from omni_model.train.talker_run import check_talker_plan
 
 try:
     # the pipeline split (parallel.first_stage_layers) is checked against the model's layers here, before convert,
     # when the model's config is known before any job (else in the job)
     check_train_config(config["train"], config["parallel"], hf_config=known_model_config(config),
                        use_te=config["model"]["use_te"])
+    check_talker_plan(config)  # finetune_talker's settings (train_talker over train), its layout without pp / cp
 except SettingsError as error:
     raise SystemExit(f"Config error (nothing was run):\n  {error}")
 

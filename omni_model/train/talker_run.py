@@ -45,7 +45,7 @@ def talker_train_section(train: dict, train_talker) -> dict:
     conversation per row: generate's layout), no LoRA and no thinker freeze switches (the thinker is frozen whole)."""
     talker = TalkerTrainConfig.of(train_talker)
     section = {k: v for k, v in dict(train).items()}
-    section.update({key: getattr(talker, key) for key in SHARED_KEYS})
+    section.update({key: getattr(talker, key) for key in SHARED_KEYS if getattr(talker, key) is not None})
     section.update(packing=False, lora={"enabled": False}, freeze_llm=False, freeze_vision=False, freeze_audio=False,
                    lr_mult_vision=1.0, lr_mult_audio=1.0)
     return section
@@ -85,6 +85,26 @@ def check_talker_layout(parallel) -> None:
             raise SettingsError(f"parallel.{key} = {parallel[key]}: the talker trains without "
                                 f"{'pipeline' if key == 'pp' else 'context'} parallelism (finetune_talker: set "
                                 f"train_talker.iters: 0, or parallel.{key}: 1)")
+
+
+def check_talker_plan(config: dict) -> None:
+    """The plan-time check (rules/finetune.smk) of a talker run the config asks for: its train settings (batch sizes
+    against the layout, warmup, LR) and the layout (no pp / cp). Raises SettingsError naming the key."""
+    from .settings import check_config
+
+    talker = TalkerTrainConfig.of(config.get("train_talker", {}))
+    lora = (config.get("train", {}).get("lora") or {}).get("enabled")
+    if talker.iters == 0 or lora:
+        return
+    check_talker_layout(config.get("parallel", {}))
+    try:
+        check_config(talker_train_section(config.get("train", {}), talker), config.get("parallel", {}))
+    except SettingsError as error:
+        message = str(error)
+        for key in SHARED_KEYS:  # the talker run's value of these keys is train_talker's
+            if getattr(talker, key) is not None:
+                message = message.replace(f"train.{key} ", f"train_talker.{key} ")
+        raise SettingsError(f"{message} (finetune_talker)") from None
 
 
 def not_trained_reason(settings: TalkerSettings, thinker_train) -> str:
