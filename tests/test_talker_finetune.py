@@ -249,3 +249,21 @@ def test_no_talker_training_reasons(prepared, tmp_path):
     assert not_trained_reason(_settings(prepared, "r1", dict(TALKER, iters=0)), {}) == "train_talker.iters is 0"
     assert "LoRA" in not_trained_reason(_settings(prepared, "r2", TALKER), {"lora": {"enabled": True}})
     assert not_trained_reason(_settings(prepared, "r3", TALKER), {}) == ""
+
+
+def test_evaluate_speaks_with_the_exported_talker(trained, tmp_path):
+    """evaluate's spoken answers (omni_model.eval.generate.generate_speech) on the export: a wav per spoken sample,
+    as long as the row says, within the frame cap; the talker trained on these answers ends its speech itself."""
+    from omni_model.eval.generate import SPEECH_FRAMES_CAP, generate_speech
+
+    rows = generate_speech(trained / "export", trained / "data" / "shards", "train", 5, 8, tmp_path / "speech",
+                           encoder_settings={"max_seq_len": 1024})
+    assert sorted(row["id"] for row in rows) == ["spoken-0", "spoken-1"]  # the text-only sample is not spoken
+    codes = _trained_codes(trained / "data" / "shards")
+    for row in rows:
+        wave, rate = sf.read(row["wav"])
+        assert rate == 24000 and len(wave) == round(row["seconds"] * 24000) > 0
+        assert row["reference_frames"] == codes[row["id"]].shape[1]
+        assert row["frames"] <= SPEECH_FRAMES_CAP[0] * row["reference_frames"] + SPEECH_FRAMES_CAP[1]
+        print(f"{row['id']}: answer {row['answer']!r}, {row['frames']} frames (reference {row['reference_frames']}), "
+              f"ended {row['ended']}")
