@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..schema import section_class
-from .settings import SettingsError, TrainSettings, _files_fingerprint
+from .settings import SettingsError, TrainSettings, files_fingerprint
 
 TalkerTrainConfig = section_class("train_talker", "TalkerTrainConfig")
 # train_talker keys that replace the train section's in the talker run's TrainConfig
@@ -65,7 +65,7 @@ class TalkerSettings(TrainSettings):
 
     def digest(self) -> str:
         payload = {"thinker_run": super().digest(), "talker": self.talker.as_dict(),
-                   "talker_init": _files_fingerprint(Path(self.talker_init))}
+                   "talker_init": files_fingerprint(Path(self.talker_init))}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> None:
