@@ -114,8 +114,8 @@ def not_trained_reason(settings: TalkerSettings, thinker_train) -> str:
 
     if settings.talker.iters == 0:
         return "train_talker.iters is 0"
-    if read_speech_settings(Path(settings.shards)) is None:
-        return f"the shards at {settings.shards} hold no spoken answer"
+    if read_speech_settings(Path(settings.shards)) is None or not spoken_train_samples(Path(settings.shards)):
+        return f"the train split of the shards at {settings.shards} holds no spoken answer"
     if (dict(thinker_train).get("lora") or {}).get("enabled"):
         return "train.lora: the talker is not trained on a LoRA thinker yet"
     return ""
@@ -209,9 +209,12 @@ def spoken_task_encoder(settings: TalkerSettings):
     from ..data.speech import speech_turns
     from .data import task_encoder
 
+    import functools
+
     encoder = task_encoder(settings)
     encode = encoder.encode_sample
 
+    @functools.wraps(encode)  # keeps Energon's @stateless marking of the method it wraps
     def encode_spoken(sample):
         if not speech_turns(sample.record):
             raise SkipSample()
@@ -221,13 +224,27 @@ def spoken_task_encoder(settings: TalkerSettings):
     return encoder
 
 
+def spoken_train_samples(shards: Path) -> int:
+    """Samples of the train split with a spoken answer, from the tars' member names (headers only): the spoken-only
+    loader would skip forever over a split without any."""
+    import tarfile
+
+    from ..data.shards import split_tars
+
+    keys = set()
+    for path in split_tars(Path(shards), "train"):
+        with tarfile.open(path) as tar:
+            keys.update(name.split(".", 1)[0] for name in tar.getnames() if ".speech" in name)
+    return len(keys)
+
+
 def check_spoken_shards(settings: TalkerSettings) -> None:
-    from ..data.speech import read_speech_settings
     from .data import check_shards
 
     check_shards(settings)
-    if read_speech_settings(Path(settings.shards)) is None:
-        raise SettingsError(f"the shards at {settings.shards} hold no spoken answer: nothing to train the talker on")
+    if not spoken_train_samples(Path(settings.shards)):
+        raise SettingsError(f"the train split of {settings.shards} holds no spoken answer: nothing to train the "
+                            f"talker on")
 
 
 class TalkerCounter:
