@@ -236,10 +236,10 @@ def trained_parts(checkpoint_dir: Path, talker_checkpoint: Optional[Path]) -> di
     from ..train.checkpointing import ITER_DIR
 
     def settings_of(checkpoint):
-        path = Path(checkpoint).parent / "settings.json"
-        if checkpoint is None or not ITER_DIR.match(Path(checkpoint).name) or not path.is_file():
+        if checkpoint is None or not ITER_DIR.match(Path(checkpoint).name):
             return None
-        return json.loads(path.read_text())
+        path = Path(checkpoint).parent / "settings.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     thinker = dict.fromkeys(("llm", "vision", "audio"), False)
     run = settings_of(checkpoint_dir)
