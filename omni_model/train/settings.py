@@ -148,15 +148,15 @@ class TrainSettings:
             del train["lora"]  # full fine-tuning: the digest of the settings before LoRA existed
         data = {key: getattr(self.data, key) for key in DATA_IN_DIGEST}
         payload = {"train": train, "data": data, "use_te": self.use_te,
-                   "init_checkpoint": _files_fingerprint(Path(self.init_checkpoint)),
-                   "shards": _files_fingerprint(Path(self.shards))}
+                   "init_checkpoint": files_fingerprint(Path(self.init_checkpoint)),
+                   "shards": files_fingerprint(Path(self.shards))}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> None:
         check_config(self.train, self.parallel, self.world_size, self.hf_config, self.use_te)
 
 
-def _files_fingerprint(root: Path) -> list:
+def files_fingerprint(root: Path) -> list:
     """(relative name, size, mtime) of every file under root: cheap for a 60 GB checkpoint, and any rewrite shows."""
     if not root.exists():
         return []
