@@ -14,7 +14,11 @@
 #
 # Data: Data-Juicer is not on the GPU machine, so its three outputs (results/data/{processed,drops}.jsonl and
 # datajuicer_report.json, made with this config elsewhere) are carried; the demo media are regenerated here (seeded)
-# and the media paths of processed.jsonl are re-rooted to this checkout.
+# and the media paths of processed.jsonl are re-rooted to this checkout. Made on a machine with Data-Juicer by:
+#   snakemake results/data/processed.jsonl --cores 2 --configfile config/qwen3-omni-30b-a3b-lora-1gpu-80g.yaml \
+#     --config model='{source: random}' data='{raw: demo}'
+# and carried with the run (carry: results/data/processed.jsonl, results/data/drops.jsonl,
+# results/data/datajuicer_report.json; the 80g and 141g configs have the same data section).
 # Idempotent: each stage is a Snakemake target, a rerun skips what is done (a lent machine allows 10 minutes a call:
 # start it in the background and poll, see bench/RESULTS.md).
 #
