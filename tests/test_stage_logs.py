@@ -142,6 +142,7 @@ def test_export_logs_progress_and_counts(wf, interactive_convert, tmp_path):
     write_latest(train, wf / "results" / "model" / "mcore" / "checkpoint")
     out = tmp_path / "export" / "hf"
     smk = SimpleNamespace(input=SimpleNamespace(train=str(train.with_suffix(".done")),  # the markers beside
+                                                talker=str(tmp_path / "talker.done"),  # no talker run: no latest
                                                 hf_manifest=str(wf / "results/model/hf/MANIFEST.json")),
                           output=SimpleNamespace(done=str(out.with_suffix(".done"))),
                           params=SimpleNamespace(export={"shard_size": 5_000_000_000}, use_te=False),

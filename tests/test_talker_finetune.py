@@ -251,6 +251,18 @@ def test_no_talker_training_reasons(prepared, tmp_path):
     assert not_trained_reason(_settings(prepared, "r3", TALKER), {}) == ""
 
 
+def test_a_thinker_layout_with_cp_or_pp_plans_and_passes_the_talker_through():
+    """parallel.cp / pp > 1 is for the thinker (long rows, deep pipelines): the plan is not refused for the talker,
+    whose run says instead why it trained nothing (it has no pp / cp path yet)."""
+    from omni_model.train.talker_run import check_talker_plan, layout_reason
+
+    for key, word in (("cp", "context"), ("pp", "pipeline")):
+        config = {"train": {}, "train_talker": dict(TALKER), "parallel": {key: 2}}
+        check_talker_plan(config)  # no SettingsError
+        assert layout_reason(config["parallel"]) == f"parallel.{key} = 2: the talker trains without {word} parallelism yet"
+    assert layout_reason({"tp": 2, "ep": 2}) == ""
+
+
 def test_evaluate_speaks_with_the_exported_talker(trained, tmp_path):
     """evaluate's spoken answers (omni_model.eval.generate.generate_speech) on the export: a wav per spoken sample,
     as long as the row says, within the frame cap; the talker trained on these answers ends its speech itself."""
