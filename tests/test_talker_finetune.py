@@ -50,10 +50,25 @@ def _records(root: Path) -> Path:
     return root / "raw.jsonl"
 
 
-def _single_rank_env() -> None:
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29547"), ("RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("LOCAL_RANK", "0")):
-        os.environ.setdefault(key, value)
+@pytest.fixture(scope="module")
+def single_rank_env():
+    """This module's in-process runs as rank 0 of 1 (env://, a free port), restored afterwards: left in the test
+    worker's environment, RANK and MASTER_PORT made every later Snakemake job of that worker take the torchrun path
+    on one fixed port (EADDRINUSE in other tests' converts under make test)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    values = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _settings(root: Path, run: str, talker: dict):
@@ -79,7 +94,7 @@ def _train(settings) -> None:
 
 
 @pytest.fixture(scope="module")
-def prepared(tiny_hf_dir, tmp_path_factory):
+def prepared(tiny_hf_dir, tmp_path_factory, single_rank_env):
     """Shards of two spoken answers (+ one text-only sample) made by the tiny codec, the converted thinker."""
     from omni_model.convert import convert_checkpoint
     from omni_model.data.formats import load_raw
@@ -95,7 +110,6 @@ def prepared(tiny_hf_dir, tmp_path_factory):
     (root / "data" / "processed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     write_shards(root / "data" / "processed.jsonl", root / "data" / "shards", root / "hf", val_fraction=0.0,
                  max_seq_len=1024, codec_dir=write_tiny_codec(root / "codec", seed=0))
-    _single_rank_env()
     init_parallel()
     try:
         convert_checkpoint(root / "hf", root / "mcore", dtype="fp32", log=lambda line: None)
