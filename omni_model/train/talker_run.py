@@ -132,15 +132,9 @@ def not_trained_reason(settings: TalkerSettings, thinker_train) -> str:
 # ---------------------------------------------------------------------------------------------------------- build
 def freeze_talker(talker, section) -> dict:
     """requires_grad False on the frozen talker parts; {part: (trainable, frozen)} parameter counts."""
-    counts = {}
-    for part, prefixes in TALKER_PARTS.items():
-        frozen = bool(getattr(section, f"freeze_{part}"))
-        params = [p for name, p in talker.named_parameters() if name.startswith(prefixes)]
-        for param in params:
-            param.requires_grad_(not frozen)
-        n = sum(p.numel() for p in params)
-        counts[part] = (0, n) if frozen else (n, 0)
-    return counts
+    from .build import freeze_parts
+
+    return freeze_parts(talker, TALKER_PARTS, {part: bool(getattr(section, f"freeze_{part}")) for part in TALKER_PARTS})
 
 
 def frozen_thinker(settings: TalkerSettings):
