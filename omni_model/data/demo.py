@@ -118,9 +118,9 @@ class _Gen:
                 wav = Path(tmp) / "speech.wav"
                 subprocess.run([self.espeak, "-w", str(wav), text], check=True, capture_output=True)
                 speech, speech_rate = sf.read(wav, dtype="float32")
-            import librosa
+            from .media import resample
 
-            signal = librosa.resample(speech, orig_sr=speech_rate, target_sr=rate) if speech_rate != rate else speech
+            signal = resample(speech, speech_rate, rate)
             description = f"speech saying '{text}'"
         else:
             t = np.arange(int(seconds * rate)) / rate

@@ -366,14 +366,26 @@ def preprocess_video(video: Video, cfg: MediaConfig) -> tuple[np.ndarray, tuple[
 # ------------------------------------------------------------------------------------------------------ audio
 def to_mono(samples: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
     """[n] or [n, channels] float -> mono float32 at ``target_rate`` (librosa's mean-mix and soxr_hq resampling)."""
-    import librosa
-
     samples = np.asarray(samples, dtype=np.float32)
     if samples.ndim == 2:
         samples = samples.mean(axis=1)
-    if sample_rate != target_rate:
-        samples = librosa.resample(samples, orig_sr=sample_rate, target_sr=target_rate, res_type="soxr_hq")
-    return np.ascontiguousarray(samples, dtype=np.float32)
+    return np.ascontiguousarray(resample(samples, sample_rate, target_rate), dtype=np.float32)
+
+
+def resample(samples: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
+    """1-D samples -> ``target_rate``: soxr's HQ resampler, then cut or zero-padded to ``resampled_length``, which is
+    what ``librosa.resample(res_type="soxr_hq")`` returns (the release's ``librosa.load(sr=16000)``; the tests hold
+    the two equal). Called directly: importing librosa pulls in numba and llvmlite (a 60 MB wheel and JIT caches) in
+    every process that encodes media, for this one call."""
+    import soxr
+
+    if sample_rate == target_rate:
+        return samples
+    resampled = soxr.resample(samples, sample_rate, target_rate, quality="soxr_hq")
+    size = resampled_length(len(samples), sample_rate, target_rate)
+    if len(resampled) >= size:
+        return resampled[:size]
+    return np.pad(resampled, (0, size - len(resampled)))
 
 
 def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
