@@ -69,8 +69,11 @@ def test_lock_has_every_requirement_at_its_pin_with_hashes():
     assert not unmet, f"the lock does not satisfy: {unmet}; regenerate it with the command in its header"
     unhashed = sorted(name for name, (_, hashes) in lock.items() if not hashes)
     assert not unhashed, f"locked without a sha256 hash: {unhashed}"
-    # the CPU build from local disk: a plain 2.13.0 would be PyPI's multi-GB CUDA wheel
-    assert lock["torch"][0] == "2.13.0+cpu" and len(lock["torch"][1]) == 1
+    # PyPI's cp312 torch (its CUDA build) with only the CUDA libraries torch links: the meta-package naming them all
+    # and the GPU-only Python bindings stay out (envs/lock-exclude.txt), (cuSOLVER, NVTX)
+    assert lock["torch"][0] == "2.13.0"
+    excluded = set(requirement_lines(ROOT / "envs" / "lock-exclude.txt"))
+    assert excluded and not excluded & set(lock), f"excluded but locked: {sorted(excluded & set(lock))}"
     print(f"{len(requirements)} requirements, all locked; {sum(len(h) for _, h in lock.values())} hashes")
 
 
