@@ -40,8 +40,10 @@ class StaticAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
 
 
 class OmniMoELayer(MoELayer):
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
-        super().__init__(config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection)
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **kwargs):
+        # kwargs: what mcore's builder adds (0.19: is_mtp_layer, name), handed on unchanged
+        super().__init__(config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection,
+                         **kwargs)
         config = self.config
         self.static_applies = (type(self.token_dispatcher) is MoEAllGatherTokenDispatcher
                                and self.num_local_experts == config.num_moe_experts

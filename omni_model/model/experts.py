@@ -100,6 +100,7 @@ class GroupedLinear(nn.Module):
         is_expert: bool = True,
         tp_comm_buffer_name: Optional[str] = None,
         pg_collection=None,
+        name: Optional[str] = None,
     ):
         super().__init__()
         assert is_expert, "GroupedLinear is for experts"

@@ -25,6 +25,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import GroupedMLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -114,12 +115,13 @@ def _moe_spec(use_te: bool) -> ModuleSpec:
 
         experts = ModuleSpec(
             module=TEGroupedMLP,
-            submodules=MLPSubmodules(linear_fc1=TEColumnParallelGroupedLinear, linear_fc2=TERowParallelGroupedLinear),
+            submodules=GroupedMLPSubmodules(linear_fc1=TEColumnParallelGroupedLinear,
+                                            linear_fc2=TERowParallelGroupedLinear),
         )
     else:
         experts = ModuleSpec(
             module=GroupedGemmExperts,
-            submodules=MLPSubmodules(linear_fc1=ColumnGroupedLinear, linear_fc2=RowGroupedLinear),
+            submodules=GroupedMLPSubmodules(linear_fc1=ColumnGroupedLinear, linear_fc2=RowGroupedLinear),
         )
     return ModuleSpec(
         module=MoELayer if use_te else OmniMoELayer,
