@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from .registry import Seam, resolve
 
-# The stack every entry was verified on (torch: 2.13.0 CPU on the dev machines, 2.11 CUDA on the GPU machines).
+# The stack every entry was verified on (torch: 2.13.0 on the CPU dev machines, 2.11 CUDA on the GPU machines).
+# megatron-core 0.16.1 -> 0.19.2: every entry re-read against the new source (the te_general_gemm stub and the
+# router's gating are gone: mcore 0.19 defines te_general_gemm as None without TE and gates in torch).
 MCORE, HF, ENERGON, DJ, TORCH = "megatron-core", "transformers", "megatron-energon", "py-data-juicer", "torch"
-VERIFIED = {MCORE: ("0.16.1",), HF: ("5.24.0",), ENERGON: ("7.4.1",), DJ: ("1.6.1",), TORCH: ("2.13.0", "2.11")}
+VERIFIED = {MCORE: ("0.19.2",), HF: ("5.25.0",), ENERGON: ("7.4.1",), DJ: ("1.6.1",), TORCH: ("2.13.0", "2.11")}
 
 _TP = "megatron.core.tensor_parallel"
 _MOE = "megatron.core.transformer.moe"
@@ -138,18 +140,15 @@ SEAMS: tuple[Seam, ...] = (
           "add() is rewritten for the CPU generator (same bookkeeping); fork()'s 'CPU RNG state changed' warning is "
           "filtered by its text",
           fingerprint='11dbcecb3581d644'),
-    _seam("cpu.te_general_gemm", MCORE, f"{_MOE}.moe_utils:RouterGatingLinearFunction",
-          "omni_model.runtime.cpu_patches:apply", "patch",
-          "moe_utils reads the module global te_general_gemm, only defined when TE imports: set to None",
-          fingerprint='a34180b771b42adc'),
     _seam("cpu.torch_factories", MCORE, [f"{_TP}.layers", f"{_OPT}.optimizer"],
           "omni_model.runtime.cpu_patches:_install_torch_proxy", "patch",
           "literal device='cuda' allocations in mcore modules go through their `torch` global, proxied on CPU",
           check=_mcore_modules_bind_torch),
     _seam("cpu.clip_grad_by_total_norm_fp32", MCORE, f"{_OPT}.clip_grads:clip_grad_by_total_norm_fp32",
           "omni_model.runtime.cpu_patches:apply", "patch",
-          "asserts torch.cuda.FloatTensor grads: the same in-place scaling re-implemented for fp32 CPU grads",
-          fingerprint='8edb9da5365045a5'),
+          "asserts torch.cuda.FloatTensor grads: the same in-place scaling re-implemented for fp32 CPU grads (a "
+          "tensor total norm, new in 0.19, compares the same way)",
+          fingerprint='cf07b488fb76a8ae'),
     # runtime/multi_tensor.py
     _seam("mt.local_fallbacks", MCORE, ["megatron.core.utils:local_multi_tensor_l2_norm",
                                         "megatron.core.utils:local_multi_tensor_scale"],
@@ -160,40 +159,39 @@ SEAMS: tuple[Seam, ...] = (
           "private", "the module globals l2_norm_impl / multi_tensor_scale_impl that mcore binds its fallbacks to",
           check=_mcore_binds_multi_tensor_fallbacks),
     # model/
-    _seam("model.router.gating", MCORE, f"{_MOE}.router:TopKRouter.gating", "omni_model.model.router:SoftmaxTopKRouter",
-          "subclass", "gating replaced by F.linear (mcore's router_gating_linear needs TE and moves weights to CUDA)",
-          fingerprint='984dd54fa561aa82'),
     _seam("model.static_dispatch", MCORE, [f"{_MOE}.token_dispatcher:MoEAllGatherTokenDispatcher.dispatch_postprocess",
                                            f"{_MOE}.moe_layer:MoELayer.__init__"],
           "omni_model.model.dispatcher:OmniMoELayer", "subclass",
           "the built dispatcher's __class__ is swapped to one whose dispatch_postprocess gives the same permutation "
           "without host syncs (all experts local)", switch="static_dispatch",
-          fingerprint='facfc26de2ffe502'),
+          fingerprint='54b6c02b0af4a541'),
     _seam("model.grouped_experts", MCORE,
           [f"{_MOE}.experts:TEGroupedMLP.__init__", f"{_MOE}.experts:TEGroupedMLP.forward"],
           "omni_model.model.experts:GroupedGemmExperts", "subclass",
-          "TEGroupedMLP with torch grouped GEMMs for TE's GroupedLinear; its forward is copied minus a host sync",
-          fingerprint='4eba847fa93674fb'),
+          "TEGroupedMLP with torch grouped GEMMs for TE's GroupedLinear (0.19's grouped-linear builder protocol); "
+          "its forward is copied minus a host sync, mcore's for the features it leaves out (fp8, op fuser, ...)",
+          fingerprint='2df562c28073d6e4'),
     _seam("model.grouped_gemm", TORCH, "torch:_grouped_mm", "omni_model.model.experts:grouped_gemm", "private",
           "torch's private grouped GEMM op (one launch for all local experts)", check="exists"),
     _seam("model.linear_forward_impl", MCORE, [f"{_TP}.layers:ColumnParallelLinear._forward_impl",
                                                f"{_TP}.layers:RowParallelLinear._forward_impl",
                                                f"{_TP}.layers:linear_with_grad_accumulation_and_async_allreduce"],
           "omni_model.model.linear:_LocalMatmul._forward_impl", "subclass",
-          "_forward_impl is a plain F.linear when mcore's Function would only multiply (reads its keyword names)",
+          "_forward_impl is a plain F.linear when mcore's Function would only multiply (reads its keyword names; "
+          "0.19's gtp_remat_size > 1 is not only a multiply)",
           switch="plain_matmul_when_local",
-          fingerprint='ca6ec7ff758f3a50'),
+          fingerprint='bd58dc43ed965539'),
     _seam("model.gpt_postprocess", MCORE, ["megatron.core.models.gpt.gpt_model:GPTModel._postprocess",
                                            "megatron.core.models.common.language_module.language_module:"
                                            "LanguageModule.compute_language_model_loss"],
           "omni_model.model.language_model:Qwen3OmniLanguageModel.forward", "call",
           "our forward runs the decoder itself (MRoPE, deepstack) and then GPTModel's private _postprocess by keyword; "
           "the loss hook it calls is overridden",
-          fingerprint='79aa02606fd6b8c8'),
+          fingerprint='0555ef23758e5d2f'),
     _seam("model.cross_entropy", MCORE, f"{_TP}.cross_entropy:_VocabParallelCrossEntropy",
           "omni_model.model.cross_entropy:FusedVocabParallelCrossEntropy", "switch",
           "the same fp32 vocab-parallel cross-entropy fused on the GPU", switch="fuse_ce_on_gpu",
-          fingerprint='b81360061852c36b'),
+          fingerprint='ee9c3e36b0e76bac'),
     _seam("model.varlen_attention", TORCH, "torch.nn.attention.varlen:varlen_attn",
           "omni_model.model.attention:_varlen_attention", "switch",
           "torch's flash varlen kernel for packed sequences (keywords read from its signature per version)",
@@ -206,15 +204,14 @@ SEAMS: tuple[Seam, ...] = (
     _seam("model.param_attributes", MCORE, [f"{_TP}.layers:param_is_not_tensor_parallel_duplicate",
                                             "megatron.core.distributed.finalize_model_grads:"
                                             "_allreduce_non_tensor_model_parallel_grads",
-                                            "megatron.core.distributed.distributed_data_parallel:"
-                                            "DistributedDataParallel.__init__"],
+                                            "megatron.core.distributed.param_and_grad_buffer:group_params_for_buffers"],
           "omni_model.model.encoder_layers:mark_replicated", "private",
           "parameter attributes we set and mcore reads: tensor_model_parallel (replicated towers), sequence_parallel "
           "(norm.RMSNorm), allreduce=False (experts.GroupedLinear: expert-DP grads)",
           check=_sources_read((f"{_TP}.layers:param_is_not_tensor_parallel_duplicate", "tensor_model_parallel"),
                               ("megatron.core.distributed.finalize_model_grads:"
                                "_allreduce_non_tensor_model_parallel_grads", '"sequence_parallel"'),
-                              ("megatron.core.distributed.distributed_data_parallel:DistributedDataParallel.__init__",
+                              ("megatron.core.distributed.param_and_grad_buffer:group_params_for_buffers",
                                "'allreduce'"))),
     _seam("model.expert_sharded_state_dict", MCORE,
           ["megatron.core.transformer.utils:make_sharded_tensors_for_checkpoint",
@@ -233,7 +230,7 @@ SEAMS: tuple[Seam, ...] = (
           "omni_model.model.attention:per_token_rope_packing", "private",
           "packed rows handed over in 'sbhd' form with cu_seqlens set take RoPE token by token, not by mcore's THD "
           "loop",
-          fingerprint='2752798f27ef46ca'),
+          fingerprint='6ebc796813c1ef91'),
     _seam("model.gpt_model_init", MCORE, "megatron.core.models.gpt.gpt_model:GPTModel.__init__",
           "omni_model.model.language_model:Qwen3OmniLanguageModel", "subclass",
           "built with position_embedding_type='none' and scatter_embedding_sequence_parallel=False, then our MRoPE",
@@ -257,19 +254,19 @@ SEAMS: tuple[Seam, ...] = (
                                           "megatron.core.distributed.finalize_model_grads:finalize_model_grads"],
           "omni_model.train.forward_step:loss_func", "call",
           "the loss contract (token sums, divided by the global label-token count) as read in these functions",
-          fingerprint='5077082c6e8a09b9'),
+          fingerprint='380b7e5902187a8e'),
     _seam("train.variable_seq_lengths", MCORE, "megatron.core.transformer.transformer_config:"
                                                "TransformerConfig.__post_init__",
           "omni_model.train.build:allow_variable_seq_lengths", "private",
           "variable_seq_lengths is set after __post_init__, whose allgather refusal does not apply at ep = 1",
-          fingerprint='22a10dbc97da40f4'),
+          fingerprint='890da8cd8d15ec0a'),
     _seam("train.folded_grad_scale", MCORE, [f"{_OPT}.optimizer:MixedPrecisionOptimizer.step",
                                              "megatron.core.distributed.distributed_data_parallel:"
                                              "DistributedDataParallel.scale_gradients"],
           "omni_model.train.build:FoldedGradScale", "patch",
           "the DDP model's scale_gradients and the optimizer's step are replaced on the instances: the two grad "
           "scalings go into fused Adam's grad_scale", switch="fold_grad_scale",
-          fingerprint='50312e9b3200442b'),
+          fingerprint='2e9ad364fc5f29ab'),
     _seam("train.adam_grad_scale", TORCH, "torch.optim:Adam.step", "omni_model.train.build:FoldedGradScale", "private",
           "torch's Adam hands `self.grad_scale` to the fused kernel", check=_torch_adam_reads_grad_scale),
     _seam("train.distrib_optimizer_load", MCORE, [f"{_OPT}.distrib_optimizer:DistributedOptimizer."
@@ -279,7 +276,7 @@ SEAMS: tuple[Seam, ...] = (
           "omni_model.train.checkpointing:_prepare_distributed_optimizer_load", "patch",
           "the per-parameter state copy is wrapped to leave Adam's `step` alone; the private initialiser is called "
           "before a load",
-          fingerprint='abaf4aa2017df9c3'),
+          fingerprint='a508e0a6c2b8d227'),
     # transformers (the parity reference)
     _seam("hf.experts_implementation", HF, "transformers.configuration_utils:PreTrainedConfig",
           "omni_model.convert.parity:reference_thinker", "private",

@@ -1,6 +1,7 @@
 """mcore's allgather token dispatcher without host syncs when every expert is local (EP = 1, no token dropping).
 
-mcore 0.16's `MoEAllGatherTokenDispatcher.dispatch_postprocess` syncs the host three times per MoE layer and pass:
+mcore's (0.16 to 0.19) `MoEAllGatherTokenDispatcher.dispatch_postprocess` syncs the host three times per MoE layer
+and pass:
 `tokens_per_expert.cpu()` (TE's grouped GEMM wants a host list) and two `masked_select`s (output size read back from
 the device) in the permutation of the tokens and of their routing probabilities. With all experts on this rank and no
 capacity factor, every token goes to exactly top-k experts: the permuted length is tokens x top-k, known on the host.
