@@ -35,6 +35,8 @@ $(STAMP): envs/requirements.lock envs/requirements.txt pyproject.toml envs/apt.t
 	$(PIP) install --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 	set -o pipefail; $(PIP) install --no-deps --require-hashes -r envs/requirements.lock 2>&1 | { grep -v '^WARNING: Location' || true; }
 	set -o pipefail; $(PIP) install --no-deps --no-build-isolation -e . 2>&1 | { grep -v '^WARNING: Location' || true; }
+	@# the plan-time recipe check reads Data-Juicer's op registry, cached per version: filled once here (~15 s)
+	$(PY) -c 'from omni_model.config import dj_op_registry; print(len(dj_op_registry()), "Data-Juicer ops")'
 	touch $(STAMP)
 
 demo: venv

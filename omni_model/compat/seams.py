@@ -71,25 +71,20 @@ def _torch_adam_reads_grad_scale() -> None:
         "torch.optim.Adam.step no longer reads self.grad_scale"
 
 
-def _dj_sources_match_registry() -> None:
-    """config.OpCatalog reads Data-Juicer's op names and constructor arguments from its SOURCE FILES (its import
-    takes seconds at plan time): they must be what Data-Juicer's own registry holds."""
-    from data_juicer.ops import load_ops  # noqa: F401  (registers every op)
-    from data_juicer.ops.base_op import OPERATORS
+def _dj_registry_gives_arguments() -> None:
+    """config.OpCatalog takes the op names from Data-Juicer's OPERATORS registry (filled by load_ops) and each op's
+    keyword arguments from the __init__ signatures down its MRO to base_op's classes, which take **kwargs."""
+    import inspect
 
-    catalog = resolve("omni_model.config:OpCatalog")()
-    families = tuple(f"data_juicer.ops.{family}." for family in resolve("omni_model.config:_OP_FAMILIES"))
-    registered = {name: cls for name, cls in OPERATORS.modules.items() if cls.__module__.startswith(families)}
-    assert registered, "no Data-Juicer op found in its registry"
-    wrong = {name: (catalog.ops.get(name), cls.__name__) for name, cls in registered.items()
-             if catalog.ops.get(name) != cls.__name__}
-    assert set(wrong) == _DJ_OPS_THE_SOURCES_MISS, \
-        f"ops read from the sources differ from the registry (source, registry): {wrong}"
+    from data_juicer.ops.base_op import OP, Filter
 
-
-# Verified on py-data-juicer 1.6.1: the source reading finds every registered op (f"{OP_NAME}_with_uid" names and
-# mapper/annotation/ included). Recorded, so that any op it misses after an upgrade is seen.
-_DJ_OPS_THE_SOURCES_MISS: set[str] = set()
+    registry = resolve("omni_model.data.dj_registry:registry")()
+    assert len(registry) > 100, f"only {len(registry)} ops in Data-Juicer's registry"
+    missing = {"min_len", "max_len", "text_key"} - set(registry.get("text_length_filter", ()))
+    assert not missing, f"text_length_filter's arguments lack {sorted(missing)}"
+    for base in (OP, Filter):
+        kinds = {p.kind for p in inspect.signature(base.__init__).parameters.values()}
+        assert inspect.Parameter.VAR_KEYWORD in kinds, f"{base.__name__}.__init__ no longer takes **kwargs"
 
 
 def _sources_read(*reads: tuple[str, str]):
@@ -305,11 +300,13 @@ SEAMS: tuple[Seam, ...] = (
           "omni_model.data.datajuicer:run_recipe", "private",
           "init_configs sets RAY_JOB_ENV_VAR process-wide and redirects the streams: both are put back",
           check="exists"),
-    _seam("dj.op_sources", DJ, "data_juicer.ops.base_op:OP.__init__", "omni_model.config:OpCatalog", "source-parse",
-          "plan-time recipe checks read op names and constructor arguments from Data-Juicer's source files",
-          check=_dj_sources_match_registry),
+    _seam("dj.op_registry", DJ, ["data_juicer.ops.base_op:OPERATORS", "data_juicer.ops:load_ops"],
+          "omni_model.config:OpCatalog", "private",
+          "plan-time recipe checks read op names from Data-Juicer's registry and arguments from the ops' signatures "
+          "(data/dj_registry.py, cached per version)",
+          check=_dj_registry_gives_arguments),
     _seam("dj.base_op_kwargs", DJ, ["data_juicer.ops.base_op:OP.__init__", "data_juicer.ops.base_op:Filter.__init__"],
-          "omni_model.config:_base_kwargs", "source-parse",
+          "omni_model.data.dj_registry:base_kwargs", "source-parse",
           "the keyword arguments every op accepts are read from base_op.py's kwargs.get calls",
           fingerprint='94ce36fe7a41a934'),
     _seam("dj.dedup_ops", DJ, ["data_juicer.ops.base_op:Deduplicator",
