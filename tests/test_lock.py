@@ -94,3 +94,16 @@ def test_conda_env_files_pin_the_locked_versions():
                   if canonicalize_name(r.name) != "torch" and str(r.specifier) != f"=={lock[canonicalize_name(r.name)][0]}"}
         assert not differ, f"envs/{name} pins differ from envs/requirements.lock (file, lock): {differ}"
         print(f"envs/{name}: {len(checked)} pip pins == the lock")
+
+
+def test_device_wheels_pin_the_locked_versions():
+    """envs/device-wheels.txt (what a GPU machine without a registry is given) names the lock's versions."""
+    lock = read_lock()
+    pins = [Requirement(line) for line in requirement_lines(ROOT / "envs" / "device-wheels.txt")]
+    unpinned = [str(r) for r in pins if not str(r.specifier).startswith("==")]
+    assert not unpinned, f"envs/device-wheels.txt: not pinned: {unpinned}"
+    differ = {r.name: (str(r.specifier), lock.get(canonicalize_name(r.name), ("not locked",))[0]) for r in pins
+              if str(r.specifier) != f"=={lock.get(canonicalize_name(r.name), ('',))[0]}"}
+    assert not differ, f"envs/device-wheels.txt pins differ from envs/requirements.lock (file, lock): {differ}"
+    assert {"megatron-core", "transformers", "megatron-energon"} <= {canonicalize_name(r.name) for r in pins}
+    print(f"envs/device-wheels.txt: {len(pins)} pins == the lock")
