@@ -47,11 +47,14 @@ def test_parity_gate_passes_and_reports(tiny_hf_dir, converted, parallel):
     tokens = on_disk["probe_tokens"]
     assert min(tokens["text"], tokens["image"], tokens["audio"], tokens["video"]) > 0
     assert on_disk["layers_compared"] == on_disk["layers_total"] and on_disk["truncated"] is False
-    import megatron.core
+    from importlib import metadata
+
     import transformers
 
-    versions = on_disk["versions"]  # the stack the verdict holds for
-    assert versions["megatron-core"] == megatron.core.__version__ and versions["torch"] == torch.__version__
+    # the stack the verdict holds for (the installed distribution's version: megatron.core.__version__ of 0.19 adds
+    # the git commit of the working directory)
+    versions = on_disk["versions"]
+    assert versions["megatron-core"] == metadata.version("megatron-core") and versions["torch"] == torch.__version__
     assert versions["transformers"] == transformers.__version__
 
 

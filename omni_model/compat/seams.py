@@ -14,7 +14,7 @@ from .registry import Seam, resolve
 
 # The stack every entry was verified on (torch: 2.13.0 on the CPU dev machines, 2.11 CUDA on the GPU machines).
 # megatron-core 0.16.1 -> 0.19.2: every entry re-read against the new source (the te_general_gemm stub and the
-# router's gating are gone: mcore 0.19 defines te_general_gemm as None without TE and gates in torch).
+# router's gating override are gone: mcore 0.19 defines te_general_gemm as None without TE and gates in torch).
 MCORE, HF, ENERGON, DJ, TORCH = "megatron-core", "transformers", "megatron-energon", "py-data-juicer", "torch"
 VERIFIED = {MCORE: ("0.19.2",), HF: ("5.25.0",), ENERGON: ("7.4.1",), DJ: ("1.6.1",), TORCH: ("2.13.0", "2.11")}
 
@@ -154,6 +154,13 @@ SEAMS: tuple[Seam, ...] = (
           "private", "the module globals l2_norm_impl / multi_tensor_scale_impl that mcore binds its fallbacks to",
           check=_mcore_binds_multi_tensor_fallbacks),
     # model/
+    _seam("model.router_aux_loss_tokens", MCORE, [f"{_MOE}.router:TopKRouter._apply_aux_loss",
+                                                  f"{_MOE}.router:TopKRouter.attach_and_log_load_balancing_loss",
+                                                  f"{_MOE}.moe_utils:get_tokens_per_expert_and_token_count"],
+          "omni_model.model.router:OmniTopKRouter", "subclass",
+          "_apply_aux_loss copied with valid_token_count = the TP x CP routed-token sum / tp_cp_size, which 0.19 "
+          "multiplies back by tp_cp_size (its local count differs per rank when SP shards hold different padding)",
+          fingerprint='86d0de381fad81e6'),
     _seam("model.static_dispatch", MCORE, [f"{_MOE}.token_dispatcher:MoEAllGatherTokenDispatcher.dispatch_postprocess",
                                            f"{_MOE}.moe_layer:MoELayer.__init__"],
           "omni_model.model.dispatcher:OmniMoELayer", "subclass",

@@ -12,9 +12,9 @@ decision (config `model.use_te`, passed explicitly to every builder) asks for it
   decoder.final_layernorm.weight, embedding.word_embeddings.weight, output_layer.weight
 
 Local spec: `SDPAttention` (attention.py), `GroupedGemmExperts` (experts.py), SP-capable `RMSNorm` (norm.py),
-mcore's own `TopKRouter` (its gating runs without TE as of mcore 0.19), `OmniMoELayer` (dispatcher.py: no host syncs
-in the token permutation at EP=1), mcore's Column/RowParallelLinear as plain matmuls when no TP communication rides on
-them (linear.py). Every layer is a `DeepstackTransformerLayer`.
+`OmniTopKRouter` (router.py: mcore's, aux-loss token count per micro-batch), `OmniMoELayer` (dispatcher.py: no host
+syncs in the token permutation at EP=1), mcore's Column/RowParallelLinear as plain matmuls when no TP communication
+rides on them (linear.py). Every layer is a `DeepstackTransformerLayer`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.moe.experts import GroupedMLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
-from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -44,6 +43,7 @@ from .dispatcher import OmniMoELayer
 from .experts import ColumnGroupedLinear, GroupedGemmExperts, RowGroupedLinear
 from .linear import LocalColumnParallelLinear, LocalRowParallelLinear
 from .norm import RMSNorm
+from .router import OmniTopKRouter
 from ..configs import moe_layer_pattern  # noqa: F401  (torch-free home: the planner reads it too)
 
 
@@ -125,7 +125,7 @@ def _moe_spec(use_te: bool) -> ModuleSpec:
         )
     return ModuleSpec(
         module=MoELayer if use_te else OmniMoELayer,
-        submodules=MoESubmodules(experts=experts, shared_experts=None, router=TopKRouter),
+        submodules=MoESubmodules(experts=experts, shared_experts=None, router=OmniTopKRouter),
     )
 
 
