@@ -33,8 +33,11 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
 
 
-def overrides(layers: int) -> dict:
-    return {"thinker_config": {"text_config": {"num_hidden_layers": layers}},
+def overrides(layers: int, experts: int = 0) -> dict:
+    """The released architecture cut to `layers` LLM layers (and `experts` experts per layer when > 0: a narrower
+    model whose depth can grow on a small machine)."""
+    text = {"num_hidden_layers": layers, **({"num_experts": experts} if experts else {})}
+    return {"thinker_config": {"text_config": text},
             "talker_config": {"text_config": {"num_hidden_layers": 1}, "code_predictor_config": {"num_hidden_layers": 1}},
             "code2wav_config": {"num_hidden_layers": 1}}
 
@@ -43,7 +46,8 @@ def phase_generate(args) -> dict:
     from omni_model.random_checkpoint import write_random_checkpoint
 
     start = time.perf_counter()
-    write_random_checkpoint(args.dir / "hf", "released-30b-a3b", overrides(args.layers), seed=0, log=lambda _: None)
+    write_random_checkpoint(args.dir / "hf", "released-30b-a3b", overrides(args.layers, args.experts), seed=0,
+                            log=lambda _: None)
     return {"seconds": time.perf_counter() - start}
 
 
@@ -97,7 +101,7 @@ def phase_convert(args) -> dict:
     destroy_parallel()
     return {"seconds": seconds, "bytes": total, "tensors": count, "gb_per_s": total / 1e9 / seconds,
             "build_s": record["seconds"]["build"], "read_and_map_s": record["seconds"]["read_and_map"],
-            "save_s": record["seconds"]["save"],
+            "save_s": record["seconds"]["save"], "save_groups": record["save_groups"],
             "read_and_map_gb_per_s": total / 1e9 / record["seconds"]["read_and_map"]}
 
 
@@ -111,7 +115,7 @@ def largest_layer_group(reader) -> dict:
 
 def run_phase(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--phase", name, "--dir", str(args.dir), "--layers", str(args.layers),
-           "--dtype", args.dtype, "--threads", str(args.threads)]
+           "--dtype", args.dtype, "--threads", str(args.threads), "--experts", str(args.experts)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if proc.returncode != 0:
         raise RuntimeError(f"phase {name} failed:\n{proc.stderr[-4000:]}")
@@ -122,6 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2, help="thinker LLM layers (30B shapes, 128 experts each)")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/convert_bench"))
+    parser.add_argument("--experts", type=int, default=0, help="experts per LLM layer (0 = the released 128)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="converted parameter dtype")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint (default: delete)")
@@ -155,9 +160,10 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)
     gb = 1e9
-    print(f"\nrandom checkpoint: released 30B-A3B shapes, {args.layers} LLM layers, {on_disk / gb:.2f} GB safetensors "
+    experts = f"{args.experts} experts per layer" if args.experts else "128 experts per layer"
+    print(f"\nrandom checkpoint: released 30B-A3B shapes ({experts}), {args.layers} LLM layers, {on_disk / gb:.2f} GB safetensors "
           f"(thinker {read['bytes'] / gb:.2f} GB in {read['tensors']} tensors), generated in {generated['seconds']:.0f} s")
-    print(f"one LLM layer: {group['layer_bytes'] / gb:.2f} GB; its largest tensor group (128 experts' gate+up -> "
+    print(f"one LLM layer: {group['layer_bytes'] / gb:.2f} GB; its largest tensor group (the experts' gate+up -> "
           f"one fc1 parameter): {group['experts_fc1_bytes'] / gb:.2f} GB; converted to {args.dtype}, "
           f"torch_dist written: {written / gb:.2f} GB\n")
     print("| phase | seconds | GB/s (thinker bytes read) | peak RSS GiB |")
@@ -171,7 +177,8 @@ def main() -> None:
     print(f"| convert: build the (uninitialised) thinker | {convert['build_s']:.1f} | | |")
     print(f"| convert: read + map + copy into the thinker | {convert['read_and_map_s']:.1f} | "
           f"{convert['read_and_map_gb_per_s']:.2f} | |")
-    print(f"| convert: + dist_checkpointing.save | {convert['save_s']:.1f} | | |")
+    print(f"| convert: + dist_checkpointing.save ({convert['save_groups']} save groups, merged) | "
+          f"{convert['save_s']:.1f} | | |")
     print(f"| convert total (convert_checkpoint) | {convert['seconds']:.1f} | {convert['gb_per_s']:.2f} | "
           f"{convert['peak_rss_gb']:.2f} |")
     print(f"\nconvert / plain read speed: {convert['gb_per_s'] / read['gb_per_s']:.0%} (goal >= 50 %); read+map alone "

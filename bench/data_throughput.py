@@ -27,19 +27,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _inputs(args, tmp: Path) -> tuple[Path, Path]:
-    processed, hf = Path(args.processed), Path(args.hf)
+def _inputs(args, tmp: Path) -> tuple[Path, Path, Path | None]:
+    """(processed.jsonl, checkpoint, speech codec or None): the workflow's, else a demo set built here."""
+    processed, hf, codec = Path(args.processed), Path(args.hf), Path(args.codec)
     if processed.is_file() and (hf / "config.json").is_file():
-        return processed, hf
+        return processed, hf, (codec if (codec / "config.json").is_file() else None)
     from omni_model.data.datajuicer import validate
     from omni_model.data.demo import generate_demo
-    from omni_model.tiny import write_tiny_checkpoint
+    from omni_model.tiny import write_tiny_checkpoint, write_tiny_codec
 
     hf = write_tiny_checkpoint(tmp / "hf")
     records, _, _ = validate(generate_demo(tmp / "raw", 200, 0))
     processed = tmp / "processed.jsonl"
     processed.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return processed, hf
+    return processed, hf, write_tiny_codec(tmp / "codec")  # the demo's spoken answers need the codec
 
 
 def _samples(processed: Path) -> list[tuple[dict, dict]]:
@@ -155,6 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--processed", default=str(REPO / "results/data/processed.jsonl"))
     parser.add_argument("--hf", default=str(REPO / "results/model/hf"))
+    parser.add_argument("--codec", default=str(REPO / "results/model/codec"), help="speech codec (spoken answers)")
     parser.add_argument("--max-seq-len", type=int, default=4096)
     parser.add_argument("--pack-budget", type=int, default=4096)
     args = parser.parse_args()
@@ -164,7 +166,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        processed, hf = _inputs(args, tmp)
+        processed, hf, codec = _inputs(args, tmp)
         samples = _samples(processed)
         n = len(samples)
         rows = []
@@ -174,7 +176,7 @@ def main() -> None:
         rows.append(("webdataset.ShardWriter only (same bytes)", n / seconds, nbytes / seconds / 1e6, None))
         started = time.perf_counter()
         report = write_shards(processed, tmp / "shards", hf, max_samples=64, max_seq_len=args.max_seq_len,
-                              val_fraction=0.0)
+                              val_fraction=0.0, codec_dir=codec)
         seconds = time.perf_counter() - started
         rows.append(("shards stage (full decode + token count + ShardWriter + Energon index)", n / seconds,
                      nbytes / seconds / 1e6, sum(report["tokens"].values()) / seconds))

@@ -413,7 +413,7 @@ def build_ours_step(spec: dict, batches: list, peak: float):
     if "graphs" in knobs:  # mcore's CUDA-graph manager needs a graph-safe RNG tracker (asserted at build)
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-        model_parallel_cuda_manual_seed(settings.train["seed"], use_cudagraphable_rng=True, force_reset_rng=True)
+        model_parallel_cuda_manual_seed(settings.train.seed, use_cudagraphable_rng=True, force_reset_rng=True)
     # LoRA rows: no base checkpoint to load (init_weights fills every weight next)
     training = build.build_training(settings, load_initial_weights=False, load_base=lambda thinker: None,
                                     options=options)
@@ -567,20 +567,23 @@ def best_of_repeats(rows: list) -> dict:
     return best
 
 
-def run_child(spec: dict, timeout: int, cpu: bool) -> dict:
+def run_child(spec: dict, timeout: int, cpu: bool, script: str = __file__, require_success: bool = False) -> dict:
+    """`script --one <spec>` in its own process (clean peak-memory statistics; an out-of-memory loses one row): its
+    last RESULT line, or why it failed. `require_success`: a RESULT line from a process that then failed counts as a
+    failure (bench/eval_throughput.py's phases)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     # both models with the allocator setting that avoids cudaMalloc/cudaFree churn near the card's limit
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     try:
-        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, script, "--one", json.dumps(spec)], capture_output=True, text=True,
                               timeout=timeout, env=env, cwd=REPO)
     except subprocess.TimeoutExpired:
         return {"failed": f"timeout after {timeout} s"}
     found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if found:
-        return json.loads(found[-1][7:])
+    if found and (proc.returncode == 0 or not require_success):
+        return json.loads(found[-1][len("RESULT "):])
     return {"failed": (proc.stderr or proc.stdout)[-3000:]}
 
 

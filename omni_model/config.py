@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
+
+from .schema import schema_problems, schema_types
 
 BUILTIN_MODEL_CONFIGS = ("released-30b-a3b",)
 
@@ -27,11 +30,6 @@ class ConfigError(ValueError):
 
 # ------------------------------------------------------------------------------------------------ coercion
 _BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
-
-
-def _types(schema: dict) -> list[str]:
-    kind = schema.get("type", [])
-    return [kind] if isinstance(kind, str) else list(kind)
 
 
 def _scalar_from_string(text: str, types: list[str]):
@@ -66,7 +64,7 @@ def _untyped_from_string(text: str):
 
 def coerce(value, schema: dict):
     """`value` with every string converted to the type `schema` asks for (recursively)."""
-    types = _types(schema)
+    types = schema_types(schema)
     if isinstance(value, str):
         if not types:
             return _untyped_from_string(value)
@@ -104,76 +102,15 @@ def _copy(value):
 
 
 # ------------------------------------------------------------------------------------------------ validation
-_TYPE_WORDS = {"integer": "an integer", "number": "a number", "boolean": "true or false", "string": "a string",
-               "object": "a mapping {key: value}", "array": "a list", "null": "null"}
-
-
-def _key_path(path) -> str:
-    return ".".join(str(p) for p in path) or "(top level)"
-
-
-def _allowed(error) -> str:
-    """What the schema allows at the failing key, in words."""
-    kind, value, schema = error.validator, error.validator_value, error.schema
-    if kind == "type":
-        return "expected " + " or ".join(_TYPE_WORDS.get(t, t) for t in _types({"type": value}))
-    if kind == "enum":
-        return "must be one of: " + ", ".join(map(str, value))
-    if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        return "must be " + _range(schema)
-    if kind == "pattern":
-        return f"must match {value}" + (f" ({schema['description']})" if "description" in schema else "")
-    return error.message
-
-
-def _range(schema: dict) -> str:
-    low = (">= %s" % schema["minimum"]) if "minimum" in schema else \
-        (("> %s" % schema["exclusiveMinimum"]) if "exclusiveMinimum" in schema else "")
-    high = ("<= %s" % schema["maximum"]) if "maximum" in schema else \
-        (("< %s" % schema["exclusiveMaximum"]) if "exclusiveMaximum" in schema else "")
-    return " and ".join(part for part in (low, high) if part)
-
-
-def _describe(error) -> list[str]:
-    where = _key_path(error.absolute_path)
-    if error.validator == "additionalProperties":
-        known = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(error.instance) - set(known))
-        lines = []
-        for key in extra:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            section = f"{where}.{key}" if error.absolute_path else key
-            lines.append(f"{section}: unknown key; {hint}known keys: {', '.join(known)}")
-        return lines
-    if error.validator == "required":
-        missing = re.match(r"'([^']+)'", error.message)
-        name = missing.group(1) if missing else error.message
-        prefix = f"{where}." if error.absolute_path else ""
-        return [f"{prefix}{name}: required here but not set"]
-    return [f"{where} = {error.instance!r}: {_allowed(error)}"]
-
-
-def schema_problems(config: dict, schema: dict) -> list[str]:
-    from jsonschema import Draft202012Validator
-
-    validator = Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
-    lines: list[str] = []
-    for error in errors:
-        if error.validator in ("if", "then"):
-            continue
-        for line in _describe(error):
-            if line not in lines:
-                lines.append(line)
-    return lines
+# schema_problems (the one-line messages) lives in omni_model.schema, beside the typed sections that use it too
 
 
 def semantic_problems(config: dict) -> list[str]:
     """Rules the schema cannot say."""
     from .train.settings import context_parallel_problem
 
-    problem = context_parallel_problem(config.get("parallel", {}))
+    problem = context_parallel_problem(config.get("parallel", {}), config.get("train", {}),
+                                       bool(config.get("model", {}).get("use_te", False)))
     return [problem] if problem else []
 
 
@@ -235,11 +172,10 @@ def _dj_registry_cache() -> Path | None:
 def dj_op_registry() -> dict[str, list[str]]:
     """{op name: keyword arguments its constructor accepts} from Data-Juicer's own registry (data/dj_registry.py, run
     in a child process: the import takes ~15 s), cached per version (_dj_registry_cache) so that planning reads a
-    file. {} when Data-Juicer is not installed (the GPU machines: no recipe is checked there)."""
+    file. {} when Data-Juicer is not installed (the GPU machines: recipe_problems then leaves the op names alone)."""
     import json
     import os
     import subprocess
-    import sys
 
     cache = _dj_registry_cache()
     if cache is None:
@@ -286,6 +222,12 @@ def recipe_problems(recipe_path: Path, catalog: OpCatalog | None = None) -> list
         return [f"data.recipe {recipe_path}: not valid YAML ({str(exc).splitlines()[0]})"]
     if not isinstance(recipe, dict) or not isinstance(recipe.get("process"), list) or not recipe["process"]:
         return [f"data.recipe {recipe_path}: needs a non-empty 'process' list of ops"]
+    if catalog is None and _dj_registry_cache() is None:
+        # a machine that only trains on data prepared elsewhere (a GPU node without Data-Juicer): the op names cannot
+        # be checked here, and no job here reads them; the datajuicer job itself stops on the missing package
+        print(f"note: Data-Juicer is not installed here: the op names of {recipe_path} are not checked",
+              file=sys.stderr)
+        return []
     if catalog is None:
         catalog = OpCatalog()
     lines = []

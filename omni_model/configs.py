@@ -73,6 +73,25 @@ _TALKER_CODEC_IDS = {
 }
 
 
+# Talker values of the released config.json that differ from transformers' class defaults (norm_topk_prob is False
+# there, the code predictor's rope_theta 10000): spelled out so that neither the tiny model nor the 30B one uses them.
+_TALKER_TEXT_COMMON = {
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 65536,
+    "router_aux_loss_coef": 0.001,
+    "tie_word_embeddings": False,
+}
+_CODE_PREDICTOR_COMMON = {
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": False,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+}
+
+
 def released_30b_a3b_config() -> dict:
     """The Qwen3-Omni-30B-A3B-Instruct `config.json` values that matter for training and conversion."""
     text = {
@@ -140,6 +159,8 @@ def released_30b_a3b_config() -> dict:
         "num_experts_per_tok": 6,
         "moe_intermediate_size": 384,
         "shared_expert_intermediate_size": 768,
+        "intermediate_size": 2048,  # the text/hidden projections' width (thinker hidden -> this -> talker hidden)
+        **_TALKER_TEXT_COMMON,
         "rope_parameters": copy.deepcopy(text["rope_parameters"]),
     }
     code_predictor = {
@@ -151,6 +172,7 @@ def released_30b_a3b_config() -> dict:
         "head_dim": 128,
         "intermediate_size": 3072,
         "num_code_groups": 16,
+        **_CODE_PREDICTOR_COMMON,
     }
     code2wav = {
         "num_quantizers": 16,
@@ -228,28 +250,33 @@ def tiny_config() -> dict:
         "conv_chunksize": 500,
         "max_source_positions": 1500,
     }
+    # talker and code predictor: grouped-query attention with a query width of twice the hidden size, as released
+    # (16 x 128 over 1024); two KV heads so that TP=2 splits them
     talker_text = {
         "vocab_size": 3072,
         "hidden_size": 32,
         "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
         "head_dim": 16,
         "num_experts": 4,
         "num_experts_per_tok": 2,
         "moe_intermediate_size": 16,
         "shared_expert_intermediate_size": 32,
+        "intermediate_size": 64,  # the projections' width: the thinker hidden size, as in the release (2048)
+        **_TALKER_TEXT_COMMON,
         "rope_parameters": copy.deepcopy(text["rope_parameters"]),
     }
     code_predictor = {
         "vocab_size": 2048,
         "hidden_size": 32,
         "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
         "head_dim": 16,
         "intermediate_size": 64,
         "num_code_groups": 16,
+        **_CODE_PREDICTOR_COMMON,
     }
     code2wav = {
         "num_quantizers": 16,
@@ -341,3 +368,31 @@ def moe_layer_pattern(text_cfg: dict) -> list[bool]:
     dense = set(text_cfg.get("mlp_only_layers", []) or [])
     experts = text_cfg.get("num_experts", 0) or 0
     return [(i not in dense) and experts > 0 and (i + 1) % step == 0 for i in range(n)]
+
+
+def talker_config_of(cfg) -> dict:
+    """The talker_config dict of a full config (a talker config dict comes back as is)."""
+    cfg = config_dict(cfg)
+    return cfg.get("talker_config", cfg)
+
+
+def talker_text_config_of(cfg) -> dict:
+    """The talker's decoder config in the thinker text config's terms (what the model builders read).
+
+    transformers writes the talker's expert count as `num_local_experts`; and its talker layer replaces the MLP by
+    the sparse block with a shared expert on EVERY layer, whatever `mlp_only_layers` / `decoder_sparse_step` say, so
+    the pattern is pinned to all-MoE here rather than read from keys the talker ignores."""
+    text = dict(talker_config_of(cfg)["text_config"])
+    text.setdefault("num_experts", text.get("num_local_experts", 0))
+    text["mlp_only_layers"], text["decoder_sparse_step"] = [], 1
+    if not text.get("shared_expert_intermediate_size"):
+        raise ValueError("talker text_config: shared_expert_intermediate_size must be > 0 (every talker layer has a "
+                         "shared expert)")
+    return text
+
+
+def code_predictor_config_of(cfg) -> dict:
+    """The code predictor's decoder config (dense layers, plain 1-D RoPE) in the thinker text config's terms."""
+    predictor = dict(talker_config_of(cfg)["code_predictor_config"])
+    predictor["num_experts"], predictor["mlp_only_layers"] = 0, list(range(predictor["num_hidden_layers"]))
+    return predictor

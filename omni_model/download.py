@@ -389,3 +389,39 @@ def require_intact(model_dir: Path) -> dict:
         raise CheckpointError(f"{model_dir} is incomplete or corrupted; rerun `snakemake download --forcerun "
                               f"download`: " + "; ".join(problems))
     return json.loads((Path(model_dir) / MANIFEST).read_text())
+
+
+# ------------------------------------------------------------------------------------------------ the speech codec
+def fetch_codec(model_cfg: dict, out_dir: Path, hf_dir: Path, log=print) -> dict:
+    """The `codec` rule: the codec encoder of ``model.codec`` (data.speech.codec_source: the tiny random Mimi, a
+    local folder linked file by file, or a Hugging Face repo) at out_dir with a MANIFEST.json, checked against the
+    checkpoint at hf_dir (frame, rate, code groups, codebook: data.speech.SpeechCodec) before it is published.
+    Returns the manifest."""
+    from .data.speech import SpeechCodec, TalkerCodes, codec_source
+
+    record = codec_source(model_cfg)
+    if record is None:
+        raise CheckpointError("model.codec is none: there is no codec to fetch")
+    staging = fresh_staging(Path(out_dir))
+    if record["kind"] == "tiny":
+        from .tiny import write_tiny_codec
+
+        write_tiny_codec(staging, seed=record["seed"], config=json.loads((Path(hf_dir) / "config.json").read_text()))
+    elif record["kind"] == "local":
+        source = Path(record["path"])
+        if not (source / "config.json").is_file() or not list(source.glob("*.safetensors")):
+            raise CheckpointError(f"model.codec {source}: not a codec folder (config.json + *.safetensors)")
+        for path in sorted(source.iterdir()):
+            if path.suffix in (".json", ".safetensors") and path.name != MANIFEST:
+                (staging / path.name).symlink_to(path)
+    else:
+        from .hub import fetch_from_hub
+
+        fetch_from_hub("huggingface", record["id"], None, ["*.json", "*.safetensors"], staging)
+        shutil.rmtree(staging / ".cache", ignore_errors=True)
+    codec = SpeechCodec(staging, TalkerCodes.from_config(Path(hf_dir)))  # raises CodecError naming the mismatch
+    log(f"codec {record}: {codec.settings()['codec_model_type']}, {codec.codes.num_code_groups} code groups at "
+        f"{codec.codes.frame_rate:g} frames/s")
+    manifest = write_manifest(staging, record)
+    publish(staging, Path(out_dir))
+    return manifest

@@ -68,7 +68,8 @@ class Layout:
         return self.world_size // (self.pp * self.ep * self.etp)
 
     def describe(self) -> str:
-        return (f"tp{self.tp} pp{self.pp} ep{self.ep} etp{self.etp} dp{self.dp}"
+        return (f"tp{self.tp} pp{self.pp} ep{self.ep} etp{self.etp}" + (f" cp{self.cp}" if self.cp > 1 else "")
+                + f" dp{self.dp}"
                 + (f" first-stage-layers {self.first_stage_layers}" if self.first_stage_layers else "")
                 + (" distopt" if self.distributed_optimizer else ""))
 

@@ -12,9 +12,11 @@ For a thinker config (HF `config.json` dict), a layout (TP/PP/EP/ETP/DP, distrib
                  data-parallel ranks by the distributed optimizer (dense params over DP, experts over expert-DP);
                  CPU/fp32: the 2 moments only (mcore's FP32Optimizer has no master copy)
     activations  what autograd keeps for backward, per token and layer (attention + MoE with its top-k dispatched
-                 rows), divided by TP / SP; times the micro-batches in flight on the first pipeline stage
+                 rows), divided by TP / SP and by CP (each CP rank keeps 1/cp of every packed row, plus the K/V of
+                 the whole row that its attention gathers); times the micro-batches in flight on the first stage
     recompute    full recompute: one layer's activations, rebuilt during its backward
-    towers       the vision / audio encoders' activations when they train (frozen towers keep none)
+    towers       the vision / audio encoders' activations when they train (frozen towers keep none); not divided
+                 by CP: every CP rank runs the towers on the whole micro-batch (model.context_parallel says why)
     logits       the fp32 softmax of the [tokens x vocab/TP] logits kept by the cross entropy + the transient bf16
                  logits and fp32 gradient around it (vocab 152064: the largest single tensors of a step)
     overhead     CUDA context, NCCL buffers, allocator fragmentation (only in `total`, not in `allocated`)
@@ -186,13 +188,14 @@ def llm_layer_activation_bytes(text: dict, layout: Layout, work: Workload, is_mo
     nh = text["num_attention_heads"]
     ng = text.get("num_key_value_heads", nh)
     hd = text.get("head_dim") or h // nh
-    tokens = work.tokens
+    tokens = cp_tokens(work, layout)
     local = tokens // tp  # SP shard (tp > 1 forces SP for MoE)
     heads = tokens // tp  # tokens x this rank's heads
     per_head_token = a * (nh + 2 * ng) * hd + upcast * (nh + ng) * hd + a * (2 * (nh + ng) * hd + 2 * nh * hd)
     if work.recompute == "selective":  # mcore's default module list: core attention (SDPA's own q/k/v layouts)
         per_head_token -= a * (nh + 2 * ng) * hd
     attn = local * norm_saved_bytes(h, a) + heads * per_head_token + 4 * tokens * 4 * hd + 4 * heads * nh
+    attn += cp_gathered_kv_bytes(text, layout, work)
     if is_moe:
         e, k, f = text["num_experts"], text["num_experts_per_tok"], text["moe_intermediate_size"]
         rows = k * local * etp  # top-k copies of this rank's tokens; ETP ranks see each other's tokens
@@ -203,11 +206,31 @@ def llm_layer_activation_bytes(text: dict, layout: Layout, work: Workload, is_mo
     return attn + mlp
 
 
+def cp_tokens(work: Workload, layout: Layout) -> int:
+    """Tokens of one micro-batch on one CP rank: 1/cp of the packed row (the zig-zag split; the padding of each
+    sequence to 2 x cp chunks is at most 2 x cp - 1 tokens a sequence, left out)."""
+    return -(-work.tokens // layout.cp)
+
+
+def cp_gathered_kv_bytes(text: dict, layout: Layout, work: Workload) -> int:
+    """What a CP rank's attention keeps of the K/V gathered from all CP ranks (model.context_parallel): each of its
+    query chunks' causal key prefix, (1 + 1/(2 cp)) x the row's tokens, K and V, this rank's TP share of the KV
+    heads. None without CP."""
+    if layout.cp == 1:
+        return 0
+    a = 2 if work.bf16 else 4
+    nh = text["num_attention_heads"]
+    ng = text.get("num_key_value_heads", nh)
+    hd = text.get("head_dim") or text["hidden_size"] // nh
+    laid_out = work.tokens + -(-work.tokens // (2 * layout.cp))
+    return a * laid_out * 2 * max(ng // layout.tp, 1) * hd
+
+
 def llm_outer_activation_bytes(text: dict, layout: Layout, work: Workload, deepstack: int) -> int:
     """Outside the layers, per micro-batch: the final RMSNorm (its output is the output layer's input); with full
     recompute the checkpointed layers also keep the deepstack context (one hidden-size tensor per feature)."""
     a = 2 if work.bf16 else 4
-    local = work.tokens // layout.tp
+    local = cp_tokens(work, layout) // layout.tp
     outer = local * norm_saved_bytes(text["hidden_size"], a)
     if work.recompute == "full":
         outer += a * deepstack * local * text["hidden_size"]
@@ -351,7 +374,7 @@ def estimate_stage(hf_config: dict, layout: Layout, work: Workload, stage: int) 
     if work.freeze_llm:
         act = 0
     elif work.recompute == "full":  # each layer keeps its input; backward recomputes one layer at a time
-        act = in_flight * (len(layers) * a * work.tokens // layout.tp * text["hidden_size"]
+        act = in_flight * (len(layers) * a * cp_tokens(work, layout) // layout.tp * text["hidden_size"]
                            + llm_outer_activation_bytes(text, layout, work, deepstack))
         recompute = max(llm_layer_activation_bytes(text, layout, replace(work, recompute="none"), m) for m in layers)
     else:
@@ -369,7 +392,7 @@ def estimate_stage(hf_config: dict, layout: Layout, work: Workload, stage: int) 
         v = text["vocab_size"] // layout.tp
         # fp32 softmax kept by the vocab-parallel cross entropy, plus the transient logits (training dtype) and their
         # fp32 copy / gradient at the forward-backward turn of the last micro-batch
-        parts["logits"] = work.tokens * v * (4 + a + 4)
+        parts["logits"] = cp_tokens(work, layout) * v * (4 + a + 4)
     return Estimate(layout=layout, stage=stage, work=work, params=params, trainable=dense + expert, parts=parts)
 
 
@@ -432,19 +455,22 @@ def fitting_layouts(hf_config: dict, world_size: int, gpus_per_node: int, work: 
 
 
 # --------------------------------------------------------------------------------------------------- from a run
-def workload_of(train: dict, dp: int, on_gpu: bool) -> Workload:
+def workload_of(train, dp: int, on_gpu: bool) -> Workload:
+    """The workload of a train section (TrainConfig or mapping)."""
+    from omni_model.schema import TrainConfig
     from omni_model.train.settings import LoraSpec
 
-    lora = LoraSpec.of(train.get("lora"))
-    frozen = {part: bool(train[f"freeze_{part}"]) for part in ("llm", "vision", "audio")}
+    train = TrainConfig.of(train)
+    lora = LoraSpec.of(train.lora)
+    frozen = {part: bool(getattr(train, f"freeze_{part}")) for part in ("llm", "vision", "audio")}
     if lora:  # a tower without adapters keeps no activations; the LLM always carries some (attention/experts)
         frozen = {"llm": not set(lora.targets) & {"attention", "experts", "dense_mlp"},
                   "vision": "vision" not in lora.targets, "audio": "audio" not in lora.targets}
     return Workload(
-        micro_batch_size=int(train["micro_batch_size"]), seq_len=int(train["seq_len"]),
-        recompute=train["recompute"], freeze_llm=frozen["llm"], freeze_vision=frozen["vision"],
+        micro_batch_size=int(train.micro_batch_size), seq_len=int(train.seq_len),
+        recompute=train.recompute, freeze_llm=frozen["llm"], freeze_vision=frozen["vision"],
         freeze_audio=frozen["audio"],
-        num_microbatches=max(1, int(train["global_batch_size"]) // (int(train["micro_batch_size"]) * dp)),
+        num_microbatches=max(1, int(train.global_batch_size) // (int(train.micro_batch_size) * dp)),
         bf16=on_gpu, lora_rank=lora.rank if lora else 0, lora_targets=tuple(lora.targets) if lora else ())
 
 
@@ -467,23 +493,24 @@ def table(estimates: list[Estimate]) -> str:
     return "\n".join(lines)
 
 
-def check_run(hf_config: dict, train: dict, parallel: dict, world_size: int, on_gpu: bool) -> Estimate:
+def check_run(hf_config: dict, train, parallel, world_size: int, on_gpu: bool) -> Estimate:
     """Estimate the configured run; raise PlanError (with the layouts that fit on the same GPUs) when its total is
     above train.gpu_memory_gib. gpu_memory_gib null: estimate only. A run that cannot train at all (the training
     checks of omni_model.train.settings, e.g. a pipeline split or a model too small for its deepstack layers) is
     refused with the same message the workflow gives."""
-    from omni_model.train.settings import SettingsError, check_config
+    from omni_model.train.settings import SettingsError, check_config, typed_sections
 
     try:
+        train, parallel, _ = typed_sections(train, parallel)
         check_config(train, parallel, world_size, hf_config)
     except SettingsError as error:
         raise PlanError(str(error)) from None
-    layout = layout_of(parallel, world_size, on_gpu)
+    layout = layout_of(parallel.as_dict(), world_size, on_gpu)
     work = workload_of(train, layout.dp, on_gpu)
     est = estimate(hf_config, layout, work)
-    limit = train.get("gpu_memory_gib")
+    limit = train.gpu_memory_gib
     if limit is not None and est.total > float(limit) * GIB:
-        fits = fitting_layouts(hf_config, world_size, int(train.get("gpus_per_node") or 1), work, float(limit))
+        fits = fitting_layouts(hf_config, world_size, int(train.gpus_per_node or 1), work, float(limit))
         fits_text = table(fits) if fits else "  none, also with recompute full: more GPUs, or freeze the towers / LLM"
         raise PlanError(
             f"parallel {layout.describe()} needs ~{est.total / GIB:.1f} GiB per GPU (allocated "
@@ -497,7 +524,7 @@ def check_settings(settings) -> Estimate:
     """The finetune rule's check before launching: the run of a TrainSettings (model config from its hf_dir)."""
     hf_config = json.loads((Path(settings.hf_dir) / "config.json").read_text())
     est = check_run(hf_config, settings.train, settings.parallel, settings.world_size, settings.on_gpu)
-    limit = settings.train.get("gpu_memory_gib")
+    limit = settings.train.gpu_memory_gib
     print(f"[plan] {est.layout.describe()}: ~{est.total / GIB:.1f} GiB per rank (allocated {est.allocated / GIB:.1f})"
           + (f" of {limit} GiB" if limit is not None else ""), flush=True)
     return est
@@ -552,9 +579,13 @@ def load_pipeline_config(paths: list[str], root: Path = Path(".")) -> dict:
     return fill_defaults(coerce(config, schema), schema)
 
 
-def world_size_of(train: dict) -> int:
-    per_node = train["gpus_per_node"] if train["gpus_per_node"] > 0 else train["cpu_procs"]
-    return per_node * train["nnodes"]
+def world_size_of(train) -> int:
+    """Ranks of a train section (TrainConfig or mapping): GPUs or CPU processes per node x nodes."""
+    from omni_model.schema import TrainConfig
+
+    train = TrainConfig.of(train)
+    per_node = train.gpus_per_node if train.gpus_per_node > 0 else train.cpu_procs
+    return per_node * train.nnodes
 
 
 # ------------------------------------------------------------------------------------- plan-time checks of finetune
@@ -577,13 +608,15 @@ def finetune_problems(config: dict, runs_here: bool, root: Path = Path(".")) -> 
     """What stops the finetune job, known before any job runs: the memory planner's refusal (and the training checks
     it starts with) when the model's config is known (tiny, random, local, the released ids, a downloaded model),
     and, when the job runs on this machine, GPUs that torch cannot use."""
-    train = config["train"]
-    gpu_problem = local_gpu_problem(train["gpus_per_node"]) if runs_here else None
+    from omni_model.schema import TrainConfig
+
+    train = TrainConfig.of(config["train"])
+    gpu_problem = local_gpu_problem(train.gpus_per_node) if runs_here else None
     problems = [gpu_problem] if gpu_problem else []
     hf_config = known_model_config(config, root)
     if hf_config is not None:
         try:
-            check_run(hf_config, train, config["parallel"], world_size_of(train), on_gpu=train["gpus_per_node"] > 0)
+            check_run(hf_config, train, config["parallel"], world_size_of(train), on_gpu=train.gpus_per_node > 0)
         except PlanError as error:
             problems.append(str(error))
     return problems
@@ -595,20 +628,22 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "config/config.yaml like --configfile")
     parser.add_argument("--json", help="also write the estimate as JSON here")
     args = parser.parse_args(argv)
+    from omni_model.schema import TrainConfig
+
     config = load_pipeline_config(args.config)
-    train, parallel = config["train"], config["parallel"]
-    on_gpu = train["gpus_per_node"] > 0
+    train, parallel = TrainConfig.of(config["train"]), config["parallel"]
+    on_gpu = train.gpus_per_node > 0
     world = world_size_of(train)
     hf_config = model_config_of(config)
-    limit = train.get("gpu_memory_gib")
+    limit = train.gpu_memory_gib
     try:
         est = check_run(hf_config, train, parallel, world, on_gpu)
     except PlanError as error:
         print(f"REFUSED: {error}")
         return 1
-    print(f"{world} rank(s), micro-batch {train['micro_batch_size']} x seq {train['seq_len']}, recompute "
-          f"{train['recompute']}, freeze llm/vision/audio {train['freeze_llm']}/{train['freeze_vision']}/"
-          f"{train['freeze_audio']}, {'bf16' if on_gpu else 'fp32 (CPU)'}; gpu_memory_gib {limit}")
+    print(f"{world} rank(s), micro-batch {train.micro_batch_size} x seq {train.seq_len}, recompute "
+          f"{train.recompute}, freeze llm/vision/audio {train.freeze_llm}/{train.freeze_vision}/"
+          f"{train.freeze_audio}, {'bf16' if on_gpu else 'fp32 (CPU)'}; gpu_memory_gib {limit}")
     print(table([est]))
     if limit is not None:
         print(f"fits: {est.total / GIB:.1f} of {limit} GiB")

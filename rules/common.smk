@@ -47,9 +47,10 @@ def finetune_host_resources(train):
     from omni_model.train.settings import TrainSettings
 
     settings = TrainSettings(hf_dir="", init_checkpoint="", shards="", train_dir="", train=dict(train))
+    train = settings.train
     if not settings.on_gpu:
-        return max(1, train["cpu_procs"]), 16000
-    return train["gpus_per_node"] * (1 + settings.data_workers), train["gpus_per_node"] * 32000
+        return max(1, train.cpu_procs), 16000
+    return train.gpus_per_node * (1 + settings.data_workers), train.gpus_per_node * 32000
 
 
 # Work folders a killed job leaves behind (a job that finishes removes its own): removed when a run starts. Only
@@ -85,8 +86,9 @@ def items_current(rule_name):
         if stale:
             raise SystemExit(
                 f"The report items of {rule_name} are missing or older than what they report on "
-                f"({', '.join(sources)}): {', '.join(stale)}.\nRun `snakemake --cores all {rule_name}` (or the whole "
-                f"pipeline), then --report again."
+                f"({', '.join(sources)}): {', '.join(stale)}.\nRun `snakemake --cores all --force {rule_name}`, then "
+                f"--report again (--force: Snakemake reruns a rule only when an input's content changed, and a stage "
+                f"that ran again may have written the same bytes)."
             )
         return []
 

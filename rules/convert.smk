@@ -11,8 +11,11 @@ rule convert:
         manifest="results/model/hf/MANIFEST.json",
     output:
         done="results/model/mcore.done",
+    # Only the layout keys convert writes at (workflow/scripts/convert.py): a change of parallel.cp (or of anything
+    # else convert ignores) must not rerun a 60 GB conversion.
     params:
-        **section_params(convert=config["convert"], parallel=config["parallel"]),
+        **section_params(convert=config["convert"], parallel={key: config["parallel"].get(key)
+                                                             for key in ("tp", "pp", "ep", "etp", "first_stage_layers")}),
         use_te=config["model"]["use_te"],
     log:
         "logs/convert.log",

@@ -59,6 +59,8 @@ rule shards:
         drops=rules.datajuicer.output.drops,
         report=rules.datajuicer.output.report,
         manifest="results/model/hf/MANIFEST.json",
+        # the speech codec for spoken answers (rule codec; none when model.codec resolves to none)
+        codec=[CODEC_MANIFEST] if codec_source(config["model"]) else [],
     # The declared output is a marker beside the folder, not `directory(...)`: Snakemake deletes a job's declared
     # outputs before the job runs, and a failed rerun (e.g. a data set whose every row is bad) must leave the previous
     # shards in place. The job writes the folder into a staging folder and swaps it in on success, then the marker.

@@ -78,16 +78,10 @@ rule evaluate_model:
         "../workflow/scripts/evaluate.py"
 
 
-# `snakemake evaluate`: both evaluations
-rule evaluate:
-    input:
-        expand(rules.evaluate_model.output.summary, model=["base", "tuned"]),
-    localrule: True
-
-
 # The report's "Evaluation" items (here, beside the stage, rather than in report.smk)
 rule report_evaluate:
     input:
+        current=items_current("report_evaluate"),
         base=expand(rules.evaluate_model.output.summary, model="base"),
         tuned=expand(rules.evaluate_model.output.summary, model="tuned"),
         base_samples=expand(rules.evaluate_model.output.samples, model="base"),
@@ -110,3 +104,12 @@ rule report_evaluate:
         "../envs/pipeline.yaml"
     script:
         "../workflow/scripts/report_evaluate.py"
+
+
+# `snakemake evaluate`: both evaluations and their report items, so that a report made after it (`snakemake --report
+# report.html`, or with the target `evaluate`) holds the Evaluation section of these numbers
+rule evaluate:
+    input:
+        expand(rules.evaluate_model.output.summary, model=["base", "tuned"]),
+        rules.report_evaluate.output,
+    localrule: True

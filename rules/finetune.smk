@@ -3,8 +3,8 @@
 # checkpoints and tb/. The declared output is the marker `train.done` beside it, written when the run succeeded (as
 # `shards`'s, rules/data.smk): Snakemake deletes declared outputs before a job and after a failure, so nothing in the
 # folder is declared; a failed rerun leaves `latest` and metrics.jsonl as they were, and the next rerun resumes from
-# the checkpoints when the run's settings digest matches. Layouts and batch sizes that cannot train (e.g. parallel.cp > 1, a pipeline split
-# without the deepstack layers on the first stage) stop the plan here.
+# the checkpoints when the run's settings digest matches. Layouts and batch sizes that cannot train (e.g. parallel.cp > 1
+# without packing, a pipeline split without the deepstack layers on the first stage) stop the plan here.
 
 from omni_model.plan import known_model_config
 from omni_model.train.settings import SettingsError, check_config as check_train_config
@@ -12,7 +12,8 @@ from omni_model.train.settings import SettingsError, check_config as check_train
 try:
     # the pipeline split (parallel.first_stage_layers) is checked against the model's layers here, before convert,
     # when the model's config is known before any job (else in the job)
-    check_train_config(config["train"], config["parallel"], hf_config=known_model_config(config))
+    check_train_config(config["train"], config["parallel"], hf_config=known_model_config(config),
+                       use_te=config["model"]["use_te"])
 except SettingsError as error:
     raise SystemExit(f"Config error (nothing was run):\n  {error}")
 

@@ -95,10 +95,10 @@ def on_device_of(m, ids, pos, psp):
     return ids.to(device), pos.to(device), dataclasses.replace(psp, cu_seqlens_q=cu, cu_seqlens_kv=cu)
 
 
-def sharpened_checkpoint(hf_dir, out_dir) -> Path:
-    """A copy of an HF checkpoint dir whose thinker weights are `sharpen()`-ed (O(1) activations, peaked attention and
-    routing): with the tiny checkpoint's 0.02-std weights the model is nearly input-independent and a parity test
-    would prove little. Other files (configs, tokenizer, talker) are copied as they are."""
+def sharpened_checkpoint(hf_dir, out_dir, parts=("thinker.",)) -> Path:
+    """A copy of an HF checkpoint dir whose weights under `parts` (default the thinker's) are `sharpen()`-ed (O(1)
+    activations, peaked attention and routing): with the tiny checkpoint's 0.02-std weights the model is nearly
+    input-independent and a parity test would prove little. Other files and tensors are copied as they are."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -112,8 +112,8 @@ def sharpened_checkpoint(hf_dir, out_dir) -> Path:
             shutil.copy2(path, out_dir / path.name) if path.is_file() else shutil.copytree(path, out_dir / path.name)
             continue
         tensors = load_file(str(path))
-        thinker = {k: v.float() for k, v in tensors.items() if k.startswith("thinker.")}
-        sharp = {k: v.to(tensors[k].dtype).contiguous() for k, v in sharpen(thinker).items()}
+        chosen = {k: v.float() for k, v in tensors.items() if k.startswith(tuple(parts))}
+        sharp = {k: v.to(tensors[k].dtype).contiguous() for k, v in sharpen(chosen).items()}
         save_file({**tensors, **sharp}, str(out_dir / path.name), metadata={"format": "pt"})
     return out_dir
 

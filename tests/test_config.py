@@ -64,7 +64,8 @@ def test_free_form_overrides_get_yaml_scalars():
     ({"train": {"lrr": "1e-5"}}, "train.lrr: unknown key; did you mean 'lr'?"),
     ({"data": {"max_seq_length": 4}}, "data.max_seq_length: unknown key; did you mean 'max_seq_len'?"),
     ({"modell": {"source": "tiny"}}, "modell: unknown key; did you mean 'model'?"),
-    ({"parallel": {"cp": "2"}}, "parallel.cp = 2: context parallelism is not implemented"),
+    ({"parallel": {"cp": "2"}, "train": {"packing": "false"}}, "parallel.cp = 2 needs train.packing: true"),
+    ({"parallel": {"cp": "2"}, "model": {"use_te": "true"}}, "parallel.cp = 2 runs on the local attention spec"),
 ])
 def test_a_wrong_value_gets_one_line_with_key_value_and_what_is_allowed(sections, expected):
     message = _error(**sections)
@@ -108,6 +109,27 @@ def test_recipe_typos_are_named_before_any_job(tmp_path):
     assert len(problems) == 2
     assert "process[0] unknown op 'text_lenght_filter'; did you mean 'text_length_filter'?" in problems[0]
     assert "process[1] op 'image_shape_filter': unknown argument 'min_widht'; did you mean 'min_width'?" in problems[1]
+
+
+def test_without_data_juicer_installed_the_op_names_are_left_to_the_datajuicer_job(tmp_path, monkeypatch, capsys):
+    """A GPU node that trains on data prepared elsewhere has no Data-Juicer: the check must not stop its run on
+    'unknown op' for every op of the recipe, and says what it did not check; the recipe's structure is still checked."""
+    import importlib.metadata
+
+    installed = importlib.metadata.version
+
+    def version(distribution):
+        if distribution == "py-data-juicer":
+            raise importlib.metadata.PackageNotFoundError(distribution)
+        return installed(distribution)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    typo = _recipe(tmp_path, [{"text_lenght_filter": {"min_len": 10}}])
+    assert recipe_problems(typo) == []
+    assert f"Data-Juicer is not installed here: the op names of {typo} are not checked" in capsys.readouterr().err
+    (tmp_path / "empty.yaml").write_text("process: []\n")
+    assert recipe_problems(tmp_path / "empty.yaml") == [f"data.recipe {tmp_path / 'empty.yaml'}: needs a non-empty "
+                                                        "'process' list of ops"]
 
 
 def test_the_default_recipe_is_valid_and_checked_fast():

@@ -122,3 +122,58 @@ def test_strictness_names_the_tensor(tiny_hf_dir, tmp_path, parallel, case):
         convert_checkpoint(bad, out, dtype="fp32")
     print(f"{case}: {error.value}")
     assert not out.exists(), "a failed conversion must not publish anything"
+
+
+def test_grouped_save_is_the_one_shot_save(tiny_hf_dir, tmp_path, parallel):
+    """Saved one unit at a time (each LLM layer, each tower) and merged, the checkpoint describes what megatron-core's
+    own one-shot `dist_checkpointing.save` of the whole HF-loaded thinker writes: the same keys, global shapes, dtypes
+    and chunks, and every tensor loads bit-identical from both."""
+    from megatron.core import dist_checkpointing
+
+    from omni_model.convert import convert_checkpoint, load_checkpoint
+    from omni_model.convert.mapping import load_hf_into_model
+    from omni_model.model.thinker import build_thinker
+
+    record = convert_checkpoint(tiny_hf_dir, tmp_path / "grouped", dtype="fp32", group_bytes=0, log=lambda _: None)
+    assert record["save_groups"] == 4 + 3  # 4 LLM layers, the rest of the LLM, vision, audio
+    whole = build_thinker(tiny_hf_dir, perform_initialization=False)
+    load_hf_into_model(whole, tiny_hf_dir, prefix="")
+    (tmp_path / "one_shot").mkdir()
+    dist_checkpointing.save(whole.sharded_state_dict(), str(tmp_path / "one_shot"))
+
+    def described(path):
+        stored = dist_checkpointing.load_tensors_metadata(str(path))
+        return {key: (tuple(sh.global_shape), sh.dtype) for key, sh in stored.items()}
+
+    grouped, one_shot = described(tmp_path / "grouped" / "checkpoint"), described(tmp_path / "one_shot")
+    assert grouped == one_shot and len(grouped) > 100
+    from torch.distributed.checkpoint import FileSystemReader
+
+    def chunks(path):
+        metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        return {key: sorted((tuple(c.offsets), tuple(c.sizes)) for c in m.chunks) if hasattr(m, "chunks") else "bytes"
+                for key, m in metadata.items()}  # bytes: a ShardedObject (e.g. a module's _extra_state)
+
+    assert chunks(tmp_path / "grouped" / "checkpoint") == chunks(tmp_path / "one_shot")
+    expected = whole.state_dict()
+    for path in (tmp_path / "grouped" / "checkpoint", tmp_path / "one_shot"):
+        loaded = build_thinker(tiny_hf_dir, perform_initialization=False)
+        load_checkpoint(loaded, path)
+        got = loaded.state_dict()
+        assert [k for k, v in expected.items() if torch.is_tensor(v) and not torch.equal(v, got[k])] == []
+
+
+def test_merge_refuses_a_key_saved_twice(tmp_path, parallel):
+    """Two parts that both hold a chunk of the same tensor do not merge (the checkpoint would be ambiguous)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from omni_model.convert.grouped_save import PART_PREFIX, GroupedSaveError, merge_parts
+
+    for index in range(2):
+        part = tmp_path / "parts" / PART_PREFIX.format(index)
+        part.mkdir(parents=True)
+        tensor = torch.arange(6.0).view(2, 3)
+        dist_checkpointing.save({"w": ShardedTensor.from_rank_offsets("w", tensor, replica_id=0)}, str(part))
+    with pytest.raises(GroupedSaveError, match=r"w at \(0, 0\) is saved by two parts"):
+        merge_parts(tmp_path / "parts", 2, tmp_path / "checkpoint")

@@ -194,4 +194,4 @@ def test_validation_in_processes_gives_the_same_records_drops_and_fingerprints(t
     assert runs[2] == runs[1]
     records, drops, total, fingerprints = runs[1]
     assert set(fingerprints) == {r["id"] for r in records} and len(records) + len(drops) == total
-    assert sum(d["op"] == "decode" for d in drops) == 6 and not any("0x" in d["reason"] for d in drops)
+    assert sum(d["op"] == "decode" for d in drops) == 7 and not any("0x" in d["reason"] for d in drops)  # +speech

@@ -73,6 +73,10 @@ def test_every_bad_sample_dropped_at_its_stage_with_reason(pipeline):
         "nan_audio": "non-finite samples",
         "undecodable_video": "cannot decode video",
         "over_long": "tokens after media expansion > max_seq_len 4096 (from the media headers)",
+        "corrupt_speech": "speech of turn 1 (garbage-speech.wav): cannot decode audio",
+        "speech_without_text": "spoken answer without its text (turn 1)",
+        "speech_too_long": "+ 4250 speech frames at 12.5/s + control positions) > max_seq_len 4096 (from the speech "
+                           "headers)",
     }
     assert set(expected_reason) == set(BAD_KINDS)
     for kind, stage in BAD_KINDS.items():

@@ -134,3 +134,29 @@ def test_eval_data_is_encoded_like_training_data_and_its_overlap_counted(memoris
     answered = {row["id"]: row for row in rows if row["dataset"] == "eval_data"}
     assert all(answered[sid]["answer"] == answered[sid]["reference"] for sid in trained)
     assert all(answered[sid]["answer"] != answered[sid]["reference"] for sid in set(answered) - trained)
+
+
+def test_answers_and_scores_read_the_same_samples_of_a_split_of_several_tars(tiny_hf_dir, tmp_path):
+    """split.yaml names a split's tars as a brace pattern (train-{000000..000002}.tar): the generated answers
+    (split_samples) read every sample Energon's loader gives the scoring ranks (the rows are joined by id), in the
+    order the shards stage wrote them."""
+    from megatron.energon import WorkerConfig
+
+    from omni_model.data.shards import write_shards
+    from omni_model.data.task_encoder import OmniTaskEncoder, build_loader
+    from omni_model.eval.generate import split_samples
+
+    records = [{"id": f"s{i}", "messages": [{"role": "user", "content": f"Question {i}?"},
+                                            {"role": "assistant", "content": f"Answer {i}."}]} for i in range(5)]
+    processed = tmp_path / "processed.jsonl"
+    processed.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_shards(processed, tmp_path / "shards", tiny_hf_dir, val_fraction=0.0, max_samples=2)
+    assert len(list((tmp_path / "shards").glob("train-*.tar"))) == 3
+    loader = build_loader(tmp_path / "shards", OmniTaskEncoder(tiny_hf_dir), split="train", batch_size=1,
+                          packing_buffer_size=None, worker_config=WorkerConfig(rank=0, world_size=1, num_workers=0),
+                          repeat=False)
+    energon_ids = [batch.sample_ids[0][0] for batch in loader]
+    answered_ids = [sample["record"]["id"] for sample in split_samples(tmp_path / "shards", "train", 10)]
+    assert sorted(energon_ids) == [r["id"] for r in records]
+    assert answered_ids == [r["id"] for r in records]
+    assert [s["record"]["id"] for s in split_samples(tmp_path / "shards", "train", 3)] == ["s0", "s1", "s2"]

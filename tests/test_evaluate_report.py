@@ -79,6 +79,6 @@ def test_scoring_runs_on_one_node_of_the_configured_ranks(tmp_path):
     ev = Evaluation(name="tuned", checkpoint="c", mcore_dir=str(tmp_path), hf_dir="h", shards="s", processed="p",
                     parallel={"tp": 2}, launch={"gpus_per_node": 8, "cpu_procs": 2})
     settings = scoring_settings(ev, tmp_path)
-    assert (settings.world_size, settings.layout.dp, settings.train["global_batch_size"]) == (8, 4, 4)
+    assert (settings.world_size, settings.layout.dp, settings.train.global_batch_size) == (8, 4, 4)
     with pytest.raises(ValueError, match="evaluate runs on one node of 8 ranks"):
         scoring_settings(Evaluation(**{**vars(ev), "parallel": {"tp": 16}}), tmp_path)

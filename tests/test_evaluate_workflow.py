@@ -1,14 +1,17 @@
 """`snakemake evaluate` on the demo data (a clone of the converted workflow, a short training): base and tuned
-evaluations with per-modality scores and generated answers, the report's Evaluation items; a changed training
-setting reruns the tuned evaluation only, never the base one."""
+evaluations with per-modality scores and generated answers, the report's Evaluation section as a browser shows it; a
+changed training setting reruns the tuned evaluation only, never the base one."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+from PIL import Image
 
 from test_finetune_workflow import planned_jobs
+from test_first_hour import report_view
 from workflow_utils import clone_workflow, snakemake
 
 SHORT_TRAINING = "train={iters: 3}"  # enough to change the weights; the demo budget covers the default 20
@@ -61,3 +64,78 @@ def test_a_training_change_reruns_the_tuned_evaluation_only(evaluated):
     print(f"planned after train.lr changed: {planned_jobs(output)}")
     assert planned_jobs(output) == {"finetune": 1, "export": 1, "evaluate_model": 1}
     assert "output: results/eval/tuned.json" in output and "output: results/eval/base.json" not in output
+
+
+def _close(shown: str, value: float) -> bool:
+    """A table cell (reporting.html_table prints floats with 4 significant digits) against the summary's number."""
+    return shown != "" and abs(float(shown) - value) <= 5e-4 * abs(value) + 1e-12
+
+
+def _words(text) -> str:
+    return " ".join(str(text).split())  # the browser's innerText collapses runs of white space
+
+
+@pytest.mark.slow
+def test_report_shows_the_evaluation_section_with_the_numbers_of_the_summaries(evaluated, tmp_path):
+    """`snakemake --report` after `snakemake evaluate`, opened in headless Chromium: the before vs after table shows
+    the numbers of results/eval/{base,tuned}.json (read here on their own), the per-modality plot loads, the sample
+    table has one row per generated answer with its prompt, reference and both answers; a report made while the
+    items are older than the summaries is refused."""
+    wf, _ = evaluated
+    result = snakemake(wf, "--report", "report.html", "evaluate")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    seen = report_view(wf / "report.html", ["Evaluation"], tmp_path)
+    print({key: {k: v for k, v in item.items() if k != "tables"} for key, item in seen.items()})
+    base, tuned = (json.loads((wf / f"results/eval/{name}.json").read_text()) for name in ("base", "tuned"))
+
+    # before vs after: the rendered rows, keyed by (group, metric) -> (base, tuned, change)
+    [table] = seen["Evaluation/base vs tuned"]["tables"]
+    assert table[0] == ["group", "metric", "base", "tuned", "change"]
+    rows = {(group, metric): rest for group, metric, *rest in table[1:]}
+    expected = [("all samples", "loss", base["scores"]["all"], tuned["scores"]["all"])]
+    expected += [(f"modality {mix}", "loss", scores, tuned["scores"]["by_modality"][mix])
+                 for mix, scores in base["scores"]["by_modality"].items()]
+    assert len(expected) >= 4  # all samples + the demo's modality mixes
+    for group, _, b, t in expected:
+        for metric in ("loss", "accuracy"):
+            shown_base, shown_tuned, change = rows[(group, f"{metric} (answer tokens)")]
+            assert _close(shown_base, b[metric]) and _close(shown_tuned, t[metric]), (group, metric)
+        change = rows[(group, "loss (answer tokens)")][2]  # "+0.1 (worse)": tuned - base, lower loss is better
+        verdict = "better" if t["loss"] < b["loss"] else "worse" if t["loss"] > b["loss"] else "same"
+        assert change.endswith(f"({verdict})") and _close(change.split()[0], t["loss"] - b["loss"]), (group, change)
+    answers = f"generated ({base['text']['samples']} answers)"
+    for metric in ("exact_match", "wer", "cer", "bleu", "chrf"):
+        shown_base, shown_tuned, _ = rows[(answers, metric)]
+        assert _close(shown_base, base["text"][metric]) and _close(shown_tuned, tuned["text"][metric]), metric
+
+    # the per-modality plot: the PNG loads, at the size of the file on disk
+    with Image.open(wf / "results/report/eval_modality.png") as image:
+        assert seen["Evaluation/per modality"]["png_width"] == image.width > 0
+
+    # the sample table: one row per generated answer, in the summaries' sample files
+    generated = {name: [row for row in map(json.loads, (wf / f"results/eval/{name}_samples.jsonl").read_text()
+                                           .splitlines()) if "answer" in row] for name in ("base", "tuned")}
+    [samples] = seen["Evaluation/answers"]["tables"]
+    assert samples[0] == ["dataset", "id", "source", "prompt", "reference", "base answer", "tuned answer"]
+    assert len(samples) - 1 == len(generated["base"]) == base["text"]["samples"] == 4
+    tuned_answers = {row["id"]: row["answer"] for row in generated["tuned"]}
+    for shown, row in zip(samples[1:], generated["base"]):
+        assert shown == [_words(v) for v in ("val", row["id"], row["source"] or "", row["prompt"], row["reference"],
+                                             row["answer"], tuned_answers[row["id"]])]
+    # spoken answers: none without a trained talker, and no players
+    assert base["speech"] is None and tuned["speech"] is None
+    assert not any(item["audio"] for item in seen.values())
+
+    # items older than the summaries they show (an evaluation that ran again since) are refused, not shown stale
+    summary = wf / "results/eval/tuned.json"
+    text, stat = summary.read_text(), summary.stat()
+    summary.write_text(text + "\n")
+    try:
+        stale = snakemake(wf, "--report", "stale.html", "evaluate")
+    finally:
+        summary.write_text(text)
+        os.utime(summary, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    console = stale.stdout + stale.stderr
+    assert stale.returncode != 0 and not (wf / "stale.html").exists(), console[-2000:]
+    assert "The report items of report_evaluate are missing or older than what they report on" in console
+    assert "Run `snakemake --cores all --force report_evaluate`" in console

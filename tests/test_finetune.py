@@ -229,7 +229,8 @@ def test_iters_zero_points_latest_at_the_converted_checkpoint(inputs, tmp_path):
 
 
 @pytest.mark.parametrize("parallel, train, message", [
-    ({"cp": 2}, {"cpu_procs": 2}, "parallel.cp = 2: context parallelism is not implemented yet"),
+    ({"cp": 2}, {"cpu_procs": 2, "packing": False}, "parallel.cp = 2 needs train.packing: true"),
+    ({"cp": 2, "ep": 4}, {"cpu_procs": 2}, "parallel.ep x etp = 4 must divide data-parallel x tp x cp = 2"),
     ({"tp": 2}, {"cpu_procs": 3}, "not a multiple of parallel.tp x pp x cp = 2"),
     ({}, {"cpu_procs": 2, "global_batch_size": 3}, "train.global_batch_size = 3 is not a multiple"),
     ({}, {"iters": 2, "lr_warmup_iters": 2}, "train.lr_warmup_iters = 2 must be below train.iters = 2"),

@@ -1,7 +1,7 @@
 """`snakemake --cores 2 finetune` on the default config, as a user runs it (the real CLI on a copy of the workflow):
 the tiny model trains 20 steps on the demo set and its loss drops; then the plan for a changed train.lr reruns only
-finetune (and export after it), an unchanged config has nothing to do, and parallel.cp 2 is refused at planning; so
-is a pipeline split without the deepstack layers on the first stage."""
+finetune (and export after it), an unchanged config has nothing to do, parallel.cp 2 plans a finetune job (and is
+refused at planning without packing); a pipeline split without the deepstack layers on the first stage is refused."""
 
 from __future__ import annotations
 
@@ -65,11 +65,14 @@ def test_changing_lr_reruns_only_finetune_and_export(trained):
 
 
 @pytest.mark.slow
-def test_context_parallel_is_refused_when_planning(trained):
+def test_context_parallel_plans_a_cp2_run(trained):
     wf, _ = trained
-    result = snakemake(wf, "-n", "finetune", "--config", "parallel={cp: 2}", "train={cpu_procs: 2}")
-    output = result.stdout + result.stderr
-    assert result.returncode != 0 and "parallel.cp = 2" in output and "context parallelism" in output
+    planned = snakemake(wf, "-n", "finetune", "--config", "parallel={cp: 2}", "train={cpu_procs: 2}")
+    assert planned.returncode == 0, (planned.stdout + planned.stderr)[-3000:]
+    assert planned_jobs(planned.stdout + planned.stderr) == {"finetune": 1}
+    refused = snakemake(wf, "-n", "finetune", "--config", "parallel={cp: 2}", "train={cpu_procs: 2, packing: false}")
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "parallel.cp = 2 needs train.packing: true" in output
     assert "nothing was run" in output
 
 

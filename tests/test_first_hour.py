@@ -6,6 +6,7 @@ One module-scoped run of the data stages (download -> datajuicer -> shards -> re
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -227,9 +228,11 @@ def test_logs_have_progress_counts_and_every_run(wf):
 
 
 # ------------------------------------------------------------------------------------------------ finding 8
-def _report_view(report_html, categories, tmp_path):
+def report_view(report_html, categories, tmp_path):
     """Open the report in headless Chromium, click through `categories` and every item's view button; returns
-    {category/label: {png_width, frames}} as the browser rendered it."""
+    {category/label: {png_width, frames, tables, audio}} as the browser rendered it: the first PNG's natural width,
+    the embedded frames' sources, the rows of cell texts of every table in the shown HTML item (its iframe's document:
+    readable with web security off) and the number of <audio> players in it."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.fail("chromium is not installed (the Makefile's apt step installs it from envs/apt.txt)")
@@ -247,8 +250,11 @@ def _report_view(report_html, categories, tmp_path):
     for (const row of [...document.querySelectorAll('tr')].filter(tr => tr.querySelector('a[iconname=eye]'))) {
       row.querySelector('a[iconname=eye]').click(); await sleep(800);
       const imgs = [...document.querySelectorAll('img')].filter(i => i.naturalWidth > 0 && i.src.startsWith('data:image/png'));
+      const docs = [document, ...[...document.querySelectorAll('iframe')].map(f => f.contentDocument).filter(d => d)];
       out[category + '/' + row.cells[0].textContent.trim()] = {png_width: imgs.length ? imgs[0].naturalWidth : 0,
-        frames: [...document.querySelectorAll('iframe,embed,object')].map(f => (f.src || f.data || '').slice(0, 30))};
+        frames: [...document.querySelectorAll('iframe,embed,object')].map(f => (f.src || f.data || '').slice(0, 30)),
+        tables: docs.slice(1).map(d => [...d.querySelectorAll('tr')].map(tr => [...tr.cells].map(c => c.innerText))),
+        audio: docs.reduce((n, d) => n + d.querySelectorAll('audio').length, 0)};
     }
   }
   const pre = document.createElement('pre'); pre.id = 'omni-check'; pre.textContent = JSON.stringify(out);
@@ -258,14 +264,16 @@ def _report_view(report_html, categories, tmp_path):
     head, tail = report_html.read_text().rsplit("</body>", 1)  # the last one: the page's own (JS holds others)
     probe = tmp_path / "probe.html"
     probe.write_text(head + script + tail)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"]
+    # web security off: the page's script may read the HTML items' iframes (data: URLs, another origin otherwise)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000",
+             "--disable-web-security"]
     dom = subprocess.run([chromium, *flags, "--virtual-time-budget=30000", "--dump-dom", probe.as_uri()],
                          capture_output=True, text=True, timeout=180).stdout
     subprocess.run([chromium, *flags, "--virtual-time-budget=10000", f"--screenshot={tmp_path / 'report.png'}",
                     report_html.as_uri()], capture_output=True, timeout=180)
     found = re.search(r'<pre id="omni-check">(.*?)</pre>', dom, re.S)
     assert found, dom[-2000:]
-    return json.loads(found.group(1))
+    return json.loads(html.unescape(found.group(1)))  # --dump-dom escapes the text's < > &
 
 
 def test_report_holds_the_data_items_with_captions_and_renders(wf, tmp_path):
@@ -282,7 +290,7 @@ def test_report_holds_the_data_items_with_captions_and_renders(wf, tmp_path):
     assert {label: by_label[label]["mime_type"] for label in expected} == expected
     for label in expected:
         assert len(by_label[label]["caption"]) > 40, label
-    seen = _report_view(report_html, ["Data", "Benchmarks"], tmp_path)
+    seen = report_view(report_html, ["Data", "Benchmarks"], tmp_path)
     print(seen, "screenshot:", tmp_path / "report.png")
     assert seen["Data/kept and dropped"]["png_width"] == 800 and seen["Data/token lengths"]["png_width"] == 800
     for key in ("Data/drop list", "Data/counts by stage and op", "Benchmarks/data stages"):

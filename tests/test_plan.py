@@ -178,3 +178,23 @@ def test_pipeline_layouts_keep_the_deepstack_layers_on_the_first_stage():
     whole = stage_params(config, Layout())
     assert (first.llm_expert, last.llm_expert) == (3 * whole.llm_expert // 4, whole.llm_expert // 4)
     assert first.vision == whole.vision and last.vision == 0
+
+
+def test_context_parallel_divides_the_per_rank_activations():
+    """parallel.cp: each CP rank keeps 1/cp of every packed row (plus the row's gathered K/V in attention), so the
+    30B's per-rank LLM activations and saved logits fall with cp at a long sequence; the towers run on the whole
+    micro-batch on every CP rank (model.context_parallel), so theirs do not."""
+    hf = released_30b_a3b_config()
+    work = Workload(seq_len=32768, freeze_vision=True)
+    rows = {cp: estimate(hf, Layout(ep=8, cp=cp, dp=8 // cp), work) for cp in (1, 2, 4, 8)}
+    for cp, est in rows.items():
+        print(f"cp{cp}: {est.describe()}: activations {est.parts['activations'] / GIB:.1f} GiB, logits "
+              f"{est.parts['logits'] / GIB:.1f}, towers {est.parts['towers'] / GIB:.1f}, total {est.total / GIB:.1f}")
+    acts = [rows[cp].parts["activations"] for cp in (1, 2, 4, 8)]
+    assert all(later < earlier for earlier, later in zip(acts, acts[1:]))
+    # 1/cp of the row's activations, plus K/V of the whole row: 2 x 4 KV heads x 128 of 5,120 attention+MoE values
+    for cp in (2, 4, 8):
+        assert acts[0] / cp < rows[cp].parts["activations"] < 1.1 * acts[0] / cp, cp
+        assert rows[cp].parts["logits"] == rows[1].parts["logits"] // cp
+        assert rows[cp].parts["towers"] == rows[1].parts["towers"]
+    assert "cp2 dp4" in rows[2].describe()

@@ -149,7 +149,7 @@ def test_the_report_refuses_items_older_than_the_data_they_show(converted_workfl
     print(refused.stderr[-800:])
     assert refused.returncode == 1 and not (wf / "report.html").exists()
     assert "The report items of report_data are missing or older than what they report on" in refused.stderr
-    assert "Run `snakemake --cores all report_data`" in refused.stderr
+    assert "Run `snakemake --cores all --force report_data`" in refused.stderr
     assert snakemake(wf, "--cores", "2", "report_data", "--config", changed).returncode == 0
     reported = snakemake(wf, "--report", "report.html", "report_data", "--config", changed)
     assert reported.returncode == 0, _console(reported)[-2000:]

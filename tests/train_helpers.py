@@ -36,6 +36,22 @@ def encode_demo_samples(hf_dir, out_dir: Path, n_records: int = 24, seed: int = 
     }
 
 
+def encode_long_audio_sample(hf_dir, out_dir: Path, seconds: float, seed: int = 7):
+    """A conversation about one generated `seconds`-long 16 kHz tone, encoded by the real data encoder (a long audio
+    sample: ~13 audio tokens a second)."""
+    from omni_model.data.demo import _Gen
+    from omni_model.data.encoder import OmniEncoder, media_from_paths
+
+    gen = _Gen(Path(out_dir), seed)
+    gen.media.mkdir(parents=True, exist_ok=True)
+    name, description = gen.audio("long-audio", seconds, 16000)
+    record = {"id": "long-audio", "audios": [str(gen.media / name)],
+              "messages": [{"role": "user", "content": "<audio>Describe the sound."},
+                           {"role": "assistant", "content": f"I hear {description}."}]}
+    encoder = OmniEncoder(hf_dir, max_seq_len=8192)
+    return encoder.encode(record, media_from_paths(record))
+
+
 def packed_micro_batches(samples: dict, rows: list, pad_to_multiple: int = 1) -> list:
     """One packed micro-batch (a single THD row) per entry of `rows`, each a list of `samples` keys (e.g.
     [["image_audio", "text"], ["video"]]) as encode_demo_samples names them."""
@@ -102,7 +118,8 @@ def _step_loss(reports: list) -> dict:
         total += report["lm loss"].double().cpu()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # the loss lives on the last stage
         torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    # a context-parallel rank's losses cover its own chunks of each micro-batch: sum over DP x CP
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return {"loss": float(total[0] / total[1]), "num_tokens": int(total[1]), "aux": aux_losses()}
 
 

@@ -71,6 +71,20 @@ def _torch_adam_reads_grad_scale() -> None:
         "torch.optim.Adam.step no longer reads self.grad_scale"
 
 
+def _dcp_metadata_merges() -> None:
+    """convert.grouped_save merges part checkpoints: torch DCP's Metadata (state_dict_metadata, planner_data,
+    storage_data), tensor entries' chunks, and the private _StorageInfo's relative_path (re-pointed at moved files)."""
+    import dataclasses
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    fields = {f.name for f in dataclasses.fields(Metadata)}
+    assert {"state_dict_metadata", "planner_data", "storage_data"} <= fields, f"Metadata fields are now {fields}"
+    assert "chunks" in {f.name for f in dataclasses.fields(TensorStorageMetadata)}, "TensorStorageMetadata.chunks gone"
+    assert "relative_path" in {f.name for f in dataclasses.fields(_StorageInfo)}, "_StorageInfo.relative_path gone"
+
+
 def _dj_registry_gives_arguments() -> None:
     """config.OpCatalog takes the op names from Data-Juicer's OPERATORS registry (filled by load_ops) and each op's
     keyword arguments from the __init__ signatures down its MRO to base_op's classes, which take **kwargs."""
@@ -257,6 +271,25 @@ SEAMS: tuple[Seam, ...] = (
           "omni_model.train.forward_step:loss_func", "call",
           "the loss contract (token sums, divided by the global label-token count) as read in these functions",
           fingerprint='380b7e5902187a8e'),
+    # context parallelism on our attention (model/context_parallel.py)
+    _seam("model.cp_kv_all_gather", MCORE, f"{_TP}.mappings:gather_from_sequence_parallel_region",
+          "omni_model.model.context_parallel:gather_keys_values", "call",
+          "K/V all-gathered over the CP group (forward all-gather, backward reduce-scatter) by keyword `group`",
+          check="signature", fingerprint='(input_, tensor_parallel_output_grad, group, output_split_sizes, use_global_buffer)'),
+    _seam("model.cp_packed_seq_params", MCORE, "megatron.core.packed_seq_params:PackedSeqParams",
+          "omni_model.model.context_parallel:ContextParallelPackedSeqParams", "subclass",
+          "a dataclass subclass carries the CP plan (kv_index, local_index) to our attention through mcore's layers",
+          fingerprint='0f07cb1af68de566'),
+    _seam("model.cp_router_statistics", MCORE, [f"{_MOE}.router:TopKRouter._apply_aux_loss",
+                                                f"{_MOE}.moe_utils:get_tokens_per_expert_and_token_count"],
+          "omni_model.train.forward_step:context_parallel_inputs", "call",
+          "the MoE aux loss of a CP-split micro-batch: routing statistics reduced over mcore's TP x CP group; "
+          "OmniTopKRouter (model.router_aux_loss_tokens) weights it by their TP x CP sum on every rank",
+          fingerprint='83d88edca16f9002'),
+    _seam("train.cp_loss_reduction", MCORE, "megatron.core.parallel_state:get_data_parallel_group",
+          "omni_model.train.loop:_reduced_loss", "call",
+          "a CP rank's loss sums cover its chunks: logged losses are summed over DP x CP (with_context_parallel)",
+          check="signature", fingerprint='(with_context_parallel, with_gtp_remat, partial_data_parallel)'),
     _seam("train.variable_seq_lengths", MCORE, "megatron.core.transformer.transformer_config:"
                                                "TransformerConfig.__post_init__",
           "omni_model.train.build:allow_variable_seq_lengths", "private",
@@ -279,6 +312,12 @@ SEAMS: tuple[Seam, ...] = (
           "the per-parameter state copy is wrapped to leave Adam's `step` alone; the private initialiser is called "
           "before a load",
           fingerprint='a508e0a6c2b8d227'),
+    _seam("convert.dcp_metadata_merge", TORCH, ["torch.distributed.checkpoint.filesystem:_StorageInfo",
+                                                "torch.distributed.checkpoint.filesystem:FileSystemWriter.finish"],
+          "omni_model.convert.grouped_save:merge_parts", "private",
+          "convert saves one save group per dist_checkpointing.save (mcore and DCP have no incremental save) and "
+          "merges the parts' DCP metadata into one .metadata, written by FileSystemWriter.finish",
+          check=_dcp_metadata_merges),
     # transformers (the parity reference)
     _seam("hf.experts_implementation", HF, "transformers.configuration_utils:PreTrainedConfig",
           "omni_model.convert.parity:reference_thinker", "private",

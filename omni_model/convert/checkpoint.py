@@ -6,9 +6,12 @@
     thinker = build_thinker(config, perform_initialization=False)   # any layout
     load_checkpoint(thinker, out_dir / "checkpoint")
 
-Each rank builds its own shard of the thinker (uninitialised), copies its HF tensors in one at a time (mmap read ->
-mapped -> copied -> freed: `mapping.copy_into_model`), and all ranks `dist_checkpointing.save` the thinker's
-`sharded_state_dict()` together. The dist checkpoint holds global tensors, so it loads at any TP/PP/EP/ETP layout.
+Each rank builds its own shard of the thinker on the meta device (no memory), then one save group at a time (a few
+save units of up to `group_bytes`; a unit is one LLM layer, one tower, the rest of the LLM) materialises the group,
+copies its HF tensors in one at a time (mmap read -> mapped -> copied -> freed: `mapping.copy_into_model`), and all
+ranks `dist_checkpointing.save` that part of the thinker's `sharded_state_dict()` together; the parts are merged into
+one torch_dist checkpoint (`grouped_save`: why parts and how). Peak host memory is about twice the largest group plus
+a constant, not the model. The dist checkpoint holds global tensors, so it loads at any TP/PP/EP/ETP layout.
 Everything is written to `<out_dir>.staging` first and renamed into place last: a killed job never leaves a
 checkpoint that looks complete. `talker.*` / `code2wav.*` are not the thinker's: they are listed in convert.json and
 left for export, which copies them from the HF checkpoint.
@@ -27,9 +30,11 @@ import torch
 
 from ..runtime.logs import Progress
 from ..runtime.publish import fresh_staging, publish, staging_path
+from .grouped_save import materialised, merge_parts, save_groups, save_part, save_unit
 from .mapping import Mapper, MappingError, SafetensorsReader, copy_into_model, current_coord
 
 CHECKPOINT = "checkpoint"
+SAVE_PARTS = "checkpoint.parts"  # the save groups' part checkpoints, merged into CHECKPOINT and removed
 CONVERT_JSON = "convert.json"
 PARITY_JSON = "parity.json"
 NOT_THINKER = ("talker.", "code2wav.")
@@ -103,13 +108,19 @@ def copy_hf_side_files(hf_dir: Path, out_dir: Path) -> list[str]:
     return copied
 
 
+# Fill and save at most ~this many bytes of the model at once (a save unit, one LLM layer or one tower, is never
+# split): the conversion's peak host memory is about twice the largest group (its tensors + dist_checkpointing's
+# copy of the experts' per-expert views) plus a constant, whatever the model's depth. Small models save in one go.
+DEFAULT_GROUP_BYTES = 256 << 20
+
+
 def convert_checkpoint(hf_dir, out_dir, *, dtype="auto", use_te: bool = False,
-                       log: Callable[[str], None] = print, model_kw: Optional[dict] = None) -> dict:
+                       log: Callable[[str], None] = print, model_kw: Optional[dict] = None,
+                       group_bytes: int = DEFAULT_GROUP_BYTES) -> dict:
     """Convert on every rank of an initialised layout (runtime.parallel.init_parallel); returns convert.json.
     `model_kw`: extra build_thinker / TransformerConfig settings of the writing layout, e.g.
-    `{"num_layers_in_first_pipeline_stage": 3}` (the deepstack layers must sit on the first stage)."""
-    from megatron.core import dist_checkpointing
-
+    `{"num_layers_in_first_pipeline_stage": 3}` (the deepstack layers must sit on the first stage).
+    `group_bytes`: the most bytes filled and saved at once (0 = one save unit at a time)."""
     from ..model.language_model import current_layout
     from ..model.thinker import build_thinker
 
@@ -124,8 +135,9 @@ def convert_checkpoint(hf_dir, out_dir, *, dtype="auto", use_te: bool = False,
     reader = SafetensorsReader(hf_dir)
     check_source_dtypes(reader)
     layout, coord = current_layout(), current_coord()
-    thinker = build_thinker(reader.config, dtype=dtype, use_te=use_te, perform_initialization=False,
-                            **(model_kw or {}))
+    with torch.device("meta"):  # no memory: each save group is materialised, filled, saved and freed in turn
+        thinker = build_thinker(reader.config, dtype=dtype, use_te=use_te, perform_initialization=False,
+                                use_cpu_initialization=True, **(model_kw or {}))
     built_s = time.perf_counter() - started
     log(f"convert rank {_rank()}: thinker built at tp{layout.tp} pp{layout.pp} ep{layout.ep} etp{layout.etp} "
         f"({dtype_name(dtype)}) in {built_s:.1f} s")
@@ -133,21 +145,15 @@ def convert_checkpoint(hf_dir, out_dir, *, dtype="auto", use_te: bool = False,
     unclaimed = mapper.unmapped_hf_keys(reader.keys(), prefixes=("thinker.",))
     if unclaimed:
         raise MappingError(f"{len(unclaimed)} thinker tensors are claimed by no mapping row: {unclaimed[:8]}")
-    plan = mapper.plan(reader.keys(), coord)
-    def nbytes(binding):  # a tensor missing from the checkpoint is reported by the copy, naming it
-        return sum(reader.nbytes(k) for k in binding.hf_keys if k in reader)
-
-    total = sum(nbytes(b) for b in plan)
-    with Progress(total, "B", log=log, label=f"convert rank {_rank()}: HF tensors read") as bar:
-        copied = iter(range(1, len(plan) + 1))
-        copy_into_model(thinker, mapper, reader.get, reader.keys(), coord,
-                        progress=lambda b: bar.update(nbytes(b), tensors=f"{next(copied)}/{len(plan)}"))
-    mapped_s = time.perf_counter() - started - built_s
-
-    log(f"convert rank {_rank()}: saving the torch_dist checkpoint")
-    dist_checkpointing.save(thinker.sharded_state_dict(), str(staging / CHECKPOINT))
-    saved_s = time.perf_counter() - started - built_s - mapped_s
-    log(f"convert rank {_rank()}: checkpoint saved in {saved_s:.1f} s")
+    groups = save_groups(thinker, group_bytes)
+    count = _group_count(groups)
+    mapped_s, saved_s = _fill_and_save_groups(thinker, groups, count, mapper, reader, coord, staging, log)
+    merge_started = time.perf_counter()
+    if _rank() == 0:
+        merged = merge_parts(staging / SAVE_PARTS, count, staging / CHECKPOINT)
+        log(f"convert: {merged['keys']} checkpoint keys in {merged['files']} files from {count} save group(s)")
+    _barrier()
+    saved_s += time.perf_counter() - merge_started
     left = [k for k in reader.keys() if k.startswith(NOT_THINKER)]
     record = {
         "source": {"dir": str(hf_dir.resolve()), "manifest": manifest_digest(hf_dir)},
@@ -158,6 +164,7 @@ def convert_checkpoint(hf_dir, out_dir, *, dtype="auto", use_te: bool = False,
         "thinker_tensors_read": sum(1 for k in reader.keys() if k.startswith("thinker.")),
         "left_for_export": {"count": len(left), "tensors": left},
         "checkpoint": CHECKPOINT,
+        "save_groups": count,
         "seconds": {"build": round(built_s, 3), "read_and_map": round(mapped_s, 3), "save": round(saved_s, 3)},
     }
     if _rank() == 0:
@@ -169,6 +176,43 @@ def convert_checkpoint(hf_dir, out_dir, *, dtype="auto", use_te: bool = False,
             f"ep{layout.ep} etp{layout.etp}) in {record['seconds']['total']:.1f} s")
     _barrier()
     return record
+
+
+def _group_count(groups: list) -> int:
+    """Save calls are collective: every rank makes as many as the rank with the most groups (pipeline stages differ)."""
+    count = torch.tensor([len(groups)])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    return int(count.item())
+
+
+def _fill_and_save_groups(thinker, groups, count: int, mapper, reader, coord, staging: Path,
+                          log) -> tuple[float, float]:
+    """Each group: materialised, filled from the HF tensors (one at a time), saved as a part, freed; `count` saves
+    (a rank with fewer groups makes empty ones). Returns the seconds spent reading + mapping and saving."""
+    plan = mapper.plan(reader.keys(), coord)
+
+    def nbytes(binding):  # a tensor missing from the checkpoint is reported by the copy, naming it
+        return sum(reader.nbytes(k) for k in binding.hf_keys if k in reader)
+
+    mapped_s = saved_s = 0.0
+    log(f"convert rank {_rank()}: saving the torch_dist checkpoint in {count} group(s), each as soon as it is read")
+    with Progress(sum(nbytes(b) for b in plan), "B", log=log, label=f"convert rank {_rank()}: HF tensors read") as bar:
+        copied = iter(range(1, len(plan) + 1))
+        for index in range(count):
+            units = groups[index] if index < len(groups) else []
+            started = time.perf_counter()
+            with materialised(thinker, units):
+                copy_into_model(thinker, mapper, reader.get, reader.keys(), coord,
+                                select=lambda name: save_unit(name) in units,
+                                progress=lambda b: bar.update(nbytes(b), tensors=f"{next(copied)}/{len(plan)}"))
+                mapped_s += time.perf_counter() - started
+                started = time.perf_counter()
+                save_part(thinker, units, staging / SAVE_PARTS, index)
+                saved_s += time.perf_counter() - started
+            reader.release()  # the file pages this group read leave the RSS with the maps
+    log(f"convert rank {_rank()}: checkpoint saved in {saved_s:.1f} s ({count} save group(s))")
+    return mapped_s, saved_s
 
 
 def load_checkpoint(thinker: torch.nn.Module, ckpt_dir) -> None:

@@ -35,12 +35,21 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 
 import torch
 
+from ..configs import code_predictor_config_of, talker_text_config_of
 from ..model.transformer_config import Layout, text_config_of, thinker_config_of
 from .llm_rules import LLM_RULES, MC
 from .rules import Rule
+from .talker_rules import DECODER_LAYER as TALKER_LAYER_PREFIX
+from .talker_rules import MC as TALKER_MC
+from .talker_rules import TALKER_RULES
 
 LLM_LAYER_PREFIX = MC + "decoder.layers.{i}."
-LAST_STAGE_ROWS = (MC + "decoder.final_layernorm.weight", MC + "output_layer.weight")
+# rows placed layer by layer over the pipeline stages (by the Mapper's TransformerConfig: the thinker LLM's, or the
+# talker decoder's for a talker Mapper); every other row lives on the first stage, or the last (LAST_STAGE_ROWS)
+LAYER_PREFIXES = (LLM_LAYER_PREFIX, TALKER_LAYER_PREFIX)
+LAST_STAGE_ROWS = (MC + "decoder.final_layernorm.weight", MC + "output_layer.weight",
+                   TALKER_MC + "language_model.decoder.final_layernorm.weight",
+                   TALKER_MC + "language_model.output_layer.weight")
 
 
 class MappingError(ValueError):
@@ -161,7 +170,13 @@ TRANSFORMS: Dict[str, Transform] = {
 
 
 def attention_geometry(hf_key: str, config) -> Optional[Geometry]:
-    """Head geometry of the attention a HF key belongs to (LLM / vision tower / audio tower)."""
+    """Head geometry of the attention a HF key belongs to (LLM / vision tower / audio tower / talker decoder /
+    code predictor)."""
+    if hf_key.startswith("talker."):
+        t = code_predictor_config_of(config) if hf_key.startswith("talker.code_predictor.") \
+            else talker_text_config_of(config)
+        nh = t["num_attention_heads"]
+        return Geometry(nh, t.get("num_key_value_heads", nh), t.get("head_dim") or t["hidden_size"] // nh)
     thinker = thinker_config_of(config)
     if hf_key.startswith("thinker.visual."):
         v = thinker["vision_config"]
@@ -179,6 +194,18 @@ def attention_geometry(hf_key: str, config) -> Optional[Geometry]:
 # ------------------------------------------------------------------------------------------------------------------
 # pattern matching + placement
 # ------------------------------------------------------------------------------------------------------------------
+def expert_count(hf_pattern: str, config) -> int:
+    """Routed experts of the MoE a HF key (pattern) belongs to: the talker decoder's or the thinker LLM's."""
+    text = talker_text_config_of(config) if hf_pattern.startswith("talker.") else text_config_of(config)
+    return text.get("num_experts", 0) or 0
+
+
+def _part(hf_key: str) -> str:
+    """The model part of a HF key (`thinker.visual`, `talker.code_predictor`, ...): one attention geometry each."""
+    head = hf_key.split(".", 2)
+    return ".".join(head[:2]) if head[0] in ("thinker", "talker") else head[0]
+
+
 def _compile(pattern: str) -> re.Pattern:
     out, pos = "", 0
     for m in re.finditer(r"\{(i|e)\}", pattern):
@@ -211,7 +238,7 @@ class _Row:
         self.mc_re = _compile(rule.mcore)
         self.transform = TRANSFORMS[rule.transform]
         self.is_expert = "{e}" in rule.mcore
-        self.stage = ("layer" if rule.mcore.startswith(LLM_LAYER_PREFIX)
+        self.stage = ("layer" if rule.mcore.startswith(LAYER_PREFIXES)
                       else "last" if rule.mcore in LAST_STAGE_ROWS else "first")
 
 
@@ -241,7 +268,8 @@ def layer_placement(tconfig) -> Dict[int, Tuple[int, Optional[int], int]]:
 
 class Mapper:
     """The mapping engine. `tconfig`: the LLM's mcore TransformerConfig (default: built from the HF config and
-    the layout); layer placement comes from it."""
+    the layout); layer placement comes from it. The talker's Mapper: `talker_mapper(...)` (its rows, its decoder's
+    TransformerConfig)."""
 
     def __init__(self, config, layout: Optional[Layout] = None, *, use_te: bool = False,
                  rules: Optional[Iterable[Rule]] = None, tconfig=None):
@@ -249,22 +277,22 @@ class Mapper:
         self.layout = layout or Layout()
         rules = thinker_rules(config, self.layout.tp, use_te) if rules is None else rules
         self.rows = [_Row(r) for r in rules]
-        t = text_config_of(config)
-        self.num_experts = t.get("num_experts", 0) or 0
         if tconfig is None:
             from ..model.transformer_config import build_transformer_config
 
             tconfig = build_transformer_config(config, self.layout, perform_initialization=False)
         self.placement = layer_placement(tconfig)
         self.global_layer = {(pp, vp, local): i for i, (pp, vp, local) in self.placement.items()}
-        if self.num_experts:
-            if self.num_experts % self.layout.ep:
-                raise MappingError(f"{self.num_experts} experts do not split over ep={self.layout.ep}")
-            self.local_experts = self.num_experts // self.layout.ep
+        for row in self.rows:
+            if row.is_expert:
+                experts = expert_count(row.rule.hf[0], config)
+                if experts % self.layout.ep:
+                    raise MappingError(f"{experts} experts do not split over ep={self.layout.ep}")
+                row.local_experts = experts // self.layout.ep
         self._geometry_cache: Dict[str, Optional[Geometry]] = {}
 
     def _geometry(self, hf_key):
-        part = hf_key.split(".")[1] if hf_key.startswith("thinker.") else ""
+        part = _part(hf_key)
         if part not in self._geometry_cache:
             try:
                 self._geometry_cache[part] = attention_geometry(hf_key, self.config)
@@ -317,9 +345,9 @@ class Mapper:
             local_e = None
             if e is not None:
                 e = int(e)
-                if e // self.local_experts != coord.ep_rank:
+                if e // row.local_experts != coord.ep_rank:
                     continue
-                local_e = e % self.local_experts
+                local_e = e % row.local_experts
             out.append(Binding(row, tuple(_fill(p, i, e) for p in row.rule.hf), _fill(row.rule.mcore, local_i, local_e)))
         return out
 
@@ -365,7 +393,7 @@ class Mapper:
         gd = m.groupdict()
         li, le = gd.get("i"), gd.get("e")
         gi = self.global_layer[(coord.pp_rank, coord.vp_stage, int(li))] if row.stage == "layer" else li
-        ge = coord.ep_rank * self.local_experts + int(le) if le is not None else None
+        ge = coord.ep_rank * row.local_experts + int(le) if le is not None else None
         return gi, ge
 
     # --- mcore -> HF -----------------------------------------------------------------------------------------------
@@ -414,6 +442,26 @@ class Mapper:
         return shards
 
 
+def talker_mapper(config, layout: Optional[Layout] = None, *, use_te: bool = False) -> Mapper:
+    """The Mapper of the talker (TALKER_RULES; layer placement from the talker decoder's TransformerConfig)."""
+    from ..model.talker import talker_transformer_configs
+
+    layout = layout or Layout()
+    decoder, _, _ = talker_transformer_configs(config, layout, perform_initialization=False)
+    return Mapper(config, layout, use_te=use_te, rules=TALKER_RULES, tconfig=decoder)
+
+
+def load_hf_into_talker(talker: torch.nn.Module, hf, *, layout: Optional[Layout] = None,
+                        coord: Optional[RankCoord] = None) -> int:
+    """Load this rank's shard of the talker tensors of an HF checkpoint (dir or SafetensorsReader) into a
+    model.talker.Qwen3OmniTalker (strict, like copy_into_model). Returns the tensors copied."""
+    from ..model.language_model import current_layout
+
+    reader = hf if isinstance(hf, SafetensorsReader) else SafetensorsReader(hf)
+    mapper = talker_mapper(reader.config, layout or current_layout())
+    return copy_into_model(talker, mapper, reader.get, reader.keys(), coord or current_coord(), prefix=TALKER_MC)
+
+
 def all_coords(layout: Layout) -> List[RankCoord]:
     """Every distinct shard coordinate of a layout (for offline conversion and round-trip tests)."""
     return [
@@ -427,11 +475,9 @@ def all_coords(layout: Layout) -> List[RankCoord]:
 
 class SafetensorsReader:
     """Tensor-by-tensor reader of an HF checkpoint dir (single file or sharded with an index). `get` reads one
-    tensor from the memory-mapped file; nothing else is held."""
+    tensor from the memory-mapped file; nothing else is held (but the touched pages of the map: see `release`)."""
 
     def __init__(self, hf_dir):
-        from safetensors import safe_open
-
         self.dir = Path(hf_dir)
         idx = self.dir / "model.safetensors.index.json"
         if idx.exists():
@@ -440,9 +486,20 @@ class SafetensorsReader:
             files = sorted(p.name for p in self.dir.glob("*.safetensors"))
         if not files:
             raise MappingError(f"{self.dir} holds no *.safetensors files")
-        self._handles = {f: safe_open(str(self.dir / f), "pt") for f in files}
+        self._files = files
+        self.release()
         self._where = {k: f for f, h in self._handles.items() for k in h.keys()}
         self.config = json.loads((self.dir / "config.json").read_text())
+
+    def release(self) -> None:
+        """Drop the files' memory maps (and open them afresh): a tensor `get` returns lives in its file's map, and the
+        pages it touched stay in this process's RSS while the map does, even after the tensor is freed. A caller
+        that reads a whole checkpoint in parts (convert's save groups) releases after each, so its memory is one
+        part's, not the checkpoint's."""
+        from safetensors import safe_open
+
+        self._handles = {}  # the old handles (and their maps) go first
+        self._handles = {f: safe_open(str(self.dir / f), "pt") for f in self._files}
 
     def keys(self) -> List[str]:
         return list(self._where)
@@ -486,18 +543,25 @@ def current_coord() -> RankCoord:
 
 def copy_into_model(model: torch.nn.Module, mapper: Mapper, get_hf: Callable[[str], torch.Tensor],
                     hf_keys: Iterable[str], coord: RankCoord, *, prefix: str = "",
-                    progress: Optional[Callable[[Binding], None]] = None) -> int:
+                    progress: Optional[Callable[[Binding], None]] = None,
+                    select: Optional[Callable[[str], bool]] = None) -> int:
     """Copy, don't collect: map the HF tensors of `coord` one at a time straight into `model`'s parameters (cast to
     the parameter's dtype) and free each before the next. `prefix` is dropped from the mcore names (e.g.
-    'language_model.' for the standalone LLM, 'vision_model.' for one tower). Strict: every parameter is filled
-    (only `_extra_state` may stay), every mapped tensor has a parameter of its shape. Returns the tensors copied."""
+    'language_model.' for the standalone LLM, 'vision_model.' for one tower). `select(name)`: only the model
+    tensors it accepts are filled and checked (convert fills one save group at a time; the rest stay on meta).
+    Strict: every (selected) parameter is filled (only `_extra_state` may stay), every mapped tensor has a parameter
+    of its shape. Returns the tensors copied."""
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    if select is not None:
+        everything, own = own, {k: v for k, v in own.items() if select(k)}
     filled = set()
     with torch.no_grad():
         for binding in mapper.plan(hf_keys, coord):
             if not binding.mcore_key.startswith(prefix):
                 continue
             name = binding.mcore_key[len(prefix):]
+            if select is not None and name in everything and name not in own:
+                continue  # another group's tensor: not read now
             if name not in own:
                 raise MappingError(f"{binding.hf_keys} map to {binding.mcore_key}, which the model does not have")
             tensor = mapper.materialise(binding, get_hf, coord)

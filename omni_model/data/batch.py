@@ -40,6 +40,8 @@ class EncodedSample(Sample):
     video_second_per_grid: Optional[np.ndarray] = None  # float32 [n_videos]
     input_features: list = field(default_factory=list)  # per audio: float32 [128, frames_i] (mask applied)
     audio_feature_lengths: Optional[np.ndarray] = None  # int64 [n_audios] valid mel frames
+    talker_codes: list = field(default_factory=list)  # per spoken answer: int64 [num_code_groups, frames_i]
+    talker_turns: list = field(default_factory=list)  # per spoken answer: (sequence index in the row, message index)
 
     @property
     def length(self) -> int:
@@ -78,8 +80,13 @@ class OmniBatch:
     * Media of the whole micro-batch are in order of appearance, row by row (what the thinker's scatter expects).
     * ``use_audio_in_video``: whether video blocks interleave their audio track (then audios include video audio).
     * ``sample_ids``: per row, the conversation ids; ``num_tokens``: real tokens; ``num_trained``: loss tokens.
+    * ``pad_id``: the token id of the padding (set by ``collate``).
     * ``skipped``: ``{"over_long": n, "decode": n}`` samples the task encoder skipped (in this loader worker) since
       its previous batch; training sums them over batches, workers and ranks.
+    * ``talker_codes``: the spoken answers' codec codes (for the talker stage; the thinker ignores them), one int64
+      tensor [num_code_groups, frames] per spoken answer, row by row in order; None when no sample speaks.
+      ``talker_turns``: per entry (row, sequence index in the row, message index of the spoken assistant turn in
+      that conversation).
     """
 
     input_ids: torch.Tensor
@@ -103,6 +110,9 @@ class OmniBatch:
     num_tokens: int = 0
     num_trained: int = 0
     skipped: dict = field(default_factory=dict)  # samples the task encoder skipped since this worker's last batch
+    pad_id: Optional[int] = None  # the id padding tokens carry (context parallelism pads each sequence with it)
+    talker_codes: Optional[list] = None  # per spoken answer: int64 [num_code_groups, frames] (None: no speech)
+    talker_turns: Optional[list] = None  # per spoken answer: (row, sequence in the row, message index)
 
     def tensors(self) -> dict:
         """{field name: tensor} of the fields that hold a tensor now (media fields are None in a batch without them)."""
@@ -186,6 +196,7 @@ def collate(samples: list[EncodedSample], pad_id: int, packed: bool, use_audio_i
         sample_ids=[list(s.sample_ids) for s in samples],
         num_tokens=int(attention.sum()),
         num_trained=int((shift != IGNORE_INDEX).sum()),
+        pad_id=int(pad_id),
     )
     if packed:
         out.cu_seqlens = torch.tensor(boundaries, dtype=torch.int32)
@@ -197,6 +208,10 @@ def collate(samples: list[EncodedSample], pad_id: int, packed: bool, use_audio_i
         out.pixel_values_videos = torch.from_numpy(np.concatenate(vpixel))
         out.video_grid_thw = torch.from_numpy(np.concatenate(vgrid).astype(np.int64))
         out.video_second_per_grid = torch.from_numpy(np.concatenate(vsec).astype(np.float32))
+    spoken = [(row, codes, turn) for row, s in enumerate(samples) for codes, turn in zip(s.talker_codes, s.talker_turns)]
+    if spoken:
+        out.talker_codes = [torch.from_numpy(codes) for _, codes, _ in spoken]
+        out.talker_turns = [(row, *turn) for row, _, turn in spoken]
     if feats:
         frames = max(f.shape[1] for f in feats)
         stacked = np.zeros((len(feats), feats[0].shape[0], frames), dtype=np.float32)

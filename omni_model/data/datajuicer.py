@@ -32,7 +32,7 @@ import yaml
 
 from .formats import LIST_KEY, MEDIA_KINDS, TAG_RE, count_drops, drop_entry, load_raw
 from .digest import FINGERPRINT_KEY, sample_fingerprint
-from .media import MediaConfig, MediaError, check_audio_length, plan_video
+from .media import MediaConfig, MediaError, check_audio_length, decode_audio, plan_video
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,19 @@ def check_media(record: dict) -> dict:
         elif key == "videos":
             plan_video(Path(path).read_bytes(), cfg)
 
+    check_speech(record)
     return sample_fingerprint({LIST_KEY[kind]: record[LIST_KEY[kind]] for kind in MEDIA_KINDS}, check=encoder_checks)
+
+
+def check_speech(record: dict) -> None:
+    """Decode every spoken answer in full (data.speech.load_speech's decode: soundfile, finite, not empty); raises
+    MediaError naming the turn and the file. Its length is the shards stage's check (the talker's limit)."""
+    for index, message in enumerate(record["messages"]):
+        if message.get("speech"):
+            try:
+                decode_audio(Path(message["speech"]).read_bytes())
+            except MediaError as exc:
+                raise MediaError(f"speech of turn {index} ({Path(message['speech']).name}): {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------------ DJ mapping

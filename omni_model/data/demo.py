@@ -4,9 +4,12 @@ Writes ``<out_dir>/demo.jsonl`` plus ``<out_dir>/media/``: PNG/JPEG images drawn
 22.05 kHz and 16 kHz (mono and stereo WAV/FLAC; spoken text from espeak-ng when it is installed, otherwise
 synthesised tones/chirps), short MPEG-4 videos (some with an AAC audio track). Conversations use both the
 ``messages`` and the ``conversations`` (ShareGPT) format, single and multi-turn, with and without system prompt,
-text-only, image-only, audio-only, several media of a kind. A handful of deliberately bad samples exercise every
-drop reason of the pipeline (see ``BAD_KINDS``). Same seed -> byte-identical output (espeak-ng output depends on its
-version, so it is only used when present).
+text-only, image-only, audio-only, several media of a kind. A few answers are spoken (``SPOKEN``: an assistant
+audio in each of the three input forms, formats.py; speech at 24, 16 and 44.1 kHz, one stereo, a multi-turn sample
+with two spoken turns), drawn from their own random stream so that every other sample is the same with or without
+them; they start at sample 48, so small demo sets (the tests') have none. A handful of deliberately bad samples
+exercise every drop reason of the pipeline (see ``BAD_KINDS``). Same seed -> byte-identical output (espeak-ng output
+depends on its version, so it is only used when present).
 """
 
 from __future__ import annotations
@@ -53,7 +56,13 @@ BAD_KINDS = {
     "nan_audio": "validate",
     "undecodable_video": "validate",
     "over_long": "shards",
+    "corrupt_speech": "validate",
+    "speech_without_text": "validate",
+    "speech_too_long": "shards",
 }
+# Spoken answers: sample index % SPOKEN_PERIOD -> the form the speech is given in (formats.py)
+SPOKEN_PERIOD = 64
+SPOKEN = {48: "content_part", 49: "sharegpt_audio", 55: "message_audio"}
 
 
 class _Gen:
@@ -183,8 +192,8 @@ def _messages(system: str | None, turns: list[tuple[str, str]]) -> list[dict]:
 
 
 def _sharegpt(record: dict) -> dict:
-    conv = [{"from": {"user": "human", "assistant": "gpt", "system": "system"}[m["role"]], "value": m["content"]}
-            for m in record["messages"]]
+    conv = [{"from": {"user": "human", "assistant": "gpt", "system": "system"}[m["role"]], "value": m["content"],
+             **({"audio": m["audio"]} if "audio" in m else {})} for m in record["messages"]]
     out = {k: v for k, v in record.items() if k != "messages"}
     out["conversations"] = conv
     return out
@@ -194,6 +203,7 @@ def generate_demo(out_dir: Path, n_samples: int = 200, seed: int = 0) -> Path:
     """Write the demo set; returns the jsonl path. ``n_samples`` counts good samples (bad ones are added)."""
     out_dir = Path(out_dir)
     gen = _Gen(out_dir, seed)
+    speaker = _Gen(out_dir, seed + 7919)  # the spoken answers' own stream: the other samples do not depend on them
     gen.media.mkdir(parents=True, exist_ok=True)
     rng = gen.rng
     rates = [44100, 22050, 16000]
@@ -258,12 +268,33 @@ def generate_demo(out_dir: Path, n_samples: int = 200, seed: int = 0) -> Path:
                 (f"<image>What is this? {gen.sentence()}", f"It is {desc_i}."),
                 ("And this sound: <audio>", f"That is {desc_a}."),
             ])
-        lines.append(json.dumps(_sharegpt(record) if index % 4 == 1 else record))
+        sharegpt = index % 4 == 1
+        if index % SPOKEN_PERIOD in SPOKEN:
+            record = _speak(speaker, record, SPOKEN[index % SPOKEN_PERIOD], sharegpt, index)
+        lines.append(json.dumps(_sharegpt(record) if sharegpt else record))
 
     lines += _bad_samples(gen, lines)
     path = out_dir / "demo.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _speak(gen: _Gen, record: dict, form: str, sharegpt: bool, index: int) -> dict:
+    """Give the record's assistant turns speech (the last one; every one for ``message_audio``): ``content_part`` =
+    an audio part in the content list, ``message_audio`` = the message's ``audio`` key, ``sharegpt_audio`` = the
+    ShareGPT turn's ``audio`` key (applied by _sharegpt, which keeps extra turn keys)."""
+    rates = (24000, 16000, 44100)
+    assistants = [m for m in record["messages"] if m["role"] == "assistant"]
+    for k, message in enumerate(assistants if form == "message_audio" else assistants[-1:]):
+        text = message["content"]
+        seconds = min(3.0, 0.5 + 0.04 * len(text.split()))
+        name, _ = gen.audio(f"demo-{index:04d}-speech{k}", seconds, rates[(index + k) % 3], channels=1 + k % 2,
+                            fmt="FLAC" if k else "WAV", text=text)
+        if form == "content_part" and not sharegpt:
+            message["content"] = [{"type": "text", "text": text}, {"type": "audio", "audio": f"media/{name}"}]
+        else:
+            message["audio"] = f"media/{name}"
+    return record
 
 
 def _bad_samples(gen: _Gen, good_lines: list[str]) -> list[str]:
@@ -328,4 +359,17 @@ def _bad_samples(gen: _Gen, good_lines: list[str]) -> list[str]:
     out.append(rec("undecodable_video", qa("<video>What happens in this damaged clip of a comet?", "It cannot be decoded."), videos=[f"media/{name}"]))
     name, _ = gen.image("bad-huge-img0", 2400, 2400)
     out.append(rec("over_long", qa("<image>Describe every detail of this enormous poster of a glacier.", "Too many tokens."), images=[f"media/{name}"]))
+    (media / "garbage-speech.wav").write_bytes(b"RIFF0000WAVEjunk" + bytes(range(255, -1, -1)))
+    spoken = qa("Say something about the harbor at night, out loud please.", "The harbor is quiet.")
+    spoken[-1]["audio"] = "media/garbage-speech.wav"
+    out.append(rec("corrupt_speech", spoken))
+    name, _ = gen.audio("bad-speech-only0", 1.0, 24000)
+    out.append(rec("speech_without_text", [{"role": "user", "content": "Answer this question about a lantern aloud."},
+                                           {"role": "assistant", "content": [{"type": "audio", "audio": f"media/{name}"}]}]))
+    # 340 s of silence (a few kB of FLAC): 4250 frames at 12.5 Hz, over the talker's max_seq_len 4096 from the header
+    sf.write(media / "bad-long-speech0.flac", np.zeros(340 * 8000, dtype=np.float32), 8000, format="FLAC",
+             subtype="PCM_16")
+    spoken = qa("Tell me a very long story about a lighthouse keeper, out loud.", "Once upon a time, a keeper.")
+    spoken[-1]["audio"] = "media/bad-long-speech0.flac"
+    out.append(rec("speech_too_long", spoken))
     return out

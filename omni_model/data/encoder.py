@@ -44,6 +44,7 @@ from .media import (
     write_frames_png,
 )
 from .rope_index import interleave_audio_video_tokens, rope_index
+from .speech import read_codes, speech_turns
 from .template import ChatTokenizer
 
 
@@ -264,9 +265,32 @@ class OmniEncoder:
 
     def encode_canonical(self, record: dict, members: dict, key: str | None = None) -> EncodedSample:
         """``encode`` of a shard sample (record + canonical members by name): the same tensors as ``encode`` of the
-        original files. Raises ShardFormatError (shards of another media format), OverLongSample, MediaError."""
+        original files, plus the codes of its spoken answers (``talker_codes``, ``talker_turns``: only shards hold
+        them). Raises ShardFormatError (shards of another media format), OverLongSample, MediaError."""
         self._check_length(record, self.canonical_shapes(record, members))
-        return self.encode_decoded(record, self.load_canonical(record, members), key=key)
+        encoded = self.encode_decoded(record, self.load_canonical(record, members), key=key)
+        encoded.talker_codes = self.talker_codes(record, members)
+        encoded.talker_turns = [(0, turn) for turn, _ in speech_turns(record)]
+        return encoded
+
+    def talker_codes(self, record: dict, members: dict) -> list:
+        """The codes of a shard sample's spoken answers (int64 [groups, frames] each, in turn order), checked
+        against the frames its ``media_meta.speech`` recorded."""
+        meta, turns = self._canonical_meta(record).get("speech", []), speech_turns(record)
+        if len(meta) != len(turns):
+            raise ShardFormatError(f"sample {record.get('id')}: {len(turns)} spoken turns, media_meta.speech lists "
+                                   f"{len(meta)}")
+        out = []
+        for (turn, name), entry in zip(turns, meta):
+            try:
+                codes = read_codes(members[name])
+            except MediaError as exc:
+                raise MediaError(f"speech of turn {turn} ({name}): {exc}") from None
+            if codes.shape[1] != entry["frames"] or entry["turn"] != turn:
+                raise ShardFormatError(f"sample {record.get('id')}: {name} holds {codes.shape[1]} frames of turn "
+                                       f"{turn}, its media_meta says {entry['frames']} of turn {entry['turn']}")
+            out.append(codes)
+        return out
 
     def encode_decoded(self, record: dict, decoded: Decoded, key: str | None = None) -> EncodedSample:
         ids, labels = self.chat.tokenize(record["messages"])

@@ -10,12 +10,25 @@ Accepted jsonl lines (media paths relative to the jsonl file or absolute):
 * ShareGPT / LLaMA-Factory ``conversations``: ``[{"from": "human|user|gpt|assistant|system", "value": "..."}]``,
   optional top-level ``system``, same media lists and tags.
 
+Spoken answers (speech the talker is trained to say; data.speech): an assistant turn may carry its speech as
+
+* ``messages``: an audio part in its content list, ``{"role": "assistant", "content": [{"type": "text", "text":
+  "..."}, {"type": "audio", "audio": "answer.wav"}]}`` (also ``input_audio``/``audio_url`` with ``{"url"|"path":
+  ...}``), or OpenAI's assistant-audio key ``{"role": "assistant", "content": "...", "audio": "answer.wav"}``
+  (``{"path"|"url": ...}`` too; inline base64 ``data`` is not supported);
+* ShareGPT: the same ``audio`` key on the answer, ``{"from": "gpt", "value": "...", "audio": "answer.wav"}``.
+
+One spoken answer per assistant turn, any sample rate and channel count (resampled to the codec's 24 kHz mono), and
+the turn's text is required: it is the transcript the thinker is trained on and the talker speaks. ``<audio>`` tags
+in assistant text stay an error (tags mark input media).
+
 The canonical record (what processed.jsonl and the shards hold) is the ``messages`` form::
 
     {"id": str, "messages": [{"role": ..., "content": "text with <image>/<audio>/<video> tags"}],
      "images": [abs path...], "audios": [...], "videos": [...]}
 
-The k-th tag of a kind in reading order refers to the k-th entry of that kind's list.
+with ``"speech": abs path`` on a spoken assistant message (no key otherwise). The k-th tag of a kind in reading
+order refers to the k-th entry of that kind's list.
 """
 
 from __future__ import annotations
@@ -102,17 +115,45 @@ def _content_to_text(content, media: dict[str, list], turn: int) -> str:
         if kind == "text":
             pieces.append(str(part.get("text", "")))
             continue
-        kind = {"image_url": "image", "input_audio": "audio", "audio_url": "audio", "video_url": "video"}.get(kind, kind)
+        kind = PART_KINDS.get(kind, kind)
         if kind not in MEDIA_KINDS:
             raise InvalidSample(f"turn {turn}: unsupported content part type {part['type']!r}")
-        value = part.get(kind, part.get(part["type"]))
-        if isinstance(value, dict):  # {"url": ...} / {"data": ..., "format": ...}
-            value = value.get("url", value.get("path"))
-        if not isinstance(value, str) or not value:
-            raise InvalidSample(f"turn {turn}: {kind} part has no path")
-        media[kind].append(value)
+        media[kind].append(_part_path(part.get(kind, part.get(part["type"])), kind, turn))
         pieces.append(TAG[kind])
     return "".join(pieces)
+
+
+PART_KINDS = {"image_url": "image", "input_audio": "audio", "audio_url": "audio", "video_url": "video"}
+
+
+def _part_path(value, kind: str, turn: int) -> str:
+    """The path of a media part's value: a string, or ``{"url": ...}`` / ``{"path": ...}``."""
+    if isinstance(value, dict):  # {"url": ...} / {"data": ..., "format": ...}
+        value = value.get("url", value.get("path"))
+    if not isinstance(value, str) or not value:
+        raise InvalidSample(f"turn {turn}: {kind} part has no path (inline data is not supported)")
+    return value
+
+
+def _split_speech(content, turn: dict, index: int):
+    """An assistant turn -> (its content without the spoken answer, the speech path or None). The spoken answer is
+    an audio part of the content list or the message's own ``audio`` key (OpenAI's assistant-audio form; also the
+    ShareGPT form's, beside ``value``)."""
+    speech = []
+    if isinstance(content, list):
+        kept = []
+        for part in content:
+            kind = PART_KINDS.get(part.get("type"), part.get("type")) if isinstance(part, dict) else None
+            if kind == "audio":
+                speech.append(_part_path(part.get("audio", part.get(part["type"])), "audio", index))
+            else:
+                kept.append(part)
+        content = kept
+    if turn.get("audio") is not None:
+        speech.append(_part_path(turn["audio"], "audio", index))
+    if len(speech) > 1:
+        raise InvalidSample(f"turn {index}: {len(speech)} spoken answers in one assistant turn (one audio at most)")
+    return content, (speech[0] if speech else None)
 
 
 def parse_sample(obj, line_no: int, fmt: str = "auto", base_dir: Path | None = None) -> dict:
@@ -150,13 +191,24 @@ def parse_sample(obj, line_no: int, fmt: str = "auto", base_dir: Path | None = N
         role = ROLE_ALIASES.get(str(raw_role).lower()) if raw_role is not None else None
         if role is None:
             raise InvalidSample(f"turn {index}: unknown role {raw_role!r}")
-        messages.append({"role": role, "content": _content_to_text(turn.get(content_key), media, index)})
+        content, speech = _split_speech(turn.get(content_key), turn, index) if role == "assistant" else \
+            (turn.get(content_key), None)
+        message = {"role": role, "content": _content_to_text(content, media, index)}
+        if speech is not None:
+            if not message["content"].strip():
+                raise InvalidSample(f"spoken answer without its text (turn {index}): the talker speaks the "
+                                    "thinker's text, give the transcript as the turn's text")
+            message["speech"] = speech
+        messages.append(message)
 
     _check_roles(messages)
     _check_tags(messages, media)
     record = {"id": sample_id(obj, line_no), "messages": messages}
     for kind in MEDIA_KINDS:
         record[LIST_KEY[kind]] = [_resolve(path, kind, base_dir) for path in media[kind]]
+    for message in messages:
+        if "speech" in message:
+            message["speech"] = _resolve(message["speech"], "speech", base_dir)
     return record
 
 
@@ -185,7 +237,8 @@ def _check_roles(messages: list[dict]) -> None:
                 raise InvalidSample(f"empty assistant turn (turn {index})")
             found = TAG_RE.search(message["content"])
             if found:
-                raise InvalidSample(f"media tag {found.group(0)} in assistant turn {index} (input media only)")
+                raise InvalidSample(f"media tag {found.group(0)} in assistant turn {index} (input media only; a "
+                                    "spoken answer is an audio part of the assistant message)")
 
 
 def _check_tags(messages: list[dict], media: dict[str, list]) -> None:

@@ -364,16 +364,21 @@ def preprocess_video(video: Video, cfg: MediaConfig) -> tuple[np.ndarray, tuple[
 
 
 # ------------------------------------------------------------------------------------------------------ audio
-def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
-    """[n] or [n, channels] float -> mono float32 at 16 kHz (librosa's mean-mix and soxr_hq resampling)."""
+def to_mono(samples: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
+    """[n] or [n, channels] float -> mono float32 at ``target_rate`` (librosa's mean-mix and soxr_hq resampling)."""
     import librosa
 
     samples = np.asarray(samples, dtype=np.float32)
     if samples.ndim == 2:
         samples = samples.mean(axis=1)
-    if sample_rate != AUDIO_SR:
-        samples = librosa.resample(samples, orig_sr=sample_rate, target_sr=AUDIO_SR, res_type="soxr_hq")
+    if sample_rate != target_rate:
+        samples = librosa.resample(samples, orig_sr=sample_rate, target_sr=target_rate, res_type="soxr_hq")
     return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """[n] or [n, channels] float -> mono float32 at 16 kHz, the audio tower's rate."""
+    return to_mono(samples, sample_rate, AUDIO_SR)
 
 
 def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
@@ -393,6 +398,11 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
 
 def audio_samples_16k(data: bytes) -> int:
     """Length of the clip once mixed and resampled to 16 kHz (``to_mono_16k``), from the header only."""
+    return audio_samples_at(data, AUDIO_SR)
+
+
+def audio_samples_at(data: bytes, target_rate: int) -> int:
+    """Length of the clip once mixed and resampled to ``target_rate`` (``to_mono``), from the header only."""
     import soundfile as sf
 
     try:
@@ -401,12 +411,12 @@ def audio_samples_16k(data: bytes) -> int:
         raise MediaError(f"cannot read audio header: {error_text(exc)}") from None
     if info.frames <= 0:
         raise MediaError("audio has no samples")
-    return resampled_length(info.frames, info.samplerate)
+    return resampled_length(info.frames, info.samplerate, target_rate)
 
 
-def resampled_length(n_samples: int, sample_rate: float) -> int:
-    """Samples after resampling to 16 kHz (librosa.resample: ``ceil(n * 16000 / sr)``)."""
-    return n_samples if sample_rate == AUDIO_SR else int(math.ceil(n_samples * (float(AUDIO_SR) / sample_rate)))
+def resampled_length(n_samples: int, sample_rate: float, target_rate: int = AUDIO_SR) -> int:
+    """Samples after resampling to ``target_rate`` (librosa.resample: ``ceil(n * target / sr)``)."""
+    return n_samples if sample_rate == target_rate else int(math.ceil(n_samples * (float(target_rate) / sample_rate)))
 
 
 def image_size(data: bytes) -> tuple[int, int]:

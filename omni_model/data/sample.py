@@ -22,9 +22,11 @@ class OmniSample(Sample):
 
 
 def member_names(record: dict) -> list[str]:
-    """Every media member a shard record names: its media lists plus the videos' audio-track members."""
+    """Every media member a shard record names: its media lists, the videos' audio-track members and the codes
+    members of its spoken answers (a message's ``speech``)."""
     names = [name for key in MEDIA_LISTS.values() for name in record.get(key, [])]
     names += [video["audio"] for video in (record.get("media_meta") or {}).get("videos", []) if video.get("audio")]
+    names += [message["speech"] for message in record.get("messages", []) if message.get("speech")]
     return names
 
 

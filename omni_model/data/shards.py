@@ -9,12 +9,23 @@ how the media are stored) + the media in the form training uses them (media.MEDI
 ``<key>.video0.npy``/``.flac`` (its audio track, when audio-in-video is on).
 The loader needs soundfile and PIL only: no resampling, no video container.
 
+Spoken answers (an assistant message with ``speech``, formats.py): per spoken turn, in order, a member
+``<key>.speech<k>.npy`` holds the talker's codec codes, int16 ``[num_code_groups, frames]`` (numpy .npy, no pickle;
+data.speech: frames at the checkpoint's 12.5 Hz, every code below the checkpoint's code range), made by the codec of
+``model.codec`` from the clip resampled to 24 kHz mono. In the json that message's ``speech`` names the member,
+``media_meta.speech`` lists ``{"turn": message index, "frames", "samples": the clip's 24 kHz length}`` per spoken
+answer and ``source.speech`` the original paths. ``.nv-meta/speech.json`` (speech.SPEECH_FILE) records the codec
+(folder, sha256 of its files, model type), the code layout and the counts; it exists only when some kept sample
+speaks. A sample without speech is written exactly as before (no new key, member or file).
+
 Before a sample is written its token count after pad expansion is computed from the media headers (image size, audio
 length, video duration -> frames; no pixel or mel work) and an over-long sample is dropped without decoding; then
 every medium is fully decoded and the exact count taken with the training encoder (tokenizer + preprocessor config of
 the checkpoint): samples whose media cannot be decoded or used by the encoder (stage ``shards``, op ``decode``: also
-audio shorter than media.min_audio_samples), that exceed ``max_seq_len`` (op ``max_seq_len``) or fail otherwise
-(op ``encode``) are dropped here with the reason, never at training time.
+audio shorter than media.min_audio_samples, and an unreadable or undecodable spoken answer), that exceed
+``max_seq_len`` (op ``max_seq_len``; also the talker's sequence of a spoken answer, speech.talker_length, from the
+clip's header before decoding), whose speech the codec fails on (op ``codec``) or fail otherwise (op ``encode``) are
+dropped here with the reason, never at training time. Speech at another rate is resampled, not dropped.
 
 Outputs in ``out_dir``: ``train-NNNNNN.tar``, ``val-NNNNNN.tar``, ``.nv-meta/`` (written non-interactively with
 Energon's own preparator: split.yaml, index; dataset.yaml with sample type
@@ -35,6 +46,7 @@ from pathlib import Path
 
 from ..runtime.logs import progress
 from .formats import LIST_KEY, MEDIA_KINDS, count_drops, drop_entry, media_member
+from .speech import SPEECH_FILE, speech_turns
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +70,18 @@ class ShardItem:
     parts: dict | None = None
     n_tokens: int = 0
     drop: dict | None = None
+    speech_frames: tuple = ()  # frames of each of its spoken answers
 
 
-def shard_item(record: dict, encoder) -> ShardItem:
+def shard_item(record: dict, encoder, layout=None, codec=None) -> ShardItem:
     """Processed record -> its shard parts with canonical media, or why it is dropped. Depends only on the record,
-    the media files it names and the encoder (``OmniEncoder``: its settings decide), so any executor can map it;
-    keys and the train/val split are assigned by the writer."""
+    the media files it names, the encoder (``OmniEncoder``: its settings decide) and, for spoken answers, the
+    checkpoint's code layout (``speech.TalkerCodes``) and the codec (``speech.SpeechCodec``), so any executor can map
+    it; keys and the train/val split are assigned by the writer. A spoken answer that fits but has no codec to
+    encode it raises speech.MissingCodec (the stage stops: a setting is missing, not a sample bad)."""
     from .encoder import OverLongSample
     from .media import MediaError, error_text
+    from .speech import CodecError, MissingCodec
 
     sid = record["id"]
     media, names = {}, {}
@@ -88,13 +104,79 @@ def shard_item(record: dict, encoder) -> ShardItem:
                 sid, "shards", "max_seq_len",
                 f"{n_tokens} tokens after media expansion > max_seq_len {encoder.max_seq_len}"))
         members, fields = encoder.canonical_members(record, media, decoded)
+        spoken = speech_parts(record, n_tokens, layout, codec, encoder.max_seq_len) if speech_turns(record) else None
+    except OverLongSample as exc:  # the talker's sequence (speech_parts)
+        return ShardItem(sid, drop=drop_entry(sid, "shards", "max_seq_len", str(exc)))
     except MediaError as exc:
         return ShardItem(sid, drop=drop_entry(sid, "shards", "decode", str(exc)))
+    except CodecError as exc:
+        return ShardItem(sid, drop=drop_entry(sid, "shards", "codec", str(exc)))
+    except MissingCodec:  # a setting, not this sample: the stage stops
+        raise
     except Exception as exc:  # any other failure on this sample (its template, a codec): its drop, not the stage's end
         return ShardItem(sid, drop=drop_entry(sid, "shards", "encode", error_text(exc)))
     document = {**{k: v for k, v in record.items() if k not in LIST_KEY.values()}, **fields, "num_tokens": n_tokens,
                 "source": {LIST_KEY[kind]: record.get(LIST_KEY[kind], []) for kind in MEDIA_KINDS}}
-    return ShardItem(sid, {"json": json.dumps(document, ensure_ascii=False).encode(), **members}, n_tokens)
+    if spoken is not None:  # spoken answers: codes members, messages naming them, their meta and original paths
+        document["messages"], document["media_meta"]["speech"] = spoken.messages, spoken.meta
+        document["source"]["speech"] = [path for _, path in speech_turns(record)]
+        members.update(spoken.members)
+    return ShardItem(sid, {"json": json.dumps(document, ensure_ascii=False).encode(), **members}, n_tokens,
+                     speech_frames=tuple(entry["frames"] for entry in spoken.meta) if spoken else ())
+
+
+@dataclass
+class SpokenParts:
+    """A record's spoken answers in shard form: ``speech<k>.npy`` members (int16 codes [groups, frames]), the
+    messages with each ``speech`` path replaced by its member's name, and per answer ``{"turn", "frames",
+    "samples"}`` (samples: the clip's length at speech.SPEECH_RATE)."""
+
+    members: dict
+    messages: list
+    meta: list
+
+
+def speech_parts(record: dict, n_tokens: int, layout, codec, max_seq_len: int) -> SpokenParts:
+    """Encode a record's spoken answers with the codec. Raises OverLongSample when the talker's sequence
+    (speech.talker_length: the thinker's tokens + frames + control positions) exceeds ``max_seq_len`` -- from the
+    clips' headers, before decoding --, MediaError for a clip that cannot be read or decoded, CodecError when the
+    codec fails, MissingCodec when the answers fit but there is no codec."""
+    from .encoder import OverLongSample
+    from .media import MediaError
+    from .speech import CodecError, MissingCodec, load_speech, speech_samples, talker_length, write_codes
+
+    turns, clips = speech_turns(record), []
+    for turn, path in turns:
+        try:
+            clips.append(Path(path).read_bytes())
+        except OSError as exc:
+            raise MediaError(f"cannot read the speech of turn {turn} {path}: {exc}") from None
+
+    def named(turn, path, fn, *args):
+        try:
+            return fn(*args)
+        except (MediaError, CodecError) as exc:
+            raise type(exc)(f"speech of turn {turn} ({Path(path).name}): {exc}") from None
+
+    frames = [layout.frames_of(named(turn, path, speech_samples, data)) for (turn, path), data in zip(turns, clips)]
+    length = talker_length(n_tokens, frames)
+    if length > max_seq_len:
+        raise OverLongSample(f"talker sequence of {length} positions ({n_tokens} tokens + {sum(frames)} speech frames "
+                             f"at {layout.frame_rate:g}/s + control positions) > max_seq_len {max_seq_len} "
+                             "(from the speech headers)")
+    if codec is None:
+        raise MissingCodec(f"sample {record['id']} has a spoken answer but no speech codec is configured: set "
+                           "model.codec (a Mimi-style codec folder or hub id, see config/schema.yaml), or remove the "
+                           "assistant audio from the data")
+    messages = [dict(message) for message in record["messages"]]
+    members, meta = {}, []
+    for k, ((turn, path), data) in enumerate(zip(turns, clips)):
+        wave = named(turn, path, load_speech, data)
+        codes = named(turn, path, codec.encode, wave)
+        name = f"speech{k}.npy"
+        members[name], messages[turn]["speech"] = write_codes(codes), name
+        meta.append({"turn": turn, "frames": int(codes.shape[1]), "samples": int(len(wave))})
+    return SpokenParts(members, messages, meta)
 
 
 @functools.lru_cache(maxsize=2)
@@ -105,10 +187,27 @@ def _encoder(hf_dir: str, max_seq_len: int, media_overrides: tuple):
     return OmniEncoder(Path(hf_dir), max_seq_len=max_seq_len, **dict(media_overrides))
 
 
-def _shard_items(records: list[dict], hf_dir: str, max_seq_len: int, media_overrides: tuple) -> list[ShardItem]:
+@functools.lru_cache(maxsize=2)
+def _speech(hf_dir: str, codec_dir: str | None):
+    """One (layout, codec) per Ray worker process and codec."""
+    return speech_setup(Path(hf_dir), None if codec_dir is None else Path(codec_dir))
+
+
+def speech_setup(hf_dir: Path, codec_dir: Path | None) -> tuple:
+    """(the checkpoint's code layout, the codec or None) for data with spoken answers. Raises CodecError when the
+    checkpoint cannot speak or the codec does not fit it."""
+    from .speech import SpeechCodec, TalkerCodes
+
+    layout = TalkerCodes.from_config(hf_dir)
+    return layout, (None if codec_dir is None else SpeechCodec(codec_dir, layout))
+
+
+def _shard_items(records: list[dict], hf_dir: str, max_seq_len: int, media_overrides: tuple,
+                 codec_dir: str | None = None) -> list[ShardItem]:
     """shard_item over a chunk of records: the unit of work of one Ray task (data.executor ray)."""
     encoder = _encoder(hf_dir, max_seq_len, media_overrides)
-    return [shard_item(record, encoder) for record in records]
+    layout, codec = _speech(hf_dir, codec_dir) if any(speech_turns(record) for record in records) else (None, None)
+    return [shard_item(record, encoder, layout, codec) for record in records]
 
 
 def safe_key(sample_id: str, used: set) -> str:
@@ -130,8 +229,12 @@ def is_val(sample_id: str, seed: int, val_fraction: float) -> bool:
 def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_drops: Path | None = None,
                  max_samples: int = 64, max_bytes: int = 64 << 20, val_fraction: float = 0.1, seed: int = 0,
                  max_seq_len: int = 4096, input_count: int | None = None, media_overrides: dict | None = None,
-                 workers: int = 1, executor: str = "default", ray_address: str | None = None) -> dict:
+                 workers: int = 1, executor: str = "default", ray_address: str | None = None,
+                 codec_dir: Path | None = None) -> dict:
     """Write the shards and the Energon metadata; returns the report (also written to report.json).
+
+    ``codec_dir``: the speech codec (the codec rule's folder) that encodes spoken answers into the talker's codes;
+    a spoken answer that fits the talker's limit and has no codec stops the stage (speech.MissingCodec).
 
     ``executor``: ``default`` runs ``shard_item`` (decoding, token counts, canonical media) in this process; ``ray``
     fans it out over Ray tasks on the cluster at ``ray_address`` (``None``: a local Ray with ``workers`` CPUs) and
@@ -147,8 +250,11 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
     for old in list(out_dir.glob("*.tar")):
         old.unlink()
     encoder = OmniEncoder(hf_dir, max_seq_len=max_seq_len, **(media_overrides or {}))
-    encoder_args = (str(hf_dir), max_seq_len, tuple(sorted((media_overrides or {}).items())))  # for Ray workers
     records = [json.loads(line) for line in Path(processed_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    # spoken answers: the checkpoint's code layout and the codec (text-only data loads neither)
+    layout, codec = speech_setup(hf_dir, codec_dir) if any(speech_turns(r) for r in records) else (None, None)
+    encoder_args = (str(hf_dir), max_seq_len, tuple(sorted((media_overrides or {}).items())),  # for Ray workers
+                    None if codec is None else str(codec_dir))
     split = {r["id"]: is_val(r["id"], seed, val_fraction) for r in records}
     if val_fraction > 0 and len(records) >= 2:  # both splits non-empty, deterministically
         if all(split.values()):
@@ -161,6 +267,7 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
                                      verbose=0) for name in ("train", "val")}
     counts = {"train": 0, "val": 0}
     tokens = {"train": 0, "val": 0}
+    speech = {"answers": 0, "frames": 0}  # kept spoken answers
     used_keys: set = set()
     items = iter(())
     try:
@@ -169,7 +276,7 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
 
             items = ray_map(_shard_items, records, args=encoder_args, address=ray_address, num_cpus=workers)
         elif executor == "default":
-            items = (shard_item(record, encoder) for record in records)
+            items = (shard_item(record, encoder, layout, codec) for record in records)
         else:
             raise ValueError(f"data.executor must be one of default, ray, got {executor!r}")
         for item in progress(items, total=len(records), every=100, what="samples", log=log):  # lines + rate, ETA
@@ -180,6 +287,8 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
             writers[name].write({"__key__": safe_key(item.id, used_keys), **item.parts})
             counts[name] += 1
             tokens[name] += item.n_tokens
+            speech["answers"] += len(item.speech_frames)
+            speech["frames"] += sum(item.speech_frames)
     finally:
         if hasattr(items, "close"):  # a failed run stops its Ray session now, not when the generator is collected
             items.close()
@@ -196,6 +305,10 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
     prepare_energon(out_dir, shards, workers=workers)
     settings = encoder.settings()
     (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    speech_settings = None
+    if speech["answers"]:  # what the codes were made with, for the talker stage (speech.read_speech_settings)
+        speech_settings = {**codec.settings(), **speech}
+        (out_dir / SPEECH_FILE).write_text(json.dumps(speech_settings, indent=2) + "\n")
 
     all_drops = []
     if previous_drops is not None and Path(previous_drops).is_file():
@@ -215,6 +328,7 @@ def write_shards(processed_path: Path, out_dir: Path, hf_dir: Path, *, previous_
         "dropped_by_stage_op": count_drops(all_drops),
         "media_format": settings["media_format"],
         "encoder_settings": settings,
+        "speech": speech_settings,
         "seconds": round(time.time() - started, 2),
     }
     if report["input"] != report["kept"] + report["dropped"]:
@@ -263,6 +377,16 @@ def _tar_has_members(path: Path) -> bool:
 
     with tarfile.open(path) as tar:
         return tar.next() is not None
+
+
+def split_tars(shards_dir: Path, split: str) -> list[Path]:
+    """The tar files of one split, in order, as Energon reads them from .nv-meta/split.yaml (its part names are
+    brace patterns: `train-{000000..000002}.tar`)."""
+    import yaml
+    from braceexpand import braceexpand
+
+    parts = yaml.safe_load((Path(shards_dir) / ".nv-meta/split.yaml").read_text())["split_parts"].get(split) or []
+    return [Path(shards_dir) / name for part in parts for name in braceexpand(part)]
 
 
 def prepare_energon(out_dir: Path, shards: list[str], workers: int = 1) -> None:

@@ -6,7 +6,9 @@ Pipeline per sample (Energon stages): WebDataset parts -> :class:`~omni_model.da
 with soundfile/PIL, no resampling, no video container; template, labels, pad expansion, media tensors, MRoPE
 positions) -> optional packing (``select_samples_to_pack`` / ``pack_selected_samples`` when the
 dataset is built with ``packing_buffer_size``) -> ``batch`` (:func:`~omni_model.data.batch.collate` ->
-:class:`~omni_model.data.batch.OmniBatch`).
+:class:`~omni_model.data.batch.OmniBatch`). Spoken answers' codec codes (the shards' ``speech<k>.npy`` members) ride
+along as ``talker_codes`` / ``talker_turns`` (None in a batch without speech), for the talker stage; the thinker's
+fields are the same with or without them.
 
 Over-long samples (more than ``max_seq_len`` tokens), media the encoder cannot use and any other per-sample encoding
 failure are skipped with one warning line naming the sample (no traceback) and counted per reason (``SKIP_REASONS``):

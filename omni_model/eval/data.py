@@ -12,8 +12,6 @@ import tarfile
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from ..data.formats import LIST_KEY
 
 SPLIT = "train"  # write_shards with val_fraction 0 puts every sample in this split
@@ -27,8 +25,9 @@ def conversation_key(record: dict) -> str:
 
 def training_keys(processed: Path, shards_dir: Path) -> set:
     """Conversation keys of the training split: the processed records the shards stage kept outside val."""
-    parts = yaml.safe_load((Path(shards_dir) / ".nv-meta/split.yaml").read_text())["split_parts"]
-    val_ids = _split_ids(Path(shards_dir), parts.get("val") or [])
+    from ..data.shards import split_tars
+
+    val_ids = _split_ids(split_tars(Path(shards_dir), "val"))
     keys = set()
     for line in Path(processed).read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -38,10 +37,10 @@ def training_keys(processed: Path, shards_dir: Path) -> set:
     return keys
 
 
-def _split_ids(shards_dir: Path, tars: list) -> set:
+def _split_ids(tars: list) -> set:
     ids = set()
-    for name in tars:
-        with tarfile.open(shards_dir / name) as tar:
+    for path in tars:
+        with tarfile.open(path) as tar:
             for member in tar.getmembers():
                 if member.name.endswith(".json"):
                     ids.add(json.loads(tar.extractfile(member).read())["id"])

@@ -15,10 +15,10 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-import yaml
 
 from ..data.encoder import OmniEncoder, tokenizer_digest
 from ..data.sample import sample_loader
+from ..data.shards import split_tars
 from ..data.template import IGNORE_INDEX
 
 
@@ -42,10 +42,9 @@ def check_tokenizer(model_dir: Path, shards_dir: Path) -> None:
 
 def split_samples(shards_dir: Path, split: str, limit: int) -> Iterator[dict]:
     """The first `limit` samples of a split ({record, media}), in the order of its tars, read straight from them."""
-    parts = yaml.safe_load((Path(shards_dir) / ".nv-meta/split.yaml").read_text())["split_parts"].get(split) or []
     count = 0
-    for name in parts:
-        with tarfile.open(Path(shards_dir) / name) as tar:
+    for path in split_tars(Path(shards_dir), split):
+        with tarfile.open(path) as tar:
             grouped: dict = {}
             for member in tar.getmembers():
                 key, ext = member.name.split(".", 1)
@@ -102,28 +101,41 @@ def load_model(hf_dir: Path):
     return model.eval()
 
 
+def stop_ids(tokenizer) -> list[int]:
+    """The ids that end an answer: the turn's close and the end of text."""
+    return [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+
+
+def greedy_answer(model, inputs: dict, max_new_tokens: int, stop: list[int], pad_id: int) -> list[int]:
+    """The thinker's greedy answer (new token ids) to one prompt (prompt_inputs' keywords), with its KV cache."""
+    device = model.thinker.get_input_embeddings().weight.device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with torch.no_grad():
+        out = model.thinker.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                                     pad_token_id=pad_id)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def answer_row(tokenizer, record: dict, reference: np.ndarray, new: list[int], prompt_tokens: int) -> dict:
+    """One generated sample: id, prompt (last user turn), reference and answer text, token counts."""
+    return {"id": record["id"], "prompt": prompt_text(record),
+            "reference": tokenizer.decode(reference.tolist(), skip_special_tokens=True).strip(),
+            "answer": tokenizer.decode(new, skip_special_tokens=True).strip(), "new_tokens": len(new),
+            "prompt_tokens": prompt_tokens}
+
+
 def generate_answers(hf_dir: Path, shards_dir: Path, split: str, limit: int, max_new_tokens: int,
                      encoder_settings: Optional[dict] = None) -> list[dict]:
-    """Greedy answers of the thinker at `hf_dir` to the first `limit` samples of `split`: one row per sample with
-    id, prompt (last user turn), reference and answer text, and the generated token count."""
+    """Greedy answers of the thinker at `hf_dir` to the first `limit` samples of `split`: one answer_row each."""
     check_tokenizer(hf_dir, shards_dir)
     if limit <= 0:
         return []
     encoder = OmniEncoder(hf_dir, **(encoder_settings or {}))
     tokenizer = encoder.chat.tokenizer
-    stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     model = load_model(hf_dir)
-    device = model.thinker.get_input_embeddings().weight.device
     rows = []
     for sample in split_samples(shards_dir, split, limit):
         inputs, reference = prompt_inputs(encoder, sample)
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        with torch.no_grad():
-            out = model.thinker.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                         eos_token_id=stop, pad_token_id=encoder.pad_id)
-        new = out[0, inputs["input_ids"].shape[1]:].tolist()
-        record = sample["record"]
-        rows.append({"id": record["id"], "prompt": prompt_text(record),
-                     "reference": tokenizer.decode(reference.tolist(), skip_special_tokens=True).strip(),
-                     "answer": tokenizer.decode(new, skip_special_tokens=True).strip(), "new_tokens": len(new)})
+        new = greedy_answer(model, inputs, max_new_tokens, stop_ids(tokenizer), encoder.pad_id)
+        rows.append(answer_row(tokenizer, sample["record"], reference, new, inputs["input_ids"].shape[1]))
     return rows

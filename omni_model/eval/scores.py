@@ -12,9 +12,11 @@ last stage scores both the cross-entropy (the model's own vocab-parallel loss) a
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -73,16 +75,17 @@ def score_step(data_iterator, model):
     return output, partial(sample_scores, model, batch, labels, loss_mask)
 
 
-def _batches(settings: TrainSettings, split: str) -> list:
-    """This data-parallel rank's micro-batches of the split (one sample each, unpacked, in order), padded with
-    repeats to the most any rank holds: expert-parallel and tensor-parallel collectives need every rank in step."""
+def split_batches(settings: TrainSettings, split: str, limit: Optional[int] = None) -> list:
+    """This data-parallel rank's micro-batches of the split (one sample each, unpacked; in order for val, in the
+    order Energon's train dataset shuffles them for `train`, eval.data's split; the first `limit` when given), padded
+    with repeats to the most any rank holds: expert-parallel and tensor-parallel collectives need every rank in step."""
     from omni_model.data.task_encoder import build_loader
 
     from ..train.data import task_encoder, worker_config
 
     loader = build_loader(Path(settings.shards), task_encoder(settings), split=split, batch_size=1,
                           packing_buffer_size=None, worker_config=worker_config(), repeat=False)
-    batches = list(loader)
+    batches = list(itertools.islice(loader, limit))
     most = torch.tensor([len(batches)], dtype=torch.int64,
                         device="cuda" if torch.cuda.is_available() else "cpu")
     torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
@@ -95,11 +98,27 @@ def _batches(settings: TrainSettings, split: str) -> list:
     return batches
 
 
-def score_checkpoint(settings: TrainSettings, checkpoint: Path, split: str) -> list[dict]:
-    """Per-sample scores of `checkpoint` on `split` (every rank gets the same list, in sample-id order)."""
+def score_batches(thinker, batches: list, seq_length: int) -> list[dict]:
+    """Per-sample scores of `thinker` (built for this rank's layout, weights in place) on this rank's `batches`
+    (split_batches): mcore's schedule, forward only; every rank gets the same list, in sample-id order."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    thinker.eval()
+    with torch.no_grad():
+        reports = get_forward_backward_func()(
+            forward_step_func=score_step, data_iterator=iter(batches), model=[thinker],
+            num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=1,
+            forward_only=True) if batches else []
+    keep = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    mine = [row for report in reports for row in report["samples"]] if keep else []
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    return sorted((row for rows in everyone for row in rows), key=lambda row: row["id"])
+
+
+def score_checkpoint(settings: TrainSettings, checkpoint: Path, split: str) -> list[dict]:
+    """Per-sample scores of `checkpoint` on `split` (every rank gets the same list, in sample-id order)."""
     from ..train.build import build_thinker_for_training, init_training_parallel
     from ..train.checkpointing import load_model_weights
     from ..train.data import check_shards
@@ -108,18 +127,7 @@ def score_checkpoint(settings: TrainSettings, checkpoint: Path, split: str) -> l
     check_shards(settings)  # the shards were encoded with this model's tokenizer and the same media settings
     thinker = build_thinker_for_training(settings)
     load_model_weights(thinker, checkpoint)
-    thinker.eval()
-    batches = _batches(settings, split)
-    with torch.no_grad():
-        reports = get_forward_backward_func()(
-            forward_step_func=score_step, data_iterator=iter(batches), model=[thinker],
-            num_microbatches=len(batches), seq_length=settings.data.get("max_seq_len", 4096), micro_batch_size=1,
-            forward_only=True) if batches else []
-    keep = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-    mine = [row for report in reports for row in report["samples"]] if keep else []
-    everyone = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, mine)
-    return sorted((row for rows in everyone for row in rows), key=lambda row: row["id"])
+    return score_batches(thinker, split_batches(settings, split), settings.data.max_seq_len)
 
 
 def main(argv=None) -> None:

@@ -12,7 +12,10 @@ Layouts (as mcore's Attention hands them over, after RoPE):
   query [t, 1, np, hn] -> output [t, 1, np*hn], attention as for "thd". mcore then applies RoPE token by token
   instead of its per-sequence THD loop with host syncs.
 GQA is handled by SDPA's `enable_gqa` (no K/V head repetition in memory). Causal masking uses SDPA's `is_causal`
-(top-left aligned, sq == sk in training). An explicit boolean `attention_mask` (mcore convention: True = masked
+(sq == sk in training); a packed sequence with fewer queries than keys (a context-parallel query chunk and its key
+prefix) is causal BOTTOM-RIGHT aligned, as the flash varlen kernel does: query i sees the first sk - sq + i + 1 keys.
+Context parallelism (`parallel.cp > 1`, model.context_parallel): K/V all-gathered over the CP group and laid out as
+each local query chunk's key prefix, then the same packed kernels. An explicit boolean `attention_mask` (mcore convention: True = masked
 out, broadcastable to [b, 1|np, sq, sk]) is honoured instead when given.
 """
 
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from .context_parallel import gather_keys_values, is_context_parallel
 from .options import DEFAULT
 
 
@@ -99,7 +103,12 @@ def _looped_attention(query, key, value, cu_q, cu_k, *, scale, causal):
                    for t, b in ((query, bounds_q), (key, bounds_k), (value, bounds_k)))
         if q.shape[2] == 0:
             continue
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        sq, sk = q.shape[2], k.shape[2]
+        mask = None
+        if causal and sq != sk:  # bottom-right aligned (SDPA's is_causal is top-left): a CP chunk and its key prefix
+            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                                           enable_gqa=q.shape[1] != k.shape[1])
         outs.append(o.squeeze(0).transpose(0, 1))
     out = torch.cat(outs, dim=0) if outs else query.new_zeros(0, *query.shape[1:])
     return _zero_padding_tail(out, query.shape[0])
@@ -149,9 +158,6 @@ class SDPAttention(PackedKernelChoice, MegatronModule):
         **_unused,
     ):
         super().__init__(config=config)
-        assert config.context_parallel_size == 1, (
-            "SDPAttention has no context-parallel ring; CP needs the TE spec (TEDotProductAttention)"
-        )
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         head_dim = config.kv_channels
@@ -212,6 +218,8 @@ class SDPAttention(PackedKernelChoice, MegatronModule):
         if self.training and self.dropout_p > 0:
             raise ValueError("packed attention has no attention dropout (neither the varlen kernel nor the loop): "
                              "set attention_dropout to 0")
+        if is_context_parallel(psp):  # this rank's query chunks against their causal key prefixes of all ranks
+            key, value = gather_keys_values(key, value, psp)
         cu_q = psp.cu_seqlens_q_padded if psp.cu_seqlens_q_padded is not None else psp.cu_seqlens_q
         cu_k = psp.cu_seqlens_kv_padded if psp.cu_seqlens_kv_padded is not None else psp.cu_seqlens_kv
         out = packed_attention(query, key, value, cu_q, cu_k, psp.max_seqlen_q, psp.max_seqlen_kv,

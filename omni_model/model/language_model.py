@@ -17,8 +17,9 @@ when `labels` is given):
 `decoder_input` is the FULL sequence [S, B, H] (e.g. `model.embed(input_ids)` with multimodal features merged in);
 the model scatters it (and the deepstack features) over the TP ranks itself when sequence parallelism is on.
 Deepstack needs every deepstack layer (0..n-1) on the first pipeline stage (asserted at build): the features are
-produced by the vision tower on stage 0 and are not carried across stages. Context parallelism: not handled here
-(the SDPA spec has no CP ring; the CP data split is left to the finetune issue).
+produced by the vision tower on stage 0 and are not carried across stages. Context parallelism (model.context_parallel):
+with a CP `packed_seq_params` the full-row decoder input and deepstack features are cut to this rank's zig-zag chunks
+here; positions, labels and masks arrive already cut (train.forward_step).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from .attention import per_token_rope_packing
+from .context_parallel import local_rows
 from .cross_entropy import vocab_parallel_cross_entropy
 from .options import DEFAULT, PerfOptions, apply_options
 from .rope import InterleavedMRoPE
@@ -63,8 +65,9 @@ class Qwen3OmniLanguageModel(GPTModel):
             config.kv_channels, rp["rope_theta"], rp["mrope_section"], interleaved=bool(rp["interleaved"])
         )
         self.num_deepstack = num_deepstack
-        # packed rows take RoPE token by token (see attention.per_token_rope_packing); only our SDPAttention reads that form
-        self.per_token_rope = not use_te and config.context_parallel_size == 1
+        # packed rows take RoPE token by token (see attention.per_token_rope_packing); only our SDPAttention reads that
+        # form. Context parallelism needs it: the positions are already this rank's, mcore's THD RoPE would cut them again
+        self.per_token_rope = not use_te
         if num_deepstack and self.pre_process:
             first = get_transformer_layer_offset(config, self.vp_stage)
             assert first == 0 and len(self.decoder.layers) >= num_deepstack, (
@@ -108,9 +111,12 @@ class Qwen3OmniLanguageModel(GPTModel):
         padding_mask: Optional[torch.Tensor] = None,
         runtime_gather_output: Optional[bool] = None,
         inference_context=None,
+        return_hidden: bool = False,
     ):
         """`labels`: already shifted targets (-> per-token loss [B, S]); `padding_mask` [B, S]: True on padding, so
-        the MoE routers leave pad tokens out of the load-balancing statistics (GPTModel's convention)."""
+        the MoE routers leave pad tokens out of the load-balancing statistics (GPTModel's convention).
+        `return_hidden`: also give back the final-norm hidden states [S(/tp with SP), B, H] that the output layer read
+        (the talker's code predictor starts from them): `(logits or loss, hidden)`."""
         context = None
         if self.pre_process:
             if decoder_input is None:
@@ -121,6 +127,8 @@ class Qwen3OmniLanguageModel(GPTModel):
                 context = self._deepstack_context(
                     visual_pos_masks, deepstack_visual_embeds, s, b, h, decoder_input.dtype, decoder_input.device
                 )
+                context = local_rows(context, packed_seq_params)
+            decoder_input = local_rows(decoder_input, packed_seq_params)  # this CP rank's chunks (no-op without CP)
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
                 if context is not None:
@@ -149,7 +157,7 @@ class Qwen3OmniLanguageModel(GPTModel):
             inference_context=inference_context,
             padding_mask=padding_mask,
         )
-        return self._postprocess(
+        output = self._postprocess(
             hidden_states=hidden_states,
             input_ids=input_ids,
             position_ids=position_ids,
@@ -165,6 +173,7 @@ class Qwen3OmniLanguageModel(GPTModel):
             runtime_gather_output=runtime_gather_output,
             inference_context=inference_context,
         )
+        return (output, hidden_states) if return_hidden else output
 
 
 def build_language_model(

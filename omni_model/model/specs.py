@@ -8,6 +8,7 @@ decision (config `model.use_te`, passed explicitly to every builder) asks for it
   decoder.layers.N.pre_mlp_layernorm.weight
   decoder.layers.N.mlp.router.weight                          [E, H]                (MoE layers)
   decoder.layers.N.mlp.experts.linear_fc{1,2}.weight{e}       local expert e        (MoE layers)
+  decoder.layers.N.mlp.shared_experts.linear_fc{1,2}.weight, .gate_weight [1, H]    (talker: shared expert)
   decoder.layers.N.mlp.linear_fc{1,2}.weight                                        (dense layers, mlp_only_layers)
   decoder.final_layernorm.weight, embedding.word_embeddings.weight, output_layer.weight
 
@@ -27,6 +28,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.moe.experts import GroupedMLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -105,7 +107,7 @@ def _attention_spec(use_te: bool) -> ModuleSpec:
     return ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal}, submodules=sub)
 
 
-def _moe_spec(use_te: bool) -> ModuleSpec:
+def _moe_spec(use_te: bool, shared_expert: bool = False) -> ModuleSpec:
     if use_te:
         from megatron.core.extensions.transformer_engine import (
             TEColumnParallelGroupedLinear,
@@ -123,9 +125,11 @@ def _moe_spec(use_te: bool) -> ModuleSpec:
             module=GroupedGemmExperts,
             submodules=GroupedMLPSubmodules(linear_fc1=ColumnGroupedLinear, linear_fc2=RowGroupedLinear),
         )
+    # mcore's SharedExpertMLP (the gate is mcore's `moe_shared_expert_gate`: sigmoid(x @ gate_weight^T) * output)
+    shared = ModuleSpec(module=SharedExpertMLP, submodules=_dense_mlp_spec(use_te).submodules) if shared_expert else None
     return ModuleSpec(
         module=MoELayer if use_te else OmniMoELayer,
-        submodules=MoESubmodules(experts=experts, shared_experts=None, router=OmniTopKRouter),
+        submodules=MoESubmodules(experts=experts, shared_experts=shared, router=OmniTopKRouter),
     )
 
 
@@ -147,7 +151,7 @@ def _norm(use_te: bool):
     return RMSNorm
 
 
-def layer_spec(is_moe: bool, use_te: bool) -> ModuleSpec:
+def layer_spec(is_moe: bool, use_te: bool, shared_expert: bool = False) -> ModuleSpec:
     norm = _norm(use_te)
     return ModuleSpec(
         module=DeepstackTransformerLayer,
@@ -156,7 +160,7 @@ def layer_spec(is_moe: bool, use_te: bool) -> ModuleSpec:
             self_attention=_attention_spec(use_te),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
-            mlp=_moe_spec(use_te) if is_moe else _dense_mlp_spec(use_te),
+            mlp=_moe_spec(use_te, shared_expert) if is_moe else _dense_mlp_spec(use_te),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -168,7 +172,8 @@ def decoder_block_spec(
     """Block spec for the layers of this pipeline stage (MoE or dense per layer, final RMSNorm)."""
     use_te = require_te(use_te)
     pattern = moe_layer_pattern(text_cfg)
-    specs = [layer_spec(m, use_te) for m in pattern]
+    shared = getattr(config, "moe_shared_expert_intermediate_size", None) is not None
+    specs = [layer_spec(m, use_te, shared) for m in pattern]
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     off = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=specs[off : off + n], layer_norm=_norm(use_te))

@@ -52,8 +52,12 @@ def build_transformer_config(
     use_cpu_initialization: Optional[bool] = None,
     perform_initialization: bool = True,
     dispatcher: Optional[str] = None,
+    shared_expert: bool = False,
     **overrides,
 ) -> TransformerConfig:
+    """`shared_expert`: every MoE layer also has a sigmoid-gated shared expert of `shared_expert_intermediate_size`
+    (the talker's decoder). A model fact, not read from the config: the thinker's config carries the key too (0) and
+    transformers' thinker has no shared expert whatever its value."""
     text = text_config_of(cfg)
     layout = layout or Layout()
     rp = rope_params(text)
@@ -134,7 +138,8 @@ def build_transformer_config(
             moe_grouped_gemm=True,
             moe_permute_fusion=False,
             moe_layer_freq=[1 if m else 0 for m in pattern],
-            moe_shared_expert_intermediate_size=None,
+            moe_shared_expert_intermediate_size=text["shared_expert_intermediate_size"] if shared_expert else None,
+            moe_shared_expert_gate=shared_expert,  # HF: sigmoid(shared_expert_gate(x)) * shared_expert(x)
         )
     kw.update(overrides)
     return TransformerConfig(**kw)

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..model.options import DEFAULT, PerfOptions
+from ..schema import TrainConfig
 from .adam import torch_adams
 from .settings import TrainSettings
 
@@ -55,15 +56,15 @@ def init_training_parallel(settings: TrainSettings) -> None:
     from omni_model.runtime.parallel import init_parallel
 
     p, t = settings.parallel, settings.train
-    init_parallel(tp=p["tp"], pp=p["pp"], ep=p["ep"], etp=p["etp"], cp=p["cp"], seed=t["seed"])
+    init_parallel(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, cp=p.cp, seed=t.seed)
     world = torch.distributed.get_world_size()
     if world != settings.world_size:
         raise RuntimeError(f"started on {world} ranks but the settings ask for {settings.world_size} "
                            f"(train.gpus_per_node / cpu_procs x nnodes)")
     destroy_num_microbatches_calculator()
     init_num_microbatches_calculator(
-        rank=torch.distributed.get_rank(), rampup_batch_size=None, global_batch_size=t["global_batch_size"],
-        micro_batch_size=t["micro_batch_size"], data_parallel_size=parallel_state.get_data_parallel_world_size())
+        rank=torch.distributed.get_rank(), rampup_batch_size=None, global_batch_size=t.global_batch_size,
+        micro_batch_size=t.micro_batch_size, data_parallel_size=parallel_state.get_data_parallel_world_size())
 
 
 def training_dtype(settings: TrainSettings) -> torch.dtype:
@@ -77,10 +78,10 @@ def model_config_overrides(settings: TrainSettings) -> dict:
         # the loss is a token SUM per micro-batch; mcore's schedule + finalize_model_grads divide by the global
         # number of label tokens (all micro-batches, all DP ranks): the mean over every label token of the step
         "calculate_per_token_loss": True,
-        **RECOMPUTE[t["recompute"]],
+        **RECOMPUTE[t.recompute],
     }
-    if t["moe_aux_loss_coeff"] is not None:
-        overrides["moe_aux_loss_coeff"] = float(t["moe_aux_loss_coeff"])
+    if t.moe_aux_loss_coeff is not None:
+        overrides["moe_aux_loss_coeff"] = float(t.moe_aux_loss_coeff)
     overrides.update(settings.layout.split_overrides())  # parallel.first_stage_layers
     return overrides
 
@@ -116,12 +117,13 @@ def allow_variable_seq_lengths(config) -> None:
     config.variable_seq_lengths = True
 
 
-def freeze(thinker: torch.nn.Module, train: dict) -> dict:
+def freeze(thinker: torch.nn.Module, train) -> dict:
     """requires_grad False on the frozen parts (before DDP and the optimizer: no grad buffer, no optimizer state).
-    Returns parameter counts {part: (trainable, frozen)}."""
+    `train`: the train section (TrainConfig or mapping). Returns parameter counts {part: (trainable, frozen)}."""
+    train = TrainConfig.of(train)
     counts = {}
     for part, prefix in PARTS.items():
-        frozen = bool(train[f"freeze_{part}"])
+        frozen = bool(getattr(train, f"freeze_{part}"))
         params = [p for name, p in thinker.named_parameters() if name.startswith(prefix)]
         for param in params:
             param.requires_grad_(not frozen)
@@ -135,7 +137,7 @@ def add_lora(thinker: torch.nn.Module, settings: TrainSettings) -> int:
     the optimizer: they hold adapter parameters only, the base stays in the training dtype, bf16 on GPU)."""
     from omni_model.model.lora import inject_lora
 
-    count = inject_lora(thinker, settings.lora, seed=settings.train["seed"])
+    count = inject_lora(thinker, settings.lora, seed=settings.train.seed)
     total = torch.tensor([count], device="cuda" if settings.on_gpu else "cpu")
     torch.distributed.all_reduce(total)  # a pipeline stage may hold no targeted module; the whole model must
     if int(total) == 0:
@@ -148,21 +150,23 @@ def optimizer_config(settings: TrainSettings):
 
     t, on_gpu = settings.train, settings.on_gpu
     return OptimizerConfig(
-        optimizer="adam", lr=t["lr"], min_lr=t["min_lr"], weight_decay=t["weight_decay"],
-        adam_beta1=t["adam_beta1"], adam_beta2=t["adam_beta2"], adam_eps=t["adam_eps"], clip_grad=t["clip_grad"],
+        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
         bf16=on_gpu, params_dtype=training_dtype(settings), use_distributed_optimizer=on_gpu,
     )
 
 
-def lr_overrides(config, train: dict) -> dict:
+def lr_overrides(config, train) -> dict:
     """mcore param-group overrides: the standard no-weight-decay group (biases, 1-d params) plus a scaled peak/min LR
-    for a tower whose train.lr_mult_* is not 1 (OptimizerParamScheduler reads max_lr/min_lr per group)."""
+    for a tower whose train.lr_mult_* is not 1 (OptimizerParamScheduler reads max_lr/min_lr per group). `train`:
+    TrainConfig or mapping."""
+    train = TrainConfig.of(train)
     from megatron.core.optimizer import ParamKey, get_standard_config_overrides
     from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
     overrides = get_standard_config_overrides(config)
     for part in ("vision", "audio"):
-        mult = float(train[f"lr_mult_{part}"])
+        mult = float(getattr(train, f"lr_mult_{part}"))
         if mult != 1.0:
             # DDP-wrapped names are module.<part>_model.*
             key = ParamKey(name=(f"*{PARTS[part]}*",))
@@ -170,15 +174,18 @@ def lr_overrides(config, train: dict) -> dict:
     return overrides
 
 
-def build_scheduler(optimizer, train: dict):
+def build_scheduler(optimizer, train):
+    """`train`: the train section (TrainConfig or mapping)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    iters = max(int(train["iters"]), 1)
-    warmup = int(train["lr_warmup_iters"])
+    train = TrainConfig.of(train)
+
+    iters = max(int(train.iters), 1)
+    warmup = int(train.lr_warmup_iters)
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=train["lr"], min_lr=train["min_lr"], lr_warmup_steps=warmup,
-        lr_decay_steps=max(iters, warmup + 1), lr_decay_style=train["lr_decay_style"],
-        start_wd=train["weight_decay"], end_wd=train["weight_decay"], wd_incr_steps=iters,
+        optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=max(iters, warmup + 1), lr_decay_style=train.lr_decay_style,
+        start_wd=train.weight_decay, end_wd=train.weight_decay, wd_incr_steps=iters,
         wd_incr_style="constant", use_checkpoint_opt_param_scheduler=True)
     # mcore sets the LR of num_steps 0 (init_lr, 0 in a warmup) and the loop steps the scheduler after each update,
     # so step 1 would train at LR 0 and the warmup end a step late: count the step about to run instead. Step k then
@@ -192,9 +199,6 @@ def build_training(settings: TrainSettings, load_initial_weights: bool = True, l
     """The thinker (weights from settings.init_checkpoint), frozen parts, DDP, optimizer, scheduler. With train.lora
     the base weights are always loaded (`load_base(thinker)` if given, e.g. from HF safetensors in a test), before
     the adapters are added. `options`: the performance switches (model.options.PerfOptions)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import get_megatron_optimizer
-
     from .checkpointing import load_model_weights
 
     thinker = build_thinker_for_training(settings, options)
@@ -206,12 +210,21 @@ def build_training(settings: TrainSettings, load_initial_weights: bool = True, l
         add_lora(thinker, settings)
     else:
         freeze(thinker, settings.train)
+    return wrap_for_training(thinker, settings, options, lora=lora_run_record(settings))
 
-    config = thinker.config
+
+def wrap_for_training(module: torch.nn.Module, settings: TrainSettings, options: PerfOptions = DEFAULT,
+                      lora: Optional[dict] = None) -> Training:
+    """A built model (its trainable parameters chosen) in mcore's DDP, with get_megatron_optimizer and the LR
+    scheduler of `settings.train`: the thinker's training objects, and the talker's (train.talker_step)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    config = module.config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=settings.on_gpu,
         check_for_nan_in_grad=True)
-    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=thinker)
+    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
     # mcore's schedule calls these: grad reduction across DP, SP/TP-replicated params, embeddings, 1/num_tokens
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = model.no_sync
@@ -224,8 +237,7 @@ def build_training(settings: TrainSettings, load_initial_weights: bool = True, l
         if options.fold_grad_scale:
             FoldedGradScale(model, optimizer)
     scheduler = build_scheduler(optimizer, settings.train)
-    return Training(model=model, optimizer=optimizer, scheduler=scheduler, dtype=training_dtype(settings),
-                    lora=lora_run_record(settings))
+    return Training(model=model, optimizer=optimizer, scheduler=scheduler, dtype=training_dtype(settings), lora=lora)
 
 
 def lora_run_record(settings: TrainSettings) -> Optional[dict]:
@@ -234,7 +246,7 @@ def lora_run_record(settings: TrainSettings) -> Optional[dict]:
 
     if not settings.lora:
         return None
-    return {"lora": settings.train["lora"], "base_digest": base_digest(settings.init_checkpoint)}
+    return {"lora": settings.train.lora.as_dict(), "base_digest": base_digest(settings.init_checkpoint)}
 
 
 def use_fused_adam(optimizer) -> None:

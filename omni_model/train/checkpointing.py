@@ -159,15 +159,16 @@ def _layout() -> dict:
 
 
 def _per_rank_objects(rng=None, loader_state=None, with_rng: bool = True, with_loader: bool = True) -> dict:
-    """ShardedObjects of this rank: RNG states (one per rank) and the loader state (one per DP rank; the TP/PP ranks
-    of a replica hold the same stream, the first of them saves it)."""
+    """ShardedObjects of this rank: RNG states (one per rank) and the loader state (one per DP rank; the TP/PP/CP
+    ranks of a replica hold the same stream, the first of them saves it)."""
     import torch
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    replica = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    replica = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+               ps.get_context_parallel_rank())
     objects = {}
     if with_rng:
         objects["rng_state"] = ShardedObject("train.rng_state", rng, (world,), (rank,), replica_id=0)

@@ -85,13 +85,13 @@ def task_encoder(settings: TrainSettings):
     from omni_model.data.media import VIDEO_SETTINGS
     from omni_model.data.task_encoder import OmniTaskEncoder
 
-    data = dict(settings.data)
-    media = {k: data[k] for k in VIDEO_SETTINGS if k in data}
+    data = settings.data
+    media = {k: getattr(data, k) for k in VIDEO_SETTINGS}
     # sequence parallelism splits the sequence over TP ranks: rows must divide evenly
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    return OmniTaskEncoder(Path(settings.hf_dir), max_seq_len=int(data.get("max_seq_len", settings.train["seq_len"])),
-                           pack_budget=settings.train["seq_len"] if settings.train["packing"] else None,
-                           use_audio_in_video=bool(data.get("use_audio_in_video", False)), pad_to_multiple=tp,
+    return OmniTaskEncoder(Path(settings.hf_dir), max_seq_len=int(data.max_seq_len),
+                           pack_budget=settings.train.seq_len if settings.train.packing else None,
+                           use_audio_in_video=bool(data.use_audio_in_video), pad_to_multiple=tp,
                            media_overrides=media)
 
 
@@ -117,9 +117,9 @@ def train_loader(settings: TrainSettings, restore_state=None):
     from omni_model.data.task_encoder import build_loader, restore_loader
 
     t = settings.train
-    kwargs = dict(split="train", batch_size=t["micro_batch_size"],
-                  packing_buffer_size=t["packing_buffer_size"] if t["packing"] else None,
-                  worker_config=worker_config(settings.data_workers), shuffle_buffer_size=t["shuffle_buffer_size"],
+    kwargs = dict(split="train", batch_size=t.micro_batch_size,
+                  packing_buffer_size=t.packing_buffer_size if t.packing else None,
+                  worker_config=worker_config(settings.data_workers), shuffle_buffer_size=t.shuffle_buffer_size,
                   repeat=True)
     if restore_state is None:
         return build_loader(Path(settings.shards), task_encoder(settings), **kwargs)
@@ -127,10 +127,16 @@ def train_loader(settings: TrainSettings, restore_state=None):
 
 
 def val_loader(settings: TrainSettings):
-    """A fresh pass over the val split (same micro-batch size and packing as training)."""
+    """A fresh pass over the val split (same micro-batch size and packing as training). Shards without val samples
+    (the split's samples were all dropped, or data.val_fraction is 0) are refused by name, not by Energon's assert."""
+    from omni_model.data.shards import split_tars
     from omni_model.data.task_encoder import build_loader
 
     t = settings.train
-    return build_loader(Path(settings.shards), task_encoder(settings), split="val", batch_size=t["micro_batch_size"],
-                        packing_buffer_size=t["packing_buffer_size"] if t["packing"] else None,
+    if not split_tars(Path(settings.shards), "val"):
+        raise ValueError(f"train.eval_interval = {t.eval_interval}, but the shards at {settings.shards} have no val "
+                         f"samples (data.val_fraction 0, or every val sample dropped: see drops.jsonl there); raise "
+                         f"data.val_fraction or set train.eval_interval: 0")
+    return build_loader(Path(settings.shards), task_encoder(settings), split="val", batch_size=t.micro_batch_size,
+                        packing_buffer_size=t.packing_buffer_size if t.packing else None,
                         worker_config=worker_config(), repeat=False)

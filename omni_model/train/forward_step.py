@@ -18,6 +18,12 @@ come from `OmniBatch.hf_inputs()` instead; the two differ: mcore wants already-s
 | `loss_mask`         | `loss_mask` [B, S] float                         | `loss_func` (last stage)                    |
 | media               | pixel values, grids, audio features              | the towers (first stage only)               |
 
+With parallel.cp > 1 (`model_inputs` -> `context_parallel_inputs`, model.context_parallel): the row is padded so that
+every sequence splits into 2 x cp chunks, and positions, labels, loss mask and padding mask are cut to this CP rank's
+zig-zag chunks here; the input ids and media stay whole (the towers see whole media, the language model cuts the
+merged embeddings). A CP rank's loss sums and label counts cover its chunks: mcore's finalize_model_grads reduces
+the count, and DDP the gradients, over DP x CP.
+
 A packed batch is one THD row: B rows of S tokens are flattened to [1, B*S] (its `cu_seqlens` already count over the
 flattened tokens; mcore's THD attention takes batch 1). Every keyword is passed by name: mcore's `Float16Module`
 casts only positional inputs to bf16, so the float MRoPE positions stay exact.
@@ -62,6 +68,8 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.utils import get_attr_wrapped_model
 
 from ..data.batch import OmniBatch
+from ..data.packing import pad_for_context_parallel
+from ..model.context_parallel import cp_packed_seq_params, zigzag_plan
 
 MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "input_features",
               "feature_attention_mask", "audio_feature_lengths")
@@ -79,6 +87,34 @@ def packed_seq_params_of(batch: OmniBatch) -> Optional[PackedSeqParams]:
     max_seqlen = int(batch.max_seqlen) if batch.max_seqlen is not None else int(cu_seqlens.diff().max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+
+
+def context_parallel_inputs(batch: OmniBatch, media: bool = True) -> dict:
+    """`thinker_inputs` of this context-parallel rank (model.context_parallel): the batch padded so that every
+    sequence splits into 2 x cp chunks, positions / labels / loss mask / padding mask cut to this rank's zig-zag
+    chunks, and the CP packing parameters. The input ids stay whole: the first stage merges the towers' features
+    into the full row and the language model then cuts it (the towers see whole media)."""
+    from megatron.core import parallel_state
+
+    cp_group = parallel_state.get_context_parallel_group()
+    cp, rank = cp_group.size(), cp_group.rank()
+    padded = pad_for_context_parallel(batch, cp, parallel_state.get_tensor_model_parallel_world_size())
+    inputs = thinker_inputs(padded, media=media)
+    plan = zigzag_plan(padded.cu_seqlens.numpy(), cp, rank)
+    index = torch.from_numpy(plan.local_index)
+    for name in ("labels", "loss_mask", "padding_mask", "position_ids"):
+        inputs[name] = inputs[name].index_select(-1, index)
+    inputs["packed_seq_params"] = cp_packed_seq_params(plan, cp_group)
+    return inputs
+
+
+def model_inputs(batch: OmniBatch, media: bool = True) -> dict:
+    """The thinker's keywords for this rank: `thinker_inputs`, or `context_parallel_inputs` when parallel.cp > 1."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_context_parallel_world_size() > 1:
+        return context_parallel_inputs(batch, media=media)
+    return thinker_inputs(batch, media=media)
 
 
 def thinker_inputs(batch: OmniBatch, media: bool = True) -> dict:
@@ -108,9 +144,12 @@ def to_device(inputs: dict, device: torch.device) -> dict:
     def move(value):
         if isinstance(value, torch.Tensor):
             return value.to(device, non_blocking=True)
-        if isinstance(value, PackedSeqParams):  # self-attention: one set of boundaries for queries and keys
-            cu_seqlens = move(value.cu_seqlens_q)
-            return dataclasses.replace(value, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
+        if isinstance(value, PackedSeqParams):  # every tensor field; self-attention without CP: q and kv bounds are one
+            moved = {f.name: move(getattr(value, f.name)) for f in dataclasses.fields(value)
+                     if isinstance(getattr(value, f.name), torch.Tensor)}
+            if value.cu_seqlens_kv is value.cu_seqlens_q:
+                moved["cu_seqlens_kv"] = moved["cu_seqlens_q"]
+            return dataclasses.replace(value, **moved)
         return value
 
     return {name: value if name in HOST_KEYS else move(value) for name, value in inputs.items()}
@@ -149,6 +188,6 @@ def forward_step(data_iterator, model):
                         f"packing and the padding mask are used by all stages), got {type(batch).__name__}")
     pre_process = get_attr_wrapped_model(model, "pre_process")
     device = next(model.parameters()).device
-    inputs = to_device(thinker_inputs(batch, media=pre_process), device)
+    inputs = to_device(model_inputs(batch, media=pre_process), device)
     output_tensor = model(**inputs)
     return output_tensor, partial(loss_func, inputs["loss_mask"])

@@ -43,8 +43,8 @@ def _is_rank0() -> bool:
 
 
 def _reduced_loss(losses_reduced: list) -> tuple[float, float]:
-    """(sum, count) of the 'lm loss' entries of all micro-batches, summed over DP ranks and given to every PP stage
-    (only the last stage computes losses)."""
+    """(sum, count) of the 'lm loss' entries of all micro-batches, summed over DP x CP ranks (a CP rank's entries
+    cover its own chunks of the micro-batch) and given to every PP stage (only the last stage computes losses)."""
     from megatron.core import parallel_state as ps
 
     total = torch.zeros(2, dtype=torch.float64)
@@ -55,7 +55,7 @@ def _reduced_loss(losses_reduced: list) -> tuple[float, float]:
         total += value.double().cpu()[:2]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     total = total.to(device)
-    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
+    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     if ps.get_pipeline_model_parallel_world_size() > 1:  # non-last stages hold zeros
         torch.distributed.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
     return float(total[0]), float(total[1])
@@ -76,10 +76,10 @@ def val_batches(settings: TrainSettings) -> list:
     from .data import val_loader
 
     batches = []
-    if settings.train["eval_interval"]:
+    if settings.train.eval_interval:
         for batch in val_loader(settings):
             batches.append(batch)
-            if len(batches) >= settings.train["eval_iters"]:
+            if len(batches) >= settings.train.eval_iters:
                 break
     return batches
 
@@ -92,8 +92,8 @@ def evaluate(settings: TrainSettings, training, forward_step: Callable, batches:
     with torch.no_grad():
         losses = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(batches), model=[training.model],
-            num_microbatches=len(batches), seq_length=settings.train["seq_len"],
-            micro_batch_size=settings.train["micro_batch_size"], forward_only=True) if batches else []
+            num_microbatches=len(batches), seq_length=settings.train.seq_len,
+            micro_batch_size=settings.train.micro_batch_size, forward_only=True) if batches else []
     training.model.train()
     loss_sum, count = _reduced_loss(losses)  # every rank takes part, even with an empty val split
     return loss_sum / count if count else None
@@ -107,7 +107,7 @@ def _start(settings: TrainSettings, digest: str) -> Optional[Path]:
     if _is_rank0():
         train_dir = Path(settings.train_dir)
         train_dir.mkdir(parents=True, exist_ok=True)
-        resume = ckpt.choose_resume(train_dir, digest, settings.train["iters"])
+        resume = ckpt.choose_resume(train_dir, digest, settings.train.iters)
         removed = ckpt.clear_interrupted_saves(train_dir)
         if removed:
             print(f"[finetune] removed the half-written saves of an interrupted run: {removed}", flush=True)
@@ -149,7 +149,7 @@ class Run:
 
 def train(settings: TrainSettings, forward_step: Optional[Callable] = None) -> None:
     settings.validate()
-    if settings.train["iters"] == 0:
+    if settings.train.iters == 0:
         no_training(settings)
         return
     if forward_step is None:
@@ -163,13 +163,13 @@ def train(settings: TrainSettings, forward_step: Optional[Callable] = None) -> N
     digest = _broadcast(settings.digest() if _is_rank0() else None)
     resume = _start(settings, digest)
     training, start, loader_state = _build_or_resume(settings, resume)
-    if start >= settings.train["iters"]:  # a finished run: restore `latest`, no step
+    if start >= settings.train.iters:  # a finished run: restore `latest`, no step
         if _is_rank0():
             ckpt.write_latest(Path(settings.train_dir), resume)
         _summary(settings)
         return
     run = _prepare(settings, training, forward_step, digest, loader_state, start)
-    for iteration in range(start + 1, settings.train["iters"] + 1):
+    for iteration in range(start + 1, settings.train.iters + 1):
         record = step(run, iteration)
         _evaluate_log_save(run, record)
     run.log.close()
@@ -199,10 +199,10 @@ def _prepare(settings: TrainSettings, training, forward_step: Callable, digest: 
 
     t = settings.train
     loader = train_loader(settings, loader_state)
-    log = MetricsLog(settings.metrics_path, Path(settings.train_dir) / "tb", t["iters"], start, enabled=_is_rank0())
+    log = MetricsLog(settings.metrics_path, Path(settings.train_dir) / "tb", t.iters, start, enabled=_is_rank0())
     run = Run(settings=settings, training=training, forward_step=forward_step, digest=digest, loader=loader,
               batches=TokenCounter(iter(loader)), evaluation=val_batches(settings),
-              flops=FlopCounter(settings.hf_dir, t), peak=peak_tflops(t["peak_tflops"]), log=log)
+              flops=FlopCounter(settings.hf_dir, t), peak=peak_tflops(t.peak_tflops), log=log)
     training.model.train()
     return run
 
@@ -246,7 +246,7 @@ def step(run: Run, iteration: int) -> dict:
     began = time.perf_counter()
     losses, updated, grad_norm = optimizer_step(
         training.model, training.optimizer, training.scheduler, run.forward_step, run.batches,
-        get_num_microbatches(), t["seq_len"], t["micro_batch_size"])
+        get_num_microbatches(), t.seq_len, t.micro_batch_size)
     _synchronize()
     seconds = time.perf_counter() - began
     record = {"step": iteration, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -279,14 +279,14 @@ def _step_metrics(run: Run, losses: list, seconds: float) -> dict:
 def _evaluate_log_save(run: Run, record: dict) -> None:
     """After a step: the evaluation when due, the step line, metrics.jsonl / TensorBoard, the checkpoint when due."""
     t, iteration = run.settings.train, record["step"]
-    if t["eval_interval"] and iteration % t["eval_interval"] == 0:
+    if t.eval_interval and iteration % t.eval_interval == 0:
         record["eval_loss"] = evaluate(run.settings, run.training, run.forward_step, run.evaluation)
-    if iteration % t["log_interval"] == 0 or iteration == t["iters"]:
+    if iteration % t.log_interval == 0 or iteration == t.iters:
         run.log.progress(record)
     run.log.write(record)
-    if (t["save_interval"] and iteration % t["save_interval"] == 0) or iteration == t["iters"]:
+    if (t.save_interval and iteration % t.save_interval == 0) or iteration == t.iters:
         saved = ckpt.save_training_checkpoint(Path(run.settings.train_dir), iteration, run.training, run.loader,
-                                              run.digest, run.settings.metrics_path, keep=t["keep_checkpoints"])
+                                              run.digest, run.settings.metrics_path, keep=t.keep_checkpoints)
         if _is_rank0():
             print(f"[finetune] saved {saved}", flush=True)
 

@@ -63,11 +63,14 @@ class FlopCounter:
     """Model FLOPs of a step's batches, per part: `counter(seen)` with the TokenCounter's counts (seq_lens,
     vision_grids, audio_frames) -> {"llm": ..., "vision": ..., "audio": ...}."""
 
-    def __init__(self, hf_config, train: Optional[dict] = None):
+    def __init__(self, hf_config, train=None):
+        """`train`: the train section (TrainConfig or mapping; None = the schema's defaults)."""
         from omni_model.model.language_model import count_parameters
         from omni_model.model.transformer_config import audio_config_of, text_config_of, thinker_config_of
 
-        train = train or {}
+        from omni_model.schema import TrainConfig
+
+        train = TrainConfig.of(train)
         text = text_config_of(hf_config)
         thinker = thinker_config_of(hf_config)
         self.vision = thinker.get("vision_config")
@@ -76,12 +79,11 @@ class FlopCounter:
         head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
         self.llm_attention_width = text["num_hidden_layers"] * text["num_attention_heads"] * head_dim
         # FLOPs per multiply-accumulate: forward 2; + input gradients 2; + weight gradients 2
-        self.llm_factor = 4 if train.get("freeze_llm") else 6
-        self.vision_factor = 2 if train.get("freeze_vision") else 6
-        self.audio_factor = 2 if train.get("freeze_audio") else 6
-        lora = train.get("lora") or {}
-        if lora.get("enabled"):  # the base gets no weight gradients; a tower is backpropagated only for its adapters
-            targets = set(lora.get("targets", ()))  # the adapters' own rank-r products are left out (< 1 % at r 16)
+        self.llm_factor = 4 if train.freeze_llm else 6
+        self.vision_factor = 2 if train.freeze_vision else 6
+        self.audio_factor = 2 if train.freeze_audio else 6
+        if train.lora.enabled:  # the base gets no weight gradients; a tower is backpropagated only for its adapters
+            targets = set(train.lora.targets)  # the adapters' own rank-r products are left out (< 1 % at r 16)
             self.llm_factor = 4
             self.vision_factor = 4 if "vision" in targets else 2
             self.audio_factor = 4 if "audio" in targets else 2

@@ -40,7 +40,9 @@ def main(hf_dir: str, ref_path: str, work: str, write: str, load: str) -> None:
     out = Path(work) / "mcore"
     parallel, model_kw = layout(write)
     init_parallel(**parallel)
-    record = convert_checkpoint(hf_dir, out, dtype="fp32", log=lambda line: None, model_kw=model_kw)
+    # group_bytes=0: one save group per unit (each LLM layer, each tower), merged into one checkpoint; with pp=2 the
+    # stages have different numbers of groups (a stage with fewer makes empty saves)
+    record = convert_checkpoint(hf_dir, out, dtype="fp32", log=lambda line: None, model_kw=model_kw, group_bytes=0)
 
     parallel, model_kw = layout(load)
     init_parallel(**parallel)  # rebuilds mcore's groups for the loading layout

@@ -35,16 +35,16 @@ with stage_logging(snakemake.log[0], "finetune") as log:  # noqa: F821  (first: 
     settings.validate()
     with writer_lock(train_dir, "finetune"):
         train = settings.train
-        if train["iters"] == 0:
+        if train.iters == 0:
             no_training(settings)
         else:
             settings_path = train_dir / "settings.json"
             settings.dump(settings_path)
             check_settings(settings)  # memory planner: refuses a layout that cannot fit train.gpu_memory_gib
-            nproc = train["gpus_per_node"] or train["cpu_procs"]
-            log.info("starting %d rank(s) per node on %d node(s): %d steps", nproc, train["nnodes"], train["iters"])
+            nproc = train.gpus_per_node or train.cpu_procs
+            log.info("starting %d rank(s) per node on %d node(s): %d steps", nproc, train.nnodes, train.iters)
             run_torchrun("omni_model.train", ["--settings", str(settings_path)], nproc_per_node=nproc,
-                         nnodes=train["nnodes"], rdzv_endpoint=train["rdzv_endpoint"])
+                         nnodes=train.nnodes, rdzv_endpoint=train.rdzv_endpoint)
             steps = [r for r in read_metrics(settings.metrics_path) if "loss" in r]
             console_line(f"[finetune] {len(steps)} steps: loss first {steps[0]['loss']:.4f} -> last "
                          f"{steps[-1]['loss']:.4f} (metrics: {settings.metrics_path}, "

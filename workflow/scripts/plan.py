@@ -7,17 +7,18 @@ from pathlib import Path
 
 from omni_model.plan import GIB, PlanError, check_run, model_config_of, table, world_size_of
 from omni_model.runtime.logs import console_line, stage_logging
+from omni_model.schema import TrainConfig
 
 params = snakemake.params  # noqa: F821
 with stage_logging(snakemake.log[0], "plan") as log:  # noqa: F821
-    train, parallel = dict(params.train), dict(params.parallel)
+    train, parallel = TrainConfig.of(dict(params.train)), dict(params.parallel)
     hf_config = model_config_of({"model": dict(params.model)})
     try:
-        estimate = check_run(hf_config, train, parallel, world_size_of(train), on_gpu=train["gpus_per_node"] > 0)
+        estimate = check_run(hf_config, train, parallel, world_size_of(train), on_gpu=train.gpus_per_node > 0)
     except PlanError as error:
         console_line(str(error))
         raise
-    limit = train.get("gpu_memory_gib")
+    limit = train.gpu_memory_gib
     text = table([estimate]) + "\n" + (f"fits: {estimate.total / GIB:.1f} of {limit} GiB per GPU" if limit is not None
                                        else "train.gpu_memory_gib is null: no check")
     Path(snakemake.output.table).write_text(text + "\n")  # noqa: F821

@@ -24,6 +24,7 @@ with stage_logging(snakemake.log[0], "shards") as log, \
         media_overrides={key: data[key] for key in ("use_audio_in_video", *VIDEO_SETTINGS)},
         workers=snakemake.threads,  # noqa: F821
         executor=data["executor"], ray_address=data["ray_address"],
+        codec_dir=Path(snakemake.input.codec[0]).parent if snakemake.input.codec else None,  # noqa: F821
     )
     log.info("input %d = kept %d (train %d, val %d) + dropped %d; %d shards", report["input"], report["kept"],
              report["train"], report["val"], report["dropped"], len(report["shards"]))
