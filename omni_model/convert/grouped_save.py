@@ -11,7 +11,7 @@ memory of a save is one group (its tensors + dist_checkpointing's copy of them),
 Why parts and a merge: `dist_checkpointing.save` writes what one call is given. The torch_dist format is a PyTorch
 DCP folder with ONE `.metadata` (every tensor's global shape, its chunks and the file and byte range of each chunk),
 and a second save into the same folder replaces it (megatron-core only warns "Overwriting old incomplete /
-corrupted checkpoint"); neither megatron-core (0.16) nor torch DCP has an incremental save. So each group is saved
+corrupted checkpoint"); neither megatron-core (0.16-0.19) nor torch DCP has an incremental save. So each group is saved
 as its own complete torch_dist checkpoint (mcore's sharding validation runs on each: a unit holds whole checkpoint
 keys, see SAVE_UNIT), and the parts are merged: their tensor files moved into the checkpoint folder under a part
 prefix, their `.metadata` joined into one (the chunks of every key, the storage entries re-pointed at the moved
