@@ -318,6 +318,12 @@ SEAMS: tuple[Seam, ...] = (
           "convert saves one save group per dist_checkpointing.save (mcore and DCP have no incremental save) and "
           "merges the parts' DCP metadata into one .metadata, written by FileSystemWriter.finish",
           check=_dcp_metadata_merges),
+    _seam("convert.common_state_object", MCORE, ["megatron.core.dist_checkpointing.serialization:save",
+                                                 "megatron.core.dist_checkpointing.serialization:load_common_state_dict"],
+          "omni_model.convert.grouped_save:merge_parts", "private",
+          "each part keeps its common state as mcore's ShardedObject('common_state', (1,), (0,)) inside the DCP "
+          "checkpoint (0.16: a common.pt beside it); the merge keeps part 0's after checking the others equal",
+          fingerprint='073fa29f624b4e9e'),
     # transformers (the parity reference)
     _seam("hf.experts_implementation", HF, "transformers.configuration_utils:PreTrainedConfig",
           "omni_model.convert.parity:reference_thinker", "private",
