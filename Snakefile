@@ -1,5 +1,5 @@
 # omni-pipeline: fine-tune Qwen3-Omni with Megatron-Core.
-#   download -> datajuicer -> shards -> convert -> finetune -> export -> evaluate   (+ the report items of each stage)
+#   download -> datajuicer -> shards -> convert -> finetune -> finetune_talker -> export -> evaluate   (+ the report items of each stage)
 # The config is coerced, validated (defaults filled) and the files it names are checked before any job runs:
 # a wrong key, type, value, path or recipe op stops here with one line per problem, and nothing is run.
 
@@ -43,6 +43,7 @@ rule all:
         rules.shards.output,
         rules.convert.output,
         rules.finetune.output,
+        rules.finetune_talker.output,
         rules.export.output,
         rules.evaluate.input,
         rules.report_data.output,

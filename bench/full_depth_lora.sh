@@ -12,11 +12,17 @@
 # results/model is linked into /dev/shm for the download stage only; afterwards results/model is a disk folder whose
 # `hf` entry links to the shared-memory copy, so convert writes its 63 GB to disk.
 #
-# Status (session 8): not yet run to the end. On a lent H100 (64 GiB disk free, /dev/shm 128 GiB) it stopped at the
-# workflow's config check: the recipe's op names are checked against Data-Juicer's installed sources, and Data-Juicer
-# is not installed on the GPU machine (issue 24 replaces that check by Data-Juicer's registry).
+# Data: Data-Juicer is not on the GPU machine, so its three outputs (results/data/{processed,drops}.jsonl and
+# datajuicer_report.json, made with this config elsewhere) are carried; the demo media are regenerated here (seeded)
+# and the media paths of processed.jsonl are re-rooted to this checkout. Made on a machine with Data-Juicer by:
+#   snakemake results/data/processed.jsonl --cores 2 --configfile config/qwen3-omni-30b-a3b-lora-1gpu-80g.yaml \
+#     --config model='{source: random}' data='{raw: demo}'
+# and carried with the run (carry: results/data/processed.jsonl, results/data/drops.jsonl,
+# results/data/datajuicer_report.json; the 80g and 141g configs have the same data section).
+# Idempotent: each stage is a Snakemake target, a rerun skips what is done (a lent machine allows 10 minutes a call:
+# start it in the background and poll, see bench/RESULTS.md).
 #
-#   bash bench/full_depth_lora.sh <out-dir>          (GPU machine; the data stages' outputs already in results/data)
+#   bash bench/full_depth_lora.sh <out-dir>          (GPU machine; results/data's three Data-Juicer outputs present)
 set -euo pipefail
 out=${1:?usage: full_depth_lora.sh OUT_DIR}
 mkdir -p "$out"
@@ -25,26 +31,32 @@ gib() { df -BG --output=avail "$1" | tail -1 | tr -dc 0-9; }
 gpu_gib=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory / 2**30))")
 if [ "$gpu_gib" -ge 120 ]; then config=config/qwen3-omni-30b-a3b-lora-1gpu-141g.yaml; else config=config/qwen3-omni-30b-a3b-lora-1gpu-80g.yaml; fi
 if [ "$(gib /dev/shm)" -lt 74 ]; then mount -o remount,size=100G /dev/shm; fi
-echo "gpu ${gpu_gib} GiB, config $config, /dev/shm free $(gib /dev/shm) GiB, disk free $(gib .) GiB" | tee "$out/storage.txt"
+echo "gpu ${gpu_gib} GiB, config $config, /dev/shm free $(gib /dev/shm) GiB, disk free $(gib .) GiB" | tee -a "$out/storage.txt"
 
 overrides=(model='{source: random}' data='{raw: demo}' convert='{parity_layers: 4}' export='{lora: adapter}'
            train='{iters: 6, lr_warmup_iters: 2, save_interval: 3, eval_interval: 0, global_batch_size: 8}')
 smk() { python3 -m snakemake "$1" --cores all --scheduler greedy --rerun-triggers mtime --configfile "$config" --config "${overrides[@]}"; }
-stage() {  # stage NAME TARGET: time one target, keep its log
+stage() {  # stage NAME TARGET: time one target, keep its log (a rerun skips the stages that finished)
+  if [ -e "$out/$1.done" ]; then return; fi
   local started=$SECONDS
   smk "$2" > "$out/$1.log" 2>&1 || { tail -60 "$out/$1.log"; echo "$1 FAILED" | tee -a "$out/stages.txt"; exit 1; }
   echo "$1 $((SECONDS - started)) s" | tee -a "$out/stages.txt"
+  touch "$out/$1.done"
 }
 
-# the data stages ran elsewhere (Data-Juicer is not on the GPU machine): make their outputs newer than their inputs
+[ -e results/data/raw/demo.jsonl ] || stage demo_data results/data/raw/demo.jsonl
+sed -i "s#\"/[^\"]*/results/data/raw/media/#\"$PWD/results/data/raw/media/#g" results/data/processed.jsonl
+# the data stages ran elsewhere: make their outputs newer than their inputs
 touch -d '-1 hour' results/data/raw/demo.jsonl results/data/raw/media config/*.yaml
 touch results/data/processed.jsonl results/data/drops.jsonl results/data/datajuicer_report.json
 
-mkdir -p "$shm/model" results
-rm -rf results/model && ln -s "$shm/model" results/model
-stage download download
-rm results/model && mkdir results/model && ln -s "$shm/model/hf" results/model/hf
-echo "after download: /dev/shm free $(gib /dev/shm) GiB, disk free $(gib .) GiB" | tee -a "$out/storage.txt"
+if [ ! -e results/model/hf/MANIFEST.json ]; then
+  mkdir -p "$shm/model" results
+  rm -rf results/model && ln -s "$shm/model" results/model
+  stage download download
+  rm results/model && mkdir results/model && ln -s "$shm/model/hf" results/model/hf
+  echo "after download: /dev/shm free $(gib /dev/shm) GiB, disk free $(gib .) GiB" | tee -a "$out/storage.txt"
+fi
 stage convert convert
 du -sh results/model/mcore | tee -a "$out/storage.txt"
 stage shards shards

@@ -3,9 +3,11 @@
     python bench/train_throughput.py --shards results/data/shards                   # GPU: 30B-A3B layer shapes
     python bench/train_throughput.py --shards results/data/shards --tiny --cpu      # CPU smoke run (tiny, fp32)
 
-On a lent GPU machine (no registry: the wheels of shared/tools/device-wheels.sh carried in .whl/, shards carried):
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site:$PWD python3 bench/train_throughput.py --shards .devcarry/shards --json $OUT/train_throughput.json
+    python bench/train_throughput.py --shards <shards> --smoke                      # CPU: every code path, tiny
+
+On a lent GPU machine (deps unpacked to /tmp/site, shards carried), one call of at most 9 minutes:
+    PYTHONPATH=/tmp/site:$PWD/.devcarry/extra:$PWD python3 bench/train_throughput.py --shards .devcarry/shards \
+        --data-workers 8 --json $OUT/train_throughput.json
 
 Model: a reduced-depth thinker with the released 30B-A3B shapes (hidden 2048, 32/4 heads x 128, 128 experts top-8,
 expert FFN 768, vocab 152064, the real vision and audio towers; `--layers` LLM layers), random weights, everything
@@ -18,35 +20,48 @@ into rows of `--seq-len` tokens with a `--packing-buffer` sample buffer). Two ba
 The batches are encoded once, before any row runs, and every row trains on the same list: the loader's cost is not
 in the step times (the training run decodes in loader worker processes, off the step).
 
-Rows (each in its own process: clean allocator statistics; an out-of-memory loses one row, not the run):
+Rows: one process per model row (clean allocator statistics; an out-of-memory loses one row, not the run). A process
+builds its model once and measures every kind `--repeats` times, round-robin (mm, text, mm, text): `--warmup` steps on
+a kind's first block (torch.compile's work happens there: flex_attention and its block masks, our fused CE; the json
+counts any compile inside the timed steps), `--rewarmup` on a later one, then `--steps` timed steps (medians). Both
+models start from the SAME weights (bench/seeded_weights.py: every on-disk tensor drawn from (seed, name), mapped into
+ours by the conversion table, into transformers with its experts fused as its loader fuses them), so the first step's
+LM loss of ours and of each packed transformers row on the first kind must agree (`loss_check`; 1e-2 in bf16).
   ours[VARIANT] KIND   omni_model.train.loop.step itself (get_forward_backward_func over forward_step, the mcore
                        optimizer and scheduler, the step's metrics) on build_training's objects (distributed
                        optimizer, bf16, fp32 grads and master weights), packed THD rows
   hf[ROW] KIND         transformers' Qwen3OmniMoeThinkerForConditionalGeneration at its best (bf16 weights and AdamW
                        states, its default grouped_mm experts), torch.optim.AdamW(fused=True on GPU), grad clipping 1.0
-                       like ours, loss + router aux loss (output_router_logits, as transformers trains it). ROW:
+                       like ours, loss + router aux loss (output_router_logits, as transformers trains it; the loss
+                       reported is the LM loss alone, ours' `loss`). ROW:
                        flex_attention / sdpa: the SAME packed rows as ours: transformers 5.24 builds a block-causal
-                       mask from the text position row when no attention mask is given
-                       (masking_utils.find_packed_sequence_indices; only with use_cache=False, which the rows pass:
-                       tests/test_bench_hf_packing.py); sdpa with a boolean mask (the memory-efficient kernel, no
-                       flash), flex_attention with a BlockMask (GPU only: no backward on CPU in torch 2.13).
+                       mask from the text position row (position_ids [4, B, S]: the text row first, then the 3 MRoPE
+                       rows) when no attention mask is given (masking_utils.find_packed_sequence_indices; only with
+                       use_cache=False, which the rows pass: tests/test_bench_hf_packing.py, sdpa and flex_attention);
+                       sdpa with a boolean mask (the memory-efficient kernel, no flash), flex_attention with a
+                       BlockMask (its compiled kernels: GPU for training, no backward on CPU in torch 2.13).
                        padded: no packing; the same samples in batches as HF Trainer's group_by_length makes them
-                       (megabatches of 50 batches sorted by length, each batch right-padded to its longest), a batch
-                       size that holds a packed global batch's real tokens, sdpa.
+                       (megabatches of 50 batches sorted by length, each batch right-padded to its longest), each
+                       batch holding about one packed micro-batch's real tokens, as many per step, sdpa.
                        +fp32: fp32 weights and AdamW states under bf16 autocast (HF Trainer's bf16=True on an fp32
                        model): the precision ours trains at (fp32 masters and moments), so that precision is not
-                       counted as speed. flash_attention_2 needs the flash-attn package, absent on our GPU machines.
+                       counted as speed; measured on --precision-kinds (text) and never the "fastest" row.
+                       flash_attention_2 needs the flash-attn package, absent on our GPU machines.
 Both models: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (unless set), the same frozen or trained towers
-(`--train-towers`; frozen by default so that ours fits an 80 GB card), the same micro-batch: `--micro-batch` halved
-until the planner's estimate for ours fits `--fit-gib` (printed beside the measured peak). Each row runs
-`--repeats` times, round-robin, each in its own process; a row's figures are the medians of its timed steps, the
-best repeat is reported with the spread, and the headline compares ours with the FASTEST transformers row per kind
+(`--train-towers`; frozen by default so that ours fits an 80 GB card). Micro-batch: `--micro-batch` halved until the
+planner's allocated estimate for ours fits the card (its memory minus `--reserve-gib`, or `--fit-gib`), printed beside
+the measured peak (max_memory_allocated); the transformers rows take the same (`--hf-micro-batch` to change). At the
+default shapes (4 layers of 30B-A3B, towers frozen, 4 rows x 4096): micro-batch 2 on an H100 80GB (planned 72.0 GiB
+allocated), 4 on an H200 (89.5). The headline compares ours with the FASTEST bf16 transformers row per kind
 (`best_transformers_row`, `ratio_vs_best_transformers`; `ratio_vs_transformers` keeps the first --hf-attn row).
+`--budget` (default 540 s: one 9-minute device call): each process's time is estimated from STEP_S_ESTIMATE (numbers of
+bench/RESULTS.md) and printed beside its measured wall time; a process that does not fit what is left is skipped and
+listed, a running one is stopped at the budget with its finished blocks kept. `--smoke`: the tiny CPU run of every
+code path (tests/test_bench_train_smoke.py).
 Per row: real (non-padding) tokens/s, step time (wall, around the whole step), model TFLOP/s (the training run's
 omni_model.train.metrics.FlopCounter on the same batches for both: LLM 6 x active params per token + causal
 attention per sequence, plus the vision and audio towers; `tflops_llm` the LLM part alone), MFU against a bf16 matmul
-peak measured in this run, peak memory; loss of the first and last step (a sanity check, not compared: the two
-models have different random weights).
+peak measured in this run, peak memory, the block's wall time; loss of the first and last step.
 
 Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' = as committed), for the GPU to judge:
   compile[=WHICH]    torch.compile of small ops: 'small' (default) RMSNorm.forward + the experts' SwiGLU
@@ -224,14 +239,44 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class Feed:
+    """The batch iterator a model's step pulls from, switched between batch lists: one model (one process) measures
+    every batch kind and repeat on the same built model. `use(batches)` restarts at the first batch of the list."""
+
+    def __init__(self, batches: list):
+        self.use(batches)
+
+    def use(self, batches: list) -> None:
+        self.iterator = iter(batches)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.iterator)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (flex_attention, block masks, our fused CE): a compile
+    inside the timed steps would be counted as step time, so each block reports how many happened there."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def measure(step, warmup: int, steps: int, device: str, peak: float, profile: str = "", stacks: int = 0) -> dict:
-    """`step()` -> (loss, the TokenCounter's counts of its batches, model FLOPs by part). Warm-up steps, then `steps`
-    steps timed from outside (wall time, synchronised). `profile`: a file for the torch profiler's tables of one more
-    step (not timed); `stacks` > 0: also by op and that many Python frames of its caller."""
+    """`step()` -> (loss, the TokenCounter's counts of its batches, model FLOPs by part). Warm-up steps (compiles
+    happen here), then `steps` steps timed from outside (wall time, synchronised). `profile`: a file for the torch
+    profiler's tables of one more step (not timed); `stacks` > 0: also by op and that many Python frames of its
+    caller. Peak memory is this block's (the allocator's peak is reset first)."""
     from omni_model.train.metrics import memory_gib
 
+    began = time.perf_counter()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     losses = [step()[0] for _ in range(warmup)]
     sync(device)
+    graphs = compiled_graphs()
     times, step_tokens, step_flops, tokens, flops = [], [], [], 0, {}
     for _ in range(steps):
         start = time.perf_counter()
@@ -243,6 +288,7 @@ def measure(step, warmup: int, steps: int, device: str, peak: float, profile: st
         step_tokens.append(seen["tokens"])
         step_flops.append(sum(parts.values()))
         flops = {part: flops.get(part, 0.0) + value for part, value in parts.items()}
+    compiles_timed = compiled_graphs() - graphs
     if profile:
         profile_step(step, device, Path(profile), stacks)
     seconds = sum(times)
@@ -251,10 +297,11 @@ def measure(step, warmup: int, steps: int, device: str, peak: float, profile: st
     tflops = statistics.median(f / s for f, s in zip(step_flops, times)) / 1e12
     return {"step_s": statistics.median(times), "step_s_mean": seconds / steps, "step_s_min": min(times),
             "step_s_max": max(times), "tokens_per_step": tokens / steps, "tokens_per_s": statistics.median(rates),
-            "tokens_per_s_mean": tokens / seconds, "timed_steps": steps, "tflops": tflops,
+            "tokens_per_s_mean": tokens / seconds, "timed_steps": steps, "warmup_steps": warmup, "tflops": tflops,
             "tflops_llm": tflops * flops.get("llm", 0.0) / max(sum(flops.values()), 1e-30), "mfu": tflops / peak,
             "flops_share": {part: value / max(sum(flops.values()), 1e-30) for part, value in flops.items()},
-            "mem_gib": memory_gib(), "loss_first": losses[0], "loss_last": losses[-1]}
+            "mem_gib": memory_gib(), "loss_first": losses[0], "loss_last": losses[-1],
+            "compiles_in_timed_steps": compiles_timed, "wall_s": time.perf_counter() - began}
 
 
 def profile_step(step, device: str, path: Path, stacks: int = 0) -> None:
@@ -387,15 +434,18 @@ def apply_variant(knobs: dict) -> tuple[dict, dict, object, PerfOptions]:
     return config, train, context, PerfOptions(**options)
 
 
-def build_ours_step(spec: dict, batches: list, peak: float):
+def build_ours_step(spec: dict, batches, peak: float):
     """The training run's objects for `spec` -> `step()`, one optimizer step of omni_model.train.loop on the next
-    `global_batch` rows of `batches`: (loss, {"tokens": real tokens}, model FLOPs by part)."""
+    `global_batch` rows of `batches` (a list, or a Feed that `step.feed` switches): (loss, {"tokens": real tokens},
+    model FLOPs by part). Weights: seeded_weights (the same as the transformers rows'), or small random ones for a
+    LoRA variant (its adapters are not in the conversion table)."""
     from omni_model.train import build, loop
     from omni_model.train.data import TokenCounter
     from omni_model.train.forward_step import forward_step
     from omni_model.train.metrics import FlopCounter
     from omni_model.train.settings import TrainSettings
     from planner_check import init_weights
+    from seeded_weights import fill_ours
 
     knobs = parse_variant(spec["variant"])
     config_extra, train_extra, context, options = apply_variant(knobs)
@@ -403,7 +453,8 @@ def build_ours_step(spec: dict, batches: list, peak: float):
         base_overrides = build.model_config_overrides
         build.model_config_overrides = lambda settings: {**base_overrides(settings), **config_extra}
     on_gpu = spec["device"] == "cuda"
-    train = {"iters": spec["warmup"] + spec["steps"], "lr_warmup_iters": 1, "global_batch_size": spec["global_batch"],
+    total_steps = spec.get("total_steps", spec["warmup"] + spec["steps"])
+    train = {"iters": total_steps, "lr_warmup_iters": 1, "global_batch_size": spec["global_batch"],
              "micro_batch_size": spec["micro_batch"], "seq_len": spec["seq_len"], "packing": True,
              "gpus_per_node": int(on_gpu), "cpu_procs": 1, **frozen_towers(spec), **train_extra}
     work = Path(spec["work"])
@@ -417,12 +468,17 @@ def build_ours_step(spec: dict, batches: list, peak: float):
     # LoRA rows: no base checkpoint to load (init_weights fills every weight next)
     training = build.build_training(settings, load_initial_weights=False, load_base=lambda thinker: None,
                                     options=options)
-    init_weights(training.thinker)
+    if train.get("lora"):
+        init_weights(training.thinker)
+    else:
+        fill_ours(training.thinker, json.loads((Path(spec["hf_dir"]) / "config.json").read_text()),
+                  spec.get("seed", 0))
     training.optimizer.reload_model_params()  # the optimizer's fp32 masters copied the uninitialised weights
     if knobs.get("rope") == "thd":
         training.thinker.language_model.per_token_rope = False
+    feed = batches if isinstance(batches, Feed) else Feed(batches)
     run = loop.Run(settings=settings, training=training, forward_step=forward_step, digest="bench", loader=None,
-                   batches=TokenCounter(iter(batches)), evaluation=[], flops=FlopCounter(spec["hf_dir"], settings.train),
+                   batches=TokenCounter(feed), evaluation=[], flops=FlopCounter(spec["hf_dir"], settings.train),
                    peak=peak, log=None)
     training.model.train()
     iteration = itertools.count(1)
@@ -434,12 +490,8 @@ def build_ours_step(spec: dict, batches: list, peak: float):
         return record["loss"], {"tokens": record["tokens"]}, parts
 
     step.model = training.model  # for the tests that look inside (tests/test_host_syncs.py)
+    step.feed = feed
     return step
-
-
-def run_ours(spec: dict, batches: list, peak: float) -> dict:
-    step = build_ours_step(spec, batches, peak)
-    return measure(step, spec["warmup"], spec["steps"], spec["device"], peak, spec["profile"], spec["stacks"])
 
 
 # -- transformers --------------------------------------------------------------------------------------------------
@@ -500,57 +552,119 @@ def build_hf(hf_dir: str, attn: str, device: str, fp32: bool = False, train_towe
     return model.train()
 
 
-def run_hf(spec: dict, batches: list, peak: float) -> dict:
+def build_hf_step(spec: dict, feed: Feed, peak: float):
+    """transformers' thinker and its optimizer for `spec` -> `step()`, one optimizer step on the next batches of
+    `feed` (`step.feed`): (its LM loss, the batches' counts, model FLOPs by part). It trains on the LM loss + the
+    router aux loss as transformers does; the loss it reports is the LM loss alone, ours' `loss`."""
     from omni_model.train.data import TokenCounter
     from omni_model.train.metrics import FlopCounter
+    from seeded_weights import fill_hf
 
     device = spec["device"]
     attn, fp32 = parse_hf_variant(spec["variant"])
     torch.manual_seed(0)
     model = build_hf(spec["hf_dir"], attn, device, fp32, spec["train_towers"])
+    fill_hf(model, json.loads((Path(spec["hf_dir"]) / "config.json").read_text()), spec.get("seed", 0))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                                   fused=device == "cuda")
-    counter = TokenCounter(iter(batches))
+    counter = TokenCounter(feed)
     flops = FlopCounter(spec["hf_dir"], frozen_towers(spec))
-    # padded batches: one batch is the step (its size was chosen to hold a packed global batch's tokens)
-    micro_batches = 1 if attn == "padded" else spec["global_batch"] // spec["micro_batch"]
+    # padded batches: as many per step as packed micro-batches (each sized to hold a packed micro-batch's tokens)
+    micro_batches = spec["global_batch"] // spec["micro_batch"]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if fp32 and device == "cuda" else nullcontext
+    aux_coef = model.router_aux_loss_coef
 
     def step():
         micro = [next(counter) for _ in range(micro_batches)]
         label_tokens = sum(b.num_trained for b in micro)
-        total = torch.zeros((), device=device)
+        lm_loss = torch.zeros((), device=device)
         for batch in micro:  # gradient accumulation: token-mean over the global batch, as ours
             with autocast():
                 out = model(**hf_inputs(batch, device), output_router_logits=True)
-            loss = out.loss * (batch.num_trained / label_tokens)
-            loss.backward()
-            total += loss.detach()
+            share = batch.num_trained / label_tokens
+            (out.loss * share).backward()
+            lm_loss += (out.loss.detach() - aux_coef * out.aux_loss.detach()) * share
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seen = counter.take()
-        return float(total), seen, flops(seen)
+        return float(lm_loss), seen, flops(seen)
 
-    return measure(step, spec["warmup"], spec["steps"], device, peak, spec["profile"], spec["stacks"])
+    step.feed = feed
+    return step
 
 
-def run_row(spec: dict) -> dict:
+def row_batches(spec: dict) -> dict:
+    """{kind: the batch list this row trains on}: the packed micro-batches, or for the padded row the
+    length-grouped padded batches of the same kind; pinned on the GPU as the training loader delivers them
+    (energon pins: OmniBatch.pin_memory)."""
+    stored = torch.load(spec["batches"], weights_only=False)
+    out = {kind: stored[batch_key(spec, kind)] for kind in spec["kinds"]}
+    if spec["device"] == "cuda":
+        out = {kind: [batch.pin_memory() for batch in batches] for kind, batches in out.items()}
+    return out
+
+
+def run_row(spec: dict, emit=print) -> dict:
+    """One model (ours or a transformers row) built once, then every kind of `spec["kinds"]` measured
+    `spec["repeats"]` times, round-robin (text, mm, text, mm: a repeat of a kind runs after the other kind's block,
+    not right after its own). Each block: `warmup` steps on its first visit (compiles: flex_attention's kernels, the
+    block masks, our fused CE; their count inside the timed steps is reported), `rewarmup` steps on a later visit,
+    then `steps` timed steps. Every block is emitted as a `BLOCK <json>` line as soon as it is measured (a later
+    failure keeps the blocks before it)."""
+    began = time.perf_counter()
     torch.manual_seed(0)
-    padded = spec["impl"] == "hf" and parse_hf_variant(spec["variant"])[0] == "padded"
-    batches = torch.load(spec["batches"], weights_only=False)[spec["kind"] + ("_padded" if padded else "")]
-    if spec["device"] == "cuda":  # as the training loader delivers them (energon pins: OmniBatch.pin_memory)
-        batches = [batch.pin_memory() for batch in batches]
+    batches = row_batches(spec)
     context = sdpa_context(spec["sdpa"]) if spec["impl"] == "hf" and spec["sdpa"] else nullcontext
+    blocks = []
     with context():
-        result = (run_ours if spec["impl"] == "ours" else run_hf)(spec, batches, spec["peak"])
-    return result
+        feed = Feed(batches[spec["kinds"][0]])
+        step = (build_ours_step if spec["impl"] == "ours" else build_hf_step)(spec, feed, spec["peak"])
+        build_s = time.perf_counter() - began
+        emit(f"BUILT {build_s:.1f}")
+        for repeat in range(spec["repeats"]):
+            for kind in spec["kinds"]:
+                step.feed.use(batches[kind])
+                warmup = spec["warmup"] if repeat == 0 else spec.get("rewarmup", spec["warmup"])
+                profile = spec.get("profiles", {}).get(kind, "") if repeat == 0 else ""
+                block = {"kind": kind, "repeat": repeat,
+                         **measure(step, warmup, spec["steps"], spec["device"], spec["peak"], profile,
+                                   spec.get("stacks", 0))}
+                emit("BLOCK " + json.dumps(block))
+                blocks.append(block)
+    return {"build_s": build_s, "blocks": blocks, "process_s": time.perf_counter() - began}
+
+
+def batch_key(spec: dict, kind: str) -> str:
+    """The stored batch list a row trains `kind` on (the driver names it: packed at the row's micro-batch, or the
+    padded row's length-grouped batches)."""
+    return spec.get("batch_keys", {}).get(kind, kind)
 
 
 # -- driver --------------------------------------------------------------------------------------------------------
-def row_name(spec: dict) -> str:
-    return f"{spec['impl']}[{spec['variant']}] {spec['kind']}"
+# Seconds per optimizer step on an H100 80GB at the default shapes (4 layers of 30B-A3B, towers frozen, global batch
+# 4 rows), for the --budget plan, from bench/RESULTS.md: text = session 7's H100 rows (micro-batch 1); mm = session
+# 6's H200 rows (micro-batch 4, towers trained: ours 661 ms, transformers sdpa 1478 ms) x 1.2 for the H100, flex and
+# padded mm assumed like sdpa. Per process: imports + build + seeded weights (session 7: ~28 s per process on
+# average incl. flex's compile), flex_attention's first compiles. Guesses where no run measured them: every run
+# prints each process's estimate beside its measured wall time, so the next run can correct the table.
+STEP_S_ESTIMATE = {"ours": {"text": 0.31, "mm": 0.80}, "flex_attention": {"text": 0.29, "mm": 1.8},
+                   "sdpa": {"text": 0.45, "mm": 1.8}, "padded": {"text": 0.25, "mm": 1.8}}
+FP32_STEP_FACTOR = 2.6  # flex_attention+fp32 / flex_attention, text, session 7 (749.8 / 288.8 ms)
+BUILD_S_ESTIMATE = {"ours": 35.0, "hf": 25.0}
+COMPILE_S_ESTIMATE = {"flex_attention": 40.0}
+
+
+def estimate_process_s(spec: dict) -> float:
+    """The --budget plan's seconds for one row process (STEP_S_ESTIMATE's table)."""
+    if spec["impl"] == "ours":
+        attn, fp32, build = "ours", False, BUILD_S_ESTIMATE["ours"]
+    else:
+        (attn, fp32), build = parse_hf_variant(spec["variant"]), BUILD_S_ESTIMATE["hf"]
+    steps_per_kind = spec["warmup"] + spec["steps"] + (spec["repeats"] - 1) * (spec["rewarmup"] + spec["steps"])
+    stepping = sum(steps_per_kind * STEP_S_ESTIMATE[attn][kind] for kind in spec["kinds"])
+    return build + COMPILE_S_ESTIMATE.get(attn, 0.0) + stepping * (FP32_STEP_FACTOR if fp32 else 1.0)
 
 
 def best_of_repeats(rows: list) -> dict:
@@ -567,18 +681,22 @@ def best_of_repeats(rows: list) -> dict:
     return best
 
 
-def run_child(spec: dict, timeout: int, cpu: bool, script: str = __file__, require_success: bool = False) -> dict:
-    """`script --one <spec>` in its own process (clean peak-memory statistics; an out-of-memory loses one row): its
-    last RESULT line, or why it failed. `require_success`: a RESULT line from a process that then failed counts as a
-    failure (bench/eval_throughput.py's phases)."""
+def child_env(cpu: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     # both models with the allocator setting that avoids cudaMalloc/cudaFree churn near the card's limit
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_child(spec: dict, timeout: int, cpu: bool, script: str = __file__, require_success: bool = False) -> dict:
+    """`script --one <spec>` in its own process (clean peak-memory statistics; an out-of-memory loses one row): its
+    last RESULT line, or why it failed. `require_success`: a RESULT line from a process that then failed counts as a
+    failure (bench/eval_throughput.py's phases)."""
     try:
         proc = subprocess.run([sys.executable, script, "--one", json.dumps(spec)], capture_output=True, text=True,
-                              timeout=timeout, env=env, cwd=REPO)
+                              timeout=timeout, env=child_env(cpu), cwd=REPO)
     except subprocess.TimeoutExpired:
         return {"failed": f"timeout after {timeout} s"}
     found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -587,14 +705,57 @@ def run_child(spec: dict, timeout: int, cpu: bool, script: str = __file__, requi
     return {"failed": (proc.stderr or proc.stdout)[-3000:]}
 
 
+def run_row_process(spec: dict, timeout: float, cpu: bool) -> dict:
+    """run_row in its own process: {"blocks": the blocks it measured, "build_s", "wall_s", "failed" if it did not
+    finish (the blocks measured before the failure or the timeout are kept)}."""
+    began = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+                              timeout=max(timeout, 1), env=child_env(cpu), cwd=REPO)
+        stdout, failed = proc.stdout, "" if proc.returncode == 0 else (proc.stderr or proc.stdout)[-3000:]
+    except subprocess.TimeoutExpired as error:
+        out = error.stdout or ""
+        stdout, failed = out.decode() if isinstance(out, bytes) else out, f"timeout after {timeout:.0f} s"
+    lines = stdout.splitlines()
+    result = {"blocks": [json.loads(line[6:]) for line in lines if line.startswith("BLOCK ")],
+              "build_s": next((float(line[6:]) for line in lines if line.startswith("BUILT ")), None),
+              "wall_s": time.perf_counter() - began}
+    if failed:
+        result["failed"] = failed
+    return result
+
+
+TABLE_HEADER = (f"{'row':44s} {'tokens/s':>10s} {'step ms':>9s} {'TFLOP/s':>8s} {'MFU':>7s} {'mem GiB':>8s} "
+                f"{'planned':>8s} {'wall s':>7s}  loss first -> last")
+
+
 def print_row(name: str, r: dict) -> None:
     if "failed" in r:
         print(f"{name:44s} FAILED: {r['failed'][-600:]}", flush=True)
         return
     planned = f"{r['planned_gib']:>8.1f}" if r.get("planned_gib") else f"{'':>8s}"
+    compiles = f"  ({r['compiles_in_timed_steps']} compiles in the timed steps)" if r.get("compiles_in_timed_steps") \
+        else ""
     print(f"{name:44s} {r['tokens_per_s']:>10.0f} {1e3 * r['step_s']:>9.1f} {r['tflops']:>8.1f} "
-          f"{100 * r['mfu']:>6.1f}% {r['mem_gib']:>8.1f} {planned}  {r['loss_first']:.3f} -> {r['loss_last']:.3f}",
-          flush=True)
+          f"{100 * r['mfu']:>6.1f}% {r['mem_gib']:>8.1f} {planned} {r['wall_s']:>7.1f}  "
+          f"{r['loss_first']:.4f} -> {r['loss_last']:.4f}{compiles}", flush=True)
+
+
+def loss_check(rows: list, base: str, tolerance: float) -> list:
+    """Ours against every transformers row on packed rows (not the padded one: other batches) at the first step of
+    each process (the same seeded weights, the same batches: the same LM loss up to precision). Only the first block
+    of a process starts from the initial weights, so only a kind that both processes measured first is compared."""
+    first = {(r["impl"], r["variant"]): r for r in rows if "failed" not in r and r.get("first_block")}
+    ours = first.get(("ours", base))
+    checks = []
+    for (impl, variant), r in first.items():
+        if impl != "hf" or parse_hf_variant(variant)[0] == "padded" or ours is None or r["kind"] != ours["kind"]:
+            continue
+        diff = abs(r["loss_first"] - ours["loss_first"])
+        checks.append({"kind": r["kind"], "ours": ours["loss_first"], "row": f"hf[{variant}]",
+                       "transformers": r["loss_first"], "abs_diff": diff, "tolerance": tolerance,
+                       "ok": diff <= tolerance})
+    return checks
 
 
 def headline(rows: list, peak: float, device: str, args) -> dict:
@@ -603,15 +764,21 @@ def headline(rows: list, peak: float, device: str, args) -> dict:
            "model": ("tiny" if args.tiny else "30B-A3B layer shapes") + f", {args.layers} layers"
            + (", towers trained" if args.train_towers else ", towers frozen"),
            "seq_len": args.seq_len, "pad_rows": args.pad_rows, "global_batch_rows": args.global_batch,
-           "micro_batch_rows": args.micro_batch, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+           "micro_batch_rows": args.micro_batch, "hf_micro_batch_rows": args.hf_micro_batch, "steps": args.steps,
+           "warmup": args.warmup, "rewarmup": args.rewarmup, "repeats": args.repeats,
            "matmul_peak_tflops": peak, "torch": torch.__version__,
            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
     base = args.variants[0]
     hf_first = args.hf_attn[0] if args.hf_attn else None
-    out["transformers_rows"] = [{"row": f"hf[{v}] {k}", "tokens_per_s_runs": r["tokens_per_s_runs"],
-                                 "spread": r["spread"], "tflops": r["tflops"], "mfu": r["mfu"],
+    out["transformers_rows"] = [{"row": f"hf[{v}] {k}", "tokens_per_s": r["tokens_per_s"],
+                                 "tokens_per_s_runs": r["tokens_per_s_runs"], "spread": r["spread"],
+                                 "step_s": r["step_s"], "tflops": r["tflops"], "mfu": r["mfu"],
                                  "mem_gib": r["mem_gib"]}
                                 for (impl, v, k), r in best.items() if impl == "hf"]
+    out["ours_rows"] = [{"row": f"ours[{v}] {k}", "tokens_per_s": r["tokens_per_s"],
+                         "tokens_per_s_runs": r["tokens_per_s_runs"], "spread": r["spread"], "mfu": r["mfu"],
+                         "mem_gib": r["mem_gib"], "planned_gib": r.get("planned_gib")}
+                        for (impl, v, k), r in best.items() if impl == "ours"]
     out["best_transformers_row"], out["ratio_vs_best_transformers"] = {}, {}
     for kind, suffix in (("mm", ""), ("text", "_text")):
         ours, hf = best.get(("ours", base, kind)), best.get(("hf", hf_first, kind))
@@ -624,32 +791,45 @@ def headline(rows: list, peak: float, device: str, args) -> dict:
         out[f"mfu_transformers{suffix}"] = hf and hf["mfu"]
         out[f"planned_gib_ours{suffix}"] = ours and ours.get("planned_gib")
         out[f"mem_gib_ours{suffix}"] = ours and ours["mem_gib"]
-        fastest = max(((v, r) for (impl, v, k), r in best.items() if impl == "hf" and k == kind),
+        # the precision row (+fp32) trains at ours' precision: it is reported, not a candidate for "fastest"
+        fastest = max(((v, r) for (impl, v, k), r in best.items()
+                       if impl == "hf" and k == kind and not parse_hf_variant(v)[1]),
                       key=lambda vr: vr[1]["tokens_per_s"], default=None)
         if fastest:
             out["best_transformers_row"][kind] = f"hf[{fastest[0]}] {kind}"
             out["ratio_vs_best_transformers"][kind] = ours and ours["tokens_per_s"] / fastest[1]["tokens_per_s"]
     out["headline_rows"] = {"ours": f"ours[{base}]", "transformers": f"hf[{hf_first}]",
                             "best_transformers": out["best_transformers_row"]}
+    out["loss_check"] = loss_check(rows, base, args.loss_tolerance)
     return out
 
 
 def print_summary(out: dict) -> None:
-    """The transformers rows with their spread over repeats, and ours against the fastest of them per batch kind."""
+    """The transformers rows with their spread over repeats, ours against the fastest of them per batch kind, and
+    the first-step loss check."""
     print("\ntransformers rows (best of repeats; spread = (max - min) / min tokens/s over the repeats):")
     for r in out["transformers_rows"]:
-        print(f"  {r['row']:36s} {max(r['tokens_per_s_runs']):>10.0f} tokens/s  spread {100 * r['spread']:5.1f} %  "
+        print(f"  {r['row']:36s} {r['tokens_per_s']:>10.0f} tokens/s  spread {100 * r['spread']:5.1f} %  "
               f"MFU {100 * r['mfu']:5.1f} %")
     for kind, suffix in (("mm", ""), ("text", "_text")):
         ratio = out["ratio_vs_best_transformers"].get(kind)
         if ratio:
             print(f"  {kind}: ours {out[f'tokens_per_s_ours{suffix}']:.0f} tokens/s, MFU "
                   f"{100 * out[f'mfu_ours{suffix}']:.1f} % = {ratio:.2f}x {out['best_transformers_row'][kind]}")
+    print("first-step LM loss, same seeded weights and batches (ours vs transformers):")
+    for c in out["loss_check"]:
+        print(f"  {c['kind']:5s} ours {c['ours']:.5f}  {c['row']:28s} {c['transformers']:.5f}  |diff| "
+              f"{c['abs_diff']:.2e} {'<=' if c['ok'] else '>'} {c['tolerance']:.0e}  {'ok' if c['ok'] else 'MISMATCH'}")
 
 
-def fitting_micro_batch(hf_dir: Path, args) -> tuple[int, float]:
-    """The largest micro-batch (halving --micro-batch) whose planned peak for ours fits --fit-gib, and that plan's
-    GiB: the bench's default shapes must run on an 80 GB card as on a 141 GB one."""
+def card_memory_gib(device: str) -> float | None:
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if device == "cuda" else None
+
+
+def fitting_micro_batch(hf_dir: Path, args, fit_gib: float | None) -> tuple[int, object]:
+    """The largest micro-batch (halving --micro-batch) whose planned peak for ours (the planner's allocated bytes,
+    what max_memory_allocated measures) fits `fit_gib`, and that plan (omni_model.plan.Estimate): the bench's
+    default shapes must run on an 80 GB card as on a 141 GB one. `fit_gib` None (CPU): --micro-batch as asked."""
     from omni_model.plan import GIB, check_run
 
     hf_config = json.loads((hf_dir / "config.json").read_text())
@@ -658,66 +838,184 @@ def fitting_micro_batch(hf_dir: Path, args) -> tuple[int, float]:
         train = {"micro_batch_size": micro, "seq_len": args.seq_len, "recompute": "none", "freeze_llm": False,
                  **frozen_towers({"train_towers": args.train_towers}), "global_batch_size": args.global_batch}
         parallel = {"tp": 1, "pp": 1, "ep": 1, "etp": 1, "cp": 1, "first_stage_layers": None}
-        planned = check_run(hf_config, train, parallel, 1, on_gpu=not args.cpu).total / GIB
-        if planned <= args.fit_gib or micro == 1:
-            return micro, planned
+        plan = check_run(hf_config, train, parallel, 1, on_gpu=not args.cpu)
+        if fit_gib is None or plan.allocated / GIB <= fit_gib or micro == 1:
+            return micro, plan
         micro //= 2
 
 
-def main() -> int:
+# --smoke: every code path at the least CPU time (tests/test_bench_train_smoke.py runs it in `make test`). The steps
+# cost scales with the tokens (the tiny model's 152064-entry logits and their softmax dominate a step on one thread):
+# rows of 384 tokens still hold the demo's videos (340-362 tokens), one step per block, one row per step.
+SMOKE = {"tiny": True, "cpu": True, "steps": 1, "warmup": 1, "rewarmup": 0, "repeats": 2, "global_batch": 1,
+         "micro_batch": 1, "seq_len": 384, "packing_buffer": 16, "hf_attn": "sdpa,padded,sdpa+fp32",
+         "budget": 0.0, "timeout": 600}
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shards", help="Energon shards (the demo set: results/data/shards)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per block (the median is reported)")
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps of a kind's first block in a process "
+                    "(compiles happen here: flex_attention, block masks, our fused CE)")
+    ap.add_argument("--rewarmup", type=int, default=1, help="warm-up steps of a later block (the same model, "
+                    "already compiled, after the other kind's block)")
     ap.add_argument("--global-batch", type=int, default=4, help="packed rows per optimizer step")
-    ap.add_argument("--micro-batch", type=int, default=4, help="packed rows per micro-batch (both models; ours takes "
-                    "them as one THD row). 4 = the global batch in one micro-batch: on the H200 both models ran "
-                    "fastest so (bench/RESULTS.md)")
+    ap.add_argument("--micro-batch", type=int, default=4, help="packed rows per micro-batch for ours (one THD row), "
+                    "halved until the planner's estimate fits the card (--fit-gib)")
+    ap.add_argument("--hf-micro-batch", type=int, default=None, help="rows per micro-batch for the transformers "
+                    "rows (default: ours' micro-batch after the fit; padded rows: as many samples per batch as "
+                    "hold one such micro-batch's real tokens)")
     ap.add_argument("--packing-buffer", type=int, default=128, help="samples buffered per packing decision")
     ap.add_argument("--data-workers", type=int, default=0, help="loader processes for the one-off encoding")
-    ap.add_argument("--kinds", default="mm,text", help="batch kinds: mm,text")
+    ap.add_argument("--kinds", default="mm,text", help="batch kinds, in the order each process measures them "
+                    "(the first-step loss check compares the first)")
+    ap.add_argument("--precision-kinds", default="text", help="kinds the +fp32 transformers rows measure (the "
+                    "same-precision comparison; '' = all --kinds)")
     ap.add_argument("--pad-rows", action="store_true", help="pad every packed row to exactly --seq-len (static "
                     "shapes for CUDA-graph variants; the padding is its own segment and no real token)")
     ap.add_argument("--variants", default="base", help="variants of ours, comma separated (module docstring)")
     ap.add_argument("--hf-attn", default="flex_attention,sdpa,padded,flex_attention+fp32",
                     help="transformers rows, ATTN[+fp32]: flex_attention / sdpa (packed rows), padded (length-grouped "
                     "padded batches), +fp32 (fp32 masters and Adam states under bf16 autocast, ours' precision); "
-                    "'' = none. The headline compares ours with the fastest")
-    ap.add_argument("--repeats", type=int, default=2, help="each row measured this many times (own process each); "
-                    "the best is reported with the spread")
+                    "'' = none. The headline compares ours with the fastest bf16 row")
+    ap.add_argument("--repeats", type=int, default=2, help="each row measured this many times (blocks in its "
+                    "process, round-robin over the kinds); the best is reported with the spread")
     ap.add_argument("--train-towers", action="store_true", help="train the vision and audio towers in both models "
                     "(default frozen: the towers' fp32 masters and Adam states do not fit an 80 GB card with ours)")
-    ap.add_argument("--fit-gib", type=float, default=78.0, help="halve --micro-batch until the planner's estimate "
-                    "for ours fits this many GiB (an H100 80GB has ~78 usable)")
+    ap.add_argument("--fit-gib", type=float, default=None, help="halve --micro-batch until the planner's allocated "
+                    "estimate for ours fits this many GiB (default: the card's memory minus --reserve-gib)")
+    ap.add_argument("--reserve-gib", type=float, default=4.0, help="the card's memory the default --fit-gib leaves "
+                    "to the CUDA context and the allocator's fragmentation")
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run (default 9 minutes): a "
+                    "row process whose estimate (STEP_S_ESTIMATE) does not fit what is left is skipped and listed, "
+                    "and a started one is stopped at the budget (its measured blocks kept); 0 = no budget")
+    ap.add_argument("--loss-tolerance", type=float, default=None, help="first-step loss check: |ours - "
+                    "transformers| allowed (default 1e-2 on the GPU, bf16; 1e-3 on the CPU, fp32)")
+    ap.add_argument("--seed", type=int, default=0, help="the seeded weights of both models (bench/seeded_weights.py)")
     ap.add_argument("--hf-sdpa", default="", help="sdpa_kernel backend for the transformers rows (default: torch's)")
     ap.add_argument("--tiny", action="store_true", help="the tiny config (CPU smoke run)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU (fp32, gloo, plain optimizer)")
+    ap.add_argument("--smoke", action="store_true", help="the tiny CPU run of every code path: " + json.dumps(SMOKE))
     ap.add_argument("--work", default=None, help="scratch dir (default: a new temp dir)")
     ap.add_argument("--json", default=str(REPO / "bench" / "results" / "train_throughput.json"))
-    ap.add_argument("--timeout", type=int, default=900, help="seconds per row")
-    ap.add_argument("--profile", action="store_true", help="one more step per row under the torch profiler: "
-                    "profile_<row>.txt next to --json (one more batch per kind is encoded for it)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per row process")
+    ap.add_argument("--profile", action="store_true", help="one more step per row and kind under the torch "
+                    "profiler: profile_<row>.txt next to --json (one more batch per kind is encoded for it)")
     ap.add_argument("--profile-stacks", type=int, default=0, metavar="N",
                     help="with --profile: a third table by op and its N innermost Python callers (where copy_/mul run)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one row (JSON spec) in this process
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+    if not args.one and not args.shards:
+        ap.error("--shards is required")
+    if args.global_batch % args.micro_batch:
+        ap.error("--global-batch must be a multiple of --micro-batch")
+    return args
 
+
+def encode_all(hf_dir: Path, args, kinds: list, micro_batches: dict) -> dict:
+    """Every batch list the rows train on, encoded once: {kind@micro: packed micro-batches} for each micro-batch
+    size in use, {kind_padded: length-grouped padded batches} for the padded row (as many per step as the
+    transformers rows' micro-batches, each holding about one packed micro-batch's real tokens)."""
+    steps = args.warmup + args.steps + int(args.profile)
+    shards = Path(args.shards).resolve()
+    batches = {}
+    for micro in sorted(set(micro_batches.values())):
+        count = args.global_batch // micro * steps
+        for kind in kinds:
+            batches[f"{kind}@{micro}"] = encode_batches(hf_dir, shards, kind, count, args.seq_len,
+                                                        args.packing_buffer, args.data_workers, args.pad_rows, micro)
+    if any(parse_hf_variant(a)[0] == "padded" for a in args.hf_attn):
+        hf_micro = micro_batches["hf"]
+        per_step = args.global_batch // hf_micro
+        for kind in kinds:
+            packed = batches[f"{kind}@{hf_micro}"]
+            per_batch = sum(b.num_tokens for b in packed) / len(packed)
+            batches[kind + "_padded"] = encode_padded_batches(hf_dir, shards, kind, steps * per_step, per_batch,
+                                                              args.seq_len, args.data_workers)
+    return batches
+
+
+def process_specs(args, common: dict, kinds: list) -> list:
+    """One process per model row, in the order they run (what the budget keeps first): ours as committed, the
+    transformers rows in --hf-attn order, then the other variants of ours."""
+    precision_kinds = [k for k in args.precision_kinds.split(",") if k.strip()] or kinds
+
+    def spec(impl: str, variant: str, row_kinds: list) -> dict:
+        padded = impl == "hf" and parse_hf_variant(variant)[0] == "padded"
+        micro = args.micro_batch if impl == "ours" else args.hf_micro_batch
+        return {**common, "impl": impl, "variant": variant, "kinds": row_kinds, "micro_batch": micro,
+                "batch_keys": {k: k + "_padded" if padded else f"{k}@{micro}" for k in row_kinds}}
+
+    specs = [spec("ours", args.variants[0], kinds)]
+    for attn in args.hf_attn:
+        fp32 = parse_hf_variant(attn)[1]
+        row_kinds = [k for k in kinds if k in precision_kinds] if fp32 else kinds
+        if row_kinds:
+            specs.append(spec("hf", attn, row_kinds))
+    specs += [spec("ours", v, kinds) for v in args.variants[1:]]
+    for s in specs:
+        slug = "".join(c if c.isalnum() else "_" for c in f"{s['impl']}_{s['variant']}")
+        s["profiles"] = {k: str(Path(args.json).parent / f"profile_{slug}_{k}.txt") for k in s["kinds"]} \
+            if args.profile else {}
+        s["estimate_s"] = estimate_process_s(s)
+    return specs
+
+
+def run_processes(specs: list, args, began: float, device: str, plan_gib: float) -> tuple[list, list]:
+    """Each spec in its own process, within the budget -> (rows: one per measured block, processes: wall and
+    build time against the estimate, or why it was skipped)."""
+    rows, processes = [], []
+    for spec in specs:
+        name = f"{spec['impl']}[{spec['variant']}]"
+        left = args.budget - (time.perf_counter() - began) if args.budget else float("inf")
+        if spec["estimate_s"] > left:
+            print(f"{name:44s} SKIPPED: estimated {spec['estimate_s']:.0f} s, {max(left, 0):.0f} s of the "
+                  f"--budget left", flush=True)
+            processes.append({"row": name, "estimate_s": spec["estimate_s"], "skipped": "budget"})
+            continue
+        result = run_row_process(spec, min(args.timeout, left), device == "cpu")
+        for i, block in enumerate(result["blocks"]):
+            label = f"{name} {block['kind']}" + (f" #{block['repeat'] + 1}" if args.repeats > 1 else "")
+            if spec["impl"] == "ours":
+                block["planned_gib"] = plan_gib
+            row = {"row": label, "impl": spec["impl"], "variant": spec["variant"], "micro_batch": spec["micro_batch"],
+                   "first_block": i == 0, **block}
+            print_row(label, row)
+            rows.append(row)
+        if "failed" in result:
+            print_row(f"{name} (process)", result)
+        processes.append({"row": name, "kinds": spec["kinds"], "estimate_s": spec["estimate_s"],
+                          "build_s": result["build_s"], "wall_s": result["wall_s"],
+                          **({"failed": result["failed"]} if "failed" in result else {})})
+        print(f"  {name}: process {result['wall_s']:.1f} s (build {result['build_s'] or 0:.1f} s), estimated "
+              f"{spec['estimate_s']:.0f} s; run so far {time.perf_counter() - began:.0f} s", flush=True)
+    return rows, processes
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.one:
         spec = json.loads(args.one)
         if spec["device"] == "cpu":
             torch.set_num_threads(1)
         print("RESULT " + json.dumps(run_row(spec)), flush=True)
         return 0
-    if not args.shards:
-        ap.error("--shards is required")
 
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     if device == "cpu":
         torch.set_num_threads(1)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()] or ["base"]
     args.hf_attn = [a.strip() for a in args.hf_attn.split(",") if a.strip()]
+    for attn in args.hf_attn:
+        parse_hf_variant(attn)  # an unknown row stops here, before any row runs
+    if args.loss_tolerance is None:
+        args.loss_tolerance = 1e-2 if device == "cuda" else 1e-3
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     work = Path(args.work or tempfile.mkdtemp(prefix="train_throughput_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -725,25 +1023,21 @@ def main() -> int:
 
     began = time.perf_counter()
     hf_dir = write_hf_dir(work, args.tiny, args.layers)
-    if args.global_batch % args.micro_batch:
-        ap.error("--global-batch must be a multiple of --micro-batch")
+    memory = card_memory_gib(device)
+    fit = args.fit_gib if args.fit_gib is not None else (memory - args.reserve_gib if memory else None)
     requested = args.micro_batch
-    args.micro_batch, planned_gib = fitting_micro_batch(hf_dir, args)
-    print(f"micro-batch {args.micro_batch} (asked {requested}): planned peak for ours {planned_gib:.1f} GiB "
-          f"(fit {args.fit_gib} GiB)", flush=True)
-    count = args.global_batch // args.micro_batch * (args.warmup + args.steps + int(args.profile))
-    batches = {kind: encode_batches(hf_dir, Path(args.shards).resolve(), kind, count, args.seq_len,
-                                    args.packing_buffer, args.data_workers, args.pad_rows, args.micro_batch)
-               for kind in kinds}
-    if any(parse_hf_variant(a)[0] == "padded" for a in args.hf_attn):
-        steps = args.warmup + args.steps + int(args.profile)
-        for kind in kinds:
-            per_step = sum(b.num_tokens for b in batches[kind]) / steps
-            batches[kind + "_padded"] = encode_padded_batches(hf_dir, Path(args.shards).resolve(), kind, steps,
-                                                              per_step, args.seq_len, args.data_workers)
-    data = {kind: describe(b, args.seq_len) for kind, b in batches.items()}
+    args.micro_batch, plan = fitting_micro_batch(hf_dir, args, fit)
+    args.hf_micro_batch = args.hf_micro_batch or args.micro_batch
+    if args.global_batch % args.hf_micro_batch:
+        raise SystemExit("--global-batch must be a multiple of --hf-micro-batch")
+    plan_gib = plan.allocated / 2**30
+    print(f"micro-batch {args.micro_batch} for ours (asked {requested}; transformers rows {args.hf_micro_batch}): "
+          f"planned peak for ours {plan_gib:.1f} GiB allocated, {plan.total / 2**30:.1f} GiB with the CUDA "
+          f"overhead; fit {'-' if fit is None else f'{fit:.1f}'} GiB of a {memory or 0:.1f} GiB card", flush=True)
+    batches = encode_all(hf_dir, args, kinds, {"ours": args.micro_batch, "hf": args.hf_micro_batch})
+    data = {key: describe(b, args.seq_len) for key, b in batches.items()}
     torch.save(batches, work / "batches.pt")
-    print(f"encoded {count} micro-batches per kind in {time.perf_counter() - began:.1f} s: {data}", flush=True)
+    print(f"encoded the batches in {time.perf_counter() - began:.1f} s: {data}", flush=True)
     peak = matmul_peak_tflops(device)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -753,39 +1047,29 @@ def main() -> int:
 
     common = {"device": device, "hf_dir": str(hf_dir), "batches": str(work / "batches.pt"), "work": str(work),
               "peak": peak, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
-              "global_batch": args.global_batch, "micro_batch": args.micro_batch, "sdpa": args.hf_sdpa,
-              "stacks": args.profile_stacks, "train_towers": args.train_towers}
-    for attn in args.hf_attn:
-        parse_hf_variant(attn)  # an unknown row stops here, before any row runs
-    rounds = range(args.repeats)  # round-robin: a repeat of a row runs minutes after its first run, not right after
-    specs = [{**common, "impl": "ours", "variant": v, "kind": k, "repeat": i} for i in rounds for k in kinds
-             for v in args.variants]
-    specs += [{**common, "impl": "hf", "variant": a, "kind": k, "repeat": i} for i in rounds for k in kinds
-              for a in args.hf_attn]
-    for spec in specs:
-        slug = "".join(c if c.isalnum() else "_" for c in row_name(spec))
-        spec["profile"] = str(Path(args.json).parent / f"profile_{slug}.txt") if args.profile and not spec["repeat"] \
-            else ""
-    print(f"{'row':44s} {'tokens/s':>10s} {'step ms':>9s} {'TFLOP/s':>8s} {'MFU':>7s} {'mem GiB':>8s} "
-          f"{'planned':>8s}  loss   (medians of {args.steps} timed steps)", flush=True)
-    rows = []
-    for spec in specs:
-        result = run_child(spec, args.timeout, device == "cpu")
-        label = row_name(spec) + (f" sdpa={spec['sdpa']}" if spec["impl"] == "hf" and spec["sdpa"] else "") \
-            + (f" #{spec['repeat'] + 1}" if args.repeats > 1 else "")
-        if spec["impl"] == "ours" and "failed" not in result:
-            result["planned_gib"] = planned_gib
-        print_row(label, result)
-        rows.append({"row": label, "impl": spec["impl"], "variant": spec["variant"], "kind": spec["kind"],
-                     "repeat": spec["repeat"], **result})
+              "rewarmup": args.rewarmup, "repeats": args.repeats, "global_batch": args.global_batch,
+              "sdpa": args.hf_sdpa, "stacks": args.profile_stacks, "train_towers": args.train_towers,
+              "seed": args.seed}
+    common["total_steps"] = len(kinds) * (args.warmup + args.repeats * (args.steps + int(args.profile))
+                                          + (args.repeats - 1) * args.rewarmup)
+    specs = process_specs(args, common, kinds)
+    print("plan (--budget {}): {}".format(args.budget or "off", ", ".join(
+        f"{s['impl']}[{s['variant']}] {'+'.join(s['kinds'])} ~{s['estimate_s']:.0f} s" for s in specs)), flush=True)
+    print(TABLE_HEADER + f"   (medians of {args.steps} timed steps)", flush=True)
+    rows, processes = run_processes(specs, args, began, device, plan_gib)
 
     out = headline(rows, peak, name, args)
     print_summary(out)
-    out.update({"data": data, "rows": rows, "command": " ".join(sys.argv), "wall_s": time.perf_counter() - began})
+    out.update({"planned_total_gib_ours": plan.total / 2**30, "planned_allocated_gib_ours": plan_gib,
+                "card_memory_gib": memory, "fit_gib": fit, "budget_s": args.budget, "processes": processes,
+                "skipped": [p["row"] for p in processes if p.get("skipped")], "data": data, "rows": rows,
+                "command": " ".join(sys.argv if argv is None else ["bench/train_throughput.py", *argv]),
+                "wall_s": time.perf_counter() - began})
     print(json.dumps({k: v for k, v in out.items() if k not in ("rows", "data")}, indent=1))
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.json}")
-    return 0 if all("failed" not in r for r in rows) else 1
+    print(f"wrote {args.json} ({out['wall_s']:.0f} s)")
+    failed = [r for r in rows if "failed" in r] + [p for p in processes if "failed" in p or p.get("skipped")]
+    return 1 if failed or not all(c["ok"] for c in out["loss_check"]) else 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ For a thinker config (HF `config.json` dict), a layout (TP/PP/EP/ETP/DP, distrib
     towers       the vision / audio encoders' activations when they train (frozen towers keep none); not divided
                  by CP: every CP rank runs the towers on the whole micro-batch (model.context_parallel says why)
     logits       the fp32 softmax of the [tokens x vocab/TP] logits kept by the cross entropy + the transient bf16
-                 logits and fp32 gradient around it (vocab 152064: the largest single tensors of a step)
+                 logits and fp32 gradient around it (vocab 152064: the largest single tensors of a step); with
+                 train.loss_chunk_tokens below a rank's tokens, one chunk of them (model.chunked_loss)
     overhead     CUDA context, NCCL buffers, allocator fragmentation (only in `total`, not in `allocated`)
 
 `allocated` is what `torch.cuda.max_memory_allocated` measures (bench/planner_check.py compares the two); `total`
@@ -68,6 +69,7 @@ class Workload:
     bf16: bool = True  # GPU: bf16 params + mcore's mixed-precision optimizer; False: fp32 (the CPU path)
     lora_rank: int = 0  # train.lora: adapter rank (0 = full fine-tuning)
     lora_targets: tuple = ()  # train.lora.targets
+    loss_chunk_tokens: int = 0  # train.loss_chunk_tokens: logit rows of the loss at a time (0 = all of them)
 
     @property
     def tokens(self) -> int:
@@ -210,6 +212,13 @@ def cp_tokens(work: Workload, layout: Layout) -> int:
     """Tokens of one micro-batch on one CP rank: 1/cp of the packed row (the zig-zag split; the padding of each
     sequence to 2 x cp chunks is at most 2 x cp - 1 tokens a sequence, left out)."""
     return -(-work.tokens // layout.cp)
+
+
+def logit_rows(work: Workload, layout: Layout) -> int:
+    """Rows of the logits that exist at once on a rank of the last stage: its tokens (the output layer all-gathers an
+    SP input, so not divided by TP), or one chunk of train.loss_chunk_tokens when it has more (model.chunked_loss)."""
+    rows = cp_tokens(work, layout)
+    return min(rows, work.loss_chunk_tokens) if work.loss_chunk_tokens else rows
 
 
 def cp_gathered_kv_bytes(text: dict, layout: Layout, work: Workload) -> int:
@@ -392,7 +401,7 @@ def estimate_stage(hf_config: dict, layout: Layout, work: Workload, stage: int) 
         v = text["vocab_size"] // layout.tp
         # fp32 softmax kept by the vocab-parallel cross entropy, plus the transient logits (training dtype) and their
         # fp32 copy / gradient at the forward-backward turn of the last micro-batch
-        parts["logits"] = cp_tokens(work, layout) * v * (4 + a + 4)
+        parts["logits"] = logit_rows(work, layout) * v * (4 + a + 4)
     return Estimate(layout=layout, stage=stage, work=work, params=params, trainable=dense + expert, parts=parts)
 
 
@@ -471,7 +480,8 @@ def workload_of(train, dp: int, on_gpu: bool) -> Workload:
         recompute=train.recompute, freeze_llm=frozen["llm"], freeze_vision=frozen["vision"],
         freeze_audio=frozen["audio"],
         num_microbatches=max(1, int(train.global_batch_size) // (int(train.micro_batch_size) * dp)),
-        bf16=on_gpu, lora_rank=lora.rank if lora else 0, lora_targets=tuple(lora.targets) if lora else ())
+        bf16=on_gpu, lora_rank=lora.rank if lora else 0, lora_targets=tuple(lora.targets) if lora else (),
+        loss_chunk_tokens=int(train.loss_chunk_tokens))
 
 
 def layout_of(parallel: dict, world_size: int, on_gpu: bool) -> Layout:

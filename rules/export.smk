@@ -1,4 +1,5 @@
-# Stage 6: the latest training checkpoint (any layout) -> a complete Qwen3-Omni HF checkpoint (talker + code2wav copied).
+# Stage 6: the latest training checkpoint (any layout) -> a complete Qwen3-Omni HF checkpoint: the talker from the
+# finetune_talker run's `latest` when it trained one (else copied, like code2wav).
 # results/export/hf/ holds the safetensors shards, their index, the HF config/tokenizer/chat template/preprocessor
 # files and MANIFEST.json (written last); all of it goes to results/export/hf.staging first and is renamed into place,
 # then the marker `hf.done` beside it, the declared output (as `shards`'s, rules/data.smk): a failed or killed rerun
@@ -17,6 +18,7 @@ EXPORT_OUTPUTS = {
 rule export:
     input:
         train=rules.finetune.output.done,
+        talker=rules.finetune_talker.output.done,
         hf_manifest="results/model/hf/MANIFEST.json",
     output:
         **EXPORT_OUTPUTS,

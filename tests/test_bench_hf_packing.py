@@ -59,3 +59,26 @@ def test_hf_packed_rows_equal_each_sequence_alone(tiny_hf_dir):
         # the same inputs with transformers' default KV cache attend across sequences: the test can fail
         inputs = dict(hf_inputs(batch, "cpu"), use_cache=True)
         assert (model(**inputs).logits[0] - packed).abs().max() > 1e-3
+
+
+def test_flex_attention_keeps_packed_sequences_apart_too(tiny_hf_dir):
+    """The flex_attention rows take the same inputs (text row + 3 MRoPE rows, no mask): transformers builds a
+    BlockMask from the text row. Forward only (torch 2.13 has no flex backward on CPU); compared with the sdpa path,
+    which the test above holds to each sequence alone."""
+    from train_throughput import build_hf, hf_inputs
+
+    torch.manual_seed(0)
+    model = build_hf(str(tiny_hf_dir), "sdpa", "cpu").eval()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_experts_implementation"):
+            config._experts_implementation = "eager"
+    batch, _ = packed_text_batch()
+    with torch.no_grad():
+        sdpa = model(**hf_inputs(batch, "cpu")).logits[0]
+        model.config.text_config._attn_implementation = "flex_attention"  # as build_hf sets it
+        flex = model(**hf_inputs(batch, "cpu")).logits[0]
+        # one causal sequence over the whole row instead: the mask matters, so the comparison can fail
+        whole = model(input_ids=batch.input_ids, use_cache=False).logits[0]
+    assert (flex - sdpa).abs().max() < 1e-5
+    assert (whole - sdpa).abs().max() > 1e-3

@@ -5,7 +5,8 @@
 * Attention: the CP attention of each rank's chunks (K/V gathered from every rank's share, bottom-right causal
   prefixes) equals full-row packed attention, forward and input gradients (single process, gathering simulated).
 * (slow, torchrun x4, gloo, fp32) loss, aux loss and every gradient at cp2, cp2+tp2+sp, cp2+ep2 and cp2+pp2 equal cp1
-  on packed rows mixing a 30-second audio, videos and short text conversations.
+  on packed rows mixing a 30-second audio, videos and short text conversations; the cp layouts take the LM loss over
+  token chunks (train.loss_chunk_tokens), the cp1 reference over whole micro-batches.
 """
 
 from __future__ import annotations

@@ -14,13 +14,14 @@ from test_finetune_workflow import planned_jobs
 from test_first_hour import report_view
 from workflow_utils import clone_workflow, snakemake
 
-SHORT_TRAINING = "train={iters: 3}"  # enough to change the weights; the demo budget covers the default 20
+SHORT_TRAINING = ("train={iters: 3}", "train_talker={iters: 2, lr_warmup_iters: 1}")  # enough to change the weights; the demo covers 20
 
 
 @pytest.fixture(scope="module")
 def evaluated(converted_workflow, tmp_path_factory):
     wf = clone_workflow(converted_workflow, tmp_path_factory.mktemp("evaluate_dag") / "wf")
-    result = snakemake(wf, "--cores", "2", "evaluate", "report_evaluate", "--config", SHORT_TRAINING, timeout=1800)
+    result = snakemake(wf, "--cores", "2", "evaluate", "report_evaluate", "--config", *SHORT_TRAINING,
+                       timeout=1800)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return wf, result
 
@@ -56,13 +57,13 @@ def test_base_and_tuned_are_evaluated_per_modality_with_answers(evaluated):
 def test_a_training_change_reruns_the_tuned_evaluation_only(evaluated):
     wf, _ = evaluated
     outputs = ["results/eval/base.json", "results/eval/tuned.json"]
-    unchanged = snakemake(wf, "-n", *outputs, "--config", SHORT_TRAINING)
+    unchanged = snakemake(wf, "-n", *outputs, "--config", *SHORT_TRAINING)
     assert unchanged.returncode == 0 and "Nothing to be done" in unchanged.stdout + unchanged.stderr
-    changed = snakemake(wf, "-n", *outputs, "--config", "train={iters: 3, lr: 2.0e-3}")
+    changed = snakemake(wf, "-n", *outputs, "--config", "train={iters: 3, lr: 2.0e-3}", SHORT_TRAINING[1])
     assert changed.returncode == 0, changed.stderr[-3000:]
     output = changed.stdout + changed.stderr
     print(f"planned after train.lr changed: {planned_jobs(output)}")
-    assert planned_jobs(output) == {"finetune": 1, "export": 1, "evaluate_model": 1}
+    assert planned_jobs(output) == {"finetune": 1, "finetune_talker": 1, "export": 1, "evaluate_model": 1}
     assert "output: results/eval/tuned.json" in output and "output: results/eval/base.json" not in output
 
 

@@ -14,7 +14,7 @@ import pytest
 from test_finetune_workflow import planned_jobs
 from workflow_utils import clone_workflow, snakemake
 
-NO_TRAINING = "train={iters: 0}"
+NO_TRAINING = ("train={iters: 0}", "train_talker={iters: 0}")
 
 
 def _files(folder: Path) -> dict:
@@ -79,19 +79,19 @@ def test_failed_export_and_finetune_reruns_leave_their_outputs(converted_workflo
     from omni_model.runtime.launch import writer_lock
 
     wf = clone_workflow(converted_workflow, tmp_path / "wf")
-    done = snakemake(wf, "--cores", "2", "export", "--config", NO_TRAINING, timeout=1800)
+    done = snakemake(wf, "--cores", "2", "export", "--config", *NO_TRAINING, timeout=1800)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     export, train = wf / "results/export/hf", wf / "results/train"
     exported, trained = _files(export), _files(train)
     assert "MANIFEST.json" in exported and {"latest", "metrics.jsonl"} <= trained.keys()
 
     _damage_the_model(wf)
-    _failed(snakemake(wf, "--cores", "2", "export", "--forcerun", "export", "--config", NO_TRAINING),
+    _failed(snakemake(wf, "--cores", "2", "export", "--forcerun", "export", "--config", *NO_TRAINING),
             "is incomplete or corrupted")
     assert _files(export) == exported  # every shard, the index, the side files and MANIFEST.json
     with writer_lock(train, "test"):  # a second writer: refused when the job starts, after Snakemake's clean-up
-        _failed(snakemake(wf, "--cores", "2", "finetune", "--forcerun", "finetune", "--config", NO_TRAINING),
+        _failed(snakemake(wf, "--cores", "2", "finetune", "--forcerun", "finetune", "--config", *NO_TRAINING),
                 "is being written by another")
     assert {name: trained[name] for name in ("latest", "metrics.jsonl")} == \
         {name: _files(train)[name] for name in ("latest", "metrics.jsonl")}
-    assert _plans(wf, "export", "--config", NO_TRAINING) == {"finetune": 1, "export": 1}
+    assert _plans(wf, "export", "--config", *NO_TRAINING) == {"finetune": 1, "finetune_talker": 1, "export": 1}

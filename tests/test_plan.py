@@ -198,3 +198,25 @@ def test_context_parallel_divides_the_per_rank_activations():
         assert rows[cp].parts["logits"] == rows[1].parts["logits"] // cp
         assert rows[cp].parts["towers"] == rows[1].parts["towers"]
     assert "cp2 dp4" in rows[2].describe()
+
+
+def test_chunked_loss_bounds_the_logits_to_one_chunk():
+    """train.loss_chunk_tokens (model.chunked_loss): a rank's logits exist one chunk at a time, so a 128k-token row
+    at cp2 (64k tokens a rank) plans 8k rows of logits at chunks of 8k, not 64k; every other part is unchanged. The
+    schema's default (32768) leaves rows up to that size as they were; the train section's value reaches the plan."""
+    from omni_model.plan import workload_of
+    from omni_model.schema import TrainConfig
+
+    hf = released_30b_a3b_config()
+    layout = Layout(ep=8, cp=2, dp=4)
+    whole = estimate(hf, layout, Workload(seq_len=131072, freeze_vision=True))
+    chunked = estimate(hf, layout, Workload(seq_len=131072, freeze_vision=True, loss_chunk_tokens=8192))
+    print(f"128k row at cp2: logits {whole.parts['logits'] / GIB:.1f} GiB whole, {chunked.parts['logits'] / GIB:.1f} "
+          f"GiB in chunks of 8192 tokens; total {whole.total / GIB:.1f} -> {chunked.total / GIB:.1f} GiB")
+    assert chunked.parts["logits"] * 8 == whole.parts["logits"]
+    assert {k: v for k, v in chunked.parts.items() if k != "logits"} == {
+        k: v for k, v in whole.parts.items() if k != "logits"}
+    default = workload_of(TrainConfig.of({"seq_len": 4096}), dp=4, on_gpu=True)
+    assert default.loss_chunk_tokens == 32768
+    assert estimate(hf, layout, default).parts == estimate(hf, layout, Workload(seq_len=4096)).parts
+    assert workload_of(TrainConfig.of({"loss_chunk_tokens": 512}), dp=4, on_gpu=True).loss_chunk_tokens == 512

@@ -148,7 +148,7 @@ def test_talker_training_matches_transformers(sharp_dir, tmp_path):
         reports, updated, grad_norm = optimizer_step(
             training.model, training.optimizer, training.scheduler, forward_step, iter(batches), MICRO_BATCHES,
             seq_length=16, micro_batch_size=2)
-        ours = sum(r["loss"].item() for r in reports) / MICRO_BATCHES
+        ours = sum(r["lm loss"][0].item() for r in reports) / MICRO_BATCHES
         theirs = _transformers_step(ref, ref_optimizer, batches, step)
         losses.append((ours, theirs))
         worst_loss = max(worst_loss, abs(ours - theirs))

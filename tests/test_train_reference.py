@@ -8,8 +8,12 @@
   formula written out here). Same samples: packed THD rows on our side; transformers' attention cannot honour packing
   boundaries on CPU, so it gets the same samples as padded rows, and its token losses are summed and divided by the
   step's label-token count (the token mean over the global batch, our loss). MoE aux loss coefficient 0 on both
-  sides (its value is compared in the second test). Per-step losses agree to 1e-5, final weights (every tensor, HF
-  names, through the mapping) to 2e-4 relative (WEIGHT_TOL says why).
+  sides (its value is compared in the second test). A parameter that a step does not use (a tower on a step without
+  its media) still takes its Adam step in mcore (its grad buffer holds zeros: the moments decay and move it, weight
+  decay applies), while torch's optimizers skip a parameter whose .grad is None: the plain loop keeps zero gradients
+  instead of None (`zero_grad(set_to_none=False)`, zeros before the first step), mcore's convention. Per-step losses
+  agree to LOSS_TOL, final weights (every tensor, HF names, through the mapping) to 2e-4 relative (WEIGHT_TOL says
+  why).
 * `test_aux_loss_matches_transformers`: see its docstring.
 """
 
@@ -25,7 +29,10 @@ from train_helpers import scheduled_lr, switch_stats, to_hf_names, train_step
 STEPS = 10
 TRAIN = dict(lr=2e-3, min_lr=2e-4, lr_warmup_iters=2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
              adam_eps=1e-8, clip_grad=1.0)
-LOSS_TOL = 1e-5
+# the token-mean loss (~11): agrees to ~1e-6 at most steps; step 6 (the two spoken-answer samples of the demo, whose
+# text the thinker trains on, with demo-0000/0001) is a steep one (grad norm 13.8 where the others are 1.4-2.3), and
+# there the weights' Adam noise of the earlier steps (WEIGHT_TOL) shows as 1.1e-5 (measured)
+LOSS_TOL = 2e-5
 # Adam's first update is lr * g / (|g| + eps) per element: an element whose gradient is near 0 (|g| ~ eps) moves by up
 # to lr on fp32 rounding of g alone. Measured with step 1 at LR > 0: after step 1, one of layer 1's 2048 v_proj
 # elements differs by 8.8e-5 (all others <= 3.7e-9), 4.1e-5 relative for the tensor after 10 steps.
@@ -39,9 +46,11 @@ def lr_at(step: int) -> float:
 
 @pytest.fixture(scope="module")
 def samples(tiny_hf_dir, tmp_path_factory):
-    """Every good demo conversation of at most 200 tokens (media of every kind), in demo order. The demo's
-    deliberately bad samples are left out even where the encoder takes them (the data stages drop them; the spoken-
-    answer ones are text to the thinker): with them in the pool (session 8) step 7 differed by 3.4e-4, cause open."""
+    """Every demo conversation the encoder takes with at most 200 tokens (media of every kind), in demo order: the
+    deliberately bad ones it takes too (the data stages drop them, but the model must train on them like
+    transformers; the spoken-answer ones are text to the thinker). With them, step 6 is the first step without audio:
+    the audio tower's parameters have no gradient there (see the module docstring: they caused a 3.4e-4 step-7
+    difference while the reference loop skipped them)."""
     from omni_model.data.demo import generate_demo
     from omni_model.data.encoder import OmniEncoder, media_from_paths
     from omni_model.data.formats import load_raw
@@ -50,8 +59,6 @@ def samples(tiny_hf_dir, tmp_path_factory):
     encoder = OmniEncoder(tiny_hf_dir, max_seq_len=2048)
     out = []
     for record in records:
-        if record["id"].startswith("bad-"):
-            continue
         try:
             sample = encoder.encode(record, media_from_paths(record))
         except Exception:  # noqa: BLE001 - the demo's deliberately broken samples
@@ -102,6 +109,8 @@ def _transformers(hf_dir):
               {"params": [p for p in params.values() if p.ndim <= 1], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(TRAIN["adam_beta1"], TRAIN["adam_beta2"]),
                                   eps=TRAIN["adam_eps"])
+    for param in params.values():  # mcore's grad buffers: an unused parameter's gradient is 0, not None
+        param.grad = torch.zeros_like(param)
     return model, optimizer
 
 
@@ -120,7 +129,7 @@ def _transformers_step(model, optimizer, batches, step) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=False)  # zeros, not None: mcore's optimizer steps every parameter
     return total / n_tokens
 
 
@@ -140,6 +149,7 @@ def test_training_matches_transformers(tiny_hf_dir, samples, tmp_path):
     from omni_model.convert.mapping import current_coord
 
     pool, pad_id = samples
+    assert {"bad-corrupt_speech", "bad-speech_too_long"} <= {s.sample_ids[0] for s in pool}  # a step without audio
     ours, optimizer, scheduler = _ours(tiny_hf_dir, tmp_path / "train")
     ref, ref_optimizer = _transformers(tiny_hf_dir)
     initial = {k: v.clone() for k, v in to_hf_names({current_coord(): ours.module.state_dict()}, tiny_hf_dir).items()}

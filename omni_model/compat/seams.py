@@ -204,6 +204,14 @@ SEAMS: tuple[Seam, ...] = (
           "our forward runs the decoder itself (MRoPE, deepstack) and then GPTModel's private _postprocess by keyword; "
           "the loss hook it calls is overridden",
           fingerprint='0555ef23758e5d2f'),
+    _seam("model.chunked_lm_loss", MCORE, ["megatron.core.models.gpt.gpt_model:GPTModel._postprocess",
+                                           "megatron.core.tensor_parallel.layers:ColumnParallelLinear.forward"],
+          "omni_model.model.language_model:Qwen3OmniLanguageModel._chunked_loss", "call",
+          "train.loss_chunk_tokens: with labels, our forward does _postprocess's labels path itself one token chunk at "
+          "a time (the output weight it picks, output_layer(hidden, weight=, runtime_gather_output=), "
+          "compute_language_model_loss; no MTP, no inference) and relies on the output layer all-gathering an SP "
+          "input along dim 0, rank-major (model.chunked_loss)",
+          fingerprint='d0e4075c5d59c6c7'),
     _seam("model.cross_entropy", MCORE, f"{_TP}.cross_entropy:_VocabParallelCrossEntropy",
           "omni_model.model.cross_entropy:FusedVocabParallelCrossEntropy", "switch",
           "the same fp32 vocab-parallel cross-entropy fused on the GPU", switch="fuse_ce_on_gpu",

@@ -8,7 +8,12 @@
   the sharded state dict (dist_checkpointing reshards from whatever TP/PP/EP layout the checkpoint was written at),
   mapped to HF names through the one declarative table (`mapping.Mapper.iter_mcore_to_hf`), cast to the source
   tensor's dtype and written, then freed.
-- Every other tensor (`talker.*`, `code2wav.*`) is copied byte for byte from the source HF safetensors.
+- Talker tensors (`talker.*`) come from the `finetune_talker` checkpoint when one is given (`talker_checkpoint`:
+  the talker built at tp1 on meta for its sharded state dict, loaded in one go (~3B parameters released), mapped by
+  the talker's rows of the same Mapper), else they are copied like code2wav.
+- Every other tensor (`code2wav.*`, the talker when untrained) is copied byte for byte from the source safetensors.
+- MANIFEST.json records which parts were trained (`trained`: thinker llm / vision / audio, talker decoder /
+  predictor / projections, code2wav never), read from the training runs' settings.json.
 - The output is planned from the source safetensors headers (same names, dtypes, shapes; sharded by `shard_size`
   bytes like `save_pretrained`), its shard headers are written first and every tensor's bytes go to their planned
   offset: memory never holds more than one group, whatever the shard size.
@@ -26,7 +31,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -98,9 +103,10 @@ def _sharded_tensors(value) -> list:
     raise ExportError(f"unexpected sharded state dict value {type(value).__name__}")
 
 
-def check_checkpoint(sharded: dict, checkpoint_dir: Path) -> Dict[str, torch.dtype]:
-    """Every tensor the thinker needs is in the checkpoint with the right global shape, and no model tensor of the
-    checkpoint is left over. Returns {checkpoint key: dtype}."""
+def check_checkpoint(sharded: dict, checkpoint_dir: Path, prefixes: tuple = MODEL_PREFIXES,
+                     what: str = "thinker") -> Dict[str, torch.dtype]:
+    """Every tensor the model (`what`) needs is in the checkpoint with the right global shape, and no model tensor
+    (keys under `prefixes`) of the checkpoint is left over. Returns {checkpoint key: dtype}."""
     from megatron.core import dist_checkpointing
 
     stored = dist_checkpointing.load_tensors_metadata(str(checkpoint_dir))
@@ -109,14 +115,14 @@ def check_checkpoint(sharded: dict, checkpoint_dir: Path) -> Dict[str, torch.dty
         for sh in _sharded_tensors(value):
             wanted.add(sh.key)
             if sh.key not in stored:
-                raise ExportError(f"checkpoint {checkpoint_dir} lacks the thinker tensor {sh.key} "
+                raise ExportError(f"checkpoint {checkpoint_dir} lacks the {what} tensor {sh.key} "
                                   f"(state dict name {name}, shape {tuple(sh.global_shape)})")
             if tuple(stored[sh.key].global_shape) != tuple(sh.global_shape):
                 raise ExportError(f"{sh.key} (state dict name {name}): checkpoint shape "
                                   f"{tuple(stored[sh.key].global_shape)} != model shape {tuple(sh.global_shape)}")
-    extra = sorted(k for k in stored if k.startswith(MODEL_PREFIXES) and k not in wanted)
+    extra = sorted(k for k in stored if k.startswith(prefixes) and k not in wanted)
     if extra:
-        raise ExportError(f"checkpoint {checkpoint_dir} holds model tensors the thinker does not have: {extra[:5]}")
+        raise ExportError(f"checkpoint {checkpoint_dir} holds model tensors the {what} does not have: {extra[:5]}")
     return {k: v.dtype for k, v in stored.items()}
 
 
@@ -200,9 +206,65 @@ def export_thinker_tensors(checkpoint_dir: Path, hf_config: dict, *, use_te: boo
         yield from mapper.iter_mcore_to_hf({RankCoord(): group})
 
 
+TALKER = "talker."
+TALKER_MODEL_PREFIXES = ("language_model.", "code_predictor.", "text_projection.", "hidden_projection.")
+
+
+def export_talker_tensors(checkpoint_dir: Path, hf_config: dict, *,
+                          use_te: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(HF name, tensor in the checkpoint's dtype) of every talker tensor of a finetune_talker dist checkpoint."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from ..model.talker import build_talker
+    from ..model.transformer_config import Layout
+    from .mapping import RankCoord, talker_mapper
+
+    with torch.device("meta"):
+        talker = build_talker(hf_config, dtype=torch.float32, use_te=use_te, perform_initialization=False,
+                              config_overrides={"use_cpu_initialization": True})
+    sharded = {k: v for k, v in talker.sharded_state_dict().items() if not isinstance(v, ShardedObject)}
+    dtypes = check_checkpoint(sharded, checkpoint_dir, TALKER_MODEL_PREFIXES, "talker")
+    loaded = _load(list(sharded), sharded, checkpoint_dir, dtypes)
+    state = {TALKER + name: tensor for name, tensor in loaded.items() if not name.endswith("_extra_state")}
+    yield from talker_mapper(hf_config, Layout()).iter_mcore_to_hf({RankCoord(): state})
+
+
+def trained_parts(checkpoint_dir: Path, talker_checkpoint: Optional[Path]) -> dict:
+    """Which parts of the export a training run changed, from the runs' settings.json beside their checkpoints
+    (a converted checkpoint, `train.iters` 0, trained nothing): {"thinker": {part: true | false | "lora"},
+    "talker": {part: bool} or false, "code2wav": false}."""
+    from ..train.checkpointing import ITER_DIR
+
+    def settings_of(checkpoint):
+        if checkpoint is None or not ITER_DIR.match(Path(checkpoint).name):
+            return None
+        path = Path(checkpoint).parent / "settings.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    thinker = dict.fromkeys(("llm", "vision", "audio"), False)
+    run = settings_of(checkpoint_dir)
+    if run is not None:
+        train = run["train"]
+        lora = train.get("lora") or {}
+        for part in thinker:
+            if lora.get("enabled"):
+                targets = {"llm": {"attention", "experts", "dense_mlp"}, "vision": {"vision"}, "audio": {"audio"}}
+                thinker[part] = "lora" if targets[part] & set(lora.get("targets", ())) else False
+            else:
+                thinker[part] = not train.get(f"freeze_{part}", False)
+    talker_run = settings_of(talker_checkpoint)
+    talker = False
+    if talker_run is not None:
+        talker = {part: not talker_run["talker"].get(f"freeze_{part}", False)
+                  for part in ("decoder", "predictor", "projections")}
+    return {"thinker": thinker, "talker": talker, "code2wav": False}
+
+
 def export_to_hf(checkpoint_dir, source_hf_dir, out_dir, *, shard_size: int = 5_000_000_000, use_te: bool = False,
-                 group_bytes: int = DEFAULT_GROUP_BYTES, log: Callable[[str], None] = print) -> dict:
-    """Write `out_dir`: the thinker from `checkpoint_dir`, everything else from `source_hf_dir`. Returns a summary."""
+                 group_bytes: int = DEFAULT_GROUP_BYTES, log: Callable[[str], None] = print,
+                 talker_checkpoint=None) -> dict:
+    """Write `out_dir`: the thinker from `checkpoint_dir`, the talker from `talker_checkpoint` (a finetune_talker
+    checkpoint; None: the source's talker), everything else from `source_hf_dir`. Returns a summary."""
     from ..checkpoint_files import write_manifest
     from ..runtime.logs import Progress
     from ..runtime.publish import fresh_staging, publish
@@ -213,7 +275,10 @@ def export_to_hf(checkpoint_dir, source_hf_dir, out_dir, *, shard_size: int = 5_
     hf_config = json.loads((source_hf_dir / "config.json").read_text())
     source = source_tensors(source_hf_dir)
     thinker = [e for e in source.values() if e.name.startswith(THINKER)]
-    copied = [e for e in source.values() if not e.name.startswith(THINKER)]
+    talker_trained = talker_checkpoint is not None
+    from_talker = [e for e in source.values() if talker_trained and e.name.startswith(TALKER)]
+    copied = [e for e in source.values() if not e.name.startswith(THINKER) and not (talker_trained
+                                                                                  and e.name.startswith(TALKER))]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = fresh_staging(out_dir)
 
@@ -228,19 +293,39 @@ def export_to_hf(checkpoint_dir, source_hf_dir, out_dir, *, shard_size: int = 5_
                                       f"{source_hf_dir} has no such tensor")
                 writer.write(name, tensor.to(_DTYPES[source[name].dtype]))  # the source dtype (round to nearest)
                 bar.update(source[name].nbytes, tensors=f"{count}/{len(thinker)}")
+        if talker_trained:
+            _write_talker(writer, Path(talker_checkpoint), hf_config, source, from_talker, use_te, log)
         for entry in copied:
             writer.copy_from(entry)
-        log(f"export: {len(copied)} talker/code2wav tensors copied unchanged")
+        log(f"export: {len(copied)} {'code2wav' if talker_trained else 'talker/code2wav'} tensors copied unchanged")
         writer.finish()
 
     copy_hf_side_files(source_hf_dir, staging)
+    trained = trained_parts(checkpoint_dir, talker_checkpoint)
     write_manifest(staging, {"kind": "export", "checkpoint": str(checkpoint_dir.resolve()),
+                             "talker_checkpoint": str(Path(talker_checkpoint).resolve()) if talker_trained else None,
+                             "trained": trained,
                              "source_manifest": manifest_digest(source_hf_dir)})  # last: its presence = complete
     publish(staging, out_dir)
-    summary = {"thinker_tensors": len(thinker), "copied_tensors": len(copied),
+    summary = {"thinker_tensors": len(thinker), "talker_tensors": len(from_talker), "copied_tensors": len(copied),
                "shards": len(set(writer.weight_map.values())), "total_size": writer.total_size}
     log(f"export: {out_dir}: {summary}")
     return summary
+
+
+def _write_talker(writer, talker_checkpoint: Path, hf_config: dict, source: dict, expected: list, use_te: bool,
+                  log) -> None:
+    """The talker tensors from its checkpoint, each in its source dtype; every source talker tensor exactly once."""
+    written = set()
+    for name, tensor in export_talker_tensors(talker_checkpoint, hf_config, use_te=use_te):
+        if name not in source:
+            raise ExportError(f"{name}: mapped from the talker checkpoint, but the source checkpoint has no such tensor")
+        writer.write(name, tensor.to(_DTYPES[source[name].dtype]))
+        written.add(name)
+    missing = sorted({e.name for e in expected} - written)
+    if missing:
+        raise ExportError(f"talker tensors of the source that the talker checkpoint does not produce: {missing[:5]}")
+    log(f"export: {len(written)} talker tensors from {talker_checkpoint}")
 
 
 def _single_process_layout() -> None:

@@ -12,6 +12,8 @@ Two parts, one per question a user asks:
   checkpoint over the GPUs of one host without a layout; mcore's inference engines (0.16 to 0.19) have no Qwen3-Omni
   multimodal prompt path (towers, deepstack, MRoPE) and would need one written and kept in step.
 
-Spoken answers (the talker) are not evaluated yet: no talker is trained. `summary` keeps one section per output kind
-(`text` now) so a `speech` section can be added beside it.
+* `speech` (`generate.generate_speech`): spoken answers to the val samples whose last answer is spoken, through the
+  same `generate` with the talker and code2wav (the tuned talker of finetune_talker in the export), greedy; their
+  wavs, lengths against the reference speech, and whether the talker ended them. Their codes are not scored against
+  the reference codes: the thinker's text differs from the reference's, so the talker speaks other words.
 """

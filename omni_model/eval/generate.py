@@ -124,6 +124,78 @@ def answer_row(tokenizer, record: dict, reference: np.ndarray, new: list[int], p
             "prompt_tokens": prompt_tokens}
 
 
+# ------------------------------------------------------------------------------------------------- spoken answers
+SPEECH_FRAMES_CAP = (2, 12)  # a spoken answer may run to 2 x its reference's frames + 12 (an untrained talker never
+# stops: transformers' default cap is 4096 frames, minutes of CPU per answer on the tiny model)
+
+
+def spoken_samples(shards_dir: Path, split: str, limit: int) -> Iterator[dict]:
+    """The first `limit` samples of a split whose last answer is spoken (its speech codes in the shard)."""
+    count = 0
+    for sample in split_samples(Path(shards_dir), split, 10**9):
+        if count >= limit:
+            return
+        if sample["record"]["messages"][-1].get("speech"):
+            count += 1
+            yield sample
+
+
+def reference_frames(record: dict) -> int:
+    """Frames of the last answer's recorded speech (media_meta.speech of the shards)."""
+    turn = len(record["messages"]) - 1
+    meta = [m for m in record.get("media_meta", {}).get("speech", []) if m["turn"] == turn]
+    return int(meta[0]["frames"]) if meta else 0
+
+
+def spoken_answer(model, inputs: dict, max_new_tokens: int, stop: list[int], pad_id: int, speaker: str,
+                  max_frames: int) -> tuple[list[int], np.ndarray]:
+    """transformers' generate with the talker, greedy throughout (thinker, talker and code predictor):
+    (the answer's new token ids, its 24 kHz waveform)."""
+    device = model.thinker.get_input_embeddings().weight.device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with torch.no_grad():
+        ids, wave = model.generate(**inputs, return_audio=True, speaker=speaker, thinker_max_new_tokens=max_new_tokens,
+                                   thinker_do_sample=False, thinker_eos_token_id=stop, thinker_pad_token_id=pad_id,
+                                   talker_do_sample=False, talker_max_new_tokens=max_frames)
+    return ids[0, inputs["input_ids"].shape[1]:].tolist(), wave.reshape(-1).float().cpu().numpy()
+
+
+def generate_speech(hf_dir: Path, shards_dir: Path, split: str, limit: int, max_new_tokens: int, out_dir: Path,
+                    speaker: str = "ethan", encoder_settings: Optional[dict] = None) -> list[dict]:
+    """Spoken answers of the model at `hf_dir` (its talker and code2wav) to the first `limit` samples of `split`
+    whose last answer is spoken: a wav each in `out_dir` (<id>.wav, 24 kHz) and a row: id, prompt, reference and
+    answer text, seconds generated, reference seconds and frames, wav path, whether the talker ended the speech
+    (codec EOS before the frame cap)."""
+    import soundfile as sf
+
+    from ..data.speech import SPEECH_RATE, TalkerCodes
+
+    check_tokenizer(hf_dir, shards_dir)
+    samples = list(spoken_samples(shards_dir, split, limit)) if limit > 0 else []
+    if not samples:
+        return []
+    encoder = OmniEncoder(hf_dir, **(encoder_settings or {}))
+    tokenizer = encoder.chat.tokenizer
+    model = load_model(hf_dir)
+    codes = TalkerCodes.from_config(Path(hf_dir))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for sample in samples:
+        inputs, reference = prompt_inputs(encoder, sample)
+        frames = reference_frames(sample["record"])
+        cap = SPEECH_FRAMES_CAP[0] * frames + SPEECH_FRAMES_CAP[1]
+        new, wave = spoken_answer(model, inputs, max_new_tokens, stop_ids(tokenizer), encoder.pad_id, speaker, cap)
+        wav = out_dir / f"{sample['record']['id']}.wav"
+        sf.write(wav, wave, SPEECH_RATE, subtype="FLOAT")
+        row = answer_row(tokenizer, sample["record"], reference, new, inputs["input_ids"].shape[1])
+        generated_frames = -(-len(wave) // codes.samples_per_frame)
+        rows.append({**row, "seconds": len(wave) / SPEECH_RATE, "frames": generated_frames,
+                     "reference_frames": frames, "reference_seconds": frames / codes.frame_rate,
+                     "ended": generated_frames < cap, "wav": str(wav)})
+    return rows
+
+
 def generate_answers(hf_dir: Path, shards_dir: Path, split: str, limit: int, max_new_tokens: int,
                      encoder_settings: Optional[dict] = None) -> list[dict]:
     """Greedy answers of the thinker at `hf_dir` to the first `limit` samples of `split`: one answer_row each."""

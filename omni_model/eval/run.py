@@ -9,7 +9,11 @@ reference and answer for the generated ones) and `out_json`:
     {"model", "checkpoint", "hf_dir", "split",
      "scores": {"all": G, "by_modality": {mix: G}, "by_source": {source: G}},   G = samples, tokens, loss, accuracy
      "text": metrics.text_summary of the generated answers,
-     "speech": null (no talker is trained yet; its section goes here),
+     "speech": spoken answers of the first eval.speech_samples val samples whose last answer is spoken (talker +
+               code2wav through transformers' generate, greedy): {samples, ended (the talker said EOS before the
+               cap), seconds, reference_seconds, answers: [{id, prompt, reference, answer, seconds, frames,
+               reference_frames, reference_seconds, ended, wav}]}, wavs in results/eval/<model>_speech/;
+               null when none is spoken or eval.speech_samples is 0,
      "eval_data": {split, scores, text, overlap_with_training, dropped}  (only with eval.data)}
 """
 
@@ -25,7 +29,7 @@ from ..data.sample import MEDIA_LISTS
 from ..layout import Layout
 from ..train.settings import TrainSettings
 from .data import SPLIT as EVAL_DATA_SPLIT
-from .generate import check_tokenizer, generate_answers
+from .generate import check_tokenizer, generate_answers, generate_speech
 from .metrics import NO_SOURCE, text_summary
 
 # train.* keys that say where the scoring ranks run (not what they compute)
@@ -48,6 +52,8 @@ class Evaluation:
     generate_samples: int = 4
     max_new_tokens: int = 32
     metric: Union[str, dict] = "auto"
+    speech_samples: int = 0  # val samples with a spoken last answer answered in speech too
+    speaker: str = "ethan"  # talker_config.speaker_id key (train_talker.speaker)
 
 
 def modality_of(record: dict) -> str:
@@ -140,6 +146,19 @@ def evaluate_set(ev: Evaluation, work_dir: Path, log=print) -> tuple[dict, list]
     return {"split": ev.split, "scores": scores_summary(rows), "text": text_summary(generated, ev.metric)}, samples
 
 
+def speech_summary(ev: Evaluation, out_dir: Path, log=print) -> Optional[dict]:
+    """The summary's speech entry (module doc), None without spoken val samples."""
+    rows = generate_speech(Path(ev.hf_dir), Path(ev.shards), ev.split, ev.speech_samples, ev.max_new_tokens, out_dir,
+                           speaker=ev.speaker, encoder_settings=ev.data)
+    if not rows:
+        return None
+    log(f"[evaluate] {ev.name}: {len(rows)} spoken answers ({sum(r['seconds'] for r in rows):.1f} s, "
+        f"{sum(r['ended'] for r in rows)} ended by the talker) in {out_dir}")
+    return {"samples": len(rows), "ended": sum(r["ended"] for r in rows),
+            "seconds": sum(r["seconds"] for r in rows), "reference_seconds": sum(r["reference_seconds"] for r in rows),
+            "answers": rows}
+
+
 def evaluate_model(ev: Evaluation, out_json: Path, out_samples: Path, eval_data: Optional[Path] = None,
                    log=print) -> dict:
     """Refuse a model with another tokenizer than the data's, evaluate the val split (and `eval_data`: the folder
@@ -150,7 +169,8 @@ def evaluate_model(ev: Evaluation, out_json: Path, out_samples: Path, eval_data:
     work_dir = out_json.parent / f".{ev.name}_work"
     work_dir.mkdir(parents=True, exist_ok=True)
     part, samples = evaluate_set(ev, work_dir, log)
-    summary = {"model": ev.name, "checkpoint": ev.checkpoint, "hf_dir": ev.hf_dir, **part, "speech": None}
+    summary = {"model": ev.name, "checkpoint": ev.checkpoint, "hf_dir": ev.hf_dir, **part,
+               "speech": speech_summary(ev, out_json.parent / f"{ev.name}_speech", log)}
     samples = [dict(row, dataset="val") for row in samples]
     if eval_data is not None:
         eval_data = Path(eval_data)

@@ -33,6 +33,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from .attention import per_token_rope_packing
+from .chunked_loss import chunked_lm_loss
 from .context_parallel import local_rows
 from .cross_entropy import vocab_parallel_cross_entropy
 from .options import DEFAULT, PerfOptions, apply_options
@@ -43,6 +44,8 @@ from .transformer_config import Layout, build_transformer_config, deepstack_coun
 
 class Qwen3OmniLanguageModel(GPTModel):
     fuse_ce_on_gpu = DEFAULT.fuse_ce_on_gpu
+    # train.loss_chunk_tokens: logit rows of the LM loss at a time when a micro-batch has more (0: never chunked)
+    loss_chunk_tokens = 0
 
     def use_options(self, options: PerfOptions) -> None:
         self.fuse_ce_on_gpu = options.fuse_ce_on_gpu
@@ -82,6 +85,27 @@ class Qwen3OmniLanguageModel(GPTModel):
         loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), self.pg_collection.tp,
                                             fuse_on_gpu=self.fuse_ce_on_gpu)
         return loss.transpose(0, 1).contiguous()
+
+    def _chunks_the_loss(self, hidden_states: torch.Tensor, labels, inference_context) -> bool:
+        """The loss goes over token chunks (model.chunked_loss) when this stage makes it, a chunk size is set and the
+        micro-batch has more logit rows than that; mcore's own _postprocess otherwise (inference, MTP: not ours)."""
+        if labels is None or not self.post_process or not self.loss_chunk_tokens or inference_context is not None:
+            return False
+        if self.config.mtp_num_layers is not None:
+            return False
+        return labels.numel() > self.loss_chunk_tokens
+
+    def _chunked_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor, runtime_gather_output) -> torch.Tensor:
+        """GPTModel._postprocess's labels path (output weight, output layer, compute_language_model_loss) one chunk of
+        tokens at a time: per-token loss [B, S]."""
+        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+
+        def logits_of(hidden_chunk):
+            return self.output_layer(hidden_chunk, weight=output_weight, runtime_gather_output=runtime_gather_output)[0]
+
+        gathered = self.pg_collection.tp.size() if self.output_layer.sequence_parallel else 1
+        return chunked_lm_loss(hidden_states, labels, logits_of, self.compute_language_model_loss,
+                               self.loss_chunk_tokens, gathered_ranks=gathered)
 
     # -- inputs ---------------------------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -157,6 +181,9 @@ class Qwen3OmniLanguageModel(GPTModel):
             inference_context=inference_context,
             padding_mask=padding_mask,
         )
+        if self._chunks_the_loss(hidden_states, labels, inference_context):
+            output = self._chunked_loss(hidden_states, labels, runtime_gather_output)
+            return (output, hidden_states) if return_hidden else output
         output = self._postprocess(
             hidden_states=hidden_states,
             input_ids=input_ids,

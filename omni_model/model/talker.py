@@ -45,6 +45,7 @@ from .options import DEFAULT, PerfOptions, apply_options
 from .rope import InterleavedMRoPE
 from .specs import decoder_block_spec
 from .transformer_config import build_transformer_config, rope_params
+from .vision import MergerList
 
 
 def _without_sequence_parallel(config):
@@ -90,13 +91,15 @@ class CodePredictor(MegatronModule):
         # plain RoPE (positions 0..G-1 on every axis): the interleave with all frequencies on the T axis
         theta = rope_params(predictor_cfg)["rope_theta"]
         self.rotary_pos_emb = InterleavedMRoPE(config.kv_channels, theta, [config.kv_channels // 2, 0, 0])
-        self.embeddings = torch.nn.ModuleList(
+        # MegatronModule lists (not nn.ModuleList): mcore's default sharded_state_dict of a ModuleList would save
+        # these vocab-split tensors as replicated, so a checkpoint written at TP > 1 would keep rank 0's slice only
+        self.embeddings = MergerList(config, [
             VocabParallelEmbedding(vocab, hidden, init_method=config.init_method, config=config)
-            for _ in range(groups - 1))
-        self.heads = torch.nn.ModuleList(
+            for _ in range(groups - 1)])
+        self.heads = MergerList(config, [
             LocalColumnParallelLinear(hidden, vocab, config=config, init_method=config.init_method, bias=False,
                                       gather_output=False, skip_bias_add=False)
-            for _ in range(groups - 1))
+            for _ in range(groups - 1)])
         self.num_code_groups = groups
 
     def embed_group(self, group: int, codes: torch.Tensor) -> torch.Tensor:

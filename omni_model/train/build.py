@@ -96,6 +96,7 @@ def build_thinker_for_training(settings: TrainSettings, options: PerfOptions = D
                             config_overrides=model_config_overrides(settings))
     if settings.layout.pp > 1:
         allow_variable_seq_lengths(thinker.config)
+    thinker.language_model.loss_chunk_tokens = settings.train.loss_chunk_tokens  # model.chunked_loss
     return thinker
 
 

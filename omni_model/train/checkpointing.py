@@ -155,7 +155,8 @@ def _layout() -> dict:
 
     return {"world": torch.distributed.get_world_size(), "tp": ps.get_tensor_model_parallel_world_size(),
             "pp": ps.get_pipeline_model_parallel_world_size(), "ep": ps.get_expert_model_parallel_world_size(),
-            "etp": ps.get_expert_tensor_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
+            "etp": ps.get_expert_tensor_parallel_world_size(), "cp": ps.get_context_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
 
 
 def _per_rank_objects(rng=None, loader_state=None, with_rng: bool = True, with_loader: bool = True) -> dict:
@@ -395,8 +396,10 @@ def load_training_checkpoint(checkpoint: Path, training) -> dict:
         check_base(common, training.lora["base_digest"], f"resuming from {checkpoint}")
     _prepare_distributed_optimizer_load(training.optimizer)
     layout = _layout()
-    same_layout = common["layout"] == layout
-    same_dp = common["layout"]["dp"] == layout["dp"]
+    saved_layout = dict(common["layout"])
+    saved_layout.setdefault("cp", 1)  # checkpoints from before context parallelism name no cp
+    same_layout = saved_layout == layout
+    same_dp = saved_layout["dp"] == layout["dp"]
     request = _sharded_training_state(training, is_loading=True, with_rng=same_layout, with_loader=same_dp)
     loaded = dist_checkpointing.load(request, str(checkpoint))
     if lora:
@@ -414,4 +417,4 @@ def load_training_checkpoint(checkpoint: Path, training) -> dict:
     if same_layout:
         _set_rng_state(loaded["rng_state"])
     return {"iteration": int(common["iteration"]), "same_layout": same_layout, "same_data_parallel": same_dp,
-            "loader_state": loaded["loader_state"] if same_dp else None, "saved_layout": common["layout"]}
+            "loader_state": loaded["loader_state"] if same_dp else None, "saved_layout": saved_layout}

@@ -112,8 +112,9 @@ def check_shards(settings: TrainSettings) -> None:
     check_shard_settings(Path(settings.shards), task_encoder(settings).encoder.settings())
 
 
-def train_loader(settings: TrainSettings, restore_state=None):
-    """The savable train loader (micro-batches of train.micro_batch_size rows); restore_state continues a stream."""
+def train_loader(settings: TrainSettings, restore_state=None, encoder=None):
+    """The savable train loader (micro-batches of train.micro_batch_size rows); restore_state continues a stream.
+    `encoder`: another task encoder than `task_encoder(settings)` (the talker run's spoken-only one)."""
     from omni_model.data.task_encoder import build_loader, restore_loader
 
     t = settings.train
@@ -121,12 +122,13 @@ def train_loader(settings: TrainSettings, restore_state=None):
                   packing_buffer_size=t.packing_buffer_size if t.packing else None,
                   worker_config=worker_config(settings.data_workers), shuffle_buffer_size=t.shuffle_buffer_size,
                   repeat=True)
+    encoder = encoder or task_encoder(settings)
     if restore_state is None:
-        return build_loader(Path(settings.shards), task_encoder(settings), **kwargs)
-    return restore_loader(Path(settings.shards), task_encoder(settings), restore_state, **kwargs)
+        return build_loader(Path(settings.shards), encoder, **kwargs)
+    return restore_loader(Path(settings.shards), encoder, restore_state, **kwargs)
 
 
-def val_loader(settings: TrainSettings):
+def val_loader(settings: TrainSettings, encoder=None):
     """A fresh pass over the val split (same micro-batch size and packing as training). Shards without val samples
     (the split's samples were all dropped, or data.val_fraction is 0) are refused by name, not by Energon's assert."""
     from omni_model.data.shards import split_tars
@@ -137,6 +139,6 @@ def val_loader(settings: TrainSettings):
         raise ValueError(f"train.eval_interval = {t.eval_interval}, but the shards at {settings.shards} have no val "
                          f"samples (data.val_fraction 0, or every val sample dropped: see drops.jsonl there); raise "
                          f"data.val_fraction or set train.eval_interval: 0")
-    return build_loader(Path(settings.shards), task_encoder(settings), split="val", batch_size=t.micro_batch_size,
+    return build_loader(Path(settings.shards), encoder or task_encoder(settings), split="val", batch_size=t.micro_batch_size,
                         packing_buffer_size=t.packing_buffer_size if t.packing else None,
                         worker_config=worker_config(), repeat=False)

@@ -5,6 +5,10 @@
 One step (`step`) = `get_forward_backward_func()` over get_num_microbatches() micro-batches (gradient accumulation;
 pipeline schedules when PP > 1), `finalize_model_grads` (DP reduction, 1 / global label tokens), the optimizer step
 (clip), the scheduler step; then evaluation, metrics and the checkpoint when due (`_evaluate_log_save`). The forward step (batch -> thinker -> per-token loss sum) is omni_model.train.forward_step.
+
+What differs between the thinker's run and the talker's (`finetune_talker`, train.talker_run) is one `Stage`: the
+model build, the forward step, the loaders, the token counter and the FLOP counter. Resume, checkpoints, evaluation,
+metrics and the step itself are this module's, for both.
 """
 
 from __future__ import annotations
@@ -21,6 +25,30 @@ import torch
 from . import checkpointing as ckpt
 from .metrics import FlopCounter, MetricsLog, memory_gib, moe_aux_loss, peak_tflops, read_metrics
 from .settings import TrainSettings
+
+
+@dataclass
+class Stage:
+    """The parts of a training run that depend on what is trained; the thinker's by default (`thinker_stage`)."""
+    name: str  # log prefix: finetune | finetune_talker
+    build: Callable  # (settings, load_initial_weights: bool) -> build.Training
+    forward_step: Callable  # mcore forward_step_func; its loss reports carry "lm loss" = [loss sum, count]
+    train_loader: Callable  # (settings, restore_state or None) -> savable Energon loader
+    val_loader: Callable  # (settings) -> iterable of micro-batches
+    counter: Callable  # (batch iterator) -> iterator with take() -> counts (data.TokenCounter)
+    flops: Callable  # (settings) -> callable(counts) -> {part: model FLOPs of the step}
+    check_data: Optional[Callable] = None  # (settings) -> None, rank 0, before anything is built
+
+
+def thinker_stage(forward_step: Optional[Callable] = None) -> Stage:
+    from .build import build_training
+    from .data import TokenCounter, check_shards, train_loader, val_loader
+
+    if forward_step is None:
+        from .forward_step import forward_step
+    return Stage(name="finetune", build=lambda settings, load: build_training(settings, load_initial_weights=load),
+                 forward_step=forward_step, train_loader=train_loader, val_loader=val_loader, counter=TokenCounter,
+                 flops=lambda settings: FlopCounter(settings.hf_dir, settings.train), check_data=check_shards)
 
 
 def no_training(settings: TrainSettings) -> None:
@@ -42,14 +70,14 @@ def _is_rank0() -> bool:
     return torch.distributed.get_rank() == 0
 
 
-def _reduced_loss(losses_reduced: list) -> tuple[float, float]:
-    """(sum, count) of the 'lm loss' entries of all micro-batches, summed over DP x CP ranks (a CP rank's entries
+def _reduced_loss(losses_reduced: list, key: str = "lm loss") -> tuple[float, float]:
+    """(sum, count) of the `key` entries of all micro-batches, summed over DP x CP ranks (a CP rank's entries
     cover its own chunks of the micro-batch) and given to every PP stage (only the last stage computes losses)."""
     from megatron.core import parallel_state as ps
 
     total = torch.zeros(2, dtype=torch.float64)
     for item in losses_reduced:
-        value = item["lm loss"]
+        value = item[key]
         value = torch.stack([torch.as_tensor(v).detach().reshape(()) for v in value]) \
             if isinstance(value, (list, tuple)) else value.detach().reshape(-1)
         total += value.double().cpu()[:2]
@@ -70,11 +98,9 @@ def _dp_sum(values: list) -> list:
     return tensor.tolist()
 
 
-def val_batches(settings: TrainSettings) -> list:
+def val_batches(settings: TrainSettings, val_loader: Callable) -> list:
     """The first train.eval_iters micro-batches of the val split: read once, the same batches at every evaluation
     (eval losses of different steps compare like with like)."""
-    from .data import val_loader
-
     batches = []
     if settings.train.eval_interval:
         for batch in val_loader(settings):
@@ -99,7 +125,7 @@ def evaluate(settings: TrainSettings, training, forward_step: Callable, batches:
     return loss_sum / count if count else None
 
 
-def _start(settings: TrainSettings, digest: str) -> Optional[Path]:
+def _start(settings: TrainSettings, digest: str, name: str = "finetune") -> Optional[Path]:
     """Rank 0 picks the checkpoint to resume from (or None), removes half-written saves and rebuilds the metrics
     file up to that checkpoint (Snakemake deleted it before rerunning the job). Another run's checkpoints stay until
     this run's first checkpoint is complete (checkpointing.clear_other_runs): a run that fails first destroys none."""
@@ -110,13 +136,13 @@ def _start(settings: TrainSettings, digest: str) -> Optional[Path]:
         resume = ckpt.choose_resume(train_dir, digest, settings.train.iters)
         removed = ckpt.clear_interrupted_saves(train_dir)
         if removed:
-            print(f"[finetune] removed the half-written saves of an interrupted run: {removed}", flush=True)
+            print(f"[{name}] removed the half-written saves of an interrupted run: {removed}", flush=True)
         if resume is None:
             _set_tb_aside(train_dir)
             settings.metrics_path.write_text("")
         else:
             shutil.copyfile(resume / ckpt.METRICS, settings.metrics_path)
-        print(f"[finetune] settings digest {digest}: " +
+        print(f"[{name}] settings digest {digest}: " +
               (f"resuming from {resume}" if resume else f"starting from {settings.init_checkpoint}"), flush=True)
     resume = _broadcast(str(resume) if resume else None)
     return Path(resume) if resume else None
@@ -140,69 +166,64 @@ class Run:
     forward_step: Callable
     digest: str
     loader: object  # the savable Energon train loader (its state goes into every checkpoint)
-    batches: object  # data.TokenCounter over the loader
+    batches: object  # the stage's counter over the loader (data.TokenCounter for the thinker)
     evaluation: list  # the fixed val micro-batches
-    flops: FlopCounter
+    flops: Callable  # counts -> {part: FLOPs}
     peak: Optional[float]  # peak TFLOP/s per device (MFU), None when unknown
     log: MetricsLog
+    stage: Optional[Stage] = None  # None: the thinker's (tests and benches that build a Run themselves)
 
 
-def train(settings: TrainSettings, forward_step: Optional[Callable] = None) -> None:
+def train(settings: TrainSettings, forward_step: Optional[Callable] = None, stage: Optional[Stage] = None) -> None:
+    """One training run (the thinker's unless `stage` says otherwise; `forward_step` replaces the thinker's)."""
     settings.validate()
+    stage = stage or thinker_stage(forward_step)
     if settings.train.iters == 0:
         no_training(settings)
         return
-    if forward_step is None:
-        from .forward_step import forward_step
     from .build import init_training_parallel
-    from .data import check_shards
 
     init_training_parallel(settings)
-    if _is_rank0():
-        check_shards(settings)
+    if _is_rank0() and stage.check_data is not None:
+        stage.check_data(settings)
     digest = _broadcast(settings.digest() if _is_rank0() else None)
-    resume = _start(settings, digest)
-    training, start, loader_state = _build_or_resume(settings, resume)
+    resume = _start(settings, digest, stage.name)
+    training, start, loader_state = _build_or_resume(settings, resume, stage)
     if start >= settings.train.iters:  # a finished run: restore `latest`, no step
         if _is_rank0():
             ckpt.write_latest(Path(settings.train_dir), resume)
-        _summary(settings)
+        _summary(settings, stage.name)
         return
-    run = _prepare(settings, training, forward_step, digest, loader_state, start)
+    run = _prepare(settings, stage, training, digest, loader_state, start)
     for iteration in range(start + 1, settings.train.iters + 1):
         record = step(run, iteration)
         _evaluate_log_save(run, record)
     run.log.close()
-    _summary(settings)
+    _summary(settings, stage.name)
 
 
-def _build_or_resume(settings: TrainSettings, resume: Optional[Path]) -> tuple:
-    """(training objects, iteration to continue after, Energon loader state): from the converted weights, or from the
+def _build_or_resume(settings: TrainSettings, resume: Optional[Path], stage: Stage) -> tuple:
+    """(training objects, iteration to continue after, Energon loader state): from the initial weights, or from the
     checkpoint `resume` (model, optimizer, scheduler, RNG; resharded when it was written at another layout)."""
-    from .build import build_training
-
-    training = build_training(settings, load_initial_weights=resume is None)
+    training = stage.build(settings, resume is None)
     if resume is None:
         return training, 0, None
     info = ckpt.load_training_checkpoint(resume, training)
     if not info["same_layout"] and _is_rank0():
-        print(f"[finetune] resumed at another layout (saved at {info['saved_layout']}): model, optimizer and "
+        print(f"[{stage.name}] resumed at another layout (saved at {info['saved_layout']}): model, optimizer and "
               f"scheduler resharded; " + ("the data stream continues" if info["same_data_parallel"] else
               "the data stream restarts (other data-parallel size)"), flush=True)
     return training, info["iteration"], info["loader_state"]
 
 
-def _prepare(settings: TrainSettings, training, forward_step: Callable, digest: str, loader_state,
-             start: int) -> Run:
+def _prepare(settings: TrainSettings, stage: Stage, training, digest: str, loader_state, start: int) -> Run:
     """The loaders, the FLOP counter and the metrics sink of a run that continues after step `start`."""
-    from .data import TokenCounter, train_loader
-
     t = settings.train
-    loader = train_loader(settings, loader_state)
+    loader = stage.train_loader(settings, loader_state)
     log = MetricsLog(settings.metrics_path, Path(settings.train_dir) / "tb", t.iters, start, enabled=_is_rank0())
-    run = Run(settings=settings, training=training, forward_step=forward_step, digest=digest, loader=loader,
-              batches=TokenCounter(iter(loader)), evaluation=val_batches(settings),
-              flops=FlopCounter(settings.hf_dir, t), peak=peak_tflops(t.peak_tflops), log=log)
+    run = Run(settings=settings, stage=stage, training=training, forward_step=stage.forward_step, digest=digest,
+              loader=loader, batches=stage.counter(iter(loader)), evaluation=val_batches(settings, stage.val_loader),
+              flops=stage.flops(settings), peak=peak_tflops(t.peak_tflops), log=log)
     training.model.train()
     return run
 
@@ -260,18 +281,22 @@ def _step_metrics(run: Run, losses: list, seconds: float) -> dict:
     from megatron.core.num_microbatches_calculator import get_num_microbatches
 
     loss_sum, label_tokens = _reduced_loss(losses)
+    # further loss terms a forward step reports ([value, count] per micro-batch, e.g. the talker's two CE terms)
+    extra = {key.replace(" ", "_"): _reduced_loss(losses, key) for key in (losses[0] if losses else {})
+             if key != "lm loss"}
     aux = moe_aux_loss(run.training.thinker.config, get_num_microbatches())
     seen = run.batches.take()
     flops = run.flops(seen)
-    tokens, samples, padded, skipped, llm, vision, audio = _dp_sum(
-        [seen["tokens"], seen["samples"], seen["padded"], seen["skipped"], flops["llm"], flops["vision"],
-         flops["audio"]])
-    tflops = (llm + vision + audio) / seconds / 1e12 / torch.distributed.get_world_size()
+    parts = sorted(flops)
+    tokens, samples, padded, skipped, *part_flops = _dp_sum(
+        [seen["tokens"], seen["samples"], seen["padded"], seen["skipped"], *(flops[p] for p in parts)])
+    tflops = sum(part_flops) / seconds / 1e12 / torch.distributed.get_world_size()
     return {
-        "loss": loss_sum / max(label_tokens, 1), "moe_aux_loss": aux, "label_tokens": int(label_tokens),
+        "loss": loss_sum / max(label_tokens, 1), **{k: s / max(c, 1) for k, (s, c) in extra.items()},
+        "moe_aux_loss": aux, "label_tokens": int(label_tokens),
         "tokens": int(tokens), "padded_tokens": int(padded), "samples": int(samples),
-        "skipped_samples": int(skipped), "step_s": seconds,
-        "tokens_per_s": tokens / seconds, "flops_llm": llm, "flops_vision": vision, "flops_audio": audio,
+        "skipped_samples": int(skipped), "step_s": seconds, "tokens_per_s": tokens / seconds,
+        **{f"flops_{p}": f for p, f in zip(parts, part_flops)},
         "tflops": tflops, "mfu": (tflops / run.peak) if run.peak else None, "mem_gib": memory_gib(),
     }
 
@@ -288,17 +313,17 @@ def _evaluate_log_save(run: Run, record: dict) -> None:
         saved = ckpt.save_training_checkpoint(Path(run.settings.train_dir), iteration, run.training, run.loader,
                                               run.digest, run.settings.metrics_path, keep=t.keep_checkpoints)
         if _is_rank0():
-            print(f"[finetune] saved {saved}", flush=True)
+            print(f"[{run.stage.name if run.stage else 'finetune'}] saved {saved}", flush=True)
 
 
-def _summary(settings: TrainSettings) -> None:
+def _summary(settings: TrainSettings, name: str = "finetune") -> None:
     if not _is_rank0():
         return
     records = [r for r in read_metrics(settings.metrics_path) if "loss" in r]
     if records:
         first, last = records[0], records[-1]
         skipped = sum(r.get("skipped_samples", 0) for r in records)
-        print(f"[finetune] loss first {first['loss']:.4f} (step {first['step']}) -> last {last['loss']:.4f} "
+        print(f"[{name}] loss first {first['loss']:.4f} (step {first['step']}) -> last {last['loss']:.4f} "
               f"(step {last['step']}); {skipped} sample(s) skipped by the task encoder; "
               f"latest -> {ckpt.read_latest(Path(settings.train_dir))}", flush=True)
 

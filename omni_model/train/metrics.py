@@ -178,8 +178,9 @@ class MetricsLog:
     """Rank 0's sink: metrics.jsonl (one JSON object per step / evaluation) + TensorBoard + the step lines on stdout
     + a live progress bar with ETA when the run's console is a terminal (runtime.logs.Progress)."""
 
-    def __init__(self, metrics_path: Path, tb_dir: Path, total_iters: int, start_iter: int, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, metrics_path: Path, tb_dir: Path, total_iters: int, start_iter: int, enabled: bool = True,
+                 name: str = "finetune"):
+        self.enabled, self.name = enabled, name
         self.total, self.start = total_iters, start_iter
         self.started = time.monotonic()
         self.path = Path(metrics_path)
@@ -192,7 +193,7 @@ class MetricsLog:
             # purge_step: a resumed run drops the events a killed run wrote after its last checkpoint
             self.tb = SummaryWriter(log_dir=str(tb_dir), purge_step=start_iter + 1)
             # log=None: the step lines below are the log's progress lines
-            self.bar = Progress(total_iters, "steps", initial=start_iter, label="finetune")
+            self.bar = Progress(total_iters, "steps", initial=start_iter, label=name)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -229,7 +230,7 @@ class MetricsLog:
             parts.append(f"{record['skipped_samples']} skipped")
         parts.append(f"mem {record['mem_gib']:.2f} GiB")
         parts.append(f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}")
-        print("[finetune] " + " | ".join(parts), flush=True)
+        print(f"[{self.name}] " + " | ".join(parts), flush=True)
 
     def close(self) -> None:
         if self.tb is not None:

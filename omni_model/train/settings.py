@@ -17,10 +17,11 @@ from ..configs import thinker_config_of
 from ..layout import Layout, LayoutError
 from ..schema import DataConfig, LoraConfig, ParallelConfig, SectionError, TrainConfig
 
-# train.* keys that do not change the numbers a run produces (how often it logs, saves or evaluates, where it runs):
-# left out of the settings digest, so changing them resumes instead of starting over.
+# train.* keys that do not change the numbers a run produces (how often it logs, saves or evaluates, where it runs,
+# how the loss is chunked: only the order of fp32 sums, like a layout change): left out of the settings digest, so
+# changing them resumes instead of starting over.
 NOT_IN_DIGEST = ("log_interval", "eval_interval", "eval_iters", "save_interval", "keep_checkpoints", "gpus_per_node",
-                 "cpu_procs", "nnodes", "rdzv_endpoint", "peak_tflops", "gpu_memory_gib")
+                 "cpu_procs", "nnodes", "rdzv_endpoint", "peak_tflops", "gpu_memory_gib", "loss_chunk_tokens")
 
 # data.* keys of the run: the encoder settings the shards were written with (the finetune rule passes these); they,
 # not the data section's other keys (where the raw data is, how the data stages run), are part of the digest.
@@ -147,15 +148,15 @@ class TrainSettings:
             del train["lora"]  # full fine-tuning: the digest of the settings before LoRA existed
         data = {key: getattr(self.data, key) for key in DATA_IN_DIGEST}
         payload = {"train": train, "data": data, "use_te": self.use_te,
-                   "init_checkpoint": _files_fingerprint(Path(self.init_checkpoint)),
-                   "shards": _files_fingerprint(Path(self.shards))}
+                   "init_checkpoint": files_fingerprint(Path(self.init_checkpoint)),
+                   "shards": files_fingerprint(Path(self.shards))}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> None:
         check_config(self.train, self.parallel, self.world_size, self.hf_config, self.use_te)
 
 
-def _files_fingerprint(root: Path) -> list:
+def files_fingerprint(root: Path) -> list:
     """(relative name, size, mtime) of every file under root: cheap for a 60 GB checkpoint, and any rewrite shows."""
     if not root.exists():
         return []

@@ -97,9 +97,12 @@ class TalkerForwardStep:
         loss = talker_loss(talker, batch.to(next(talker.parameters()).device), self.predictor_weight)
 
         def loss_func(total: torch.Tensor):
-            # clones: the schedule divides the returned loss by the micro-batch count in place
-            return total, {"loss": total.detach().clone(), "first_loss": loss.first.detach().clone(),
-                           "predictor_loss": loss.residual.detach().clone()}
+            # [value, 1] pairs: train.loop sums them over micro-batches and data-parallel ranks and divides (the mean
+            # of the micro-batch means, the loss this step trains on); clones: the schedule scales the loss in place
+            def pair(value):
+                return torch.stack([value.detach().clone().float().reshape(()), value.new_ones((), dtype=torch.float)])
+
+            return total, {"lm loss": pair(total), "first loss": pair(loss.first), "predictor loss": pair(loss.residual)}
 
         return loss.total, loss_func
 

@@ -4,7 +4,10 @@ Context parallelism is the same computation: one training step's forward/backwar
 (BATCHES.pt: packed rows mixing a long audio, a video and short text conversations) at cp1 (dp4, the reference) and
 at cp2, cp2+tp2 (sequence parallel), cp2+ep2 and cp2+pp2, each through our forward_step, mcore's schedule, DDP and
 finalize_model_grads (fp32, gloo, MoE aux loss on), as tests/dist/train_layout_grads.py does for the other layouts
-(its run_layout / compare). Rank 0 writes loss, aux loss and the worst gradient error of each layout to OUT.json.
+(its run_layout / compare). The cp layouts take the LM loss over chunks of LOSS_CHUNK_TOKENS logit rows
+(model.chunked_loss; several chunks per micro-batch on every rank, with TP + SP, EP and on the last pipeline stage)
+while the cp1 reference runs unchunked: chunked + CP equals the plain loss. Rank 0 writes loss, aux loss and the worst
+gradient error of each layout to OUT.json.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ LAYOUTS = {
     "cp2_ep2_dp2": dict(cp=2, ep=2),
     "cp2_pp2": dict(cp=2, pp=2),
 }
+LOSS_CHUNK_TOKENS = 96  # the cp2 ranks' micro-batches hold ~100-500 tokens: 2-6 chunks each (the last one short)
 
 
 def main():
@@ -48,7 +52,7 @@ def main():
     for index, (name, layout) in enumerate(LAYOUTS.items()):
         if index and name not in only:  # the reference (first) layout always runs
             continue
-        step = run_layout(hf_dir, batches, layout)
+        step = run_layout(hf_dir, batches, layout, loss_chunk_tokens=LOSS_CHUNK_TOKENS if index else 0)
         gathered = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, (current_coord(), step["grads"]))
         if torch.distributed.get_rank() == 0:

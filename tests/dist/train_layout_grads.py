@@ -37,9 +37,10 @@ LAYOUTS = {
 }
 
 
-def run_layout(hf_dir, batches, layout: dict, prepare=None) -> dict:
+def run_layout(hf_dir, batches, layout: dict, prepare=None, loss_chunk_tokens: int = 0) -> dict:
     """This layout's step on this rank: loss, aux losses summed over ranks, and the rank's gradient state dict.
-    `prepare(thinker)`, if given, runs on the loaded thinker before DDP wraps it (e.g. adding LoRA adapters)."""
+    `prepare(thinker)`, if given, runs on the loaded thinker before DDP wraps it (e.g. adding LoRA adapters).
+    `loss_chunk_tokens`: train.loss_chunk_tokens (0: the whole micro-batch's logits at once)."""
     from megatron.core import parallel_state as ps
 
     from omni_model.convert.mapping import load_hf_into_model
@@ -55,6 +56,7 @@ def run_layout(hf_dir, batches, layout: dict, prepare=None) -> dict:
     if split.pp > 1:  # packed rows differ in length: the stages exchange shapes first (as the training build does)
         allow_variable_seq_lengths(thinker.config)
     load_hf_into_model(thinker, hf_dir, prefix="")
+    thinker.language_model.loss_chunk_tokens = loss_chunk_tokens
     if prepare is not None:
         prepare(thinker)
     model = ddp_thinker(thinker.train())

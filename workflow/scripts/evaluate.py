@@ -26,7 +26,8 @@ def main(smk) -> None:
             parallel=dict(params.parallel),
             launch={key: smk.config["train"][key] for key in LAUNCH_KEYS}, data=dict(params.data),
             use_te=bool(params.use_te), generate_samples=settings["generate_samples"],
-            max_new_tokens=settings["max_new_tokens"], metric=settings["metric"])
+            max_new_tokens=settings["max_new_tokens"], metric=settings["metric"],
+            speech_samples=settings["speech_samples"], speaker=smk.config["train_talker"]["speaker"])
         eval_data = Path(smk.input.eval_data) if "eval_data" in smk.input.keys() else None
         summary = evaluate_model(evaluation, smk.output.summary, smk.output.samples, eval_data, log=log.info)
         scores, text = summary["scores"]["all"], summary["text"]

@@ -23,6 +23,8 @@ def main(smk) -> None:
         hf_dir = Path(smk.input.hf_manifest).parent
         require_intact(hf_dir)
         checkpoint = read_latest(Path(smk.input.train).with_suffix(""))  # the inputs and outputs are markers beside
+        talker_dir = Path(smk.input.talker).with_suffix("")  # `latest` only when finetune_talker trained the talker
+        talker = read_latest(talker_dir) if (talker_dir / "latest").exists() else None
         markers = {name: Path(getattr(smk.output, name)) for name in ("done", "adapter")  # their folders
                    if getattr(smk.output, name, None)}
         folders = {name: marker.with_suffix("") for name, marker in markers.items()}
@@ -37,10 +39,11 @@ def main(smk) -> None:
                 log.info("exporting %s against %s -> %s", checkpoint, hf_dir, folders["done"])
                 summary = export_to_hf(checkpoint, hf_dir, folders["done"],
                                        shard_size=int(smk.params.export["shard_size"]),
-                                       use_te=bool(smk.params.use_te), log=log.info)
-                log.info("%d thinker tensors from %s, %d talker/code2wav tensors copied, %d shard(s), %.1f MB",
-                         summary["thinker_tensors"], checkpoint, summary["copied_tensors"], summary["shards"],
-                         summary["total_size"] / 1e6)
+                                       use_te=bool(smk.params.use_te), log=log.info, talker_checkpoint=talker)
+                log.info("%d thinker tensors from %s, %d talker tensors from %s, %d tensors copied, %d shard(s), "
+                         "%.1f MB", summary["thinker_tensors"], checkpoint, summary["talker_tensors"],
+                         talker or "(none: the source talker is copied)", summary["copied_tensors"],
+                         summary["shards"], summary["total_size"] / 1e6)
         finally:
             destroy_parallel()
         for marker in markers.values():  # last
