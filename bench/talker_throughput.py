@@ -120,8 +120,10 @@ def ours(config_dir: Path, batch, args) -> list:
     init_training_parallel(settings)
     training = build_talker_training(settings)
     forward_step = TalkerForwardStep(predictor_weight=1.0)
-    device = next(training.model.parameters()).device
-    on_device = batch.to(device)
+    weight = next(training.model.parameters())
+    on_device = batch.to(weight.device)  # the thinker's states come in its training dtype (bf16 on a GPU)
+    on_device.thinker_embeds = on_device.thinker_embeds.to(weight.dtype)
+    on_device.thinker_hidden = on_device.thinker_hidden.to(weight.dtype)
 
     def step():
         optimizer_step(training.model, training.optimizer, training.scheduler, forward_step, iter([on_device]), 1,

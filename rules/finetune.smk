@@ -15,7 +15,7 @@ try:
     # when the model's config is known before any job (else in the job)
     check_train_config(config["train"], config["parallel"], hf_config=known_model_config(config),
                        use_te=config["model"]["use_te"])
-    check_talker_plan(config)  # finetune_talker's settings (train_talker over train), its layout without pp / cp
+    check_talker_plan(config)  # finetune_talker's settings (train_talker over train); at pp / cp it trains no talker
 except SettingsError as error:
     raise SystemExit(f"Config error (nothing was run):\n  {error}")
 

@@ -53,7 +53,7 @@ def test_default_config_trains_and_the_loss_drops(trained):
 
 
 @pytest.mark.slow
-def test_changing_lr_reruns_only_finetune_and_export(trained):
+def test_changing_lr_reruns_only_finetune_the_talker_and_export(trained):
     wf, _ = trained
     unchanged = snakemake(wf, "-n", "finetune")
     assert unchanged.returncode == 0 and "Nothing to be done" in unchanged.stdout + unchanged.stderr
@@ -61,7 +61,7 @@ def test_changing_lr_reruns_only_finetune_and_export(trained):
     assert changed.returncode == 0, changed.stderr[-3000:]
     jobs = planned_jobs(changed.stdout + changed.stderr)
     print(f"planned after train.lr changed: {jobs}")
-    assert jobs == {"finetune": 1, "export": 1}
+    assert jobs == {"finetune": 1, "finetune_talker": 1, "export": 1}  # the talker learns from the tuned thinker
 
 
 @pytest.mark.slow

@@ -142,6 +142,7 @@ def test_export_logs_progress_and_counts(wf, interactive_convert, tmp_path):
     write_latest(train, wf / "results" / "model" / "mcore" / "checkpoint")
     out = tmp_path / "export" / "hf"
     smk = SimpleNamespace(input=SimpleNamespace(train=str(train.with_suffix(".done")),  # the markers beside
+                                                talker=str(tmp_path / "talker.done"),  # no talker run: no latest
                                                 hf_manifest=str(wf / "results/model/hf/MANIFEST.json")),
                           output=SimpleNamespace(done=str(out.with_suffix(".done"))),
                           params=SimpleNamespace(export={"shard_size": 5_000_000_000}, use_te=False),
@@ -153,11 +154,12 @@ def test_export_logs_progress_and_counts(wf, interactive_convert, tmp_path):
                           r"[\d.]+s elapsed(?:, ETA \d+s)?, tensors (\d+)/(\d+)$", log, re.M)
     assert len(progress) >= 2, log[-3000:]  # every tenth of the bytes (the embedding alone is half of them)
     assert progress[-1][0] == progress[-1][1] and progress[-1][2] == progress[-1][3]
-    counts = re.search(STAMP + r"INFO export: (\d+) thinker tensors from \S+, (\d+) talker/code2wav tensors copied, "
-                       r"(\d+) shard\(s\)", log, re.M)
+    counts = re.search(STAMP + r"INFO export: (\d+) thinker tensors from \S+, (\d+) talker tensors from (.+?), "
+                       r"(\d+) tensors copied, (\d+) shard\(s\)", log, re.M)
     assert counts, log[-3000:]
-    assert int(counts[1]) == int(progress[-1][3]) and int(counts[2]) > 0
-    assert int(counts[3]) == len(list(out.glob("*.safetensors")))
+    assert int(counts[1]) == int(progress[-1][3]) and int(counts[4]) > 0  # no talker run: the source talker copied
+    assert int(counts[2]) == 0 and counts[3].startswith("(none")
+    assert int(counts[5]) == len(list(out.glob("*.safetensors")))
     assert re.search(STAMP + r"INFO export: export done in [\d.]+s$", log, re.M)
 
 

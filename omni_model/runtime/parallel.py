@@ -44,6 +44,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _init_private_group(backend: str, timeout, attempts: int = 5) -> None:
+    """A one-rank group on a free loopback port. The port is free when asked for but not reserved: another process
+    on the machine (a parallel test worker, a second stage) can take it before the store binds it (EADDRINUSE seen
+    under `make test`), so a taken port is retried with a new one."""
+    for attempt in range(attempts):
+        try:
+            torch.distributed.init_process_group(
+                backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
+            )
+            return
+        except torch.distributed.DistNetworkError as error:
+            if "EADDRINUSE" not in str(error) or attempt == attempts - 1:
+                raise
+
+
 def init_parallel(
     tp: int = 1,
     pp: int = 1,
@@ -76,9 +91,7 @@ def init_parallel(
                 exit_with_parent()
             torch.distributed.init_process_group(backend=backend, timeout=timeout)
         else:  # a private single-process group; the environment is left untouched (child processes inherit it)
-            torch.distributed.init_process_group(
-                backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
-            )
+            _init_private_group(backend, timeout)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

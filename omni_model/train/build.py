@@ -122,14 +122,19 @@ def freeze(thinker: torch.nn.Module, train) -> dict:
     """requires_grad False on the frozen parts (before DDP and the optimizer: no grad buffer, no optimizer state).
     `train`: the train section (TrainConfig or mapping). Returns parameter counts {part: (trainable, frozen)}."""
     train = TrainConfig.of(train)
+    return freeze_parts(thinker, PARTS, {part: bool(getattr(train, f"freeze_{part}")) for part in PARTS})
+
+
+def freeze_parts(module: torch.nn.Module, prefixes: dict, frozen: dict) -> dict:
+    """requires_grad False on every parameter under a frozen part's name prefix(es) (one or a tuple per part);
+    parameter counts {part: (trainable, frozen)}. The thinker's and the talker's freeze switches both go through it."""
     counts = {}
-    for part, prefix in PARTS.items():
-        frozen = bool(getattr(train, f"freeze_{part}"))
-        params = [p for name, p in thinker.named_parameters() if name.startswith(prefix)]
+    for part, prefix in prefixes.items():
+        params = [p for name, p in module.named_parameters() if name.startswith(prefix)]
         for param in params:
-            param.requires_grad_(not frozen)
+            param.requires_grad_(not frozen[part])
         n = sum(p.numel() for p in params)
-        counts[part] = (0, n) if frozen else (n, 0)
+        counts[part] = (0, n) if frozen[part] else (n, 0)
     return counts
 
 

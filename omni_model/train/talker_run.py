@@ -77,26 +77,32 @@ class TalkerSettings(TrainSettings):
                                 "nothing to train")
 
 
-def check_talker_layout(parallel) -> None:
-    """The talker runs without pipeline or context parallelism (model.talker)."""
+def layout_reason(parallel) -> str:
+    """Why the talker cannot train at this layout ("" = it can): it runs without pipeline or context parallelism
+    (model.talker). Not a refusal of the run: the thinker trains at pp / cp and the talker is passed through, saying so."""
     parallel = parallel if isinstance(parallel, dict) else parallel.as_dict()
     for key in ("pp", "cp"):
         if parallel.get(key, 1) > 1:
-            raise SettingsError(f"parallel.{key} = {parallel[key]}: the talker trains without "
-                                f"{'pipeline' if key == 'pp' else 'context'} parallelism (finetune_talker: set "
-                                f"train_talker.iters: 0, or parallel.{key}: 1)")
+            return (f"parallel.{key} = {parallel[key]}: the talker trains without "
+                    f"{'pipeline' if key == 'pp' else 'context'} parallelism yet")
+    return ""
+
+
+def check_talker_layout(parallel) -> None:
+    reason = layout_reason(parallel)
+    if reason:
+        raise SettingsError(reason)
 
 
 def check_talker_plan(config: dict) -> None:
     """The plan-time check (rules/finetune.smk) of a talker run the config asks for: its train settings (batch sizes
-    against the layout, warmup, LR) and the layout (no pp / cp). Raises SettingsError naming the key."""
+    against the layout, warmup, LR). Raises SettingsError naming the key. A layout with pp / cp trains no talker."""
     from .settings import check_config
 
     talker = TalkerTrainConfig.of(config.get("train_talker", {}))
     lora = (config.get("train", {}).get("lora") or {}).get("enabled")
-    if talker.iters == 0 or lora:
-        return
-    check_talker_layout(config.get("parallel", {}))
+    if talker.iters == 0 or lora or layout_reason(config.get("parallel", {})):
+        return  # not trained: finetune_talker says why in its log and on the console
     try:
         check_config(talker_train_section(config.get("train", {}), talker), config.get("parallel", {}))
     except SettingsError as error:
@@ -108,12 +114,14 @@ def check_talker_plan(config: dict) -> None:
 
 
 def not_trained_reason(settings: TalkerSettings, thinker_train) -> str:
-    """Why the talker is not trained with these settings ("" = it is): iters 0, no spoken answer in the shards, or
-    a LoRA thinker run (a thinker of adapters is not read here yet)."""
+    """Why the talker is not trained with these settings ("" = it is): iters 0, a layout with pp / cp, no spoken
+    answer in the shards, or a LoRA thinker run (a thinker of adapters is not read here yet)."""
     from ..data.speech import read_speech_settings
 
     if settings.talker.iters == 0:
         return "train_talker.iters is 0"
+    if layout_reason(settings.parallel):
+        return layout_reason(settings.parallel)
     if read_speech_settings(Path(settings.shards)) is None or not spoken_train_samples(Path(settings.shards)):
         return f"the train split of the shards at {settings.shards} holds no spoken answer"
     if (dict(thinker_train).get("lora") or {}).get("enabled"):
@@ -124,15 +132,9 @@ def not_trained_reason(settings: TalkerSettings, thinker_train) -> str:
 # ---------------------------------------------------------------------------------------------------------- build
 def freeze_talker(talker, section) -> dict:
     """requires_grad False on the frozen talker parts; {part: (trainable, frozen)} parameter counts."""
-    counts = {}
-    for part, prefixes in TALKER_PARTS.items():
-        frozen = bool(getattr(section, f"freeze_{part}"))
-        params = [p for name, p in talker.named_parameters() if name.startswith(prefixes)]
-        for param in params:
-            param.requires_grad_(not frozen)
-        n = sum(p.numel() for p in params)
-        counts[part] = (0, n) if frozen else (n, 0)
-    return counts
+    from .build import freeze_parts
+
+    return freeze_parts(talker, TALKER_PARTS, {part: bool(getattr(section, f"freeze_{part}")) for part in TALKER_PARTS})
 
 
 def frozen_thinker(settings: TalkerSettings):

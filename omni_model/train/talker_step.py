@@ -92,6 +92,9 @@ class TalkerForwardStep:
         self.predictor_weight = float(predictor_weight)
 
     def __call__(self, data_iterator, model):
+        from .forward_step import clear_moe_aux_loss_scale
+
+        clear_moe_aux_loss_scale()  # an earlier backward outside a schedule in this process (the talker is MoE too)
         batch = next(data_iterator)
         talker = getattr(model, "module", model)  # mcore's DDP forwards to its module; its grad hooks sit on the params
         loss = talker_loss(talker, batch.to(next(talker.parameters()).device), self.predictor_weight)
