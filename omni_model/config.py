@@ -11,7 +11,6 @@ allowed; never the schema or the config.
 
 from __future__ import annotations
 
-import ast
 import difflib
 import re
 import sys
@@ -154,99 +153,59 @@ def input_problems(config: dict, root: Path = Path(".")) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ DJ recipe
-# Data-Juicer's OP base class reads these keyword arguments for every op (data_juicer/ops/base_op.py, OP.__init__
-# and Filter.__init__); read from its source below, so a new Data-Juicer version keeps this list true.
-_OP_FAMILIES = ("filter", "mapper", "deduplicator", "selector", "grouper", "aggregator")
-_BASE_CLASSES = {"OP", "Filter", "Mapper", "Deduplicator", "Selector", "Grouper", "Aggregator"}
+def _dj_registry_cache() -> Path | None:
+    """Where Data-Juicer's registry is cached: one file per installed Data-Juicer version and content of our ops
+    module (data/dj_ops.py registers ops into the same registry); None when Data-Juicer is not installed."""
+    import hashlib
+    import importlib.metadata
+    import os
+
+    try:
+        version = importlib.metadata.version("py-data-juicer")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    ours = hashlib.sha256((Path(__file__).parent / "data" / "dj_ops.py").read_bytes()).hexdigest()[:12]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "omni-pipeline"
+    return root / f"dj-ops-{version}-{ours}.json"
 
 
-def _dj_ops_dir() -> Path | None:
-    import importlib.util
+def dj_op_registry() -> dict[str, list[str]]:
+    """{op name: keyword arguments its constructor accepts} from Data-Juicer's own registry (data/dj_registry.py, run
+    in a child process: the import takes ~15 s), cached per version (_dj_registry_cache) so that planning reads a
+    file. {} when Data-Juicer is not installed (the GPU machines: recipe_problems then leaves the op names alone)."""
+    import json
+    import os
+    import subprocess
 
-    spec = importlib.util.find_spec("data_juicer")  # finds the package without importing it (seconds)
-    return Path(spec.origin).parent / "ops" if spec and spec.origin else None
-
-
-def _registered_ops(source: str) -> dict[str, str]:
-    """op name -> class name, for the `@OPERATORS.register_module(...)` decorators in one source file."""
-    constants = dict(re.findall(r"^(\w+)\s*=\s*[\"'](\w+)[\"']", source, flags=re.M))
-    found = {}
-    pattern = r"@OPERATORS\.register_module\(\s*(f?[\"'][\w{}]+[\"']|\w+)\s*\)\s*\n(?:\s*@.*\n)*\s*class\s+(\w+)"
-    for arg, cls in re.findall(pattern, source):
-        if arg.startswith("f"):  # f"{OP_NAME}_with_uid": the module constants filled in
-            name = re.sub(r"{(\w+)}", lambda m: constants.get(m.group(1), "{?}"), arg[2:-1])
-            name = None if "{?}" in name else name
-        else:
-            name = arg.strip("\"'") if arg[0] in "\"'" else constants.get(arg)
-        if name:
-            found[name] = cls
-    return found
-
-
-def _class_signature(source: str, cls: str) -> tuple[set[str], bool, list[str]] | None:
-    """(argument names of cls.__init__, whether it takes **kwargs, base class names), from the source text."""
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ClassDef) and node.name == cls:
-            bases = [b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases]
-            for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
-                    args = item.args
-                    names = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs} - {"self"}
-                    return names, args.kwarg is not None, bases
-            return set(), True, bases
-    return None
-
-
-def _base_kwargs(ops_dir: Path) -> set[str]:
-    source = (ops_dir / "base_op.py").read_text()
-    return set(re.findall(r"kwargs(?:\.get|\.pop)?\(?\[?\s*[\"'](\w+)[\"']", source))
+    cache = _dj_registry_cache()
+    if cache is None:
+        return {}
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    print(f"reading Data-Juicer's op registry (once per version; cached in {cache})", file=sys.stderr, flush=True)
+    found = subprocess.run([sys.executable, "-m", "omni_model.data.dj_registry"], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[1])
+    if found.returncode != 0:
+        raise RuntimeError(f"reading Data-Juicer's op registry failed:\n{found.stderr[-4000:]}")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    partial.write_text(found.stdout)
+    partial.replace(cache)  # atomic: a concurrent planner reads the old state or the whole new file
+    return json.loads(found.stdout)
 
 
 class OpCatalog:
-    """The Data-Juicer ops known without importing Data-Juicer (its import takes seconds): op name -> class, and
-    each class's constructor arguments read from its source (following **kwargs up to Data-Juicer's base classes)."""
+    """The Data-Juicer ops a recipe may name, with the keyword arguments each accepts (Data-Juicer's registry)."""
 
-    def __init__(self, extra_sources: tuple[Path, ...] = ()):
-        self.ops: dict[str, str] = {}  # op name -> class name
-        self.classes: dict[str, str] = {}  # class name -> source text
-        ops_dir = _dj_ops_dir()
-        self.base_kwargs = _base_kwargs(ops_dir) if ops_dir else set()
-        files = [p for family in _OP_FAMILIES for p in sorted((ops_dir / family).rglob("*.py"))] if ops_dir else []
-        for path in [*files, *extra_sources]:
-            source = path.read_text(encoding="utf-8")
-            if "register_module" in source:
-                # every class of the file, so an op's unregistered base (our _MediaDurationFilter) is followed too
-                for cls in re.findall(r"^\s*class\s+(\w+)", source, flags=re.M):
-                    self.classes.setdefault(cls, source)
-                for name, cls in _registered_ops(source).items():
-                    self.ops[name] = cls
-                    self.classes[cls] = source
-
-    def arguments(self, cls: str, depth: int = 0) -> set[str] | None:
-        """Every keyword `cls(...)` accepts; None when that cannot be known from the sources."""
-        signature = _class_signature(self.classes[cls], cls) if cls in self.classes else None
-        if signature is None or depth > 5:
-            return None
-        names, has_kwargs, bases = signature
-        if not has_kwargs:
-            return names
-        for base in bases:
-            if base in _BASE_CLASSES:
-                names |= self.base_kwargs
-            else:
-                inherited = self.arguments(base, depth + 1)
-                if inherited is None:
-                    return None
-                names |= inherited
-        return names
+    def __init__(self, registry: dict[str, list[str]] | None = None):
+        self.ops: dict[str, set[str]] = {name: set(args) for name, args in
+                                         (dj_op_registry() if registry is None else registry).items()}
 
     def problems(self, op: str, args: dict) -> list[str]:
         if op not in self.ops:
             close = difflib.get_close_matches(op, list(self.ops), n=1)
             return [f"unknown op '{op}'" + (f"; did you mean '{close[0]}'?" if close else "")]
-        allowed = self.arguments(self.ops[op])
-        if allowed is None:
-            return []
+        allowed = self.ops[op]
         lines = []
         for name in sorted(set(args) - allowed):
             close = difflib.get_close_matches(name, sorted(allowed), n=1)
@@ -263,14 +222,14 @@ def recipe_problems(recipe_path: Path, catalog: OpCatalog | None = None) -> list
         return [f"data.recipe {recipe_path}: not valid YAML ({str(exc).splitlines()[0]})"]
     if not isinstance(recipe, dict) or not isinstance(recipe.get("process"), list) or not recipe["process"]:
         return [f"data.recipe {recipe_path}: needs a non-empty 'process' list of ops"]
-    if catalog is None and _dj_ops_dir() is None:
+    if catalog is None and _dj_registry_cache() is None:
         # a machine that only trains on data prepared elsewhere (a GPU node without Data-Juicer): the op names cannot
         # be checked here, and no job here reads them; the datajuicer job itself stops on the missing package
         print(f"note: Data-Juicer is not installed here: the op names of {recipe_path} are not checked",
               file=sys.stderr)
         return []
     if catalog is None:
-        catalog = OpCatalog(extra_sources=(Path(__file__).parent / "data" / "dj_ops.py",))
+        catalog = OpCatalog()
     lines = []
     for index, entry in enumerate(recipe["process"]):
         if not isinstance(entry, dict) or len(entry) != 1:

@@ -52,25 +52,25 @@ def _installed_mcore_as(monkeypatch, version):
 
 
 def test_an_unknown_megatron_core_stops_init_parallel_naming_the_seams(monkeypatch):
-    _installed_mcore_as(monkeypatch, "0.19.2")
+    _installed_mcore_as(monkeypatch, "0.20.0")
     monkeypatch.delenv(compat.OVERRIDE_ENV, raising=False)
     from omni_model.runtime.parallel import init_parallel
 
     with pytest.raises(compat.UnverifiedUpstream) as info:
         init_parallel()  # refused before any process group or mcore state is made
     message = str(info.value)
-    assert "init_parallel" in message and "megatron-core==0.19.2" in message and compat.OVERRIDE_ENV in message
+    assert "init_parallel" in message and "megatron-core==0.20.0" in message and compat.OVERRIDE_ENV in message
     assert all(f"- {name} (" in message for name in MCORE_SEAMS), message
     assert "torch==" not in message  # the installed torch is a verified one
     assert len(MCORE_SEAMS) >= 15
 
 
 def test_the_override_proceeds_with_a_warning(monkeypatch, caplog):
-    _installed_mcore_as(monkeypatch, "0.19.2")
+    _installed_mcore_as(monkeypatch, "0.20.0")
     monkeypatch.setenv(compat.OVERRIDE_ENV, "1")
     with caplog.at_level(logging.WARNING, logger=registry.__name__):
         compat.require_verified_upstream("megatron-core", where="test")
-    assert "megatron-core==0.19.2" in caplog.text and "proceeding" in caplog.text
+    assert "megatron-core==0.20.0" in caplog.text and "proceeding" in caplog.text
 
 
 def test_verified_versions_match_with_a_build_suffix(monkeypatch):
@@ -82,16 +82,16 @@ def test_verified_versions_match_with_a_build_suffix(monkeypatch):
 
 
 def test_a_changed_upstream_source_is_detected(monkeypatch):
-    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 
-    seam = compat.BY_NAME["model.router.gating"]
-    original = TopKRouter.gating
+    seam = compat.BY_NAME["model.static_dispatch"]
+    original = MoEAllGatherTokenDispatcher.dispatch_postprocess
 
-    def gating(self, input):  # what an upgrade that reworks the method looks like to the seam
-        return original(self, input) * 1.0
+    def dispatch_postprocess(self, hidden_states, probs):  # what an upgrade that reworks the method looks like
+        return original(self, hidden_states, probs)
 
-    monkeypatch.setattr(TopKRouter, "gating", gating)
-    with pytest.raises(compat.UpstreamChanged, match="model.router.gating.*TopKRouter.gating"):
+    monkeypatch.setattr(MoEAllGatherTokenDispatcher, "dispatch_postprocess", dispatch_postprocess)
+    with pytest.raises(compat.UpstreamChanged, match="model.static_dispatch.*dispatch_postprocess"):
         seam.verify()
 
 

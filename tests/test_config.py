@@ -114,9 +114,16 @@ def test_recipe_typos_are_named_before_any_job(tmp_path):
 def test_without_data_juicer_installed_the_op_names_are_left_to_the_datajuicer_job(tmp_path, monkeypatch, capsys):
     """A GPU node that trains on data prepared elsewhere has no Data-Juicer: the check must not stop its run on
     'unknown op' for every op of the recipe, and says what it did not check; the recipe's structure is still checked."""
-    import omni_model.config as config_module
+    import importlib.metadata
 
-    monkeypatch.setattr(config_module, "_dj_ops_dir", lambda: None)
+    installed = importlib.metadata.version
+
+    def version(distribution):
+        if distribution == "py-data-juicer":
+            raise importlib.metadata.PackageNotFoundError(distribution)
+        return installed(distribution)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
     typo = _recipe(tmp_path, [{"text_lenght_filter": {"min_len": 10}}])
     assert recipe_problems(typo) == []
     assert f"Data-Juicer is not installed here: the op names of {typo} are not checked" in capsys.readouterr().err

@@ -177,3 +177,30 @@ def test_merge_refuses_a_key_saved_twice(tmp_path, parallel):
         dist_checkpointing.save({"w": ShardedTensor.from_rank_offsets("w", tensor, replica_id=0)}, str(part))
     with pytest.raises(GroupedSaveError, match=r"w at \(0, 0\) is saved by two parts"):
         merge_parts(tmp_path / "parts", 2, tmp_path / "checkpoint")
+
+
+def test_merge_keeps_the_common_state_once_and_refuses_parts_that_differ(tmp_path, parallel):
+    """mcore 0.19 saves a checkpoint's non-sharded entries as one 'common_state' object inside each part: the merged
+    checkpoint holds it once (mcore's loader reads it back) and a part whose common state differs is refused."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from omni_model.convert.grouped_save import PART_PREFIX, GroupedSaveError, merge_parts
+
+    def save_parts(root, iterations):
+        for index, iteration in enumerate(iterations):
+            part = root / PART_PREFIX.format(index)
+            part.mkdir(parents=True)
+            tensor = torch.full((2, 3), float(index))
+            dist_checkpointing.save({f"w{index}": ShardedTensor.from_rank_offsets(f"w{index}", tensor, replica_id=0),
+                                     "iteration": iteration}, str(part))
+
+    save_parts(tmp_path / "same", [7, 7])
+    assert merge_parts(tmp_path / "same", 2, tmp_path / "merged")["keys"] == 3  # w0, w1, common_state
+    assert dist_checkpointing.load_common_state_dict(str(tmp_path / "merged")) == {"iteration": 7}
+    loaded = dist_checkpointing.load({f"w{i}": ShardedTensor.from_rank_offsets(f"w{i}", torch.empty(2, 3), replica_id=0)
+                                      for i in range(2)}, str(tmp_path / "merged"))
+    assert [loaded[f"w{i}"].tolist() for i in range(2)] == [[[0.0] * 3] * 2, [[1.0] * 3] * 2]
+    save_parts(tmp_path / "differ", [7, 8])
+    with pytest.raises(GroupedSaveError, match=r"save part 1 has its own common state \['iteration'\]"):
+        merge_parts(tmp_path / "differ", 2, tmp_path / "refused")

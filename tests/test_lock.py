@@ -69,8 +69,11 @@ def test_lock_has_every_requirement_at_its_pin_with_hashes():
     assert not unmet, f"the lock does not satisfy: {unmet}; regenerate it with the command in its header"
     unhashed = sorted(name for name, (_, hashes) in lock.items() if not hashes)
     assert not unhashed, f"locked without a sha256 hash: {unhashed}"
-    # the CPU build from local disk: a plain 2.13.0 would be PyPI's multi-GB CUDA wheel
-    assert lock["torch"][0] == "2.13.0+cpu" and len(lock["torch"][1]) == 1
+    # PyPI's cp312 torch (its CUDA build) with only the CUDA libraries torch links: the meta-package naming them all
+    # and the GPU-only Python bindings stay out (envs/lock-exclude.txt), (cuSOLVER, NVTX)
+    assert lock["torch"][0] == "2.13.0"
+    excluded = set(requirement_lines(ROOT / "envs" / "lock-exclude.txt"))
+    assert excluded and not excluded & set(lock), f"excluded but locked: {sorted(excluded & set(lock))}"
     print(f"{len(requirements)} requirements, all locked; {sum(len(h) for _, h in lock.values())} hashes")
 
 
@@ -91,3 +94,16 @@ def test_conda_env_files_pin_the_locked_versions():
                   if canonicalize_name(r.name) != "torch" and str(r.specifier) != f"=={lock[canonicalize_name(r.name)][0]}"}
         assert not differ, f"envs/{name} pins differ from envs/requirements.lock (file, lock): {differ}"
         print(f"envs/{name}: {len(checked)} pip pins == the lock")
+
+
+def test_device_wheels_pin_the_locked_versions():
+    """envs/device-wheels.txt (what a GPU machine without a registry is given) names the lock's versions."""
+    lock = read_lock()
+    pins = [Requirement(line) for line in requirement_lines(ROOT / "envs" / "device-wheels.txt")]
+    unpinned = [str(r) for r in pins if not str(r.specifier).startswith("==")]
+    assert not unpinned, f"envs/device-wheels.txt: not pinned: {unpinned}"
+    differ = {r.name: (str(r.specifier), lock.get(canonicalize_name(r.name), ("not locked",))[0]) for r in pins
+              if str(r.specifier) != f"=={lock.get(canonicalize_name(r.name), ('',))[0]}"}
+    assert not differ, f"envs/device-wheels.txt pins differ from envs/requirements.lock (file, lock): {differ}"
+    assert {"megatron-core", "transformers", "megatron-energon"} <= {canonicalize_name(r.name) for r in pins}
+    print(f"envs/device-wheels.txt: {len(pins)} pins == the lock")

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from .registry import Seam, resolve
 
-# The stack every entry was verified on (torch: 2.13.0 CPU on the dev machines, 2.11 CUDA on the GPU machines).
+# The stack every entry was verified on (torch: 2.13.0 on the CPU dev machines, 2.11 CUDA on the GPU machines).
+# megatron-core 0.16.1 -> 0.19.2: every entry re-read against the new source (the te_general_gemm stub and the
+# router's gating override are gone: mcore 0.19 defines te_general_gemm as None without TE and gates in torch).
 MCORE, HF, ENERGON, DJ, TORCH = "megatron-core", "transformers", "megatron-energon", "py-data-juicer", "torch"
-VERIFIED = {MCORE: ("0.16.1",), HF: ("5.24.0",), ENERGON: ("7.4.1",), DJ: ("1.6.1",), TORCH: ("2.13.0", "2.11")}
+VERIFIED = {MCORE: ("0.19.2",), HF: ("5.25.0",), ENERGON: ("7.4.1",), DJ: ("1.6.1",), TORCH: ("2.13.0", "2.11")}
 
 _TP = "megatron.core.tensor_parallel"
 _MOE = "megatron.core.transformer.moe"
@@ -83,25 +85,20 @@ def _dcp_metadata_merges() -> None:
     assert "relative_path" in {f.name for f in dataclasses.fields(_StorageInfo)}, "_StorageInfo.relative_path gone"
 
 
-def _dj_sources_match_registry() -> None:
-    """config.OpCatalog reads Data-Juicer's op names and constructor arguments from its SOURCE FILES (its import
-    takes seconds at plan time): they must be what Data-Juicer's own registry holds."""
-    from data_juicer.ops import load_ops  # noqa: F401  (registers every op)
-    from data_juicer.ops.base_op import OPERATORS
+def _dj_registry_gives_arguments() -> None:
+    """config.OpCatalog takes the op names from Data-Juicer's OPERATORS registry (filled by load_ops) and each op's
+    keyword arguments from the __init__ signatures down its MRO to base_op's classes, which take **kwargs."""
+    import inspect
 
-    catalog = resolve("omni_model.config:OpCatalog")()
-    families = tuple(f"data_juicer.ops.{family}." for family in resolve("omni_model.config:_OP_FAMILIES"))
-    registered = {name: cls for name, cls in OPERATORS.modules.items() if cls.__module__.startswith(families)}
-    assert registered, "no Data-Juicer op found in its registry"
-    wrong = {name: (catalog.ops.get(name), cls.__name__) for name, cls in registered.items()
-             if catalog.ops.get(name) != cls.__name__}
-    assert set(wrong) == _DJ_OPS_THE_SOURCES_MISS, \
-        f"ops read from the sources differ from the registry (source, registry): {wrong}"
+    from data_juicer.ops.base_op import OP, Filter
 
-
-# Verified on py-data-juicer 1.6.1: the source reading finds every registered op (f"{OP_NAME}_with_uid" names and
-# mapper/annotation/ included). Recorded, so that any op it misses after an upgrade is seen.
-_DJ_OPS_THE_SOURCES_MISS: set[str] = set()
+    registry = resolve("omni_model.data.dj_registry:registry")()
+    assert len(registry) > 100, f"only {len(registry)} ops in Data-Juicer's registry"
+    missing = {"min_len", "max_len", "text_key"} - set(registry.get("text_length_filter", ()))
+    assert not missing, f"text_length_filter's arguments lack {sorted(missing)}"
+    for base in (OP, Filter):
+        kinds = {p.kind for p in inspect.signature(base.__init__).parameters.values()}
+        assert inspect.Parameter.VAR_KEYWORD in kinds, f"{base.__name__}.__init__ no longer takes **kwargs"
 
 
 def _sources_read(*reads: tuple[str, str]):
@@ -152,18 +149,15 @@ SEAMS: tuple[Seam, ...] = (
           "add() is rewritten for the CPU generator (same bookkeeping); fork()'s 'CPU RNG state changed' warning is "
           "filtered by its text",
           fingerprint='11dbcecb3581d644'),
-    _seam("cpu.te_general_gemm", MCORE, f"{_MOE}.moe_utils:RouterGatingLinearFunction",
-          "omni_model.runtime.cpu_patches:apply", "patch",
-          "moe_utils reads the module global te_general_gemm, only defined when TE imports: set to None",
-          fingerprint='a34180b771b42adc'),
     _seam("cpu.torch_factories", MCORE, [f"{_TP}.layers", f"{_OPT}.optimizer"],
           "omni_model.runtime.cpu_patches:_install_torch_proxy", "patch",
           "literal device='cuda' allocations in mcore modules go through their `torch` global, proxied on CPU",
           check=_mcore_modules_bind_torch),
     _seam("cpu.clip_grad_by_total_norm_fp32", MCORE, f"{_OPT}.clip_grads:clip_grad_by_total_norm_fp32",
           "omni_model.runtime.cpu_patches:apply", "patch",
-          "asserts torch.cuda.FloatTensor grads: the same in-place scaling re-implemented for fp32 CPU grads",
-          fingerprint='8edb9da5365045a5'),
+          "asserts torch.cuda.FloatTensor grads: the same in-place scaling re-implemented for fp32 CPU grads (a "
+          "tensor total norm, new in 0.19, compares the same way)",
+          fingerprint='cf07b488fb76a8ae'),
     # runtime/multi_tensor.py
     _seam("mt.local_fallbacks", MCORE, ["megatron.core.utils:local_multi_tensor_l2_norm",
                                         "megatron.core.utils:local_multi_tensor_scale"],
@@ -174,36 +168,42 @@ SEAMS: tuple[Seam, ...] = (
           "private", "the module globals l2_norm_impl / multi_tensor_scale_impl that mcore binds its fallbacks to",
           check=_mcore_binds_multi_tensor_fallbacks),
     # model/
-    _seam("model.router.gating", MCORE, f"{_MOE}.router:TopKRouter.gating", "omni_model.model.router:SoftmaxTopKRouter",
-          "subclass", "gating replaced by F.linear (mcore's router_gating_linear needs TE and moves weights to CUDA)",
-          fingerprint='984dd54fa561aa82'),
+    _seam("model.router_aux_loss_tokens", MCORE, [f"{_MOE}.router:TopKRouter._apply_aux_loss",
+                                                  f"{_MOE}.router:TopKRouter.attach_and_log_load_balancing_loss",
+                                                  f"{_MOE}.moe_utils:get_tokens_per_expert_and_token_count"],
+          "omni_model.model.router:OmniTopKRouter", "subclass",
+          "_apply_aux_loss copied with valid_token_count = the TP x CP routed-token sum / tp_cp_size, which 0.19 "
+          "multiplies back by tp_cp_size (its local count differs per rank when SP shards hold different padding)",
+          fingerprint='86d0de381fad81e6'),
     _seam("model.static_dispatch", MCORE, [f"{_MOE}.token_dispatcher:MoEAllGatherTokenDispatcher.dispatch_postprocess",
                                            f"{_MOE}.moe_layer:MoELayer.__init__"],
           "omni_model.model.dispatcher:OmniMoELayer", "subclass",
           "the built dispatcher's __class__ is swapped to one whose dispatch_postprocess gives the same permutation "
           "without host syncs (all experts local)", switch="static_dispatch",
-          fingerprint='facfc26de2ffe502'),
+          fingerprint='54b6c02b0af4a541'),
     _seam("model.grouped_experts", MCORE,
           [f"{_MOE}.experts:TEGroupedMLP.__init__", f"{_MOE}.experts:TEGroupedMLP.forward"],
           "omni_model.model.experts:GroupedGemmExperts", "subclass",
-          "TEGroupedMLP with torch grouped GEMMs for TE's GroupedLinear; its forward is copied minus a host sync",
-          fingerprint='4eba847fa93674fb'),
+          "TEGroupedMLP with torch grouped GEMMs for TE's GroupedLinear (0.19's grouped-linear builder protocol); "
+          "its forward is copied minus a host sync, mcore's for the features it leaves out (fp8, op fuser, ...)",
+          fingerprint='2df562c28073d6e4'),
     _seam("model.grouped_gemm", TORCH, "torch:_grouped_mm", "omni_model.model.experts:grouped_gemm", "private",
           "torch's private grouped GEMM op (one launch for all local experts)", check="exists"),
     _seam("model.linear_forward_impl", MCORE, [f"{_TP}.layers:ColumnParallelLinear._forward_impl",
                                                f"{_TP}.layers:RowParallelLinear._forward_impl",
                                                f"{_TP}.layers:linear_with_grad_accumulation_and_async_allreduce"],
           "omni_model.model.linear:_LocalMatmul._forward_impl", "subclass",
-          "_forward_impl is a plain F.linear when mcore's Function would only multiply (reads its keyword names)",
+          "_forward_impl is a plain F.linear when mcore's Function would only multiply (reads its keyword names; "
+          "0.19's gtp_remat_size > 1 is not only a multiply)",
           switch="plain_matmul_when_local",
-          fingerprint='ca6ec7ff758f3a50'),
+          fingerprint='bd58dc43ed965539'),
     _seam("model.gpt_postprocess", MCORE, ["megatron.core.models.gpt.gpt_model:GPTModel._postprocess",
                                            "megatron.core.models.common.language_module.language_module:"
                                            "LanguageModule.compute_language_model_loss"],
           "omni_model.model.language_model:Qwen3OmniLanguageModel.forward", "call",
           "our forward runs the decoder itself (MRoPE, deepstack) and then GPTModel's private _postprocess by keyword; "
           "the loss hook it calls is overridden",
-          fingerprint='79aa02606fd6b8c8'),
+          fingerprint='0555ef23758e5d2f'),
     _seam("model.chunked_lm_loss", MCORE, ["megatron.core.models.gpt.gpt_model:GPTModel._postprocess",
                                            "megatron.core.tensor_parallel.layers:ColumnParallelLinear.forward"],
           "omni_model.model.language_model:Qwen3OmniLanguageModel._chunked_loss", "call",
@@ -211,11 +211,11 @@ SEAMS: tuple[Seam, ...] = (
           "a time (the output weight it picks, output_layer(hidden, weight=, runtime_gather_output=), "
           "compute_language_model_loss; no MTP, no inference) and relies on the output layer all-gathering an SP "
           "input along dim 0, rank-major (model.chunked_loss)",
-          fingerprint='53c026090d9fffe5'),
+          fingerprint='d0e4075c5d59c6c7'),
     _seam("model.cross_entropy", MCORE, f"{_TP}.cross_entropy:_VocabParallelCrossEntropy",
           "omni_model.model.cross_entropy:FusedVocabParallelCrossEntropy", "switch",
           "the same fp32 vocab-parallel cross-entropy fused on the GPU", switch="fuse_ce_on_gpu",
-          fingerprint='b81360061852c36b'),
+          fingerprint='ee9c3e36b0e76bac'),
     _seam("model.varlen_attention", TORCH, "torch.nn.attention.varlen:varlen_attn",
           "omni_model.model.attention:_varlen_attention", "switch",
           "torch's flash varlen kernel for packed sequences (keywords read from its signature per version)",
@@ -228,15 +228,14 @@ SEAMS: tuple[Seam, ...] = (
     _seam("model.param_attributes", MCORE, [f"{_TP}.layers:param_is_not_tensor_parallel_duplicate",
                                             "megatron.core.distributed.finalize_model_grads:"
                                             "_allreduce_non_tensor_model_parallel_grads",
-                                            "megatron.core.distributed.distributed_data_parallel:"
-                                            "DistributedDataParallel.__init__"],
+                                            "megatron.core.distributed.param_and_grad_buffer:group_params_for_buffers"],
           "omni_model.model.encoder_layers:mark_replicated", "private",
           "parameter attributes we set and mcore reads: tensor_model_parallel (replicated towers), sequence_parallel "
           "(norm.RMSNorm), allreduce=False (experts.GroupedLinear: expert-DP grads)",
           check=_sources_read((f"{_TP}.layers:param_is_not_tensor_parallel_duplicate", "tensor_model_parallel"),
                               ("megatron.core.distributed.finalize_model_grads:"
                                "_allreduce_non_tensor_model_parallel_grads", '"sequence_parallel"'),
-                              ("megatron.core.distributed.distributed_data_parallel:DistributedDataParallel.__init__",
+                              ("megatron.core.distributed.param_and_grad_buffer:group_params_for_buffers",
                                "'allreduce'"))),
     _seam("model.expert_sharded_state_dict", MCORE,
           ["megatron.core.transformer.utils:make_sharded_tensors_for_checkpoint",
@@ -255,7 +254,7 @@ SEAMS: tuple[Seam, ...] = (
           "omni_model.model.attention:per_token_rope_packing", "private",
           "packed rows handed over in 'sbhd' form with cu_seqlens set take RoPE token by token, not by mcore's THD "
           "loop",
-          fingerprint='2752798f27ef46ca'),
+          fingerprint='6ebc796813c1ef91'),
     _seam("model.gpt_model_init", MCORE, "megatron.core.models.gpt.gpt_model:GPTModel.__init__",
           "omni_model.model.language_model:Qwen3OmniLanguageModel", "subclass",
           "built with position_embedding_type='none' and scatter_embedding_sequence_parallel=False, then our MRoPE",
@@ -279,7 +278,7 @@ SEAMS: tuple[Seam, ...] = (
                                           "megatron.core.distributed.finalize_model_grads:finalize_model_grads"],
           "omni_model.train.forward_step:loss_func", "call",
           "the loss contract (token sums, divided by the global label-token count) as read in these functions",
-          fingerprint='5077082c6e8a09b9'),
+          fingerprint='380b7e5902187a8e'),
     # context parallelism on our attention (model/context_parallel.py)
     _seam("model.cp_kv_all_gather", MCORE, f"{_TP}.mappings:gather_from_sequence_parallel_region",
           "omni_model.model.context_parallel:gather_keys_values", "call",
@@ -288,28 +287,29 @@ SEAMS: tuple[Seam, ...] = (
     _seam("model.cp_packed_seq_params", MCORE, "megatron.core.packed_seq_params:PackedSeqParams",
           "omni_model.model.context_parallel:ContextParallelPackedSeqParams", "subclass",
           "a dataclass subclass carries the CP plan (kv_index, local_index) to our attention through mcore's layers",
-          fingerprint='e2e7fcb7c4488eea'),
+          fingerprint='0f07cb1af68de566'),
     _seam("model.cp_router_statistics", MCORE, [f"{_MOE}.router:TopKRouter._apply_aux_loss",
                                                 f"{_MOE}.moe_utils:get_tokens_per_expert_and_token_count"],
           "omni_model.train.forward_step:context_parallel_inputs", "call",
-          "the MoE aux loss of a CP-split micro-batch: routing statistics reduced over mcore's TP x CP group",
+          "the MoE aux loss of a CP-split micro-batch: routing statistics reduced over mcore's TP x CP group; "
+          "OmniTopKRouter (model.router_aux_loss_tokens) weights it by their TP x CP sum on every rank",
           fingerprint='83d88edca16f9002'),
     _seam("train.cp_loss_reduction", MCORE, "megatron.core.parallel_state:get_data_parallel_group",
           "omni_model.train.loop:_reduced_loss", "call",
           "a CP rank's loss sums cover its chunks: logged losses are summed over DP x CP (with_context_parallel)",
-          check="signature", fingerprint='(with_context_parallel, partial_data_parallel, independent_all_gather)'),
+          check="signature", fingerprint='(with_context_parallel, with_gtp_remat, partial_data_parallel)'),
     _seam("train.variable_seq_lengths", MCORE, "megatron.core.transformer.transformer_config:"
                                                "TransformerConfig.__post_init__",
           "omni_model.train.build:allow_variable_seq_lengths", "private",
           "variable_seq_lengths is set after __post_init__, whose allgather refusal does not apply at ep = 1",
-          fingerprint='22a10dbc97da40f4'),
+          fingerprint='890da8cd8d15ec0a'),
     _seam("train.folded_grad_scale", MCORE, [f"{_OPT}.optimizer:MixedPrecisionOptimizer.step",
                                              "megatron.core.distributed.distributed_data_parallel:"
                                              "DistributedDataParallel.scale_gradients"],
           "omni_model.train.build:FoldedGradScale", "patch",
           "the DDP model's scale_gradients and the optimizer's step are replaced on the instances: the two grad "
           "scalings go into fused Adam's grad_scale", switch="fold_grad_scale",
-          fingerprint='50312e9b3200442b'),
+          fingerprint='2e9ad364fc5f29ab'),
     _seam("train.adam_grad_scale", TORCH, "torch.optim:Adam.step", "omni_model.train.build:FoldedGradScale", "private",
           "torch's Adam hands `self.grad_scale` to the fused kernel", check=_torch_adam_reads_grad_scale),
     _seam("train.distrib_optimizer_load", MCORE, [f"{_OPT}.distrib_optimizer:DistributedOptimizer."
@@ -319,13 +319,19 @@ SEAMS: tuple[Seam, ...] = (
           "omni_model.train.checkpointing:_prepare_distributed_optimizer_load", "patch",
           "the per-parameter state copy is wrapped to leave Adam's `step` alone; the private initialiser is called "
           "before a load",
-          fingerprint='abaf4aa2017df9c3'),
+          fingerprint='a508e0a6c2b8d227'),
     _seam("convert.dcp_metadata_merge", TORCH, ["torch.distributed.checkpoint.filesystem:_StorageInfo",
                                                 "torch.distributed.checkpoint.filesystem:FileSystemWriter.finish"],
           "omni_model.convert.grouped_save:merge_parts", "private",
           "convert saves one save group per dist_checkpointing.save (mcore and DCP have no incremental save) and "
           "merges the parts' DCP metadata into one .metadata, written by FileSystemWriter.finish",
           check=_dcp_metadata_merges),
+    _seam("convert.common_state_object", MCORE, ["megatron.core.dist_checkpointing.serialization:save",
+                                                 "megatron.core.dist_checkpointing.serialization:load_common_state_dict"],
+          "omni_model.convert.grouped_save:merge_parts", "private",
+          "each part keeps its common state as mcore's ShardedObject('common_state', (1,), (0,)) inside the DCP "
+          "checkpoint (0.16: a common.pt beside it); the merge keeps part 0's after checking the others equal",
+          fingerprint='073fa29f624b4e9e'),
     # transformers (the parity reference)
     _seam("hf.experts_implementation", HF, "transformers.configuration_utils:PreTrainedConfig",
           "omni_model.convert.parity:reference_thinker", "private",
@@ -354,11 +360,13 @@ SEAMS: tuple[Seam, ...] = (
           "omni_model.data.datajuicer:run_recipe", "private",
           "init_configs sets RAY_JOB_ENV_VAR process-wide and redirects the streams: both are put back",
           check="exists"),
-    _seam("dj.op_sources", DJ, "data_juicer.ops.base_op:OP.__init__", "omni_model.config:OpCatalog", "source-parse",
-          "plan-time recipe checks read op names and constructor arguments from Data-Juicer's source files",
-          check=_dj_sources_match_registry),
+    _seam("dj.op_registry", DJ, ["data_juicer.ops.base_op:OPERATORS", "data_juicer.ops:load_ops"],
+          "omni_model.config:OpCatalog", "private",
+          "plan-time recipe checks read op names from Data-Juicer's registry and arguments from the ops' signatures "
+          "(data/dj_registry.py, cached per version)",
+          check=_dj_registry_gives_arguments),
     _seam("dj.base_op_kwargs", DJ, ["data_juicer.ops.base_op:OP.__init__", "data_juicer.ops.base_op:Filter.__init__"],
-          "omni_model.config:_base_kwargs", "source-parse",
+          "omni_model.data.dj_registry:base_kwargs", "source-parse",
           "the keyword arguments every op accepts are read from base_op.py's kwargs.get calls",
           fingerprint='94ce36fe7a41a934'),
     _seam("dj.dedup_ops", DJ, ["data_juicer.ops.base_op:Deduplicator",

@@ -11,7 +11,7 @@ memory of a save is one group (its tensors + dist_checkpointing's copy of them),
 Why parts and a merge: `dist_checkpointing.save` writes what one call is given. The torch_dist format is a PyTorch
 DCP folder with ONE `.metadata` (every tensor's global shape, its chunks and the file and byte range of each chunk),
 and a second save into the same folder replaces it (megatron-core only warns "Overwriting old incomplete /
-corrupted checkpoint"); neither megatron-core (0.16) nor torch DCP has an incremental save. So each group is saved
+corrupted checkpoint"); neither megatron-core (0.16-0.19) nor torch DCP has an incremental save. So each group is saved
 as its own complete torch_dist checkpoint (mcore's sharding validation runs on each: a unit holds whole checkpoint
 keys, see SAVE_UNIT), and the parts are merged: their tensor files moved into the checkpoint folder under a part
 prefix, their `.metadata` joined into one (the chunks of every key, the storage entries re-pointed at the moved
@@ -39,7 +39,10 @@ import torch
 SAVE_UNIT = re.compile(r"^language_model\.decoder\.layers\.\d+(?=\.)|^[^.]+")
 PART_PREFIX = "part{:04d}"
 METADATA = ".metadata"
-SIDE_FILES = ("metadata.json", "common.pt")  # mcore's backend record and common state: rank 0 writes them per save
+SIDE_FILES = ("metadata.json",)  # mcore's backend record: rank 0 writes it per save
+# mcore 0.19 saves the common (non-sharded) state as this one ShardedObject inside the DCP checkpoint (0.16 wrote a
+# common.pt beside it): every part holds one, the merged checkpoint keeps part 0's (seam convert.common_state_object)
+COMMON_STATE = ("common_state", (1,), (0,))
 
 
 class GroupedSaveError(RuntimeError):
@@ -144,6 +147,7 @@ def merge_parts(parts_dir: Path, count: int, checkpoint_dir: Path) -> dict:
 
     parts_dir, checkpoint_dir = Path(parts_dir), Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    common_key = _check_common_states(parts_dir, count)
     merged = Metadata(state_dict_metadata={}, planner_data={}, storage_data={})
     mcore_data: dict = {}
     files = 0
@@ -152,8 +156,12 @@ def merge_parts(parts_dir: Path, count: int, checkpoint_dir: Path) -> dict:
         metadata = FileSystemReader(str(part)).read_metadata()
         prefix = PART_PREFIX.format(index)
         for key, stored in metadata.state_dict_metadata.items():
+            if key == common_key and index > 0:
+                continue  # equal to part 0's (checked above); its bytes stay unreferenced in the part's file
             _merge_entry(merged.state_dict_metadata, key, stored, TensorStorageMetadata, BytesStorageMetadata)
         for entry, info in metadata.storage_data.items():
+            if entry.fqn == common_key and index > 0:
+                continue
             if entry in merged.storage_data:
                 raise GroupedSaveError(f"{entry.fqn} at {tuple(entry.offset or ())} is saved by two parts")
             merged.storage_data[entry] = dataclasses.replace(info, relative_path=prefix + info.relative_path)
@@ -165,7 +173,6 @@ def merge_parts(parts_dir: Path, count: int, checkpoint_dir: Path) -> dict:
     check_coverage(merged.state_dict_metadata)
     if mcore_data:  # megatron-core's legacy entries on the DCP Metadata (read with getattr(..., {}) on load)
         merged.mcore_data = mcore_data
-    _check_common_states(parts_dir, count)
     for name in SIDE_FILES:
         shutil.copyfile(parts_dir / PART_PREFIX.format(0) / name, checkpoint_dir / name)
     results = [[WriteResult(index=entry, size_in_bytes=info.length, storage_data=info)
@@ -176,15 +183,20 @@ def merge_parts(parts_dir: Path, count: int, checkpoint_dir: Path) -> dict:
     return {"keys": len(merged.state_dict_metadata), "chunks": chunks, "files": files}
 
 
-def _check_common_states(parts_dir: Path, count: int) -> None:
-    """Part 0's common.pt stands for all: every part's common state (a model's non-sharded entries; none today) must
-    be the same, else some would be lost."""
-    first = torch.load(parts_dir / PART_PREFIX.format(0) / "common.pt", weights_only=False)
+def _check_common_states(parts_dir: Path, count: int) -> str:
+    """Part 0's common state stands for all: every part's (a model's non-sharded entries; none today) must be the
+    same, else some would be lost. Returns the common state's checkpoint key (mcore's own, as its loader builds it)."""
+    from megatron.core.dist_checkpointing import load_common_state_dict
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    key, shape, offset = COMMON_STATE
+    first = load_common_state_dict(parts_dir / PART_PREFIX.format(0))
     for index in range(1, count):
-        other = torch.load(parts_dir / PART_PREFIX.format(index) / "common.pt", weights_only=False)
+        other = load_common_state_dict(parts_dir / PART_PREFIX.format(index))
         if other != first:
             raise GroupedSaveError(f"save part {index} has its own common state {sorted(other)} (part 0: "
                                    f"{sorted(first)}): it would be lost in the merge")
+    return ShardedObject(key, None, shape, offset).unique_key
 
 
 def _merge_entry(into: dict, key: str, stored, tensor_type, bytes_type) -> None:

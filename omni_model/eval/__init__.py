@@ -9,7 +9,7 @@ Two parts, one per question a user asks:
   same weights (the download for base, the export for tuned), scored by `metrics` (exact match, jiwer WER/CER,
   sacrebleu BLEU/chrF). transformers because its `generate` gives a KV cache, stopping criteria and multimodal
   prompts (positions of image/audio/video) for the released model today, and `device_map="auto"` spreads the 30B
-  checkpoint over the GPUs of one host without a layout; mcore 0.16's inference engines have no Qwen3-Omni
+  checkpoint over the GPUs of one host without a layout; mcore's inference engines (0.16 to 0.19) have no Qwen3-Omni
   multimodal prompt path (towers, deepstack, MRoPE) and would need one written and kept in step.
 
 * `speech` (`generate.generate_speech`): spoken answers to the val samples whose last answer is spoken, through the

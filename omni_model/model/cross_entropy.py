@@ -97,9 +97,9 @@ class FusedVocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None,
                                  fuse_on_gpu: bool = True) -> torch.Tensor:
     """Per-token loss [...] (fp32) of `logits` [..., V/tp] (this rank's vocab slice, any float dtype) against `target`
-    [...] (global vocab ids); `tp_group` the tensor-parallel group the vocab is split over (None: not split; mcore's
-    function on the CPU takes parallel_state's TP group, which is the model's). `fuse_on_gpu`: PerfOptions.fuse_ce_on_gpu
-    (False: mcore's function on the GPU too, the bench's `ce=mcore` baseline)."""
+    [...] (global vocab ids); `tp_group` the tensor-parallel group the vocab is split over (None: not split for the
+    fused form; parallel_state's TP group for mcore's). `fuse_on_gpu`: PerfOptions.fuse_ce_on_gpu (False: mcore's
+    function on the GPU too, the bench's `ce=mcore` baseline)."""
     if logits.is_cuda and fuse_on_gpu:
         return FusedVocabParallelCrossEntropy.apply(logits, target, tp_group)
-    return tensor_parallel.vocab_parallel_cross_entropy(logits, target)
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, target, tp_group=tp_group)

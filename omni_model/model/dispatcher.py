@@ -1,6 +1,7 @@
 """mcore's allgather token dispatcher without host syncs when every expert is local (EP = 1, no token dropping).
 
-mcore 0.16's `MoEAllGatherTokenDispatcher.dispatch_postprocess` syncs the host three times per MoE layer and pass:
+mcore's (0.16 to 0.19) `MoEAllGatherTokenDispatcher.dispatch_postprocess` syncs the host three times per MoE layer
+and pass:
 `tokens_per_expert.cpu()` (TE's grouped GEMM wants a host list) and two `masked_select`s (output size read back from
 the device) in the permutation of the tokens and of their routing probabilities. With all experts on this rank and no
 capacity factor, every token goes to exactly top-k experts: the permuted length is tokens x top-k, known on the host.
@@ -40,8 +41,10 @@ class StaticAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
 
 
 class OmniMoELayer(MoELayer):
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
-        super().__init__(config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection)
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **kwargs):
+        # kwargs: what mcore's builder adds (0.19: is_mtp_layer, name), handed on unchanged
+        super().__init__(config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection,
+                         **kwargs)
         config = self.config
         self.static_applies = (type(self.token_dispatcher) is MoEAllGatherTokenDispatcher
                                and self.num_local_experts == config.num_moe_experts

@@ -1,7 +1,8 @@
 """Grouped-GEMM experts without TransformerEngine: one `torch._grouped_mm` launch for all local experts.
 
 `GroupedGemmExperts` is mcore's `TEGroupedMLP` (same forward, activation-with-probs, sharded state dict, ETP/EP
-handling) with its two TE `GroupedLinear`s replaced by `GroupedLinear` below (one [E, out, in] parameter), whose
+handling) with its two TE `GroupedLinear`s replaced by `GroupedLinear` below (one [E, out, in] parameter; its
+Column/RowGroupedLinear classes are builders of mcore 0.19's `GroupedLinearFc1Builder`/`Fc2Builder` protocols), whose
 state-dict names are the TE spec's: `mlp.experts.linear_fc1.weight{e}` [2*F/etp, H] (rows = [gate_shard; up_shard]) and
 `mlp.experts.linear_fc2.weight{e}` [H, F/etp], e = local expert index. Communication across EP/ETP is the token
 dispatcher's job (as with TE: "explicit expert comm"); these linears never communicate.
@@ -100,6 +101,7 @@ class GroupedLinear(nn.Module):
         is_expert: bool = True,
         tp_comm_buffer_name: Optional[str] = None,
         pg_collection=None,
+        name: Optional[str] = None,
     ):
         super().__init__()
         assert is_expert, "GroupedLinear is for experts"
@@ -216,9 +218,11 @@ class GroupedGemmExperts(TEGroupedMLP):
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         """TEGroupedMLP's forward minus its `tokens_per_expert.tolist()`: that host sync, once per MoE layer and
         pass, stalls the launch queue; the grouped GEMMs take the counts as a device tensor instead. The features
-        we do not use (fp8/fp4 padding, activation recompute, CPU offload) keep mcore's own forward."""
+        we do not use (fp8/fp4 padding, activation recompute, CPU offload, mcore 0.19's TE op fuser and interleaved
+        GLU rows) keep mcore's own forward."""
         config = self.config
-        if config.fp8 or config.fp4 or self.activation_recompute or self.offload_expert_fc1 or self.offload_moe_act:
+        if (config.fp8 or config.fp4 or self.activation_recompute or self.offload_expert_fc1 or self.offload_moe_act
+                or self._with_fused_impl or config.moe_mlp_glu_interleave_size is not None):
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         assert config.gated_linear_unit and config.activation_func is torch.nn.functional.silu
         fc1_output, _ = self.linear_fc1(permuted_local_hidden_states, tokens_per_expert)

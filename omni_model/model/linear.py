@@ -23,11 +23,11 @@ from .options import DEFAULT
 
 
 def only_a_matmul(gradient_accumulation_fusion=False, allreduce_dgrad=False, sequence_parallel=False,
-                  grad_output_buffer=None, **_) -> bool:
+                  grad_output_buffer=None, gtp_remat_size=1, **_) -> bool:
     """Whether mcore's linear Function, called with these arguments, would do nothing but `input @ weight.T + bias`
-    forward and the two matmuls backward."""
+    forward and the two matmuls backward (mcore 0.19's gtp_remat_size > 1 gathers a sharded weight first)."""
     return not (gradient_accumulation_fusion or allreduce_dgrad or sequence_parallel
-                or grad_output_buffer is not None)
+                or grad_output_buffer is not None or (gtp_remat_size or 1) > 1)
 
 
 class _LocalMatmul:

@@ -1,29 +1,36 @@
-"""Softmax top-k router of Qwen3-Omni on mcore's TopKRouter, without any TransformerEngine symbol.
+"""mcore's TopKRouter with the aux loss weighted by the micro-batch's routed-token count on every TP x CP rank.
 
-HF: probs = softmax(logits) in fp32; top-k; if norm_topk_prob: renormalise the k probabilities.
-mcore TopKRouter with score_function='softmax':
-- `moe_router_pre_softmax=False`: top-k on logits, softmax over the k logits == renormalised top-k softmax
-  (used when norm_topk_prob is true, the released model);
-- `moe_router_pre_softmax=True`: softmax over all experts, then top-k, no renormalisation (norm_topk_prob false).
-Only `gating` is replaced: mcore 0.16.1's `router_gating_linear` references `te_general_gemm` (NameError without
-TE) and moves CPU weights to CUDA. Ours is a plain `F.linear` in the router dtype (fp32 by default).
-The aux loss (`moe_aux_loss_coeff` = HF `router_aux_loss_coef`, load balancing type `aux_loss`) is mcore's.
+In per-token-loss mode mcore 0.19 attaches `aux_loss * local_num_tokens * tp_cp_size` to the router activations
+(`attach_and_log_load_balancing_loss`), with `local_num_tokens` the non-padding tokens of this rank's sequence shard:
+that equals the micro-batch's count only when every shard holds as many non-padding tokens. With sequence
+parallelism the padding sits in the last shard, so the ranks weighted the same aux loss differently and the router
+gradients at tp2+sp differed from tp1 by up to 100 % (tests/test_train_layouts.py). mcore 0.16 used the count summed
+over TP x CP on every rank (its per-expert counts were all-reduced in place); this router hands that sum, divided by
+tp_cp_size, as `valid_token_count`, so that `local_num_tokens * tp_cp_size` is the micro-batch's routed-token count
+on every rank again (the objective in train/forward_step.py). The rest is mcore's `_apply_aux_loss`.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
+from megatron.core.transformer.moe.moe_utils import (
+    get_tokens_per_expert_and_token_count,
+    switch_load_balancing_loss_func,
+)
 from megatron.core.transformer.moe.router import TopKRouter
 
 
-class SoftmaxTopKRouter(TopKRouter):
-    def gating(self, input: torch.Tensor) -> torch.Tensor:
-        router_dtype = input.dtype
-        if self.config.moe_router_dtype == "fp32":
-            router_dtype = torch.float32
-        elif self.config.moe_router_dtype == "fp64":
-            router_dtype = torch.float64
-        bias = self.bias.to(router_dtype) if self.bias is not None else None
-        return F.linear(input.to(router_dtype), self.weight.to(router_dtype), bias)
+class OmniTopKRouter(TopKRouter):
+    def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask: bool = False):
+        aux_loss_coeff = self.get_aux_loss_coeff("aux_loss")
+        if aux_loss_coeff == 0:
+            return probs
+        global_tokens_per_expert, _, total_num_tokens = get_tokens_per_expert_and_token_count(
+            routing_map=routing_map, reduce_group=self.tp_cp_group, topk=self.topk,
+            with_padding_mask=with_padding_mask)
+        aux_loss = switch_load_balancing_loss_func(
+            probs=scores_for_aux_loss, tokens_per_expert=global_tokens_per_expert, total_num_tokens=total_num_tokens,
+            topk=self.topk, num_experts=self.config.num_moe_experts, moe_aux_loss_coeff=aux_loss_coeff,
+            fused=self.config.moe_router_fusion)
+        return self.attach_and_log_load_balancing_loss(
+            probs, aux_loss_coeff, aux_loss, "load_balancing_loss", self.tp_cp_group,
+            valid_token_count=total_num_tokens / self.tp_cp_group.size())

@@ -13,9 +13,9 @@ decision (config `model.use_te`, passed explicitly to every builder) asks for it
   decoder.final_layernorm.weight, embedding.word_embeddings.weight, output_layer.weight
 
 Local spec: `SDPAttention` (attention.py), `GroupedGemmExperts` (experts.py), SP-capable `RMSNorm` (norm.py),
-`SoftmaxTopKRouter` (router.py), `OmniMoELayer` (dispatcher.py: no host syncs in the token permutation at EP=1),
-mcore's Column/RowParallelLinear as plain matmuls when no TP communication rides on them (linear.py). Every layer
-is a `DeepstackTransformerLayer`.
+`OmniTopKRouter` (router.py: mcore's, aux-loss token count per micro-batch), `OmniMoELayer` (dispatcher.py: no host
+syncs in the token permutation at EP=1), mcore's Column/RowParallelLinear as plain matmuls when no TP communication
+rides on them (linear.py). Every layer is a `DeepstackTransformerLayer`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import GroupedMLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -44,7 +45,7 @@ from .dispatcher import OmniMoELayer
 from .experts import ColumnGroupedLinear, GroupedGemmExperts, RowGroupedLinear
 from .linear import LocalColumnParallelLinear, LocalRowParallelLinear
 from .norm import RMSNorm
-from .router import SoftmaxTopKRouter
+from .router import OmniTopKRouter
 from ..configs import moe_layer_pattern  # noqa: F401  (torch-free home: the planner reads it too)
 
 
@@ -116,18 +117,19 @@ def _moe_spec(use_te: bool, shared_expert: bool = False) -> ModuleSpec:
 
         experts = ModuleSpec(
             module=TEGroupedMLP,
-            submodules=MLPSubmodules(linear_fc1=TEColumnParallelGroupedLinear, linear_fc2=TERowParallelGroupedLinear),
+            submodules=GroupedMLPSubmodules(linear_fc1=TEColumnParallelGroupedLinear,
+                                            linear_fc2=TERowParallelGroupedLinear),
         )
     else:
         experts = ModuleSpec(
             module=GroupedGemmExperts,
-            submodules=MLPSubmodules(linear_fc1=ColumnGroupedLinear, linear_fc2=RowGroupedLinear),
+            submodules=GroupedMLPSubmodules(linear_fc1=ColumnGroupedLinear, linear_fc2=RowGroupedLinear),
         )
     # mcore's SharedExpertMLP (the gate is mcore's `moe_shared_expert_gate`: sigmoid(x @ gate_weight^T) * output)
     shared = ModuleSpec(module=SharedExpertMLP, submodules=_dense_mlp_spec(use_te).submodules) if shared_expert else None
     return ModuleSpec(
         module=MoELayer if use_te else OmniMoELayer,
-        submodules=MoESubmodules(experts=experts, shared_experts=shared, router=SoftmaxTopKRouter),
+        submodules=MoESubmodules(experts=experts, shared_experts=shared, router=OmniTopKRouter),
     )
 
 

@@ -127,6 +127,9 @@ def build_transformer_config(
             moe_ffn_hidden_size=text.get("moe_intermediate_size"),
             moe_router_topk=topk,
             moe_router_score_function="softmax",
+            # HF: softmax over all experts in fp32, top-k, renormalised when norm_topk_prob. mcore's TopKRouter:
+            # pre_softmax=False takes top-k of the logits and softmaxes those k (= the renormalised top-k softmax);
+            # pre_softmax=True is softmax, then top-k, not renormalised
             moe_router_pre_softmax=not norm_topk,
             moe_router_load_balancing_type="aux_loss",
             moe_aux_loss_coeff=float(text.get("router_aux_loss_coef", 0.0)),

@@ -1,4 +1,4 @@
-"""Every CUDA-only spot of megatron-core 0.16.1 that we patch to run on a CPU-only torch with gloo. ONE module,
+"""Every CUDA-only spot of megatron-core (0.19) that we patch to run on a CPU-only torch with gloo. ONE module,
 applied only when no GPU is present (`apply()` is a no-op when CUDA is available, and idempotent).
 
 See shared/notes/mcore-on-cpu.md for the measured list. Each patch says what it replaces and why; each is a seam
@@ -102,13 +102,7 @@ def apply(force: bool = False) -> bool:
     torch.cuda.manual_seed = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.manual_seed_all = lambda *a, **k: None  # type: ignore[assignment]
 
-    # 4. moe_utils references `te_general_gemm` without TE (NameError): define it as absent.
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-    # 5. gloo's all_to_all_single rejects tensor split sizes: pass lists.
+    # 4. gloo's all_to_all_single rejects tensor split sizes: pass lists.
     _orig_a2a = torch.distributed.all_to_all_single
 
     def _a2a(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
@@ -123,18 +117,18 @@ def apply(force: bool = False) -> bool:
 
     replace_upstream(torch.distributed, "all_to_all_single", _a2a)
 
-    # 6. `.cuda()` calls on CPU tensors (schedules, clip_grads, optimizer, dispatchers): identity on CPU.
+    # 5. `.cuda()` calls on CPU tensors (schedules, clip_grads, optimizer, dispatchers): identity on CPU.
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
 
-    # 7. literal device="cuda" allocations inside mcore (schedules, p2p, FP32Optimizer loss scale, clip_grads,
+    # 6. literal device="cuda" allocations inside mcore (schedules, p2p, FP32Optimizer loss scale, clip_grads,
     #    DDP, dispatchers): those modules see a `torch` whose tensor factories route device="cuda" to CPU. Only
     #    mcore's module globals are touched, never torch itself (a global factory patch broke transformers' init).
     _install_torch_proxy()
 
-    # 8. pin_memory needs an accelerator: identity.
+    # 7. pin_memory needs an accelerator: identity.
     torch.Tensor.pin_memory = lambda self, *a, **k: self  # type: ignore[assignment]
 
-    # 9. clip_grad_by_total_norm_fp32 asserts `torch.cuda.FloatTensor` grads: the same in-place scaling for fp32 CPU
+    # 8. clip_grad_by_total_norm_fp32 asserts `torch.cuda.FloatTensor` grads: the same in-place scaling for fp32 CPU
     #    grads (the optimizer module imported the name, so both bindings are replaced).
     from megatron.core.optimizer import clip_grads, optimizer as mcore_optimizer
 

@@ -1,6 +1,7 @@
 """Megatron-Core's multi-tensor kernels without TE or Apex, as torch `_foreach` ops instead of its Python fallbacks.
 
-Without TE/Apex, mcore 0.16 binds two pure-Python fallbacks (megatron/core/utils.py) into its optimizer modules:
+Without TE/Apex, mcore (0.16 to 0.19) binds two pure-Python fallbacks (megatron/core/utils.py) into its optimizer
+modules:
 - `local_multi_tensor_l2_norm` (the grad norm for clipping and the logs): `torch.tensor([norm, norm, ...])` over every
   parameter's norm reads each one back to the host. On the H200 that was 790 `cudaStreamSynchronize` per step of the
   4-layer 30B-A3B thinker (102 ms of a 376 ms text step spent waiting, bench/RESULTS.md);

@@ -105,7 +105,7 @@ def allow_variable_seq_lengths(config) -> None:
     length (mcore's `variable_seq_lengths`; only pipeline_parallel/p2p_communication reads it, at run time).
 
     Set on the built config, not passed to the build, on purpose: TransformerConfig.__post_init__ (megatron-core
-    0.16.1) refuses variable_seq_lengths with the allgather token dispatcher for every layout, because that
+    0.16.1 to 0.19.2) refuses variable_seq_lengths with the allgather token dispatcher for every layout, because that
     dispatcher all-gathers the tokens over the TP x EP group with equal-size collectives, which break when those
     ranks hold micro-batches of different lengths at the same time. build_transformer_config picks allgather only at
     ep = 1, where the TP x EP group is the TP group: its ranks always run the same micro-batch, so the lengths are
@@ -288,13 +288,15 @@ class FoldedGradScale:
         optimizer.step = self.step
 
     def record_token_scale(self, scaling_factor) -> None:
-        # a host read of one scalar: finalize_model_grads has just read num_tokens itself (`if num_tokens > 0`)
-        self.token_scale = float(scaling_factor)
+        # kept as given (mcore 0.19: a device tensor, 1 / max(num_tokens, 1)): read in step, beside the grad norm's
+        # own host read, not here (finalize_model_grads no longer reads num_tokens on the host)
+        self.token_scale = scaling_factor
 
     @torch.no_grad()
     def step(self):
-        optimizer, token_scale = self.optimizer, self.token_scale
+        optimizer, token_scale = self.optimizer, float(self.token_scale)
         self.token_scale = 1.0  # a step whose grads finalize did not scale (no token count) keeps them as they are
+        optimizer.grad_norms_by_group = {}  # mcore's step resets the per-group norms it reports (0.19)
         if optimizer.prepare_grads():  # inf/nan found (fp16 loss scaling): skip, as mcore does
             return False, None, None
         grad_norm = optimizer.get_grad_norm() * token_scale

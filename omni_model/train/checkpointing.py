@@ -323,8 +323,8 @@ def save_training_checkpoint(train_dir: Path, iteration: int, training, loader, 
 
 
 def _prepare_distributed_optimizer_load(optimizer) -> None:
-    """Two gaps of mcore 0.16.1's DistributedOptimizer on torch's Adam (no TE/Apex), both met by a resume on the H200
-    (the CPU runs use the plain optimizer and never reach them):
+    """Two gaps of mcore's DistributedOptimizer (0.16.1; 0.19.2's source unchanged there) on torch's Adam (no
+    TE/Apex), both met by a resume on the H200 (the CPU runs use the plain optimizer and never reach them):
     - building the load request reads the common Adam `step` from the optimizer state and asserts one value, but a
       fresh torch Adam has no state until its first step: the state is materialised first with mcore's own
       initialiser (one step on zero gradients; whatever it changes is replaced by the checkpoint right after);

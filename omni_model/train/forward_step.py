@@ -28,7 +28,8 @@ A packed batch is one THD row: B rows of S tokens are flattened to [1, B*S] (its
 flattened tokens; mcore's THD attention takes batch 1). Every keyword is passed by name: mcore's `Float16Module`
 casts only positional inputs to bf16, so the float MRoPE positions stay exact.
 
-Loss contract (`loss_func`, with `TransformerConfig.calculate_per_token_loss=True`, as read in megatron-core 0.16.1):
+Loss contract (`loss_func`, with `TransformerConfig.calculate_per_token_loss=True`, as read in megatron-core 0.16.1
+and 0.19.2):
 
 * `loss_func` returns `(loss_sum, num_label_tokens, {"lm loss": [loss_sum, num_label_tokens]})`: the SUM of the
   token losses of this micro-batch. `schedules.forward_step_calc_loss` leaves it unscaled (it divides only when
