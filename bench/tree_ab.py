@@ -1,34 +1,42 @@
-"""Issue 25 item 5: does the context-parallel code path cost the cp1 training step anything? One run, one GPU: the
-same training step at cp1 with the current omni_model and with the omni_model from before context parallelism was
-merged, alternating in fresh processes on the same machine.
+"""One training step, two omni_model trees: the current tree against a BASELINE tree (and, where the baseline ran on
+other package versions, those packages), alternating in fresh processes on the same GPU, back to back.
 
-    python bench/cp_overhead.py                                    # GPU: 4-layer thinker at the 30B-A3B shapes
-    python bench/cp_overhead.py --tiny --cpu --steps 3 --warmup 1  # CPU smoke run (tiny model, fp32)
+Baselines (`--baseline`):
+  pre_cp       issue 25 item 5: omni_model before context parallelism landed (be69012), same packages.
+  pre_upgrade  issue 24 item 2: omni_model before the megatron-core 0.16.1 -> 0.19.2 / transformers 5.24.0 -> 5.25.0
+               upgrade (7fe98a4), run on those older packages: `--old-site DIR` names a folder holding them
+               (megatron-core 0.16.1 and transformers 5.24.0 unpacked from their cp312 wheels), put first on the
+               baseline row's sys.path.
 
-On a lent GPU machine (no registry, no .git: the wheels of shared/tools/device-wheels.sh carried in .whl/):
+    python bench/tree_ab.py --baseline pre_cp                                   # GPU: 4-layer thinker, 30B-A3B shapes
+    python bench/tree_ab.py --baseline pre_upgrade --old-site /tmp/oldsite
+    python bench/tree_ab.py --baseline pre_cp --tiny --cpu --steps 3 --warmup 1  # CPU smoke run (tiny model, fp32)
+
+On a lent GPU machine (no registry, no .git: the wheels of envs/device-wheels.txt carried in .whl/):
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site:$PWD python3 bench/cp_overhead.py --json $OUT/cp_overhead.json
+    PYTHONPATH=/tmp/site:$PWD python3 bench/tree_ab.py --baseline pre_cp --json $OUT/tree_ab.json
 
-The pre-CP tree: `bench/pre_cp_omni_model.tar.gz`, the omni_model package at the first parent of the CP merge
-(PRE_CP_COMMIT; 240 kB), made on a machine with the history by
+A baseline tree is `bench/<baseline>_omni_model.tar.gz`, the omni_model package at its commit (~250 kB), made on a
+machine with the history by
 
-    git archive --format=tar.gz -o bench/pre_cp_omni_model.tar.gz fae0e9a^1 omni_model
+    git archive --format=tar.gz -o bench/pre_upgrade_omni_model.tar.gz 7fe98a4 omni_model config/schema.yaml
 
+(config/schema.yaml too where the tree reads its defaults from it)
 and unpacked at run time into a temporary folder (`--old-tree DIR` takes an unpacked one instead). Each row runs in
-its own process (bench/train_throughput.py's run_child) that puts its tree first on sys.path, so `omni_model` is that
-tree's package (the row records the file it imported); the bench's own code and the installed packages are the same
-for both. Pre-CP and current trees take the same constructor calls used here (TrainSettings, build_training,
-loop.Run / loop.step, FlopCounter, EncodedSample / pack / collate), which is why the step is built from them.
+its own process (bench/train_throughput.py's run_child) that puts its tree (and the baseline's site) first on
+sys.path, so `omni_model`, `megatron.core` and `transformers` are that row's (the row records the files it imported);
+the bench's own code is the same for both. Both trees take the same constructor calls used here (TrainSettings,
+build_training, loop.Run / loop.step, FlopCounter, EncodedSample / pack / collate), which is why the step is built
+from them.
 
 The step: omni_model.train.loop.step (mcore's schedule over forward_step, DDP, the distributed optimizer, bf16 with
 fp32 masters) on build_training's objects at cp1, towers frozen, random weights drawn in the same order from the same
 seed (planner_check.init_weights: both trees build the same parameters, so the same weights and the same MoE
 routing; the first step's loss of the two rows is printed as the check), on the same packed text rows (random token
-ids, sequences of 256..2048 tokens packed into rows of --seq-len: the LLM path that CP touched; the towers are
-unchanged by CP). Per row: the median step time of --steps timed steps after --warmup, their spread ((max - min) /
-median), tokens/s, peak memory. Rows alternate old/current --repeats times; the table gives each row's best repeat
-(lowest median) and the ratio current / pre-CP of those medians (1.00 = unchanged; the repeats' spread says what
-difference is noise).
+ids, sequences of 256..2048 tokens packed into rows of --seq-len). Per row: the median step time of --steps timed
+steps after --warmup, their spread ((max - min) / median), tokens/s, peak memory. Rows alternate baseline/current
+--repeats times; the table gives each row's best repeat (lowest median) and the ratio current / baseline of those
+medians (1.00 = unchanged; the repeats' spread says what difference is noise).
 """
 
 from __future__ import annotations
@@ -44,8 +52,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PRE_CP_COMMIT = "be69012"  # fae0e9a^1: main just before "Merge branch 'cp'" (context parallelism)
-PRE_CP_TARBALL = REPO / "bench" / "pre_cp_omni_model.tar.gz"
+# the commit each baseline tree was archived from (bench/<name>_omni_model.tar.gz), and whether it needs --old-site
+BASELINES = {
+    "pre_cp": {"commit": "be69012", "old_site": False},  # fae0e9a^1: main just before "Merge branch 'cp'"
+    "pre_upgrade": {"commit": "7fe98a4", "old_site": True},  # main just before "Merge upgrade" (mcore 0.16.1)
+}
 
 
 # -- the row (child process) ---------------------------------------------------------------------------------------
@@ -90,9 +101,14 @@ def to_batches(rows: list, pad_id: int) -> list:
 
 
 def run_row(spec: dict) -> dict:
-    """One row in this process: `spec["tree"]` first on sys.path, then the training step of that omni_model."""
+    """One row in this process: `spec["tree"]` (and `spec["site"]`, if any, before it) first on sys.path, then the
+    training step of that omni_model."""
     sys.path.insert(0, spec["tree"])
+    if spec.get("site"):
+        sys.path.insert(0, spec["site"])
     import torch
+    import megatron.core
+    import transformers
 
     import omni_model
     from omni_model.model.options import PerfOptions
@@ -133,7 +149,8 @@ def run_row(spec: dict) -> dict:
     timed = records[spec["warmup"]:]
     seconds = [r["step_s"] for r in timed]
     median = statistics.median(seconds)
-    return {"tree": spec["name"], "omni_model": imported, "median_step_s": median,
+    return {"tree": spec["name"], "omni_model": imported, "megatron_core": megatron.core.__version__,
+            "transformers": transformers.__version__, "median_step_s": median,
             "spread": (max(seconds) - min(seconds)) / median, "step_s": seconds,
             "tokens_per_s": statistics.median(r["tokens"] / r["step_s"] for r in timed),
             "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
@@ -144,28 +161,30 @@ def run_row(spec: dict) -> dict:
 def old_tree(args, work: Path) -> str:
     if args.old_tree:
         return str(Path(args.old_tree).resolve())
-    if not PRE_CP_TARBALL.exists():
-        raise SystemExit(f"{PRE_CP_TARBALL} is missing: make it with `git archive --format=tar.gz -o "
-                         f"{PRE_CP_TARBALL.relative_to(REPO)} {PRE_CP_COMMIT} omni_model` (or pass --old-tree DIR)")
-    target = work / "pre_cp"
-    with tarfile.open(PRE_CP_TARBALL) as archive:
+    tarball = REPO / "bench" / f"{args.baseline}_omni_model.tar.gz"
+    if not tarball.exists():
+        raise SystemExit(f"{tarball} is missing: make it with `git archive --format=tar.gz -o "
+                         f"{tarball.relative_to(REPO)} {BASELINES[args.baseline]['commit']} omni_model config/schema.yaml` "
+                         f"(or pass --old-tree DIR)")
+    target = work / args.baseline
+    with tarfile.open(tarball) as archive:
         archive.extractall(target, filter="data")
     return str(target)
 
 
-def print_table(best: dict) -> dict:
-    old, new = best.get("pre_cp"), best.get("current")
-    header = ("tree", "median step s", "spread", "tokens/s", "peak GiB", "first loss")
-    print("\n{:10s} {:>14s} {:>8s} {:>10s} {:>9s} {:>11s}".format(*header))
+def print_table(best: dict, baseline: str) -> dict:
+    old, new = best.get(baseline), best.get("current")
+    header = ("tree", "mcore", "median step s", "spread", "tokens/s", "peak GiB", "first loss")
+    print("\n{:12s} {:>16s} {:>14s} {:>8s} {:>10s} {:>9s} {:>11s}".format(*header))
     for name, r in best.items():
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        print(f"{name:10s} {r['median_step_s']:14.4f} {r['spread']:8.1%} {r['tokens_per_s']:10.0f} {peak:>9s} "
-              f"{r['first_loss']:11.5f}")
+        print(f"{name:12s} {r['megatron_core']:>16s} {r['median_step_s']:14.4f} {r['spread']:8.1%} "
+              f"{r['tokens_per_s']:10.0f} {peak:>9s} {r['first_loss']:11.5f}")
     if old and new:
         ratio = new["median_step_s"] / old["median_step_s"]
-        print(f"current / pre-CP step time: {ratio:.3f} (first-step losses {new['first_loss']:.6f} vs "
+        print(f"current / {baseline} step time: {ratio:.3f} (first-step losses {new['first_loss']:.6f} vs "
               f"{old['first_loss']:.6f})")
-        return {"ratio_current_vs_pre_cp": ratio}
+        return {"ratio_current_vs_baseline": ratio}
     return {}
 
 
@@ -180,13 +199,17 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=12, help="timed steps per row (>= 10 for the GPU figure)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="each tree's row this many times, alternating")
-    parser.add_argument("--old-tree", help="an unpacked pre-CP tree (a folder holding omni_model/)")
+    parser.add_argument("--baseline", choices=sorted(BASELINES), required=True)
+    parser.add_argument("--old-tree", help="an unpacked baseline tree (a folder holding omni_model/)")
+    parser.add_argument("--old-site", help="the baseline's packages (a folder put first on its row's sys.path)")
     parser.add_argument("--timeout", type=int, default=900)
-    parser.add_argument("--json", default=str(REPO / "bench/results/cp_overhead.json"))
-    args = parser.parse_args()
-    if args.one:
-        print("RESULT " + json.dumps(run_row(json.loads(args.one))), flush=True)
+    parser.add_argument("--json", help="default: bench/results/tree_ab_<baseline>.json")
+    if "--one" in sys.argv:
+        print("RESULT " + json.dumps(run_row(json.loads(sys.argv[sys.argv.index("--one") + 1]))), flush=True)
         return 0
+    args = parser.parse_args()
+    if BASELINES[args.baseline]["old_site"] and not args.old_site:
+        parser.error(f"--baseline {args.baseline} ran on older packages: --old-site DIR (see the module docstring)")
 
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "bench"))
@@ -194,21 +217,22 @@ def main() -> int:
     from train_throughput import run_child, write_hf_dir
 
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
-    work = Path(tempfile.mkdtemp(prefix="cp_overhead_"))
+    work = Path(tempfile.mkdtemp(prefix="tree_ab_"))
     hf_dir = write_hf_dir(work, args.tiny, args.layers)
     config = json.loads((hf_dir / "config.json").read_text())
     vocab = config["thinker_config"]["text_config"]["vocab_size"]
     rows_path = work / "rows.json"
     rows = text_rows(args.global_batch * (args.warmup + args.steps), args.seq_len, min(vocab, 150000), seed=0)
     rows_path.write_text(json.dumps(rows))
-    trees = {"pre_cp": old_tree(args, work), "current": str(REPO)}
+    trees = {args.baseline: old_tree(args, work), "current": str(REPO)}
+    sites = {args.baseline: str(Path(args.old_site).resolve()) if args.old_site else None, "current": None}
     base = {"hf_dir": str(hf_dir), "rows": str(rows_path), "device": device, "seq_len": args.seq_len,
             "global_batch": args.global_batch, "steps": args.steps, "warmup": args.warmup, "pad_id": 151643}
     results = []
     for repeat in range(args.repeats):
         order = list(trees) if repeat % 2 == 0 else list(reversed(trees))  # alternate which runs first
         for name in order:
-            spec = dict(base, name=name, tree=trees[name], work=str(work / f"{name}{repeat}"))
+            spec = dict(base, name=name, tree=trees[name], site=sites[name], work=str(work / f"{name}{repeat}"))
             began = time.time()
             result = run_child(spec, args.timeout, device == "cpu", script=__file__, require_success=True)
             result.setdefault("tree", name)
@@ -221,11 +245,13 @@ def main() -> int:
         if "failed" not in result and (result["tree"] not in best
                                        or result["median_step_s"] < best[result["tree"]]["median_step_s"]):
             best[result["tree"]] = result
-    summary = print_table(best)
+    summary = print_table(best, args.baseline)
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "args": vars(args),
-           "pre_cp_commit": PRE_CP_COMMIT, "rows": results, "best": best, **summary}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
+           "baseline": args.baseline, "baseline_commit": BASELINES[args.baseline]["commit"], "rows": results,
+           "best": best, **summary}
+    json_path = Path(args.json or REPO / "bench" / "results" / f"tree_ab_{args.baseline}.json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(out, indent=1))
     return 0 if len(best) == 2 else 1
 
 
