@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,16 +329,22 @@ def _summary(settings: TrainSettings, name: str = "finetune") -> None:
               f"latest -> {ckpt.read_latest(Path(settings.train_dir))}", flush=True)
 
 
-def main(argv=None) -> None:
+def settings_main(prog: str, settings_type, run: Callable, argv=None) -> None:
+    """A training process's entry point (the rule scripts launch it): `--settings JSON` -> `settings_type.load` ->
+    `run(settings)`, the process groups torn down afterwards whatever happened."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m omni_model.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", required=True, type=Path, help="settings JSON (TrainSettings fields)")
+    parser = argparse.ArgumentParser(prog=prog, description=sys.modules[run.__module__].__doc__.splitlines()[0])
+    parser.add_argument("--settings", required=True, type=Path, help=f"settings JSON ({settings_type.__name__} fields)")
     args = parser.parse_args(argv)
-    settings = TrainSettings.load(args.settings)
+    settings = settings_type.load(args.settings)
     try:
-        train(settings)
+        run(settings)
     finally:
         from omni_model.runtime.parallel import destroy_parallel
 
         destroy_parallel()
+
+
+def main(argv=None) -> None:
+    settings_main("python -m omni_model.train", TrainSettings, train, argv)

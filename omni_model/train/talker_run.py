@@ -321,18 +321,9 @@ def train_talker(settings: TalkerSettings) -> None:
 
 
 def main(argv=None) -> None:
-    import argparse
+    from .loop import settings_main
 
-    parser = argparse.ArgumentParser(prog="python -m omni_model.train.talker_run", description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", required=True, type=Path, help="settings JSON (TalkerSettings fields)")
-    args = parser.parse_args(argv)
-    settings = TalkerSettings.load(args.settings)
-    try:
-        train_talker(settings)
-    finally:
-        from omni_model.runtime.parallel import destroy_parallel
-
-        destroy_parallel()
+    settings_main("python -m omni_model.train.talker_run", TalkerSettings, train_talker, argv)
 
 
 if __name__ == "__main__":
