@@ -35,7 +35,8 @@ def main() -> None:
     from transformers import AutoTokenizer, Qwen3OmniMoeForConditionalGeneration
 
     started = time.perf_counter()
-    model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(args.base, dtype=torch.bfloat16, device_map=args.device)
+    model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(args.base, dtype=torch.bfloat16,
+                                                                 device_map=args.device)
     loaded_s = time.perf_counter() - started
     model = PeftModel.from_pretrained(model, args.adapter).eval()
     adapter_s = time.perf_counter() - started - loaded_s
