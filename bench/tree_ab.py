@@ -2,19 +2,21 @@
 other package versions, those packages), alternating in fresh processes on the same GPU, back to back.
 
 Baselines (`--baseline`):
-  pre_cp       issue 25 item 5: omni_model before context parallelism landed (be69012), same packages.
+  pre_cp       issue 25 item 5: omni_model before context parallelism landed (be69012); measured in session 9 when
+               both trees ran on megatron-core 0.16.1; since the upgrade it too needs `--old-site` (0.16.1).
   pre_upgrade  issue 24 item 2: omni_model before the megatron-core 0.16.1 -> 0.19.2 / transformers 5.24.0 -> 5.25.0
                upgrade (7fe98a4), run on those older packages: `--old-site DIR` names a folder holding them
                (megatron-core 0.16.1 and transformers 5.24.0 unpacked from their cp312 wheels), put first on the
                baseline row's sys.path.
 
-    python bench/tree_ab.py --baseline pre_cp                                   # GPU: 4-layer thinker, 30B-A3B shapes
-    python bench/tree_ab.py --baseline pre_upgrade --old-site /tmp/oldsite
-    python bench/tree_ab.py --baseline pre_cp --tiny --cpu --steps 3 --warmup 1  # CPU smoke run (tiny model, fp32)
+    python bench/tree_ab.py --baseline pre_upgrade --old-site /tmp/oldsite      # GPU: 4-layer thinker, 30B-A3B shapes
+    python bench/tree_ab.py --baseline pre_upgrade --old-site /tmp/oldsite --tiny --cpu --steps 3 --warmup 1
+                                                                                # CPU smoke run (tiny model, fp32)
 
 On a lent GPU machine (no registry, no .git: the wheels of envs/device-wheels.txt carried in .whl/):
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site:$PWD python3 bench/tree_ab.py --baseline pre_cp --json $OUT/tree_ab.json
+    PYTHONPATH=/tmp/site:$PWD python3 bench/tree_ab.py --baseline pre_upgrade --old-site /tmp/oldsite \
+        --json $OUT/tree_ab.json
 
 A baseline tree is `bench/<baseline>_omni_model.tar.gz`, the omni_model package at its commit (~250 kB), made on a
 machine with the history by
@@ -54,7 +56,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # the commit each baseline tree was archived from (bench/<name>_omni_model.tar.gz), and whether it needs --old-site
 BASELINES = {
-    "pre_cp": {"commit": "be69012", "old_site": False},  # fae0e9a^1: main just before "Merge branch 'cp'"
+    # fae0e9a^1: main just before "Merge branch 'cp'"; written for megatron-core 0.16.1 (measured on it in session 9)
+    "pre_cp": {"commit": "be69012", "old_site": True},
     "pre_upgrade": {"commit": "7fe98a4", "old_site": True},  # main just before "Merge upgrade" (mcore 0.16.1)
 }
 
