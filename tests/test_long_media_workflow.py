@@ -78,19 +78,27 @@ def test_long_media_are_dropped_by_the_default_limits_with_reason(long_media):
     assert drops["long-audio"]["stage"] == drops["long-video"]["stage"] == "datajuicer"  # beside the demo's bad ones
 
 
-@pytest.mark.slow
-def test_long_video_trains_at_cp2_and_the_long_audio_is_dropped_naming_the_limit(long_media):
+def _finetune_at_cp2(long_media, seq_len: int, train_extra: str = "") -> Path:
+    """Two cp2 finetune steps on the long media at `seq_len`, with the recipe's duration limits (30 s audio, 60 s
+    video) raised past the long clips so that only max_seq_len decides what trains. Returns the workflow."""
     wf, raw = long_media
     recipe = (wf / "config/datajuicer_recipe.yaml").read_text()
     assert "max_duration: 30\n" in recipe and "max_duration: 60\n" in recipe
     raised = wf / "long_data/recipe.yaml"
     raised.write_text(recipe.replace("max_duration: 30\n", "max_duration: 1500\n")
                       .replace("max_duration: 60\n", "max_duration: 400\n"))
-    data = (f"data={{raw: {raw}, recipe: {raised}, max_seq_len: 3072, val_fraction: 0.0, video_fps: 1.0, "
+    data = (f"data={{raw: {raw}, recipe: {raised}, max_seq_len: {seq_len}, val_fraction: 0.0, video_fps: 1.0, "
             f"video_max_frames: 64, video_min_pixels: 1024, video_max_pixels: 4096}}")
-    train = "train={iters: 2, lr_warmup_iters: 1, seq_len: 3072, global_batch_size: 2, eval_interval: 0, save_interval: 0}"
+    train = (f"train={{iters: 2, lr_warmup_iters: 1, seq_len: {seq_len}, global_batch_size: 2, eval_interval: 0, "
+             f"save_interval: 0{train_extra}}}")
     result = snakemake(wf, "--cores", "2", "finetune", "--config", data, train, "parallel={cp: 2}", timeout=2400)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return wf
+
+
+@pytest.mark.slow
+def test_long_video_trains_at_cp2_and_the_long_audio_is_dropped_naming_the_limit(long_media):
+    wf = _finetune_at_cp2(long_media, 3072)
     drops = _drops(wf)
     print({sid: (d["stage"], d["reason"]) for sid, d in drops.items()})
     assert set(drops) == {"long-audio"} and drops["long-audio"]["stage"] == "shards"
@@ -108,18 +116,7 @@ def test_long_video_trains_at_cp2_and_the_long_audio_is_dropped_naming_the_limit
                     reason="OMNI_LONG_AUDIO_TRAIN=1: trains a 15,636-token row at cp2 (~8 GB for the job, 9 min on "
                            "2 cores)")
 def test_long_audio_and_video_train_at_cp2_with_a_chunked_loss(long_media):
-    wf, raw = long_media
-    recipe = (wf / "config/datajuicer_recipe.yaml").read_text()
-    assert "max_duration: 30\n" in recipe and "max_duration: 60\n" in recipe
-    raised = wf / "long_data/recipe.yaml"
-    raised.write_text(recipe.replace("max_duration: 30\n", "max_duration: 1500\n")
-                      .replace("max_duration: 60\n", "max_duration: 400\n"))
-    data = (f"data={{raw: {raw}, recipe: {raised}, max_seq_len: {LONG_SEQ_LEN}, val_fraction: 0.0, video_fps: 1.0, "
-            f"video_max_frames: 64, video_min_pixels: 1024, video_max_pixels: 4096}}")
-    train = (f"train={{iters: 2, lr_warmup_iters: 1, seq_len: {LONG_SEQ_LEN}, global_batch_size: 2, eval_interval: 0, "
-             f"save_interval: 0, loss_chunk_tokens: 512}}")
-    result = snakemake(wf, "--cores", "2", "finetune", "--config", data, train, "parallel={cp: 2}", timeout=2400)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    wf = _finetune_at_cp2(long_media, LONG_SEQ_LEN, ", loss_chunk_tokens: 512")
     drops = _drops(wf)
     print({sid: (d["stage"], d["reason"]) for sid, d in drops.items()})
     assert not {"long-audio", "long-video"} & set(drops)
