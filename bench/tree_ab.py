@@ -54,11 +54,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# the commit each baseline tree was archived from (bench/<name>_omni_model.tar.gz), and whether it needs --old-site
+# the commit each baseline tree was archived from (bench/<name>_omni_model.tar.gz); both were written for
+# megatron-core 0.16.1, so both run on the --old-site packages
 BASELINES = {
-    # fae0e9a^1: main just before "Merge branch 'cp'"; written for megatron-core 0.16.1 (measured on it in session 9)
-    "pre_cp": {"commit": "be69012", "old_site": True},
-    "pre_upgrade": {"commit": "7fe98a4", "old_site": True},  # main just before "Merge upgrade" (mcore 0.16.1)
+    "pre_cp": "be69012",  # fae0e9a^1: main just before "Merge branch 'cp'" (measured on 0.16.1 in session 9)
+    "pre_upgrade": "7fe98a4",  # main just before "Merge upgrade"
 }
 
 
@@ -167,7 +167,7 @@ def old_tree(args, work: Path) -> str:
     tarball = REPO / "bench" / f"{args.baseline}_omni_model.tar.gz"
     if not tarball.exists():
         raise SystemExit(f"{tarball} is missing: make it with `git archive --format=tar.gz -o "
-                         f"{tarball.relative_to(REPO)} {BASELINES[args.baseline]['commit']} omni_model config/schema.yaml` "
+                         f"{tarball.relative_to(REPO)} {BASELINES[args.baseline]} omni_model config/schema.yaml` "
                          f"(or pass --old-tree DIR)")
     target = work / args.baseline
     with tarfile.open(tarball) as archive:
@@ -193,7 +193,6 @@ def print_table(best: dict, baseline: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tiny", action="store_true", help="the embedded tiny config instead of the 30B shapes")
     parser.add_argument("--cpu", action="store_true")
@@ -204,15 +203,15 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="each tree's row this many times, alternating")
     parser.add_argument("--baseline", choices=sorted(BASELINES), required=True)
     parser.add_argument("--old-tree", help="an unpacked baseline tree (a folder holding omni_model/)")
-    parser.add_argument("--old-site", help="the baseline's packages (a folder put first on its row's sys.path)")
+    parser.add_argument("--old-site", required=True,
+                        help="the baseline's packages, megatron-core 0.16.1 + transformers 5.24.0 (a folder put first "
+                             "on its row's sys.path)")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--json", help="default: bench/results/tree_ab_<baseline>.json")
     if "--one" in sys.argv:
         print("RESULT " + json.dumps(run_row(json.loads(sys.argv[sys.argv.index("--one") + 1]))), flush=True)
         return 0
     args = parser.parse_args()
-    if BASELINES[args.baseline]["old_site"] and not args.old_site:
-        parser.error(f"--baseline {args.baseline} ran on older packages: --old-site DIR (see the module docstring)")
 
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "bench"))
@@ -228,7 +227,7 @@ def main() -> int:
     rows = text_rows(args.global_batch * (args.warmup + args.steps), args.seq_len, min(vocab, 150000), seed=0)
     rows_path.write_text(json.dumps(rows))
     trees = {args.baseline: old_tree(args, work), "current": str(REPO)}
-    sites = {args.baseline: str(Path(args.old_site).resolve()) if args.old_site else None, "current": None}
+    sites = {args.baseline: str(Path(args.old_site).resolve()), "current": None}
     base = {"hf_dir": str(hf_dir), "rows": str(rows_path), "device": device, "seq_len": args.seq_len,
             "global_batch": args.global_batch, "steps": args.steps, "warmup": args.warmup, "pad_id": 151643}
     results = []
@@ -250,7 +249,7 @@ def main() -> int:
             best[result["tree"]] = result
     summary = print_table(best, args.baseline)
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "args": vars(args),
-           "baseline": args.baseline, "baseline_commit": BASELINES[args.baseline]["commit"], "rows": results,
+           "baseline": args.baseline, "baseline_commit": BASELINES[args.baseline], "rows": results,
            "best": best, **summary}
     json_path = Path(args.json or REPO / "bench" / "results" / f"tree_ab_{args.baseline}.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
