@@ -3,6 +3,7 @@ reference): the per-token loss and the gradient of the logits, in fp32 and bf16,
 over two ranks (gloo) gives the unsplit result; it equals mcore's function (what the CPU runs); and on the GPU the
 torch.compile'd kernels give mcore's numbers."""
 
+import functools
 import os
 import socket
 

@@ -180,9 +180,12 @@ def convert_checkpoint(hf_dir, out_dir, *, dtype="auto", use_te: bool = False,
 
 def _group_count(groups: list) -> int:
     """Save calls are collective: every rank makes as many as the rank with the most groups (pipeline stages differ)."""
-    count = torch.tensor([len(groups)])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    if not torch.distributed.is_initialized():
+        return len(groups)
+    # NCCL reduces device tensors only (convert on a GPU machine runs under NCCL)
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    count = torch.tensor([len(groups)], device=device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
     return int(count.item())
 
 

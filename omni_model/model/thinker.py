@@ -158,18 +158,19 @@ def build_thinker(hf_config, *, dtype: torch.dtype = torch.float32, use_te: bool
     language_model = build_language_model(hf_config, dtype=dtype, use_te=use_te, layout=layout, options=options,
                                           perform_initialization=perform_initialization, **lm_kw)
     first_stage = language_model.pre_process
+    # the towers follow the language model's placement (a meta-device build for conversion must stay off the GPU)
+    tower_kw = {"params_dtype": dtype, "perform_initialization": perform_initialization,
+                "use_cpu_initialization": lm_kw.get("use_cpu_initialization")}
     vision_model = audio_model = None
     if first_stage and vision and "vision_config" in thinker:
-        config = vision_transformer_config(thinker, params_dtype=dtype, perform_initialization=perform_initialization)
-        vision_model = VisionEncoder(thinker, config, use_te=use_te)
+        vision_model = VisionEncoder(thinker, vision_transformer_config(thinker, **tower_kw), use_te=use_te)
     if first_stage and audio and "audio_config" in thinker:
-        audio_model = AudioEncoder(thinker, _audio_config(thinker, dtype, perform_initialization), use_te=use_te)
+        audio_model = AudioEncoder(thinker, _audio_config(thinker, **tower_kw), use_te=use_te)
     thinker_model = Qwen3OmniThinker(hf_config, language_model, vision_model, audio_model)
     return on_gpu_if_any(apply_options(thinker_model, options))
 
 
-def _audio_config(thinker: dict, dtype, perform_initialization: bool = True):
+def _audio_config(thinker: dict, **overrides):
     """The audio tower's mcore config; its TP size follows the tower's own replicate rule (audio_replicated)."""
     tp = current_tp_size()
-    return audio_transformer_config(thinker, tp_size=1 if audio_replicated(thinker, tp) else tp, params_dtype=dtype,
-                                    perform_initialization=perform_initialization)
+    return audio_transformer_config(thinker, tp_size=1 if audio_replicated(thinker, tp) else tp, **overrides)
