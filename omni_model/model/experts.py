@@ -150,7 +150,11 @@ class GroupedLinear(nn.Module):
     def _stack_experts_from_state_dict(self, state_dict, prefix, *args) -> None:
         names = [f"{prefix}weight{e}" for e in range(self.num_gemms)]
         if all(name in state_dict for name in names):
-            state_dict[prefix + "weight"] = torch.stack([state_dict.pop(name) for name in names])
+            experts = [state_dict.pop(name) for name in names]
+            # a checkpoint loaded in place hands back views of our own weight: no stacked copy (a layer's size)
+            in_place = all(t.data_ptr() == self.weight[e].data_ptr() and t.stride() == self.weight[e].stride()
+                           for e, t in enumerate(experts))
+            state_dict[prefix + "weight"] = self.weight if in_place else torch.stack(experts)
 
     def forward(self, x: torch.Tensor, tokens_per_expert):
         return grouped_gemm(x, self.weight, tokens_per_expert, self.backend), None
