@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,23 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
 def converted_workflow(tmp_path_factory) -> Path:
     """A workflow copy where `snakemake --cores 2 convert shards` has run on the default config (download, demo data,
     Data-Juicer, shards, convert + parity gate: every input of finetune): the starting point of the DAG tests of
-    finetune and export, which clone it (workflow_utils.clone_workflow) instead of running those stages again each."""
+    finetune and export, which clone it (workflow_utils.clone_workflow) instead of running those stages again each.
+    Built once per test run: under pytest-xdist the workers share it (the first to ask builds it, under a file lock,
+    in the run's common temp dir; it took each worker ~2 minutes of the suite's two cores)."""
+    from filelock import FileLock
     from workflow_utils import snakemake, workflow_copy
 
-    wf = workflow_copy(tmp_path_factory.mktemp("converted") / "wf")
-    result = snakemake(wf, "--cores", "2", "convert", "shards", timeout=1800)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this run's directory, above the workers' own
+    wf, done, failed = (root / "converted" / name for name in ("wf", "DONE", "FAILED"))
+    with FileLock(str(root / "converted.lock")):
+        if not (done.exists() or failed.exists()):
+            shutil.rmtree(wf, ignore_errors=True)  # a build that a killed worker left half done
+            workflow_copy(wf)
+            result = snakemake(wf, "--cores", "2", "convert", "shards", timeout=1800)
+            (done if result.returncode == 0 else failed).write_text((result.stdout + result.stderr)[-4000:])
+    assert not failed.exists(), failed.read_text()
     return wf
 
 

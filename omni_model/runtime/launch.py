@@ -253,6 +253,18 @@ def writer_lock(folder: Path, stage: str) -> Iterator[None]:
 
 
 # -- the launch ----------------------------------------------------------------------------------------------------
+def rank_environment(env: Optional[dict], errors: Path, under_srun: bool = False) -> dict:
+    """The ranks' environment: ours, `env` over it, and defaults a user's own setting overrides. Expandable segments:
+    packed rows of varying lengths and the MoE's per-step token counts change tensor sizes every step, which
+    fragments the caching allocator's fixed segments; on an 80 GB card the 30B-A3B LoRA run fits with ~1 GiB spare."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}), **{RANK_ERRORS_ENV: str(errors)})
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if under_srun:
+        full_env = {k: v for k, v in full_env.items() if not k.startswith("SLURM_") or k in SLURM_IDENTITY}
+    return full_env
+
+
 def _stamped(line: str) -> str:
     return f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n"
 
@@ -266,10 +278,7 @@ def run_torchrun(module: str, args: Sequence[str], nproc_per_node: int, log: Opt
     # the ranks' error files: in the working folder, on the workflow's shared file system (a multi-node run's ranks
     # on other nodes write there too); removed when the launch ends
     errors = Path(tempfile.mkdtemp(prefix=f".rank-errors-{module}-", dir=Path.cwd()))
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}), **{RANK_ERRORS_ENV: str(errors)})
-    full_env.setdefault("OMP_NUM_THREADS", "1")
-    if cmd[0] == "srun":
-        full_env = {k: v for k, v in full_env.items() if not k.startswith("SLURM_") or k in SLURM_IDENTITY}
+    full_env = rank_environment(env, errors, under_srun=cmd[0] == "srun")
     if log is not None:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
     sink = open(log, "a", buffering=1, encoding="utf-8") if log is not None else sys.stdout
