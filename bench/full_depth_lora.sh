@@ -23,6 +23,7 @@
 # start it in the background and poll, see bench/RESULTS.md).
 #
 #   bash bench/full_depth_lora.sh <out-dir>          (GPU machine; results/data's three Data-Juicer outputs present)
+#   OMNI_FD_GPU_WAIT=/tmp/gpu-free bash bench/full_depth_lora.sh <out-dir>   (convert waits for that file)
 set -euo pipefail
 out=${1:?usage: full_depth_lora.sh OUT_DIR}
 mkdir -p "$out"
@@ -57,6 +58,9 @@ if [ ! -e results/model/hf/MANIFEST.json ]; then
   rm results/model && mkdir results/model && ln -s "$shm/model/hf" results/model/hf
   echo "after download: /dev/shm free $(gib /dev/shm) GiB, disk free $(gib .) GiB" | tee -a "$out/storage.txt"
 fi
+# OMNI_FD_GPU_WAIT=FILE: wait for FILE before the first stage that uses the GPU (convert's parity gate), so that a GPU
+# benchmark can run beside the download (CPU and shared memory only) without sharing the card
+if [ -n "${OMNI_FD_GPU_WAIT:-}" ]; then while [ ! -e "$OMNI_FD_GPU_WAIT" ]; do sleep 5; done; fi
 stage convert convert
 du -sh results/model/mcore | tee -a "$out/storage.txt"
 stage shards shards
