@@ -11,6 +11,7 @@ Before media-aware dedup (text-only document_/minhash deduplicators, digits stri
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,10 @@ def write_templated_set(root: Path) -> tuple[Path, list[str], dict]:
     return path, good, bad
 
 
+FORKS: list = []
+os.register_at_fork(before=lambda: FORKS.append(1))  # counts this process's forks (a test reads the difference)
+
+
 @pytest.fixture(scope="module")
 def templated(tiny_hf_dir, tmp_path_factory):
     from omni_model.data.datajuicer import run_stage
@@ -102,12 +107,14 @@ def templated(tiny_hf_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("templated")
     raw, good, bad = write_templated_set(root)
+    forks_before = len(FORKS)
     dj = run_stage(raw, Path("config/datajuicer_recipe.yaml"), root / "processed.jsonl", root / "drops.jsonl",
                    num_proc=1)
+    forks = len(FORKS) - forks_before
     report = write_shards(root / "processed.jsonl", root / "shards", tiny_hf_dir, previous_drops=root / "drops.jsonl",
                           input_count=dj["input"], max_samples=16, val_fraction=0.2, seed=0, max_seq_len=4096)
     drops = {d["id"]: d for d in map(json.loads, (root / "shards" / "drops.jsonl").read_text().splitlines())}
-    return {"good": good, "bad": bad, "dj": dj, "report": report, "drops": drops, "root": root}
+    return {"good": good, "bad": bad, "dj": dj, "report": report, "drops": drops, "root": root, "forks": forks}
 
 
 def test_every_good_row_is_kept(templated):
@@ -126,3 +133,9 @@ def test_every_bad_row_is_reported_with_its_reason(templated):
         drop = templated["drops"][sid]
         assert (drop["stage"], drop["op"]) == (stage, op), drop
         assert fragment in drop["reason"], drop
+
+
+def test_one_process_runs_data_juicer_in_this_process(templated):
+    """np 1 forks nothing: datasets runs num_proc=1 in a forked pool of one, and a fork of a process holding torch's
+    threads segfaulted there (a whole test module lost)."""
+    assert templated["forks"] == 0

@@ -101,6 +101,16 @@ def _dj_registry_gives_arguments() -> None:
         assert inspect.Parameter.VAR_KEYWORD in kinds, f"{base.__name__}.__init__ no longer takes **kwargs"
 
 
+def _dj_op_maps_in_process() -> None:
+    """datajuicer.map_in_this_process: an op whose automatic parallelism is off and num_proc None hands None to its
+    map (datasets maps in process only then; it forks a pool even for num_proc=1)."""
+    from data_juicer.ops.base_op import OPERATORS
+
+    op = OPERATORS.modules["text_length_filter"]()
+    resolve("omni_model.data.datajuicer:map_in_this_process")(op)
+    assert op.runtime_np() is None, f"runtime_np() is {op.runtime_np()!r} with num_proc None, parallelism off"
+
+
 def _sources_read(*reads: tuple[str, str]):
     """A check that each upstream target's source still contains its text (an attribute name mcore reads)."""
 
@@ -365,6 +375,10 @@ SEAMS: tuple[Seam, ...] = (
           "plan-time recipe checks read op names from Data-Juicer's registry and arguments from the ops' signatures "
           "(data/dj_registry.py, cached per version)",
           check=_dj_registry_gives_arguments),
+    _seam("dj.op_in_process", DJ, "data_juicer.ops.base_op:OP.runtime_np",
+          "omni_model.data.datajuicer:map_in_this_process", "private",
+          "np 1 maps in process: op.auto_op_parallelism off and op.num_proc None (datasets forks for num_proc=1)",
+          check=_dj_op_maps_in_process),
     _seam("dj.base_op_kwargs", DJ, ["data_juicer.ops.base_op:OP.__init__", "data_juicer.ops.base_op:Filter.__init__"],
           "omni_model.data.dj_registry:base_kwargs", "source-parse",
           "the keyword arguments every op accepts are read from base_op.py's kwargs.get calls",

@@ -231,6 +231,8 @@ def run_recipe(records: list[dict], recipe_path: Path, work_dir: Path, num_proc:
                 data = _LocalDataset(dataset_path, work_dir)
             drops: list[dict] = []
             for op in load_ops(cfg.process):
+                if executor != "ray" and num_proc <= 1:
+                    map_in_this_process(op)
                 started, ids_before = time.time(), data.ids()
                 drops += _run_op(data, op, ids_before)
                 log.info("datajuicer op %s: %d -> %d samples (%.2fs)", op._name, len(ids_before), len(data.ids()),
@@ -242,6 +244,14 @@ def run_recipe(records: list[dict], recipe_path: Path, work_dir: Path, num_proc:
             _detach_dj_logger()
     kept_records = [r for r in records if r["id"] in kept_ids]
     return kept_records, drops
+
+
+def map_in_this_process(op) -> None:
+    """np 1: the op maps in this process. datasets (>= 4) runs `num_proc=1` in a pool of one forked process (a fork
+    of a process with torch's threads: it segfaulted in the test suite); only `num_proc=None` maps in process, and an
+    op hands None to its map only with its automatic parallelism off (it would pick the machine's core count)."""
+    op.auto_op_parallelism = False
+    op.num_proc = None
 
 
 def _run_op(data, op, ids_before: list[str]) -> list[dict]:
