@@ -17,38 +17,36 @@ LAYERS = 8
 CONFIG = dict(text=dict(vocab_size=8192, hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, head_dim=16,
                         num_experts=16, num_experts_per_tok=4, moe_intermediate_size=768, num_hidden_layers=LAYERS))
 
-MEASURE = """
+# each measured script: RSS now (`rss()`) and the process's own high-water mark (`peak()`: VmHWM; ru_maxrss would
+# include the parent's from before exec)
+PRELUDE = """
 import json, sys, torch
 torch.set_num_threads(1)
-from omni_model.convert.export import export_to_hf
 from omni_model.runtime.parallel import init_parallel
-import omni_model.convert.checkpoint, omni_model.model.thinker  # what the export imports: code is not data
 init_parallel()
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
-before = rss()
-export_to_hf(sys.argv[1], sys.argv[2], sys.argv[3], log=lambda _: None)
-# VmHWM: this process's own high-water mark (ru_maxrss would include the parent's from before exec)
-peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"before": before, "peak": peak}))
+peak = lambda: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 """
 
-LOAD = """
-import json, sys, torch
-torch.set_num_threads(1)
+MEASURE = PRELUDE + """
+from omni_model.convert.export import export_to_hf
+import omni_model.convert.checkpoint, omni_model.model.thinker  # what the export imports: code is not data
+before = rss()
+export_to_hf(sys.argv[1], sys.argv[2], sys.argv[3], log=lambda _: None)
+print(json.dumps({"before": before, "peak": peak()}))
+"""
+
+LOAD = PRELUDE + """
 from omni_model.convert import load_checkpoint
 from omni_model.model.thinker import build_thinker
-from omni_model.runtime.parallel import init_parallel
-init_parallel()
 config = json.load(open(sys.argv[2] + "/config.json"))
 thinker = build_thinker(config, dtype=torch.float32, perform_initialization=False)
 for param in thinker.parameters():  # touch every page: the model's own memory is resident before the load
     param.data.zero_()
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
 before = rss()
 load_checkpoint(thinker, sys.argv[1])
-peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 expert = thinker.language_model.decoder.layers[0].mlp.experts.linear_fc1.weight
-print(json.dumps({"before": before, "peak": peak, "expert_abs_sum": expert.abs().sum().item()}))
+print(json.dumps({"before": before, "peak": peak(), "expert_abs_sum": expert.abs().sum().item()}))
 """
 LAYER_BYTES = 4 * (16 * 3 * 768 * 1024)  # the experts of one layer (the largest load unit)
 

@@ -244,14 +244,12 @@ def _merged_in_place(data: torch.Tensor, merge: Callable) -> Callable:
     its merge then concatenates them into a NEW tensor; every merged copy is held until the load returns: for the
     released 30B-A3B, 48 layers x 128 experts' fc1 = 39 GB beside the 60 GB model, more than an 80 GB card holds."""
 
+    from ..model.experts import same_view
+
     def merge_fn(pieces):
-        if len(pieces) > 1 and all(_same_view(piece, half)
+        if len(pieces) > 1 and all(same_view(piece, half)
                                    for piece, half in zip(pieces, torch.chunk(data, len(pieces), dim=0))):
             return data
         return merge(pieces)
 
     return merge_fn
-
-
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()

@@ -27,6 +27,11 @@ from megatron.core.transformer.moe.experts import TEGroupedMLP
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 
+def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """`a` and `b` are the same view of the same memory (what an in-place checkpoint load hands back)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
 def _offsets(tokens_per_expert, device) -> torch.Tensor:
     """End offsets of the expert groups (int32, on `device`). From a device tensor of counts this is a cumsum on
     the device: no host sync, unlike mcore's `tokens_per_expert.tolist()` before every grouped GEMM."""
@@ -152,8 +157,7 @@ class GroupedLinear(nn.Module):
         if all(name in state_dict for name in names):
             experts = [state_dict.pop(name) for name in names]
             # a checkpoint loaded in place hands back views of our own weight: no stacked copy (a layer's size)
-            in_place = all(t.data_ptr() == self.weight[e].data_ptr() and t.stride() == self.weight[e].stride()
-                           for e, t in enumerate(experts))
+            in_place = all(same_view(t, self.weight[e]) for e, t in enumerate(experts))
             state_dict[prefix + "weight"] = self.weight if in_place else torch.stack(experts)
 
     def forward(self, x: torch.Tensor, tokens_per_expert):
