@@ -343,6 +343,29 @@ def inject_lora(thinker: nn.Module, spec: LoraSpec, seed: int, initialise: bool 
     return count
 
 
+def _input_requires_grad(_module, args, kwargs):
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(hidden, torch.Tensor) or hidden.requires_grad or not torch.is_grad_enabled():
+        return None
+    hidden = hidden.detach().requires_grad_(True)
+    if "hidden_states" in kwargs:
+        return args, dict(kwargs, hidden_states=hidden)
+    return (hidden, *args[1:]), kwargs
+
+
+def grads_through_full_recompute(thinker: nn.Module) -> None:
+    """Make the LLM decoder's input require grad, so that the adapters inside fully recomputed layers are trained.
+
+    mcore's full recompute wraps each layer in a reentrant autograd Function (tensor_parallel.checkpoint): its output
+    requires grad only if one of its tensor INPUTS does, whatever the parameters inside. With the base frozen, the
+    embedding output does not, so no layer output did, no backward reached an adapter (grad norm 0, and mcore's
+    router, which tracks its aux loss only while grad is on, tracked none). The same remedy as transformers'
+    `enable_input_require_grads` for PEFT with gradient checkpointing; it costs the first layer's input gradient.
+    Later pipeline stages receive an input that already requires grad; the towers recompute with torch's
+    non-reentrant checkpoint, which has no such condition."""
+    thinker.language_model.decoder.register_forward_pre_hook(_input_requires_grad, with_kwargs=True)
+
+
 def global_names(thinker: nn.Module) -> Dict[str, str]:
     """{local module name: global module name} of the adapted modules: the LLM's layer index made global (pipeline
     stages number their layers from 0)."""

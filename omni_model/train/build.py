@@ -141,9 +141,11 @@ def freeze_parts(module: torch.nn.Module, prefixes: dict, frozen: dict) -> dict:
 def add_lora(thinker: torch.nn.Module, settings: TrainSettings) -> int:
     """train.lora: adapters around the targeted linears, everything else frozen (requires_grad False before DDP and
     the optimizer: they hold adapter parameters only, the base stays in the training dtype, bf16 on GPU)."""
-    from omni_model.model.lora import inject_lora
+    from omni_model.model.lora import grads_through_full_recompute, inject_lora
 
     count = inject_lora(thinker, settings.lora, seed=settings.train.seed)
+    if settings.train.recompute == "full":
+        grads_through_full_recompute(thinker)
     total = torch.tensor([count], device="cuda" if settings.on_gpu else "cpu")
     torch.distributed.all_reduce(total)  # a pipeline stage may hold no targeted module; the whole model must
     if int(total) == 0:
