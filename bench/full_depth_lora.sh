@@ -7,8 +7,12 @@
 #   HF checkpoint  70.5 GB bf16 (thinker 63.4, talker 3.3, towers 1.2, code2wav 0.1) -> host shared memory (/dev/shm):
 #                  it does not fit the disk beside the converted one; convert streams it tensor by tensor.
 #   converted      63.4 GB (the thinker, torch_dist)                              -> disk (results/model/mcore)
-#   training       adapters + optimizer only, megabytes per checkpoint            -> disk (results/train)
-#   export         export.lora: adapter (a PEFT folder; the merged 70 GB model would not fit the disk)
+#   training       adapters + their fp32 masters + Adam moments: ~3.6 GB a checkpoint (rank 8 on every expert of 48
+#                  layers is 0.3 B parameters), two kept                          -> host shared memory (results/train)
+#   export         export.lora: adapter (a PEFT folder, ~0.6 GB; the merged 70 GB model would not fit the disk)
+#                                                                                  -> host shared memory (results/export)
+#                  (the disk keeps ~2 GiB beside the converted base: the first full-depth finetune filled it at its
+#                  first save, session 12)
 # results/model is linked into /dev/shm for the download stage only; afterwards results/model is a disk folder whose
 # `hf` entry links to the shared-memory copy, so convert writes its 63 GB to disk.
 #
@@ -63,10 +67,14 @@ fi
 if [ -n "${OMNI_FD_GPU_WAIT:-}" ]; then while [ ! -e "$OMNI_FD_GPU_WAIT" ]; do sleep 5; done; fi
 stage convert convert
 du -sh results/model/mcore | tee -a "$out/storage.txt"
+du -sh /dev/shm/* 2>/dev/null | sort -h | tail -4 | tee -a "$out/storage.txt"  # what else holds shared memory
 stage shards shards
+for d in train export; do  # into shared memory (the storage plan above); a rerun keeps the links
+  if [ ! -L results/$d ]; then mkdir -p "$shm/$d"; rm -rf "results/$d"; ln -s "$shm/$d" "results/$d"; fi
+done
 stage finetune finetune
 stage export export
-du -sh results/train results/export/adapter | tee -a "$out/storage.txt"
+du -shL results/train results/export/adapter | tee -a "$out/storage.txt"
 cp benchmarks/*.tsv results/train/metrics.jsonl "$out/" 2>/dev/null || true
 cp results/model/mcore/convert.json results/model/mcore/parity.json "$out/" 2>/dev/null || true
 started=$SECONDS

@@ -1,7 +1,7 @@
 """The whole thinker in bf16 on one GPU vs transformers (run on the H100/H200 machine: `pytest -m gpu`).
 
 bf16 cannot match fp32 to 1e-4. The criterion is the convert parity gate's: our bf16 logits are as close to
-transformers' fp32 logits as transformers' own bf16 logits are, + 10 % (BF16_MARGIN), on a mixed image + audio +
+transformers' fp32 logits as transformers' own bf16 logits are, + 25 % (BF16_MARGIN), on a mixed image + audio +
 video input.
 """
 

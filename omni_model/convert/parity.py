@@ -6,7 +6,7 @@ chat template, media preprocessing, placeholder expansion, MRoPE positions) and 
   * transformers' `Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(hf_dir)` (its own rope index).
 parity.json records the max absolute logit error, the max relative error (max abs error / max |reference logit|),
 the tolerance and pass/fail. Tolerance: fp32 1e-4 absolute; bf16: no worse than transformers' own bf16 against its
-fp32 on the same probe, plus 10 %. `layers=N` truncates both models to the first N LLM layers (for checkpoints too
+fp32 on the same probe, plus 25 % (BF16_MARGIN). `layers=N` truncates both models to the first N LLM layers (for checkpoints too
 large to hold twice) and parity.json says so.
 
     python -m omni_model.convert.parity --hf results/model/hf --out results/model/mcore --dtype fp32
@@ -28,7 +28,12 @@ import torch
 from .checkpoint import CHECKPOINT, PARITY_JSON, dtype_name, load_checkpoint, resolve_dtype
 
 FP32_TOLERANCE = 1e-4
-BF16_MARGIN = 1.10
+# bf16: a max over ~10^8 logits of rounding noise, and ours is not run-to-run deterministic on a GPU (atomic adds in the
+# MoE's unpermute and grouped GEMMs): the same weights and probe at 4/48 layers of the released shapes on an H100 gave
+# 0.1417 and 0.1495 in two runs against transformers' own (deterministic) 0.1338, i.e. 1.06x and 1.12x; a 10 % margin
+# failed the second. 25 % keeps twice that spread while a mapping error (a wrong or transposed tensor) moves logits by
+# multiples of the noise, and the fp32 gate (1e-4 absolute) is the exact one.
+BF16_MARGIN = 1.25
 MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "input_features",
               "feature_attention_mask")
 
@@ -166,7 +171,7 @@ def run_parity_gate(hf_dir, out_dir, *, dtype="auto", use_te: bool = False, laye
     else:
         own = reference_logits(reference.to(dtype), batch, device)
         own_error = (own - expected).abs().max().item()
-        tolerance, rule = BF16_MARGIN * own_error, "bf16: transformers' own bf16 vs fp32 error + 10 %"
+        tolerance, rule = BF16_MARGIN * own_error, f"bf16: transformers' own bf16 vs fp32 error + {BF16_MARGIN - 1:.0%}"
         result["transformers_bf16_vs_fp32"] = own_error
     del reference
 

@@ -286,6 +286,42 @@ def check_base(record: dict, digest: str, what: str) -> None:
                         f"base given is {digest}; use the base checkpoint the adapters were trained on")
 
 
+class CheckpointSpaceError(OSError):
+    """The checkpoint about to be saved does not fit the free space of its filesystem."""
+
+
+SPACE_MARGIN_BYTES = 256 * 2**20  # metadata, common.pt, the loader state and the copied metrics beside the tensors
+
+
+def written_bytes(state: dict) -> int:
+    """Bytes this rank's tensors take in the checkpoint of `state`: the main replica of each sharded tensor (a
+    distributed optimizer's flat slice counts its own range; replicas are written by another rank)."""
+    import torch
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, is_main_replica
+
+    return sum(value.data.numel() * value.data.element_size() for value in nested_values(state)
+               if isinstance(value, (ShardedTensor, ShardedTensorFactory)) and isinstance(value.data, torch.Tensor)
+               and is_main_replica(value.replica_id))
+
+
+def require_space_for(state: dict, directory: Path) -> None:
+    """Refuse, on every rank and before writing, a checkpoint larger than its filesystem's free space: a full disk
+    midway fails inside torch's writer with 'unexpected pos' and no word of space (the full-depth LoRA run on a
+    64 GiB disk beside its 60 GB base). The ranks' bytes are summed: checkpoints live on one shared filesystem."""
+    import torch
+
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # NCCL reduces device tensors only
+    need = torch.tensor([written_bytes(state)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(need)
+    need, free = int(need.item()) + SPACE_MARGIN_BYTES, shutil.disk_usage(directory).free
+    if need > free:
+        raise CheckpointSpaceError(
+            f"the checkpoint needs {need / 2**30:.2f} GiB but {directory.parent} has {free / 2**30:.2f} GiB free: free "
+            f"space there, lower train.keep_checkpoints, or point the train directory at a larger filesystem "
+            f"(nothing was written; the previous checkpoint is intact)")
+
+
 def save_training_checkpoint(train_dir: Path, iteration: int, training, loader, digest: str,
                              metrics_path: Path, keep: Optional[int] = None) -> Path:
     """Save everything needed to continue exactly; atomic (iter_N.tmp -> iter_N), then `latest`, then remove what
@@ -306,6 +342,7 @@ def save_training_checkpoint(train_dir: Path, iteration: int, training, loader, 
     state = _sharded_training_state(training, is_loading=False, rng=_rng_state(), loader_state=loader.save_state_rank())
     state.update({"iteration": iteration, "digest": digest, "layout": _layout(),
                   "scheduler": training.scheduler.state_dict(), **(lora or {})})
+    require_space_for(state, tmp)
     dist_checkpointing.save(state, str(tmp))
     torch.distributed.barrier()
     if rank0:
