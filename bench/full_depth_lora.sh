@@ -7,8 +7,8 @@
 #   HF checkpoint  70.5 GB bf16 (thinker 63.4, talker 3.3, towers 1.2, code2wav 0.1) -> host shared memory (/dev/shm):
 #                  it does not fit the disk beside the converted one; convert streams it tensor by tensor.
 #   converted      63.4 GB (the thinker, torch_dist)                              -> disk (results/model/mcore)
-#   training       adapters + their fp32 masters + Adam moments: ~3.6 GB a checkpoint (rank 8 on every expert of 48
-#                  layers is 0.3 B parameters), two kept                          -> host shared memory (results/train)
+#   training       adapters + their fp32 masters + Adam moments: ~4.5 GB a checkpoint (rank 8 on every expert of 48
+#                  layers is 0.32 B parameters), two kept                         -> host shared memory (results/train)
 #   export         export.lora: adapter (a PEFT folder, ~0.6 GB; the merged 70 GB model would not fit the disk)
 #                                                                                  -> host shared memory (results/export)
 #                  (the disk keeps ~2 GiB beside the converted base: the first full-depth finetune filled it at its
