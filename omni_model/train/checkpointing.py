@@ -314,7 +314,8 @@ def require_space_for(state: dict, directory: Path) -> None:
     device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # NCCL reduces device tensors only
     need = torch.tensor([written_bytes(state)], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(need)
-    need, free = int(need.item()) + SPACE_MARGIN_BYTES, shutil.disk_usage(directory).free
+    existing = next(path for path in (directory, *directory.parents) if path.exists())  # other nodes: no tmp dir yet
+    need, free = int(need.item()) + SPACE_MARGIN_BYTES, shutil.disk_usage(existing).free
     if need > free:
         raise CheckpointSpaceError(
             f"the checkpoint needs {need / 2**30:.2f} GiB but {directory.parent} has {free / 2**30:.2f} GiB free: free "
