@@ -182,9 +182,9 @@ def _group_count(groups: list) -> int:
     """Save calls are collective: every rank makes as many as the rank with the most groups (pipeline stages differ)."""
     if not torch.distributed.is_initialized():
         return len(groups)
-    # NCCL reduces device tensors only (convert on a GPU machine runs under NCCL)
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    count = torch.tensor([len(groups)], device=device)
+    from ..runtime.parallel import reduction_device
+
+    count = torch.tensor([len(groups)], device=reduction_device())  # convert on a GPU machine runs under NCCL
     torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
     return int(count.item())
 

@@ -115,6 +115,11 @@ def destroy_parallel() -> None:
         torch.distributed.destroy_process_group()
 
 
+def reduction_device() -> str:
+    """Where a tensor for a collective of the default group must live: NCCL reduces device tensors only."""
+    return "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+
+
 def rank_coords() -> dict:
     """This rank's coordinates in the layout, as the HF<->mcore mapping wants them."""
     from megatron.core import parallel_state as ps

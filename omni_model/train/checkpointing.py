@@ -311,8 +311,9 @@ def require_space_for(state: dict, directory: Path) -> None:
     64 GiB disk beside its 60 GB base). The ranks' bytes are summed: checkpoints live on one shared filesystem."""
     import torch
 
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # NCCL reduces device tensors only
-    need = torch.tensor([written_bytes(state)], dtype=torch.float64, device=device)
+    from ..runtime.parallel import reduction_device
+
+    need = torch.tensor([written_bytes(state)], dtype=torch.float64, device=reduction_device())
     torch.distributed.all_reduce(need)
     existing = next(path for path in (directory, *directory.parents) if path.exists())  # other nodes: no tmp dir yet
     need, free = int(need.item()) + SPACE_MARGIN_BYTES, shutil.disk_usage(existing).free
