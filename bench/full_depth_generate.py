@@ -36,7 +36,7 @@ def main() -> None:
 
     started = time.perf_counter()
     model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(args.base, dtype=torch.bfloat16,
-                                                                 device_map=args.device)
+                                                                 device_map=args.device, use_kernels=False)
     loaded_s = time.perf_counter() - started
     model = PeftModel.from_pretrained(model, args.adapter).eval()
     adapter_s = time.perf_counter() - started - loaded_s

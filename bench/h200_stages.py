@@ -148,7 +148,8 @@ def main() -> None:
     rows.append(("export", seconds, f"host peak {child_peak_gib():.1f} GiB"))
     seconds = run(py(
         "import torch, transformers as t; "
-        f"m = t.Qwen3OmniMoeForConditionalGeneration.from_pretrained({str(export)!r}, dtype=torch.bfloat16); "
+        f"m = t.Qwen3OmniMoeForConditionalGeneration.from_pretrained({str(export)!r}, dtype=torch.bfloat16, "
+        "use_kernels=False); "
         "print('loaded', sum(p.numel() for p in m.parameters()))"), log, env)
     rows.append(("transformers from_pretrained(export)", seconds, "loaded"))
 

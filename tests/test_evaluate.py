@@ -160,3 +160,11 @@ def test_answers_and_scores_read_the_same_samples_of_a_split_of_several_tars(tin
     assert sorted(energon_ids) == [r["id"] for r in records]
     assert answered_ids == [r["id"] for r in records]
     assert [s["record"]["id"] for s in split_samples(tmp_path / "shards", "train", 3)] == ["s0", "s1", "s2"]
+
+
+def test_the_answer_model_runs_transformers_own_layers_not_hub_kernels(tiny_hf_dir):
+    """transformers >= 5.25 replaces layers by kernels fetched from the Hub unless told not to: on the offline H100 of
+    the full-depth run that made from_pretrained fail; evaluate's answers come from the modules that were trained."""
+    from omni_model.eval.generate import load_model
+
+    assert load_model(tiny_hf_dir).use_kernels is False

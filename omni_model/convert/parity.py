@@ -111,7 +111,7 @@ def reference_thinker(hf_dir: Path, config: dict, dtype: torch.dtype):
 
     model, info = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(
         str(hf_dir), config=Qwen3OmniMoeThinkerConfig(**config["thinker_config"]), dtype=dtype,
-        output_loading_info=True)
+        output_loading_info=True, use_kernels=False)  # the reference is transformers' own modules, not Hub kernels
     if info["missing_keys"] or info["mismatched_keys"]:
         raise ParityError(f"transformers could not load {hf_dir}: missing {info['missing_keys'][:5]}, "
                           f"mismatched {info['mismatched_keys'][:5]}")

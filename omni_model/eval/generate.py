@@ -96,8 +96,12 @@ def load_model(hf_dir: Path):
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
     on_gpu = torch.cuda.is_available()
+    # use_kernels=False: transformers >= 5.25 swaps layers for kernels fetched from the Hub by default, which fails on
+    # a GPU node without Hub access (the full-depth run's offline H100 did) and would evaluate other numerics than
+    # the model that was trained
     model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-        hf_dir, dtype=torch.bfloat16 if on_gpu else torch.float32, device_map="auto" if on_gpu else None)
+        hf_dir, dtype=torch.bfloat16 if on_gpu else torch.float32, device_map="auto" if on_gpu else None,
+        use_kernels=False)
     return model.eval()
 
 
