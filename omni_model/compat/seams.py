@@ -320,6 +320,14 @@ SEAMS: tuple[Seam, ...] = (
           "the DDP model's scale_gradients and the optimizer's step are replaced on the instances: the two grad "
           "scalings go into fused Adam's grad_scale", switch="fold_grad_scale",
           fingerprint='2e9ad364fc5f29ab'),
+    _seam("train.ddp_nan_check_off", MCORE,
+          "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBucketGroup.start_grad_sync",
+          "omni_model.train.build:FoldedGradScale", "private",
+          "the fold's step refuses a non-finite grad norm, so it turns DDP's per-bucket NaN check off on the model's "
+          "ddp_config, which every bucket group shares and reads at each grad sync",
+          check=_sources_read(("megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBucketGroup."
+                               "start_grad_sync", "self.ddp_config.check_for_nan_in_grad")),
+          switch="fold_grad_scale"),
     _seam("train.adam_grad_scale", TORCH, "torch.optim:Adam.step", "omni_model.train.build:FoldedGradScale", "private",
           "torch's Adam hands `self.grad_scale` to the fused kernel", check=_torch_adam_reads_grad_scale),
     _seam("train.distrib_optimizer_load", MCORE, [f"{_OPT}.distrib_optimizer:DistributedOptimizer."
