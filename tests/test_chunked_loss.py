@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from llm_helpers import config_of, packed_text_row
+from spawn_ranks import spawn_on_free_port
 
 LENGTHS = [37, 50, 13]  # 100 tokens: 7 chunks of 16 (the last one short)
 CHUNK = 16
@@ -107,16 +107,7 @@ def _tp2_worker(rank, port, hf_dir, out):
 @pytest.mark.slow
 def test_chunked_loss_at_tp2_with_sequence_parallelism(tiny_hf_dir):
     out = mp.Manager().dict()
-    for attempt in range(3):  # the port is free when asked for, not reserved: a parallel test worker can take it first
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            mp.spawn(_tp2_worker, args=(port, str(tiny_hf_dir), out), nprocs=2)
-            break
-        except mp.ProcessRaisedException as error:  # EADDRINUSE seen under make test's two workers
-            if "EADDRINUSE" not in str(error) or attempt == 2:
-                raise
+    spawn_on_free_port(_tp2_worker, (str(tiny_hf_dir), out))
     for rank in range(2):
         result = out[rank]
         print(f"tp2+sp rank {rank}: chunked vs whole loss rel {result['loss']:.1e}, worst gradient rel "

@@ -5,7 +5,6 @@ torch.compile'd kernels give mcore's numbers."""
 
 import functools
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from omni_model.model.cross_entropy import FusedVocabParallelCrossEntropy
+from spawn_ranks import spawn_on_free_port
 
 VOCAB = 1000
 
@@ -91,11 +91,8 @@ def _split_worker(rank, port, out):
 
 
 def test_vocab_split_over_two_ranks_gives_the_unsplit_loss():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_split_worker, args=(port, out), nprocs=2)
+    spawn_on_free_port(_split_worker, (out,))
     logits, target, grad_loss = _inputs(seed=2)
     ref_loss, ref_grad = _reference(logits, target, grad_loss)
     assert torch.equal(out[0][0], out[1][0])  # every rank holds the whole loss
