@@ -77,6 +77,9 @@ Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' =
   gradscale=mcore    mcore's 1/tokens and clip passes over the grad buffers instead of build.FoldedGradScale
   linear=mcore       mcore's linear autograd Function at one TP rank instead of model.linear's plain F.linear
   dispatch=mcore     mcore's allgather token dispatcher (host syncs) instead of dispatcher.StaticAllGatherTokenDispatcher
+  nancheck=on        DDP's per-bucket NaN check of the grads, which build.FoldedGradScale turns off
+  grads=mcore        mcore's per-step zeroing of the grad buffers and add of every grad instead of
+                     grad_buffer.FirstWriteDDP (the step's first grad of a parameter written)
   cfg.KEY=VALUE      any TransformerConfig field (VALUE as JSON where it parses), e.g. cfg.moe_token_dispatcher_type=alltoall
   train.KEY=VALUE    any train.* setting, e.g. train.recompute=selective
 Writes `--json` (default bench/results/train_throughput.json).
@@ -395,6 +398,7 @@ MCORE_BASELINES = {
     "gradscale": ("fold_grad_scale", "mcore's scaling passes"),
     "linear": ("plain_matmul_when_local", "mcore's linear autograd Function"),
     "dispatch": ("static_dispatch", "mcore's allgather dispatcher"),
+    "grads": ("first_write_grads", "mcore's zeroed grad buffers, every grad added"),
 }
 
 
@@ -423,6 +427,9 @@ def apply_variant(knobs: dict) -> tuple[dict, dict, object, PerfOptions]:
         elif key == "rope":
             if value != "thd":
                 raise SystemExit(f"rope={value}: only rope=thd (mcore's THD loop) is a variant")
+        elif key == "nancheck":
+            if value != "on":
+                raise SystemExit(f"nancheck={value}: only nancheck=on (DDP's per-bucket NaN check) is a variant")
         elif key in MCORE_BASELINES:
             options.update(mcores_own(key, value))
         elif key.startswith("cfg."):
@@ -476,6 +483,8 @@ def build_ours_step(spec: dict, batches, peak: float):
     training.optimizer.reload_model_params()  # the optimizer's fp32 masters copied the uninitialised weights
     if knobs.get("rope") == "thd":
         training.thinker.language_model.per_token_rope = False
+    if knobs.get("nancheck") == "on":  # what the folded step turns off (its own non-finite norm check replaces it)
+        training.model.ddp_config.check_for_nan_in_grad = True
     feed = batches if isinstance(batches, Feed) else Feed(batches)
     run = loop.Run(settings=settings, training=training, forward_step=forward_step, digest="bench", loader=None,
                    batches=TokenCounter(feed), evaluation=[], flops=FlopCounter(spec["hf_dir"], settings.train),
@@ -649,8 +658,10 @@ def batch_key(spec: dict, kind: str) -> str:
 # padded mm assumed like sdpa. Per process: imports + build + seeded weights (session 7: ~28 s per process on
 # average incl. flex's compile), flex_attention's first compiles. Guesses where no run measured them: every run
 # prints each process's estimate beside its measured wall time, so the next run can correct the table.
-STEP_S_ESTIMATE = {"ours": {"text": 0.31, "mm": 0.80}, "flex_attention": {"text": 0.29, "mm": 1.8},
-                   "sdpa": {"text": 0.45, "mm": 1.8}, "padded": {"text": 0.25, "mm": 1.8}}
+# H100, micro-batch 2: session 13's medians (ours, flex_attention); sdpa text and padded text from session 7; the
+# sdpa and padded multimodal steps were never timed: 1.0 s, above session 12's kernel totals (0.40 and 0.16 s)
+STEP_S_ESTIMATE = {"ours": {"text": 0.27, "mm": 0.50}, "flex_attention": {"text": 0.26, "mm": 0.66},
+                   "sdpa": {"text": 0.45, "mm": 1.0}, "padded": {"text": 0.25, "mm": 1.0}}
 FP32_STEP_FACTOR = 2.6  # flex_attention+fp32 / flex_attention, text, session 7 (749.8 / 288.8 ms)
 BUILD_S_ESTIMATE = {"ours": 35.0, "hf": 25.0}
 COMPILE_S_ESTIMATE = {"flex_attention": 40.0}
@@ -911,6 +922,8 @@ def parse_args(argv=None):
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(args, key, value)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()] or ["base"]
+    args.hf_attn = [a.strip() for a in args.hf_attn.split(",") if a.strip()]
     if not args.one and not args.shards:
         ap.error("--shards is required")
     if args.global_batch % args.micro_batch:
@@ -938,6 +951,31 @@ def encode_all(hf_dir: Path, args, kinds: list, micro_batches: dict) -> dict:
             per_batch = sum(b.num_tokens for b in packed) / len(packed)
             batches[kind + "_padded"] = encode_padded_batches(hf_dir, shards, kind, steps * per_step, per_batch,
                                                               args.seq_len, args.data_workers)
+    return batches
+
+
+def cached_or_encoded(work: Path, hf_dir: Path, args, kinds: list, micro_batches: dict) -> dict:
+    """encode_all's batches, saved in `work` (batches.pt, which the row processes load) with what they were encoded
+    from (batches.json): a later run with the same --work and the same encoding settings loads them instead of
+    encoding again (on a lent GPU machine kept warm, ~2 minutes of a 9-minute call). A cache without every batch
+    list this run needs (e.g. no padded batches) is encoded anew."""
+    settings = {"shards": str(Path(args.shards).resolve()), "kinds": kinds, "micro_batches": micro_batches,
+                "steps": args.warmup + args.steps + int(args.profile), "global_batch": args.global_batch,
+                "seq_len": args.seq_len, "packing_buffer": args.packing_buffer, "pad_rows": args.pad_rows,
+                "tiny": args.tiny, "layers": args.layers}
+    needed = {f"{kind}@{micro}" for micro in micro_batches.values() for kind in kinds}
+    if any(parse_hf_variant(a)[0] == "padded" for a in args.hf_attn):
+        needed |= {kind + "_padded" for kind in kinds}
+    saved, meta = work / "batches.pt", work / "batches.json"
+    if saved.exists() and meta.exists():
+        cached = json.loads(meta.read_text())
+        if cached["settings"] == settings and needed <= set(cached["keys"]):
+            print(f"batches: the ones encoded in {work} before (same settings)", flush=True)
+            return torch.load(saved, weights_only=False)
+    batches = encode_all(hf_dir, args, kinds, micro_batches)
+    meta.unlink(missing_ok=True)  # no record of a half-written batches.pt
+    torch.save(batches, saved)
+    meta.write_text(json.dumps({"settings": settings, "keys": sorted(batches)}))
     return batches
 
 
@@ -1010,8 +1048,6 @@ def main(argv=None) -> int:
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     if device == "cpu":
         torch.set_num_threads(1)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()] or ["base"]
-    args.hf_attn = [a.strip() for a in args.hf_attn.split(",") if a.strip()]
     for attn in args.hf_attn:
         parse_hf_variant(attn)  # an unknown row stops here, before any row runs
     if args.loss_tolerance is None:
@@ -1034,9 +1070,8 @@ def main(argv=None) -> int:
     print(f"micro-batch {args.micro_batch} for ours (asked {requested}; transformers rows {args.hf_micro_batch}): "
           f"planned peak for ours {plan_gib:.1f} GiB allocated, {plan.total / 2**30:.1f} GiB with the CUDA "
           f"overhead; fit {'-' if fit is None else f'{fit:.1f}'} GiB of a {memory or 0:.1f} GiB card", flush=True)
-    batches = encode_all(hf_dir, args, kinds, {"ours": args.micro_batch, "hf": args.hf_micro_batch})
+    batches = cached_or_encoded(work, hf_dir, args, kinds, {"ours": args.micro_batch, "hf": args.hf_micro_batch})
     data = {key: describe(b, args.seq_len) for key, b in batches.items()}
-    torch.save(batches, work / "batches.pt")
     print(f"encoded the batches in {time.perf_counter() - began:.1f} s: {data}", flush=True)
     peak = matmul_peak_tflops(device)
     if device == "cuda":

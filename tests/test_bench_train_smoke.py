@@ -56,11 +56,11 @@ def smoke(tiny_hf_dir, tmp_path_factory):
                  max_seq_len=SMOKE["seq_len"])
     code = main(["--smoke", "--shards", str(root / "shards"), "--work", str(root / "work"),
                  "--json", str(root / "out.json")])
-    return code, json.loads((root / "out.json").read_text())
+    return code, json.loads((root / "out.json").read_text()), root
 
 
 def test_every_row_measures_every_kind_twice(smoke):
-    code, out = smoke
+    code, out, _ = smoke
     assert code == 0, [r.get("failed", "")[-500:] for r in out["rows"] + out["processes"] if "failed" in r]
     labels = sorted(r["row"] for r in out["rows"])
     expected = [f"ours[base] {k} #{i}" for k in ("mm", "text") for i in (1, 2)]
@@ -77,7 +77,7 @@ def test_every_row_measures_every_kind_twice(smoke):
 
 
 def test_json_fields_and_their_relations(smoke):
-    _, out = smoke
+    _, out, _ = smoke
     for key in ("tokens_per_s_ours", "tokens_per_s_transformers", "ratio_vs_transformers", "mfu_ours",
                 "tokens_per_s_ours_text", "ratio_vs_transformers_text", "planned_gib_ours", "mem_gib_ours",
                 "best_transformers_row", "ratio_vs_best_transformers", "transformers_rows", "card", "loss_check",
@@ -108,10 +108,31 @@ def test_json_fields_and_their_relations(smoke):
 def test_first_step_loss_of_ours_equals_transformers(smoke):
     """Same seeded weights, same packed batches, fp32 on the CPU: the LM loss of the first step agrees (the padded
     row trains other batches and the +fp32 row starts on text: neither is compared)."""
-    _, out = smoke
+    _, out, _ = smoke
     checks = {c["row"]: c for c in out["loss_check"]}
     assert list(checks) == ["hf[sdpa]"], checks
     check = checks["hf[sdpa]"]
     assert check["kind"] == "mm" and check["ok"]
     assert check["abs_diff"] < 1e-4, check
     assert check["ours"] > 5.0  # a real loss (ln of the tiny vocab is ~11.9), not zero
+
+
+def test_a_second_run_in_the_same_work_dir_loads_the_batches_unless_their_settings_changed(smoke, capsys):
+    """--work keeps the encoded batches (a lent machine's second call skips ~2 minutes of encoding): the same
+    settings load them, a changed encoding setting encodes anew."""
+    from train_throughput import cached_or_encoded, parse_args, write_hf_dir
+
+    _, out, root = smoke
+    work, argv = root / "work", ["--smoke", "--shards", str(root / "shards")]
+    kinds, micro = ["mm", "text"], {"ours": 1, "hf": 1}
+    args = parse_args(argv)
+    hf_dir = write_hf_dir(work, args.tiny, args.layers)
+    batches = cached_or_encoded(work, hf_dir, args, kinds, micro)
+    assert "the ones encoded in" in capsys.readouterr().out
+    assert {k: len(v) for k, v in batches.items()} == {k: d["micro_batches"] for k, d in out["data"].items()}
+    args = parse_args(argv)
+    args.packing_buffer = 4  # another encoding (--smoke sets its own value over the command line's)
+    again = cached_or_encoded(work, hf_dir, args, kinds, micro)
+    assert "the ones encoded in" not in capsys.readouterr().out
+    assert json.loads((work / "batches.json").read_text())["settings"]["packing_buffer"] == 4
+    assert sorted(again) == sorted(batches)

@@ -328,6 +328,16 @@ SEAMS: tuple[Seam, ...] = (
           check=_sources_read(("megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBucketGroup."
                                "start_grad_sync", "self.ddp_config.check_for_nan_in_grad")),
           switch="fold_grad_scale"),
+    _seam("train.first_write_grads", MCORE, ["megatron.core.distributed.distributed_data_parallel:"
+                                             "DistributedDataParallel._make_backward_post_hook",
+                                             "megatron.core.distributed.distributed_data_parallel:"
+                                             "DistributedDataParallel.zero_grad_buffer",
+                                             "megatron.core.distributed.distributed_data_parallel:"
+                                             "DistributedDataParallel.finish_grad_sync"],
+          "omni_model.train.grad_buffer:FirstWriteDDP", "subclass",
+          "the backward hook is wrapped to copy a parameter's first grad of a step into main_grad, zero_grad_buffer "
+          "keeps mcore's resets without zeroing the buffers, finish_grad_sync zeroes the main grads no hook wrote",
+          switch="first_write_grads", fingerprint='14c801ac7ffcb732'),
     _seam("train.adam_grad_scale", TORCH, "torch.optim:Adam.step", "omni_model.train.build:FoldedGradScale", "private",
           "torch's Adam hands `self.grad_scale` to the fused kernel", check=_torch_adam_reads_grad_scale),
     _seam("train.distrib_optimizer_load", MCORE, [f"{_OPT}.distrib_optimizer:DistributedOptimizer."

@@ -33,6 +33,9 @@ class PerfOptions:
     fold_grad_scale: bool = True
     # the allgather token dispatcher without host syncs when all experts are local (dispatcher.py)
     static_dispatch: bool = True
+    # each step's first grad of a parameter copied into its fp32 main grad, no per-step zeroing of the grad buffers
+    # (train/grad_buffer.py FirstWriteDDP); False: mcore's zero + add
+    first_write_grads: bool = True
 
     def __post_init__(self):
         if self.packed_kernel not in PACKED_KERNELS:

@@ -229,11 +229,14 @@ def wrap_for_training(module: torch.nn.Module, settings: TrainSettings, options:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
 
+    from .grad_buffer import FirstWriteDDP
+
     config = module.config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=settings.on_gpu,
         check_for_nan_in_grad=True)
-    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+    ddp = FirstWriteDDP if options.first_write_grads else DistributedDataParallel
+    model = ddp(config=config, ddp_config=ddp_config, module=module)
     # mcore's schedule calls these: grad reduction across DP, SP/TP-replicated params, embeddings, 1/num_tokens
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = model.no_sync
