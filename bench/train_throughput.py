@@ -579,8 +579,9 @@ def build_hf_step(spec: dict, feed: Feed, peak: float):
                                   fused=device == "cuda")
     counter = TokenCounter(feed)
     flops = FlopCounter(spec["hf_dir"], frozen_towers(spec))
-    # padded batches: as many per step as packed micro-batches (each sized to hold a packed micro-batch's tokens)
-    micro_batches = spec["global_batch"] // spec["micro_batch"]
+    # padded batches: --padded-split times as many per step as packed micro-batches (each sized to hold that share of
+    # a packed micro-batch's tokens)
+    micro_batches = spec["global_batch"] // spec["micro_batch"] * (spec["padded_split"] if attn == "padded" else 1)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if fp32 and device == "cuda" else nullcontext
     aux_coef = model.router_aux_loss_coef
 
@@ -879,6 +880,10 @@ def parse_args(argv=None):
     ap.add_argument("--hf-micro-batch", type=int, default=None, help="rows per micro-batch for the transformers "
                     "rows (default: ours' micro-batch after the fit; padded rows: as many samples per batch as "
                     "hold one such micro-batch's real tokens)")
+    ap.add_argument("--padded-split", type=int, default=1, help="the padded row's batches hold 1/N of a packed "
+                    "micro-batch's real tokens, N times as many per step (HF Trainer's answer to an out-of-memory: "
+                    "a smaller per-device batch, more accumulation; the H100's multimodal padded row at N=1 did not "
+                    "fit)")
     ap.add_argument("--packing-buffer", type=int, default=128, help="samples buffered per packing decision")
     ap.add_argument("--data-workers", type=int, default=0, help="loader processes for the one-off encoding")
     ap.add_argument("--kinds", default="mm,text", help="batch kinds, in the order each process measures them "
@@ -945,10 +950,11 @@ def encode_all(hf_dir: Path, args, kinds: list, micro_batches: dict) -> dict:
                                                         args.packing_buffer, args.data_workers, args.pad_rows, micro)
     if any(parse_hf_variant(a)[0] == "padded" for a in args.hf_attn):
         hf_micro = micro_batches["hf"]
-        per_step = args.global_batch // hf_micro
+        split = args.padded_split
+        per_step = args.global_batch // hf_micro * split
         for kind in kinds:
             packed = batches[f"{kind}@{hf_micro}"]
-            per_batch = sum(b.num_tokens for b in packed) / len(packed)
+            per_batch = sum(b.num_tokens for b in packed) / len(packed) / split
             batches[kind + "_padded"] = encode_padded_batches(hf_dir, shards, kind, steps * per_step, per_batch,
                                                               args.seq_len, args.data_workers)
     return batches
@@ -962,7 +968,7 @@ def cached_or_encoded(work: Path, hf_dir: Path, args, kinds: list, micro_batches
     settings = {"shards": str(Path(args.shards).resolve()), "kinds": kinds, "micro_batches": micro_batches,
                 "steps": args.warmup + args.steps + int(args.profile), "global_batch": args.global_batch,
                 "seq_len": args.seq_len, "packing_buffer": args.packing_buffer, "pad_rows": args.pad_rows,
-                "tiny": args.tiny, "layers": args.layers}
+                "tiny": args.tiny, "layers": args.layers, "padded_split": args.padded_split}
     needed = {f"{kind}@{micro}" for micro in micro_batches.values() for kind in kinds}
     if any(parse_hf_variant(a)[0] == "padded" for a in args.hf_attn):
         needed |= {kind + "_padded" for kind in kinds}
@@ -1084,7 +1090,7 @@ def main(argv=None) -> int:
               "peak": peak, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
               "rewarmup": args.rewarmup, "repeats": args.repeats, "global_batch": args.global_batch,
               "sdpa": args.hf_sdpa, "stacks": args.profile_stacks, "train_towers": args.train_towers,
-              "seed": args.seed}
+              "seed": args.seed, "padded_split": args.padded_split}
     common["total_steps"] = len(kinds) * (args.warmup + args.repeats * (args.steps + int(args.profile))
                                           + (args.repeats - 1) * args.rewarmup)
     specs = process_specs(args, common, kinds)

@@ -228,10 +228,15 @@ def wrap_for_training(module: torch.nn.Module, settings: TrainSettings, options:
     scheduler of `settings.train`: the thinker's training objects, and the talker's (train.talker_step)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
     from .grad_buffer import FirstWriteDDP
 
     config = module.config
+    # mcore's MoE metrics tracker is process-global and sizes its per-layer tensors by the first model that records:
+    # a second model in the process (the talker after a thinker, a notebook, a test) with more MoE layers would index
+    # past them (IndexError in moe_logging's record)
+    destroy_moe_metrics_tracker()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=settings.on_gpu,
         check_for_nan_in_grad=True)
