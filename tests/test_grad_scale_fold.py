@@ -108,3 +108,20 @@ def test_folded_step_trains_like_mcores_step_on_gpu(tiny_hf_dir, tmp_path, batch
     for r, o in zip(theirs, ours):
         assert o["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4)
         assert o["loss"] == pytest.approx(r["loss"], rel=1e-4)
+
+
+def test_a_model_built_after_another_records_its_own_moe_metrics(tiny_hf_dir, tmp_path, batches):
+    """mcore's MoE metrics tracker is process-global and sized by the first model that records (here: a one-layer
+    MoE model, as the talker's code predictor or any smaller model before this one); build_training starts a fresh
+    one, so the tiny thinker's deeper layers do not index past it (IndexError in mcore's record before)."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    from omni_model.train.loop import step
+
+    get_moe_metrics_tracker().record("load_balancing_loss", torch.ones(()), layer_number=1, num_layers=1)
+    run = _run(tiny_hf_dir, tmp_path, batches, fold=True, clip_grad=1.0)
+    assert run.training.thinker.config.num_moe_experts and run.training.thinker.config.num_layers > 1
+    record = step(run, 1)
+    values = get_moe_metrics_tracker().metrics["load_balancing_loss"].values
+    assert values.shape == (run.training.thinker.config.num_layers,), values.shape
+    assert record["loss"] > 0

@@ -103,7 +103,7 @@ def test_bf16_talker_close_to_transformers_and_trains(sharp_dir):
     for name, got, theirs, expected in (("first", ours[0], hf16[0], first32), ("residual", ours[1], hf16[1], residual32)):
         err, hf_err = relative_error(got, expected), relative_error(theirs, expected)
         print(f"bf16 {name}: ours {err:.2e}, transformers bf16 {hf_err:.2e} (vs transformers fp32)")
-        assert err <= hf_err * (1 + BF16_MARGIN)
+        assert err <= BF16_MARGIN * hf_err  # transformers' own bf16 error + 25 %
     talker.train()
     loss = talker_loss(talker, batch16, predictor_weight=0.3)
     loss.total.backward()

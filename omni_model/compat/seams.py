@@ -338,6 +338,10 @@ SEAMS: tuple[Seam, ...] = (
           "the backward hook is wrapped to copy a parameter's first grad of a step into main_grad, zero_grad_buffer "
           "keeps mcore's resets without zeroing the buffers, finish_grad_sync zeroes the main grads no hook wrote",
           switch="first_write_grads", fingerprint='14c801ac7ffcb732'),
+    _seam("train.moe_metrics_reset", MCORE, "megatron.core.transformer.moe.moe_logging:destroy_moe_metrics_tracker",
+          "omni_model.train.build:wrap_for_training", "call",
+          "mcore's process-global MoE metrics tracker is sized by the first model that records: each built training "
+          "starts a fresh one", fingerprint='cc8def07fee1bb81'),
     _seam("train.adam_grad_scale", TORCH, "torch.optim:Adam.step", "omni_model.train.build:FoldedGradScale", "private",
           "torch's Adam hands `self.grad_scale` to the fused kernel", check=_torch_adam_reads_grad_scale),
     _seam("train.distrib_optimizer_load", MCORE, [f"{_OPT}.distrib_optimizer:DistributedOptimizer."
