@@ -653,30 +653,32 @@ def batch_key(spec: dict, kind: str) -> str:
 
 
 # -- driver --------------------------------------------------------------------------------------------------------
-# Seconds per optimizer step on an H100 80GB at the default shapes (4 layers of 30B-A3B, towers frozen, global batch
-# 4 rows), for the --budget plan, from bench/RESULTS.md: text = session 7's H100 rows (micro-batch 1); mm = session
-# 6's H200 rows (micro-batch 4, towers trained: ours 661 ms, transformers sdpa 1478 ms) x 1.2 for the H100, flex and
-# padded mm assumed like sdpa. Per process: imports + build + seeded weights (session 7: ~28 s per process on
-# average incl. flex's compile), flex_attention's first compiles. Guesses where no run measured them: every run
-# prints each process's estimate beside its measured wall time, so the next run can correct the table.
-# H100, micro-batch 2: session 13's medians (ours, flex_attention); sdpa text and padded text from session 7; the
-# sdpa and padded multimodal steps were never timed: 1.0 s, above session 12's kernel totals (0.40 and 0.16 s)
-STEP_S_ESTIMATE = {"ours": {"text": 0.27, "mm": 0.50}, "flex_attention": {"text": 0.26, "mm": 0.66},
-                   "sdpa": {"text": 0.45, "mm": 1.0}, "padded": {"text": 0.25, "mm": 1.0}}
+# Seconds for the --budget plan on an H100 80GB at the default shapes (4 layers of 30B-A3B, towers frozen, global
+# batch 4 rows, micro-batch 2), from session 14's run (bench/RESULTS.md): the median step of each row; the extra wall
+# time of a process's first block of a kind (its first steps: flex_attention's compiles, cuDNN's plans for sdpa's
+# per-window attention shapes, cuBLAS heuristics, the allocator's growth); the build (imports, model, seeded weights)
+# and the process's start and exit. The padded row's steps were never timed at micro-batch 2 (its multimodal
+# batches ran out of memory): assumed like sdpa's. Every run prints each process's estimate beside its measured
+# wall time, so the next run can correct the table.
+STEP_S_ESTIMATE = {"ours": {"text": 0.27, "mm": 0.60}, "flex_attention": {"text": 0.29, "mm": 0.90},
+                   "sdpa": {"text": 0.31, "mm": 0.94}, "padded": {"text": 0.31, "mm": 0.94}}
+FIRST_BLOCK_S_ESTIMATE = {"ours": {"text": 5.0, "mm": 20.0}, "flex_attention": {"text": 7.0, "mm": 108.0},
+                          "sdpa": {"text": 5.0, "mm": 56.0}, "padded": {"text": 5.0, "mm": 56.0}}
 FP32_STEP_FACTOR = 2.6  # flex_attention+fp32 / flex_attention, text, session 7 (749.8 / 288.8 ms)
-BUILD_S_ESTIMATE = {"ours": 35.0, "hf": 25.0}
-COMPILE_S_ESTIMATE = {"flex_attention": 40.0}
+BUILD_S_ESTIMATE = {"ours": 22.0, "hf": 22.0}
+PROCESS_S_ESTIMATE = 10.0  # start, imports before the build, exit
 
 
 def estimate_process_s(spec: dict) -> float:
-    """The --budget plan's seconds for one row process (STEP_S_ESTIMATE's table)."""
+    """The --budget plan's seconds for one row process (the tables above)."""
     if spec["impl"] == "ours":
         attn, fp32, build = "ours", False, BUILD_S_ESTIMATE["ours"]
     else:
         (attn, fp32), build = parse_hf_variant(spec["variant"]), BUILD_S_ESTIMATE["hf"]
     steps_per_kind = spec["warmup"] + spec["steps"] + (spec["repeats"] - 1) * (spec["rewarmup"] + spec["steps"])
     stepping = sum(steps_per_kind * STEP_S_ESTIMATE[attn][kind] for kind in spec["kinds"])
-    return build + COMPILE_S_ESTIMATE.get(attn, 0.0) + stepping * (FP32_STEP_FACTOR if fp32 else 1.0)
+    first_blocks = sum(FIRST_BLOCK_S_ESTIMATE[attn][kind] for kind in spec["kinds"])
+    return PROCESS_S_ESTIMATE + build + first_blocks + stepping * (FP32_STEP_FACTOR if fp32 else 1.0)
 
 
 def best_of_repeats(rows: list) -> dict:

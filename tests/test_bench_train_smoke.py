@@ -118,8 +118,8 @@ def test_first_step_loss_of_ours_equals_transformers(smoke):
 
 
 def test_a_second_run_in_the_same_work_dir_loads_the_batches_unless_their_settings_changed(smoke, capsys):
-    """--work keeps the encoded batches (a lent machine's second call skips ~2 minutes of encoding): the same
-    settings load them, a changed encoding setting encodes anew."""
+    """--work keeps the encoded batches (a lent machine's second call skips minutes of encoding): the same settings
+    load them; another --padded-split encodes anew, its padded batches holding 1/N of the tokens, N times as many."""
     from train_throughput import cached_or_encoded, parse_args, write_hf_dir
 
     _, out, root = smoke
@@ -130,9 +130,11 @@ def test_a_second_run_in_the_same_work_dir_loads_the_batches_unless_their_settin
     batches = cached_or_encoded(work, hf_dir, args, kinds, micro)
     assert "the ones encoded in" in capsys.readouterr().out
     assert {k: len(v) for k, v in batches.items()} == {k: d["micro_batches"] for k, d in out["data"].items()}
-    args = parse_args(argv)
-    args.packing_buffer = 4  # another encoding (--smoke sets its own value over the command line's)
-    again = cached_or_encoded(work, hf_dir, args, kinds, micro)
+    split = cached_or_encoded(work, hf_dir, parse_args(argv + ["--padded-split", "2"]), kinds, micro)
     assert "the ones encoded in" not in capsys.readouterr().out
-    assert json.loads((work / "batches.json").read_text())["settings"]["packing_buffer"] == 4
-    assert sorted(again) == sorted(batches)
+    assert json.loads((work / "batches.json").read_text())["settings"]["padded_split"] == 2
+    for kind in kinds:
+        whole, halves = batches[f"{kind}_padded"], split[f"{kind}_padded"]
+        assert len(halves) == 2 * len(whole)
+        per_batch = [sum(b.num_tokens for b in lst) / len(lst) for lst in (whole, halves)]
+        assert per_batch[1] < 0.75 * per_batch[0], per_batch
