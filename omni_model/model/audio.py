@@ -38,6 +38,7 @@ from .encoder_layers import (
     encoder_layer_spec,
     encoder_process_groups,
     encoder_transformer_config,
+    host_to_device,
     mark_replicated,
     packed_seq_params,
     plain_param_device,
@@ -209,7 +210,7 @@ class AudioEncoder(MegatronModule):
 
         valid_per_chunk = conv_out_length(chunk_lens, 3)
         keep = (torch.arange(t)[None, :] < valid_per_chunk[:, None]).reshape(-1)
-        h = h.reshape(b * t, -1)[keep.nonzero().squeeze(-1).to(h.device)]
+        h = h.reshape(b * t, -1)[host_to_device(keep.nonzero().squeeze(-1), h.device)]
 
         # attention windows: per clip, `window_tokens` tokens each, remainder last
         win = self.window_tokens
@@ -218,7 +219,7 @@ class AudioEncoder(MegatronModule):
             seg += [win] * (n_out // win) + ([n_out % win] if n_out % win else [])
         seg = torch.tensor(seg, dtype=torch.long)
         cu = F.pad(seg.cumsum(0), (1, 0))
-        packed = packed_seq_params(cu.to(h.device), int(seg.max()))
+        packed = packed_seq_params(host_to_device(cu, h.device), int(seg.max()))
 
         h = run_layers(self.decoder.layers, h.unsqueeze(1), packed=packed,
                        recompute=self.recompute and self.training).squeeze(1)

@@ -272,6 +272,17 @@ def encoder_layer_spec(use_te: bool = False) -> ModuleSpec:
     )
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor the towers build on the host (segment bounds, patch positions, ...) on `device` without a host sync.
+    A plain `.to("cuda")` of pageable memory makes torch wait for the stream (memcpy_and_sync): for every kernel
+    queued before it, e.g. the previous micro-batch's whole backward, leaving the GPU idle while the host then
+    launches the towers. From page-locked memory the copy is queued like a kernel (the pinned block is not reused
+    before the copy has run: torch's caching host allocator records it on the stream)."""
+    if tensor.device.type != "cpu" or torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedSeqParams:
     cu = cu_seqlens.to(torch.int32)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,

@@ -36,6 +36,29 @@ class PlaceholderMismatch(ValueError):
     """The input ids do not hold one placeholder token per encoder output."""
 
 
+class _MaskedScatter(torch.autograd.Function):
+    """`embeds.masked_scatter(mask, features)` for a mask whose number of True entries the host knows (`count`): the
+    same values and gradients, but the features' gradient is gathered at rows found by `nonzero_static`, where
+    torch's backward (`masked_select`) reads the count back from the GPU (a sync per media kind and micro-batch
+    when the towers are trained)."""
+
+    @staticmethod
+    def forward(ctx, embeds, mask, features, count: int):
+        ctx.save_for_backward(mask)
+        ctx.count = count
+        return embeds.masked_scatter(mask, features)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        grad_embeds = grad.masked_fill(mask, 0) if ctx.needs_input_grad[0] else None
+        grad_features = None
+        if ctx.needs_input_grad[2]:
+            rows = torch.nonzero_static(mask[..., 0].reshape(-1), size=ctx.count).squeeze(1)
+            grad_features = grad.reshape(-1, grad.shape[-1]).index_select(0, rows)
+        return grad_embeds, None, grad_features, None
+
+
 def _check_count(kind: str, n_tokens: int, n_features: int) -> None:
     if n_tokens != n_features:
         raise PlaceholderMismatch(
@@ -67,13 +90,22 @@ class Qwen3OmniThinker(MegatronModule):
         return self.language_model.shared_embedding_or_output_weight()
 
     # -- multimodal merge ------------------------------------------------------------------------------------------
-    def _scatter(self, embeds_bsh: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, kind: str):
-        _check_count(kind, int(mask.sum()), features.shape[0])
-        return embeds_bsh.masked_scatter(mask[..., None].expand_as(embeds_bsh), features.to(embeds_bsh.dtype))
+    def _placeholders(self, input_ids, host_input_ids, token_id) -> int:
+        """How many placeholder tokens the input holds, counted on the host's copy of the ids when given (the
+        training step passes it: a count read back from the GPU would wait for every queued kernel, e.g. the
+        previous micro-batch's backward, and leave the GPU idle while the host launches the towers)."""
+        ids = host_input_ids if host_input_ids is not None else input_ids
+        return int((ids == token_id).sum())
 
-    def _visual(self, pixel_values, grid_thw, input_ids, token_id, kind):
+    def _scatter(self, embeds_bsh: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, kind: str,
+                 n_tokens: int):
+        _check_count(kind, n_tokens, features.shape[0])
+        return _MaskedScatter.apply(embeds_bsh, mask[..., None].expand_as(embeds_bsh), features.to(embeds_bsh.dtype),
+                                    n_tokens)
+
+    def _visual(self, pixel_values, grid_thw, input_ids, token_id, kind, n_tokens: int):
         if pixel_values is None:
-            _check_count(kind, int((input_ids == token_id).sum()), 0)
+            _check_count(kind, n_tokens, 0)
             return None
         if self.vision_model is None:
             raise ValueError(f"{kind} inputs given but this thinker has no vision tower (frozen out or PP stage > 0)")
@@ -82,32 +114,37 @@ class Qwen3OmniThinker(MegatronModule):
 
     def embed_multimodal(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
                          video_grid_thw=None, input_features=None, feature_attention_mask=None,
-                         audio_feature_lengths=None):
-        """Full-sequence decoder input [S, B, H] + (visual_pos_masks [B, S], deepstack features) for the LLM."""
+                         audio_feature_lengths=None, host_input_ids=None):
+        """Full-sequence decoder input [S, B, H] + (visual_pos_masks [B, S], deepstack features) for the LLM.
+        `host_input_ids`: the same ids on the host, for the placeholder counts (see _placeholders)."""
         embeds = self.language_model.embed(input_ids).transpose(0, 1)  # [B, S, H]: row-major like the data order
+        counts = {kind: self._placeholders(input_ids, host_input_ids, token_id) for kind, token_id in (
+            ("audio", self.audio_token_id), ("image", self.image_token_id), ("video", self.video_token_id))}
 
-        audio_mask = input_ids == self.audio_token_id
         if input_features is not None:
             if self.audio_model is None:
                 raise ValueError("audio inputs given but this thinker has no audio tower")
             audio = self.audio_model(input_features, feature_lens=audio_feature_lengths,
                                      feature_attention_mask=feature_attention_mask)
-            embeds = self._scatter(embeds, audio_mask, audio, "audio")
+            embeds = self._scatter(embeds, input_ids == self.audio_token_id, audio, "audio", counts["audio"])
         else:
-            _check_count("audio", int(audio_mask.sum()), 0)
+            _check_count("audio", counts["audio"], 0)
 
-        image = self._visual(pixel_values, image_grid_thw, input_ids, self.image_token_id, "image")
-        video = self._visual(pixel_values_videos, video_grid_thw, input_ids, self.video_token_id, "video")
+        image = self._visual(pixel_values, image_grid_thw, input_ids, self.image_token_id, "image", counts["image"])
+        video = self._visual(pixel_values_videos, video_grid_thw, input_ids, self.video_token_id, "video",
+                             counts["video"])
         for found, kind in ((image, "image"), (video, "video")):
             if found is not None:
-                embeds = self._scatter(embeds, found[0], found[1], kind)
+                embeds = self._scatter(embeds, found[0], found[1], kind, counts[kind])
 
-        visual_pos_masks, deepstack = self._joint_deepstack(image, video)
+        visual_pos_masks, deepstack = self._joint_deepstack(image, video, counts["image"], counts["video"])
         return embeds.transpose(0, 1).contiguous(), visual_pos_masks, deepstack
 
     @staticmethod
-    def _joint_deepstack(image, video):
-        """Deepstack features of images and videos interleaved in sequence order (one list entry per level)."""
+    def _joint_deepstack(image, video, n_image: int, n_video: int):
+        """Deepstack features of images and videos interleaved in sequence order (one list entry per level).
+        `n_image`, `n_video`: the placeholder counts, so that the rows are found with sizes known on the host
+        (`nonzero_static`; boolean indexing would read the count back from the GPU)."""
         present = [v for v in (image, video) if v is not None]
         if not present:
             return None, None
@@ -115,10 +152,12 @@ class Qwen3OmniThinker(MegatronModule):
             mask, _, deepstack = present[0]
             return mask, deepstack
         visual = image[0] | video[0]
-        image_rows, video_rows = image[0][visual], video[0][visual]
+        order = visual.reshape(-1).cumsum(0) - 1  # a visual token's row among the visual tokens, in sequence order
+        image_rows, video_rows = (order[torch.nonzero_static(mask.reshape(-1), size=n).squeeze(1)]
+                                  for mask, n in ((image[0], n_image), (video[0], n_video)))
         joint = []
         for image_level, video_level in zip(image[2], video[2]):
-            level = image_level.new_zeros(int(visual.sum()), image_level.shape[-1])
+            level = image_level.new_zeros(n_image + n_video, image_level.shape[-1])
             level[image_rows] = image_level.to(level.dtype)
             level[video_rows] = video_level.to(level.dtype)
             joint.append(level)
@@ -128,19 +167,20 @@ class Qwen3OmniThinker(MegatronModule):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *, labels=None, loss_mask=None,
                 packed_seq_params=None, padding_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, input_features=None, feature_attention_mask=None,
-                audio_feature_lengths=None):
+                audio_feature_lengths=None, host_input_ids=None):
         """Logits [B, S, V/tp] (labels None) or per-token loss [B, S] (labels = already shifted targets).
 
         Megatron conventions, not transformers': `labels[t]` is the target of position t (shifted by the data
         pipeline), `padding_mask` [B, S] is True on padding (kept out of MoE routing statistics), packing comes as
         THD `packed_seq_params`. Build these from a batch with `omni_model.train.forward_step.thinker_inputs`.
         Unknown keywords (e.g. transformers' `attention_mask`) are a TypeError, never silently ignored.
+        `host_input_ids`: `input_ids` on the host (the training step passes them), for the placeholder counts.
         """
         decoder_input = visual_pos_masks = deepstack = None
         if self.pre_process:
             decoder_input, visual_pos_masks, deepstack = self.embed_multimodal(
                 input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, input_features,
-                feature_attention_mask, audio_feature_lengths)
+                feature_attention_mask, audio_feature_lengths, host_input_ids)
         return self.language_model(
             input_ids=input_ids, position_ids=position_ids, decoder_input=decoder_input, labels=labels,
             loss_mask=loss_mask, packed_seq_params=packed_seq_params, padding_mask=padding_mask,

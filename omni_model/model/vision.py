@@ -35,6 +35,7 @@ from .encoder_layers import (
     encoder_process_groups,
     encoder_transformer_config,
     gelu_tanh,
+    host_to_device,
     packed_seq_params,
     plain_param_device,
     run_layers,
@@ -298,10 +299,11 @@ class VisionEncoder(MegatronModule):
         positions = vision_rope_positions(grid_thw, self.merge)
 
         x = self.patch_embed(pixel_values.to(device))
-        pos = (self.pos_embed(interp_idx.to(device)) * interp_w.to(device)[:, :, None]).sum(1)
+        interp_idx, interp_w = host_to_device(interp_idx, device), host_to_device(interp_w, device)
+        pos = (self.pos_embed(interp_idx) * interp_w[:, :, None]).sum(1)
         x = x + pos.to(x.dtype)
-        rotary = vision_rotary_freqs(positions.to(device), self.head_dim, self.rope_theta)
-        packed = packed_seq_params(cu_seqlens.to(device), max_seqlen)
+        rotary = vision_rotary_freqs(host_to_device(positions, device), self.head_dim, self.rope_theta)
+        packed = packed_seq_params(host_to_device(cu_seqlens, device), max_seqlen)
 
         deepstack: list[torch.Tensor] = []
         taps = {layer: k for k, layer in enumerate(self.deepstack_visual_indexes)}

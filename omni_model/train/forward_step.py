@@ -132,12 +132,13 @@ def thinker_inputs(batch: OmniBatch, media: bool = True) -> dict:
     inputs = dict(tokens, position_ids=position_ids, packed_seq_params=packed)
     if media:
         inputs.update({name: getattr(batch, name) for name in MEDIA_KEYS if getattr(batch, name) is not None})
+        inputs["host_input_ids"] = tokens["input_ids"]  # stays on the host (HOST_KEYS): the placeholder counts
     return inputs
 
 
-# sizes the towers read on the host to lay out patches and windows: moving them to the GPU would make each tower read
-# them back (a host sync per micro-batch)
-HOST_KEYS = ("image_grid_thw", "video_grid_thw", "audio_feature_lengths")
+# what the towers and the multimodal merge read on the host (patch and window layout, placeholder counts): moving
+# them to the GPU would make the model read them back (a host sync per micro-batch)
+HOST_KEYS = ("image_grid_thw", "video_grid_thw", "audio_feature_lengths", "host_input_ids")
 
 
 def to_device(inputs: dict, device: torch.device) -> dict:
