@@ -77,6 +77,8 @@ Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' =
   gradscale=mcore    mcore's 1/tokens and clip passes over the grad buffers instead of build.FoldedGradScale
   linear=mcore       mcore's linear autograd Function at one TP rank instead of model.linear's plain F.linear
   dispatch=mcore     mcore's allgather token dispatcher (host syncs) instead of dispatcher.StaticAllGatherTokenDispatcher
+  towerrope=mcore    mcore's RoPE (angles -> cos/sin per layer, ~12 kernels per query/key) in the vision tower instead
+                     of encoder_layers.RotaryTables (4)
   nancheck=on        DDP's per-bucket NaN check of the grads, which build.FoldedGradScale turns off
   grads=mcore        mcore's per-step zeroing of the grad buffers and add of every grad instead of
                      grad_buffer.FirstWriteDDP (the step's first grad of a parameter written)
@@ -399,6 +401,7 @@ MCORE_BASELINES = {
     "linear": ("plain_matmul_when_local", "mcore's linear autograd Function"),
     "dispatch": ("static_dispatch", "mcore's allgather dispatcher"),
     "grads": ("first_write_grads", "mcore's zeroed grad buffers, every grad added"),
+    "towerrope": ("tower_rope_tables", "mcore's apply_rotary_pos_emb in every vision layer"),
 }
 
 

@@ -200,3 +200,40 @@ def test_vision_cuda_bf16_varlen_matches_hf(tiny_hf_dir, weights, models):
         print(f"cuda bf16 vision rel err {rel:.3g}")
         assert rel < 5e-2, rel
     assert (embeds.float() - loop_embeds.float()).abs().max().item() / embeds.float().abs().max().item() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_tables_give_mcores_rope_bit_for_bit(tiny_hf_dir, weights, parallel, dtype):
+    """PerfOptions.tower_rope_tables (encoder_layers.RotaryTables: cos and signed sin made once per forward, 4
+    kernels per query/key) against mcore's apply_rotary_pos_emb in every layer: the same embeddings, deepstack
+    features and input gradients, bit for bit, in fp32 and in bf16 (the training dtype)."""
+    from omni_model.model.encoder_layers import RotaryTables, TowerSelfAttention
+    from omni_model.model.vision import VisionEncoder, vision_transformer_config
+
+    cfg = hf_config_dict(tiny_hf_dir)
+    model = VisionEncoder(cfg, vision_transformer_config(cfg, params_dtype=dtype)).eval()
+    load_tower(model, weights["sharp"], cfg, "vision_model.")
+    attention = model.decoder.layers[0].self_attention
+    assert isinstance(attention, TowerSelfAttention)
+    pixels, grid = vision_inputs(GRIDS["video_and_image"])
+    used = []
+    real_apply = RotaryTables.apply
+
+    def apply(tables, x):
+        used.append(x.shape)
+        return real_apply(tables, x)
+
+    outputs = {}
+    for tables in (True, False):
+        model.rope_tables = tables
+        x = pixels.to(dtype).requires_grad_()
+        RotaryTables.apply = apply
+        try:
+            embeds, deepstack = model(x, grid)
+        finally:
+            RotaryTables.apply = real_apply
+        (embeds.float().sum() + sum(d.float().pow(2).sum() for d in deepstack)).backward()
+        outputs[tables] = [embeds, *deepstack, x.grad]
+    assert len(used) == 2 * len(model.decoder.layers)  # query and key of every layer, with the tables only
+    for ours, mcores in zip(outputs[True], outputs[False]):
+        assert torch.equal(ours, mcores)

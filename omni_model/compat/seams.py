@@ -197,6 +197,13 @@ SEAMS: tuple[Seam, ...] = (
           "TEGroupedMLP with torch grouped GEMMs for TE's GroupedLinear (0.19's grouped-linear builder protocol); "
           "its forward is copied minus a host sync, mcore's for the features it leaves out (fp8, op fuser, ...)",
           fingerprint='2df562c28073d6e4'),
+    _seam("model.tower_rope_tables", MCORE, ["megatron.core.transformer.attention:SelfAttention."
+                                             "get_query_key_value_tensors",
+                                             "megatron.core.transformer.attention:Attention.forward"],
+          "omni_model.model.encoder_layers:TowerSelfAttention", "subclass",
+          "the towers' attention applies RoPE tables to query and key as get_query_key_value_tensors returns them "
+          "(split: no fused single-QKV RoPE) and hands mcore's forward rotary_pos_emb=None",
+          switch="tower_rope_tables", fingerprint='a15e1f4daaa28368'),
     _seam("model.grouped_gemm", TORCH, "torch:_grouped_mm", "omni_model.model.experts:grouped_gemm", "private",
           "torch's private grouped GEMM op (one launch for all local experts)", check="exists"),
     _seam("model.linear_forward_impl", MCORE, [f"{_TP}.layers:ColumnParallelLinear._forward_impl",

@@ -36,6 +36,9 @@ class PerfOptions:
     # each step's first grad of a parameter copied into its fp32 main grad, no per-step zeroing of the grad buffers
     # (train/grad_buffer.py FirstWriteDDP); False: mcore's zero + add
     first_write_grads: bool = True
+    # the vision tower's RoPE from cos/sin tables made once per forward, 4 kernels per query/key (encoder_layers.py
+    # RotaryTables); False: mcore's apply_rotary_pos_emb in every layer (~12)
+    tower_rope_tables: bool = True
 
     def __post_init__(self):
         if self.packed_kernel not in PACKED_KERNELS:
