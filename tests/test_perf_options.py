@@ -25,6 +25,7 @@ def _switches(thinker) -> dict:
         "fuse_ce_on_gpu": {thinker.language_model.fuse_ce_on_gpu},
         "static_dispatch": {type(m.token_dispatcher) is StaticAllGatherTokenDispatcher
                             for m in modules if isinstance(m, OmniMoELayer)},
+        "tower_rope_tables": {thinker.vision_model.rope_tables},
     }
 
 
@@ -35,16 +36,18 @@ def test_build_thinker_hands_every_field_to_its_modules(tiny_hf_dir):
 
     init_parallel()
     mcores = PerfOptions(plain_matmul_when_local=False, packed_kernel="loop", fuse_ce_on_gpu=False,
-                         static_dispatch=False)
+                         static_dispatch=False, tower_rope_tables=False)
     thinker = build_thinker(config_of(tiny_hf_dir), perform_initialization=False, options=mcores)
     assert _switches(thinker) == {"plain_matmul_when_local": {False}, "packed_kernel": {"loop"},
-                                  "fuse_ce_on_gpu": {False}, "static_dispatch": {False}}
+                                  "fuse_ce_on_gpu": {False}, "static_dispatch": {False},
+                                  "tower_rope_tables": {False}}
     # the towers' linears and attention are reached too, not only the LLM's
     assert sum(1 for name, _ in thinker.named_modules() if name.startswith(("vision_model", "audio_model"))
                and hasattr(_, "use_options")) > 4
     apply_options(thinker, PerfOptions())
     assert _switches(thinker) == {"plain_matmul_when_local": {True}, "packed_kernel": {"auto"},
-                                  "fuse_ce_on_gpu": {True}, "static_dispatch": {True}}
+                                  "fuse_ce_on_gpu": {True}, "static_dispatch": {True},
+                                  "tower_rope_tables": {True}}
 
 
 def test_an_unknown_packed_kernel_is_refused():
