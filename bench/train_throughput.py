@@ -943,6 +943,11 @@ def parse_args(argv=None):
     return args
 
 
+def has_padded_row(args) -> bool:
+    """Whether a transformers row trains on the length-grouped padded batches (which then must be encoded)."""
+    return any(parse_hf_variant(a)[0] == "padded" for a in args.hf_attn)
+
+
 def encode_all(hf_dir: Path, args, kinds: list, micro_batches: dict) -> dict:
     """Every batch list the rows train on, encoded once: {kind@micro: packed micro-batches} for each micro-batch
     size in use, {kind_padded: length-grouped padded batches} for the padded row (as many per step as the
@@ -955,7 +960,7 @@ def encode_all(hf_dir: Path, args, kinds: list, micro_batches: dict) -> dict:
         for kind in kinds:
             batches[f"{kind}@{micro}"] = encode_batches(hf_dir, shards, kind, count, args.seq_len,
                                                         args.packing_buffer, args.data_workers, args.pad_rows, micro)
-    if any(parse_hf_variant(a)[0] == "padded" for a in args.hf_attn):
+    if has_padded_row(args):
         hf_micro = micro_batches["hf"]
         split = args.padded_split
         per_step = args.global_batch // hf_micro * split
@@ -977,7 +982,7 @@ def cached_or_encoded(work: Path, hf_dir: Path, args, kinds: list, micro_batches
                 "seq_len": args.seq_len, "packing_buffer": args.packing_buffer, "pad_rows": args.pad_rows,
                 "tiny": args.tiny, "layers": args.layers, "padded_split": args.padded_split}
     needed = {f"{kind}@{micro}" for micro in micro_batches.values() for kind in kinds}
-    if any(parse_hf_variant(a)[0] == "padded" for a in args.hf_attn):
+    if has_padded_row(args):
         needed |= {kind + "_padded" for kind in kinds}
     saved, meta = work / "batches.pt", work / "batches.json"
     if saved.exists() and meta.exists():
