@@ -15,7 +15,7 @@ warnings.filterwarnings("ignore")
 def _switches(thinker) -> dict:
     """What each switch-carrying module of a built thinker runs with."""
     from omni_model.model.attention import PackedKernelChoice
-    from omni_model.model.dispatcher import OmniMoELayer, StaticAllGatherTokenDispatcher
+    from omni_model.model.dispatcher import GatherCombineTokenDispatcher, OmniMoELayer, StaticAllGatherTokenDispatcher
     from omni_model.model.linear import _LocalMatmul
 
     modules = list(thinker.modules())
@@ -23,8 +23,10 @@ def _switches(thinker) -> dict:
         "plain_matmul_when_local": {m.plain_matmul for m in modules if isinstance(m, _LocalMatmul)},
         "packed_kernel": {m.packed_kernel for m in modules if isinstance(m, PackedKernelChoice)},
         "fuse_ce_on_gpu": {thinker.language_model.fuse_ce_on_gpu},
-        "static_dispatch": {type(m.token_dispatcher) is StaticAllGatherTokenDispatcher
+        "static_dispatch": {isinstance(m.token_dispatcher, StaticAllGatherTokenDispatcher)
                             for m in modules if isinstance(m, OmniMoELayer)},
+        "gather_combine": {type(m.token_dispatcher) is GatherCombineTokenDispatcher
+                           for m in modules if isinstance(m, OmniMoELayer)},
         "tower_rope_tables": {thinker.vision_model.rope_tables},
     }
 
@@ -36,18 +38,21 @@ def test_build_thinker_hands_every_field_to_its_modules(tiny_hf_dir):
 
     init_parallel()
     mcores = PerfOptions(plain_matmul_when_local=False, packed_kernel="loop", fuse_ce_on_gpu=False,
-                         static_dispatch=False, tower_rope_tables=False)
+                         static_dispatch=False, tower_rope_tables=False, gather_combine=False)
     thinker = build_thinker(config_of(tiny_hf_dir), perform_initialization=False, options=mcores)
     assert _switches(thinker) == {"plain_matmul_when_local": {False}, "packed_kernel": {"loop"},
                                   "fuse_ce_on_gpu": {False}, "static_dispatch": {False},
-                                  "tower_rope_tables": {False}}
+                                  "gather_combine": {False}, "tower_rope_tables": {False}}
     # the towers' linears and attention are reached too, not only the LLM's
     assert sum(1 for name, _ in thinker.named_modules() if name.startswith(("vision_model", "audio_model"))
                and hasattr(_, "use_options")) > 4
     apply_options(thinker, PerfOptions())
     assert _switches(thinker) == {"plain_matmul_when_local": {True}, "packed_kernel": {"auto"},
                                   "fuse_ce_on_gpu": {True}, "static_dispatch": {True},
-                                  "tower_rope_tables": {True}}
+                                  "gather_combine": {True}, "tower_rope_tables": {True}}
+    # each dispatcher switch on its own: the static dispatcher with mcore's combine
+    apply_options(thinker, PerfOptions(gather_combine=False))
+    assert _switches(thinker)["static_dispatch"] == {True} and _switches(thinker)["gather_combine"] == {False}
 
 
 def test_an_unknown_packed_kernel_is_refused():

@@ -191,6 +191,12 @@ SEAMS: tuple[Seam, ...] = (
           "the built dispatcher's __class__ is swapped to one whose dispatch_postprocess gives the same permutation "
           "without host syncs (all experts local)", switch="static_dispatch",
           fingerprint='54b6c02b0af4a541'),
+    _seam("model.gather_combine", MCORE, [f"{_MOE}.token_dispatcher:MoEAllGatherTokenDispatcher.combine_preprocess",
+                                          f"{_MOE}.moe_utils:unpermute"],
+          "omni_model.model.dispatcher:GatherCombineTokenDispatcher", "subclass",
+          "combine_preprocess replaced: each token's k slots summed by a gather (unpermute's scatter_add_ into zeros "
+          "without probs, the allgather dispatcher's case when all experts are local)", switch="gather_combine",
+          fingerprint='0dbfd47734d37100'),
     _seam("model.grouped_experts", MCORE,
           [f"{_MOE}.experts:TEGroupedMLP.__init__", f"{_MOE}.experts:TEGroupedMLP.forward"],
           "omni_model.model.experts:GroupedGemmExperts", "subclass",

@@ -33,6 +33,9 @@ class PerfOptions:
     fold_grad_scale: bool = True
     # the allgather token dispatcher without host syncs when all experts are local (dispatcher.py)
     static_dispatch: bool = True
+    # with it, each token's k expert slots summed by gathers (combine forward, dispatch backward) instead of mcore's
+    # atomic scatter_add_ / index_add_ (dispatcher.py GatherCombineTokenDispatcher)
+    gather_combine: bool = True
     # each step's first grad of a parameter copied into its fp32 main grad, no per-step zeroing of the grad buffers
     # (train/grad_buffer.py FirstWriteDDP); False: mcore's zero + add
     first_write_grads: bool = True
