@@ -79,9 +79,13 @@ Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' =
   gradscale=mcore    mcore's 1/tokens and clip passes over the grad buffers instead of build.FoldedGradScale
   linear=mcore       mcore's linear autograd Function at one TP rank instead of model.linear's plain F.linear
   dispatch=mcore     mcore's allgather token dispatcher (host syncs) instead of dispatcher.StaticAllGatherTokenDispatcher
+  combine=mcore      the static dispatcher with mcore's combine (atomic scatter_add_) and index_select backward (atomic
+                     index_add_) instead of dispatcher.GatherCombineTokenDispatcher's gathered slot sums
   towerrope=mcore    mcore's RoPE (angles -> cos/sin per layer, ~12 kernels per query/key) in the vision tower instead
                      of encoder_layers.RotaryTables (4)
   nancheck=on        DDP's per-bucket NaN check of the grads, which build.FoldedGradScale turns off
+  syncs=on           the multimodal forward's host syncs as before 3d1de50 (pageable copies of the towers' index
+                     tensors, placeholder counts read back from the GPU): restore_host_syncs
   grads=mcore        mcore's per-step zeroing of the grad buffers and add of every grad instead of
                      grad_buffer.FirstWriteDDP (the step's first grad of a parameter written)
   cfg.KEY=VALUE      any TransformerConfig field (VALUE as JSON where it parses), e.g. cfg.moe_token_dispatcher_type=alltoall
@@ -404,6 +408,7 @@ MCORE_BASELINES = {
     "dispatch": ("static_dispatch", "mcore's allgather dispatcher"),
     "grads": ("first_write_grads", "mcore's zeroed grad buffers, every grad added"),
     "towerrope": ("tower_rope_tables", "mcore's apply_rotary_pos_emb in every vision layer"),
+    "combine": ("gather_combine", "mcore's atomic scatter_add_ combine and index_add_ dispatch backward"),
 }
 
 
@@ -413,6 +418,22 @@ def mcores_own(knob: str, value: str) -> dict:
     if value != "mcore":
         raise SystemExit(f"{knob}={value}: only {knob}=mcore ({what}) is a variant")
     return {field: False}
+
+
+def restore_host_syncs() -> None:
+    """The `syncs=on` variant, in this row's process: the multimodal forward's host syncs as they were before
+    3d1de50, the same-run baseline of their removal. The towers' host-built index tensors go to the GPU by a
+    pageable `.to()` (torch waits for the stream) and the placeholder counts are read back from the GPU's ids (the
+    host copy goes to the GPU with the rest). Not restored: the joint deepstack's count (one more sync per
+    micro-batch before) and the masked_select of the merge's backward (trained towers only)."""
+    from omni_model.model import audio, vision
+    from omni_model.train import forward_step
+
+    def pageable(tensor, device):
+        return tensor.to(device)
+
+    audio.host_to_device = vision.host_to_device = pageable
+    forward_step.HOST_KEYS = tuple(k for k in forward_step.HOST_KEYS if k != "host_input_ids")
 
 
 def apply_variant(knobs: dict) -> tuple[dict, dict, object, PerfOptions]:
@@ -435,6 +456,10 @@ def apply_variant(knobs: dict) -> tuple[dict, dict, object, PerfOptions]:
         elif key == "nancheck":
             if value != "on":
                 raise SystemExit(f"nancheck={value}: only nancheck=on (DDP's per-bucket NaN check) is a variant")
+        elif key == "syncs":
+            if value != "on":
+                raise SystemExit(f"syncs={value}: only syncs=on (the multimodal forward's host syncs) is a variant")
+            restore_host_syncs()
         elif key in MCORE_BASELINES:
             options.update(mcores_own(key, value))
         elif key.startswith("cfg."):
@@ -923,6 +948,8 @@ def parse_args(argv=None):
     ap.add_argument("--cpu", action="store_true", help="run on CPU (fp32, gloo, plain optimizer)")
     ap.add_argument("--smoke", action="store_true", help="the tiny CPU run of every code path: " + json.dumps(SMOKE))
     ap.add_argument("--work", default=None, help="scratch dir (default: a new temp dir)")
+    ap.add_argument("--encode-only", action="store_true", help="encode (or find) in --work the batches that these "
+                    "arguments' rows train on, then stop: a later call with --work runs the rows on them")
     ap.add_argument("--json", default=str(REPO / "bench" / "results" / "train_throughput.json"))
     ap.add_argument("--timeout", type=int, default=900, help="seconds per row process")
     ap.add_argument("--profile", action="store_true", help="one more step per row and kind under the torch "
@@ -978,22 +1005,23 @@ def cached_or_encoded(work: Path, hf_dir: Path, args, kinds: list, micro_batches
     encoding again (on a lent GPU machine kept warm, ~2 minutes of a 9-minute call). A cache without every batch
     list this run needs (e.g. no padded batches) is encoded anew."""
     settings = {"shards": str(Path(args.shards).resolve()), "kinds": kinds, "micro_batches": micro_batches,
-                "steps": args.warmup + args.steps + int(args.profile), "global_batch": args.global_batch,
-                "seq_len": args.seq_len, "packing_buffer": args.packing_buffer, "pad_rows": args.pad_rows,
-                "tiny": args.tiny, "layers": args.layers, "padded_split": args.padded_split}
+                "global_batch": args.global_batch, "seq_len": args.seq_len, "packing_buffer": args.packing_buffer,
+                "pad_rows": args.pad_rows, "tiny": args.tiny, "layers": args.layers, "padded_split": args.padded_split}
+    steps = args.warmup + args.steps + int(args.profile)
     needed = {f"{kind}@{micro}" for micro in micro_batches.values() for kind in kinds}
     if has_padded_row(args):
         needed |= {kind + "_padded" for kind in kinds}
     saved, meta = work / "batches.pt", work / "batches.json"
     if saved.exists() and meta.exists():
         cached = json.loads(meta.read_text())
-        if cached["settings"] == settings and needed <= set(cached["keys"]):
-            print(f"batches: the ones encoded in {work} before (same settings)", flush=True)
+        # more steps' batches than this run needs serve too (every row cycles through the same lists)
+        if cached["settings"] == settings and cached.get("steps", 0) >= steps and needed <= set(cached["keys"]):
+            print(f"batches: the ones encoded in {work} before (same settings, {cached['steps']} steps)", flush=True)
             return torch.load(saved, weights_only=False)
     batches = encode_all(hf_dir, args, kinds, micro_batches)
     meta.unlink(missing_ok=True)  # no record of a half-written batches.pt
     torch.save(batches, saved)
-    meta.write_text(json.dumps({"settings": settings, "keys": sorted(batches)}))
+    meta.write_text(json.dumps({"settings": settings, "steps": steps, "keys": sorted(batches)}))
     return batches
 
 
@@ -1091,6 +1119,8 @@ def main(argv=None) -> int:
     batches = cached_or_encoded(work, hf_dir, args, kinds, {"ours": args.micro_batch, "hf": args.hf_micro_batch})
     data = {key: describe(b, args.seq_len) for key, b in batches.items()}
     print(f"encoded the batches in {time.perf_counter() - began:.1f} s: {data}", flush=True)
+    if args.encode_only:
+        return 0
     peak = matmul_peak_tflops(device)
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -138,3 +138,22 @@ def test_a_second_run_in_the_same_work_dir_loads_the_batches_unless_their_settin
         assert len(halves) == 2 * len(whole)
         per_batch = [sum(b.num_tokens for b in lst) / len(lst) for lst in (whole, halves)]
         assert per_batch[1] < 0.75 * per_batch[0], per_batch
+    # a list of more steps' batches serves a run of fewer steps; a run of more steps encodes anew
+    for steps, loaded in ((0, True), (2, False)):
+        fewer_or_more = parse_args(argv + ["--padded-split", "2"])
+        fewer_or_more.steps = steps  # (--smoke sets --steps)
+        again = cached_or_encoded(work, hf_dir, fewer_or_more, kinds, micro)
+        assert ("the ones encoded in" in capsys.readouterr().out) is loaded, steps
+        expected = len(split["text@1"]) if loaded else fewer_or_more.warmup + steps  # one micro-batch a step
+        assert len(again["text@1"]) == expected, steps
+
+def test_encode_only_leaves_the_batches_for_a_later_run_and_trains_nothing(tmp_path, smoke, capsys):
+    """--encode-only (the first call of a split device session): the batches in --work, no row, no json."""
+    from train_throughput import main
+
+    _, _, root = smoke
+    work, result = tmp_path / "work", tmp_path / "out.json"
+    argv = ["--smoke", "--shards", str(root / "shards"), "--work", str(work), "--json", str(result)]
+    assert main(argv + ["--encode-only"]) == 0
+    assert not result.exists() and "ours[" not in capsys.readouterr().out
+    assert set(json.loads((work / "batches.json").read_text())["keys"]) >= {"mm@1", "text@1"}

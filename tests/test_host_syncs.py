@@ -113,7 +113,7 @@ def test_the_merge_counts_placeholders_on_the_hosts_copy_of_the_ids(setup):
 
 
 @pytest.mark.gpu
-def test_the_multimodal_forward_never_waits_for_the_gpu(tiny_hf_dir, packed_batch):
+def test_the_multimodal_forward_never_waits_for_the_gpu(tiny_hf_dir, packed_batch, monkeypatch):
     """The thinker's forward on a packed image + audio + video + text micro-batch, as the training step moves it
     (to_device), under torch's sync debug mode set to error: no read-back and no blocking host-to-device copy in the
     towers, the merge or the language model (a sync there waits for every queued kernel, e.g. the previous
@@ -135,6 +135,22 @@ def test_the_multimodal_forward_never_waits_for_the_gpu(tiny_hf_dir, packed_batc
     with torch.no_grad():
         thinker(**inputs)  # warm-up: first-call work (cuBLAS handles, kernels' lazy loading) may sync
         torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            thinker(**inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    # the bench's `syncs=on` variant (the same-run baseline of the syncs' removal) brings them back: the check can fail
+    from omni_model.model import audio, vision
+    from omni_model.train import forward_step
+    from train_throughput import restore_host_syncs
+
+    for module, name in ((audio, "host_to_device"), (vision, "host_to_device"), (forward_step, "HOST_KEYS")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # undone after the test
+    restore_host_syncs()
+    inputs = to_device(thinker_inputs(packed_batch.pin_memory()), device)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="synchroniz"):
         torch.cuda.set_sync_debug_mode("error")
         try:
             thinker(**inputs)
