@@ -5,11 +5,10 @@
 
     python bench/train_throughput.py --shards <shards> --smoke                      # CPU: every code path, tiny
 
-On a lent GPU machine (deps unpacked to /tmp/site, shards carried), one call of at most 9 minutes:
-    PYTHONPATH=/tmp/site:$PWD/.devcarry/extra:$PWD python3 bench/train_throughput.py --shards .devcarry/shards \
-        --data-workers 8 --work /tmp/ttwork --json $OUT/train_throughput.json
-A later call on the same (still warm) machine with the same --work and encoding settings loads the encoded batches
-instead of encoding them again (~2-4 minutes): split the rows over calls with --hf-attn / --variants.
+On a lent GPU machine: bench/device/README.md (bash bench/device/prepare.sh here, then call1.sh, call2.sh, call3.sh
+there, back to back on one warm machine). A later call with the same --work and encoding settings loads the encoded
+batches instead of encoding them again (~2-4 minutes; --encode-only makes them and stops): split the rows over calls
+with --hf-attn / --variants.
 
 Model: a reduced-depth thinker with the released 30B-A3B shapes (hidden 2048, 32/4 heads x 128, 128 experts top-8,
 expert FFN 768, vocab 152064, the real vision and audio towers; `--layers` LLM layers), random weights, everything
