@@ -12,12 +12,14 @@
   its media) still takes its Adam step in mcore (its grad buffer holds zeros: the moments decay and move it, weight
   decay applies), while torch's optimizers skip a parameter whose .grad is None: the plain loop keeps zero gradients
   instead of None (`zero_grad(set_to_none=False)`, zeros before the first step), mcore's convention. Per-step losses
-  agree to LOSS_TOL, final weights (every tensor, HF names, through the mapping) to 2e-4 relative (WEIGHT_TOL says
-  why).
+  agree to LOSS_TOL, final weights (every tensor, HF names, through the mapping) to WEIGHT_TOL relative, and every
+  tensor with a gradient moves (TRAIN says why Adam's eps is 1e-6).
 * `test_aux_loss_matches_transformers`: see its docstring.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -27,16 +29,21 @@ from llm_helpers import hf_thinker
 from train_helpers import scheduled_lr, switch_stats, to_hf_names, train_step
 
 STEPS = 10
+# adam_eps 1e-6, not 1e-8: Adam's update is lr * m / (sqrt(v) + eps) per element, so an element whose gradient is
+# ~0 but for fp32 rounding (e.g. an attention key bias: softmax ignores it, its true gradient is 0) moves by up to
+# lr on rounding noise alone when eps is far below that noise. With 1e-8 that noise, different on another CPU,
+# grew to 9.4e-5 in the loss at step 6 and 2.2e-4 in the weights (an AMD EPYC box; 1.1e-5 on the box these
+# tolerances were first measured on); with 1e-6 the same box gives 4.8e-6 and 1.1e-5. Both models get the same eps.
 TRAIN = dict(lr=2e-3, min_lr=2e-4, lr_warmup_iters=2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
-             adam_eps=1e-8, clip_grad=1.0)
+             adam_eps=1e-6, clip_grad=1.0)
 # the token-mean loss (~11): agrees to ~1e-6 at most steps; step 6 (the two spoken-answer samples of the demo, whose
-# text the thinker trains on, with demo-0000/0001) is a steep one (grad norm 13.8 where the others are 1.4-2.3), and
-# there the weights' Adam noise of the earlier steps (WEIGHT_TOL) shows as 1.1e-5 (measured)
+# text the thinker trains on, with demo-0000/0001) is a steep one (grad norm 13.8 where the others are 1.4-2.3): 4.8e-6
 LOSS_TOL = 2e-5
-# Adam's first update is lr * g / (|g| + eps) per element: an element whose gradient is near 0 (|g| ~ eps) moves by up
-# to lr on fp32 rounding of g alone. Measured with step 1 at LR > 0: after step 1, one of layer 1's 2048 v_proj
-# elements differs by 8.8e-5 (all others <= 3.7e-9), 4.1e-5 relative for the tensor after 10 steps.
-WEIGHT_TOL = 2e-4
+# every final weight, relative to its norm: 1.1e-5 at most (measured)
+WEIGHT_TOL = 1e-4
+# tensors whose true gradient is 0, which training may leave unchanged: the audio tower's attention key biases (a
+# key bias adds q.b to every score of a query's row, which softmax ignores)
+GRADIENT_FREE = re.compile(r"audio_tower\.layers\.\d+\.self_attn\.k_proj\.bias")
 
 
 def lr_at(step: int) -> float:
@@ -172,14 +179,14 @@ def test_training_matches_transformers(tiny_hf_dir, samples, tmp_path):
     for name, weight in final.items():
         expected = reference[name]
         error = ((weight - expected).norm() / expected.norm().clamp_min(1e-12)).item()
-        moved += not torch.equal(weight, initial[name])
+        moved += not torch.equal(weight, initial[name]) or bool(GRADIENT_FREE.fullmatch(name.removeprefix("thinker.")))
         if error >= worst:
             worst_name, worst = name, error
     print(f"per-step loss max abs diff {worst_loss:.1e}; final weights worst relative error {worst:.1e} "
           f"({worst_name}); {moved}/{len(final)} tensors changed by training")
     assert worst_loss <= LOSS_TOL
     assert worst <= WEIGHT_TOL, worst_name
-    assert moved == len(final)
+    assert moved == len(final), [n for n, w in final.items() if torch.equal(w, initial[n])]
 
 
 def test_aux_loss_matches_transformers(tiny_hf_dir, samples):
