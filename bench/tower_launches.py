@@ -1,8 +1,13 @@
-"""The vision tower's host cost per forward on this CPU, with and without PerfOptions.tower_rope_tables: how many
-aten ops launch work (views left out: on a GPU each of the others is a kernel launch, ~5-10 us of host time plus
-Python and dispatch) and the host time of a tiny-model forward (tiny shapes: the time is the host's, not the
-arithmetic's). The H100's multimodal step is host-bound (bench/RESULTS.md, issue 27): what this counts is what it
-waits for. A proxy measured on the CPU; the GPU step time is for the device bench (`--variants towerrope=mcore`).
+"""The vision tower's host cost per forward on this CPU, for the launch-cutting changes of issue 27 one after
+the other: how many aten ops launch work (views and allocations left out: on a GPU each of the others is a kernel
+launch, ~5-10 us of host time plus Python and dispatch) and the host time of a tiny-model forward (tiny shapes: the
+time is the host's, not the arithmetic's). The H100's multimodal step is host-bound (bench/RESULTS.md, issue 27):
+what this counts is what it waits for. A proxy measured on the CPU; the GPU step time is for the device bench.
+
+Rows (each adds one change to the row before):
+  mcore's RoPE, bias after the matmul    the towers before session 14 (`--variants towerrope=mcore` on the GPU)
+  RoPE tables                            PerfOptions.tower_rope_tables (encoder_layers.RotaryTables)
+  bias inside the matmul                 model.linear: the bias mcore hands back (skip_bias_add) added by the GEMM
 
     python bench/tower_launches.py                       # tiny config, an image + a 2-frame video, 200 forwards
 """
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -27,7 +33,7 @@ sys.path.insert(0, str(REPO))
 # ops that only re-describe memory (no kernel on a GPU)
 VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "slice", "unsqueeze", "squeeze", "alias", "split",
             "split_with_sizes", "chunk", "expand", "permute", "as_strided", "select", "detach", "reshape",
-            "_reshape_alias", "unbind"}
+            "_reshape_alias", "unbind", "empty", "empty_strided"}
 
 
 class OpCounter(TorchDispatchMode):
@@ -49,19 +55,37 @@ def vision_inputs(config: dict, grids: list) -> tuple[torch.Tensor, torch.Tensor
     return torch.randn(int(grid.prod(-1).sum()), width), grid
 
 
-def measure(model, pixels, grid, forwards: int) -> dict:
+def count_ops(model, pixels, grid) -> collections.Counter:
     with torch.no_grad():
         model(pixels, grid)  # warm-up
         counter = OpCounter()
         with counter:
             model(pixels, grid)
+    return counter.ops
+
+
+def time_forwards(model, pixels, grid, forwards: int) -> list:
+    with torch.no_grad():
         times = []
         for _ in range(forwards):
             began = time.perf_counter()
             model(pixels, grid)
             times.append(time.perf_counter() - began)
-    return {"launching_ops": sum(counter.ops.values()), "ops": counter.ops,
-            "ms_median": 1e3 * statistics.median(times), "ms_spread": 1e3 * (max(times) - min(times))}
+    return times
+
+
+@contextlib.contextmanager
+def bias_folding(on: bool):
+    """model.linear's bias inside the matmul (on, as committed) or added after it by the caller (off)."""
+    from omni_model.model import linear
+
+    committed = linear._LocalMatmul._bias_folds
+    if not on:
+        linear._LocalMatmul._bias_folds = lambda self: False
+    try:
+        yield
+    finally:
+        linear._LocalMatmul._bias_folds = committed
 
 
 def main() -> int:
@@ -85,21 +109,33 @@ def main() -> int:
     model = VisionEncoder(config).eval()
     pixels, grid = vision_inputs(config, json.loads(args.grids))
     layers = len(model.decoder.layers)
-    rows = {}
-    for name, tables in (("mcore's RoPE (angles, per layer)", False), ("RoPE tables (tower_rope_tables)", True)):
-        apply_options(model, PerfOptions(tower_rope_tables=tables))
-        rows[name] = measure(model, pixels, grid, args.forwards)
-    base, ours = rows.values()
+    variants = {"mcore's RoPE, bias after the matmul": (False, False), "RoPE tables": (True, False),
+                "RoPE tables, bias inside the matmul": (True, True)}
+    ops, times = {}, {name: [] for name in variants}
+    # round-robin blocks of 10 forwards: a busy box's drift falls on every variant alike
+    for block in range(-1, args.forwards // 10):
+        for name, (tables, fold) in variants.items():
+            apply_options(model, PerfOptions(tower_rope_tables=tables))
+            with bias_folding(fold):
+                if block < 0:
+                    ops[name] = count_ops(model, pixels, grid)
+                else:
+                    times[name] += time_forwards(model, pixels, grid, 10)
+    rows = {name: {"launching_ops": sum(ops[name].values()), "ops": ops[name],
+                   "ms_median": 1e3 * statistics.median(t), "ms_spread": 1e3 * (max(t) - min(t))}
+            for name, t in times.items()}
     print(f"vision tower, tiny config ({layers} layers), grids {args.grids}, {args.forwards} forwards, 1 thread")
-    print(f"| variant | launching ops per forward | per layer | host ms per forward (median) | spread ms |")
+    print("| variant | launching ops per forward | per layer | host ms per forward (median) | spread ms |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
         print(f"| {name} | {r['launching_ops']} | {r['launching_ops'] / layers:.1f} | {r['ms_median']:.2f} | "
               f"{r['ms_spread']:.2f} |")
-    print(f"tables / mcore: ops {ours['launching_ops'] / base['launching_ops']:.3f}x, host time "
-          f"{ours['ms_median'] / base['ms_median']:.3f}x")
-    gone = base["ops"] - ours["ops"]
-    print("ops removed:", dict(gone), " added:", dict(ours["ops"] - base["ops"]))
+    names = list(rows)
+    for before, after in zip(names, names[1:]):
+        b, a = rows[before], rows[after]
+        print(f"{after} / {before}: ops {a['launching_ops'] / b['launching_ops']:.3f}x, host time "
+              f"{a['ms_median'] / b['ms_median']:.3f}x; removed {dict(b['ops'] - a['ops'])}, added "
+              f"{dict(a['ops'] - b['ops'])}")
     return 0
 
 
