@@ -9,7 +9,7 @@ cp /tmp/o/gpu_tests.txt $OUT/
 echo "tests done at $SECONDS s" | tee -a $OUT/call1.log
 python3 bench/train_throughput.py $COMMON --hf-attn flex_attention,sdpa,padded --profile --encode-only >> $OUT/call1.log 2>&1
 echo "encoded at $SECONDS s" | tee -a $OUT/call1.log
-python3 bench/train_throughput.py $COMMON --hf-attn '' --variants base,syncs=on+towerrope=mcore,combine=mcore \
+python3 bench/train_throughput.py $COMMON --hf-attn '' --variants base,syncs=on+towerrope=mcore+bias=after,combine=mcore \
   --profile --budget $((575 - SECONDS)) --json /tmp/o/tt_call1.json >> $OUT/call1.log 2>&1
 echo "rows at $SECONDS s" | tee -a $OUT/call1.log
 cp /tmp/o/tt_call1.json $OUT/ 2>/dev/null
