@@ -7,7 +7,8 @@ what this counts is what it waits for. A proxy measured on the CPU; the GPU step
 Rows (each adds one change to the row before):
   mcore's RoPE, bias after the matmul    the towers before session 14 (`--variants towerrope=mcore` on the GPU)
   RoPE tables                            PerfOptions.tower_rope_tables (encoder_layers.RotaryTables)
-  bias inside the matmul                 model.linear: the bias mcore hands back (skip_bias_add) added by the GEMM
+  bias inside the matmul                 PerfOptions.bias_in_matmul: the bias mcore hands back (skip_bias_add) added
+                                         by the GEMM
 
     python bench/tower_launches.py                       # tiny config, an image + a 2-frame video, 200 forwards
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import statistics
 import sys
 import tempfile
@@ -74,20 +74,6 @@ def time_forwards(model, pixels, grid, forwards: int) -> list:
     return times
 
 
-@contextlib.contextmanager
-def bias_folding(on: bool):
-    """model.linear's bias inside the matmul (on, as committed) or added after it by the caller (off)."""
-    from omni_model.model import linear
-
-    committed = linear._LocalMatmul._bias_folds
-    if not on:
-        linear._LocalMatmul._bias_folds = lambda self: False
-    try:
-        yield
-    finally:
-        linear._LocalMatmul._bias_folds = committed
-
-
 def main() -> int:
     import json
 
@@ -115,12 +101,11 @@ def main() -> int:
     # round-robin blocks of 10 forwards: a busy box's drift falls on every variant alike
     for block in range(-1, args.forwards // 10):
         for name, (tables, fold) in variants.items():
-            apply_options(model, PerfOptions(tower_rope_tables=tables))
-            with bias_folding(fold):
-                if block < 0:
-                    ops[name] = count_ops(model, pixels, grid)
-                else:
-                    times[name] += time_forwards(model, pixels, grid, 10)
+            apply_options(model, PerfOptions(tower_rope_tables=tables, bias_in_matmul=fold))
+            if block < 0:
+                ops[name] = count_ops(model, pixels, grid)
+            else:
+                times[name] += time_forwards(model, pixels, grid, 10)
     rows = {name: {"launching_ops": sum(ops[name].values()), "ops": ops[name],
                    "ms_median": 1e3 * statistics.median(t), "ms_spread": 1e3 * (max(t) - min(t))}
             for name, t in times.items()}

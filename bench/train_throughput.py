@@ -84,7 +84,7 @@ Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' =
                      of encoder_layers.RotaryTables (4)
   nancheck=on        DDP's per-bucket NaN check of the grads, which build.FoldedGradScale turns off
   bias=after         the towers' biases added after their GEMMs by the caller (mcore's skip_bias_add) instead of
-                     inside them (model.linear's fold at one TP rank)
+                     inside them (PerfOptions.bias_in_matmul off)
   syncs=on           the multimodal forward's host syncs as before 3d1de50 (pageable copies of the towers' index
                      tensors, placeholder counts read back from the GPU): restore_host_syncs
   grads=mcore        mcore's per-step zeroing of the grad buffers and add of every grad instead of
@@ -461,9 +461,7 @@ def apply_variant(knobs: dict) -> tuple[dict, dict, object, PerfOptions]:
             if value != "after":
                 raise SystemExit(f"bias={value}: only bias=after (the towers' biases added after their GEMMs) is a "
                                  "variant")
-            from omni_model.model import linear
-
-            linear._LocalMatmul._bias_folds = lambda self: False  # this row's process only
+            options["bias_in_matmul"] = False
         elif key == "syncs":
             if value != "on":
                 raise SystemExit(f"syncs={value}: only syncs=on (the multimodal forward's host syncs) is a variant")

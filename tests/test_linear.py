@@ -92,7 +92,8 @@ def test_switch_restores_mcores_function(config):
 
 
 def test_a_handed_back_bias_stays_mcores_when_the_caller_fuses_it_or_the_switch_is_off(config):
-    """bias_activation_fusion (the MLP's fused bias + GeLU wants the bias) or linear=mcore: mcore's (output, bias)."""
+    """bias_activation_fusion (the MLP's fused bias + GeLU wants the bias), bias=after or linear=mcore: mcore's
+    (output, bias)."""
     import dataclasses
 
     from omni_model.model import linear
@@ -103,7 +104,9 @@ def test_a_handed_back_bias_stays_mcores_when_the_caller_fuses_it_or_the_switch_
                                              **build)
     plain = apply_options(linear.LocalColumnParallelLinear(16, 8, config=config, **build),
                           PerfOptions(plain_matmul_when_local=False))
-    for layer in (fused, plain):
+    after = apply_options(linear.LocalColumnParallelLinear(16, 8, config=config, **build),
+                          PerfOptions(bias_in_matmul=False))
+    for layer in (fused, plain, after):
         out, bias = layer(torch.randn(2, 1, 16))
         assert bias is layer.bias
 

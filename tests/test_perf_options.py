@@ -21,6 +21,7 @@ def _switches(thinker) -> dict:
     modules = list(thinker.modules())
     return {
         "plain_matmul_when_local": {m.plain_matmul for m in modules if isinstance(m, _LocalMatmul)},
+        "bias_in_matmul": {m.bias_in_matmul for m in modules if isinstance(m, _LocalMatmul)},
         "packed_kernel": {m.packed_kernel for m in modules if isinstance(m, PackedKernelChoice)},
         "fuse_ce_on_gpu": {thinker.language_model.fuse_ce_on_gpu},
         "static_dispatch": {isinstance(m.token_dispatcher, StaticAllGatherTokenDispatcher)
@@ -37,18 +38,18 @@ def test_build_thinker_hands_every_field_to_its_modules(tiny_hf_dir):
     from omni_model.runtime.parallel import init_parallel
 
     init_parallel()
-    mcores = PerfOptions(plain_matmul_when_local=False, packed_kernel="loop", fuse_ce_on_gpu=False,
-                         static_dispatch=False, tower_rope_tables=False, gather_combine=False)
+    mcores = PerfOptions(plain_matmul_when_local=False, bias_in_matmul=False, packed_kernel="loop",
+                         fuse_ce_on_gpu=False, static_dispatch=False, tower_rope_tables=False, gather_combine=False)
     thinker = build_thinker(config_of(tiny_hf_dir), perform_initialization=False, options=mcores)
-    assert _switches(thinker) == {"plain_matmul_when_local": {False}, "packed_kernel": {"loop"},
-                                  "fuse_ce_on_gpu": {False}, "static_dispatch": {False},
+    assert _switches(thinker) == {"plain_matmul_when_local": {False}, "bias_in_matmul": {False},
+                                  "packed_kernel": {"loop"}, "fuse_ce_on_gpu": {False}, "static_dispatch": {False},
                                   "gather_combine": {False}, "tower_rope_tables": {False}}
     # the towers' linears and attention are reached too, not only the LLM's
     assert sum(1 for name, _ in thinker.named_modules() if name.startswith(("vision_model", "audio_model"))
                and hasattr(_, "use_options")) > 4
     apply_options(thinker, PerfOptions())
-    assert _switches(thinker) == {"plain_matmul_when_local": {True}, "packed_kernel": {"auto"},
-                                  "fuse_ce_on_gpu": {True}, "static_dispatch": {True},
+    assert _switches(thinker) == {"plain_matmul_when_local": {True}, "bias_in_matmul": {True},
+                                  "packed_kernel": {"auto"}, "fuse_ce_on_gpu": {True}, "static_dispatch": {True},
                                   "gather_combine": {True}, "tower_rope_tables": {True}}
     # each dispatcher switch on its own: the static dispatcher with mcore's combine
     apply_options(thinker, PerfOptions(gather_combine=False))

@@ -225,7 +225,7 @@ SEAMS: tuple[Seam, ...] = (
           "omni_model.model.linear:_LocalMatmul.forward", "subclass",
           "at one TP rank a skip_bias_add bias goes inside F.linear and None is returned: relies on forward doing "
           "nothing between the matmul and the caller's bias add there (identity copy / reduce at TP 1)",
-          switch="plain_matmul_when_local", fingerprint='d5ecce38bc257508'),
+          switch="bias_in_matmul", fingerprint='d5ecce38bc257508'),
     _seam("model.gpt_postprocess", MCORE, ["megatron.core.models.gpt.gpt_model:GPTModel._postprocess",
                                            "megatron.core.models.common.language_module.language_module:"
                                            "LanguageModule.compute_language_model_loss"],

@@ -36,9 +36,11 @@ def only_a_matmul(gradient_accumulation_fusion=False, allreduce_dgrad=False, seq
 
 class _LocalMatmul:
     plain_matmul = DEFAULT.plain_matmul_when_local  # False: always mcore's Function (bench `linear=mcore`)
+    bias_in_matmul = DEFAULT.bias_in_matmul  # False: mcore's (output, bias) (bench `bias=after`)
 
     def use_options(self, options) -> None:
         self.plain_matmul = options.plain_matmul_when_local
+        self.bias_in_matmul = options.bias_in_matmul
 
     def _forward_impl(self, input, weight, bias=None, **kwargs):
         if self.plain_matmul and only_a_matmul(**kwargs):
@@ -50,7 +52,8 @@ class _LocalMatmul:
         path at one TP rank (no reduction or gather between the matmul and the bias), and no fused kernel of the
         caller's waiting for the bias."""
         config = self.config
-        return (self.plain_matmul and self.skip_bias_add and self.bias is not None and self.tp_group.size() == 1
+        return (self.plain_matmul and self.bias_in_matmul and self.skip_bias_add and self.bias is not None
+                and self.tp_group.size() == 1
                 and not (self.sequence_parallel or self.gradient_accumulation_fusion or self.gtp_remat_size > 1
                          or getattr(self, "explicit_expert_comm", False) or config.defer_embedding_wgrad_compute
                          or config.bias_activation_fusion or config.bias_dropout_fusion

@@ -24,6 +24,9 @@ PACKED_KERNELS = ("auto", "loop")
 class PerfOptions:
     # mcore's Column/RowParallelLinear as a plain F.linear when its autograd Function would only multiply (linear.py)
     plain_matmul_when_local: bool = True
+    # with it, at one TP rank, the bias mcore hands back to the caller (skip_bias_add) added inside the matmul
+    # (linear.py _LocalMatmul.forward); False: mcore's (output, bias) for the caller to add
+    bias_in_matmul: bool = True
     # packed attention: "auto" = torch's flash varlen kernel where it applies (CUDA, half precision), "loop" = one
     # SDPA call per sequence (attention.py)
     packed_kernel: str = "auto"
