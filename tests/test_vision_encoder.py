@@ -237,3 +237,29 @@ def test_rope_tables_give_mcores_rope_bit_for_bit(tiny_hf_dir, weights, parallel
     assert len(used) == 2 * len(model.decoder.layers)  # query and key of every layer, with the tables only
     for ours, mcores in zip(outputs[True], outputs[False]):
         assert torch.equal(ours, mcores)
+
+
+def test_patch_layout_equals_transformers_for_ragged_grids():
+    """The pos-embed taps and weights of a micro-batch's many images and video frames (sizes 2..60 patches a side,
+    t up to 8), computed for all items at once, equal transformers' own helper bit for bit; the RoPE positions
+    equal each frame's (row, col) grid permuted into merge-block order, built per item."""
+    import random
+
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+    from omni_model.model.vision import pos_embed_interpolation, vision_rope_positions
+
+    rng = random.Random(0)
+    grid = torch.tensor([(rng.choice([1, 1, 2, 8]), 2 * rng.randint(1, 30), 2 * rng.randint(1, 30))
+                         for _ in range(40)])
+    indices, weights = pos_embed_interpolation(grid, 48, 2)
+    expect = get_vision_interpolation_indices_and_weights(grid, 48, mode="bilinear", align_corners=True,
+                                                          spatial_merge_size=2)
+    assert torch.equal(indices, expect[0]) and torch.equal(weights, expect[1])
+
+    per_item = []
+    for t, h, w in grid.tolist():
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        frame = torch.stack([rows, cols], -1).reshape(h // 2, 2, w // 2, 2, 2).permute(0, 2, 1, 3, 4).reshape(-1, 2)
+        per_item.append(frame.repeat(t, 1))
+    assert torch.equal(vision_rope_positions(grid, 2), torch.cat(per_item))
