@@ -85,6 +85,8 @@ Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' =
   nancheck=on        DDP's per-bucket NaN check of the grads, which build.FoldedGradScale turns off
   bias=after         the towers' biases added after their GEMMs by the caller (mcore's skip_bias_add) instead of
                      inside them (PerfOptions.bias_in_matmul off)
+  visual=apart       images and videos of a micro-batch through the vision tower in two forwards (as transformers
+                     does) instead of one (PerfOptions.joint_visual_forward off)
   syncs=on           the multimodal forward's host syncs as before 3d1de50 (pageable copies of the towers' index
                      tensors, placeholder counts read back from the GPU): restore_host_syncs
   grads=mcore        mcore's per-step zeroing of the grad buffers and add of every grad instead of
@@ -462,6 +464,11 @@ def apply_variant(knobs: dict) -> tuple[dict, dict, object, PerfOptions]:
                 raise SystemExit(f"bias={value}: only bias=after (the towers' biases added after their GEMMs) is a "
                                  "variant")
             options["bias_in_matmul"] = False
+        elif key == "visual":
+            if value != "apart":
+                raise SystemExit(f"visual={value}: only visual=apart (images and videos through the vision tower in "
+                                 "two forwards) is a variant")
+            options["joint_visual_forward"] = False
         elif key == "syncs":
             if value != "on":
                 raise SystemExit(f"syncs={value}: only syncs=on (the multimodal forward's host syncs) is a variant")

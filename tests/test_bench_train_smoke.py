@@ -157,3 +157,15 @@ def test_encode_only_leaves_the_batches_for_a_later_run_and_trains_nothing(tmp_p
     assert main(argv + ["--encode-only"]) == 0
     assert not result.exists() and "ours[" not in capsys.readouterr().out
     assert set(json.loads((work / "batches.json").read_text())["keys"]) >= {"mm@1", "text@1"}
+
+
+def test_the_visual_variant_turns_the_joint_vision_forward_off():
+    """`--variants visual=apart`: images and videos through the vision tower in two forwards (the same-run baseline of
+    PerfOptions.joint_visual_forward); base keeps the joint forward, another value is refused."""
+    from train_throughput import apply_variant, parse_variant
+
+    assert apply_variant(parse_variant("base"))[3].joint_visual_forward is True
+    options = apply_variant(parse_variant("visual=apart+towerrope=mcore"))[3]
+    assert options.joint_visual_forward is False and options.tower_rope_tables is False
+    with pytest.raises(SystemExit, match="only visual=apart"):
+        apply_variant(parse_variant("visual=mcore"))

@@ -21,6 +21,7 @@ VERIFIED = {MCORE: ("0.19.2",), HF: ("5.25.0",), ENERGON: ("7.4.1",), DJ: ("1.6.
 _TP = "megatron.core.tensor_parallel"
 _MOE = "megatron.core.transformer.moe"
 _OPT = "megatron.core.optimizer"
+_HF_THINKER = "transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
 
 
 def _seam(name, package, upstream, ours, kind, reason, check="source", fingerprint=None, switch=None) -> Seam:
@@ -210,6 +211,13 @@ SEAMS: tuple[Seam, ...] = (
           "the towers' attention applies RoPE tables to query and key as get_query_key_value_tensors returns them "
           "(split: no fused single-QKV RoPE) and hands mcore's forward rotary_pos_emb=None",
           switch="tower_rope_tables", fingerprint='a15e1f4daaa28368'),
+    _seam("model.joint_visual_forward", HF, [f"{_HF_THINKER}:Qwen3OmniMoeThinkerModel.get_image_features",
+                                             f"{_HF_THINKER}:Qwen3OmniMoeThinkerModel.get_video_features"],
+          "omni_model.model.thinker:Qwen3OmniThinker._joint_visual", "switch",
+          "a micro-batch's images and videos go through the vision tower in one forward, split at the images' "
+          "merged-token count; switched off, one forward each as transformers' thinker calls these two (pixel values "
+          "in the tower's dtype, t*h*w // merge^2 rows per item), which the parity tests hold us to",
+          switch="joint_visual_forward", fingerprint='277ac467330856f5'),
     _seam("model.grouped_gemm", TORCH, "torch:_grouped_mm", "omni_model.model.experts:grouped_gemm", "private",
           "torch's private grouped GEMM op (one launch for all local experts)", check="exists"),
     _seam("model.linear_forward_impl", MCORE, [f"{_TP}.layers:ColumnParallelLinear._forward_impl",

@@ -45,6 +45,10 @@ class PerfOptions:
     # the vision tower's RoPE from cos/sin tables made once per forward, 4 kernels per query/key (encoder_layers.py
     # RotaryTables); False: mcore's apply_rotary_pos_emb in every layer (~12)
     tower_rope_tables: bool = True
+    # the images and videos of a micro-batch through the vision tower in one forward, outputs split at the images'
+    # merged-token count (thinker.py _joint_visual); False: one forward each, as transformers does
+    # (get_image_features / get_video_features)
+    joint_visual_forward: bool = True
 
     def __post_init__(self):
         if self.packed_kernel not in PACKED_KERNELS:

@@ -4,6 +4,8 @@
       audio placeholders  <- AudioEncoder(input_features)                    (one row per audio token)
       image placeholders  <- VisionEncoder(pixel_values, image_grid_thw)     (+ deepstack features per level)
       video placeholders  <- VisionEncoder(pixel_values_videos, video_grid_thw)
+      (images and videos together: ONE VisionEncoder forward over both, split at the images' merged-token count;
+       PerfOptions.joint_visual_forward, False: the two forwards above, as transformers does)
     --> LLM(decoder_input, MRoPE position_ids [3, B, S], visual_pos_masks, deepstack features) --> logits / loss
 
 Placeholders are filled in row-major (batch, sequence) order, media in order of appearance: the order of the
@@ -66,6 +68,15 @@ def _check_count(kind: str, n_tokens: int, n_features: int) -> None:
             f"embeddings; the data encoder must expand each placeholder to the encoder's output length")
 
 
+def _joined(pixel_values, pixel_values_videos, tower: VisionEncoder) -> torch.Tensor:
+    """Image and video patches as one [N, C*T*P*P] input of the tower: kept in their dtype when they share one,
+    else both in the patch embedding's (which each forward casts to anyway), on the tower's device."""
+    parts = [p.reshape(-1, tower.patch_embed.in_features) for p in (pixel_values, pixel_values_videos)]
+    weight = tower.patch_embed.proj.weight
+    dtype = parts[0].dtype if parts[0].dtype == parts[1].dtype else weight.dtype
+    return torch.cat([p.to(weight.device, dtype) for p in parts])
+
+
 class Qwen3OmniThinker(MegatronModule):
     def __init__(self, hf_config, language_model: Qwen3OmniLanguageModel,
                  vision_model: Optional[VisionEncoder] = None, audio_model: Optional[AudioEncoder] = None):
@@ -82,6 +93,10 @@ class Qwen3OmniThinker(MegatronModule):
         # what mcore's schedules and finalize_model_grads read off the model they wrap (GPTModel's interface)
         self.model_type = language_model.model_type
         self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
+        self.joint_visual_forward = True  # PerfOptions.joint_visual_forward (apply_options sets it)
+
+    def use_options(self, options) -> None:
+        self.joint_visual_forward = options.joint_visual_forward
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -103,14 +118,39 @@ class Qwen3OmniThinker(MegatronModule):
         return _MaskedScatter.apply(embeds_bsh, mask[..., None].expand_as(embeds_bsh), features.to(embeds_bsh.dtype),
                                     n_tokens)
 
+    def _tower(self, kind: str) -> VisionEncoder:
+        if self.vision_model is None:
+            raise ValueError(f"{kind} inputs given but this thinker has no vision tower (frozen out or PP stage > 0)")
+        return self.vision_model
+
     def _visual(self, pixel_values, grid_thw, input_ids, token_id, kind, n_tokens: int):
         if pixel_values is None:
             _check_count(kind, n_tokens, 0)
             return None
-        if self.vision_model is None:
-            raise ValueError(f"{kind} inputs given but this thinker has no vision tower (frozen out or PP stage > 0)")
-        embeds, deepstack = self.vision_model(pixel_values, grid_thw)
+        embeds, deepstack = self._tower(kind)(pixel_values, grid_thw)
         return input_ids == token_id, embeds, deepstack
+
+    def _visuals(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, counts):
+        """(image, video): each None or (placeholder mask, embeds, deepstack levels)."""
+        if self.joint_visual_forward and pixel_values is not None and pixel_values_videos is not None:
+            return self._joint_visual(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        image = self._visual(pixel_values, image_grid_thw, input_ids, self.image_token_id, "image", counts["image"])
+        video = self._visual(pixel_values_videos, video_grid_thw, input_ids, self.video_token_id, "video",
+                             counts["video"])
+        return image, video
+
+    def _joint_visual(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+        """Images and videos through the vision tower in one forward (half the kernel launches of two): every part
+        of the tower is per item (attention per frame, pos-embed and RoPE from each grid row, mergers per group of
+        merge^2 patches, rows in item order), so the first rows are the images' and the rest the videos'. The split
+        is counted on the host from the grids (which the tower reads on the host anyway)."""
+        tower = self._tower("image")
+        grids = [grid.to("cpu", torch.long) for grid in (image_grid_thw, video_grid_thw)]
+        n_image = int((grids[0].prod(-1) // tower.merge ** 2).sum())
+        embeds, deepstack = tower(_joined(pixel_values, pixel_values_videos, tower), torch.cat(grids))
+        levels = [(level[:n_image], level[n_image:]) for level in deepstack]
+        return ((input_ids == self.image_token_id, embeds[:n_image], [image for image, _ in levels]),
+                (input_ids == self.video_token_id, embeds[n_image:], [video for _, video in levels]))
 
     def embed_multimodal(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
                          video_grid_thw=None, input_features=None, feature_attention_mask=None,
@@ -130,9 +170,8 @@ class Qwen3OmniThinker(MegatronModule):
         else:
             _check_count("audio", counts["audio"], 0)
 
-        image = self._visual(pixel_values, image_grid_thw, input_ids, self.image_token_id, "image", counts["image"])
-        video = self._visual(pixel_values_videos, video_grid_thw, input_ids, self.video_token_id, "video",
-                             counts["video"])
+        image, video = self._visuals(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                                     counts)
         for found, kind in ((image, "image"), (video, "video")):
             if found is not None:
                 embeds = self._scatter(embeds, found[0], found[1], kind, counts[kind])
