@@ -10,7 +10,7 @@ timeout 90 python3 bench/host_gemm.py --json /tmp/o/host_gemm.json > $OUT/host_g
 echo "host gemm done at $SECONDS s" | tee -a $OUT/call1.log
 python3 bench/train_throughput.py $COMMON --hf-attn flex_attention,sdpa,padded --profile --encode-only >> $OUT/call1.log 2>&1
 echo "encoded at $SECONDS s" | tee -a $OUT/call1.log
-python3 bench/train_throughput.py $COMMON --hf-attn '' --variants base,syncs=on+towerrope=mcore+bias=after \
+python3 bench/train_throughput.py $COMMON --hf-attn '' --variants base,visual=apart \
   --profile --profile-stacks 4 --budget $((500 - SECONDS)) --json /tmp/o/tt_call1.json >> $OUT/call1.log 2>&1
 echo "rows at $SECONDS s" | tee -a $OUT/call1.log
 cp /tmp/o/tt_call1.json $OUT/ 2>/dev/null
