@@ -697,18 +697,18 @@ def batch_key(spec: dict, kind: str) -> str:
 
 # -- driver --------------------------------------------------------------------------------------------------------
 # Seconds for the --budget plan on an H100 80GB at the default shapes (4 layers of 30B-A3B, towers frozen, global
-# batch 4 rows, micro-batch 2), from session 14's run (bench/RESULTS.md): the median step of each row; the extra wall
-# time of a process's first block of a kind (its first steps: flex_attention's compiles, cuDNN's plans for sdpa's
-# per-window attention shapes, cuBLAS heuristics, the allocator's growth); the build (imports, model, seeded weights)
-# and the process's start and exit. The padded row's steps were never timed at micro-batch 2 (its multimodal
-# batches ran out of memory): assumed like sdpa's. Every run prints each process's estimate beside its measured
-# wall time, so the next run can correct the table.
-STEP_S_ESTIMATE = {"ours": {"text": 0.27, "mm": 0.60}, "flex_attention": {"text": 0.29, "mm": 0.90},
-                   "sdpa": {"text": 0.31, "mm": 0.94}, "padded": {"text": 0.31, "mm": 0.94}}
-FIRST_BLOCK_S_ESTIMATE = {"ours": {"text": 5.0, "mm": 20.0}, "flex_attention": {"text": 7.0, "mm": 108.0},
-                          "sdpa": {"text": 5.0, "mm": 56.0}, "padded": {"text": 5.0, "mm": 56.0}}
+# batch 4 rows, micro-batch 2), from session 15's two runs (bench/RESULTS.md, jsons train_throughput_h100_s15{a,b}):
+# the median step of each row (the slower block); the extra wall time of a process's first block of a kind (its
+# first steps: flex_attention's compiles, cuDNN's plans for sdpa's per-window attention shapes, cuBLAS heuristics,
+# the allocator's growth); the build (imports, model, seeded weights) and the process's start and exit. Every run
+# prints each process's estimate beside its measured wall time, so the next run can correct the table (session 15
+# measured 40-65 s for processes planned at 78-176 s with session 14's table: rows that fit were skipped).
+STEP_S_ESTIMATE = {"ours": {"text": 0.25, "mm": 0.45}, "flex_attention": {"text": 0.26, "mm": 0.60},
+                   "sdpa": {"text": 0.31, "mm": 0.70}, "padded": {"text": 0.30, "mm": 0.65}}
+FIRST_BLOCK_S_ESTIMATE = {"ours": {"text": 3.0, "mm": 10.0}, "flex_attention": {"text": 5.0, "mm": 40.0},
+                          "sdpa": {"text": 5.0, "mm": 20.0}, "padded": {"text": 5.0, "mm": 20.0}}
 FP32_STEP_FACTOR = 2.6  # flex_attention+fp32 / flex_attention, text, session 7 (749.8 / 288.8 ms)
-BUILD_S_ESTIMATE = {"ours": 22.0, "hf": 22.0}
+BUILD_S_ESTIMATE = {"ours": 17.0, "hf": 17.0}
 PROCESS_S_ESTIMATE = 10.0  # start, imports before the build, exit
 
 

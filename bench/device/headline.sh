@@ -1,0 +1,15 @@
+# The headline in ONE call (~9.5 minutes), for a session whose device time allows few calls: every batch encoded
+# (with the profiled step's, so profile.sh on the still-warm machine loads them), then ours against every
+# transformers row (packed flex_attention, length-grouped padded, packed sdpa, the +fp32 precision row), each row
+# twice; ours' same-run baseline variants last (the budget drops what does not fit, listed in the json).
+SECONDS=0
+source bench/device/setup.sh
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/card.txt
+python3 bench/train_throughput.py $COMMON --hf-attn flex_attention,sdpa,padded --profile --encode-only \
+  > $OUT/headline.log 2>&1
+echo "encoded at $SECONDS s" | tee -a $OUT/headline.log
+python3 bench/train_throughput.py $COMMON --hf-attn flex_attention,padded,sdpa,flex_attention+fp32 \
+  --variants ${VARIANTS:-base,visual=apart} --budget $((570 - SECONDS)) --json /tmp/o/train_throughput.json \
+  >> $OUT/headline.log 2>&1
+echo "done at $SECONDS s" | tee -a $OUT/headline.log
+cp /tmp/o/train_throughput.json $OUT/ 2>/dev/null
