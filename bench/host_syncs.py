@@ -9,6 +9,12 @@ without a GPU (the tiny model has the same code paths; counts per layer are the 
 
     python bench/host_syncs.py --shards results/data/shards            # one multimodal + one text step, tiny model
     python bench/host_syncs.py --shards results/data/shards --top 40
+    python bench/host_syncs.py --shards results/data/shards --frozen-towers   # as train_throughput.py's rows train
+    python bench/host_syncs.py --shards results/data/shards --frozen-towers --variant towers=per-micro-batch
+
+The towers are trained by default (they run in every micro-batch's forward); --frozen-towers freezes them, as the
+throughput bench's rows do by default, and they then run once per step over all micro-batches' media
+(PerfOptions.step_tower_forward).
 
 The counter treats every tensor as if it lived on the device: a line reading a tensor that training keeps on the host
 (the batch's grid sizes before they are moved) is listed too; the `where` column says which code asked.
@@ -133,14 +139,19 @@ def main() -> int:
     ap.add_argument("--kinds", default="mm,text")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--work", default="/tmp/host_syncs")
+    ap.add_argument("--frozen-towers", action="store_true", help="freeze the vision and audio towers (they then run "
+                    "once per step: PerfOptions.step_tower_forward)")
+    ap.add_argument("--variant", default="base", help="ours' variant, as train_throughput.py --variants names one "
+                    "(e.g. towers=per-micro-batch)")
     args = ap.parse_args()
 
     work = Path(args.work)
     hf_dir = write_hf_dir(work, tiny=True, layers=args.layers)
     for kind in args.kinds.split(","):
         batches = encode_batches(hf_dir, Path(args.shards), kind, 4, args.seq_len, 64, 0)
-        spec = {"variant": "base", "device": "cpu", "warmup": 1, "steps": 1, "global_batch": 2, "micro_batch": 1,
-                "seq_len": args.seq_len, "work": str(work / kind), "hf_dir": str(hf_dir), "profile": ""}
+        spec = {"variant": args.variant, "device": "cpu", "warmup": 1, "steps": 1, "global_batch": 2, "micro_batch": 1,
+                "seq_len": args.seq_len, "work": str(work / kind), "hf_dir": str(hf_dir), "profile": "",
+                "train_towers": not args.frozen_towers}
         step = build_ours_step(spec, batches, peak=1.0)
         step()  # the first step builds optimizer state and caches: count a steady one
         with HostSyncCounter() as syncs:

@@ -87,6 +87,9 @@ Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' =
                      inside them (PerfOptions.bias_in_matmul off)
   visual=apart       images and videos of a micro-batch through the vision tower in two forwards (as transformers
                      does) instead of one (PerfOptions.joint_visual_forward off)
+  towers=per-micro-batch  the frozen towers run in every micro-batch's forward (as mcore's schedule calls the model)
+                     instead of once per step over all micro-batches' media (PerfOptions.step_tower_forward off;
+                     no effect with --train-towers: trained towers always run per micro-batch)
   syncs=on           the multimodal forward's host syncs as before 3d1de50 (pageable copies of the towers' index
                      tensors, placeholder counts read back from the GPU): restore_host_syncs
   grads=mcore        mcore's per-step zeroing of the grad buffers and add of every grad instead of
@@ -414,12 +417,26 @@ MCORE_BASELINES = {
     "combine": ("gather_combine", "mcore's atomic scatter_add_ combine and index_add_ dispatch backward"),
 }
 
+# knob=VALUE: another way of ours switched off (the PerfOptions field set to False, and what runs instead)
+OTHER_WAYS = {
+    "visual": ("joint_visual_forward", "apart", "images and videos through the vision tower in two forwards"),
+    "towers": ("step_tower_forward", "per-micro-batch", "frozen towers run per micro-batch"),
+}
+
 
 def mcores_own(knob: str, value: str) -> dict:
     """The PerfOptions field (set to False) of a knob=mcore variant."""
     field, what = MCORE_BASELINES[knob]
     if value != "mcore":
         raise SystemExit(f"{knob}={value}: only {knob}=mcore ({what}) is a variant")
+    return {field: False}
+
+
+def other_way(knob: str, value: str) -> dict:
+    """The PerfOptions field (set to False) of an OTHER_WAYS variant (e.g. visual=apart)."""
+    field, off, what = OTHER_WAYS[knob]
+    if value != off:
+        raise SystemExit(f"{knob}={value}: only {knob}={off} ({what}) is a variant")
     return {field: False}
 
 
@@ -464,11 +481,8 @@ def apply_variant(knobs: dict) -> tuple[dict, dict, object, PerfOptions]:
                 raise SystemExit(f"bias={value}: only bias=after (the towers' biases added after their GEMMs) is a "
                                  "variant")
             options["bias_in_matmul"] = False
-        elif key == "visual":
-            if value != "apart":
-                raise SystemExit(f"visual={value}: only visual=apart (images and videos through the vision tower in "
-                                 "two forwards) is a variant")
-            options["joint_visual_forward"] = False
+        elif key in OTHER_WAYS:
+            options.update(other_way(key, value))
         elif key == "syncs":
             if value != "on":
                 raise SystemExit(f"syncs={value}: only syncs=on (the multimodal forward's host syncs) is a variant")

@@ -169,3 +169,16 @@ def test_the_visual_variant_turns_the_joint_vision_forward_off():
     assert options.joint_visual_forward is False and options.tower_rope_tables is False
     with pytest.raises(SystemExit, match="only visual=apart"):
         apply_variant(parse_variant("visual=mcore"))
+
+
+def test_the_towers_variant_runs_the_frozen_towers_per_micro_batch():
+    """`--variants towers=per-micro-batch`: the frozen towers in every micro-batch's forward (the same-run baseline of
+    PerfOptions.step_tower_forward); base runs them once per step, another value is refused, and it combines with
+    visual=apart."""
+    from train_throughput import apply_variant, parse_variant
+
+    assert apply_variant(parse_variant("base"))[3].step_tower_forward is True
+    options = apply_variant(parse_variant("towers=per-micro-batch+visual=apart"))[3]
+    assert options.step_tower_forward is False and options.joint_visual_forward is False
+    with pytest.raises(SystemExit, match="only towers=per-micro-batch"):
+        apply_variant(parse_variant("towers=step"))

@@ -30,6 +30,7 @@ def _switches(thinker) -> dict:
                            for m in modules if isinstance(m, OmniMoELayer)},
         "tower_rope_tables": {thinker.vision_model.rope_tables},
         "joint_visual_forward": {thinker.joint_visual_forward},
+        "step_tower_forward": {thinker.step_tower_forward},
     }
 
 
@@ -41,12 +42,12 @@ def test_build_thinker_hands_every_field_to_its_modules(tiny_hf_dir):
     init_parallel()
     mcores = PerfOptions(plain_matmul_when_local=False, bias_in_matmul=False, packed_kernel="loop",
                          fuse_ce_on_gpu=False, static_dispatch=False, tower_rope_tables=False, gather_combine=False,
-                         joint_visual_forward=False)
+                         joint_visual_forward=False, step_tower_forward=False)
     thinker = build_thinker(config_of(tiny_hf_dir), perform_initialization=False, options=mcores)
     assert _switches(thinker) == {"plain_matmul_when_local": {False}, "bias_in_matmul": {False},
                                   "packed_kernel": {"loop"}, "fuse_ce_on_gpu": {False}, "static_dispatch": {False},
                                   "gather_combine": {False}, "tower_rope_tables": {False},
-                                  "joint_visual_forward": {False}}
+                                  "joint_visual_forward": {False}, "step_tower_forward": {False}}
     # the towers' linears and attention are reached too, not only the LLM's
     assert sum(1 for name, _ in thinker.named_modules() if name.startswith(("vision_model", "audio_model"))
                and hasattr(_, "use_options")) > 4
@@ -54,7 +55,7 @@ def test_build_thinker_hands_every_field_to_its_modules(tiny_hf_dir):
     assert _switches(thinker) == {"plain_matmul_when_local": {True}, "bias_in_matmul": {True},
                                   "packed_kernel": {"auto"}, "fuse_ce_on_gpu": {True}, "static_dispatch": {True},
                                   "gather_combine": {True}, "tower_rope_tables": {True},
-                                  "joint_visual_forward": {True}}
+                                  "joint_visual_forward": {True}, "step_tower_forward": {True}}
     # each dispatcher switch on its own: the static dispatcher with mcore's combine
     apply_options(thinker, PerfOptions(gather_combine=False))
     assert _switches(thinker)["static_dispatch"] == {True} and _switches(thinker)["gather_combine"] == {False}

@@ -21,6 +21,7 @@ VERIFIED = {MCORE: ("0.19.2",), HF: ("5.25.0",), ENERGON: ("7.4.1",), DJ: ("1.6.
 _TP = "megatron.core.tensor_parallel"
 _MOE = "megatron.core.transformer.moe"
 _OPT = "megatron.core.optimizer"
+_SCHEDULES = "megatron.core.pipeline_parallel.schedules"
 _HF_THINKER = "transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
 
 
@@ -213,7 +214,7 @@ SEAMS: tuple[Seam, ...] = (
           switch="tower_rope_tables", fingerprint='a15e1f4daaa28368'),
     _seam("model.joint_visual_forward", HF, [f"{_HF_THINKER}:Qwen3OmniMoeThinkerModel.get_image_features",
                                              f"{_HF_THINKER}:Qwen3OmniMoeThinkerModel.get_video_features"],
-          "omni_model.model.thinker:Qwen3OmniThinker._joint_visual", "switch",
+          "omni_model.model.thinker:Qwen3OmniThinker._visual_outputs", "switch",
           "a micro-batch's images and videos go through the vision tower in one forward, split at the images' "
           "merged-token count; switched off, one forward each as transformers' thinker calls these two (pixel values "
           "in the tower's dtype, t*h*w // merge^2 rows per item), which the parity tests hold us to",
@@ -365,6 +366,15 @@ SEAMS: tuple[Seam, ...] = (
           "the backward hook is wrapped to copy a parameter's first grad of a step into main_grad, zero_grad_buffer "
           "keeps mcore's resets without zeroing the buffers, finish_grad_sync zeroes the main grads no hook wrote",
           switch="first_write_grads", fingerprint='14c801ac7ffcb732'),
+    _seam("train.step_tower_forward", MCORE, [f"{_SCHEDULES}:forward_backward_no_pipelining",
+                                              f"{_SCHEDULES}:forward_backward_pipelining_without_interleaving"],
+          "omni_model.train.forward_step:step_tower_outputs", "switch",
+          "mcore's schedules call the model, towers included, once per micro-batch, each forward_step reading the next "
+          "item of the data iterator; with frozen towers the step reads its num_microbatches batches first, runs each "
+          "tower once over all their media and hands the schedule an iterator of (batch, its tower outputs): relies "
+          "on the schedule reading exactly num_microbatches items, in micro-batch order; switched off, the towers run "
+          "in every micro-batch's forward as the schedule calls it",
+          switch="step_tower_forward", fingerprint='bf8cd460e6c34c84'),
     _seam("train.moe_metrics_reset", MCORE, "megatron.core.transformer.moe.moe_logging:destroy_moe_metrics_tracker",
           "omni_model.train.build:wrap_for_training", "call",
           "mcore's process-global MoE metrics tracker is sized by the first model that records: each built training "

@@ -46,9 +46,14 @@ class PerfOptions:
     # RotaryTables); False: mcore's apply_rotary_pos_emb in every layer (~12)
     tower_rope_tables: bool = True
     # the images and videos of a micro-batch through the vision tower in one forward, outputs split at the images'
-    # merged-token count (thinker.py _joint_visual); False: one forward each, as transformers does
+    # merged-token count (thinker.py _visual_outputs); False: one forward each, as transformers does
     # (get_image_features / get_video_features)
     joint_visual_forward: bool = True
+    # frozen towers (no tower parameter trained): every micro-batch's media of a training step through each tower in
+    # ONE forward at the step's start, each micro-batch then merging its share (train/forward_step.py
+    # step_tower_outputs, thinker.py tower_outputs); False: the towers run in each micro-batch's forward, as mcore's
+    # schedule calls the model once per micro-batch. Trained towers always run per micro-batch
+    step_tower_forward: bool = True
 
     def __post_init__(self):
         if self.packed_kernel not in PACKED_KERNELS:

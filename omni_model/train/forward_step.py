@@ -24,6 +24,11 @@ zig-zag chunks here; the input ids and media stay whole (the towers see whole me
 merged embeddings). A CP rank's loss sums and label counts cover its chunks: mcore's finalize_model_grads reduces
 the count, and DDP the gradients, over DP x CP.
 
+With frozen towers (PerfOptions.step_tower_forward, the default; `step_tower_outputs`): the training step reads its
+micro-batches up front and runs each tower ONCE over all of their media (under no_grad: no tower parameter trains),
+and forward_step hands each micro-batch's share to the thinker (`tower_outputs`) instead of its media: the towers'
+host time per layer call (the launch-bound multimodal step waits for it) is paid once per step, not per micro-batch.
+
 A packed batch is one THD row: B rows of S tokens are flattened to [1, B*S] (its `cu_seqlens` already count over the
 flattened tokens; mcore's THD attention takes batch 1). Every keyword is passed by name: mcore's `Float16Module`
 casts only positional inputs to bf16, so the float MRoPE positions stay exact.
@@ -59,6 +64,7 @@ and 0.19.2):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from functools import partial
 from typing import Optional
 
@@ -70,9 +76,7 @@ from megatron.core.utils import get_attr_wrapped_model
 from ..data.batch import OmniBatch
 from ..data.packing import pad_for_context_parallel
 from ..model.context_parallel import cp_packed_seq_params, zigzag_plan
-
-MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "input_features",
-              "feature_attention_mask", "audio_feature_lengths")
+from ..model.thinker import MEDIA_KEYS, TowerOutputs
 
 
 def packed_seq_params_of(batch: OmniBatch) -> Optional[PackedSeqParams]:
@@ -176,19 +180,76 @@ def clear_moe_aux_loss_scale() -> None:
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
 
+@dataclasses.dataclass(frozen=True)
+class WithTowerOutputs:
+    """A micro-batch whose media went through the towers at the step's start (`step_tower_outputs`)."""
+    batch: OmniBatch
+    towers: TowerOutputs
+
+
 def forward_step(data_iterator, model):
     """mcore `forward_step_func`: the next OmniBatch through the (DDP-wrapped) thinker of this pipeline stage.
 
     Every stage reads the micro-batch (all need positions, packing and the padding mask; the first also the ids
     and media, the last the labels): the data iterator must yield the same batches on every stage of a pipeline.
+    A WithTowerOutputs item (`step_tower_outputs`) brings its tower outputs: the thinker merges them in place of the
+    media.
     """
     clear_moe_aux_loss_scale()
-    batch = next(data_iterator) if data_iterator is not None else None
+    item = next(data_iterator) if data_iterator is not None else None
+    batch, towers = (item.batch, item.towers) if isinstance(item, WithTowerOutputs) else (item, None)
     if not isinstance(batch, OmniBatch):
         raise TypeError(f"forward_step needs an OmniBatch from the data iterator on every pipeline stage (positions, "
                         f"packing and the padding mask are used by all stages), got {type(batch).__name__}")
     pre_process = get_attr_wrapped_model(model, "pre_process")
     device = next(model.parameters()).device
-    inputs = to_device(model_inputs(batch, media=pre_process), device)
+    inputs = model_inputs(batch, media=pre_process)
+    if towers is not None:  # the media went through the towers already (host_input_ids stay: the placeholder counts)
+        inputs = {name: value for name, value in inputs.items() if name not in MEDIA_KEYS}
+        inputs["tower_outputs"] = towers
+    inputs = to_device(inputs, device)
     output_tensor = model(**inputs)
     return output_tensor, partial(loss_func, inputs["loss_mask"])
+
+
+def step_tower_outputs(model, data_iterator, num_microbatches: int):
+    """The step's micro-batches for forward_step, with the towers run once for all of them when they are frozen
+    (PerfOptions.step_tower_forward; optimizer_step calls this through `forward_step.prefetch`).
+
+    mcore's schedule calls the model once per micro-batch, the towers included; but frozen towers do not change
+    within a step, so their outputs for every micro-batch can come from ONE forward per tower at the step's start
+    (thinker.tower_outputs: split back per micro-batch at counts from the host grids and the clip lengths the audio
+    tower has on the host anyway: no device read of its own). This reads the step's `num_microbatches` batches from
+    `data_iterator` now (a TokenCounter counts them as it would during the schedule) and returns an iterator of
+    WithTowerOutputs in the same order; their outputs stay on the device until the step ends (a few [tokens, H]
+    tensors per micro-batch, small beside the LLM's activations). Anything else (the switch off, a tower trained, no
+    tower on this pipeline stage, an item that is not an OmniBatch: forward_step names it) gets `data_iterator` or its
+    items back unchanged. Context parallelism needs nothing more: its padding leaves the media as they are and every
+    CP rank runs the towers on the whole media either way."""
+    thinker = _frozen_towers_thinker(model)
+    if thinker is None or data_iterator is None:
+        return data_iterator
+    batches = list(itertools.islice(data_iterator, num_microbatches))
+    if not all(isinstance(batch, OmniBatch) for batch in batches):
+        return iter(batches)
+    device = next(thinker.parameters()).device
+    media = [to_device({name: getattr(batch, name) for name in MEDIA_KEYS if getattr(batch, name) is not None},
+                       device) for batch in batches]
+    with torch.no_grad():
+        towers = thinker.tower_outputs(media)
+    return iter([WithTowerOutputs(batch, outputs) for batch, outputs in zip(batches, towers)])
+
+
+forward_step.prefetch = step_tower_outputs
+
+
+def _frozen_towers_thinker(model):
+    """The thinker inside `model` (DDP) when its towers run once per step: the switch on, at least one tower here
+    (the first pipeline stage) and no tower parameter trained (a LoRA adapter inside a tower counts); else None."""
+    thinker = get_attr_wrapped_model(model, "step_tower_forward", return_model_obj=True)
+    towers = [tower for tower in (thinker.vision_model, thinker.audio_model) if tower is not None]
+    if not thinker.step_tower_forward or not towers:
+        return None
+    if any(param.requires_grad for tower in towers for param in tower.parameters()):
+        return None
+    return thinker

@@ -240,11 +240,16 @@ def optimizer_step(model, optimizer, scheduler, forward_step, data_iterator, num
     param.grad (after a step param.grad aliases main_grad; left set, autograd would accumulate into it in place and
     DDP's hook would add it to main_grad a second time), forward/backward of `num_microbatches` micro-batches through
     mcore's schedule, the optimizer step (clipping), the scheduler step. Returns (the schedule's per-micro-batch loss
-    reports, updated, grad norm). The tests call this same function."""
+    reports, updated, grad norm). The tests call this same function. A forward step with a `prefetch` attribute gets
+    the step's data iterator through it first (the thinker's: forward_step.step_tower_outputs, frozen towers run once
+    over all micro-batches)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     model.zero_grad_buffer()
     optimizer.zero_grad()
+    prefetch = getattr(forward_step, "prefetch", None)
+    if prefetch is not None:
+        data_iterator = prefetch(model, data_iterator, num_microbatches)
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=data_iterator, model=[model],
         num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
