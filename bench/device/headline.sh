@@ -9,7 +9,7 @@ python3 bench/train_throughput.py $COMMON --hf-attn flex_attention,sdpa,padded -
   > $OUT/headline.log 2>&1
 echo "encoded at $SECONDS s" | tee -a $OUT/headline.log
 python3 bench/train_throughput.py $COMMON --hf-attn flex_attention,padded,sdpa,flex_attention+fp32 \
-  --variants ${VARIANTS:-base,visual=apart} --budget $((570 - SECONDS)) --json /tmp/o/train_throughput.json \
+  --variants ${VARIANTS:-base,visual=apart+towers=per-micro-batch,towers=per-micro-batch} --budget $((570 - SECONDS)) --json /tmp/o/train_throughput.json \
   >> $OUT/headline.log 2>&1
 echo "done at $SECONDS s" | tee -a $OUT/headline.log
 cp /tmp/o/train_throughput.json $OUT/ 2>/dev/null

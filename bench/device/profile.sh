@@ -8,7 +8,7 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_host_sync
 echo "tests done at $SECONDS s" | tee -a $OUT/profile.log
 timeout 90 python3 bench/host_gemm.py --json $OUT/host_gemm.json > $OUT/host_gemm.txt 2>&1
 echo "host gemm done at $SECONDS s" | tee -a $OUT/profile.log
-python3 bench/train_throughput.py $COMMON --hf-attn flex_attention,padded --variants ${VARIANTS:-base,visual=apart} \
+python3 bench/train_throughput.py $COMMON --hf-attn flex_attention,padded --variants ${VARIANTS:-base,visual=apart+towers=per-micro-batch} \
   --steps 3 --repeats 1 --profile --profile-stacks 4 --budget $((560 - SECONDS)) --json /tmp/o/tt_profile.json \
   >> $OUT/profile.log 2>&1
 echo "done at $SECONDS s" | tee -a $OUT/profile.log
