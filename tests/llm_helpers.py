@@ -118,6 +118,19 @@ def sharpened_checkpoint(hf_dir, out_dir, parts=("thinker.",)) -> Path:
     return out_dir
 
 
+
+def sharp_fp32_thinker(hf_dir, out_dir):
+    """The whole thinker (towers included) in fp32 on this rank, eval mode, with `sharpened_checkpoint` weights."""
+    from omni_model.convert.mapping import load_hf_into_model
+    from omni_model.model.thinker import build_thinker
+    from omni_model.runtime.parallel import init_parallel
+
+    sharp = sharpened_checkpoint(hf_dir, out_dir)
+    init_parallel()
+    model = build_thinker(sharp, dtype=torch.float32).eval()
+    load_hf_into_model(model, sharp, prefix="")
+    return model
+
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     """max |got - expected| / max |expected|."""
     return ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()

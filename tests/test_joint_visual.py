@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from encoder_parity_utils import vision_inputs
-from llm_helpers import sharpened_checkpoint
+from llm_helpers import sharp_fp32_thinker
 from omni_model.configs import TOKEN_IDS
 
 IMAGE_GRIDS = [[1, 4, 6], [1, 8, 4]]
@@ -26,15 +26,7 @@ GRAD_ATOL = 2e-6
 
 @pytest.fixture(scope="module")
 def thinker(tiny_hf_dir, tmp_path_factory):
-    from omni_model.convert.mapping import load_hf_into_model
-    from omni_model.model.thinker import build_thinker
-    from omni_model.runtime.parallel import init_parallel
-
-    sharp = sharpened_checkpoint(tiny_hf_dir, tmp_path_factory.mktemp("sharp") / "hf")
-    init_parallel()
-    model = build_thinker(sharp, dtype=torch.float32).eval()
-    load_hf_into_model(model, sharp, prefix="")
-    return model
+    return sharp_fp32_thinker(tiny_hf_dir, tmp_path_factory.mktemp("sharp") / "hf")
 
 
 def _ids(rows: list[list[tuple[str, int]]]) -> torch.Tensor:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from encoder_parity_utils import vision_inputs
-from llm_helpers import sharpened_checkpoint
+from llm_helpers import sharp_fp32_thinker
 from omni_model.configs import TOKEN_IDS
 from train_helpers import encode_demo_samples, packed_micro_batches
 
@@ -39,15 +39,7 @@ MEDIA = [
 
 @pytest.fixture(scope="module")
 def thinker(tiny_hf_dir, tmp_path_factory):
-    from omni_model.convert.mapping import load_hf_into_model
-    from omni_model.model.thinker import build_thinker
-    from omni_model.runtime.parallel import init_parallel
-
-    sharp = sharpened_checkpoint(tiny_hf_dir, tmp_path_factory.mktemp("sharp") / "hf")
-    init_parallel()
-    model = build_thinker(sharp, dtype=torch.float32).eval()
-    load_hf_into_model(model, sharp, prefix="")
-    return model
+    return sharp_fp32_thinker(tiny_hf_dir, tmp_path_factory.mktemp("sharp") / "hf")
 
 
 def _merged(grid) -> int:
