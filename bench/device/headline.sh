@@ -3,13 +3,14 @@
 # transformers row (packed flex_attention, length-grouped padded, packed sdpa, the +fp32 precision row), each row
 # twice; ours' same-run baseline variants last (the budget drops what does not fit, listed in the json).
 SECONDS=0
+LEFT=${LEFT:-570}  # the call's seconds: less when the session's device time is short
 source bench/device/setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/card.txt
 python3 bench/train_throughput.py $COMMON --hf-attn flex_attention,sdpa,padded --profile --encode-only \
   > $OUT/headline.log 2>&1
 echo "encoded at $SECONDS s" | tee -a $OUT/headline.log
-python3 bench/train_throughput.py $COMMON --hf-attn flex_attention,padded,sdpa,flex_attention+fp32 \
-  --variants ${VARIANTS:-base,visual=apart+towers=per-micro-batch,towers=per-micro-batch} --budget $((570 - SECONDS)) --json /tmp/o/train_throughput.json \
+python3 bench/train_throughput.py $COMMON --hf-attn ${HF_ROWS:-flex_attention,padded,sdpa,flex_attention+fp32} \
+  --variants ${VARIANTS:-base,visual=apart+towers=per-micro-batch,towers=per-micro-batch} --budget $((LEFT - 10 - SECONDS)) --json /tmp/o/train_throughput.json \
   >> $OUT/headline.log 2>&1
 echo "done at $SECONDS s" | tee -a $OUT/headline.log
 cp /tmp/o/train_throughput.json $OUT/ 2>/dev/null
