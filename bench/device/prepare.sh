@@ -15,4 +15,8 @@ wheels=(python3 -m pip download -q --no-deps --only-binary=:all: --python-versio
   2>&1 | grep -v "^WARNING: Location" || true
 [ -f results/data/shards/report.json ] || .venv/bin/snakemake --cores 2 shards
 rm -rf .devcarry/shards && cp -r results/data/shards .devcarry/shards
-du -sh .devcarry
+# PyAV for the GPU tests' demo videos (train_helpers.encode_demo_samples): 34 MB, more than .devcarry's room under
+# the 64 MiB a call carries, so it travels alone in a call of its own (av.sh) on the warm machine
+mkdir -p .devcarry-av
+"${wheels[@]}" -d .devcarry-av "av==$(pin av)" 2>&1 | grep -v "^WARNING: Location" || true
+du -sh .devcarry .devcarry-av
