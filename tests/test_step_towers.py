@@ -9,7 +9,8 @@ micro-batch merges its share instead of running the towers itself.
   then videos, with joint_visual_forward off); the placeholder checks name the same counts.
 * Training: two steps of two micro-batches with the towers frozen, switch on against off, same weights and batches:
   the same losses, grad norms, token counts and trained parameters (measured: bit-equal), the vision tower called
-  once per step instead of once per micro-batch. Trained towers (or one of them): per micro-batch, as before.
+  once per step instead of once per micro-batch. Trained towers (or one of them): per micro-batch, as before. A step
+  of more micro-batches than a group (STEP_TOWER_GROUP) runs the towers a group at a time, read lazily.
 """
 
 from __future__ import annotations
@@ -302,3 +303,43 @@ def test_the_prefetch_leaves_trained_towers_and_other_items_alone(tiny_hf_dir, t
     training.thinker.vision_model.patch_embed.proj.weight.requires_grad_(True)  # one tower parameter trained
     untouched = iter(step_batches[:2])
     assert step_tower_outputs(model, untouched, 2) is untouched
+
+
+def test_many_micro_batches_go_through_the_towers_a_group_at_a_time(tiny_hf_dir, tmp_path, step_batches):
+    """A step of 5 micro-batches (gradient accumulation) runs the frozen towers per group of 2 (2 + 2 + 1 forwards),
+    each group read from the data iterator only when the schedule reaches it: what the towers hold at once stays
+    bounded however many micro-batches a step has. Each micro-batch's outputs equal its own forward's."""
+    from omni_model.model.thinker import MEDIA_KEYS
+    from omni_model.train import build
+    from omni_model.train.forward_step import step_tower_outputs
+    from omni_model.train.settings import TrainSettings
+
+    settings = TrainSettings(hf_dir=str(tiny_hf_dir), init_checkpoint="", shards="", train_dir=str(tmp_path),
+                             train=dict(iters=1, micro_batch_size=1, global_batch_size=5, gpus_per_node=0,
+                                        freeze_vision=True, freeze_audio=True))
+    build.init_training_parallel(settings)
+    training = build.build_training(settings, load_initial_weights=False)
+    thinker = training.thinker
+    calls = []
+    hook = thinker.vision_model.register_forward_pre_hook(lambda module, args: calls.append(len(args[1])))
+    five = step_batches + step_batches[:1]
+    read = []
+    source = (read.append(batch) or batch for batch in five)
+    try:
+        items = step_tower_outputs(training.model, source, len(five), group=2)
+        first = next(items)
+        assert len(read) == 2 and len(calls) == 1  # only the first group read and through the towers
+        grouped = [first, *items]
+    finally:
+        hook.remove()
+    assert len(read) == 5 and len(calls) == 3
+    with torch.no_grad():
+        for item, batch in zip(grouped, five):
+            assert item.batch is batch
+            media = {name: getattr(batch, name) for name in MEDIA_KEYS if getattr(batch, name) is not None}
+            alone = thinker.tower_outputs([media])[0]
+            for kind in ("audio", "image", "video"):
+                got, expect = getattr(item.towers, kind), getattr(alone, kind)
+                assert (got is None) == (expect is None), kind
+                if expect is not None:
+                    torch.testing.assert_close(got, expect, **TOL)

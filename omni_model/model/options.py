@@ -49,9 +49,9 @@ class PerfOptions:
     # merged-token count (thinker.py _visual_outputs); False: one forward each, as transformers does
     # (get_image_features / get_video_features)
     joint_visual_forward: bool = True
-    # frozen towers (no tower parameter trained): every micro-batch's media of a training step through each tower in
-    # ONE forward at the step's start, each micro-batch then merging its share (train/forward_step.py
-    # step_tower_outputs, thinker.py tower_outputs); False: the towers run in each micro-batch's forward, as mcore's
+    # frozen towers (no tower parameter trained): the media of a training step's micro-batches through each tower in
+    # ONE forward per group of STEP_TOWER_GROUP (2) micro-batches, each micro-batch then merging its share
+    # (train/forward_step.py step_tower_outputs, thinker.py tower_outputs); False: the towers run in each micro-batch's forward, as mcore's
     # schedule calls the model once per micro-batch. Trained towers always run per micro-batch
     step_tower_forward: bool = True
 

@@ -25,9 +25,10 @@ merged embeddings). A CP rank's loss sums and label counts cover its chunks: mco
 the count, and DDP the gradients, over DP x CP.
 
 With frozen towers (PerfOptions.step_tower_forward, the default; `step_tower_outputs`): the training step reads its
-micro-batches up front and runs each tower ONCE over all of their media (under no_grad: no tower parameter trains),
-and forward_step hands each micro-batch's share to the thinker (`tower_outputs`) instead of its media: the towers'
-host time per layer call (the launch-bound multimodal step waits for it) is paid once per step, not per micro-batch.
+micro-batches a group at a time (STEP_TOWER_GROUP) and runs each tower ONCE over the group's media (under no_grad: no
+tower parameter trains), and forward_step hands each micro-batch its share to the thinker (`tower_outputs`) instead
+of its media: the towers' host time per layer call (the launch-bound multimodal step waits for it) is paid once per
+group, not per micro-batch.
 
 A packed batch is one THD row: B rows of S tokens are flattened to [1, B*S] (its `cu_seqlens` already count over the
 flattened tokens; mcore's THD attention takes batch 1). Every keyword is passed by name: mcore's `Float16Module`
@@ -212,32 +213,44 @@ def forward_step(data_iterator, model):
     return output_tensor, partial(loss_func, inputs["loss_mask"])
 
 
-def step_tower_outputs(model, data_iterator, num_microbatches: int):
-    """The step's micro-batches for forward_step, with the towers run once for all of them when they are frozen
+# micro-batches whose media go through the frozen towers together: what the towers hold at once (their media, the
+# no-grad activations of one forward, the outputs until their micro-batches have run) grows with the group, so a
+# step of many micro-batches (gradient accumulation) runs them in groups of this many instead of all at once
+STEP_TOWER_GROUP = 2
+
+
+def step_tower_outputs(model, data_iterator, num_microbatches: int, group: int = STEP_TOWER_GROUP):
+    """The step's micro-batches for forward_step, with the towers run once per `group` of them when they are frozen
     (PerfOptions.step_tower_forward; optimizer_step calls this through `forward_step.prefetch`).
 
     mcore's schedule calls the model once per micro-batch, the towers included; but frozen towers do not change
-    within a step, so their outputs for every micro-batch can come from ONE forward per tower at the step's start
-    (thinker.tower_outputs: split back per micro-batch at counts from the host grids and the clip lengths the audio
-    tower has on the host anyway: no device read of its own). This reads the step's `num_microbatches` batches from
-    `data_iterator` now (a TokenCounter counts them as it would during the schedule) and returns an iterator of
-    WithTowerOutputs in the same order; their outputs stay on the device until the step ends (a few [tokens, H]
-    tensors per micro-batch, small beside the LLM's activations). Anything else (the switch off, a tower trained, no
-    tower on this pipeline stage, an item that is not an OmniBatch: forward_step names it) gets `data_iterator` or its
-    items back unchanged. Context parallelism needs nothing more: its padding leaves the media as they are and every
-    CP rank runs the towers on the whole media either way."""
+    within a step, so the outputs for several micro-batches can come from ONE forward per tower (thinker.tower_outputs:
+    split back per micro-batch at counts from the host grids and the clip lengths the audio tower has on the host
+    anyway: no device read of its own). Lazily, a group at a time: when the schedule asks for the first micro-batch of
+    a group, its `group` batches are read from `data_iterator` (a TokenCounter counts them as it would during the
+    schedule) and their towers run; the group's outputs stay on the device until its micro-batches have run.
+    Anything else (the switch off, a tower trained, no tower on this pipeline stage) gets `data_iterator` back
+    unchanged; an item that is not an OmniBatch is passed on as it is (forward_step names it). Context parallelism
+    needs nothing more: its padding leaves the media as they are and every CP rank runs the towers on the whole media
+    either way."""
     thinker = _frozen_towers_thinker(model)
     if thinker is None or data_iterator is None:
         return data_iterator
-    batches = list(itertools.islice(data_iterator, num_microbatches))
-    if not all(isinstance(batch, OmniBatch) for batch in batches):
-        return iter(batches)
+    return _grouped_tower_outputs(thinker, data_iterator, num_microbatches, group)
+
+
+def _grouped_tower_outputs(thinker, data_iterator, num_microbatches: int, group: int):
     device = next(thinker.parameters()).device
-    media = [to_device({name: getattr(batch, name) for name in MEDIA_KEYS if getattr(batch, name) is not None},
-                       device) for batch in batches]
-    with torch.no_grad():
-        towers = thinker.tower_outputs(media)
-    return iter([WithTowerOutputs(batch, outputs) for batch, outputs in zip(batches, towers)])
+    for first in range(0, num_microbatches, group):
+        batches = list(itertools.islice(data_iterator, min(group, num_microbatches - first)))
+        if not all(isinstance(batch, OmniBatch) for batch in batches):
+            yield from batches
+            continue
+        media = [to_device({name: getattr(batch, name) for name in MEDIA_KEYS if getattr(batch, name) is not None},
+                           device) for batch in batches]
+        with torch.no_grad():
+            towers = thinker.tower_outputs(media)
+        yield from (WithTowerOutputs(batch, outputs) for batch, outputs in zip(batches, towers))
 
 
 forward_step.prefetch = step_tower_outputs
