@@ -280,16 +280,10 @@ def test_the_prefetch_leaves_trained_towers_and_other_items_alone(tiny_hf_dir, t
     """step_tower_outputs (what optimizer_step calls through forward_step.prefetch): frozen towers give each batch its
     outputs; an item that is not an OmniBatch is passed on for forward_step's TypeError; one trained tower parameter
     and the iterator comes back as it is."""
-    from omni_model.train import build
     from omni_model.train.forward_step import WithTowerOutputs, forward_step, step_tower_outputs
-    from omni_model.train.settings import TrainSettings
 
     assert forward_step.prefetch is step_tower_outputs
-    settings = TrainSettings(hf_dir=str(tiny_hf_dir), init_checkpoint="", shards="", train_dir=str(tmp_path),
-                             train=dict(iters=1, micro_batch_size=1, global_batch_size=2, gpus_per_node=0,
-                                        freeze_vision=True, freeze_audio=True))
-    build.init_training_parallel(settings)
-    training = build.build_training(settings, load_initial_weights=False)
+    training = _frozen_towers_training(tiny_hf_dir, tmp_path, micro_batches=2)
     model = training.model
     items = iter(step_batches[:2])
     prefetched = list(step_tower_outputs(model, items, 2))
@@ -310,15 +304,9 @@ def test_many_micro_batches_go_through_the_towers_a_group_at_a_time(tiny_hf_dir,
     each group read from the data iterator only when the schedule reaches it: what the towers hold at once stays
     bounded however many micro-batches a step has. Each micro-batch's outputs equal its own forward's."""
     from omni_model.model.thinker import MEDIA_KEYS
-    from omni_model.train import build
     from omni_model.train.forward_step import step_tower_outputs
-    from omni_model.train.settings import TrainSettings
 
-    settings = TrainSettings(hf_dir=str(tiny_hf_dir), init_checkpoint="", shards="", train_dir=str(tmp_path),
-                             train=dict(iters=1, micro_batch_size=1, global_batch_size=5, gpus_per_node=0,
-                                        freeze_vision=True, freeze_audio=True))
-    build.init_training_parallel(settings)
-    training = build.build_training(settings, load_initial_weights=False)
+    training = _frozen_towers_training(tiny_hf_dir, tmp_path, micro_batches=5)
     thinker = training.thinker
     calls = []
     hook = thinker.vision_model.register_forward_pre_hook(lambda module, args: calls.append(len(args[1])))
@@ -343,3 +331,15 @@ def test_many_micro_batches_go_through_the_towers_a_group_at_a_time(tiny_hf_dir,
                 assert (got is None) == (expect is None), kind
                 if expect is not None:
                     torch.testing.assert_close(got, expect, **TOL)
+
+
+def _frozen_towers_training(tiny_hf_dir, tmp_path, micro_batches: int):
+    """The training objects (random weights) of a step of `micro_batches` micro-batches, both towers frozen."""
+    from omni_model.train import build
+    from omni_model.train.settings import TrainSettings
+
+    settings = TrainSettings(hf_dir=str(tiny_hf_dir), init_checkpoint="", shards="", train_dir=str(tmp_path),
+                             train=dict(iters=1, micro_batch_size=1, global_batch_size=micro_batches,
+                                        gpus_per_node=0, freeze_vision=True, freeze_audio=True))
+    build.init_training_parallel(settings)
+    return build.build_training(settings, load_initial_weights=False)
