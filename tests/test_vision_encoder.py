@@ -247,12 +247,12 @@ def test_patch_layout_equals_transformers_for_ragged_grids():
 
     from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
-    from omni_model.model.vision import pos_embed_interpolation, vision_rope_positions
+    from omni_model.model.vision import patch_layout
 
     rng = random.Random(0)
     grid = torch.tensor([(rng.choice([1, 1, 2, 8]), 2 * rng.randint(1, 30), 2 * rng.randint(1, 30))
                          for _ in range(40)])
-    indices, weights = pos_embed_interpolation(grid, 48, 2)
+    positions, indices, weights = patch_layout(grid, 48, 2)
     expect = get_vision_interpolation_indices_and_weights(grid, 48, mode="bilinear", align_corners=True,
                                                           spatial_merge_size=2)
     assert torch.equal(indices, expect[0]) and torch.equal(weights, expect[1])
@@ -262,4 +262,4 @@ def test_patch_layout_equals_transformers_for_ragged_grids():
         rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         frame = torch.stack([rows, cols], -1).reshape(h // 2, 2, w // 2, 2, 2).permute(0, 2, 1, 3, 4).reshape(-1, 2)
         per_item.append(frame.repeat(t, 1))
-    assert torch.equal(vision_rope_positions(grid, 2), torch.cat(per_item))
+    assert torch.equal(positions, torch.cat(per_item))

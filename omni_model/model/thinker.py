@@ -173,10 +173,11 @@ class Qwen3OmniThinker(MegatronModule):
         tower = self._tower(group[0][1])
         pixels = [media[k][_VISUAL_KEYS[kind][0]] for k, kind in group]
         grids = [media[k][_VISUAL_KEYS[kind][1]].to("cpu", torch.long) for k, kind in group]
-        embeds, deepstack = tower(_joined(pixels, tower), torch.cat(grids))
+        grid = torch.cat(grids)
+        embeds, deepstack = tower(_joined(pixels, tower), grid)
         if len(group) == 1:
             return {group[0]: (embeds, deepstack)}
-        sizes = _split_sizes(torch.cat(grids).prod(-1) // tower.merge ** 2, [len(grid) for grid in grids])
+        sizes = _split_sizes(grid.prod(-1) // tower.merge ** 2, [len(item) for item in grids])
         levels = [level.split(sizes) for level in deepstack]
         return {part: (rows, [level[i] for level in levels]) for i, (part, rows) in
                 enumerate(zip(group, embeds.split(sizes)))}

@@ -102,18 +102,14 @@ def _patch_coordinates(grid_thw: torch.Tensor, merge: int, device=None):
     return rows, cols, heights, widths
 
 
-def vision_rope_positions(grid_thw: torch.Tensor, merge: int, device=None) -> torch.Tensor:
-    """[N, 2] (row, col) of every patch, merge-block order, repeated over t. Feeds the 2D rotary embedding."""
-    rows, cols, _, _ = _patch_coordinates(grid_thw, merge, device)
-    return torch.stack([rows, cols], dim=-1)
+def patch_layout(grid_thw: torch.Tensor, num_grid_per_side: int, merge: int, device=None):
+    """What the tower needs of every patch's place, from one decoding of the grids (patches in merge-block order,
+    repeated over t):
 
-
-def pos_embed_interpolation(grid_thw: torch.Tensor, num_grid_per_side: int, merge: int, device=None):
-    """Bilinear (align_corners=True) resampling of the square learned pos-embed table to each frame's h x w grid.
-
-    -> (indices [N, 4] long into the flattened table, weights [N, 4] fp32), patches in merge-block order, repeated
-    over t. Same closed form as transformers' `get_vision_interpolation_indices_and_weights(mode="bilinear",
-    align_corners=True)` (Qwen3-VL's `fast_pos_embed_interpolate`).
+    -> (positions [N, 2] (row, col): the 2D rotary embedding's; indices [N, 4] long into the flattened pos-embed table
+    and weights [N, 4] fp32: the bilinear (align_corners=True) resampling of the square learned table to each frame's
+    h x w grid, the same closed form as transformers' `get_vision_interpolation_indices_and_weights(mode="bilinear",
+    align_corners=True)` (Qwen3-VL's `fast_pos_embed_interpolate`)).
     """
     side = num_grid_per_side
     rows, cols, heights, widths = _patch_coordinates(grid_thw, merge, device)
@@ -131,7 +127,7 @@ def pos_embed_interpolation(grid_thw: torch.Tensor, num_grid_per_side: int, merg
     col_taps, col_weights = axis(cols, widths)
     indices = (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4)
     weights = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4)
-    return indices, weights
+    return torch.stack([rows, cols], dim=-1), indices, weights
 
 
 def vision_rotary_freqs(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
@@ -306,8 +302,7 @@ class VisionEncoder(MegatronModule):
         device = self.pos_embed.weight.device
         grid_thw = grid_thw.to("cpu", torch.long)
         cu_seqlens, max_seqlen = vision_cu_seqlens(grid_thw)
-        interp_idx, interp_w = pos_embed_interpolation(grid_thw, self.num_grid_per_side, self.merge)
-        positions = vision_rope_positions(grid_thw, self.merge)
+        positions, interp_idx, interp_w = patch_layout(grid_thw, self.num_grid_per_side, self.merge)
 
         x = self.patch_embed(pixel_values.to(device))
         interp_idx, interp_w = host_to_device(interp_idx, device), host_to_device(interp_w, device)
