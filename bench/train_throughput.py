@@ -419,6 +419,7 @@ MCORE_BASELINES = {
 
 # knob=VALUE: another way of ours switched off (the PerfOptions field set to False, and what runs instead)
 OTHER_WAYS = {
+    "bias": ("bias_in_matmul", "after", "the towers' biases added after their GEMMs"),
     "visual": ("joint_visual_forward", "apart", "images and videos through the vision tower in two forwards"),
     "towers": ("step_tower_forward", "per-micro-batch", "frozen towers run per micro-batch"),
 }
@@ -476,11 +477,6 @@ def apply_variant(knobs: dict) -> tuple[dict, dict, object, PerfOptions]:
         elif key == "nancheck":
             if value != "on":
                 raise SystemExit(f"nancheck={value}: only nancheck=on (DDP's per-bucket NaN check) is a variant")
-        elif key == "bias":
-            if value != "after":
-                raise SystemExit(f"bias={value}: only bias=after (the towers' biases added after their GEMMs) is a "
-                                 "variant")
-            options["bias_in_matmul"] = False
         elif key in OTHER_WAYS:
             options.update(other_way(key, value))
         elif key == "syncs":
