@@ -6,7 +6,7 @@ what this counts is what it waits for. A proxy measured on the CPU; the GPU step
 
 Rows (each adds one change to the row before):
   mcore's RoPE, bias after the matmul    the towers before session 14 (`--variants towerrope=mcore` on the GPU)
-  RoPE tables                            PerfOptions.tower_rope_tables (encoder_layers.RotaryTables)
+  RoPE tables                            PerfOptions.tower_rope_tables (rope.RotaryTables)
   bias inside the matmul                 PerfOptions.bias_in_matmul: the bias mcore hands back (skip_bias_add) added
                                          by the GEMM
 

@@ -66,7 +66,8 @@ peak measured in this run, peak memory, the block's wall time; loss of the first
 
 Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' = as committed), for the GPU to judge:
   compile[=WHICH]    torch.compile of small ops: 'small' (default) RMSNorm.forward + the experts' SwiGLU
-                     (experts.swiglu_with_probs), 'router' mcore's top-k routing + aux-loss functions, 'all' both
+                     (experts.swiglu_with_probs; their Triton kernels switched off), 'router' mcore's top-k routing +
+                     aux-loss functions, 'all' both
   graphs[=SCOPES]    mcore CUDA graphs, cuda_graph_impl=local, cuda_graph_scope=SCOPES (':'-separated, e.g.
                      moe_router; default: the whole layer). Graphs replay fixed shapes: run with --pad-rows. A graph
                      of a whole layer also takes the PackedSeqParams (cu_seqlens differ per batch) as a constant of
@@ -81,7 +82,10 @@ Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' =
   combine=mcore      the static dispatcher with mcore's combine (atomic scatter_add_) and index_select backward (atomic
                      index_add_) instead of dispatcher.GatherCombineTokenDispatcher's gathered slot sums
   towerrope=mcore    mcore's RoPE (angles -> cos/sin per layer, ~12 kernels per query/key) in the vision tower instead
-                     of encoder_layers.RotaryTables (4)
+                     of rope.RotaryTables (4)
+  llmrope=mcore      mcore's RoPE in every layer of the language model instead of rope.RotaryTables made once per
+                     forward (PerfOptions.llm_rope_tables off)
+  ropekernel=torch   rope.RotaryTables applied by its 4 torch ops instead of fused_kernels.rotary (PerfOptions.fused_rope off)
   nancheck=on        DDP's per-bucket NaN check of the grads, which build.FoldedGradScale turns off
   bias=after         the towers' biases added after their GEMMs by the caller (mcore's skip_bias_add) instead of
                      inside them (PerfOptions.bias_in_matmul off)
@@ -90,6 +94,12 @@ Variants of ours (`--variants`, comma separated; knobs joined with '+'; 'base' =
   towers=per-micro-batch  the frozen towers run in every micro-batch's forward (as mcore's schedule calls the model)
                      instead of once per step over all micro-batches' media (PerfOptions.step_tower_forward off;
                      no effect with --train-towers: trained towers always run per micro-batch)
+  norm=torch         the RMSNorms as HF's torch ops instead of fused_kernels.rms_norm (PerfOptions.fused_rms_norm off)
+  swiglu=torch       the experts' silu(gate) * up * prob as torch ops instead of fused_kernels.swiglu_with_probs
+                     (PerfOptions.fused_swiglu off)
+  lookahead=off      each step's frozen towers run at its start instead of being launched during the step before,
+                     behind its last backward (PerfOptions.tower_lookahead off; no effect with towers=per-micro-batch
+                     or --train-towers)
   syncs=on           the multimodal forward's host syncs as before 3d1de50 (pageable copies of the towers' index
                      tensors, placeholder counts read back from the GPU): restore_host_syncs
   grads=mcore        mcore's per-step zeroing of the grad buffers and add of every grad instead of
@@ -261,10 +271,13 @@ class Feed:
     every batch kind and repeat on the same built model. `use(batches)` restarts at the first batch of the list."""
 
     def __init__(self, batches: list):
+        self.on_switch = []  # called when the list changes (ours: its run forgets what it read ahead)
         self.use(batches)
 
     def use(self, batches: list) -> None:
         self.iterator = iter(batches)
+        for forget in self.on_switch:
+            forget()
 
     def __iter__(self):
         return self
@@ -415,6 +428,7 @@ MCORE_BASELINES = {
     "grads": ("first_write_grads", "mcore's zeroed grad buffers, every grad added"),
     "towerrope": ("tower_rope_tables", "mcore's apply_rotary_pos_emb in every vision layer"),
     "combine": ("gather_combine", "mcore's atomic scatter_add_ combine and index_add_ dispatch backward"),
+    "llmrope": ("llm_rope_tables", "mcore's apply_rotary_pos_emb in every language-model layer"),
 }
 
 # knob=VALUE: another way of ours switched off (the PerfOptions field set to False, and what runs instead)
@@ -422,6 +436,11 @@ OTHER_WAYS = {
     "bias": ("bias_in_matmul", "after", "the towers' biases added after their GEMMs"),
     "visual": ("joint_visual_forward", "apart", "images and videos through the vision tower in two forwards"),
     "towers": ("step_tower_forward", "per-micro-batch", "frozen towers run per micro-batch"),
+    "lookahead": ("tower_lookahead", "off", "each step's frozen towers launched at its start, not during the step "
+                                            "before"),
+    "norm": ("fused_rms_norm", "torch", "the RMSNorms as HF's torch ops instead of one Triton kernel each way"),
+    "swiglu": ("fused_swiglu", "torch", "the experts' SwiGLU x routing prob as torch ops instead of one Triton kernel"),
+    "ropekernel": ("fused_rope", "torch", "the RoPE tables applied by torch ops instead of one Triton kernel"),
 }
 
 
@@ -464,6 +483,8 @@ def apply_variant(knobs: dict) -> tuple[dict, dict, object, PerfOptions]:
     for key, value in knobs.items():
         if key == "compile":
             compile_ops(value or "small")
+            if (value or "small") in ("small", "all"):  # what it compiles are the torch ops the fused kernels replace
+                options.update(fused_rms_norm=False, fused_swiglu=False)
         elif key == "graphs":
             config["cuda_graph_impl"] = "local"
             config["cuda_graph_scope"] = value.split(":") if value else []
@@ -516,7 +537,7 @@ def build_ours_step(spec: dict, batches, peak: float):
     total_steps = spec.get("total_steps", spec["warmup"] + spec["steps"])
     train = {"iters": total_steps, "lr_warmup_iters": 1, "global_batch_size": spec["global_batch"],
              "micro_batch_size": spec["micro_batch"], "seq_len": spec["seq_len"], "packing": True,
-             "gpus_per_node": int(on_gpu), "cpu_procs": 1, **frozen_towers(spec), **train_extra}
+             "gpus_per_node": int(on_gpu), "cpu_procs": 1, "save_interval": 0, **frozen_towers(spec), **train_extra}
     work = Path(spec["work"])
     settings = TrainSettings(hf_dir=spec["hf_dir"], init_checkpoint="", shards="", train_dir=str(work / "ours"),
                              train=train)
@@ -541,7 +562,13 @@ def build_ours_step(spec: dict, batches, peak: float):
     feed = batches if isinstance(batches, Feed) else Feed(batches)
     run = loop.Run(settings=settings, training=training, forward_step=forward_step, digest="bench", loader=None,
                    batches=TokenCounter(feed), evaluation=[], flops=FlopCounter(spec["hf_dir"], settings.train),
-                   peak=peak, log=None)
+                   peak=peak, log=None, prefetch=loop.new_prefetch(forward_step))
+
+    def forget_read_ahead():  # a block of another batch kind starts: the batches read ahead were the last block's
+        run.prefetch.drop()
+        run.batches.take()
+
+    feed.on_switch.append(forget_read_ahead)
     training.model.train()
     iteration = itertools.count(1)
 

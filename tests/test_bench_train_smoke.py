@@ -182,3 +182,27 @@ def test_the_towers_variant_runs_the_frozen_towers_per_micro_batch():
     assert options.step_tower_forward is False and options.joint_visual_forward is False
     with pytest.raises(SystemExit, match="only towers=per-micro-batch"):
         apply_variant(parse_variant("towers=step"))
+
+
+def test_the_lookahead_variant_runs_each_steps_towers_at_its_start():
+    """`--variants lookahead=off`: the same-run baseline of PerfOptions.tower_lookahead; base reads ahead."""
+    from train_throughput import apply_variant, parse_variant
+
+    assert apply_variant(parse_variant("base"))[3].tower_lookahead is True
+    options = apply_variant(parse_variant("lookahead=off"))[3]
+    assert options.tower_lookahead is False and options.step_tower_forward is True
+    with pytest.raises(SystemExit, match="only lookahead=off"):
+        apply_variant(parse_variant("lookahead=on"))
+
+
+def test_ours_and_transformers_time_the_same_batches_in_every_block(smoke):
+    """Each block of a row trains on the same batches of its kind's list as the same block of the packed
+    transformers row: ours reads the next step's first micro-batches ahead (PerfOptions.tower_lookahead), and a
+    block of another kind (a switch of the Feed's list) must start from its own list, not from what was read ahead
+    from the last block's (the smoke's second visit has no warm-up step to hide it)."""
+    _, out, _ = smoke
+    rows = {r["row"]: r for r in out["rows"]}
+    for kind in ("mm", "text"):
+        for repeat in (1, 2):
+            ours, theirs = rows[f"ours[base] {kind} #{repeat}"], rows[f"hf[sdpa] {kind} #{repeat}"]
+            assert ours["tokens_per_step"] == theirs["tokens_per_step"], (kind, repeat)

@@ -207,36 +207,50 @@ def step_batches(tiny_hf_dir, tmp_path_factory):
                                           ["image_audio"]])
 
 
-def _train(tiny_hf_dir, tmp_path, batches, step_towers: bool, frozen=("vision", "audio"), steps: int = 2):
-    """`steps` steps of two micro-batches through the training loop's step, towers frozen as `frozen` says: the step
-    records, the final trained parameters, the vision tower's calls (their grids) and how far the weights moved."""
+def _training_run(tiny_hf_dir, tmp_path, batches, options, frozen=("vision", "audio"), steps: int = 2,
+                  lookahead: bool = False, save_interval: int = 0):
+    """The loop's Run of `steps` steps of two micro-batches over `batches` (tiny weights, towers frozen as `frozen`
+    says), built with `options`; `lookahead`: the Run keeps its prefetch across steps, as the training loop's does."""
     from omni_model.convert.mapping import load_hf_into_model
-    from omni_model.model.options import PerfOptions
     from omni_model.train import build
     from omni_model.train.data import TokenCounter
     from omni_model.train.forward_step import forward_step
-    from omni_model.train.loop import Run, step
+    from omni_model.train.loop import Run, new_prefetch
     from omni_model.train.metrics import FlopCounter
     from omni_model.train.settings import TrainSettings
 
     settings = TrainSettings(hf_dir=str(tiny_hf_dir), init_checkpoint="", shards="", train_dir=str(tmp_path),
                              train=dict(iters=steps, lr_warmup_iters=0, micro_batch_size=1, global_batch_size=2,
-                                        clip_grad=1.0, lr=1e-3, seed=1234, gpus_per_node=0,
+                                        clip_grad=1.0, lr=1e-3, seed=1234, gpus_per_node=0, save_interval=save_interval,
                                         freeze_vision="vision" in frozen, freeze_audio="audio" in frozen))
     build.init_training_parallel(settings)
-    training = build.build_training(settings, load_initial_weights=False,
-                                    options=PerfOptions(step_tower_forward=step_towers))
+    training = build.build_training(settings, load_initial_weights=False, options=options)
     load_hf_into_model(training.thinker, tiny_hf_dir, prefix="")
     training.optimizer.reload_model_params()
-    run = Run(settings=settings, training=training, forward_step=forward_step, digest="", loader=None,
-              batches=TokenCounter(iter(batches)), evaluation=[], flops=FlopCounter(tiny_hf_dir), peak=None, log=None)
-    initial = {name: p.detach().clone() for name, p in training.thinker.named_parameters() if p.requires_grad}
-    calls, hook = _calls(training.thinker.vision_model, lambda args: args[1].tolist())
+    return Run(settings=settings, training=training, forward_step=forward_step, digest="", loader=None,
+               batches=TokenCounter(batches), evaluation=[], flops=FlopCounter(tiny_hf_dir), peak=None, log=None,
+               prefetch=new_prefetch(forward_step) if lookahead else None)
+
+
+def _trained(run) -> dict:
+    return {name: p.detach().clone() for name, p in run.training.thinker.named_parameters() if p.requires_grad}
+
+
+def _train(tiny_hf_dir, tmp_path, batches, step_towers: bool, frozen=("vision", "audio"), steps: int = 2):
+    """`steps` steps of two micro-batches through the training loop's step, towers frozen as `frozen` says: the step
+    records, the final trained parameters, the vision tower's calls (their grids) and how far the weights moved."""
+    from omni_model.model.options import PerfOptions
+    from omni_model.train.loop import step
+
+    run = _training_run(tiny_hf_dir, tmp_path, iter(batches), PerfOptions(step_tower_forward=step_towers), frozen,
+                        steps)
+    initial = _trained(run)
+    calls, hook = _calls(run.training.thinker.vision_model, lambda args: args[1].tolist())
     try:
         records = [step(run, i) for i in range(1, steps + 1)]
     finally:
         hook.remove()
-    params = {name: p.detach().clone() for name, p in training.thinker.named_parameters() if p.requires_grad}
+    params = _trained(run)
     moved = max((initial[n] - p).abs().max().item() for n, p in params.items())
     return records, params, calls, moved
 
@@ -280,9 +294,9 @@ def test_the_prefetch_leaves_trained_towers_and_other_items_alone(tiny_hf_dir, t
     """step_tower_outputs (what optimizer_step calls through forward_step.prefetch): frozen towers give each batch its
     outputs; an item that is not an OmniBatch is passed on for forward_step's TypeError; one trained tower parameter
     and the iterator comes back as it is."""
-    from omni_model.train.forward_step import WithTowerOutputs, forward_step, step_tower_outputs
+    from omni_model.train.forward_step import StepTowers, WithTowerOutputs, forward_step, step_tower_outputs
 
-    assert forward_step.prefetch is step_tower_outputs
+    assert forward_step.prefetch is StepTowers
     training = _frozen_towers_training(tiny_hf_dir, tmp_path, micro_batches=2)
     model = training.model
     items = iter(step_batches[:2])
@@ -343,3 +357,66 @@ def _frozen_towers_training(tiny_hf_dir, tmp_path, micro_batches: int):
                                         gpus_per_node=0, freeze_vision=True, freeze_audio=True))
     build.init_training_parallel(settings)
     return build.build_training(settings, load_initial_weights=False)
+
+
+def _look_ahead_run(tiny_hf_dir, tmp_path, batches, lookahead: bool, steps: int, save_interval: int = 0):
+    """`steps` loop steps with the Run's prefetch kept across them, PerfOptions.tower_lookahead = `lookahead`: the
+    records, the trained parameters, the order of the vision tower's calls ("towers") and the optimizer updates
+    ("update"), and how many batches were read from `batches`."""
+    from omni_model.model.options import PerfOptions
+    from omni_model.train.loop import step
+
+    read = []
+    source = (read.append(batch) or batch for batch in batches)
+    run = _training_run(tiny_hf_dir, tmp_path, source, PerfOptions(tower_lookahead=lookahead), steps=steps,
+                        lookahead=True, save_interval=save_interval)
+    order, hook = _calls(run.training.thinker.vision_model, lambda args: "towers")
+    optimizer, update = run.training.optimizer, run.training.optimizer.step
+    optimizer.step = lambda *args, **kwargs: order.append("update") or update(*args, **kwargs)
+    try:
+        records = [step(run, i) for i in range(1, steps + 1)]
+    finally:
+        hook.remove()
+        optimizer.step = update
+    return records, _trained(run), order, len(read)
+
+
+def test_the_next_steps_towers_run_before_this_steps_update_and_train_the_same(tiny_hf_dir, tmp_path, step_batches):
+    """PerfOptions.tower_lookahead: the next step's first micro-batches go through the frozen towers before this
+    step's optimizer update (so their launches overlap this step's backward on a GPU). Three steps against the switch
+    off: the same losses, grad norms, per-step token and sample counts (each step counts its own batches, not the ones
+    read for the next) and trained parameters, bit for bit; the last step reads nothing ahead (the iterator is read
+    exactly as far as the steps need)."""
+    batches = step_batches + step_batches[:2] + step_batches[2:]  # 3 steps of 2, and 2 batches no step needs
+    ahead, ahead_params, ahead_order, ahead_read = _look_ahead_run(tiny_hf_dir, tmp_path / "ahead", batches, True, 3)
+    start, start_params, start_order, start_read = _look_ahead_run(tiny_hf_dir, tmp_path / "start", batches, False, 3)
+    assert start_order == ["towers", "update"] * 3
+    assert ahead_order == ["towers", "towers", "update", "towers", "update", "update"]
+    assert ahead_read == start_read == 6
+    keys = ("loss", "grad_norm", "label_tokens", "tokens", "samples", "padded_tokens", "flops_vision", "flops_audio")
+    assert [{k: r[k] for k in keys} for r in ahead] == [{k: r[k] for k in keys} for r in start]
+    assert len({r["tokens"] for r in ahead}) > 1  # the steps' batches differ: a count off by a step shows
+    assert ahead_params.keys() == start_params.keys()
+    assert all(torch.equal(p, start_params[n]) for n, p in ahead_params.items())
+
+
+def test_no_look_ahead_before_a_checkpoint(tiny_hf_dir, tmp_path, step_batches):
+    """A step followed by a checkpoint (save_interval 2: after step 2) reads nothing for the next step: the loader
+    state the checkpoint saves must not count batches that no step has trained on (a resumed run would skip them)."""
+    batches = step_batches + step_batches[:2]
+    _, _, order, read = _look_ahead_run(tiny_hf_dir, tmp_path, batches, True, 3, save_interval=2)
+    assert order == ["towers", "towers", "update", "update", "towers", "update"]
+    assert read == 6
+
+
+def test_token_counter_leaves_the_batches_read_ahead_to_the_next_step(step_batches):
+    from omni_model.train.data import TokenCounter
+
+    counter = TokenCounter(iter(step_batches))
+    first, second, third = next(counter), next(counter), next(counter)
+    counts = counter.take(held=[third])
+    assert counts["tokens"] == int(first.num_tokens) + int(second.num_tokens)
+    assert counter.take()["tokens"] == int(third.num_tokens)
+    next(counter)
+    with pytest.raises(ValueError, match="held for the next step are not the last ones read"):
+        counter.take(held=[first])

@@ -204,17 +204,17 @@ def test_vision_cuda_bf16_varlen_matches_hf(tiny_hf_dir, weights, models):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_tables_give_mcores_rope_bit_for_bit(tiny_hf_dir, weights, parallel, dtype):
-    """PerfOptions.tower_rope_tables (encoder_layers.RotaryTables: cos and signed sin made once per forward, 4
+    """PerfOptions.tower_rope_tables (rope.RotaryTables: cos and signed sin made once per forward, 4
     kernels per query/key) against mcore's apply_rotary_pos_emb in every layer: the same embeddings, deepstack
     features and input gradients, bit for bit, in fp32 and in bf16 (the training dtype)."""
-    from omni_model.model.encoder_layers import RotaryTables, TowerSelfAttention
+    from omni_model.model.rope import RotaryTables, RotaryTableSelfAttention
     from omni_model.model.vision import VisionEncoder, vision_transformer_config
 
     cfg = hf_config_dict(tiny_hf_dir)
     model = VisionEncoder(cfg, vision_transformer_config(cfg, params_dtype=dtype)).eval()
     load_tower(model, weights["sharp"], cfg, "vision_model.")
     attention = model.decoder.layers[0].self_attention
-    assert isinstance(attention, TowerSelfAttention)
+    assert isinstance(attention, RotaryTableSelfAttention)
     pixels, grid = vision_inputs(GRIDS["video_and_image"])
     used = []
     real_apply = RotaryTables.apply

@@ -1,7 +1,8 @@
 # The headline in ONE call (~9.5 minutes), for a session whose device time allows few calls: every batch encoded
 # (with the profiled step's, so profile.sh on the still-warm machine loads them), then ours against every
 # transformers row (packed flex_attention, length-grouped padded, packed sdpa, the +fp32 precision row), each row
-# twice; ours' same-run baseline variants last (the budget drops what does not fit, listed in the json). The +fp32
+# twice; ours' same-run baseline variants last (lookahead=off first: the newest change; the budget drops what does
+# not fit, listed in the json). The +fp32
 # precision row is left out by default: at micro-batch 2 it runs out of memory on an 80 GB card (sessions 14-16), and
 # its 45 s crowd out ours' baselines (session 16); call3.sh runs it at transformers' micro-batch 1.
 SECONDS=0
@@ -12,7 +13,7 @@ python3 bench/train_throughput.py $COMMON --hf-attn flex_attention,sdpa,padded -
   > $OUT/headline.log 2>&1
 echo "encoded at $SECONDS s" | tee -a $OUT/headline.log
 python3 bench/train_throughput.py $COMMON --hf-attn ${HF_ROWS:-flex_attention,padded,sdpa} \
-  --variants ${VARIANTS:-base,visual=apart+towers=per-micro-batch,towers=per-micro-batch} --budget $((LEFT - 10 - SECONDS)) --json /tmp/o/train_throughput.json \
+  --variants ${VARIANTS:-base,lookahead=off,towers=per-micro-batch,visual=apart+towers=per-micro-batch} --budget $((LEFT - 10 - SECONDS)) --json /tmp/o/train_throughput.json \
   >> $OUT/headline.log 2>&1
 echo "done at $SECONDS s" | tee -a $OUT/headline.log
 cp /tmp/o/train_throughput.json $OUT/ 2>/dev/null

@@ -208,7 +208,7 @@ SEAMS: tuple[Seam, ...] = (
     _seam("model.tower_rope_tables", MCORE, ["megatron.core.transformer.attention:SelfAttention."
                                              "get_query_key_value_tensors",
                                              "megatron.core.transformer.attention:Attention.forward"],
-          "omni_model.model.encoder_layers:TowerSelfAttention", "subclass",
+          "omni_model.model.rope:RotaryTableSelfAttention", "subclass",
           "the towers' attention applies RoPE tables to query and key as get_query_key_value_tensors returns them "
           "(split: no fused single-QKV RoPE) and hands mcore's forward rotary_pos_emb=None",
           switch="tower_rope_tables", fingerprint='a15e1f4daaa28368'),
@@ -375,6 +375,36 @@ SEAMS: tuple[Seam, ...] = (
           "on the schedule reading exactly num_microbatches items, in micro-batch order; switched off, the towers run "
           "in every micro-batch's forward as the schedule calls it",
           switch="step_tower_forward", fingerprint='bf8cd460e6c34c84'),
+    _seam("train.tower_lookahead", MCORE, [f"{_SCHEDULES}:forward_backward_no_pipelining",
+                                           "megatron.core.distributed.finalize_model_grads:finalize_model_grads"],
+          "omni_model.train.forward_step:StepTowers", "call",
+          "optimizer_step reads the next step's first micro-batches from the data iterator right after the schedule "
+          "(which read exactly num_microbatches) and launches their frozen towers there: relies on the schedule and "
+          "finalize_model_grads returning with the step's backward still queued on the GPU (no host read or "
+          "synchronize of their own), so the towers' launches overlap it; the next step's schedule takes those items "
+          "first", switch="tower_lookahead", fingerprint='9be63de1de07ec7c'),
+    _seam("model.llm_rope_tables", MCORE, ["megatron.core.transformer.attention:SelfAttention."
+                                           "get_query_key_value_tensors",
+                                           "megatron.core.transformer.attention:Attention.forward",
+                                           "megatron.core.transformer.transformer_block:TransformerBlock.forward"],
+          "omni_model.model.language_model:Qwen3OmniLanguageModel._layers_rotary", "subclass",
+          "the language model hands its layers RotaryTables as rotary_pos_emb (the block passes it on untouched unless "
+          "it checkpoints whole layers: not with full recompute); its attention applies them to query and key after "
+          "the query / key norms and gives mcore's forward rotary_pos_emb=None", switch="llm_rope_tables",
+          fingerprint='92b6892c191434e1'),
+    _seam("model.fused_rope", MCORE, "megatron.core.models.common.embeddings.rope_utils:_apply_rotary_pos_emb_bshd",
+          "omni_model.model.fused_kernels:rotary", "switch",
+          "mcore's unfused rotate-half RoPE (cos and sin cast to the input dtype, t*cos + rotate_half(t)*sin, each "
+          "product rounded): the Triton kernel keeps those roundings", switch="fused_rope",
+          fingerprint='4a54b66e47ae8722'),
+    _seam("model.fused_rms_norm", HF, f"{_HF_THINKER}:Qwen3OmniMoeThinkerTextRMSNorm.forward",
+          "omni_model.model.fused_kernels:rms_norm", "switch",
+          "the RMSNorm's numerics are HF's (fp32 normalisation, cast to the input dtype, times the weight); on CUDA one "
+          "Triton kernel each way computes them", switch="fused_rms_norm", fingerprint='d676bfe9af0e524d'),
+    _seam("model.fused_swiglu", MCORE, f"{_MOE}.experts:TEGroupedMLP.forward",
+          "omni_model.model.fused_kernels:swiglu_with_probs", "switch",
+          "TEGroupedMLP applies the routing probs inside its activation (silu(gate) * up * prob, rows [gate | up]); "
+          "on CUDA one Triton kernel each way computes it", switch="fused_swiglu", fingerprint='3bc6de697f024255'),
     _seam("train.moe_metrics_reset", MCORE, "megatron.core.transformer.moe.moe_logging:destroy_moe_metrics_tracker",
           "omni_model.train.build:wrap_for_training", "call",
           "mcore's process-global MoE metrics tracker is sized by the first model that records: each built training "

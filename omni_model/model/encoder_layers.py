@@ -15,7 +15,6 @@ of these encoders does (so CPU parity with HF is at rounding level).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Optional
@@ -39,6 +38,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from .attention import PackedKernelChoice, packed_attention, per_token_rope_packing
 from .linear import LocalColumnParallelLinear, LocalRowParallelLinear
+from .rope import RotaryTableSelfAttention
 
 # ---------------------------------------------------------------------------------------------------------------
 # process groups
@@ -206,56 +206,6 @@ class PackedSDPAttention(PackedKernelChoice, MegatronModule):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class RotaryTables:
-    """A tower's rotate-half RoPE as two tables computed once per forward, in the activations' dtype: `cos` and
-    `sin_signed` (sin with the rotate-half sign folded into its first half), [t, 1, 1, d].
-
-    Why: mcore's `apply_rotary_pos_emb` takes the angles and, in every layer and for query and key apart, takes
-    their cos and sin, scales and casts them, builds rotate-half from a negation and a concatenation, and
-    concatenates an empty pass-through part: ~12 kernels a tensor. `apply` is 4 (x*cos + roll(x)*sin_signed) and gives
-    the same values bit for bit: roll(x) by d/2 is cat(x2, x1), and x2 * -sin1 is exactly -x2 * sin1."""
-
-    cos: torch.Tensor
-    sin_signed: torch.Tensor
-
-    @classmethod
-    def from_angles(cls, freqs: torch.Tensor, dtype: torch.dtype) -> "RotaryTables":
-        half = freqs.shape[-1] // 2
-        sin = torch.sin(freqs)
-        return cls(torch.cos(freqs).to(dtype), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).to(dtype))
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.cos.shape[-1]:
-            raise ValueError(f"RoPE tables of width {self.cos.shape[-1]} for heads of {x.shape[-1]}: the towers "
-                             "rotate whole heads")
-        return x * self.cos + x.roll(x.shape[-1] // 2, dims=-1) * self.sin_signed
-
-
-class TowerSelfAttention(SelfAttention):
-    """mcore's SelfAttention that also takes `rotary_pos_emb` as RotaryTables: applied to query and key right after
-    the QKV projection, and mcore's own RoPE skipped. Angles (a tensor) still go to mcore's RoPE."""
-
-    _rotary_tables = None
-
-    def forward(self, hidden_states, *args, rotary_pos_emb=None, **kwargs):
-        if not isinstance(rotary_pos_emb, RotaryTables):
-            return super().forward(hidden_states, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
-        self._rotary_tables = rotary_pos_emb
-        try:
-            return super().forward(hidden_states, *args, rotary_pos_emb=None, **kwargs)
-        finally:
-            self._rotary_tables = None
-
-    def get_query_key_value_tensors(self, *args, **kwargs):
-        qkv = super().get_query_key_value_tensors(*args, **kwargs)
-        tables = self._rotary_tables
-        if tables is None:
-            return qkv
-        query, key, *rest = qkv  # split_qkv: mcore splits whenever it applies no fused single-QKV RoPE (ours)
-        return (tables.apply(query), tables.apply(key), *rest)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # layer spec
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,7 +254,7 @@ def encoder_layer_spec(use_te: bool = False) -> ModuleSpec:
         submodules=TransformerLayerSubmodules(
             input_layernorm=EncoderLayerNorm,
             self_attention=ModuleSpec(
-                module=TowerSelfAttention,
+                module=RotaryTableSelfAttention,
                 params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=LocalColumnParallelLinear,

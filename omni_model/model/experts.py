@@ -26,6 +26,8 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_exper
 from megatron.core.transformer.moe.experts import TEGroupedMLP
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from . import fused_kernels
+
 
 def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     """`a` and `b` are the same view of the same memory (what an in-place checkpoint load hands back)."""
@@ -234,8 +236,17 @@ class GroupedGemmExperts(TEGroupedMLP):
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         assert config.gated_linear_unit and config.activation_func is torch.nn.functional.silu
         fc1_output, _ = self.linear_fc1(permuted_local_hidden_states, tokens_per_expert)
-        output, _ = self.linear_fc2(swiglu_with_probs(fc1_output, permuted_probs), tokens_per_expert)
+        if self.fused_swiglu and fc1_output.is_cuda and fused_kernels.available():
+            activated = fused_kernels.swiglu_with_probs(fc1_output, permuted_probs)
+        else:
+            activated = swiglu_with_probs(fc1_output, permuted_probs)
+        output, _ = self.linear_fc2(activated, tokens_per_expert)
         return output, None
+
+    fused_swiglu = True  # PerfOptions.fused_swiglu (apply_options sets it on the instance)
+
+    def use_options(self, options) -> None:
+        self.fused_swiglu = options.fused_swiglu
 
     def set_backend(self, backend: str) -> None:
         """'auto' (grouped GEMM) or 'loop' (per-expert reference, used by the equality test)."""

@@ -37,7 +37,7 @@ from .chunked_loss import chunked_lm_loss
 from .context_parallel import local_rows
 from .cross_entropy import vocab_parallel_cross_entropy
 from .options import DEFAULT, PerfOptions, apply_options
-from .rope import InterleavedMRoPE
+from .rope import InterleavedMRoPE, RotaryTables, RotaryTableSelfAttention
 from .specs import decoder_block_spec
 from .transformer_config import Layout, build_transformer_config, deepstack_count, rope_params, text_config_of
 
@@ -47,8 +47,13 @@ class Qwen3OmniLanguageModel(GPTModel):
     # train.loss_chunk_tokens: logit rows of the LM loss at a time when a micro-batch has more (0: never chunked)
     loss_chunk_tokens = 0
 
+    rope_tables = DEFAULT.llm_rope_tables
+    fused_rope = DEFAULT.fused_rope
+
     def use_options(self, options: PerfOptions) -> None:
         self.fuse_ce_on_gpu = options.fuse_ce_on_gpu
+        self.rope_tables = options.llm_rope_tables
+        self.fused_rope = options.fused_rope
 
     def __init__(self, config, text_cfg: dict, transformer_layer_spec, num_deepstack: int = 0, use_te: bool = False,
                  **kw):
@@ -121,6 +126,17 @@ class Qwen3OmniLanguageModel(GPTModel):
         dense = dense.masked_scatter(mask[:, :, None, None].expand_as(dense), vals)  # row-major (b, s) like HF
         return dense.transpose(0, 1).contiguous()  # [S, B, n, H]
 
+    def _layers_rotary(self, angles: torch.Tensor):
+        """What the layers take as rotary_pos_emb: RotaryTables made once for all of them (PerfOptions.llm_rope_tables;
+        mcore's RoPE takes cos and sin of the angles in every layer, for query and key apart), or the angles for
+        mcore's RoPE: with the switch off, mcore's THD RoPE (no per-token packing), or full recompute (mcore's
+        checkpoint saves the layers' arguments as tensors)."""
+        layers = self.decoder.layers
+        if (self.rope_tables and self.per_token_rope and self.config.recompute_granularity != "full" and len(layers)
+                and isinstance(layers[0].self_attention, RotaryTableSelfAttention)):
+            return RotaryTables.from_angles(angles, self.config.params_dtype, fused=self.fused_rope)
+        return angles
+
     def forward(
         self,
         input_ids: Optional[torch.Tensor] = None,
@@ -176,7 +192,7 @@ class Qwen3OmniLanguageModel(GPTModel):
             hidden_states=decoder_input,
             attention_mask=attention_mask,
             context=context,
-            rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_emb=self._layers_rotary(rotary_pos_emb),
             packed_seq_params=packed_seq_params,
             inference_context=inference_context,
             padding_mask=padding_mask,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import fused_kernels
+
 
 class RMSNorm(nn.Module):
     """Drop-in for mcore's norm slot: `RMSNorm(config=..., hidden_size=..., eps=...)`."""
@@ -25,8 +27,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         # Replicated weight fed by sequence-sharded activations: its grad is a partial sum per TP rank.
         setattr(self.weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
+        self.fused = True  # PerfOptions.fused_rms_norm (apply_options sets it)
+
+    def use_options(self, options) -> None:
+        self.fused = options.fused_rms_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.is_cuda and x.dtype == self.weight.dtype and fused_kernels.available():
+            return fused_kernels.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

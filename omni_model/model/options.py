@@ -54,6 +54,24 @@ class PerfOptions:
     # (train/forward_step.py step_tower_outputs, thinker.py tower_outputs); False: the towers run in each micro-batch's forward, as mcore's
     # schedule calls the model once per micro-batch. Trained towers always run per micro-batch
     step_tower_forward: bool = True
+    # with it, the next step's first group of micro-batches read and sent through the frozen towers after this step's
+    # last backward is launched, before the optimizer's host reads: the host launches the towers' small kernels while
+    # the GPU runs that backward, not while it idles at the next step's start (train/forward_step.py StepTowers;
+    # not before a checkpoint or after the last step); False: each step runs its own towers at its start
+    tower_lookahead: bool = True
+    # the language model's RoPE from cos / signed-sin tables made once per forward, 4 kernels per query/key
+    # (rope.RotaryTables, as tower_rope_tables does for the vision tower); False: mcore's apply_rotary_pos_emb in
+    # every layer (~12 per query/key)
+    llm_rope_tables: bool = True
+    # on CUDA, RotaryTables applied by one Triton kernel each way (fused_kernels.rotary; the LLM's and the vision
+    # tower's); False: their 4 torch kernels
+    fused_rope: bool = True
+    # on CUDA, the language model's (and talker's) RMSNorms as one Triton kernel each way (fused_kernels.rms_norm);
+    # False: the torch ops of HF's RMSNorm (~7 kernels forward, ~10 backward, fp32 copies of the activations)
+    fused_rms_norm: bool = True
+    # on CUDA, the experts' silu(gate) * up * routing prob as one Triton kernel each way
+    # (fused_kernels.swiglu_with_probs); False: experts.swiglu_with_probs' torch ops (4 forward, ~8 backward)
+    fused_swiglu: bool = True
 
     def __post_init__(self):
         if self.packed_kernel not in PACKED_KERNELS:

@@ -9,12 +9,23 @@ assigns contiguous sections (Qwen2-VL style), which is NOT this model's layout.
 Output: angles `[S, B, 1, head_dim]` (fp32); mcore's `apply_rotary_pos_emb` takes cos/sin of them (non-interleaved
 rotate-half, `config.rotary_interleaved=False`), both for [S,B] and packed THD inputs (THD uses per-token angles
 when the angle tensor has one row per packed token, which it has here).
+
+`RotaryTables` + `RotaryTableSelfAttention`: the same rotate-half RoPE from cos / signed-sin tables made once per
+forward instead of mcore's per-layer, per-tensor work on the angles (the towers: PerfOptions.tower_rope_tables; the
+language model: PerfOptions.llm_rope_tables), applied on CUDA by one Triton kernel each way
+(fused_kernels.rotary, PerfOptions.fused_rope).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
+
+from megatron.core.transformer.attention import SelfAttention
+
+from . import fused_kernels
 
 
 def interleaved_axis_index(num_freqs: int, mrope_section) -> torch.Tensor:
@@ -51,3 +62,60 @@ class InterleavedMRoPE(nn.Module):
         picked = torch.gather(freqs, 0, axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])).squeeze(0)  # [B, S, F]
         emb = torch.cat((picked, picked), dim=-1)  # [B, S, D]
         return emb.transpose(0, 1).unsqueeze(2).contiguous()  # [S, B, 1, D]
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryTables:
+    """Rotate-half RoPE as two tables computed once per forward, in the activations' dtype: `cos` and `sin_signed`
+    (sin with the rotate-half sign folded into its first half), [s, b, 1, d] like the angles they come from.
+
+    Why: mcore's `apply_rotary_pos_emb` takes the angles and, in every layer and for query and key apart, takes
+    their cos and sin, scales and casts them, builds rotate-half from a negation and a concatenation, and
+    concatenates an empty pass-through part: ~12 kernels a tensor. `apply` is 4 (x*cos + roll(x)*sin_signed) and gives
+    the same values bit for bit: roll(x) by d/2 is cat(x2, x1), and x2 * -sin1 is exactly -x2 * sin1. With `fused`
+    (PerfOptions.fused_rope) a CUDA tensor takes one Triton kernel instead, with the same roundings."""
+
+    cos: torch.Tensor
+    sin_signed: torch.Tensor
+    fused: bool = False
+
+    @classmethod
+    def from_angles(cls, freqs: torch.Tensor, dtype: torch.dtype, fused: bool = False) -> "RotaryTables":
+        half = freqs.shape[-1] // 2
+        sin = torch.sin(freqs)
+        return cls(torch.cos(freqs).to(dtype), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).to(dtype),
+                   fused)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.cos.shape[-1]:
+            raise ValueError(f"RoPE tables of width {self.cos.shape[-1]} for heads of {x.shape[-1]}: whole heads are "
+                             "rotated")
+        if self.fused and x.is_cuda and x.dtype == self.cos.dtype and fused_kernels.available():
+            return fused_kernels.rotary(x, self.cos, self.sin_signed)
+        cos, sin_signed = self.cos.to(x.dtype), self.sin_signed.to(x.dtype)  # as mcore's RoPE: in x's dtype
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
+
+
+class RotaryTableSelfAttention(SelfAttention):
+    """mcore's SelfAttention that also takes `rotary_pos_emb` as RotaryTables: applied to query and key right after
+    get_query_key_value_tensors (the projection, and the query / key norms where the layer has them), and mcore's own
+    RoPE skipped. Angles (a tensor) still go to mcore's RoPE."""
+
+    _rotary_tables = None
+
+    def forward(self, hidden_states, *args, rotary_pos_emb=None, **kwargs):
+        if not isinstance(rotary_pos_emb, RotaryTables):
+            return super().forward(hidden_states, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
+        self._rotary_tables = rotary_pos_emb
+        try:
+            return super().forward(hidden_states, *args, rotary_pos_emb=None, **kwargs)
+        finally:
+            self._rotary_tables = None
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        qkv = super().get_query_key_value_tensors(*args, **kwargs)
+        tables = self._rotary_tables
+        if tables is None:
+            return qkv
+        query, key, *rest = qkv  # split_qkv: mcore splits whenever it applies no fused single-QKV RoPE (ours)
+        return (tables.apply(query), tables.apply(key), *rest)

@@ -45,6 +45,7 @@ from .dispatcher import OmniMoELayer
 from .experts import ColumnGroupedLinear, GroupedGemmExperts, RowGroupedLinear
 from .linear import LocalColumnParallelLinear, LocalRowParallelLinear
 from .norm import RMSNorm
+from .rope import RotaryTableSelfAttention
 from .router import OmniTopKRouter
 from ..configs import moe_layer_pattern  # noqa: F401  (torch-free home: the planner reads it too)
 
@@ -104,7 +105,9 @@ def _attention_spec(use_te: bool) -> ModuleSpec:
             q_layernorm=RMSNorm,
             k_layernorm=RMSNorm,
         )
-    return ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal}, submodules=sub)
+    # without TE: RoPE from tables made once per forward (rope.RotaryTableSelfAttention, PerfOptions.llm_rope_tables)
+    attention = SelfAttention if use_te else RotaryTableSelfAttention
+    return ModuleSpec(module=attention, params={"attn_mask_type": AttnMaskType.causal}, submodules=sub)
 
 
 def _moe_spec(use_te: bool, shared_expert: bool = False) -> ModuleSpec:

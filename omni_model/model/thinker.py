@@ -128,10 +128,12 @@ class Qwen3OmniThinker(MegatronModule):
         self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
         self.joint_visual_forward = True  # PerfOptions.joint_visual_forward (apply_options sets it)
         self.step_tower_forward = True  # PerfOptions.step_tower_forward (read by the training step)
+        self.tower_lookahead = True  # PerfOptions.tower_lookahead (read by the training step)
 
     def use_options(self, options) -> None:
         self.joint_visual_forward = options.joint_visual_forward
         self.step_tower_forward = options.step_tower_forward
+        self.tower_lookahead = options.tower_lookahead
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)

@@ -31,8 +31,6 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .encoder_layers import (
-    RotaryTables,
-    TowerSelfAttention,
     encoder_layer_spec,
     encoder_process_groups,
     encoder_transformer_config,
@@ -44,6 +42,7 @@ from .encoder_layers import (
     tp_world_size,
 )
 from .linear import LocalColumnParallelLinear, LocalRowParallelLinear
+from .rope import RotaryTables, RotaryTableSelfAttention
 from .transformer_config import current_tp_size, vision_config_of
 
 _ACTIVATIONS = {
@@ -276,6 +275,7 @@ class VisionEncoder(MegatronModule):
         self.rope_theta = float(rope.get("rope_theta", v.get("rope_theta", 10000.0)))
         self.recompute = tconfig.recompute_granularity == "full"
         self.rope_tables = True  # PerfOptions.tower_rope_tables (apply_options sets it)
+        self.fused_rope = True  # PerfOptions.fused_rope
 
         device = plain_param_device(tconfig)
         dtype = tconfig.params_dtype
@@ -293,6 +293,7 @@ class VisionEncoder(MegatronModule):
 
     def use_options(self, options) -> None:
         self.rope_tables = options.tower_rope_tables
+        self.fused_rope = options.fused_rope
 
     # the mcore pipeline schedule calls this on every model chunk; the tower is never split across stages
     def set_input_tensor(self, input_tensor) -> None:  # pragma: no cover - trivial
@@ -309,8 +310,8 @@ class VisionEncoder(MegatronModule):
         pos = (self.pos_embed(interp_idx) * interp_w[:, :, None]).sum(1)
         x = x + pos.to(x.dtype)
         rotary = vision_rotary_freqs(host_to_device(positions, device), self.head_dim, self.rope_theta)
-        if self.rope_tables and isinstance(self.decoder.layers[0].self_attention, TowerSelfAttention):
-            rotary = RotaryTables.from_angles(rotary, x.dtype)
+        if self.rope_tables and isinstance(self.decoder.layers[0].self_attention, RotaryTableSelfAttention):
+            rotary = RotaryTables.from_angles(rotary, x.dtype, fused=self.fused_rope)
         packed = packed_seq_params(host_to_device(cu_seqlens, device), max_seqlen)
 
         deepstack: list[torch.Tensor] = []

@@ -16,41 +16,41 @@ from .settings import TrainSettings
 class TokenCounter:
     """Wraps a batch iterator and counts what passes through (the forward step pulls the batches itself): real
     (non-padding) tokens, label tokens, samples, conversation lengths and media sizes (for the model FLOPs).
-    `take()` returns the counts since the last call."""
+    `take()` returns the counts of the batches read since the last call; `take(held)` leaves out `held`, the last
+    batches read, for the NEXT step already (the frozen towers' look-ahead, forward_step.StepTowers), which the next
+    call counts: a step's counts are always its own batches'."""
 
     def __init__(self, iterator):
         self.iterator = iterator
-        self.reset()
-
-    def reset(self) -> None:
-        self.tokens = self.trained = self.samples = self.padded = 0
-        self.seq_lens: list = []  # lengths of the conversations seen (for attention FLOPs)
-        self.vision_grids: list = []  # (t, h, w) patches of every image and video
-        self.audio_frames: list = []  # mel frames of every audio clip
-        self.skipped = 0
+        self._read: list = []  # batches read and not yet counted
 
     def __iter__(self):
         return self
 
     def __next__(self):
         batch = next(self.iterator)
-        self.tokens += int(batch.num_tokens)
-        self.trained += int(batch.num_trained)
-        self.samples += sum(len(row) for row in batch.sample_ids)
-        self.padded += int(batch.input_ids.numel())
-        self.seq_lens.extend(_sequence_lengths(batch))
-        for grid in (batch.image_grid_thw, batch.video_grid_thw):
-            if grid is not None:
-                self.vision_grids.extend(tuple(row) for row in grid.tolist())
-        self.audio_frames.extend(_audio_frames(batch))
-        self.skipped += int(sum((getattr(batch, "skipped", None) or {}).values()))
+        self._read.append(batch)
         return batch
 
-    def take(self) -> dict:
-        counts = {"tokens": self.tokens, "trained": self.trained, "samples": self.samples, "padded": self.padded,
-                  "seq_lens": self.seq_lens, "vision_grids": self.vision_grids, "audio_frames": self.audio_frames,
-                  "skipped": self.skipped}
-        self.reset()
+    def take(self, held=()) -> dict:
+        held = list(held)
+        split = len(self._read) - len(held)
+        if split < 0 or any(a is not b for a, b in zip(self._read[split:], held)):
+            raise ValueError(f"the {len(held)} batch(es) held for the next step are not the last ones read")
+        counted, self._read = self._read[:split], self._read[split:]
+        counts = {"tokens": 0, "trained": 0, "samples": 0, "padded": 0, "seq_lens": [], "vision_grids": [],
+                  "audio_frames": [], "skipped": 0}
+        for batch in counted:
+            counts["tokens"] += int(batch.num_tokens)
+            counts["trained"] += int(batch.num_trained)
+            counts["samples"] += sum(len(row) for row in batch.sample_ids)
+            counts["padded"] += int(batch.input_ids.numel())
+            counts["seq_lens"].extend(_sequence_lengths(batch))
+            for grid in (batch.image_grid_thw, batch.video_grid_thw):
+                if grid is not None:
+                    counts["vision_grids"].extend(tuple(row) for row in grid.tolist())
+            counts["audio_frames"].extend(_audio_frames(batch))
+            counts["skipped"] += int(sum((getattr(batch, "skipped", None) or {}).values()))
         return counts
 
 

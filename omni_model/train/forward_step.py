@@ -28,7 +28,9 @@ With frozen towers (PerfOptions.step_tower_forward, the default; `step_tower_out
 micro-batches a group at a time (STEP_TOWER_GROUP) and runs each tower ONCE over the group's media (under no_grad: no
 tower parameter trains), and forward_step hands each micro-batch its share to the thinker (`tower_outputs`) instead
 of its media: the towers' host time per layer call (the launch-bound multimodal step waits for it) is paid once per
-group, not per micro-batch.
+group, not per micro-batch. With PerfOptions.tower_lookahead (the default) a run's `StepTowers` also reads the NEXT
+step's first group before this step's optimizer update and launches its towers behind this step's backward, so that
+host time overlaps GPU work instead of opening the next step.
 
 A packed batch is one THD row: B rows of S tokens are flattened to [1, B*S] (its `cu_seqlens` already count over the
 flattened tokens; mcore's THD attention takes batch 1). Every keyword is passed by name: mcore's `Float16Module`
@@ -221,14 +223,14 @@ STEP_TOWER_GROUP = 2
 
 def step_tower_outputs(model, data_iterator, num_microbatches: int, group: int = STEP_TOWER_GROUP):
     """The step's micro-batches for forward_step, with the towers run once per `group` of them when they are frozen
-    (PerfOptions.step_tower_forward; optimizer_step calls this through `forward_step.prefetch`).
+    (PerfOptions.step_tower_forward; optimizer_step calls this through `StepTowers`, `forward_step.prefetch`).
 
     mcore's schedule calls the model once per micro-batch, the towers included; but frozen towers do not change
     within a step, so the outputs for several micro-batches can come from ONE forward per tower (thinker.tower_outputs:
     split back per micro-batch at counts from the host grids and the clip lengths the audio tower has on the host
     anyway: no device read of its own). Lazily, a group at a time: when the schedule asks for the first micro-batch of
-    a group, its `group` batches are read from `data_iterator` (a TokenCounter counts them as it would during the
-    schedule) and their towers run; the group's outputs stay on the device until its micro-batches have run.
+    a group, its `group` batches are read from `data_iterator` and their towers run; the group's outputs stay on the
+    device until its micro-batches have run.
     Anything else (the switch off, a tower trained, no tower on this pipeline stage) gets `data_iterator` back
     unchanged; an item that is not an OmniBatch is passed on as it is (forward_step names it). Context parallelism
     needs nothing more: its padding leaves the media as they are and every CP rank runs the towers on the whole media
@@ -253,7 +255,52 @@ def _grouped_tower_outputs(thinker, data_iterator, num_microbatches: int, group:
         yield from (WithTowerOutputs(batch, outputs) for batch, outputs in zip(batches, towers))
 
 
-forward_step.prefetch = step_tower_outputs
+class StepTowers:
+    """The thinker's `forward_step.prefetch`: one per training run (loop.Run.prefetch), `step_tower_outputs` for
+    each step, and with PerfOptions.tower_lookahead the NEXT step's first group read and sent through the frozen
+    towers before this step's optimizer update (`read_ahead`).
+
+    Why: the towers' forward is many small kernels whose launches the host cannot issue as fast as the GPU runs them.
+    At a step's start the GPU has nothing queued (the previous step ended on the optimizer's host reads), so it idles
+    while the host launches them: the host-bound part of a multimodal step. optimizer_step calls `read_ahead` when the
+    schedule has launched the step's last backward and before the optimizer's first host read: the GPU still has that
+    backward queued, and the host launches the next step's towers behind it instead. The next step's iterator yields
+    those items first. Its values are the same (frozen towers do not change in an update; tests/test_step_towers.py).
+
+    The loop decides when not to read ahead: at the last step, and before a checkpoint (the loader's saved state would
+    count the batches read ahead as trained, and a resumed run would skip them). `held` names the batches read for
+    the next step, which the step's token counts leave to the next (data.TokenCounter.take); `drop` forgets them (a
+    benchmark switching its batch list)."""
+
+    def __init__(self, group: int = STEP_TOWER_GROUP):
+        self.group = group
+        self.ahead: list = []  # the next step's first items, read and (frozen towers) through the towers already
+
+    def __call__(self, model, data_iterator, num_microbatches: int):
+        ahead, self.ahead = self.ahead, []
+        if len(ahead) > num_microbatches:
+            raise ValueError(f"{len(ahead)} micro-batches were read ahead for a step of {num_microbatches}")
+        rest = step_tower_outputs(model, data_iterator, num_microbatches - len(ahead), self.group)
+        return itertools.chain(ahead, rest) if ahead else rest
+
+    def read_ahead(self, model, data_iterator, num_microbatches: int) -> None:
+        """Reads the first group of the next step (of `num_microbatches`) and launches its towers, when the towers
+        are frozen and PerfOptions.tower_lookahead is on; else nothing is read."""
+        thinker = _frozen_towers_thinker(model)
+        if thinker is None or not thinker.tower_lookahead or data_iterator is None or self.ahead:
+            return
+        count = min(self.group, num_microbatches)
+        self.ahead = list(_grouped_tower_outputs(thinker, data_iterator, count, self.group))
+
+    @property
+    def held(self) -> list:
+        return [item.batch if isinstance(item, WithTowerOutputs) else item for item in self.ahead]
+
+    def drop(self) -> None:
+        self.ahead = []
+
+
+forward_step.prefetch = StepTowers
 
 
 def _frozen_towers_thinker(model):

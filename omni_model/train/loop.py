@@ -173,6 +173,9 @@ class Run:
     peak: Optional[float]  # peak TFLOP/s per device (MFU), None when unknown
     log: MetricsLog
     stage: Optional[Stage] = None  # None: the thinker's (tests and benches that build a Run themselves)
+    # the forward step's prefetch of this run (`forward_step.prefetch()`: the thinker's frozen towers, StepTowers),
+    # kept across steps for its look-ahead; None: optimizer_step makes one per step (no look-ahead)
+    prefetch: Optional[object] = None
 
 
 def train(settings: TrainSettings, forward_step: Optional[Callable] = None, stage: Optional[Stage] = None) -> None:
@@ -224,7 +227,8 @@ def _prepare(settings: TrainSettings, stage: Stage, training, digest: str, loade
     log = MetricsLog(settings.metrics_path, Path(settings.train_dir) / "tb", t.iters, start, enabled=_is_rank0())
     run = Run(settings=settings, stage=stage, training=training, forward_step=stage.forward_step, digest=digest,
               loader=loader, batches=stage.counter(iter(loader)), evaluation=val_batches(settings, stage.val_loader),
-              flops=stage.flops(settings), peak=peak_tflops(t.peak_tflops), log=log)
+              flops=stage.flops(settings), peak=peak_tflops(t.peak_tflops), log=log,
+              prefetch=new_prefetch(stage.forward_step))
     training.model.train()
     return run
 
@@ -234,26 +238,38 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def new_prefetch(forward_step) -> Optional[object]:
+    """A fresh prefetch of `forward_step` (its `prefetch` attribute: a factory), or None when it has none."""
+    make = getattr(forward_step, "prefetch", None)
+    return make() if make is not None else None
+
+
 def optimizer_step(model, optimizer, scheduler, forward_step, data_iterator, num_microbatches: int, seq_length: int,
-                   micro_batch_size: int) -> tuple:
+                   micro_batch_size: int, prefetch=None, next_microbatches: int = 0) -> tuple:
     """The training step proper, in Megatron's train_step order: zero the DDP grad buffers AND the optimizer's
     param.grad (after a step param.grad aliases main_grad; left set, autograd would accumulate into it in place and
     DDP's hook would add it to main_grad a second time), forward/backward of `num_microbatches` micro-batches through
     mcore's schedule, the optimizer step (clipping), the scheduler step. Returns (the schedule's per-micro-batch loss
     reports, updated, grad norm). The tests call this same function. A forward step with a `prefetch` attribute gets
-    the step's data iterator through it first (the thinker's: forward_step.step_tower_outputs, frozen towers run once
-    over all micro-batches)."""
+    the step's data iterator through `prefetch` (the run's, else a fresh one) first (the thinker's:
+    forward_step.StepTowers, frozen towers run once over a group of micro-batches). With the run's `prefetch` and
+    `next_microbatches` > 0 (the next step's size) the prefetch reads the next step's first micro-batches after the
+    schedule and before the optimizer's host reads (StepTowers.read_ahead: their towers launched behind this step's
+    backward); a step-local prefetch never reads ahead (what it read would be lost with it)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    prefetch = getattr(forward_step, "prefetch", None)
-    if prefetch is not None:
-        data_iterator = prefetch(model, data_iterator, num_microbatches)
+    step_prefetch = prefetch if prefetch is not None else new_prefetch(forward_step)
+    source = data_iterator
+    if step_prefetch is not None:
+        data_iterator = step_prefetch(model, data_iterator, num_microbatches)
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=data_iterator, model=[model],
         num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
         forward_only=False)
+    if prefetch is not None and next_microbatches:
+        prefetch.read_ahead(model, source, next_microbatches)
     updated, grad_norm, _ = optimizer.step()
     scheduler.step(increment=1)
     return losses, updated, grad_norm
@@ -271,9 +287,12 @@ def step(run: Run, iteration: int) -> dict:
     lr = current_lr(training.optimizer)  # the LR this step's update uses
     _synchronize()
     began = time.perf_counter()
+    # the next step's first micro-batches are read during this one unless a checkpoint comes between (its loader
+    # state would count them as trained) or this is the last step
+    ahead = get_num_microbatches() if iteration < t.iters and not _save_due(t, iteration) else 0
     losses, updated, grad_norm = optimizer_step(
         training.model, training.optimizer, training.scheduler, run.forward_step, run.batches,
-        get_num_microbatches(), t.seq_len, t.micro_batch_size)
+        get_num_microbatches(), t.seq_len, t.micro_batch_size, prefetch=run.prefetch, next_microbatches=ahead)
     _synchronize()
     seconds = time.perf_counter() - began
     record = {"step": iteration, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -291,7 +310,7 @@ def _step_metrics(run: Run, losses: list, seconds: float) -> dict:
     extra = {key.replace(" ", "_"): _reduced_loss(losses, key) for key in (losses[0] if losses else {})
              if key != "lm loss"}
     aux = moe_aux_loss(run.training.thinker.config, get_num_microbatches())
-    seen = run.batches.take()
+    seen = run.batches.take(run.prefetch.held if run.prefetch is not None else ())
     flops = run.flops(seen)
     parts = sorted(flops)
     tokens, samples, padded, skipped, *part_flops = _dp_sum(
@@ -315,11 +334,16 @@ def _evaluate_log_save(run: Run, record: dict) -> None:
     if iteration % t.log_interval == 0 or iteration == t.iters:
         run.log.progress(record)
     run.log.write(record)
-    if (t.save_interval and iteration % t.save_interval == 0) or iteration == t.iters:
+    if _save_due(t, iteration):
         saved = ckpt.save_training_checkpoint(Path(run.settings.train_dir), iteration, run.training, run.loader,
                                               run.digest, run.settings.metrics_path, keep=t.keep_checkpoints)
         if _is_rank0():
             print(f"[{run.stage.name if run.stage else 'finetune'}] saved {saved}", flush=True)
+
+
+def _save_due(t, iteration: int) -> bool:
+    """A checkpoint is written after step `iteration` (every save_interval steps, and after the last)."""
+    return bool(t.save_interval and iteration % t.save_interval == 0) or iteration == t.iters
 
 
 def _summary(settings: TrainSettings, name: str = "finetune") -> None:

@@ -264,8 +264,8 @@ class TalkerCounter:
     def __next__(self):
         return next(self.inner)
 
-    def take(self) -> dict:
-        thinker, talker = self.inner.take(), self.step.take()
+    def take(self, held=()) -> dict:
+        thinker, talker = self.inner.take(held), self.step.take()
         return dict(thinker, thinker_tokens=thinker["tokens"], tokens=talker["positions"],
                     padded=talker["positions"], frames=talker["frames"])
 
