@@ -49,10 +49,12 @@ def _tile(columns: int) -> dict:
 
 
 if triton is not None:
+    # `rows` changes with every batch: not specialised on (Triton would compile a variant for a multiple of 16 and
+    # one for the rest, the second possibly inside timed steps)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows"])
     def _rms_norm_forward(X, W, Y, RSTD, rows, columns, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        each = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        each = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # offsets past 2^31 elements
         row, col = each[:, None], tl.arange(0, BLOCK)[None, :]
         mask = (row < rows) & (col < columns)
         x = tl.load(X + row * columns + col, mask=mask, other=0.0).to(tl.float32)
@@ -63,7 +65,7 @@ if triton is not None:
         tl.store(Y + row * columns + col, (w.to(tl.float32) * normed.to(tl.float32)).to(Y.dtype.element_ty),
                  mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows", "tiles"])
     def _rms_norm_backward(DY, X, W, RSTD, DX, DW_PARTIAL, rows, columns, tiles, programs, ROWS: tl.constexpr,
                            BLOCK: tl.constexpr):
         """dx = rstd * (dy*w - xhat * mean(dy*w * xhat)), xhat = x * rstd, for the tiles program, program + programs,
@@ -74,7 +76,7 @@ if triton is not None:
         w = tl.load(W + col, mask=col < columns, other=0.0).to(tl.float32)
         dw = tl.zeros((BLOCK,), dtype=tl.float32)
         for tile in range(program, tiles, programs):
-            each = tile * ROWS + tl.arange(0, ROWS)
+            each = (tile * ROWS + tl.arange(0, ROWS)).to(tl.int64)
             row = each[:, None]
             mask = (row < rows) & (col < columns)
             x = tl.load(X + row * columns + col, mask=mask, other=0.0).to(tl.float32)
@@ -87,9 +89,9 @@ if triton is not None:
             dw += tl.sum(dy * xhat.to(DX.dtype.element_ty).to(tl.float32), axis=0)
         tl.store(DW_PARTIAL + program * columns + col, dw[None, :], mask=col < columns)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows"])
     def _swiglu_probs_forward(FC1, P, OUT, rows, columns, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        each = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        each = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # offsets past 2^31 elements
         row, col = each[:, None], tl.arange(0, BLOCK)[None, :]
         mask = (row < rows) & (col < columns)
         gate = tl.load(FC1 + row * 2 * columns + col, mask=mask, other=0.0).to(tl.float32)
@@ -100,9 +102,9 @@ if triton is not None:
         product = (silu * up).to(dtype).to(tl.float32)
         tl.store(OUT + row * columns + col, (product * prob).to(dtype), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows"])
     def _swiglu_probs_backward(DOUT, FC1, P, DFC1, DP, rows, columns, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        each = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        each = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # offsets past 2^31 elements
         row, col = each[:, None], tl.arange(0, BLOCK)[None, :]
         mask = (row < rows) & (col < columns)
         gate = tl.load(FC1 + row * 2 * columns + col, mask=mask, other=0.0).to(tl.float32)
@@ -120,11 +122,11 @@ if triton is not None:
         tl.store(DFC1 + row * 2 * columns + col, dgate.to(dtype), mask=mask)
         tl.store(DFC1 + row * 2 * columns + columns + col, (dproduct * silu).to(dtype), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows"])
     def _rotary_forward(X, COS, SIN, Y, rows, heads, columns, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         """y = x*cos + roll(x, d/2)*sin_signed over rows of one head each; the tables have one row per token
         (x's rows are token-major, `heads` rows a token). roll(x, d/2)[i] = x[(i + d/2) % d]."""
-        each = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        each = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # offsets past 2^31 elements
         row, col = each[:, None], tl.arange(0, BLOCK)[None, :]
         mask = (row < rows) & (col < columns)
         rolled = (col + columns // 2) % columns
@@ -137,11 +139,11 @@ if triton is not None:
         y = (x * cos).to(dtype).to(tl.float32) + (x_rolled * sin).to(dtype).to(tl.float32)
         tl.store(Y + row * columns + col, y.to(dtype), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows"])
     def _rotary_backward(DY, COS, SIN, DX, rows, heads, columns, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         """dx = dy*cos + roll(dy*sin_signed, d/2): x[j] reaches y[j] through cos[j] and y[j + d/2] through
         sin_signed[j + d/2]."""
-        each = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        each = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # offsets past 2^31 elements
         row, col = each[:, None], tl.arange(0, BLOCK)[None, :]
         mask = (row < rows) & (col < columns)
         rolled = (col + columns // 2) % columns
