@@ -89,32 +89,33 @@ if triton is not None:
             dw += tl.sum(dy * xhat.to(DX.dtype.element_ty).to(tl.float32), axis=0)
         tl.store(DW_PARTIAL + program * columns + col, dw[None, :], mask=col < columns)
 
-    @triton.jit(do_not_specialize=["rows"])
-    def _swiglu_probs_forward(FC1, P, OUT, rows, columns, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    @triton.jit
+    def _swiglu_tile(FC1, P, rows, columns, dtype: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """One program's rows of fc1's [gate | up] and probs: the tile's indices, its inputs in fp32, sigmoid(gate),
+        and silu(gate) and silu * up rounded to `dtype` as torch's ops round them (forward and backward alike)."""
         each = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # offsets past 2^31 elements
         row, col = each[:, None], tl.arange(0, BLOCK)[None, :]
         mask = (row < rows) & (col < columns)
         gate = tl.load(FC1 + row * 2 * columns + col, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(FC1 + row * 2 * columns + columns + col, mask=mask, other=0.0).to(tl.float32)
         prob = tl.load(P + row, mask=row < rows, other=0.0).to(tl.float32)
-        dtype = OUT.dtype.element_ty
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        sigmoid = 1.0 / (1.0 + tl.exp(-gate))
+        silu = (gate * sigmoid).to(dtype).to(tl.float32)
         product = (silu * up).to(dtype).to(tl.float32)
+        return each, row, col, mask, gate, up, prob, sigmoid, silu, product
+
+    @triton.jit(do_not_specialize=["rows"])
+    def _swiglu_probs_forward(FC1, P, OUT, rows, columns, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        dtype = OUT.dtype.element_ty
+        _, row, col, mask, _, _, prob, _, _, product = _swiglu_tile(FC1, P, rows, columns, dtype, ROWS, BLOCK)
         tl.store(OUT + row * columns + col, (product * prob).to(dtype), mask=mask)
 
     @triton.jit(do_not_specialize=["rows"])
     def _swiglu_probs_backward(DOUT, FC1, P, DFC1, DP, rows, columns, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        each = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # offsets past 2^31 elements
-        row, col = each[:, None], tl.arange(0, BLOCK)[None, :]
-        mask = (row < rows) & (col < columns)
-        gate = tl.load(FC1 + row * 2 * columns + col, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(FC1 + row * 2 * columns + columns + col, mask=mask, other=0.0).to(tl.float32)
-        prob = tl.load(P + row, mask=row < rows, other=0.0).to(tl.float32)
-        dout = tl.load(DOUT + row * columns + col, mask=mask, other=0.0).to(tl.float32)
         dtype = DFC1.dtype.element_ty
-        sigmoid = 1.0 / (1.0 + tl.exp(-gate))
-        silu = (gate * sigmoid).to(dtype).to(tl.float32)
-        product = (silu * up).to(dtype).to(tl.float32)
+        each, row, col, mask, gate, up, prob, sigmoid, silu, product = _swiglu_tile(FC1, P, rows, columns, dtype,
+                                                                                    ROWS, BLOCK)
+        dout = tl.load(DOUT + row * columns + col, mask=mask, other=0.0).to(tl.float32)
         tl.store(DP + each, tl.sum(dout * product, axis=1), mask=each < rows)
         dproduct = (dout * prob).to(dtype).to(tl.float32)
         dsilu = (dproduct * up).to(dtype).to(tl.float32)
