@@ -100,6 +100,22 @@ def _rotary_errors(kernels, shape, dtype, device="cpu", seed=0) -> tuple[float, 
     return _relative(out, expected), _relative(dx, x.grad)
 
 
+def _edges(kernels) -> dict:
+    """An empty micro-batch (no token routed to this rank's experts, no rows to normalise) and probs given as a
+    [rows, 1] column: shapes of the outputs and gradients."""
+    empty = torch.zeros(0, 64, requires_grad=True)
+    normed = kernels.rms_norm(empty, torch.ones(64, requires_grad=True), 1e-6)
+    normed.sum().backward()
+    fc1 = torch.randn(6, 32, requires_grad=True)
+    column = torch.rand(6, 1, requires_grad=True)
+    kernels.swiglu_with_probs(fc1, column).sum().backward()
+    flat = column.detach().reshape(6).requires_grad_()
+    kernels.swiglu_with_probs(fc1, flat).sum().backward()
+    return {"empty_norm": list(normed.shape), "empty_norm_grad": list(empty.grad.shape),
+            "column_probs_grad": list(column.grad.shape),
+            "column_equals_flat": bool(torch.equal(column.grad.reshape(6), flat.grad))}
+
+
 def _mutants(kernels) -> dict:
     """Errors of two wrong kernels, which the checks must catch: a norm whose mean runs over one column fewer, and a
     SwiGLU gradient that ignores the routing prob."""
@@ -138,6 +154,7 @@ def main() -> None:
         kernels.NORM_BACKWARD_PROGRAMS = 3  # several tiles per backward program: its loop and weight-grad sum
         out["norm"][f"(70, 200) on 3 programs {dtype}"] = _norm_errors(kernels, (70, 200), dtype)
         kernels.NORM_BACKWARD_PROGRAMS = 512
+    out["edges"] = _edges(kernels)
     out["mutants"] = _mutants(kernels)
     print(json.dumps(out))
 

@@ -62,6 +62,13 @@ def test_a_wrong_kernel_is_caught(interpreted):
     assert interpreted["mutants"]["prob_scales_grad"] < FP32
 
 
+def test_empty_inputs_and_a_column_of_probs(interpreted):
+    """A micro-batch whose tokens all go to other ranks' experts gives empty inputs; mcore's dispatchers may hand the
+    probs as a [rows, 1] column: the gradient comes back in the shape it was given."""
+    assert interpreted["edges"] == {"empty_norm": [0, 64], "empty_norm_grad": [0, 64], "column_probs_grad": [6, 1],
+                                    "column_equals_flat": True}
+
+
 def test_the_layers_take_the_kernels_only_on_cuda():
     """On CPU tensors the modules run torch's ops (the kernels are CUDA's; the interpreter is for the tests): a CPU
     RMSNorm with the switch on equals the one with it off bit for bit."""

@@ -164,8 +164,9 @@ class _RMSNorm(torch.autograd.Function):
         rows, columns = x2.shape
         y = torch.empty_like(x2)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-        meta = _tile(columns)
-        _rms_norm_forward[(triton.cdiv(rows, meta["ROWS"]),)](x2, weight, y, rstd, rows, columns, eps, **meta)
+        if rows:
+            meta = _tile(columns)
+            _rms_norm_forward[(triton.cdiv(rows, meta["ROWS"]),)](x2, weight, y, rstd, rows, columns, eps, **meta)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = shape
         return y.reshape(shape)
@@ -190,13 +191,13 @@ class _SwigluWithProbs(torch.autograd.Function):
     def forward(ctx, fc1_output, probs):
         rows, columns = fc1_output.shape[0], fc1_output.shape[-1] // 2
         fc1 = fc1_output.contiguous()
+        ctx.probs_shape = probs.shape  # [rows] or [rows, 1]: its gradient comes back in that shape
         probs = probs.reshape(rows).contiguous()
         out = fc1.new_empty(rows, columns)
         if rows:
             meta = _tile(columns)
             _swiglu_probs_forward[(triton.cdiv(rows, meta["ROWS"]),)](fc1, probs, out, rows, columns, **meta)
         ctx.save_for_backward(fc1, probs)
-        ctx.probs_shape = probs.shape
         return out
 
     @staticmethod
