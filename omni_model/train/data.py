@@ -22,36 +22,41 @@ class TokenCounter:
 
     def __init__(self, iterator):
         self.iterator = iterator
-        self._read: list = []  # batches read and not yet counted
+        # (id, counts) of each batch read and not yet taken: counted as it is read, so that a step of many
+        # micro-batches does not keep its batches (their media) alive until the step's end
+        self._read: list = []
 
     def __iter__(self):
         return self
 
     def __next__(self):
         batch = next(self.iterator)
-        self._read.append(batch)
+        self._read.append((id(batch), _batch_counts(batch)))
         return batch
 
     def take(self, held=()) -> dict:
         held = list(held)
         split = len(self._read) - len(held)
-        if split < 0 or any(a is not b for a, b in zip(self._read[split:], held)):
+        if split < 0 or any(read_id != id(batch) for (read_id, _), batch in zip(self._read[split:], held)):
             raise ValueError(f"the {len(held)} batch(es) held for the next step are not the last ones read")
         counted, self._read = self._read[:split], self._read[split:]
-        counts = {"tokens": 0, "trained": 0, "samples": 0, "padded": 0, "seq_lens": [], "vision_grids": [],
-                  "audio_frames": [], "skipped": 0}
-        for batch in counted:
-            counts["tokens"] += int(batch.num_tokens)
-            counts["trained"] += int(batch.num_trained)
-            counts["samples"] += sum(len(row) for row in batch.sample_ids)
-            counts["padded"] += int(batch.input_ids.numel())
-            counts["seq_lens"].extend(_sequence_lengths(batch))
-            for grid in (batch.image_grid_thw, batch.video_grid_thw):
-                if grid is not None:
-                    counts["vision_grids"].extend(tuple(row) for row in grid.tolist())
-            counts["audio_frames"].extend(_audio_frames(batch))
-            counts["skipped"] += int(sum((getattr(batch, "skipped", None) or {}).values()))
-        return counts
+        total = {"tokens": 0, "trained": 0, "samples": 0, "padded": 0, "seq_lens": [], "vision_grids": [],
+                 "audio_frames": [], "skipped": 0}
+        for _, counts in counted:
+            for key, value in counts.items():
+                total[key] += value  # numbers add, lists extend
+        return total
+
+
+def _batch_counts(batch) -> dict:
+    """One micro-batch's share of TokenCounter's counts."""
+    return {"tokens": int(batch.num_tokens), "trained": int(batch.num_trained),
+            "samples": sum(len(row) for row in batch.sample_ids), "padded": int(batch.input_ids.numel()),
+            "seq_lens": _sequence_lengths(batch),
+            "vision_grids": [tuple(row) for grid in (batch.image_grid_thw, batch.video_grid_thw) if grid is not None
+                             for row in grid.tolist()],
+            "audio_frames": _audio_frames(batch),
+            "skipped": int(sum((getattr(batch, "skipped", None) or {}).values()))}
 
 
 def _sequence_lengths(batch) -> list:
